@@ -1,0 +1,1 @@
+//! lazysnap-bench: cold-start measurements of lazysnap against the ordinary full pull.

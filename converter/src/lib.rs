@@ -1,0 +1,1 @@
+//! Conversion of images and layers into eStargz and zstd:chunked.

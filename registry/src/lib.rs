@@ -1,0 +1,1 @@
+//! Everything lazysnap says to an OCI registry: references, manifests, auth, range reads, push.

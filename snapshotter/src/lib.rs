@@ -1,0 +1,1 @@
+//! containerd snapshot semantics.
