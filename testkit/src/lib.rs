@@ -2,6 +2,7 @@
 //! containerd, lazysnapd) started in their own temp dirs on free loopback ports and
 //! stopped on drop, by PID.
 
+pub mod containerd;
 pub mod image;
 pub mod process;
 pub mod registry;

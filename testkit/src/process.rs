@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 pub struct ChildGuard {
@@ -94,4 +94,58 @@ impl Drop for ChildGuard {
             let _ = child.wait();
         }
     }
+}
+
+/// Runs `cmd` to completion with stdout and stderr captured, killing it (by its PID) if it
+/// outlives `timeout`. Fails on a timeout; the exit status is left for the caller to judge.
+pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> anyhow::Result<Output> {
+    use std::io::Read;
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("starting {what}: {e}"))?;
+    // Drain both pipes on threads so a chatty child cannot block on a full pipe.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let finished = crate::wait_until(timeout, || matches!(child.try_wait(), Ok(Some(_))));
+    if !finished {
+        let _ = child.kill();
+    }
+    let status = child.wait()?;
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    if !finished {
+        anyhow::bail!(
+            "{what} did not finish within {timeout:?}; stdout: {}; stderr: {}",
+            String::from_utf8_lossy(&stdout).trim(),
+            String::from_utf8_lossy(&stderr).trim()
+        );
+    }
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
 }
