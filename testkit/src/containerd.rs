@@ -1,5 +1,18 @@
 //! A real containerd (Debian's 1.6) with its own config, root, state and socket in a temp
 //! dir; stopped on drop, with whatever it left mounted unmounted and its dirs removed.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use testkit::containerd::{Containerd, ContainerdOptions};
+//! let options = ContainerdOptions::default()
+//!     .proxy_snapshotter("lazysnap", std::path::Path::new("/tmp/x/lazysnap.sock"));
+//! let containerd = Containerd::start_with(&options)?;
+//! containerd.ctr(["image", "pull", "--plain-http", "127.0.0.1:5000/test/busybox:1"])?;
+//! let out = containerd.ctr(["run", "--rm", "127.0.0.1:5000/test/busybox:1", "c1", "echo", "hi"])?;
+//! assert!(out.contains("hi"));
+//! # Ok(())
+//! # }
+//! ```
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -47,7 +60,7 @@ pub struct ContainerdOptions {
     pub keep_cri: bool,
     pub proxy_snapshotters: Vec<ProxySnapshotter>,
     /// Namespace that [`Containerd::ctr`] uses; default: unique per instance (`tk<pid>-<n>`),
-    /// because runc's state dir is shared by every containerd on the host (see [`RUNC_ROOT`]).
+    /// because runc keeps its state in /run/containerd/runc/NS, shared by every containerd.
     pub namespace: Option<String>,
     /// Raw TOML appended to the generated config.toml (e.g. a `[plugins."..."]` table).
     /// With `keep_cri`, testkit points CRI's CNI dirs into the temp dir unless this text
@@ -340,7 +353,12 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        let namespaces = if self.process.is_some() {
+        // A crashed containerd cannot answer ctr; asking would only wait for ctr's timeouts.
+        let alive = self
+            .process
+            .as_mut()
+            .is_some_and(|p| p.check_running().is_ok());
+        let namespaces = if alive {
             self.remove_tasks()
         } else {
             vec![self.namespace.clone()]

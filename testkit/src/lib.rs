@@ -1,6 +1,11 @@
 //! Test support shared by the integration tests of every crate: real peers (registry,
 //! containerd, lazysnapd) started in their own temp dirs on free loopback ports and
 //! stopped on drop, by PID.
+//!
+//! - [`registry`]: docker-registry on a free port; [`registry::push`] uploads an image with curl.
+//! - [`containerd`]: containerd 1.6 in a temp dir, a `ctr` wrapper, thorough cleanup on drop.
+//! - [`image`]: small OCI images (layers from entries, busybox, pre-compressed blobs), as
+//!   blobs with digests or as an OCI image layout directory.
 
 pub mod containerd;
 pub mod image;
