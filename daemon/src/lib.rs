@@ -1,1 +1,5 @@
-//! lazysnapd wiring.
+//! Wiring of the lazysnap programs: configuration, the daemon's lifecycle.
+
+pub mod authority;
+pub mod config;
+pub mod server;

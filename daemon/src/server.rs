@@ -1,0 +1,115 @@
+//! lazysnapd's lifecycle: take the root's lock, open the snapshotter, serve the snapshots
+//! API on the unix socket until shutdown, then remove the socket.
+
+use std::fs::File;
+use std::future::Future;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use snapshotter::Snapshotter;
+use snapshotter::service::SnapshotService;
+use tokio::net::UnixListener;
+
+use crate::config::Config;
+
+/// An exclusive lock on a root directory, held for the daemon's lifetime, so that two
+/// daemons never share (and corrupt) one root.
+pub struct RootLock {
+    _file: File,
+}
+
+impl RootLock {
+    pub fn acquire(root: &Path) -> anyhow::Result<RootLock> {
+        let path = root.join("lock");
+        let mut file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening lock file {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                anyhow::bail!(
+                    "another lazysnapd (pid {}) is already using root {}; stop it or choose another --root",
+                    holder.trim(),
+                    root.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+        file.set_len(0)?;
+        write!(file, "{}", std::process::id())?;
+        Ok(RootLock { _file: file })
+    }
+}
+
+/// Binds the socket, refusing to steal one that a live process still answers on.
+fn bind_socket(address: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = address.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating socket directory {}", dir.display()))?;
+    }
+    if address.exists() {
+        if std::os::unix::net::UnixStream::connect(address).is_ok() {
+            anyhow::bail!(
+                "socket {} is in use by another process; stop it or choose another --address",
+                address.display()
+            );
+        }
+        std::fs::remove_file(address)
+            .with_context(|| format!("removing stale socket {}", address.display()))?;
+    }
+    let listener = UnixListener::bind(address)
+        .with_context(|| format!("binding socket {}", address.display()))?;
+    std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting the mode of {}", address.display()))?;
+    Ok(listener)
+}
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.root)
+        .with_context(|| format!("creating root {}", config.root.display()))?;
+    std::fs::set_permissions(&config.root, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the mode of {}", config.root.display()))?;
+    let _lock = RootLock::acquire(&config.root)?;
+    let snapshotter = Arc::new(
+        Snapshotter::open(&config.root)
+            .with_context(|| format!("opening snapshotter state in {}", config.root.display()))?,
+    );
+    let listener = bind_socket(&config.address)?;
+    let _socket = SocketFile(config.address.clone());
+    tracing::info!(
+        root = %config.root.display(),
+        address = %config.address.display(),
+        "lazysnapd serving containerd.services.snapshots.v1"
+    );
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::UnixListenerStream::new(listener),
+        |conn| conn.map(crate::authority::relay),
+    );
+    tonic::transport::Server::builder()
+        .add_service(SnapshotService::new(snapshotter).into_server())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("serving gRPC")?;
+    tracing::info!("lazysnapd stopped");
+    Ok(())
+}
+
+/// Removes the socket file when the daemon stops, however it stops.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,137 @@
+//! Filesystem helpers: disk usage, mount table, unmount. The only module with `unsafe`.
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{IoContext, Result};
+use crate::types::Usage;
+
+/// Disk usage of a tree: allocated bytes and inodes, each hardlinked inode counted once
+/// (what containerd's overlay snapshotter reports).
+pub fn disk_usage(root: &Path) -> Result<Usage> {
+    let mut seen = HashSet::new();
+    let mut usage = Usage::default();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path).io_context("stat", &path)?;
+        if seen.insert((meta.dev(), meta.ino())) {
+            usage.inodes += 1;
+            usage.size += i64::try_from(meta.blocks() * 512).unwrap_or(i64::MAX);
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).io_context("read directory", &path)? {
+                stack.push(entry.io_context("read directory", &path)?.path());
+            }
+        }
+    }
+    Ok(usage)
+}
+
+/// Mount points at or below `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_mountinfo(field)))
+        .filter(|mount_point| mount_point.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let value =
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Detaches a mount (`umount -l`): the mount point becomes free at once even if busy.
+#[allow(unsafe_code)]
+pub fn unmount_detach(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: c_path is a valid NUL-terminated string that outlives the call.
+    let rc = unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Removes a snapshot directory, first detaching anything still mounted inside it
+/// (a container's leftover mount must not make a snapshot unremovable).
+pub fn remove_tree(dir: &Path) -> Result<()> {
+    for mount_point in mounts_under(dir) {
+        if let Err(e) = unmount_detach(&mount_point) {
+            tracing::warn!(path = %mount_point.display(), error = %e, "unmount before removal failed");
+        }
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).io_context("remove", dir),
+    }
+}
+
+/// Whether the kernel's overlayfs has the `index` feature, which must be turned off for
+/// snapshot stacks whose lower layers are shared (containerd does the same).
+pub fn overlay_has_index_option() -> bool {
+    Path::new("/sys/module/overlay/parameters/index").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_mountinfo_octal() {
+        assert_eq!(unescape_mountinfo(r"/a\040b\134c"), r"/a b\c");
+        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
+        assert_eq!(unescape_mountinfo(r"/odd\04"), r"/odd\04");
+    }
+
+    #[test]
+    fn disk_usage_counts_hardlinks_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), vec![1u8; 10_000]).unwrap();
+        std::fs::hard_link(dir.path().join("a"), dir.path().join("b")).unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        let usage = disk_usage(dir.path()).unwrap();
+        assert_eq!(usage.inodes, 3, "root, d and one inode for a/b");
+        assert!(
+            usage.size >= 10_000,
+            "size {} counts the file's blocks",
+            usage.size
+        );
+        assert!(
+            usage.size < 2 * 10_000 + 8192 * 2,
+            "hardlink counted twice: {}",
+            usage.size
+        );
+    }
+}

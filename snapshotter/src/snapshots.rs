@@ -1,0 +1,319 @@
+//! containerd's snapshot semantics over overlayfs, as its own overlay snapshotter has them:
+//! active snapshots with no parent are bind mounts, with parents overlay mounts
+//! (upperdir/workdir over the parents' directories), views are read-only, committed
+//! snapshots are the immutable lower layers of others.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::error::{Error, IoContext, Result};
+use crate::filter::{self, Filter};
+use crate::fsutil;
+use crate::store::{self, Row, Store};
+use crate::types::{Info, Kind, Labels, Mount, UpdateField, Usage};
+
+pub struct Snapshotter {
+    root: PathBuf,
+    store: Mutex<Store>,
+    index_off: bool,
+}
+
+/// Directory names under `snapshots/` that are work in progress, not snapshots.
+const NEW_PREFIX: &str = "new-";
+
+impl Snapshotter {
+    /// Opens (creating when needed) the snapshotter state under `root`.
+    pub fn open(root: &Path) -> Result<Snapshotter> {
+        let snapshots = root.join("snapshots");
+        std::fs::create_dir_all(&snapshots).io_context("create", &snapshots)?;
+        let store = Store::open(&root.join("metadata.db"))?;
+        Ok(Snapshotter {
+            root: root.to_path_buf(),
+            store: Mutex::new(store),
+            index_off: fsutil::overlay_has_index_option(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Store> {
+        // A panic while holding the lock cannot leave a half-written transaction (SQLite
+        // rolls it back), so a poisoned lock is safe to keep using.
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn snapshot_dir(&self, id: i64) -> PathBuf {
+        self.root.join("snapshots").join(id.to_string())
+    }
+
+    /// The directory holding a snapshot's files (upper dir, committed layer or view).
+    pub fn fs_dir(&self, id: i64) -> PathBuf {
+        self.snapshot_dir(id).join("fs")
+    }
+
+    fn work_dir(&self, id: i64) -> PathBuf {
+        self.snapshot_dir(id).join("work")
+    }
+
+    pub fn prepare(&self, key: &str, parent: &str, labels: &Labels) -> Result<Vec<Mount>> {
+        self.create(Kind::Active, key, parent, labels)
+    }
+
+    pub fn view(&self, key: &str, parent: &str, labels: &Labels) -> Result<Vec<Mount>> {
+        self.create(Kind::View, key, parent, labels)
+    }
+
+    fn create(&self, kind: Kind, key: &str, parent: &str, labels: &Labels) -> Result<Vec<Mount>> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument(
+                "snapshot key must not be empty".into(),
+            ));
+        }
+        let mut guard = self.lock();
+        if store::get(guard.conn(), key)?.is_some() {
+            return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
+        }
+        // Build the directories aside, move them into place inside the transaction:
+        // if we crash, either the metadata commit happened with the directory in place,
+        // or the directory is an orphan that Cleanup removes.
+        let staging = self.stage_dirs(kind)?;
+        let result = (|| {
+            let tx = guard.transaction()?;
+            let parent_row = self.committed_parent(&tx, parent)?;
+            let row = store::insert(&tx, key, parent_row.as_ref().map(|p| p.id), kind, labels)?;
+            if let Some(parent_row) = &parent_row {
+                // The new upper dir takes the owner of the parent's root, like containerd.
+                let meta = std::fs::metadata(self.fs_dir(parent_row.id))
+                    .io_context("stat parent", &self.fs_dir(parent_row.id))?;
+                use std::os::unix::fs::MetadataExt;
+                let fs = staging.path().join("fs");
+                std::os::unix::fs::lchown(&fs, Some(meta.uid()), Some(meta.gid()))
+                    .io_context("chown", &fs)?;
+            }
+            let target = self.snapshot_dir(row.id);
+            // An id can be handed out again after a crash rolled back its transaction;
+            // whatever directory it left behind belongs to no snapshot.
+            if target.exists() {
+                fsutil::remove_tree(&target)?;
+            }
+            std::fs::rename(staging.path(), &target).io_context("rename into place", &target)?;
+            let mounts = self.mounts_for(&tx, &row);
+            match mounts.and_then(|m| tx.commit().map(|()| m).map_err(Error::from)) {
+                Ok(mounts) => Ok(mounts),
+                Err(e) => {
+                    let _ = fsutil::remove_tree(&target);
+                    Err(e)
+                }
+            }
+        })();
+        drop(staging);
+        result
+    }
+
+    /// A temp dir under `snapshots/` with `fs` (and `work` for active snapshots).
+    fn stage_dirs(&self, kind: Kind) -> Result<tempfile::TempDir> {
+        let base = self.root.join("snapshots");
+        let staging = tempfile::Builder::new()
+            .prefix(NEW_PREFIX)
+            .tempdir_in(&base)
+            .io_context("create staging dir in", &base)?;
+        let fs = staging.path().join("fs");
+        std::fs::create_dir(&fs).io_context("create", &fs)?;
+        // Snapshot roots are 0755 whatever the umask (containerd's RootPermission test).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fs, std::fs::Permissions::from_mode(0o755))
+            .io_context("chmod", &fs)?;
+        if kind == Kind::Active {
+            let work = staging.path().join("work");
+            std::fs::create_dir(&work).io_context("create", &work)?;
+        }
+        Ok(staging)
+    }
+
+    fn committed_parent(&self, conn: &rusqlite::Connection, parent: &str) -> Result<Option<Row>> {
+        if parent.is_empty() {
+            return Ok(None);
+        }
+        let row = store::get(conn, parent)?.ok_or_else(|| Error::NotFound(parent.to_string()))?;
+        if row.kind != Kind::Committed {
+            return Err(Error::InvalidArgument(format!(
+                "parent {parent:?} is not a committed snapshot"
+            )));
+        }
+        Ok(Some(row))
+    }
+
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let guard = self.lock();
+        let row = store::get_existing(guard.conn(), key)?;
+        if row.kind == Kind::Committed {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is committed; only active snapshots and views have mounts"
+            )));
+        }
+        self.mounts_for(guard.conn(), &row)
+    }
+
+    fn mounts_for(&self, conn: &rusqlite::Connection, row: &Row) -> Result<Vec<Mount>> {
+        let ancestors = store::ancestors(conn, row)?;
+        let path = |id: i64| self.fs_dir(id).to_string_lossy().into_owned();
+        if ancestors.is_empty() {
+            let mode = if row.kind == Kind::View { "ro" } else { "rw" };
+            return Ok(vec![Mount {
+                kind: "bind".into(),
+                source: path(row.id),
+                options: vec![mode.into(), "rbind".into()],
+            }]);
+        }
+        if row.kind != Kind::Active && ancestors.len() == 1 {
+            return Ok(vec![Mount {
+                kind: "bind".into(),
+                source: path(ancestors[0]),
+                options: vec!["ro".into(), "rbind".into()],
+            }]);
+        }
+        let mut options = Vec::new();
+        if self.index_off {
+            options.push("index=off".to_string());
+        }
+        if row.kind == Kind::Active {
+            options.push(format!("workdir={}", self.work_dir(row.id).display()));
+            options.push(format!("upperdir={}", path(row.id)));
+        }
+        let lower: Vec<String> = ancestors.iter().map(|&id| path(id)).collect();
+        options.push(format!("lowerdir={}", lower.join(":")));
+        Ok(vec![Mount {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options,
+        }])
+    }
+
+    pub fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument(
+                "commit name must not be empty".into(),
+            ));
+        }
+        let mut guard = self.lock();
+        let tx = guard.transaction()?;
+        if store::get(&tx, name)?.is_some() {
+            return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
+        }
+        let row = store::get_existing(&tx, key)?;
+        if row.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is not active and cannot be committed"
+            )));
+        }
+        let usage = fsutil::disk_usage(&self.fs_dir(row.id))?;
+        store::commit(&tx, row.id, name, labels, usage)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let mut guard = self.lock();
+        let tx = guard.transaction()?;
+        let row = store::get_existing(&tx, key)?;
+        if store::has_children(&tx, row.id)? {
+            return Err(Error::FailedPrecondition(format!(
+                "failed to remove snapshot {key:?}: cannot remove snapshot with child"
+            )));
+        }
+        store::delete(&tx, row.id)?;
+        tx.commit()?;
+        drop(guard);
+        // Metadata first, files second: a crash in between leaves an orphan directory
+        // for Cleanup, never metadata pointing at missing files.
+        if let Err(e) = fsutil::remove_tree(&self.snapshot_dir(row.id)) {
+            tracing::warn!(key, error = %e, "snapshot removed; its directory is left for Cleanup");
+        }
+        Ok(())
+    }
+
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        let guard = self.lock();
+        let row = store::get_existing(guard.conn(), key)?;
+        store::info(guard.conn(), &row)
+    }
+
+    pub fn update(&self, info: &Info, fields: &[UpdateField]) -> Result<Info> {
+        let mut guard = self.lock();
+        let tx = guard.transaction()?;
+        let row = store::get_existing(&tx, &info.name)?;
+        let mut labels = store::labels(&tx, row.id)?;
+        if fields.is_empty() {
+            labels = info.labels.clone();
+        }
+        for field in fields {
+            match field {
+                UpdateField::Labels => labels = info.labels.clone(),
+                UpdateField::Label(name) => match info.labels.get(name) {
+                    Some(value) => {
+                        labels.insert(name.clone(), value.clone());
+                    }
+                    None => {
+                        labels.remove(name);
+                    }
+                },
+            }
+        }
+        store::set_labels(&tx, row.id, &labels)?;
+        store::touch(&tx, row.id)?;
+        let row = store::get_existing(&tx, &info.name)?;
+        let updated = store::info(&tx, &row)?;
+        tx.commit()?;
+        Ok(updated)
+    }
+
+    pub fn list(&self, filters: &[Filter]) -> Result<Vec<Info>> {
+        let guard = self.lock();
+        let conn = guard.conn();
+        let mut out = Vec::new();
+        for row in store::all_rows(conn)? {
+            let info = store::info(conn, &row)?;
+            if filter::any_matches(filters, &info) {
+                out.push(info);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        let (row, dir) = {
+            let guard = self.lock();
+            let row = store::get_existing(guard.conn(), key)?;
+            let dir = self.fs_dir(row.id);
+            (row, dir)
+        };
+        match row.kind {
+            Kind::Active => fsutil::disk_usage(&dir),
+            Kind::View | Kind::Committed => Ok(row.usage),
+        }
+    }
+
+    /// Removes every directory under `snapshots/` that no snapshot refers to: leftovers
+    /// of crashes and of removals whose file deletion failed.
+    pub fn cleanup(&self) -> Result<Vec<PathBuf>> {
+        let guard = self.lock();
+        let ids = store::all_ids(guard.conn())?;
+        let base = self.root.join("snapshots");
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(&base).io_context("read directory", &base)? {
+            let entry = entry.io_context("read directory", &base)?;
+            let name = entry.file_name();
+            let known = name
+                .to_str()
+                .and_then(|n| n.parse::<i64>().ok())
+                .is_some_and(|id| ids.contains(&id));
+            if !known {
+                fsutil::remove_tree(&entry.path())?;
+                removed.push(entry.path());
+            }
+        }
+        Ok(removed)
+    }
+}
