@@ -1,7 +1,30 @@
 //! The eStargz and zstd:chunked layer formats: TOC model, footers, reader and writer.
 //!
-//! Free of I/O libraries: bytes come in through a [`BlobReader`].
+//! Free of I/O libraries: bytes come in through a [`BlobReader`] (reading) or std
+//! `Read`/`Write` (converting).
 
 mod blob;
+mod chunk;
+mod digest;
+mod error;
+mod footer;
+mod index;
+mod reader;
+mod tar;
+mod toc;
 
 pub use blob::{BlobError, BlobErrorKind, BlobFuture, BlobReader, VecBlob};
+pub use chunk::{decompress_chunk, decompress_chunk_window};
+pub use digest::Digest;
+pub use error::{Error, Result};
+pub use footer::{
+    ESTARGZ_FOOTER_SIZE, Footer, Format, LEGACY_FOOTER_SIZE, MAX_FOOTER_FETCH,
+    STARGZ_ZSTD_FOOTER_SIZE, ZSTD_CHUNKED_FOOTER_SIZE, estargz_footer, legacy_stargz_footer,
+    parse_footer, stargz_zstd_footer, zstd_chunked_footer,
+};
+pub use index::{Chunk, EntryKind, EntryRef, Index, NodeId, normalize_path};
+pub use reader::{Layer, OpenOptions, ParsedToc, parse_toc};
+pub use toc::{
+    LANDMARK_CONTENTS, MAX_TOC_SIZE, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME,
+    Timestamp, Toc, TocEntry,
+};

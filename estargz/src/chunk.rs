@@ -1,0 +1,135 @@
+//! Decompressing and verifying single chunks: the piece the filesystem layer builds its
+//! own fetching and caching on.
+
+use std::io::Read;
+use std::ops::Range;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::footer::Format;
+use crate::index::Chunk;
+
+/// A decoder for exactly one gzip member or one zstd frame.
+pub(crate) fn member_reader<'a>(
+    format: Format,
+    compressed: &'a [u8],
+) -> Result<Box<dyn Read + 'a>> {
+    if format.is_zstd() {
+        let d = zstd::stream::read::Decoder::with_buffer(compressed)
+            .map_err(|e| Error::Decompress {
+                what: "zstd frame".into(),
+                reason: e.to_string(),
+            })?
+            .single_frame();
+        Ok(Box::new(d))
+    } else {
+        // GzDecoder (not MultiGzDecoder) stops at the end of the first member.
+        Ok(Box::new(flate2::read::GzDecoder::new(compressed)))
+    }
+}
+
+fn read_some(r: &mut dyn Read, buf: &mut [u8], what: &dyn Fn() -> String) -> Result<usize> {
+    loop {
+        match r.read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Error::Decompress {
+                    what: what(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+}
+
+/// Decompresses `chunk` from `compressed` (the blob bytes starting at
+/// `chunk.comp_offset`, at least up to `chunk.comp_end`), hashes the whole chunk, and
+/// returns the bytes of `window` (relative to the chunk's start) only if the digest
+/// matches. Memory beyond the window stays constant, whatever the chunk's size.
+pub fn decompress_chunk_window(
+    format: Format,
+    path: &str,
+    chunk: &Chunk,
+    compressed: &[u8],
+    window: Range<u64>,
+) -> Result<Vec<u8>> {
+    let window = window.start.min(chunk.size)..window.end.min(chunk.size);
+    let what = || format!("chunk of {path:?} at file offset {}", chunk.file_offset);
+    let mut out = Vec::with_capacity(window.end.saturating_sub(window.start) as usize);
+    let mut hasher = Sha256::new();
+    if chunk.zeros {
+        // zstd:chunked holes: no need to fetch or inflate; still check the digest so a
+        // lying TOC cannot make us return zeros for real data.
+        let actual = Digest::of_zeros(chunk.size);
+        check(path, chunk, actual)?;
+        out.resize(window.end.saturating_sub(window.start) as usize, 0);
+        return Ok(out);
+    }
+    let need = chunk.comp_len() as usize;
+    if compressed.len() < need {
+        return Err(Error::Decompress {
+            what: what(),
+            reason: format!("{} compressed bytes, need {need}", compressed.len()),
+        });
+    }
+    let mut r = member_reader(format, &compressed[..need])?;
+    let mut buf = vec![0u8; 64 << 10];
+    // Skip the bytes of other payloads that share the member.
+    let mut skip = chunk.inner_offset as u64;
+    while skip > 0 {
+        let step = skip.min(buf.len() as u64) as usize;
+        let n = read_some(&mut *r, &mut buf[..step], &what)?;
+        if n == 0 {
+            return Err(Error::Decompress {
+                what: what(),
+                reason: "member ends before the chunk starts".into(),
+            });
+        }
+        skip -= n as u64;
+    }
+    let mut pos = 0u64;
+    while pos < chunk.size {
+        let want = (chunk.size - pos).min(buf.len() as u64) as usize;
+        let n = read_some(&mut *r, &mut buf[..want], &what)?;
+        if n == 0 {
+            return Err(Error::Decompress {
+                what: what(),
+                reason: format!("member ends after {pos} of {} bytes", chunk.size),
+            });
+        }
+        hasher.update(&buf[..n]);
+        let (a, b) = (pos, pos + n as u64);
+        let (lo, hi) = (a.max(window.start), b.min(window.end));
+        if lo < hi {
+            out.extend_from_slice(&buf[(lo - a) as usize..(hi - a) as usize]);
+        }
+        pos = b;
+    }
+    check(path, chunk, Digest::from_hasher(hasher))?;
+    Ok(out)
+}
+
+/// Decompresses and verifies a whole chunk.
+pub fn decompress_chunk(
+    format: Format,
+    path: &str,
+    chunk: &Chunk,
+    compressed: &[u8],
+) -> Result<Vec<u8>> {
+    decompress_chunk_window(format, path, chunk, compressed, 0..chunk.size)
+}
+
+fn check(path: &str, chunk: &Chunk, actual: Digest) -> Result<()> {
+    if actual != chunk.digest {
+        return Err(Error::ChunkVerification {
+            path: path.to_string(),
+            file_offset: chunk.file_offset,
+            expected: chunk.digest.to_string(),
+            actual: actual.to_string(),
+        });
+    }
+    Ok(())
+}

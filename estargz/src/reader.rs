@@ -1,0 +1,299 @@
+//! Opening a layer through a [`BlobReader`]: footer, TOC, index, verified reads.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::blob::{BlobError, BlobErrorKind, BlobReader};
+use crate::chunk::{decompress_chunk_window, member_reader};
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::footer::{Footer, Format, MAX_FOOTER_FETCH, parse_footer};
+use crate::index::{Chunk, EntryKind, Index, NodeId};
+use crate::tar::TarReader;
+use crate::toc::{MAX_TOC_SIZE, TOC_TAR_NAME, Toc};
+
+/// What to check while opening a layer.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// sha256 of the uncompressed TOC JSON (`containerd.io/snapshot/stargz/toc.digest`).
+    pub expected_toc_digest: Option<Digest>,
+    /// sha256 of the compressed TOC bytes
+    /// (`io.github.containers.zstd-chunked.manifest-checksum`).
+    pub expected_manifest_checksum: Option<Digest>,
+    /// Largest TOC accepted, compressed and uncompressed.
+    pub max_toc_size: u64,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            expected_toc_digest: None,
+            expected_manifest_checksum: None,
+            max_toc_size: MAX_TOC_SIZE,
+        }
+    }
+}
+
+/// A parsed TOC with the digests that identify it.
+#[derive(Debug, Clone)]
+pub struct ParsedToc {
+    pub toc: Toc,
+    /// sha256 of the uncompressed TOC JSON.
+    pub toc_digest: Digest,
+    /// sha256 of the compressed TOC bytes as stored in the blob.
+    pub manifest_checksum: Digest,
+}
+
+/// Decompresses and parses the TOC bytes located by `footer`, checking the digests that
+/// `opts` asks for.
+pub fn parse_toc(footer: &Footer, compressed: &[u8], opts: &OpenOptions) -> Result<ParsedToc> {
+    if footer.toc_compressed_size > opts.max_toc_size {
+        return Err(Error::TocTooLarge {
+            size: footer.toc_compressed_size,
+            limit: opts.max_toc_size,
+        });
+    }
+    if compressed.len() as u64 != footer.toc_compressed_size {
+        return Err(Error::bad_toc(format!(
+            "{} TOC bytes, the footer says {}",
+            compressed.len(),
+            footer.toc_compressed_size
+        )));
+    }
+    let manifest_checksum = Digest::of(compressed);
+    if let Some(expected) = opts.expected_manifest_checksum
+        && expected != manifest_checksum
+    {
+        return Err(Error::TocDigestMismatch {
+            expected: expected.to_string(),
+            actual: manifest_checksum.to_string(),
+        });
+    }
+    let json = if footer.format.is_zstd() {
+        let ulen = footer.toc_uncompressed_size.unwrap_or(0);
+        if ulen > opts.max_toc_size {
+            return Err(Error::TocTooLarge {
+                size: ulen,
+                limit: opts.max_toc_size,
+            });
+        }
+        let mut json = Vec::new();
+        let r = member_reader(footer.format, compressed)?;
+        // One byte more than announced shows a lying footer without inflating a bomb.
+        r.take(ulen + 1)
+            .read_to_end(&mut json)
+            .map_err(|e| Error::Decompress {
+                what: "zstd TOC".into(),
+                reason: e.to_string(),
+            })?;
+        if json.len() as u64 != ulen {
+            return Err(Error::bad_toc(format!(
+                "TOC inflates to {} bytes or more, the footer says {ulen}",
+                json.len()
+            )));
+        }
+        json
+    } else {
+        let mut tr = TarReader::new(member_reader(footer.format, compressed)?);
+        let h = tr
+            .next_header()
+            .map_err(|e| Error::bad_toc(format!("TOC tar header: {e}")))?
+            .ok_or_else(|| Error::bad_toc("TOC member holds no tar entry"))?;
+        if h.name != TOC_TAR_NAME {
+            return Err(Error::bad_toc(format!(
+                "TOC tar entry is {:?}, not {TOC_TAR_NAME}",
+                h.name
+            )));
+        }
+        if h.size > opts.max_toc_size {
+            return Err(Error::TocTooLarge {
+                size: h.size,
+                limit: opts.max_toc_size,
+            });
+        }
+        let mut json = vec![0u8; h.size as usize];
+        let mut got = 0;
+        while got < json.len() {
+            let n = tr
+                .read_data(&mut json[got..])
+                .map_err(|e| Error::bad_toc(format!("TOC JSON: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        json
+    };
+    let toc_digest = Digest::of(&json);
+    if let Some(expected) = opts.expected_toc_digest
+        && expected != toc_digest
+    {
+        return Err(Error::TocDigestMismatch {
+            expected: expected.to_string(),
+            actual: toc_digest.to_string(),
+        });
+    }
+    let toc: Toc =
+        serde_json::from_slice(&json).map_err(|e| Error::bad_toc(format!("TOC JSON: {e}")))?;
+    Ok(ParsedToc {
+        toc,
+        toc_digest,
+        manifest_checksum,
+    })
+}
+
+async fn read_exact(blob: &dyn BlobReader, offset: u64, len: u64) -> Result<Bytes> {
+    let b = blob.read_at(offset, len).await?;
+    if b.len() as u64 != len {
+        return Err(BlobError::new(
+            BlobErrorKind::ShortRead,
+            format!("{} bytes at {offset}, asked for {len}", b.len()),
+        )
+        .into());
+    }
+    Ok(b)
+}
+
+/// An opened layer: its index plus the blob to fetch chunks from.
+pub struct Layer {
+    blob: Arc<dyn BlobReader>,
+    blob_size: u64,
+    footer: Footer,
+    index: Index,
+    toc_digest: Digest,
+    manifest_checksum: Digest,
+}
+
+impl std::fmt::Debug for Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Layer")
+            .field("blob_size", &self.blob_size)
+            .field("footer", &self.footer)
+            .field("entries", &self.index.len())
+            .field("toc_digest", &self.toc_digest)
+            .finish()
+    }
+}
+
+impl Layer {
+    /// Reads the footer and the TOC (two range reads) and builds the index.
+    pub async fn open(blob: Arc<dyn BlobReader>, opts: &OpenOptions) -> Result<Layer> {
+        let blob_size = blob.size().await?;
+        let tail_len = blob_size.min(MAX_FOOTER_FETCH);
+        let tail = read_exact(&*blob, blob_size - tail_len, tail_len).await?;
+        let footer = parse_footer(&tail, blob_size)?;
+        if footer.toc_compressed_size > opts.max_toc_size {
+            return Err(Error::TocTooLarge {
+                size: footer.toc_compressed_size,
+                limit: opts.max_toc_size,
+            });
+        }
+        let compressed = read_exact(&*blob, footer.toc_offset, footer.toc_compressed_size).await?;
+        let parsed = parse_toc(&footer, &compressed, opts)?;
+        let index = Index::from_toc(&parsed.toc, footer.payload_end, footer.format)?;
+        Ok(Layer {
+            blob,
+            blob_size,
+            footer,
+            index,
+            toc_digest: parsed.toc_digest,
+            manifest_checksum: parsed.manifest_checksum,
+        })
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+    pub fn format(&self) -> Format {
+        self.footer.format
+    }
+    pub fn footer(&self) -> &Footer {
+        &self.footer
+    }
+    pub fn blob_size(&self) -> u64 {
+        self.blob_size
+    }
+    /// sha256 of the uncompressed TOC JSON.
+    pub fn toc_digest(&self) -> Digest {
+        self.toc_digest
+    }
+    /// sha256 of the compressed TOC bytes.
+    pub fn manifest_checksum(&self) -> Digest {
+        self.manifest_checksum
+    }
+
+    /// The chunks of a file (hardlinks resolved) that hold bytes `offset..offset+len`.
+    pub fn chunks_for_range(&self, id: NodeId, offset: u64, len: u64) -> &[Chunk] {
+        let e = self.index.entry(self.index.resolve(id));
+        let chunks = e.chunks();
+        let end = offset.saturating_add(len).min(e.size());
+        if offset >= end {
+            return &[];
+        }
+        let first = chunks.partition_point(|c| c.file_offset + c.size <= offset);
+        let last = chunks.partition_point(|c| c.file_offset < end);
+        &chunks[first..last.max(first)]
+    }
+
+    /// Decompresses and verifies one chunk of entry `id` from its compressed bytes.
+    pub fn decompress_chunk(&self, id: NodeId, chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>> {
+        let path = self.index.path_of(id);
+        crate::chunk::decompress_chunk(self.footer.format, &path, chunk, compressed)
+    }
+
+    /// Reads `len` bytes at `offset` of the file at `path` (fewer at the end of the
+    /// file), fetching only the chunks involved and verifying each one.
+    pub async fn read_file_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let id = self.index.lookup(path).ok_or_else(|| Error::NotFound {
+            path: path.to_string(),
+        })?;
+        self.read_range(id, offset, len).await
+    }
+
+    /// Like [`Layer::read_file_range`] for an entry id.
+    pub async fn read_range(&self, id: NodeId, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let target = self.index.resolve(id);
+        let e = self.index.entry(target);
+        let path = self.index.path_of(target);
+        if e.kind() != EntryKind::Reg {
+            return Err(Error::NotAFile { path });
+        }
+        let end = offset.saturating_add(len).min(e.size());
+        let chunks = self.chunks_for_range(target, offset, len);
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        let mut i = 0;
+        while i < chunks.len() {
+            if chunks[i].zeros {
+                let c = &chunks[i];
+                let window = offset.saturating_sub(c.file_offset)..end - c.file_offset;
+                out.extend(decompress_chunk_window(self.format(), &path, c, &[], window)?);
+                i += 1;
+                continue;
+            }
+            // Coalesce chunks whose compressed ranges touch into one fetch.
+            let start = chunks[i].comp_offset;
+            let mut stop = chunks[i].comp_end;
+            let mut j = i + 1;
+            while j < chunks.len() && !chunks[j].zeros && chunks[j].comp_offset <= stop {
+                stop = stop.max(chunks[j].comp_end);
+                j += 1;
+            }
+            let data = read_exact(&*self.blob, start, stop - start).await?;
+            for c in &chunks[i..j] {
+                let rel = (c.comp_offset - start) as usize;
+                let window = offset.saturating_sub(c.file_offset)..end - c.file_offset;
+                out.extend(decompress_chunk_window(
+                    self.format(),
+                    &path,
+                    c,
+                    &data[rel..],
+                    window,
+                )?);
+            }
+            i = j;
+        }
+        Ok(out)
+    }
+}
