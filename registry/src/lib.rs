@@ -1,1 +1,36 @@
 //! Everything lazysnap says to an OCI registry: references, manifests, auth, range reads, push.
+//!
+//! One [`Client`] per daemon: it holds the hosts configuration, connection pools,
+//! per-host connection limits, learnt auth schemes and tokens. A [`RemoteBlob`] reads one
+//! blob with range requests and implements [`estargz::BlobReader`].
+
+mod auth;
+mod blob;
+mod client;
+mod config;
+mod digest;
+mod error;
+mod manifest;
+mod push;
+mod reference;
+
+pub use auth::{
+    Anonymous, Challenge, CredentialFuture, CredentialProvider, Credentials, DockerConfig,
+    StaticCredentials, parse_challenges,
+};
+pub use blob::{
+    ContentRange, Part, RANGELESS_PREFIX_LIMIT, RemoteBlob, multipart_boundary,
+    parse_content_range, parse_multipart,
+};
+pub use client::Client;
+pub use config::{
+    HostConfig, HttpConfig, MirrorConfig, RegistryConfig, ResolverConfig, is_loopback,
+};
+pub use digest::{Algorithm, Digest, DigestParseError};
+pub use error::{Error, Result, Target};
+pub use manifest::{
+    DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Descriptor, FetchedManifest, ImageIndex, ImageManifest,
+    MAX_MANIFEST_SIZE, Manifest, OCI_INDEX, OCI_MANIFEST, Platform, ResolvedImage, choose_platform,
+};
+pub use push::PushOutcome;
+pub use reference::{DOCKER_HUB, DOCKER_HUB_API, Reference, ReferenceError, Repository, api_host};

@@ -1,0 +1,941 @@
+//! The HTTP core: endpoints (mirrors, then the origin), connection limits, authentication,
+//! manual redirects and retries with backoff.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Method, StatusCode, Url};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::auth::{
+    Anonymous, AuthCache, Challenge, CredentialProvider, Scheme, TokenResponse, parse_challenges,
+    token_lifetime,
+};
+use crate::config::{HttpConfig, RegistryConfig, is_loopback};
+use crate::error::{Error, Result, Target};
+use crate::manifest::Platform;
+use crate::reference::api_host;
+
+/// A registry client: cheap to clone, shares connections, tokens and caches.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: RegistryConfig,
+    pub(crate) platform: Platform,
+    credentials: Arc<dyn CredentialProvider>,
+    auth: AuthCache,
+    endpoints: Mutex<HashMap<(String, bool), Endpoints>>,
+    http_clients: Mutex<HashMap<(Vec<std::path::PathBuf>, u64), reqwest::Client>>,
+    limiters: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Hosts known to answer multi-range requests badly (or not at all).
+    pub(crate) no_multi_range: Mutex<std::collections::HashSet<String>>,
+}
+
+/// Mirrors in order, then the registry itself.
+pub(crate) type Endpoints = Arc<[Endpoint]>;
+
+/// One place to send requests for a registry: a mirror or the registry itself.
+#[derive(Clone)]
+pub(crate) struct Endpoint {
+    /// `host[:port]`, for errors and auth state.
+    pub host: String,
+    /// `scheme://host[:port][/prefix]/v2`
+    pub base: String,
+    pub client: reqwest::Client,
+    pub headers: HeaderMap,
+    pub limiter: Arc<Semaphore>,
+    pub is_mirror: bool,
+}
+
+/// A request, described so it can be sent again (after a 401, a redirect or a retry).
+pub(crate) struct Req<'a> {
+    pub method: Method,
+    pub url: String,
+    pub headers: HeaderMap,
+    pub body: Option<Bytes>,
+    /// Token scopes (`repository:NAME:pull`); `None` sends no credentials at all
+    /// (a cached storage URL must not receive the registry's token).
+    pub scopes: Option<&'a [String]>,
+    pub follow_redirects: bool,
+}
+
+/// A response, with the semaphore permit that counts it against the host's limit.
+pub(crate) struct Sent {
+    pub resp: reqwest::Response,
+    /// The final URL when redirects were followed.
+    pub redirected: Option<Url>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("config", &self.inner.config)
+            .field("platform", &self.inner.platform)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs `$attempt` (an expression using `$ep`) against each endpoint in turn, retrying
+/// transient failures per the endpoint's policy; the first success wins, else the last
+/// endpoint's (the origin's) error is returned.
+macro_rules! on_endpoints {
+    ($client:expr, $endpoints:expr, |$ep:ident| $attempt:expr) => {{
+        let endpoints = $endpoints;
+        let mut outcome = Err($crate::error::Error::Config("no endpoint".into()));
+        for $ep in endpoints.iter() {
+            let mut retry = $client.retry_policy($ep.is_mirror);
+            let result = loop {
+                match $attempt.await {
+                    Ok(v) => break Ok(v),
+                    Err(e) => {
+                        if let Err(e) = retry.wait(e).await {
+                            break Err(e);
+                        }
+                    }
+                }
+            };
+            match result {
+                Ok(v) => {
+                    outcome = Ok(v);
+                    break;
+                }
+                Err(e) => {
+                    if $ep.is_mirror {
+                        tracing::warn!(mirror = %$ep.host, error = %e, "mirror failed, trying the next host");
+                    }
+                    outcome = Err(e);
+                }
+            }
+        }
+        outcome
+    }};
+}
+pub(crate) use on_endpoints;
+
+impl Client {
+    /// A client with anonymous access; see [`Client::with_credentials`].
+    pub fn new(config: RegistryConfig) -> Result<Self> {
+        config.validate().map_err(Error::Config)?;
+        let platform = match &config.http.platform {
+            Some(p) => Platform::parse(p).map_err(Error::Config)?,
+            None => Platform::host(),
+        };
+        // Fail early on unreadable CA files rather than on the first request.
+        for path in config
+            .http
+            .ca
+            .iter()
+            .chain(config.resolver.host.values().flat_map(|h| h.ca.iter()))
+            .chain(
+                config
+                    .resolver
+                    .host
+                    .values()
+                    .flat_map(|h| h.mirrors.iter().flat_map(|m| m.ca.iter())),
+            )
+        {
+            load_ca(path)?;
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                platform,
+                credentials: Arc::new(Anonymous),
+                auth: AuthCache::default(),
+                endpoints: Mutex::new(HashMap::new()),
+                http_clients: Mutex::new(HashMap::new()),
+                limiters: Mutex::new(HashMap::new()),
+                no_multi_range: Mutex::new(Default::default()),
+            }),
+        })
+    }
+
+    /// Uses `provider` for credentials (e.g. [`crate::DockerConfig::load_default`]).
+    /// Call before sharing the client: it replaces the shared state.
+    pub fn with_credentials(self, provider: Arc<dyn CredentialProvider>) -> Self {
+        let inner = match Arc::try_unwrap(self.inner) {
+            Ok(inner) => Inner {
+                credentials: provider,
+                ..inner
+            },
+            Err(shared) => Inner {
+                config: shared.config.clone(),
+                platform: shared.platform.clone(),
+                credentials: provider,
+                auth: AuthCache::default(),
+                endpoints: Mutex::new(HashMap::new()),
+                http_clients: Mutex::new(HashMap::new()),
+                limiters: Mutex::new(HashMap::new()),
+                no_multi_range: Mutex::new(Default::default()),
+            },
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The platform picked from image indexes.
+    pub fn platform(&self) -> &Platform {
+        &self.inner.platform
+    }
+
+    pub(crate) fn http(&self) -> &HttpConfig {
+        &self.inner.config.http
+    }
+
+    pub(crate) fn retry_policy(&self, is_mirror: bool) -> Retry {
+        let h = self.http();
+        Retry {
+            // A failing mirror is skipped at once: the next host is the recovery.
+            max_retries: if is_mirror { 0 } else { h.max_retries },
+            min_wait: Duration::from_millis(h.min_wait_msec),
+            max_wait: Duration::from_millis(h.max_wait_msec),
+            max_time: Duration::from_secs(h.max_retry_time_sec),
+            start: Instant::now(),
+            attempts: 0,
+        }
+    }
+
+    /// Mirrors (when `with_mirrors`) then the registry itself.
+    pub(crate) fn endpoints(&self, registry: &str, with_mirrors: bool) -> Result<Endpoints> {
+        let key = (registry.to_string(), with_mirrors);
+        if let Some(found) = lock(&self.inner.endpoints).get(&key) {
+            return Ok(found.clone());
+        }
+        let built: Endpoints = self.build_endpoints(registry, with_mirrors)?.into();
+        lock(&self.inner.endpoints).insert(key, built.clone());
+        Ok(built)
+    }
+
+    fn build_endpoints(&self, registry: &str, with_mirrors: bool) -> Result<Vec<Endpoint>> {
+        let config = &self.inner.config;
+        let http = &config.http;
+        let origin_host = api_host(registry).to_string();
+        let host_config = config.host(registry).cloned().unwrap_or_default();
+        let mut origin_plain = host_config
+            .plain_http
+            .unwrap_or(is_loopback(&origin_host) && host_config.ca.is_empty());
+        let mut origin_timeout = host_config
+            .request_timeout_sec
+            .unwrap_or(http.request_timeout_sec);
+        let limit = host_config
+            .max_concurrent_requests
+            .unwrap_or(http.max_concurrent_requests);
+        let mut out = Vec::new();
+        for mirror in &host_config.mirrors {
+            let (scheme, authority, prefix) = split_mirror_host(&mirror.host);
+            if authority == registry || authority == origin_host {
+                // stargz-snapshotter's way of saying "the registry itself speaks HTTP".
+                if mirror.insecure || scheme == Some("http") {
+                    origin_plain = true;
+                }
+                if mirror.request_timeout_sec > 0 {
+                    origin_timeout = mirror.request_timeout_sec;
+                }
+                continue;
+            }
+            if !with_mirrors {
+                continue;
+            }
+            let plain = match scheme {
+                Some(s) => s == "http",
+                None => mirror.insecure || (is_loopback(authority) && mirror.ca.is_empty()),
+            };
+            let timeout = if mirror.request_timeout_sec > 0 {
+                mirror.request_timeout_sec
+            } else {
+                http.request_timeout_sec
+            };
+            let mut cas = http.ca.clone();
+            cas.extend(mirror.ca.iter().cloned());
+            out.push(Endpoint {
+                host: authority.to_string(),
+                base: base_url(plain, authority, prefix),
+                client: self.http_client(cas, timeout)?,
+                headers: header_map(&mirror.header, authority)?,
+                limiter: self.limiter(authority, limit),
+                is_mirror: true,
+            });
+        }
+        let mut cas = http.ca.clone();
+        cas.extend(host_config.ca.iter().cloned());
+        out.push(Endpoint {
+            host: origin_host.clone(),
+            base: base_url(origin_plain, &origin_host, ""),
+            client: self.http_client(cas, origin_timeout)?,
+            headers: header_map(&host_config.header, &origin_host)?,
+            limiter: self.limiter(&origin_host, limit),
+            is_mirror: false,
+        });
+        Ok(out)
+    }
+
+    fn limiter(&self, host: &str, limit: usize) -> Arc<Semaphore> {
+        lock(&self.inner.limiters)
+            .entry(host.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(limit)))
+            .clone()
+    }
+
+    fn http_client(
+        &self,
+        mut cas: Vec<std::path::PathBuf>,
+        timeout_sec: u64,
+    ) -> Result<reqwest::Client> {
+        cas.sort();
+        cas.dedup();
+        let key = (cas, timeout_sec);
+        if let Some(c) = lock(&self.inner.http_clients).get(&key) {
+            return Ok(c.clone());
+        }
+        let http = self.http();
+        let mut builder = reqwest::Client::builder()
+            // Redirects are followed by hand: bounded, per-blob cached, no auth forwarded.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(http.connect_timeout_sec))
+            .timeout(Duration::from_secs(timeout_sec))
+            .read_timeout(Duration::from_millis(http.stall_timeout_msec))
+            .pool_max_idle_per_host(http.max_idle_per_host)
+            .user_agent(concat!("lazysnap/", env!("CARGO_PKG_VERSION")));
+        for path in &key.0 {
+            builder = builder.add_root_certificate(load_ca(path)?);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| Error::Config(format!("building the HTTP client: {e}")))?;
+        lock(&self.inner.http_clients).insert(key, client.clone());
+        Ok(client)
+    }
+
+    /// Sends `req` to `ep`, answering auth challenges and following redirects.
+    pub(crate) async fn send(&self, ep: &Endpoint, target: &Target, req: Req<'_>) -> Result<Sent> {
+        let permit = ep
+            .limiter
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Config("connection limiter closed".into()))?;
+        let scope_key = req.scopes.map(|s| s.join(" "));
+        let mut auth = match req.scopes {
+            Some(scopes) => self.auth_header(ep, target, scopes, false).await?,
+            None => None,
+        };
+        let mut resp = self
+            .send_once(ep, target, &req, &req.url, auth.as_deref(), true)
+            .await?;
+        if resp.status() == StatusCode::UNAUTHORIZED
+            && let Some(scopes) = req.scopes
+        {
+            let challenges: Vec<Challenge> = resp
+                .headers()
+                .get_all(header::WWW_AUTHENTICATE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(parse_challenges)
+                .collect();
+            if let Some(key) = &scope_key {
+                self.inner.auth.drop_token(&ep.host, key);
+            }
+            let learnt = self.learn_scheme(ep, &challenges);
+            if !learnt {
+                return Err(Error::Unauthorized {
+                    target: target.clone(),
+                    reason: "HTTP 401 without a usable WWW-Authenticate challenge".into(),
+                });
+            }
+            drop(resp);
+            auth = self.auth_header(ep, target, scopes, true).await?;
+            if auth.is_none() {
+                return Err(Error::Unauthorized {
+                    target: target.clone(),
+                    reason: "the registry requires credentials and none are configured".into(),
+                });
+            }
+            resp = self
+                .send_once(ep, target, &req, &req.url, auth.as_deref(), true)
+                .await?;
+            if resp.status() == StatusCode::UNAUTHORIZED {
+                if let Some(key) = &scope_key {
+                    self.inner.auth.drop_token(&ep.host, key);
+                }
+                return Err(Error::Unauthorized {
+                    target: target.clone(),
+                    reason: "the registry refused the credentials".into(),
+                });
+            }
+        }
+        let mut redirected = None;
+        let mut current: Url = req
+            .url
+            .parse()
+            .map_err(|_| Error::bad(target, "request URL does not parse"))?;
+        let mut hops = 0;
+        while req.follow_redirects && resp.status().is_redirection() {
+            hops += 1;
+            if hops > self.http().max_redirects {
+                return Err(Error::TooManyRedirects {
+                    target: target.clone(),
+                    limit: self.http().max_redirects,
+                });
+            }
+            let location = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| {
+                    Error::bad(target, format!("HTTP {} without Location", resp.status()))
+                })?;
+            let next = current
+                .join(location)
+                .map_err(|_| Error::bad(target, "redirect Location is not a URL"))?;
+            if next.scheme() != "https" && next.scheme() != "http" {
+                return Err(Error::bad(target, "redirect to a non-HTTP URL"));
+            }
+            tracing::debug!(target = %target, to = %redacted_url(&next), "following redirect");
+            // The registry's credentials stay with the registry: storage URLs are signed.
+            resp = self
+                .send_once(ep, target, &req, next.as_str(), None, false)
+                .await?;
+            current = next;
+            redirected = Some(current.clone());
+        }
+        Ok(Sent {
+            resp,
+            redirected,
+            _permit: permit,
+        })
+    }
+
+    async fn send_once(
+        &self,
+        ep: &Endpoint,
+        target: &Target,
+        req: &Req<'_>,
+        url: &str,
+        auth: Option<&str>,
+        to_endpoint: bool,
+    ) -> Result<reqwest::Response> {
+        let mut builder = ep.client.request(req.method.clone(), url);
+        if to_endpoint {
+            builder = builder.headers(ep.headers.clone());
+        }
+        builder = builder.headers(req.headers.clone());
+        if let Some(auth) = auth {
+            let mut value = HeaderValue::from_str(auth).map_err(|_| Error::Credentials {
+                registry: ep.host.clone(),
+                reason: "credentials contain characters not allowed in a header".into(),
+            })?;
+            value.set_sensitive(true);
+            builder = builder.header(header::AUTHORIZATION, value);
+        }
+        if let Some(body) = &req.body {
+            builder = builder.body(body.clone());
+        }
+        builder
+            .send()
+            .await
+            .map_err(|e| Error::transport(target, "sending request", e))
+    }
+
+    /// Records what the host's challenges ask for; false when none is usable.
+    fn learn_scheme(&self, ep: &Endpoint, challenges: &[Challenge]) -> bool {
+        let bearer = challenges.iter().find(|c| c.scheme == "bearer");
+        if let Some(c) = bearer
+            && let Some(realm) = c.params.get("realm")
+        {
+            self.inner.auth.set_scheme(
+                &ep.host,
+                Scheme::Bearer {
+                    realm: realm.clone(),
+                    service: c.params.get("service").cloned(),
+                },
+            );
+            return true;
+        }
+        if challenges.iter().any(|c| c.scheme == "basic") {
+            self.inner.auth.set_scheme(&ep.host, Scheme::Basic);
+            return true;
+        }
+        false
+    }
+
+    /// The Authorization value for a request, fetching a token when the host wants one.
+    /// Before the host's scheme is known (first request) nothing is sent.
+    async fn auth_header(
+        &self,
+        ep: &Endpoint,
+        target: &Target,
+        scopes: &[String],
+        after_challenge: bool,
+    ) -> Result<Option<String>> {
+        let Some(scheme) = self.inner.auth.scheme(&ep.host) else {
+            return Ok(None);
+        };
+        match scheme {
+            Scheme::Basic => Ok(self
+                .inner
+                .credentials
+                .credentials(&ep.host)
+                .await?
+                .filter(|c| !c.is_identity_token())
+                .map(|c| c.basic_header())),
+            Scheme::Bearer { realm, service } => {
+                let key = scopes.join(" ");
+                if !after_challenge && let Some(token) = self.inner.auth.token(&ep.host, &key) {
+                    return Ok(Some(format!("Bearer {token}")));
+                }
+                let (token, lifetime) = self
+                    .fetch_token(ep, target, &realm, service.as_deref(), scopes)
+                    .await?;
+                self.inner
+                    .auth
+                    .put_token(&ep.host, &key, token.clone(), lifetime);
+                Ok(Some(format!("Bearer {token}")))
+            }
+        }
+    }
+
+    async fn fetch_token(
+        &self,
+        ep: &Endpoint,
+        target: &Target,
+        realm: &str,
+        service: Option<&str>,
+        scopes: &[String],
+    ) -> Result<(String, Duration)> {
+        let realm_url: Url = realm
+            .parse()
+            .map_err(|_| Error::bad(target, "token realm is not a URL"))?;
+        let realm_host = realm_url.host_str().unwrap_or_default().to_string();
+        if realm_url.scheme() == "http"
+            && !is_loopback(&realm_host)
+            && !ep.base.starts_with("http:")
+        {
+            // Credentials must not cross the network in clear text to a TLS registry's realm.
+            return Err(Error::bad(
+                target,
+                "token realm uses plain HTTP for a TLS registry",
+            ));
+        }
+        let creds = self.inner.credentials.credentials(&ep.host).await?;
+        let token_target = target.with_host(&format!("{realm_host} (token service)"));
+        let mut params: Vec<(&str, &str)> = Vec::new();
+        if let Some(s) = service {
+            params.push(("service", s));
+        }
+        for s in scopes {
+            params.push(("scope", s));
+        }
+        let builder = match &creds {
+            // docker's identity tokens are OAuth2 refresh tokens: POST form, not GET.
+            Some(c) if c.is_identity_token() => {
+                params.push(("grant_type", "refresh_token"));
+                params.push(("refresh_token", c.secret()));
+                params.push(("client_id", "lazysnap"));
+                ep.client.post(realm_url.clone()).form(&params)
+            }
+            Some(c) => {
+                let mut value =
+                    HeaderValue::from_str(&c.basic_header()).map_err(|_| Error::Credentials {
+                        registry: ep.host.clone(),
+                        reason: "credentials contain characters not allowed in a header".into(),
+                    })?;
+                value.set_sensitive(true);
+                ep.client
+                    .get(realm_url.clone())
+                    .query(&params)
+                    .header(header::AUTHORIZATION, value)
+            }
+            None => ep.client.get(realm_url.clone()).query(&params),
+        };
+        let resp = builder
+            .send()
+            .await
+            .map_err(|e| Error::transport(&token_target, "requesting a token", e))?;
+        let status = resp.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return Err(Error::Unauthorized {
+                target: target.clone(),
+                reason: format!("the token service refused (HTTP {})", status.as_u16()),
+            });
+        }
+        if !status.is_success() {
+            return Err(status_error(resp, &token_target, "requesting a token").await);
+        }
+        let body = read_limited(resp, &token_target, 1 << 20).await?;
+        let parsed: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|_| Error::bad(&token_target, "token response is not JSON"))?;
+        let token = parsed
+            .token
+            .or(parsed.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Error::bad(&token_target, "token response has no token"))?;
+        Ok((token, token_lifetime(parsed.expires_in)))
+    }
+}
+
+/// Backoff state for one operation on one endpoint.
+pub(crate) struct Retry {
+    max_retries: u32,
+    min_wait: Duration,
+    max_wait: Duration,
+    max_time: Duration,
+    start: Instant,
+    attempts: u32,
+}
+
+impl Retry {
+    /// Sleeps before the next attempt, or returns the error when retrying cannot help or
+    /// the budget (count or time) is spent.
+    pub(crate) async fn wait(&mut self, err: Error) -> Result<()> {
+        let give_up = |this: &Self, err: Error| {
+            if this.attempts == 0 {
+                err
+            } else {
+                Error::GaveUp {
+                    attempts: this.attempts + 1,
+                    elapsed: this.start.elapsed(),
+                    last: Box::new(err),
+                }
+            }
+        };
+        if !err.is_transient() || self.attempts >= self.max_retries {
+            return Err(give_up(self, err));
+        }
+        let delay = match err.retry_after() {
+            Some(asked) if asked > self.max_wait => return Err(give_up(self, err)),
+            Some(asked) => asked,
+            None => backoff(self.min_wait, self.max_wait, self.attempts),
+        };
+        if self.start.elapsed() + delay > self.max_time {
+            return Err(give_up(self, err));
+        }
+        tracing::debug!(error = %err, delay_ms = delay.as_millis() as u64, "retrying");
+        tokio::time::sleep(delay).await;
+        self.attempts += 1;
+        Ok(())
+    }
+}
+
+/// Exponential backoff with "equal jitter": half fixed, half random.
+pub(crate) fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = min.saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX));
+    let capped = exp.min(max);
+    let half = capped / 2;
+    half + half.mul_f64(random_unit())
+}
+
+/// A number in [0, 1) from the std hasher's random keys: jitter needs no crypto.
+fn random_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Retry-After: delay-seconds or an HTTP date.
+pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// An error for an unexpected status, with the registry's own error message if short.
+pub(crate) async fn status_error(
+    resp: reqwest::Response,
+    target: &Target,
+    what: &'static str,
+) -> Error {
+    let status = resp.status().as_u16();
+    match status {
+        404 => {
+            return Error::NotFound {
+                target: target.clone(),
+            };
+        }
+        401 | 403 => {
+            return Error::Unauthorized {
+                target: target.clone(),
+                reason: format!("HTTP {status} {what}"),
+            };
+        }
+        _ => {}
+    }
+    let retry_after = resp
+        .headers()
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
+    // The distribution spec's error body: {"errors":[{"code":..,"message":..}]}.
+    let detail = match read_limited(resp, target, 4096).await {
+        Ok(body) => registry_error_detail(&body),
+        Err(_) => String::new(),
+    };
+    Error::Status {
+        target: target.clone(),
+        what,
+        status,
+        detail,
+        retry_after,
+    }
+}
+
+fn registry_error_detail(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Errors {
+        errors: Vec<Item>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Item {
+        #[serde(default)]
+        code: String,
+        #[serde(default)]
+        message: String,
+    }
+    match serde_json::from_slice::<Errors>(body) {
+        Ok(e) => e
+            .errors
+            .iter()
+            .map(|i| format!("{} {}", i.code, i.message).trim().to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+            .chars()
+            .take(300)
+            .collect(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes.
+pub(crate) async fn read_limited(
+    mut resp: reqwest::Response,
+    target: &Target,
+    limit: usize,
+) -> Result<Bytes> {
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| Error::transport(target, "reading the response body", e))?
+    {
+        if buf.len() + chunk.len() > limit {
+            return Err(Error::bad(
+                target,
+                format!("response body larger than {limit} bytes"),
+            ));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// Reads exactly `expected` bytes: fewer is [`Error::Truncated`], more is an error too.
+pub(crate) async fn read_exact(
+    mut resp: reqwest::Response,
+    target: &Target,
+    expected: u64,
+) -> Result<Bytes> {
+    let cap = usize::try_from(expected)
+        .map_err(|_| Error::bad(target, "range too large for this machine"))?;
+    let mut buf = BytesMut::with_capacity(cap.min(64 << 20));
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| Error::transport(target, "reading the response body", e))?
+    {
+        if buf.len() + chunk.len() > cap {
+            return Err(Error::bad(
+                target,
+                format!("server sent more than the {expected} bytes asked for"),
+            ));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    if buf.len() < cap {
+        return Err(Error::Truncated {
+            target: target.clone(),
+            expected,
+            got: buf.len() as u64,
+        });
+    }
+    Ok(buf.freeze())
+}
+
+/// A URL fit for logs: no query (signed storage URLs carry credentials there).
+pub(crate) fn redacted_url(url: &Url) -> String {
+    format!(
+        "{}://{}{}",
+        url.scheme(),
+        url.host_str().unwrap_or(""),
+        url.path()
+    )
+}
+
+fn split_mirror_host(spec: &str) -> (Option<&str>, &str, &str) {
+    let spec = spec.trim();
+    let (scheme, rest) = if let Some(r) = spec.strip_prefix("https://") {
+        (Some("https"), r)
+    } else if let Some(r) = spec.strip_prefix("http://") {
+        (Some("http"), r)
+    } else {
+        (None, spec)
+    };
+    let rest = rest.trim_end_matches('/');
+    match rest.find('/') {
+        Some(i) => (scheme, &rest[..i], &rest[i..]),
+        None => (scheme, rest, ""),
+    }
+}
+
+fn base_url(plain: bool, authority: &str, prefix: &str) -> String {
+    let scheme = if plain { "http" } else { "https" };
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.ends_with("/v2") {
+        format!("{scheme}://{authority}{prefix}")
+    } else {
+        format!("{scheme}://{authority}{prefix}/v2")
+    }
+}
+
+fn header_map(
+    headers: &std::collections::BTreeMap<String, String>,
+    host: &str,
+) -> Result<HeaderMap> {
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| Error::Config(format!("{host}: invalid header name {k:?}")))?;
+        let value = HeaderValue::from_str(v)
+            .map_err(|_| Error::Config(format!("{host}: invalid value for header {k:?}")))?;
+        map.insert(name, value);
+    }
+    Ok(map)
+}
+
+fn load_ca(path: &std::path::Path) -> Result<reqwest::Certificate> {
+    let pem = std::fs::read(path)
+        .map_err(|e| Error::Config(format!("reading CA certificate {}: {e}", path.display())))?;
+    reqwest::Certificate::from_pem(&pem)
+        .map_err(|e| Error::Config(format!("CA certificate {}: {e}", path.display())))
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere while holding the lock leaves plain data that is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let min = Duration::from_millis(100);
+        let max = Duration::from_secs(2);
+        for attempt in 0..40 {
+            let d = backoff(min, max, attempt);
+            let full = min.saturating_mul(1 << attempt.min(20)).min(max);
+            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        let later = SystemTime::now() + Duration::from_secs(120);
+        let d = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn mirror_hosts_and_base_urls() {
+        assert_eq!(
+            split_mirror_host("m.example.com"),
+            (None, "m.example.com", "")
+        );
+        assert_eq!(
+            split_mirror_host("http://m.example.com:5000/pfx/"),
+            (Some("http"), "m.example.com:5000", "/pfx")
+        );
+        assert_eq!(base_url(false, "h", ""), "https://h/v2");
+        assert_eq!(base_url(true, "h:1", "/pfx"), "http://h:1/pfx/v2");
+        assert_eq!(base_url(false, "h", "/x/v2"), "https://h/x/v2");
+    }
+
+    #[test]
+    fn endpoints_follow_the_config() {
+        let config: RegistryConfig = toml::from_str(
+            r#"
+[[resolver.host."docker.io".mirrors]]
+host = "mirror.example.com"
+[[resolver.host."docker.io".mirrors]]
+host = "127.0.0.1:7000"
+[[resolver.host."lan.example:5000".mirrors]]
+host = "lan.example:5000"
+insecure = true
+[resolver.host."127.0.0.1:6000"]
+plain_http = false
+"#,
+        )
+        .unwrap();
+        let client = Client::new(config).unwrap();
+        let hub = client.endpoints("docker.io", true).unwrap();
+        let bases: Vec<_> = hub.iter().map(|e| e.base.as_str()).collect();
+        assert_eq!(
+            bases,
+            [
+                "https://mirror.example.com/v2",
+                "http://127.0.0.1:7000/v2",
+                "https://registry-1.docker.io/v2"
+            ]
+        );
+        assert!(hub[0].is_mirror && !hub[2].is_mirror);
+        let push = client.endpoints("docker.io", false).unwrap();
+        assert_eq!(push.len(), 1);
+        let lan = client.endpoints("lan.example:5000", true).unwrap();
+        assert_eq!(lan.len(), 1);
+        assert_eq!(lan[0].base, "http://lan.example:5000/v2");
+        let tls_loop = client.endpoints("127.0.0.1:6000", true).unwrap();
+        assert_eq!(tls_loop[0].base, "https://127.0.0.1:6000/v2");
+        let plain_loop = client.endpoints("localhost:5000", true).unwrap();
+        assert_eq!(plain_loop[0].base, "http://localhost:5000/v2");
+        let other = client.endpoints("ghcr.io", true).unwrap();
+        assert_eq!(other[0].base, "https://ghcr.io/v2");
+    }
+
+    #[test]
+    fn registry_error_bodies() {
+        let body = br#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry","detail":"x"}]}"#;
+        assert_eq!(
+            registry_error_detail(body),
+            "BLOB_UNKNOWN blob unknown to registry"
+        );
+        assert_eq!(registry_error_detail(b"<html>"), "");
+    }
+}
