@@ -32,9 +32,13 @@ where
     let (client_read, mut client_write) = tokio::io::split(client);
     let (mut ours_read, ours_write) = tokio::io::split(ours);
     tokio::spawn(async move {
-        if let Err(e) = rewrite_client_frames(client_read, ours_write).await {
+        let mut ours_write = ours_write;
+        if let Err(e) = rewrite_client_frames(client_read, &mut ours_write).await {
             tracing::debug!(error = %e, "client connection ended");
         }
+        // However the client side ended, the server must see the end of the stream,
+        // or it would keep the connection (and a graceful shutdown) waiting forever.
+        let _ = ours_write.shutdown().await;
     });
     tokio::spawn(async move {
         let _ = tokio::io::copy(&mut ours_read, &mut client_write).await;
@@ -43,7 +47,7 @@ where
     server_side
 }
 
-async fn rewrite_client_frames<R, W>(mut from: R, mut to: W) -> std::io::Result<()>
+async fn rewrite_client_frames<R, W>(mut from: R, to: &mut W) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -53,17 +57,15 @@ where
     to.write_all(&preface).await?;
     if preface != PREFACE {
         // Not HTTP/2 with prior knowledge: let the server answer it as it sees fit.
-        tokio::io::copy(&mut from, &mut to).await?;
-        return to.shutdown().await;
+        tokio::io::copy(&mut from, to).await?;
+        return Ok(());
     }
     let mut decoder = loona_hpack::Decoder::new();
     loop {
         let mut header = [0u8; 9];
         match from.read_exact(&mut header).await {
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return to.shutdown().await;
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         }
         let (len, kind, flags, stream) = parse_frame_header(&header);
@@ -102,7 +104,7 @@ where
                 (name, value)
             }
         }));
-        write_header_block(&mut to, stream, flags & FLAG_END_STREAM, priority, &encoded).await?;
+        write_header_block(to, stream, flags & FLAG_END_STREAM, priority, &encoded).await?;
         to.flush().await?;
     }
 }

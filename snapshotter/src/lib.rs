@@ -1,5 +1,6 @@
 //! containerd snapshot semantics, the metadata store and the snapshots gRPC service.
 
+pub mod client;
 mod error;
 pub mod filter;
 mod fsutil;

@@ -9,6 +9,7 @@
 
 pub mod containerd;
 pub mod image;
+pub mod lazysnapd;
 pub mod process;
 pub mod registry;
 

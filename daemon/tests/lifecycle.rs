@@ -1,0 +1,281 @@
+//! lazysnapd as a process: flags, config file, socket mode, lock, signals, bad requests.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use snapshotter::proto::snapshots as pb;
+use testkit::lazysnapd::Lazysnapd;
+use tonic::Code;
+
+const BIN: &str = env!("CARGO_BIN_EXE_lazysnapd");
+
+fn prepare(key: &str, parent: &str) -> pb::PrepareSnapshotRequest {
+    pb::PrepareSnapshotRequest {
+        snapshotter: "lazysnap".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: HashMap::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serves_on_flags_and_stops_cleanly_on_signals() {
+    let dir = tempfile::tempdir().unwrap();
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let mut daemon = Lazysnapd::start(Path::new(BIN), dir.path()).unwrap();
+        let mode = std::fs::metadata(&daemon.address)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o660, "socket mode {mode:o}");
+        let mut client = snapshotter::client::connect(&daemon.address).await.unwrap();
+        let mounts = client
+            .prepare(prepare(&format!("k{signal}"), ""))
+            .await
+            .unwrap();
+        assert_eq!(mounts.into_inner().mounts[0].r#type, "bind");
+        drop(client);
+        let status = daemon.signal_and_wait(signal).unwrap();
+        assert!(
+            status.success(),
+            "exit status {status} after signal {signal}"
+        );
+        assert!(
+            !daemon.address.exists(),
+            "socket left behind after signal {signal}"
+        );
+    }
+    // State survives the restarts.
+    let daemon = Lazysnapd::start(Path::new(BIN), dir.path()).unwrap();
+    let mut client = snapshotter::client::connect(&daemon.address).await.unwrap();
+    let list = client
+        .list(pb::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(list.info.len(), 2);
+}
+
+#[test]
+fn a_second_daemon_on_the_same_root_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Lazysnapd::start(Path::new(BIN), dir.path()).unwrap();
+    let out = Command::new(BIN)
+        .arg("--root")
+        .arg(&first.root)
+        .arg("--address")
+        .arg(dir.path().join("other.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("already using root"),
+        "unclear refusal: {stderr}"
+    );
+    assert!(stderr.contains(&first.pid().to_string()), "{stderr}");
+    // The first daemon's socket is untouched and still serves.
+    assert!(std::os::unix::net::UnixStream::connect(&first.address).is_ok());
+}
+
+#[test]
+fn a_second_daemon_on_the_same_socket_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Lazysnapd::start(Path::new(BIN), dir.path()).unwrap();
+    let out = Command::new(BIN)
+        .arg("--root")
+        .arg(dir.path().join("other-root"))
+        .arg("--address")
+        .arg(&first.address)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("in use"), "unclear refusal: {stderr}");
+    assert!(std::os::unix::net::UnixStream::connect(&first.address).is_ok());
+}
+
+#[test]
+fn config_file_sets_root_and_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("state");
+    let sock = dir.path().join("from-config.sock");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "root = \"{}\"\naddress = \"{}\"\nlog_level = \"debug\"\n",
+            root.display(),
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let up = testkit::wait_until(Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
+    testkit::process::send_signal(child.id(), libc::SIGTERM);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        up,
+        "no socket at the configured address: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success());
+    assert!(root.join("metadata.db").exists());
+    assert!(!sock.exists());
+    // log_level = "debug" took effect.
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("DEBUG")
+            || std::env::var_os("RUST_LOG").is_some()
+    );
+}
+
+#[test]
+fn a_bad_config_file_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "rooot = \"/tmp/x\"\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rooot"), "{stderr}");
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+}
+
+fn code<T>(r: Result<T, tonic::Status>) -> Code {
+    match r {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_the_codes_containerd_expects_and_never_kill_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Lazysnapd::start(Path::new(BIN), dir.path()).unwrap();
+    let mut c = snapshotter::client::connect(&daemon.address).await.unwrap();
+
+    assert_eq!(
+        code(c.prepare(prepare("", "")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(code(c.prepare(prepare("a", "nope")).await), Code::NotFound);
+    c.prepare(prepare("a", "")).await.unwrap();
+    assert_eq!(code(c.prepare(prepare("a", "")).await), Code::AlreadyExists);
+    assert_eq!(
+        code(c.prepare(prepare("b", "a")).await),
+        Code::InvalidArgument,
+        "parent not committed"
+    );
+    let commit = |name: &str, key: &str| pb::CommitSnapshotRequest {
+        name: name.into(),
+        key: key.into(),
+        ..Default::default()
+    };
+    c.commit(commit("base", "a")).await.unwrap();
+    assert_eq!(
+        code(c.commit(commit("base", "a")).await),
+        Code::AlreadyExists
+    );
+    assert_eq!(code(c.commit(commit("x", "missing")).await), Code::NotFound);
+    c.prepare(prepare("child", "base")).await.unwrap();
+    let view = pb::ViewSnapshotRequest {
+        key: "v".into(),
+        parent: "base".into(),
+        ..Default::default()
+    };
+    c.view(view).await.unwrap();
+    assert_eq!(
+        code(c.commit(commit("y", "v")).await),
+        Code::FailedPrecondition,
+        "views cannot be committed"
+    );
+    let remove = |key: &str| pb::RemoveSnapshotRequest {
+        key: key.into(),
+        ..Default::default()
+    };
+    let err = c.remove(remove("base")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("remove"), "{}", err.message());
+    let mounts = |key: &str| pb::MountsRequest {
+        key: key.into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(c.mounts(mounts("base")).await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(code(c.mounts(mounts("zzz")).await), Code::NotFound);
+    let stat = pb::StatSnapshotRequest {
+        key: "zzz".into(),
+        ..Default::default()
+    };
+    assert_eq!(code(c.stat(stat).await), Code::NotFound);
+    let update = pb::UpdateSnapshotRequest {
+        info: Some(pb::Info {
+            name: "base".into(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["parent".into()],
+        }),
+        ..Default::default()
+    };
+    assert_eq!(code(c.update(update).await), Code::InvalidArgument);
+    assert_eq!(
+        code(
+            c.update(pb::UpdateSnapshotRequest::default())
+                .await
+                .map(|_| ())
+        ),
+        Code::InvalidArgument
+    );
+    let list = pb::ListSnapshotsRequest {
+        filters: vec!["name==\"open".into()],
+        ..Default::default()
+    };
+    assert_eq!(code(c.list(list).await), Code::InvalidArgument);
+    let usage = pb::UsageRequest {
+        key: "zzz".into(),
+        ..Default::default()
+    };
+    assert_eq!(code(c.usage(usage).await), Code::NotFound);
+
+    // Garbage on the socket is dropped, not fatal.
+    {
+        use std::io::Write;
+        let mut raw = std::os::unix::net::UnixStream::connect(&daemon.address).unwrap();
+        let _ = raw.write_all(b"GET / HTTP/1.1\r\n\r\n\x00\x01garbage");
+    }
+    let mut c = snapshotter::client::connect(&daemon.address).await.unwrap();
+    let stat = pb::StatSnapshotRequest {
+        key: "base".into(),
+        ..Default::default()
+    };
+    let info = c.stat(stat).await.unwrap().into_inner().info.unwrap();
+    assert_eq!(info.kind, pb::Kind::Committed as i32);
+    assert!(daemon.log().contains("serving"), "daemon still up");
+}

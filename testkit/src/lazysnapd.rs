@@ -1,0 +1,108 @@
+//! A lazysnapd started by a test: own root and socket in a temp dir, stopped on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::process::ChildGuard;
+
+pub struct Lazysnapd {
+    pub root: PathBuf,
+    pub address: PathBuf,
+    binary: PathBuf,
+    log: PathBuf,
+    extra_args: Vec<String>,
+    process: Option<ChildGuard>,
+}
+
+impl Lazysnapd {
+    /// Starts `binary` (tests pass `env!("CARGO_BIN_EXE_lazysnapd")`) with its root and
+    /// socket under `dir`, and waits until the socket accepts connections.
+    pub fn start(binary: &Path, dir: &Path) -> anyhow::Result<Lazysnapd> {
+        Self::start_with_args(binary, dir, &[])
+    }
+
+    pub fn start_with_args(binary: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<Lazysnapd> {
+        std::fs::create_dir_all(dir)?;
+        let mut daemon = Lazysnapd {
+            root: dir.join("root"),
+            address: dir.join("lazysnap.sock"),
+            binary: binary.to_path_buf(),
+            log: dir.join("lazysnapd.log"),
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+            process: None,
+        };
+        daemon.restart()?;
+        Ok(daemon)
+    }
+
+    /// Starts the daemon again (after `stop` or `kill`) on the same root and socket.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.process.is_some() {
+            anyhow::bail!("lazysnapd is already running");
+        }
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--root")
+            .arg(&self.root)
+            .arg("--address")
+            .arg(&self.address)
+            .args(&self.extra_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+            );
+        let mut process = ChildGuard::spawn("lazysnapd", cmd, &self.log)?;
+        let address = self.address.clone();
+        let up = crate::wait_until(Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&address).is_ok()
+        });
+        process.check_running()?;
+        if !up {
+            anyhow::bail!(
+                "lazysnapd did not open {}; log:\n{}",
+                address.display(),
+                process.log_tail()
+            );
+        }
+        self.process = Some(process);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.as_ref().map_or(0, ChildGuard::pid)
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.signal_and_wait(libc::SIGTERM)
+    }
+
+    /// SIGKILL: the crash case.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.signal_and_wait(libc::SIGKILL).map(|_| ())
+    }
+
+    pub fn signal_and_wait(&mut self, signal: i32) -> anyhow::Result<std::process::ExitStatus> {
+        let mut process = self
+            .process
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("lazysnapd is not running"))?;
+        process.signal_and_wait(signal, Duration::from_secs(30))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Lazysnapd {
+    fn drop(&mut self) {
+        if self.process.is_some() {
+            let _ = self.stop();
+        }
+        // Whatever a crashed daemon left mounted under its root must not outlive the test.
+        for mount_point in crate::containerd::mounts_under(&self.root) {
+            crate::containerd::unmount_detach(&mount_point);
+        }
+    }
+}
