@@ -1,6 +1,8 @@
 //! SIGKILL in the middle of a stream of Prepare/Commit/Remove calls: after a restart the
 //! metadata and the directories on disk agree.
 
+#![allow(clippy::unwrap_used)] // a test that cannot go on should stop right there
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,5 +1,7 @@
 //! lazysnapd as a process: flags, config file, socket mode, lock, signals, bad requests.
 
+#![allow(clippy::unwrap_used)] // a test that cannot go on should stop right there
+
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
