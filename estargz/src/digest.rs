@@ -90,7 +90,11 @@ mod tests {
         assert_eq!(d.to_string().parse::<Digest>().unwrap(), d);
         assert!("sha512:00".parse::<Digest>().is_err());
         assert!("sha256:zz".parse::<Digest>().is_err());
-        assert!(format!("sha256:{}", "g".repeat(64)).parse::<Digest>().is_err());
+        assert!(
+            format!("sha256:{}", "g".repeat(64))
+                .parse::<Digest>()
+                .is_err()
+        );
         assert_eq!(Digest::of_zeros(10_000), Digest::of(&[0u8; 10_000]));
     }
 }

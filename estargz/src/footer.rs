@@ -112,12 +112,7 @@ fn check_skippable_header(tail: &[u8], data_len: u64, kind: &'static str) -> Res
     Ok(())
 }
 
-fn check_toc_range(
-    kind: &'static str,
-    toc_offset: u64,
-    toc_len: u64,
-    limit: u64,
-) -> Result<u64> {
+fn check_toc_range(kind: &'static str, toc_offset: u64, toc_len: u64, limit: u64) -> Result<u64> {
     if toc_offset < SKIPPABLE_HEADER_SIZE {
         return Err(Error::BadFooter {
             kind,
@@ -128,9 +123,7 @@ fn check_toc_range(
         Some(end) if end <= limit => Ok(end),
         _ => Err(Error::BadFooter {
             kind,
-            reason: format!(
-                "TOC range {toc_offset}+{toc_len} runs past the footer at {limit}"
-            ),
+            reason: format!("TOC range {toc_offset}+{toc_len} runs past the footer at {limit}"),
         }),
     }
 }
@@ -382,7 +375,7 @@ mod tests {
     #[test]
     fn bad_footers_are_rejected() {
         // Nothing recognisable.
-        let b = vec![7u8; 100];
+        let b = [7u8; 100];
         assert!(matches!(
             parse_footer(&b[28..], 100),
             Err(Error::NoFooter { .. })

@@ -125,7 +125,8 @@ impl<'a> EntryRef<'a> {
     }
     /// Base name; empty for the root.
     pub fn name(&self) -> &'a str {
-        self.index.str_at(self.node.name_off, self.node.name_len as u32)
+        self.index
+            .str_at(self.node.name_off, self.node.name_len as u32)
     }
     pub fn kind(&self) -> EntryKind {
         self.node.kind
@@ -286,7 +287,10 @@ impl Index {
                 continue;
             }
             if EntryKind::from_toc(&e.kind).is_none() {
-                return Err(Error::bad_entry(&e.name, format!("unknown type {:?}", e.kind)));
+                return Err(Error::bad_entry(
+                    &e.name,
+                    format!("unknown type {:?}", e.kind),
+                ));
             }
             let path = normalize_path(&e.name)?;
             let tmp = TmpFile {
@@ -327,7 +331,10 @@ impl Index {
         drop(known);
         for f in &files {
             if f.path.is_empty() && toc.entries[f.entry].kind != "dir" {
-                return Err(Error::bad_entry(&toc.entries[f.entry].name, "root is not a directory"));
+                return Err(Error::bad_entry(
+                    &toc.entries[f.entry].name,
+                    "root is not a directory",
+                ));
             }
         }
         // 3. Sort by (parent path, name) so each directory's children are contiguous and
@@ -437,10 +444,8 @@ impl Index {
         // 5. Chunks: compressed ends and overlap checks need all of them at once.
         idx.place_chunks(raw_chunks, payload_end)?;
         // 6. Hardlinks point at the node of their (non-directory) target.
-        let link_of: HashMap<u32, &str> = hardlinks
-            .iter()
-            .map(|(id, t)| (*id, t.as_str()))
-            .collect();
+        let link_of: HashMap<u32, &str> =
+            hardlinks.iter().map(|(id, t)| (*id, t.as_str())).collect();
         for (id, target) in &hardlinks {
             let path = idx.path_of(NodeId(*id));
             let mut target: &str = target;
@@ -530,8 +535,8 @@ impl Index {
             }
             EntryKind::Dir | EntryKind::Fifo => {}
         }
-        let count = u16::try_from(e.xattrs.len())
-            .map_err(|_| Error::bad_entry(path, "too many xattrs"))?;
+        let count =
+            u16::try_from(e.xattrs.len()).map_err(|_| Error::bad_entry(path, "too many xattrs"))?;
         for (k, v) in &e.xattrs {
             let value = base64::engine::general_purpose::STANDARD
                 .decode(v)
@@ -565,13 +570,16 @@ impl Index {
         self.chunks.reserve_exact(total);
         for (id, raw) in files {
             let path = self.path_of(NodeId(id));
-            let first = u32::try_from(self.chunks.len())
-                .map_err(|_| Error::bad_toc("too many chunks"))?;
+            let first =
+                u32::try_from(self.chunks.len()).map_err(|_| Error::bad_toc("too many chunks"))?;
             for c in &raw {
                 if c.offset >= payload_end {
                     return Err(Error::bad_entry(
                         &path,
-                        format!("chunk offset {} is not before the TOC at {payload_end}", c.offset),
+                        format!(
+                            "chunk offset {} is not before the TOC at {payload_end}",
+                            c.offset
+                        ),
                     ));
                 }
                 let natural = next_start(c.offset);
@@ -579,7 +587,10 @@ impl Index {
                     Some(e) if e > natural => {
                         return Err(Error::bad_entry(
                             &path,
-                            format!("chunk range {}..{e} overlaps the member at {natural}", c.offset),
+                            format!(
+                                "chunk range {}..{e} overlaps the member at {natural}",
+                                c.offset
+                            ),
                         ));
                     }
                     Some(e) if e <= c.offset => {
@@ -766,7 +777,11 @@ fn file_chunks(
         let declared = nonneg_u64(e.chunk_size, path, "chunkSize")?;
         let rest = size - file_offset;
         // eStargz writes chunkSize 0 for "to the end of the file".
-        let csize = if declared == 0 && last { rest } else { declared };
+        let csize = if declared == 0 && last {
+            rest
+        } else {
+            declared
+        };
         if csize == 0 || csize > rest {
             return Err(Error::bad_entry(
                 path,
@@ -792,7 +807,10 @@ fn file_chunks(
             "" => false,
             "zeros" => true,
             other => {
-                return Err(Error::bad_entry(path, format!("unknown chunkType {other:?}")));
+                return Err(Error::bad_entry(
+                    path,
+                    format!("unknown chunkType {other:?}"),
+                ));
             }
         };
         if let Some(prev) = out.last()
@@ -906,19 +924,21 @@ mod tests {
         assert_eq!(idx.path_of(f), "a/b/f");
         assert_eq!(idx.entry(idx.lookup("a").unwrap()).mode(), 0o700);
         // Implicit "a/b" and "c" directories exist.
-        assert_eq!(idx.entry(idx.lookup("/a/b").unwrap_or(NodeId(999))).kind(), EntryKind::Dir);
+        assert_eq!(
+            idx.entry(idx.lookup("/a/b").unwrap_or(NodeId(999))).kind(),
+            EntryKind::Dir
+        );
         let hl = idx.lookup("c/hl").unwrap();
         assert_eq!(idx.resolve(hl), f);
         assert_eq!(
             idx.entry(idx.lookup("c/sym").unwrap()).symlink_target(),
             Some("../a")
         );
-        assert_eq!(idx.entry(idx.lookup("dev/null").unwrap()).device(), Some((1, 3)));
-        let names: Vec<&str> = idx
-            .root()
-            .children()
-            .map(|c| idx.entry(c).name())
-            .collect();
+        assert_eq!(
+            idx.entry(idx.lookup("dev/null").unwrap()).device(),
+            Some((1, 3))
+        );
+        let names: Vec<&str> = idx.root().children().map(|c| idx.entry(c).name()).collect();
         assert_eq!(names, ["a", "c", "dev"]);
         assert!(idx.lookup("a/nope").is_none());
         assert!(idx.lookup("../a").is_none());
@@ -953,7 +973,11 @@ mod tests {
         assert_eq!((cs[0].comp_end, cs[1].size), (200, 6));
 
         for (what, t, end) in [
-            ("sizes do not add up", toc(vec![first(4), chunk(200, 4, 3)]), 1000),
+            (
+                "sizes do not add up",
+                toc(vec![first(4), chunk(200, 4, 3)]),
+                1000,
+            ),
             ("gap", toc(vec![first(4), chunk(200, 5, 0)]), 1000),
             ("out of blob", toc(vec![first(4), chunk(2000, 4, 0)]), 1000),
             ("backwards", toc(vec![first(4), chunk(50, 4, 0)]), 1000),
@@ -1011,6 +1035,11 @@ mod tests {
         assert!(per_entry < 200.0, "{per_entry} bytes per entry");
         let f = idx.lookup("usr/share/dir007/file-000507.txt").unwrap();
         assert_eq!(idx.entry(f).size(), 1000);
-        assert_eq!(idx.entry(idx.lookup("usr/share/dir007").unwrap()).children().count(), 999);
+        assert_eq!(
+            idx.entry(idx.lookup("usr/share/dir007").unwrap())
+                .children()
+                .count(),
+            999
+        );
     }
 }

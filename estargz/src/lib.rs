@@ -11,7 +11,11 @@ mod footer;
 mod index;
 mod reader;
 mod tar;
+mod tarsplit;
+#[cfg(test)]
+mod tests;
 mod toc;
+mod writer;
 
 pub use blob::{BlobError, BlobErrorKind, BlobFuture, BlobReader, VecBlob};
 pub use chunk::{decompress_chunk, decompress_chunk_window};
@@ -27,4 +31,10 @@ pub use reader::{Layer, OpenOptions, ParsedToc, parse_toc};
 pub use toc::{
     LANDMARK_CONTENTS, MAX_TOC_SIZE, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME,
     Timestamp, Toc, TocEntry,
+};
+pub use writer::{
+    LEGACY_MANIFEST_CHECKSUM_ANNOTATION, LEGACY_MANIFEST_POSITION_ANNOTATION,
+    MANIFEST_CHECKSUM_ANNOTATION, MANIFEST_POSITION_ANNOTATION, OutputFormat,
+    TARSPLIT_POSITION_ANNOTATION, TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, WriteOutput,
+    WriterOptions, convert,
 };

@@ -212,6 +212,10 @@ impl Layer {
     pub fn footer(&self) -> &Footer {
         &self.footer
     }
+    /// The blob the layer reads from, for callers that fetch chunks themselves.
+    pub fn blob(&self) -> &Arc<dyn BlobReader> {
+        &self.blob
+    }
     pub fn blob_size(&self) -> u64 {
         self.blob_size
     }
@@ -238,7 +242,12 @@ impl Layer {
     }
 
     /// Decompresses and verifies one chunk of entry `id` from its compressed bytes.
-    pub fn decompress_chunk(&self, id: NodeId, chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>> {
+    pub fn decompress_chunk(
+        &self,
+        id: NodeId,
+        chunk: &Chunk,
+        compressed: &[u8],
+    ) -> Result<Vec<u8>> {
         let path = self.index.path_of(id);
         crate::chunk::decompress_chunk(self.footer.format, &path, chunk, compressed)
     }
@@ -268,7 +277,13 @@ impl Layer {
             if chunks[i].zeros {
                 let c = &chunks[i];
                 let window = offset.saturating_sub(c.file_offset)..end - c.file_offset;
-                out.extend(decompress_chunk_window(self.format(), &path, c, &[], window)?);
+                out.extend(decompress_chunk_window(
+                    self.format(),
+                    &path,
+                    c,
+                    &[],
+                    window,
+                )?);
                 i += 1;
                 continue;
             }

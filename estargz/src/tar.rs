@@ -32,10 +32,6 @@ pub(crate) struct TarHeader {
 }
 
 impl TarHeader {
-    pub fn is_reg(&self) -> bool {
-        matches!(self.typeflag, b'0' | 0 | b'7')
-    }
-
     /// Bytes of padding after the payload, to the next block boundary.
     pub fn padding(&self) -> u64 {
         (BLOCK as u64 - self.size % BLOCK as u64) % BLOCK as u64
@@ -162,9 +158,7 @@ fn parse_pax(data: &[u8], offset: u64, p: &mut Pending) -> Result<()> {
             "path" => p.path = Some(text()?),
             "linkpath" => p.link = Some(text()?),
             "size" => {
-                p.size = Some(
-                    u64::try_from(int()?).map_err(|_| bad(offset, "negative PAX size"))?,
-                )
+                p.size = Some(u64::try_from(int()?).map_err(|_| bad(offset, "negative PAX size"))?)
             }
             "uid" => p.uid = Some(int()?),
             "gid" => p.gid = Some(int()?),

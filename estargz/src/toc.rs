@@ -57,7 +57,11 @@ pub struct TocEntry {
     pub gid: i64,
     #[serde(rename = "userName", default, skip_serializing_if = "String::is_empty")]
     pub user_name: String,
-    #[serde(rename = "groupName", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "groupName",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub group_name: String,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub offset: i64,
@@ -76,9 +80,17 @@ pub struct TocEntry {
     pub chunk_offset: i64,
     #[serde(rename = "chunkSize", default, skip_serializing_if = "is_zero")]
     pub chunk_size: i64,
-    #[serde(rename = "chunkDigest", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "chunkDigest",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub chunk_digest: String,
-    #[serde(rename = "chunkType", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "chunkType",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub chunk_type: String,
     #[serde(rename = "innerOffset", default, skip_serializing_if = "is_zero")]
     pub inner_offset: i64,
@@ -141,8 +153,7 @@ impl Timestamp {
     pub fn parse_rfc3339(s: &str) -> Result<Self> {
         let bad = || Error::bad_toc(format!("bad RFC 3339 time {s:?}"));
         let b = s.as_bytes();
-        if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ')
-        {
+        if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
             return Err(bad());
         }
         let num = |r: std::ops::Range<usize>| -> Result<i64> {
