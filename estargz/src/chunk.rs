@@ -11,6 +11,9 @@ use crate::error::{Error, Result};
 use crate::footer::Format;
 use crate::index::Chunk;
 
+/// Largest buffer reserved up front for a read, whatever sizes the TOC claims.
+pub(crate) const PREALLOC_LIMIT: u64 = 16 << 20;
+
 /// A decoder for exactly one gzip member or one zstd frame.
 pub(crate) fn member_reader<'a>(
     format: Format,
@@ -58,14 +61,16 @@ pub fn decompress_chunk_window(
 ) -> Result<Vec<u8>> {
     let window = window.start.min(chunk.size)..window.end.min(chunk.size);
     let what = || format!("chunk of {path:?} at file offset {}", chunk.file_offset);
-    let mut out = Vec::with_capacity(window.end.saturating_sub(window.start) as usize);
+    let window_len = window.end.saturating_sub(window.start);
+    // Sizes come from the TOC: reserve a bounded amount and let real data grow the rest.
+    let mut out = Vec::with_capacity(window_len.min(PREALLOC_LIMIT) as usize);
     let mut hasher = Sha256::new();
     if chunk.zeros {
         // zstd:chunked holes: no need to fetch or inflate; still check the digest so a
         // lying TOC cannot make us return zeros for real data.
         let actual = Digest::of_zeros(chunk.size);
         check(path, chunk, actual)?;
-        out.resize(window.end.saturating_sub(window.start) as usize, 0);
+        out.resize(window_len as usize, 0);
         return Ok(out);
     }
     let need = chunk.comp_len() as usize;

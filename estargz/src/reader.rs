@@ -192,6 +192,17 @@ impl Layer {
         }
         let compressed = read_exact(&*blob, footer.toc_offset, footer.toc_compressed_size).await?;
         let parsed = parse_toc(&footer, &compressed, opts)?;
+        Layer::from_parts(blob, blob_size, footer, &parsed)
+    }
+
+    /// Builds a layer from a footer and TOC obtained elsewhere (a local cache of a TOC
+    /// fetched and verified earlier), without reading the blob.
+    pub fn from_parts(
+        blob: Arc<dyn BlobReader>,
+        blob_size: u64,
+        footer: Footer,
+        parsed: &ParsedToc,
+    ) -> Result<Layer> {
         let index = Index::from_toc(&parsed.toc, footer.payload_end, footer.format)?;
         Ok(Layer {
             blob,
@@ -271,7 +282,9 @@ impl Layer {
         }
         let end = offset.saturating_add(len).min(e.size());
         let chunks = self.chunks_for_range(target, offset, len);
-        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        let mut out = Vec::with_capacity(
+            end.saturating_sub(offset).min(crate::chunk::PREALLOC_LIMIT) as usize,
+        );
         let mut i = 0;
         while i < chunks.len() {
             if chunks[i].zeros {
