@@ -735,6 +735,11 @@ impl Index {
         &self.chunks
     }
 
+    /// Average heap bytes per entry, root included.
+    pub fn bytes_per_entry(&self) -> f64 {
+        self.heap_bytes() as f64 / self.nodes.len().max(1) as f64
+    }
+
     /// Heap bytes held by the index.
     pub fn heap_bytes(&self) -> usize {
         self.nodes.capacity() * std::mem::size_of::<Node>()
@@ -1030,7 +1035,8 @@ mod tests {
         }
         let t = toc(entries);
         let idx = Index::from_toc(&t, 100 + n as u64 * 600, Format::Estargz).unwrap();
-        let per_entry = idx.heap_bytes() as f64 / idx.len() as f64;
+        let per_entry = idx.bytes_per_entry();
+        assert_eq!(per_entry, idx.heap_bytes() as f64 / idx.len() as f64);
         eprintln!("index: {} entries, {per_entry:.1} bytes/entry", idx.len());
         assert!(per_entry < 200.0, "{per_entry} bytes per entry");
         let f = idx.lookup("usr/share/dir007/file-000507.txt").unwrap();

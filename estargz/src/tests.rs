@@ -769,3 +769,51 @@ fn mutated_blobs_never_panic_or_return_wrong_data() {
         }
     }
 }
+
+#[test]
+fn output_does_not_depend_on_the_thread_count() {
+    let input = sample_tar();
+    for format in [OutputFormat::Estargz, OutputFormat::ZstdChunked] {
+        let mut outs = Vec::new();
+        for threads in [1, 3] {
+            let opts = WriterOptions {
+                format,
+                chunk_size: CHUNK,
+                compression_level: Some(1),
+                threads,
+                ..Default::default()
+            };
+            let mut blob = Vec::new();
+            let res = convert(&input[..], &mut blob, &opts).unwrap();
+            outs.push((blob, res.blob_digest));
+        }
+        assert_eq!(outs[0], outs[1], "{format:?}");
+    }
+}
+
+/// A writer that fails after some bytes: the conversion reports it instead of hanging.
+#[test]
+fn a_failing_output_is_reported() {
+    struct Failing(usize);
+    impl std::io::Write for Failing {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.0 < buf.len() {
+                return Err(std::io::Error::other("disk full"));
+            }
+            self.0 -= buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let input = sample_tar();
+    let opts = WriterOptions {
+        chunk_size: CHUNK,
+        compression_level: Some(1),
+        threads: 2,
+        ..Default::default()
+    };
+    let err = convert(&input[..], Failing(100_000), &opts).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+}
