@@ -130,6 +130,18 @@ fn same_registry(key: &str, host: &str) -> bool {
     k == host || (is_hub(k) && is_hub(host))
 }
 
+/// Where docker keeps its config: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+fn default_path(
+    docker_config: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> Option<PathBuf> {
+    let dir = match docker_config.filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(home.filter(|h| !h.is_empty())?).join(".docker"),
+    };
+    Some(dir.join("config.json"))
+}
+
 #[derive(Deserialize, Default, Clone)]
 struct AuthEntry {
     #[serde(default)]
@@ -178,14 +190,10 @@ impl DockerConfig {
     /// `$DOCKER_CONFIG/config.json`, else `$HOME/.docker/config.json`; a missing file
     /// means no credentials.
     pub fn load_default() -> Result<Self> {
-        let dir = match std::env::var_os("DOCKER_CONFIG") {
-            Some(dir) => PathBuf::from(dir),
-            None => match std::env::var_os("HOME") {
-                Some(home) => PathBuf::from(home).join(".docker"),
-                None => return Ok(Self::empty()),
-            },
-        };
-        Self::load(&dir.join("config.json"))
+        match default_path(std::env::var_os("DOCKER_CONFIG"), std::env::var_os("HOME")) {
+            Some(path) => Self::load(&path),
+            None => Ok(Self::empty()),
+        }
     }
 
     /// Reads `path`; a missing file means no credentials.
@@ -742,6 +750,23 @@ esac"#,
                 "get nothing.example"
             ]
         );
+    }
+
+    #[test]
+    fn default_config_location() {
+        assert_eq!(
+            default_path(Some("/etc/dc".into()), Some("/home/u".into())),
+            Some(PathBuf::from("/etc/dc/config.json"))
+        );
+        assert_eq!(
+            default_path(None, Some("/home/u".into())),
+            Some(PathBuf::from("/home/u/.docker/config.json"))
+        );
+        assert_eq!(
+            default_path(Some("".into()), Some("/root".into())),
+            Some(PathBuf::from("/root/.docker/config.json"))
+        );
+        assert_eq!(default_path(None, None), None);
     }
 
     #[test]

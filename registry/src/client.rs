@@ -75,8 +75,12 @@ pub(crate) struct Sent {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the whole config: configured headers may carry tokens.
         f.debug_struct("Client")
-            .field("config", &self.inner.config)
+            .field(
+                "hosts",
+                &self.inner.config.resolver.host.keys().collect::<Vec<_>>(),
+            )
             .field("platform", &self.inner.platform)
             .finish_non_exhaustive()
     }
@@ -927,6 +931,28 @@ plain_http = false
         assert_eq!(plain_loop[0].base, "http://localhost:5000/v2");
         let other = client.endpoints("ghcr.io", true).unwrap();
         assert_eq!(other[0].base, "https://ghcr.io/v2");
+    }
+
+    #[test]
+    fn connection_limits_are_per_host_and_shared() {
+        let mut config: RegistryConfig = toml::from_str(
+            r#"
+[resolver.host."a.example"]
+max_concurrent_requests = 3
+header = { "Authorization" = "Bearer configured-secret" }
+"#,
+        )
+        .unwrap();
+        config.http.max_concurrent_requests = 7;
+        let client = Client::new(config).unwrap();
+        let a = client.endpoints("a.example", true).unwrap();
+        assert_eq!(a[0].limiter.available_permits(), 3);
+        let b = client.endpoints("b.example", true).unwrap();
+        assert_eq!(b[0].limiter.available_permits(), 7);
+        // Pull and push endpoints of one host count against the same limit.
+        let a_push = client.endpoints("a.example", false).unwrap();
+        assert!(Arc::ptr_eq(&a[0].limiter, &a_push[0].limiter));
+        assert!(!format!("{client:?}").contains("configured-secret"));
     }
 
     #[test]

@@ -1,0 +1,200 @@
+//! The bearer-token flow against a token server of ours: challenge, token fetch with basic
+//! credentials, reuse until expiry, refresh on 401, refusal without leaking secrets.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use base64::Engine as _;
+use common::{FakeServer, Reply, Request, pseudo_random, serve_blob};
+use registry::{
+    Client, Credentials, Digest, Error, RegistryConfig, RemoteBlob, Repository, StaticCredentials,
+};
+
+const REPO: &str = "secure/app";
+
+struct TokenRegistry {
+    server: FakeServer,
+    valid: Arc<Mutex<HashSet<String>>>,
+    expires_in: Arc<AtomicU64>,
+}
+
+impl TokenRegistry {
+    async fn start(blob: Vec<u8>, allow_anonymous: bool) -> Self {
+        let me: Arc<OnceLock<String>> = Arc::default();
+        let valid: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let expires_in = Arc::new(AtomicU64::new(300));
+        let issued = Arc::new(AtomicUsize::new(0));
+        let (me2, valid2, exp2) = (me.clone(), valid.clone(), expires_in.clone());
+        let good_auth = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("alice:wonder land:pw")
+        );
+        let server = FakeServer::start(move |req: &Request, _| {
+            if req.path() == "/token" {
+                assert_eq!(req.query("service"), ["fake-registry"]);
+                match req.header("authorization") {
+                    Some(a) if a == good_auth => {}
+                    None if allow_anonymous => {}
+                    _ => return Reply::with(401, &[], r#"{"details":"bad credentials"}"#),
+                }
+                let n = issued.fetch_add(1, Ordering::SeqCst);
+                let token = format!("tok-{n}-{}", req.query("scope").join("+"));
+                valid2.lock().expect("lock").insert(token.clone());
+                let body = serde_json::json!({"token": token, "expires_in": exp2.load(Ordering::SeqCst)});
+                return Reply::with(200, &[("Content-Type", "application/json")], body.to_string());
+            }
+            let authorised = req
+                .header("authorization")
+                .and_then(|a| a.strip_prefix("Bearer "))
+                .is_some_and(|t| valid2.lock().expect("lock").contains(t));
+            if !authorised {
+                let challenge = format!(
+                    "Bearer realm=\"http://{}/token\",service=\"fake-registry\",scope=\"repository:{REPO}:pull\"",
+                    me2.get().expect("address set")
+                );
+                return Reply::with(401, &[("WWW-Authenticate", challenge.as_str())], "");
+            }
+            serve_blob(req, &blob, true)
+        })
+        .await;
+        me.set(server.host.clone()).expect("set once");
+        Self {
+            server,
+            valid,
+            expires_in,
+        }
+    }
+
+    fn token_requests(&self) -> Vec<Request> {
+        self.server
+            .requests()
+            .into_iter()
+            .filter(|r| r.path() == "/token")
+            .collect()
+    }
+
+    /// Requests to /v2/ sent without any credentials (each one got a challenge).
+    fn challenges(&self) -> usize {
+        self.server
+            .count(|r| r.path().starts_with("/v2/") && r.header("authorization").is_none())
+    }
+}
+
+fn client_with(creds: Option<Credentials>, host: &str) -> Client {
+    let mut config = RegistryConfig::default();
+    config.http.max_retries = 1;
+    config.http.min_wait_msec = 10;
+    let client = Client::new(config).expect("client");
+    match creds {
+        Some(c) => {
+            client.with_credentials(Arc::new(StaticCredentials([(host.to_string(), c)].into())))
+        }
+        None => client,
+    }
+}
+
+#[tokio::test]
+async fn tokens_are_fetched_reused_and_refreshed() {
+    let data = pseudo_random(10_000, 1);
+    let reg = TokenRegistry::start(data.clone(), false).await;
+    let client = client_with(
+        Some(Credentials::new("alice", "wonder land:pw")),
+        &reg.server.host,
+    );
+    let blob = RemoteBlob::new(
+        client.clone(),
+        Repository::new(reg.server.host.clone(), REPO),
+        Digest::sha256_of(&data),
+        data.len() as u64,
+    );
+    for i in 0..3u64 {
+        let got = blob.read(i * 100, 50).await.expect("read");
+        assert_eq!(&got[..], &data[(i * 100) as usize..(i * 100 + 50) as usize]);
+    }
+    // One challenge, one token, reused for every read.
+    assert_eq!(reg.challenges(), 1);
+    let tokens = reg.token_requests();
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(
+        tokens[0].query("scope"),
+        [format!("repository:{REPO}:pull")]
+    );
+
+    // The registry forgets the token: the client gets a 401, fetches a new one, goes on.
+    reg.valid.lock().expect("lock").clear();
+    let got = blob.read(5000, 10).await.expect("refreshed");
+    assert_eq!(&got[..], &data[5000..5010]);
+    assert_eq!(reg.token_requests().len(), 2);
+
+    // Push scopes are separate tokens.
+    let repo = Repository::new(reg.server.host.clone(), REPO);
+    let exists = client
+        .blob_exists(&repo, &Digest::sha256_of(&data))
+        .await
+        .expect("head");
+    assert_eq!(exists, Some(data.len() as u64));
+    let last = reg.token_requests().pop().expect("token request");
+    assert_eq!(
+        last.query("scope"),
+        [format!("repository:{REPO}:pull,push")]
+    );
+}
+
+#[tokio::test]
+async fn expired_tokens_are_not_reused() {
+    let data = pseudo_random(1000, 2);
+    let reg = TokenRegistry::start(data.clone(), false).await;
+    reg.expires_in.store(0, Ordering::SeqCst);
+    let client = client_with(
+        Some(Credentials::new("alice", "wonder land:pw")),
+        &reg.server.host,
+    );
+    let blob = RemoteBlob::new(
+        client,
+        Repository::new(reg.server.host.clone(), REPO),
+        Digest::sha256_of(&data),
+        1000,
+    );
+    for _ in 0..3 {
+        blob.read(0, 10).await.expect("read");
+    }
+    // A token that expires at once is fetched anew for each request, without new 401s.
+    assert_eq!(reg.token_requests().len(), 3);
+    assert_eq!(reg.challenges(), 1);
+}
+
+#[tokio::test]
+async fn anonymous_tokens_and_refused_credentials() {
+    let data = pseudo_random(1000, 3);
+    let open = TokenRegistry::start(data.clone(), true).await;
+    let client = client_with(None, &open.server.host);
+    let blob = RemoteBlob::new(
+        client,
+        Repository::new(open.server.host.clone(), REPO),
+        Digest::sha256_of(&data),
+        1000,
+    );
+    assert_eq!(&blob.read(0, 1000).await.expect("anonymous")[..], &data[..]);
+    assert!(open.token_requests()[0].header("authorization").is_none());
+
+    let closed = TokenRegistry::start(data.clone(), false).await;
+    let client = client_with(
+        Some(Credentials::new("alice", "not-the-password")),
+        &closed.server.host,
+    );
+    let repo = Repository::new(closed.server.host.clone(), REPO);
+    let err = client
+        .blob_size(&repo, &Digest::sha256_of(&data))
+        .await
+        .expect_err("refused");
+    let text = format!("{err} {err:?}");
+    assert!(matches!(err, Error::Unauthorized { .. }), "{text}");
+    assert!(
+        text.contains("token service refused") && text.contains(&closed.server.host),
+        "{text}"
+    );
+    assert!(!text.contains("not-the-password"), "{text}");
+}
