@@ -33,6 +33,22 @@ impl TokenRegistry {
             base64::engine::general_purpose::STANDARD.encode("alice:wonder land:pw")
         );
         let server = FakeServer::start(move |req: &Request, _| {
+            if req.path() == "/token" && req.method == "POST" {
+                // OAuth2 refresh-token grant, for docker's identity tokens.
+                let form = String::from_utf8_lossy(&req.body).into_owned();
+                let fields: Vec<(&str, &str)> = form.split('&').filter_map(|kv| kv.split_once('=')).collect();
+                let get = |k: &str| fields.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
+                if get("grant_type") != Some("refresh_token")
+                    || get("refresh_token") != Some("refresh-xyz")
+                    || get("service") != Some("fake-registry")
+                {
+                    return Reply::with(401, &[], "");
+                }
+                let token = format!("oauth-{}", issued.fetch_add(1, Ordering::SeqCst));
+                valid2.lock().expect("lock").insert(token.clone());
+                let body = serde_json::json!({"access_token": token, "expires_in": 300});
+                return Reply::with(200, &[("Content-Type", "application/json")], body.to_string());
+            }
             if req.path() == "/token" {
                 assert_eq!(req.query("service"), ["fake-registry"]);
                 match req.header("authorization") {
@@ -197,4 +213,25 @@ async fn anonymous_tokens_and_refused_credentials() {
         "{text}"
     );
     assert!(!text.contains("not-the-password"), "{text}");
+}
+
+#[tokio::test]
+async fn identity_tokens_use_the_oauth2_refresh_grant() {
+    let data = pseudo_random(1000, 4);
+    let reg = TokenRegistry::start(data.clone(), false).await;
+    let client = client_with(
+        Some(Credentials::identity_token("refresh-xyz")),
+        &reg.server.host,
+    );
+    let blob = RemoteBlob::new(
+        client,
+        Repository::new(reg.server.host.clone(), REPO),
+        Digest::sha256_of(&data),
+        1000,
+    );
+    assert_eq!(&blob.read(0, 100).await.expect("read")[..], &data[..100]);
+    let tokens = reg.token_requests();
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(tokens[0].method, "POST");
+    assert!(tokens[0].header("authorization").is_none());
 }
