@@ -515,6 +515,8 @@ struct HostAuth {
 #[derive(Default)]
 pub(crate) struct AuthCache {
     hosts: Mutex<HashMap<String, HostAuth>>,
+    /// Held while a token is fetched.
+    pub(crate) fetch_lock: tokio::sync::Mutex<()>,
 }
 
 /// Most hosts a client talks to; past it, state of the least useful is dropped.

@@ -328,7 +328,7 @@ impl Client {
             .map_err(|_| Error::Config("connection limiter closed".into()))?;
         let scope_key = req.scopes.map(|s| s.join(" "));
         let mut auth = match req.scopes {
-            Some(scopes) => self.auth_header(ep, target, scopes, false).await?,
+            Some(scopes) => self.auth_header(ep, target, scopes, None).await?,
             None => None,
         };
         let mut resp = self
@@ -344,9 +344,6 @@ impl Client {
                 .filter_map(|v| v.to_str().ok())
                 .flat_map(parse_challenges)
                 .collect();
-            if let Some(key) = &scope_key {
-                self.inner.auth.drop_token(&ep.host, key);
-            }
             let learnt = self.learn_scheme(ep, &challenges);
             if !learnt {
                 return Err(Error::Unauthorized {
@@ -355,7 +352,10 @@ impl Client {
                 });
             }
             drop(resp);
-            auth = self.auth_header(ep, target, scopes, true).await?;
+            let rejected = auth.take();
+            auth = self
+                .auth_header(ep, target, scopes, rejected.as_deref())
+                .await?;
             if auth.is_none() {
                 return Err(Error::Unauthorized {
                     target: target.clone(),
@@ -471,13 +471,14 @@ impl Client {
     }
 
     /// The Authorization value for a request, fetching a token when the host wants one.
-    /// Before the host's scheme is known (first request) nothing is sent.
+    /// Before the host's scheme is known (first request) nothing is sent. `rejected` is
+    /// what the host just refused, so that it is not offered again.
     async fn auth_header(
         &self,
         ep: &Endpoint,
         target: &Target,
         scopes: &[String],
-        after_challenge: bool,
+        rejected: Option<&str>,
     ) -> Result<Option<String>> {
         let Some(scheme) = self.inner.auth.scheme(&ep.host) else {
             return Ok(None);
@@ -492,8 +493,14 @@ impl Client {
                 .map(|c| c.basic_header())),
             Scheme::Bearer { realm, service } => {
                 let key = scopes.join(" ");
-                if !after_challenge && let Some(token) = self.inner.auth.token(&ep.host, &key) {
-                    return Ok(Some(format!("Bearer {token}")));
+                // One fetch at a time: concurrent misses (a burst of first reads) wait
+                // and then share the token the first one got.
+                let _fetching = self.inner.auth.fetch_lock.lock().await;
+                if let Some(token) = self.inner.auth.token(&ep.host, &key) {
+                    let value = format!("Bearer {token}");
+                    if rejected != Some(value.as_str()) {
+                        return Ok(Some(value));
+                    }
                 }
                 let (token, lifetime) = self
                     .fetch_token(ep, target, &realm, service.as_deref(), scopes)

@@ -235,3 +235,30 @@ async fn identity_tokens_use_the_oauth2_refresh_grant() {
     assert_eq!(tokens[0].method, "POST");
     assert!(tokens[0].header("authorization").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_reads_share_one_token() {
+    let data = pseudo_random(10_000, 5);
+    let reg = TokenRegistry::start(data.clone(), false).await;
+    let client = client_with(
+        Some(Credentials::new("alice", "wonder land:pw")),
+        &reg.server.host,
+    );
+    let blob = Arc::new(RemoteBlob::new(
+        client,
+        Repository::new(reg.server.host.clone(), REPO),
+        Digest::sha256_of(&data),
+        data.len() as u64,
+    ));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..8u64 {
+        let blob = blob.clone();
+        tasks.spawn(async move { (i, blob.read(i * 1000, 100).await) });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let (i, got) = done.expect("task");
+        let start = (i * 1000) as usize;
+        assert_eq!(&got.expect("read")[..], &data[start..start + 100]);
+    }
+    assert_eq!(reg.token_requests().len(), 1);
+}
