@@ -568,7 +568,8 @@ impl AuthCache {
 /// is kept so that a token is not sent in its last seconds.
 pub(crate) fn token_lifetime(expires_in: Option<u64>) -> Duration {
     // The distribution spec: a token without expires_in lasts 60 seconds.
-    let secs = expires_in.unwrap_or(60);
+    // Capped at a day: a huge expires_in must not overflow Instant arithmetic.
+    let secs = expires_in.unwrap_or(60).min(86_400);
     let margin = (secs / 10).min(30);
     Duration::from_secs(secs.saturating_sub(margin))
 }
@@ -636,6 +637,7 @@ mod tests {
         assert_eq!(token_lifetime(Some(300)), Duration::from_secs(270));
         assert_eq!(token_lifetime(Some(3600)), Duration::from_secs(3570));
         assert_eq!(token_lifetime(Some(0)), Duration::ZERO);
+        assert_eq!(token_lifetime(Some(u64::MAX)), Duration::from_secs(86_370));
     }
 
     fn block_on<F: Future>(f: F) -> F::Output {

@@ -196,7 +196,8 @@ impl Client {
             }
             _ => return Err(status_error(resp, &target, "downloading blob").await),
         };
-        let expected_total = content_length(resp.headers()).map(|l| l + state.written - skip);
+        let expected_total = content_length(resp.headers())
+            .map(|l| l.saturating_add(state.written).saturating_sub(skip));
         while let Some(chunk) = resp
             .chunk()
             .await
@@ -314,7 +315,8 @@ pub fn parse_content_range(value: &str) -> Option<ContentRange> {
         "*" => None,
         t => Some(t.parse().ok()?),
     };
-    if end < start || total.is_some_and(|t| end >= t) {
+    // end == u64::MAX would overflow every length computed from it.
+    if end < start || end == u64::MAX || total.is_some_and(|t| end >= t) {
         return None;
     }
     Some(ContentRange { start, end, total })
@@ -904,6 +906,7 @@ mod tests {
         );
         for bad in [
             "bytes 10-5/100",
+            "bytes 0-18446744073709551615/*",
             "bytes 0-100/100",
             "items 0-1/2",
             "bytes */100",
