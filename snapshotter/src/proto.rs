@@ -1,5 +1,11 @@
 //! containerd's snapshots v1 API, generated from the vendored protos (server and client).
-#![allow(clippy::all, clippy::pedantic, clippy::unwrap_used, missing_docs)]
+#![allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    missing_docs,
+    rustdoc::all
+)]
 
 pub mod containerd {
     pub mod types {
