@@ -5,11 +5,12 @@ mod error;
 pub mod filter;
 mod fsutil;
 pub mod proto;
+pub mod remote;
 pub mod service;
 mod snapshots;
 mod store;
 mod types;
 
 pub use error::{Error, Result};
-pub use snapshots::Snapshotter;
+pub use snapshots::{RemoteSnapshot, Snapshotter};
 pub use types::{Info, Kind, Labels, Mount, UpdateField, Usage};

@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -13,7 +14,15 @@ use crate::filter::Filter;
 use crate::proto::containerd::types::Mount as PbMount;
 use crate::proto::snapshots as pb;
 use crate::proto::snapshots::snapshots_server::{Snapshots, SnapshotsServer};
-use crate::types::{Info, Kind, Labels, Mount, UpdateField};
+use crate::remote::{self, PrepareIntent, RemoteLayer, RemoteMounter};
+use crate::types::{Info, Kind, Labels, Mount, UpdateField, Usage};
+
+/// The most common way users lose lazy pulling is a client that passes no labels: say so.
+const LAZY_PULL_OFF_WARNING: &str = "LAZY PULLING IS OFF FOR THIS LAYER: it is lazy-pullable (it has a \
+TOC digest) but containerd passed no image reference and layer digest labels, so it is downloaded \
+in full. For Kubernetes set `disable_snapshot_annotations = false` under \
+[plugins.\"io.containerd.grpc.v1.cri\".containerd] in containerd's config; with ctr use \
+`lazysnap rpull` or `ctr-remote image rpull`; with nerdctl pass `--snapshotter lazysnap`";
 
 /// containerd's own services send List results in blocks of this many.
 const LIST_BATCH: usize = 100;
@@ -21,11 +30,189 @@ const LIST_BATCH: usize = 100;
 #[derive(Clone)]
 pub struct SnapshotService {
     snapshotter: Arc<Snapshotter>,
+    remote: Option<Remote>,
+}
+
+/// Lazy pulling: who mounts layers, and how long a mount may take before Prepare gives up
+/// on it and lets containerd download the layer instead.
+#[derive(Clone)]
+struct Remote {
+    mounter: Arc<dyn RemoteMounter>,
+    mount_timeout: Duration,
+    /// One restore at a time, so two requests never mount the same layer twice.
+    restoring: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SnapshotService {
     pub fn new(snapshotter: Arc<Snapshotter>) -> Self {
-        Self { snapshotter }
+        Self {
+            snapshotter,
+            remote: None,
+        }
+    }
+
+    /// Turns lazy pulling on: Prepares that carry remote-snapshot labels are mounted by
+    /// `mounter` (the same one the snapshotter was opened with).
+    pub fn with_remote(mut self, mounter: Arc<dyn RemoteMounter>, mount_timeout: Duration) -> Self {
+        self.remote = Some(Remote {
+            mounter,
+            mount_timeout,
+            restoring: Arc::new(tokio::sync::Mutex::new(())),
+        });
+        self
+    }
+
+    /// Remounts every lazily pulled snapshot, e.g. after a restart. A layer that cannot
+    /// be mounted now (registry unreachable) is logged and restored on first use instead.
+    pub async fn restore_all(&self) {
+        let Some(remote) = &self.remote else { return };
+        let snapshots = match self.run("restore", |s| s.remote_snapshots()).await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::error!(error = %e, "listing remote snapshots to restore");
+                return;
+            }
+        };
+        for snapshot in snapshots {
+            if let Err(e) = self.serve(remote, &snapshot).await {
+                tracing::warn!(snapshot = %snapshot.name, error = %e.message(), "not restored now; will retry on first use");
+            }
+        }
+    }
+
+    /// Makes sure a remote snapshot's layer is mounted, mounting it from its labels if not.
+    async fn serve(&self, remote: &Remote, snapshot: &crate::RemoteSnapshot) -> Result<(), Status> {
+        let _one_at_a_time = remote.restoring.lock().await;
+        if remote.mounter.is_mounted(&snapshot.mountpoint) {
+            return Ok(());
+        }
+        let PrepareIntent::Remote(layer) = PrepareIntent::of(&snapshot.labels) else {
+            return Err(Status::failed_precondition(format!(
+                "remote snapshot {:?} lacks the labels that say where its layer is",
+                snapshot.name
+            )));
+        };
+        match tokio::time::timeout(
+            remote.mount_timeout,
+            remote.mounter.mount(&layer, &snapshot.mountpoint),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {
+                tracing::info!(snapshot = %snapshot.name, layer = %layer.layer_digest, "remote snapshot restored");
+                Ok(())
+            }
+            Ok(Err(why)) => Err(Status::unavailable(format!(
+                "layer {} of snapshot {:?} cannot be served: {why}",
+                layer.layer_digest, snapshot.name
+            ))),
+            Err(_) => {
+                remote.mounter.unmount(&snapshot.mountpoint);
+                Err(Status::unavailable(format!(
+                    "layer {} of snapshot {:?} did not mount within {:?}",
+                    layer.layer_digest, snapshot.name, remote.mount_timeout
+                )))
+            }
+        }
+    }
+
+    /// Before mounts over `key` are handed out, every lazily pulled layer below it must
+    /// be served (after a restart they are remounted on first use).
+    async fn serve_chain(&self, key: &str) -> Result<(), Status> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        if key.is_empty() {
+            return Ok(());
+        }
+        let key = key.to_string();
+        let chain = self.run("mounts", move |s| s.remote_chain(&key)).await?;
+        for snapshot in &chain {
+            self.serve(remote, snapshot).await?;
+        }
+        Ok(())
+    }
+
+    /// The remote-snapshot protocol: prepare the snapshot, mount the layer into it,
+    /// commit it under the chain ID and answer AlreadyExists. Any failure falls back to
+    /// the ordinary snapshot, which containerd then fills by downloading the layer.
+    async fn prepare_remote(
+        &self,
+        remote: &Remote,
+        key: String,
+        parent: String,
+        labels: Labels,
+        layer: RemoteLayer,
+    ) -> Result<Vec<Mount>, Status> {
+        let target = layer.target.clone();
+        let exists = {
+            let target = target.clone();
+            self.run("prepare", move |s| s.stat(&target)).await.is_ok()
+        };
+        if exists {
+            return Err(Status::already_exists(format!(
+                "target snapshot {target:?}: already exists"
+            )));
+        }
+        self.serve_chain(&parent).await?;
+        let mounts = {
+            let (key, parent, labels) = (key.clone(), parent.clone(), labels.clone());
+            self.run("prepare", move |s| s.prepare(&key, &parent, &labels))
+                .await?
+        };
+        let fs = {
+            let key = key.clone();
+            self.run("prepare", move |s| s.fs_dir_of(&key)).await?
+        };
+        let why = match tokio::time::timeout(
+            remote.mount_timeout,
+            remote.mounter.mount(&layer, &fs),
+        )
+        .await
+        {
+            Ok(Ok(info)) => {
+                let mut committed_labels = labels.clone();
+                committed_labels.insert(
+                    remote::LABEL_REMOTE.into(),
+                    remote::REMOTE_LABEL_VALUE.into(),
+                );
+                let usage = Usage {
+                    size: i64::try_from(info.size).unwrap_or(i64::MAX),
+                    inodes: i64::try_from(info.entries).unwrap_or(i64::MAX),
+                };
+                let (t, k) = (target.clone(), key.clone());
+                let committed = self
+                    .run("prepare", move |s| {
+                        s.commit_remote(&t, &k, &committed_labels, usage)
+                    })
+                    .await;
+                match committed {
+                    Ok(()) => {
+                        tracing::info!(layer = %layer.layer_digest, image = %layer.image_ref, snapshot = %target, "layer mounted lazily");
+                        return Err(Status::already_exists(format!(
+                            "target snapshot {target:?}: already exists"
+                        )));
+                    }
+                    Err(status) if status.code() == tonic::Code::AlreadyExists => {
+                        // Another Prepare committed the same layer first: ours is surplus.
+                        remote.mounter.unmount(&fs);
+                        let k = key.clone();
+                        let _ = self.run("prepare", move |s| s.remove(&k)).await;
+                        return Err(status);
+                    }
+                    Err(status) => status.message().to_string(),
+                }
+            }
+            Ok(Err(why)) => why,
+            Err(_) => format!("mounting took longer than {:?}", remote.mount_timeout),
+        };
+        remote.mounter.unmount(&fs);
+        tracing::warn!(
+            layer = %layer.layer_digest,
+            image = %layer.image_ref,
+            "lazy pull not possible, containerd will download and unpack the layer: {why}"
+        );
+        Ok(mounts)
     }
 
     pub fn into_server(self) -> SnapshotsServer<Self> {
@@ -125,10 +312,24 @@ impl Snapshots for SnapshotService {
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
         let r = request.into_inner();
         tracing::debug!(key = %r.key, parent = %r.parent, "prepare");
+        let labels = labels(r.labels);
+        match (&self.remote, PrepareIntent::of(&labels)) {
+            (Some(remote), PrepareIntent::Remote(layer)) => {
+                let result = self
+                    .prepare_remote(remote, r.key, r.parent, labels, layer)
+                    .await?;
+                return Ok(Response::new(pb::PrepareSnapshotResponse {
+                    mounts: mounts(result),
+                }));
+            }
+            (_, PrepareIntent::LazyWithoutLabels { target }) => {
+                tracing::warn!(snapshot = %target, "{LAZY_PULL_OFF_WARNING}");
+            }
+            _ => {}
+        }
+        self.serve_chain(&r.parent).await?;
         let result = self
-            .run("prepare", move |s| {
-                s.prepare(&r.key, &r.parent, &labels(r.labels))
-            })
+            .run("prepare", move |s| s.prepare(&r.key, &r.parent, &labels))
             .await?;
         Ok(Response::new(pb::PrepareSnapshotResponse {
             mounts: mounts(result),
@@ -141,6 +342,7 @@ impl Snapshots for SnapshotService {
     ) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
         let r = request.into_inner();
         tracing::debug!(key = %r.key, parent = %r.parent, "view");
+        self.serve_chain(&r.parent).await?;
         let result = self
             .run("view", move |s| {
                 s.view(&r.key, &r.parent, &labels(r.labels))
@@ -156,6 +358,7 @@ impl Snapshots for SnapshotService {
         request: Request<pb::MountsRequest>,
     ) -> Result<Response<pb::MountsResponse>, Status> {
         let r = request.into_inner();
+        self.serve_chain(&r.key).await?;
         let result = self.run("mounts", move |s| s.mounts(&r.key)).await?;
         Ok(Response::new(pb::MountsResponse {
             mounts: mounts(result),

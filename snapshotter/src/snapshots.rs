@@ -4,11 +4,12 @@
 //! snapshots are the immutable lower layers of others.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, IoContext, Result};
 use crate::filter::{self, Filter};
 use crate::fsutil;
+use crate::remote::{self, RemoteMounter};
 use crate::store::{self, Row, Store};
 use crate::types::{Info, Kind, Labels, Mount, UpdateField, Usage};
 
@@ -16,6 +17,17 @@ pub struct Snapshotter {
     root: PathBuf,
     store: Mutex<Store>,
     index_off: bool,
+    /// Serves lazily pulled layers; told to let go of a mount before its snapshot goes.
+    mounter: Option<Arc<dyn RemoteMounter>>,
+}
+
+/// A lazily mounted snapshot as the store knows it: where it is mounted, and the labels
+/// it was prepared with (they say where to fetch the layer from).
+#[derive(Debug, Clone)]
+pub struct RemoteSnapshot {
+    pub name: String,
+    pub mountpoint: PathBuf,
+    pub labels: Labels,
 }
 
 /// Directory names under `snapshots/` that are work in progress, not snapshots.
@@ -24,6 +36,10 @@ const NEW_PREFIX: &str = "new-";
 impl Snapshotter {
     /// Opens (creating when needed) the snapshotter state under `root`.
     pub fn open(root: &Path) -> Result<Snapshotter> {
+        Self::open_with(root, None)
+    }
+
+    pub fn open_with(root: &Path, mounter: Option<Arc<dyn RemoteMounter>>) -> Result<Snapshotter> {
         let snapshots = root.join("snapshots");
         std::fs::create_dir_all(&snapshots).io_context("create", &snapshots)?;
         let store = Store::open(&root.join("metadata.db"))?;
@@ -31,6 +47,7 @@ impl Snapshotter {
             root: root.to_path_buf(),
             store: Mutex::new(store),
             index_off: fsutil::overlay_has_index_option(),
+            mounter,
         })
     }
 
@@ -192,6 +209,28 @@ impl Snapshotter {
     }
 
     pub fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
+        self.commit_with(name, key, labels, None)
+    }
+
+    /// Commits an active snapshot whose directory is a lazily mounted layer: its usage is
+    /// what the layer says, not a walk over a filesystem whose bytes are not local yet.
+    pub fn commit_remote(
+        &self,
+        name: &str,
+        key: &str,
+        labels: &Labels,
+        usage: Usage,
+    ) -> Result<()> {
+        self.commit_with(name, key, labels, Some(usage))
+    }
+
+    fn commit_with(
+        &self,
+        name: &str,
+        key: &str,
+        labels: &Labels,
+        usage: Option<Usage>,
+    ) -> Result<()> {
         if name.is_empty() {
             return Err(Error::InvalidArgument(
                 "commit name must not be empty".into(),
@@ -208,7 +247,10 @@ impl Snapshotter {
                 "snapshot {key:?} is not active and cannot be committed"
             )));
         }
-        let usage = fsutil::disk_usage(&self.fs_dir(row.id))?;
+        let usage = match usage {
+            Some(usage) => usage,
+            None => fsutil::disk_usage(&self.fs_dir(row.id))?,
+        };
         store::commit(&tx, row.id, name, labels, usage)?;
         tx.commit()?;
         Ok(())
@@ -223,9 +265,13 @@ impl Snapshotter {
                 "failed to remove snapshot {key:?}: cannot remove snapshot with child"
             )));
         }
+        let was_remote = remote::is_remote(&store::labels(&tx, row.id)?);
         store::delete(&tx, row.id)?;
         tx.commit()?;
         drop(guard);
+        if was_remote && let Some(mounter) = &self.mounter {
+            mounter.unmount(&self.fs_dir(row.id));
+        }
         // Metadata first, files second: a crash in between leaves an orphan directory
         // for Cleanup, never metadata pointing at missing files.
         if let Err(e) = fsutil::remove_tree(&self.snapshot_dir(row.id)) {
@@ -295,6 +341,53 @@ impl Snapshotter {
         }
     }
 
+    /// The directory an existing snapshot's files live in (the mountpoint of a remote one).
+    pub fn fs_dir_of(&self, key: &str) -> Result<PathBuf> {
+        let guard = self.lock();
+        let row = store::get_existing(guard.conn(), key)?;
+        Ok(self.fs_dir(row.id))
+    }
+
+    /// Every lazily mounted snapshot, for remounting them after a restart.
+    pub fn remote_snapshots(&self) -> Result<Vec<RemoteSnapshot>> {
+        let guard = self.lock();
+        let conn = guard.conn();
+        let mut out = Vec::new();
+        for row in store::all_rows(conn)? {
+            let labels = store::labels(conn, row.id)?;
+            if row.kind == Kind::Committed && remote::is_remote(&labels) {
+                out.push(RemoteSnapshot {
+                    name: row.key.clone(),
+                    mountpoint: self.fs_dir(row.id),
+                    labels,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The lazily mounted snapshots among `key` and its ancestors: what must be served
+    /// before `key`'s mounts can work.
+    pub fn remote_chain(&self, key: &str) -> Result<Vec<RemoteSnapshot>> {
+        let guard = self.lock();
+        let conn = guard.conn();
+        let row = store::get_existing(conn, key)?;
+        let mut ids = vec![row.id];
+        ids.extend(store::ancestors(conn, &row)?);
+        let mut out = Vec::new();
+        for id in ids {
+            let labels = store::labels(conn, id)?;
+            if remote::is_remote(&labels) {
+                out.push(RemoteSnapshot {
+                    name: store::key_of(conn, id)?,
+                    mountpoint: self.fs_dir(id),
+                    labels,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Removes every directory under `snapshots/` that no snapshot refers to: leftovers
     /// of crashes and of removals whose file deletion failed.
     pub fn cleanup(&self) -> Result<Vec<PathBuf>> {
@@ -310,6 +403,9 @@ impl Snapshotter {
                 .and_then(|n| n.parse::<i64>().ok())
                 .is_some_and(|id| ids.contains(&id));
             if !known {
+                if let Some(mounter) = &self.mounter {
+                    mounter.unmount(&entry.path().join("fs"));
+                }
                 fsutil::remove_tree(&entry.path())?;
                 removed.push(entry.path());
             }
