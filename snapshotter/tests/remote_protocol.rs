@@ -236,7 +236,7 @@ async fn lazily_mounted_layers_follow_containerds_remote_snapshot_protocol() {
         .find_map(|o| o.strip_prefix("lowerdir="))
         .unwrap()
         .to_string();
-    let lazily_served = lowerdir.split(':').last().unwrap();
+    let lazily_served = lowerdir.rsplit(':').next().unwrap();
     assert_eq!(
         std::fs::read_to_string(Path::new(lazily_served).join("served-layer")).unwrap(),
         "sha256:l1"
