@@ -1,0 +1,129 @@
+//! `lazysnap convert`: the arguments and what they mean. The binary only parses them,
+//! builds a runtime and prints the outcome.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use estargz::{OutputFormat, WriterOptions};
+
+use crate::error::{Error, Result};
+use crate::image::{ConvertOptions, Location, Summary, convert_image};
+use crate::oci::Platform;
+use crate::progress::Progress;
+
+/// Converts an image to eStargz or zstd:chunked.
+///
+/// SRC and DST are registry references (`host/repo:tag`) or OCI image layouts
+/// (`oci:DIR[:TAG]`).
+#[derive(Debug, Clone, Args)]
+pub struct ConvertArgs {
+    /// Source image: a registry reference or oci:DIR[:TAG].
+    pub src: String,
+    /// Destination: a registry reference or oci:DIR[:TAG].
+    pub dst: String,
+    /// Write eStargz layers (the default).
+    #[arg(long, conflicts_with = "zstdchunked")]
+    pub estargz: bool,
+    /// Write zstd:chunked layers.
+    #[arg(long)]
+    pub zstdchunked: bool,
+    /// Which zstd:chunked form: `cstorage` (containers/storage today: 64-byte footer,
+    /// tar-split) or `stargz` (stargz-snapshotter's older form: 40-byte footer).
+    #[arg(
+        long,
+        value_name = "FORM",
+        default_value = "cstorage",
+        requires = "zstdchunked"
+    )]
+    pub zstdchunked_format: ZstdForm,
+    /// Platform to convert from a multi-platform image (os/arch[/variant]); repeat for
+    /// several (an index is then written). Default: this machine's.
+    #[arg(long, value_name = "PLATFORM")]
+    pub platform: Vec<String>,
+    /// Convert every platform of a multi-platform image and write an index.
+    #[arg(long, conflicts_with = "platform")]
+    pub all_platforms: bool,
+    /// Largest chunk of a file, in bytes (default 4 MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub chunk_size: Option<u64>,
+    /// gzip 0-9 (default 9) or zstd 1-22 (default 3).
+    #[arg(long, value_name = "LEVEL")]
+    pub compression_level: Option<i32>,
+    /// File listing paths to put first in their layer (prefetched at start), one per
+    /// line, in first-access order.
+    #[arg(long, value_name = "FILE")]
+    pub prioritize: Option<PathBuf>,
+    /// Speak plain HTTP to the registries (loopback registries do by default).
+    #[arg(long)]
+    pub plain_http: bool,
+    /// Compression threads (default: one per core).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub threads: usize,
+    /// Print plain progress lines even on a terminal.
+    #[arg(long)]
+    pub no_progress_bars: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ZstdForm {
+    Cstorage,
+    Stargz,
+}
+
+/// Reads a `--prioritize` list: one path per line; blank lines and `#` comments skipped.
+pub fn read_prioritized(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect())
+}
+
+impl ConvertArgs {
+    pub fn options(&self) -> Result<ConvertOptions> {
+        let format = match (self.zstdchunked, self.zstdchunked_format) {
+            (false, _) => OutputFormat::Estargz,
+            (true, ZstdForm::Cstorage) => OutputFormat::ZstdChunked,
+            (true, ZstdForm::Stargz) => OutputFormat::StargzZstdChunked,
+        };
+        let mut writer = WriterOptions {
+            format,
+            compression_level: self.compression_level,
+            threads: self.threads,
+            ..WriterOptions::default()
+        };
+        if let Some(c) = self.chunk_size {
+            writer.chunk_size = c;
+        }
+        if let Some(p) = &self.prioritize {
+            writer.prioritized_files = read_prioritized(p)?;
+        }
+        let platforms = self
+            .platform
+            .iter()
+            .map(|p| Platform::parse(p))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ConvertOptions {
+            writer,
+            platforms,
+            all_platforms: self.all_platforms,
+            plain_http: self.plain_http,
+        })
+    }
+
+    /// Runs the conversion, with progress on stderr.
+    pub async fn run(&self) -> Result<Summary> {
+        let opts = self.options()?;
+        let src: Location = self.src.parse()?;
+        let dst: Location = self.dst.parse()?;
+        let progress = if self.no_progress_bars {
+            Progress::lines()
+        } else {
+            Progress::auto()
+        };
+        convert_image(&src, &dst, &opts, &progress).await
+    }
+}

@@ -1,0 +1,780 @@
+//! Whole-image conversion: resolve the source, convert each platform's layers, rewrite
+//! configs, manifests and indexes, write the destination with the reference last.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use estargz::{OutputFormat, WriterOptions};
+
+use crate::error::{Error, Result};
+use crate::layer::{self, LayerResult};
+use crate::layout::Layout;
+use crate::oci::{
+    self, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Descriptor, Digest, Index,
+    MAX_METADATA_SIZE, Manifest, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Object, Platform,
+};
+use crate::progress::Progress;
+#[cfg(feature = "registry")]
+use crate::remote::Remote;
+
+/// Largest image config accepted (configs with long histories can be big).
+const MAX_CONFIG_SIZE: u64 = 64 << 20;
+
+/// Where an image comes from or goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// `oci:DIR[:TAG]`: an OCI image layout directory.
+    Layout { dir: PathBuf, tag: Option<String> },
+    /// A registry reference (`host/repo:tag`, `host/repo@sha256:...`).
+    Registry(String),
+}
+
+impl FromStr for Location {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let Some(rest) = s.strip_prefix("oci:") else {
+            if s.is_empty() {
+                return Err(Error::BadReference {
+                    input: s.into(),
+                    reason: "empty".into(),
+                });
+            }
+            return Ok(Location::Registry(s.to_string()));
+        };
+        // The tag follows the last ':' unless that ':' is part of the directory path.
+        let (dir, tag) = match rest.rsplit_once(':') {
+            Some((dir, tag)) if !dir.is_empty() && !tag.is_empty() && !tag.contains('/') => {
+                (dir, Some(tag.to_string()))
+            }
+            _ => (rest, None),
+        };
+        if dir.is_empty() {
+            return Err(Error::BadReference {
+                input: s.into(),
+                reason: "oci: needs a directory (oci:DIR[:TAG])".into(),
+            });
+        }
+        Ok(Location::Layout {
+            dir: PathBuf::from(dir),
+            tag,
+        })
+    }
+}
+
+/// How to convert.
+#[derive(Debug, Clone, Default)]
+pub struct ConvertOptions {
+    /// Format, chunk size, compression level, prioritized files, threads.
+    pub writer: WriterOptions,
+    /// Platforms to convert from an index; empty means this machine's.
+    pub platforms: Vec<Platform>,
+    /// Convert every manifest of an index (and write an index).
+    pub all_platforms: bool,
+    /// Speak plain HTTP to the registries named (loopback ones do by default).
+    pub plain_http: bool,
+}
+
+
+/// What happened to one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerAction {
+    Converted,
+    /// Already in the target format, with its annotations.
+    Kept,
+    /// Already in the target format by its footer; annotations added.
+    Annotated,
+    /// Not a layer the converter handles (foreign, artifact): copied as it is.
+    Copied,
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerSummary {
+    pub source: Digest,
+    pub source_size: u64,
+    pub result: Digest,
+    pub result_size: u64,
+    pub action: LayerAction,
+}
+
+/// What a conversion wrote.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// The descriptor of what the destination reference now points at.
+    pub root: Descriptor,
+    /// Image manifests written.
+    pub manifests: usize,
+    /// Each distinct source layer, once.
+    pub layers: Vec<LayerSummary>,
+}
+
+enum Src {
+    Layout(Layout, Option<String>),
+    #[cfg(feature = "registry")]
+    Remote(Remote),
+}
+
+enum Dst {
+    Layout(Layout, Option<String>),
+    #[cfg(feature = "registry")]
+    Remote(Remote, String),
+}
+
+/// A blob available as a local file; a downloaded one is deleted on drop.
+struct LocalBlob {
+    file: File,
+    _temp: Option<tempfile::NamedTempFile>,
+}
+
+impl LocalBlob {
+    fn try_clone(&self) -> Result<File> {
+        self.file
+            .try_clone()
+            .map_err(|e| Error::io("duplicating a file handle", e))
+    }
+}
+
+fn reopen(tmp: &tempfile::NamedTempFile) -> Result<File> {
+    tmp.reopen()
+        .map_err(|e| Error::io("reopening a temp file", e))
+}
+
+impl Src {
+    async fn open(loc: &Location, opts: &ConvertOptions) -> Result<Self> {
+        match loc {
+            Location::Layout { dir, tag } => Ok(Src::Layout(Layout::open(dir)?, tag.clone())),
+            #[cfg(feature = "registry")]
+            Location::Registry(r) => {
+                let reference = crate::remote::parse_reference(r)?;
+                let client = crate::remote::client_for(&reference, opts.plain_http)?;
+                Ok(Src::Remote(Remote { client, reference }))
+            }
+            #[cfg(not(feature = "registry"))]
+            Location::Registry(r) => {
+                let _ = opts;
+                Err(Error::NoRegistrySupport(r.clone()))
+            }
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Src::Layout(l, tag) => match tag {
+                Some(t) => format!("oci:{}:{t}", l.root().display()),
+                None => format!("oci:{}", l.root().display()),
+            },
+            #[cfg(feature = "registry")]
+            Src::Remote(r) => r.reference.to_string(),
+        }
+    }
+
+    /// The descriptor and bytes of what the source reference names.
+    async fn root(&self) -> Result<(Descriptor, Vec<u8>)> {
+        match self {
+            Src::Layout(l, tag) => {
+                let desc = l.resolve(tag.as_deref())?;
+                let bytes = l.read_blob(&desc, "manifest", MAX_METADATA_SIZE)?;
+                Ok((desc, bytes))
+            }
+            #[cfg(feature = "registry")]
+            Src::Remote(r) => {
+                let (bytes, media_type, digest) = r.fetch_object(&r.reference.object()).await?;
+                let desc = Descriptor::new(&media_type, digest, bytes.len() as u64);
+                Ok((desc, bytes.to_vec()))
+            }
+        }
+    }
+
+    /// A manifest named by a descriptor of an index.
+    async fn object(&self, desc: &Descriptor) -> Result<Vec<u8>> {
+        match self {
+            Src::Layout(l, _) => l.read_blob(desc, "manifest", MAX_METADATA_SIZE),
+            #[cfg(feature = "registry")]
+            Src::Remote(r) => {
+                let (bytes, _, digest) = r.fetch_object(desc.digest.as_str()).await?;
+                if digest != desc.digest {
+                    return Err(Error::DigestMismatch {
+                        what: "manifest",
+                        digest: desc.digest.clone(),
+                        actual: digest,
+                    });
+                }
+                Ok(bytes.to_vec())
+            }
+        }
+    }
+
+    async fn small(&self, desc: &Descriptor, what: &'static str, limit: u64) -> Result<Vec<u8>> {
+        match self {
+            Src::Layout(l, _) => l.read_blob(desc, what, limit),
+            #[cfg(feature = "registry")]
+            Src::Remote(r) => {
+                if desc.size > limit {
+                    return Err(Error::TooLarge {
+                        what,
+                        digest: desc.digest.clone(),
+                        size: desc.size,
+                        limit,
+                    });
+                }
+                Ok(r.fetch_small(desc, limit).await?.to_vec())
+            }
+        }
+    }
+
+    /// The blob as a local file: the layout's own file, or a downloaded temp file.
+    async fn local(&self, desc: &Descriptor, what: &'static str) -> Result<LocalBlob> {
+        match self {
+            Src::Layout(l, _) => Ok(LocalBlob {
+                file: l.open_blob(desc, what)?,
+                _temp: None,
+            }),
+            #[cfg(feature = "registry")]
+            Src::Remote(r) => {
+                let tmp = tempfile::NamedTempFile::new()
+                    .map_err(|e| Error::io("creating a temp file", e))?;
+                let file = r.fetch_to(desc, reopen(&tmp)?).await?;
+                Ok(LocalBlob {
+                    file,
+                    _temp: Some(tmp),
+                })
+            }
+        }
+    }
+}
+
+impl Dst {
+    async fn open(loc: &Location, opts: &ConvertOptions) -> Result<Self> {
+        match loc {
+            Location::Layout { dir, tag } => Ok(Dst::Layout(Layout::create(dir)?, tag.clone())),
+            #[cfg(feature = "registry")]
+            Location::Registry(r) => {
+                let reference = crate::remote::parse_reference(r)?;
+                if reference.digest.is_some() {
+                    return Err(Error::BadReference {
+                        input: r.clone(),
+                        reason: "a destination needs a tag, not a digest".into(),
+                    });
+                }
+                let tag = reference.tag.clone().unwrap_or_else(|| "latest".into());
+                let client = crate::remote::client_for(&reference, opts.plain_http)?;
+                Ok(Dst::Remote(Remote { client, reference }, tag))
+            }
+            #[cfg(not(feature = "registry"))]
+            Location::Registry(r) => {
+                let _ = opts;
+                Err(Error::NoRegistrySupport(r.clone()))
+            }
+        }
+    }
+
+    async fn has(&self, digest: &Digest) -> Result<bool> {
+        match self {
+            Dst::Layout(l, _) => Ok(l.has_blob(digest)),
+            #[cfg(feature = "registry")]
+            Dst::Remote(r, _) => r.has_blob(digest).await,
+        }
+    }
+
+    /// Makes the source's blob `desc` available in the destination, unchanged.
+    async fn copy_from(&self, src: &Src, desc: &Descriptor, what: &'static str) -> Result<()> {
+        if self.has(&desc.digest).await? {
+            return Ok(());
+        }
+        match (self, src) {
+            (Dst::Layout(dst, _), Src::Layout(l, _)) => {
+                let file = l.open_blob(desc, what)?;
+                dst.copy_blob_from(&file, desc, what)
+            }
+            #[cfg(feature = "registry")]
+            (Dst::Layout(dst, _), Src::Remote(r)) => {
+                let tmp = dst.temp_blob()?;
+                r.fetch_to(desc, reopen(&tmp)?).await?;
+                dst.commit_blob(tmp, &desc.digest)
+            }
+            #[cfg(feature = "registry")]
+            (Dst::Remote(dst, _), Src::Layout(l, _)) => {
+                dst.push_file(&desc.digest, l.open_blob(desc, what)?).await
+            }
+            #[cfg(feature = "registry")]
+            (Dst::Remote(dst, _), Src::Remote(r)) => {
+                if dst.mount_from(r, &desc.digest).await? {
+                    return Ok(());
+                }
+                let local = src.local(desc, what).await?;
+                dst.push_file(&desc.digest, local.try_clone()?).await
+            }
+        }
+    }
+
+    /// A temp file to write a converted layer into.
+    fn temp(&self) -> Result<tempfile::NamedTempFile> {
+        match self {
+            Dst::Layout(l, _) => l.temp_blob(),
+            #[cfg(feature = "registry")]
+            Dst::Remote(..) => {
+                tempfile::NamedTempFile::new().map_err(|e| Error::io("creating a temp file", e))
+            }
+        }
+    }
+
+    async fn put_temp(&self, tmp: tempfile::NamedTempFile, digest: &Digest) -> Result<()> {
+        match self {
+            Dst::Layout(l, _) => l.commit_blob(tmp, digest),
+            #[cfg(feature = "registry")]
+            Dst::Remote(r, _) => r.push_file(digest, reopen(&tmp)?).await,
+        }
+    }
+
+    /// Stores a config blob.
+    async fn put_blob(&self, data: Vec<u8>) -> Result<Digest> {
+        match self {
+            Dst::Layout(l, _) => l.write_blob(&data),
+            #[cfg(feature = "registry")]
+            Dst::Remote(r, _) => {
+                let digest = Digest::of(&data);
+                r.push_bytes(&digest, data.into()).await?;
+                Ok(digest)
+            }
+        }
+    }
+
+    /// Stores a manifest that an index will list (by digest).
+    #[cfg_attr(not(feature = "registry"), allow(unused_variables))]
+    async fn put_child(&self, bytes: &[u8], media_type: &str) -> Result<()> {
+        match self {
+            Dst::Layout(l, _) => l.write_blob(bytes).map(|_| ()),
+            #[cfg(feature = "registry")]
+            Dst::Remote(r, _) => {
+                let digest = Digest::of(bytes);
+                r.push_manifest(digest.as_str(), media_type, bytes.to_vec().into())
+                    .await
+            }
+        }
+    }
+
+    /// The last step: the reference now names `root`.
+    async fn finish(&self, root: &Descriptor, bytes: &[u8]) -> Result<()> {
+        match self {
+            Dst::Layout(l, tag) => {
+                l.write_blob(bytes)?;
+                let mut desc = root.clone();
+                // index.json lists the image itself; a platform belongs to index entries.
+                desc.platform = None;
+                l.set_ref(desc, tag.as_deref())
+            }
+            #[cfg(feature = "registry")]
+            Dst::Remote(r, tag) => {
+                r.push_manifest(tag, &root.media_type, bytes.to_vec().into())
+                    .await
+            }
+        }
+    }
+}
+
+struct Converter<'a> {
+    src: Src,
+    dst: Dst,
+    opts: &'a ConvertOptions,
+    progress: &'a Progress,
+    /// Source layer digest → result, so a layer shared by platforms converts once.
+    done: HashMap<Digest, (LayerResult, LayerAction)>,
+    layers: Vec<LayerSummary>,
+    manifests: usize,
+}
+
+/// Converts the image at `src` and writes it to `dst`.
+pub async fn convert_image(
+    src: &Location,
+    dst: &Location,
+    opts: &ConvertOptions,
+    progress: &Progress,
+) -> Result<Summary> {
+    if opts.all_platforms && !opts.platforms.is_empty() {
+        return Err(Error::BadOption(
+            "--all-platforms and --platform exclude each other".into(),
+        ));
+    }
+    let mut c = Converter {
+        src: Src::open(src, opts).await?,
+        dst: Dst::open(dst, opts).await?,
+        opts,
+        progress,
+        done: HashMap::new(),
+        layers: Vec::new(),
+        manifests: 0,
+    };
+    let (root_desc, root_bytes) = c.src.root().await?;
+    let (root, bytes) =
+        match oci::parse_object(&root_bytes, &root_desc.media_type, &root_desc.digest)? {
+            Object::Manifest(m) => c.manifest(&root_desc, &root_bytes, *m).await?,
+            Object::Index(index) => c.index(&root_desc, &root_bytes, index).await?,
+        };
+    c.dst.finish(&root, &bytes).await?;
+    progress.message(&format!("wrote {} ({})", root.digest, root.media_type));
+    Ok(Summary {
+        root,
+        manifests: c.manifests,
+        layers: c.layers,
+    })
+}
+
+impl Converter<'_> {
+    fn format(&self) -> OutputFormat {
+        self.opts.writer.format
+    }
+
+    /// An index: convert the chosen platforms; write an index unless one manifest was
+    /// asked for.
+    async fn index(
+        &mut self,
+        desc: &Descriptor,
+        bytes: &[u8],
+        index: Index,
+    ) -> Result<(Descriptor, Vec<u8>)> {
+        let chosen: Vec<Descriptor> = if self.opts.all_platforms {
+            index.manifests.clone()
+        } else {
+            let wanted = if self.opts.platforms.is_empty() {
+                vec![Platform::host()]
+            } else {
+                self.opts.platforms.clone()
+            };
+            let mut chosen = Vec::new();
+            for p in &wanted {
+                let d =
+                    oci::choose_platform(&index, p).ok_or_else(|| Error::NoMatchingPlatform {
+                        image: self.src.name(),
+                        platform: p.to_string(),
+                        available: index
+                            .manifests
+                            .iter()
+                            .filter_map(|d| d.platform.as_ref().map(|p| p.to_string()))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    })?;
+                if !chosen.iter().any(|c: &Descriptor| c.digest == d.digest) {
+                    chosen.push(d.clone());
+                }
+            }
+            if let [one] = chosen.as_slice() {
+                let child = self.src.object(one).await?;
+                let m = match oci::parse_object(&child, &one.media_type, &one.digest)? {
+                    Object::Manifest(m) => *m,
+                    Object::Index(_) => {
+                        return Err(Error::BadManifest {
+                            digest: one.digest.clone(),
+                            reason: "an index inside an index".into(),
+                        });
+                    }
+                };
+                let (mut out, bytes) = self.manifest(one, &child, m).await?;
+                out.platform = one.platform.clone();
+                return Ok((out, bytes));
+            }
+            chosen
+        };
+        let mut new_index = index.clone();
+        new_index.manifests.clear();
+        let mut changed = !self.opts.all_platforms;
+        for child_desc in chosen {
+            if !oci::is_manifest_type(&child_desc.media_type) {
+                return Err(Error::BadManifest {
+                    digest: desc.digest.clone(),
+                    reason: format!(
+                        "entry {} has media type {:?}: nested indexes are not supported",
+                        child_desc.digest, child_desc.media_type
+                    ),
+                });
+            }
+            let child = self.src.object(&child_desc).await?;
+            let m = match oci::parse_object(&child, &child_desc.media_type, &child_desc.digest)? {
+                Object::Manifest(m) => *m,
+                Object::Index(_) => {
+                    return Err(Error::BadManifest {
+                        digest: child_desc.digest.clone(),
+                        reason: "an index inside an index".into(),
+                    });
+                }
+            };
+            let (out, out_bytes) = self.manifest(&child_desc, &child, m).await?;
+            self.dst.put_child(&out_bytes, &out.media_type).await?;
+            changed |= out.digest != child_desc.digest;
+            new_index.manifests.push(out);
+        }
+        if !changed {
+            return Ok((desc.clone(), bytes.to_vec()));
+        }
+        if new_index.media_type.as_deref() == Some(DOCKER_MANIFEST_LIST)
+            && new_index
+                .manifests
+                .iter()
+                .any(|d| d.media_type == OCI_MANIFEST)
+        {
+            new_index.media_type = Some(OCI_INDEX.to_string());
+        }
+        let media_type = new_index
+            .media_type
+            .clone()
+            .unwrap_or_else(|| OCI_INDEX.to_string());
+        let out_bytes = oci::to_json(&new_index)?;
+        let mut out = desc.clone();
+        out.media_type = media_type;
+        out.digest = Digest::of(&out_bytes);
+        out.size = out_bytes.len() as u64;
+        Ok((out, out_bytes))
+    }
+
+    /// One image manifest: layers, config, manifest. Returns the new descriptor (the
+    /// source's, with digest, size and media type updated) and bytes; the caller stores
+    /// the manifest.
+    async fn manifest(
+        &mut self,
+        desc: &Descriptor,
+        bytes: &[u8],
+        manifest: Manifest,
+    ) -> Result<(Descriptor, Vec<u8>)> {
+        self.manifests += 1;
+        let config_type = manifest.config.media_type.as_str();
+        if config_type != OCI_CONFIG && config_type != oci::DOCKER_CONFIG {
+            // An artifact (attestation, signature): nothing to convert.
+            self.dst
+                .copy_from(&self.src, &manifest.config, "config")
+                .await?;
+            for l in &manifest.layers {
+                self.dst.copy_from(&self.src, l, "blob").await?;
+            }
+            return Ok((desc.clone(), bytes.to_vec()));
+        }
+        let config_bytes = self
+            .src
+            .small(&manifest.config, "config", MAX_CONFIG_SIZE)
+            .await?;
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&config_bytes).map_err(|e| Error::BadConfig {
+                digest: manifest.config.digest.clone(),
+                reason: format!("not JSON: {e}"),
+            })?;
+        let diff_ids: Vec<String> = config
+            .pointer("/rootfs/diff_ids")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .ok_or_else(|| Error::BadConfig {
+                digest: manifest.config.digest.clone(),
+                reason: "no rootfs.diff_ids array".into(),
+            })?
+            .ok_or_else(|| Error::BadConfig {
+                digest: manifest.config.digest.clone(),
+                reason: "rootfs.diff_ids holds a non-string".into(),
+            })?;
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(Error::BadConfig {
+                digest: manifest.config.digest.clone(),
+                reason: format!(
+                    "{} diff_ids for {} layers",
+                    diff_ids.len(),
+                    manifest.layers.len()
+                ),
+            });
+        }
+        let docker = manifest.media_type.as_deref() == Some(DOCKER_MANIFEST)
+            || desc.media_type == DOCKER_MANIFEST;
+        // Docker schema 2 has no zstd layer type: a zstd:chunked image becomes OCI.
+        let to_oci = docker && self.format() != OutputFormat::Estargz;
+        let mut new_layers = Vec::with_capacity(manifest.layers.len());
+        let mut new_diff_ids = Vec::with_capacity(diff_ids.len());
+        for (l, diff_id) in manifest.layers.iter().zip(&diff_ids) {
+            let (mut r, _) = self.layer(l, diff_id).await?;
+            if docker && !to_oci && r.desc.media_type == oci::LAYER_GZIP {
+                r.desc.media_type = DOCKER_LAYER_GZIP.to_string();
+            }
+            new_diff_ids.push(serde_json::Value::String(r.diff_id.to_string()));
+            new_layers.push(r.desc);
+        }
+        let unchanged = new_layers == manifest.layers && !to_oci;
+        if unchanged {
+            self.dst
+                .copy_from(&self.src, &manifest.config, "config")
+                .await?;
+            return Ok((desc.clone(), bytes.to_vec()));
+        }
+        if let Some(rootfs) = config.get_mut("rootfs").and_then(|v| v.as_object_mut()) {
+            rootfs.insert("diff_ids".into(), serde_json::Value::Array(new_diff_ids));
+        }
+        let config_out = oci::to_json(&config)?;
+        let config_digest = self.dst.put_blob(config_out.clone()).await?;
+        let mut m = manifest.clone();
+        m.config.digest = config_digest;
+        m.config.size = config_out.len() as u64;
+        m.layers = new_layers;
+        let media_type = if to_oci {
+            m.config.media_type = OCI_CONFIG.to_string();
+            m.media_type = Some(OCI_MANIFEST.to_string());
+            OCI_MANIFEST.to_string()
+        } else {
+            m.media_type.clone().unwrap_or_else(|| {
+                if oci::is_manifest_type(&desc.media_type) {
+                    desc.media_type.clone()
+                } else {
+                    OCI_MANIFEST.to_string()
+                }
+            })
+        };
+        let out_bytes = oci::to_json(&m)?;
+        let mut out = desc.clone();
+        out.media_type = media_type;
+        out.digest = Digest::of(&out_bytes);
+        out.size = out_bytes.len() as u64;
+        Ok((out, out_bytes))
+    }
+
+    /// One layer: keep, annotate or convert; stores the result in the destination.
+    async fn layer(
+        &mut self,
+        desc: &Descriptor,
+        diff_id: &str,
+    ) -> Result<(LayerResult, LayerAction)> {
+        if let Some(r) = self.done.get(&desc.digest) {
+            return Ok(r.clone());
+        }
+        let format = self.format();
+        let label = format!("layer {}", short(&desc.digest));
+        let (result, action) = if oci::layer_compression(&desc.media_type).is_none()
+            || desc.other.contains_key("urls")
+        {
+            // Foreign and non-distributable layers stay where they are.
+            if !desc.other.contains_key("urls") {
+                self.dst.copy_from(&self.src, desc, "blob").await?;
+            }
+            self.progress.message(&format!(
+                "{label}: media type {} kept as it is",
+                desc.media_type
+            ));
+            (self.kept(desc, diff_id)?, LayerAction::Copied)
+        } else if layer::annotated_as(desc, format) {
+            self.dst.copy_from(&self.src, desc, "layer").await?;
+            self.progress
+                .message(&format!("{label}: already {}, kept", format_name(format)));
+            (self.kept(desc, diff_id)?, LayerAction::Kept)
+        } else {
+            let local = self.src.local(desc, "layer").await?;
+            let task = self.progress.task(&label, desc.size);
+            let file = local.try_clone()?;
+            let d = desc.clone();
+            let expected = diff_id.to_string();
+            let existing = tokio::task::spawn_blocking(move || {
+                layer::footer_says(&file, &d, format).map(|e| (e, file))
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("layer task: {e}")))?;
+            if let Some((existing, file)) = existing {
+                let d = desc.clone();
+                let t = task.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    layer::annotate_existing(&file, &d, &existing, format, Some(&expected), &t)
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("layer task: {e}")))??;
+                self.dst.copy_from(&self.src, desc, "layer").await?;
+                task.finish(&format!(
+                    "already {}, annotations added",
+                    format_name(format)
+                ));
+                (r, LayerAction::Annotated)
+            } else {
+                let tmp = self.dst.temp()?;
+                let mut out = reopen(&tmp)?;
+                let file = local.try_clone()?;
+                let d = desc.clone();
+                let t = task.clone();
+                let writer = self.opts.writer.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    layer::convert(&file, &d, Some(&expected), &writer, &mut out, &t)
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("layer task: {e}")))??;
+                drop(local);
+                self.dst.put_temp(tmp, &r.desc.digest).await?;
+                task.finish(&format!(
+                    "{} → {} ({})",
+                    crate::progress::human(desc.size),
+                    short(&r.desc.digest),
+                    crate::progress::human(r.desc.size)
+                ));
+                (r, LayerAction::Converted)
+            }
+        };
+        self.layers.push(LayerSummary {
+            source: desc.digest.clone(),
+            source_size: desc.size,
+            result: result.desc.digest.clone(),
+            result_size: result.desc.size,
+            action,
+        });
+        self.done
+            .insert(desc.digest.clone(), (result.clone(), action));
+        Ok((result, action))
+    }
+
+    fn kept(&self, desc: &Descriptor, diff_id: &str) -> Result<LayerResult> {
+        Ok(LayerResult {
+            desc: desc.clone(),
+            diff_id: Digest::parse(diff_id)?,
+            converted: false,
+        })
+    }
+}
+
+fn short(d: &Digest) -> String {
+    format!("sha256:{}", &d.hex()[..12])
+}
+
+pub fn format_name(f: OutputFormat) -> &'static str {
+    match f {
+        OutputFormat::Estargz => "eStargz",
+        OutputFormat::ZstdChunked => "zstd:chunked",
+        OutputFormat::StargzZstdChunked => "zstd:chunked (stargz form)",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn locations_parse() {
+        assert_eq!(
+            "oci:/tmp/x:v1".parse::<Location>().unwrap(),
+            Location::Layout {
+                dir: "/tmp/x".into(),
+                tag: Some("v1".into())
+            }
+        );
+        assert_eq!(
+            "oci:/tmp/x".parse::<Location>().unwrap(),
+            Location::Layout {
+                dir: "/tmp/x".into(),
+                tag: None
+            }
+        );
+        assert_eq!(
+            "oci:/a:b/c".parse::<Location>().unwrap(),
+            Location::Layout {
+                dir: "/a:b/c".into(),
+                tag: None
+            }
+        );
+        assert!("oci:".parse::<Location>().is_err());
+        assert_eq!(
+            "127.0.0.1:5000/a/b:c".parse::<Location>().unwrap(),
+            Location::Registry("127.0.0.1:5000/a/b:c".into())
+        );
+    }
+}
