@@ -8,6 +8,7 @@
 //!   blobs with digests or as an OCI image layout directory.
 
 pub mod containerd;
+pub mod ctr_remote;
 pub mod image;
 pub mod lazysnapd;
 pub mod process;
