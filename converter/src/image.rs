@@ -77,7 +77,6 @@ pub struct ConvertOptions {
     pub plain_http: bool,
 }
 
-
 /// What happened to one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerAction {
