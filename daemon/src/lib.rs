@@ -2,4 +2,5 @@
 
 pub mod authority;
 pub mod config;
+pub mod rpull;
 pub mod server;
