@@ -589,6 +589,22 @@ fn bad_inputs_fail_cleanly() {
         let t = b.into_inner().unwrap();
         assert!(matches!(run(&t), Err(Error::UnsafePath { .. })), "{bad}");
     }
+    // A non-directory naming the root (found by fuzzing: the reader rejects such a TOC).
+    for (bad, kind) in [
+        ("", ::tar::EntryType::Fifo),
+        ("./", ::tar::EntryType::Regular),
+        (".", ::tar::EntryType::Symlink),
+    ] {
+        let mut h = ::tar::Header::new_gnu();
+        h.set_size(0);
+        h.set_entry_type(kind);
+        h.as_gnu_mut().unwrap().name[..bad.len()].copy_from_slice(bad.as_bytes());
+        h.set_cksum();
+        let mut b = ::tar::Builder::new(Vec::new());
+        b.append(&h, &b""[..]).unwrap();
+        let t = b.into_inner().unwrap();
+        assert!(matches!(run(&t), Err(Error::UnsafePath { .. })), "{bad:?}");
+    }
     // Bad options.
     let zero_chunk = WriterOptions {
         chunk_size: 0,

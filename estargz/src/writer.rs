@@ -577,7 +577,12 @@ impl<W: Write> Converter<W> {
             reason: format!("tar type {:?}", h.typeflag as char),
         })?;
         // Refuse to write a layer our own reader (and any careful one) would reject.
-        normalize_path(&h.name)?;
+        if normalize_path(&h.name)?.is_empty() && kind != "dir" {
+            return Err(Error::UnsafePath {
+                path: h.name.clone(),
+                reason: "a non-directory entry names the layer root".into(),
+            });
+        }
         if kind == "hardlink" {
             normalize_path(&h.link_name)?;
         }
