@@ -1,0 +1,200 @@
+//! The fuzz targets: each takes arbitrary bytes, must never panic, and returns a short
+//! outcome label (used as cheap feedback: inputs with a new label join the corpus).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use estargz::{
+    BlobReader, EntryKind, Format, Index, Layer, NodeId, OpenOptions, OutputFormat, Toc, VecBlob,
+    WriterOptions,
+};
+
+/// Polls a future once: futures over a `VecBlob` are always ready.
+fn ready<F: Future>(f: F) -> F::Output {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => panic!("a VecBlob future was pending"),
+    }
+}
+
+/// The first words of an error: its kind, without the data-dependent details.
+fn label(prefix: &str, e: &estargz::Error) -> String {
+    let s = e.to_string();
+    // Up to the first quoted name or number: the kind of error, not its data.
+    let kind = s
+        .split(['"', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9'])
+        .next()
+        .unwrap_or("");
+    let words: Vec<&str> = kind
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .filter(|w| w.len() > 2)
+        .take(4)
+        .collect();
+    format!("{prefix}:{}", words.join(" "))
+}
+
+pub const TARGETS: &[&str] = &["footer", "toc", "layer", "tar"];
+
+pub fn run(target: &str, data: &[u8]) -> String {
+    match target {
+        "footer" => footer(data),
+        "toc" => toc(data),
+        "layer" => layer(data),
+        "tar" => tar(data),
+        other => panic!("unknown target {other}"),
+    }
+}
+
+/// Footer parsing: the input is a blob's tail, the blob a little or much bigger.
+pub fn footer(data: &[u8]) -> String {
+    let mut out = String::new();
+    for extra in [0u64, 1, 1 << 20, u64::MAX - data.len() as u64] {
+        let size = data.len() as u64 + extra;
+        match estargz::parse_footer(data, size) {
+            Ok(f) => {
+                // What a footer promises must fit in the blob.
+                assert!(f.toc_offset <= size, "toc offset past the blob: {f:?}");
+                assert!(f.payload_end <= size, "payload end past the blob: {f:?}");
+                assert!(f.footer_size <= size, "footer larger than the blob: {f:?}");
+                out = format!("ok:{:?}", f.format);
+            }
+            Err(e) if out.is_empty() => out = label("footer", &e),
+            Err(_) => {}
+        }
+    }
+    out
+}
+
+fn format_of(b: u8) -> Format {
+    match b % 4 {
+        0 => Format::Estargz,
+        1 => Format::LegacyStargz,
+        2 => Format::ZstdChunked,
+        _ => Format::StargzZstdChunked,
+    }
+}
+
+/// TOC JSON → index. Input: format byte, payload end (8 bytes LE), JSON.
+pub fn toc(data: &[u8]) -> String {
+    if data.len() < 9 {
+        return "short".into();
+    }
+    let format = format_of(data[0]);
+    let mut pe = [0u8; 8];
+    pe.copy_from_slice(&data[1..9]);
+    let payload_end = u64::from_le_bytes(pe);
+    let toc: Toc = match serde_json::from_slice(&data[9..]) {
+        Ok(t) => t,
+        Err(_) => return "json".into(),
+    };
+    match Index::from_toc(&toc, payload_end, format) {
+        Ok(index) => {
+            walk(&index);
+            format!("ok:{:?}", format)
+        }
+        Err(e) => label("index", &e),
+    }
+}
+
+/// Visits every entry of an index through the public accessors.
+fn walk(index: &Index) {
+    for i in 0..index.len() as u32 {
+        let e = index.entry(NodeId(i));
+        let path = index.path_of(e.id());
+        let _ = index.lookup(&path);
+        let _ = (e.kind(), e.mode(), e.size(), e.nlink(), e.mtime());
+        let _ = e.xattrs().count();
+        let _ = e.children().count();
+        if e.kind() == EntryKind::Hardlink {
+            let _ = index.resolve(e.id());
+        }
+        let mut end = 0;
+        for c in e.chunks() {
+            assert!(
+                c.comp_offset <= c.comp_end,
+                "chunk range reversed in {path}"
+            );
+            end = c.file_offset + c.size;
+        }
+        if e.kind() == EntryKind::Reg && !e.chunks().is_empty() {
+            assert!(
+                end <= e.size() || e.size() == 0,
+                "chunks past the end of {path}"
+            );
+        }
+    }
+    let _ = index.prefetch_range();
+}
+
+/// A whole blob: open it, then read every file back (verified reads).
+pub fn layer(data: &[u8]) -> String {
+    let blob: Arc<dyn BlobReader> = Arc::new(VecBlob::new(data.to_vec()));
+    let opts = OpenOptions {
+        max_toc_size: 1 << 20,
+        ..OpenOptions::default()
+    };
+    let layer = match ready(Layer::open(blob, &opts)) {
+        Ok(l) => l,
+        Err(e) => return label("open", &e),
+    };
+    walk(layer.index());
+    let mut outcome = format!("ok:{:?}", layer.format());
+    for i in 0..layer.index().len() as u32 {
+        let e = layer.index().entry(NodeId(i));
+        if e.kind() != EntryKind::Reg {
+            continue;
+        }
+        // Bounded: a lying TOC may claim huge sizes.
+        let len = e.size().min(1 << 20);
+        match ready(layer.read_range(e.id(), 0, len)) {
+            Ok(bytes) => assert!(bytes.len() as u64 <= len, "read returned more than asked"),
+            Err(err) => outcome = label("read", &err),
+        }
+    }
+    outcome
+}
+
+/// The writer's tar parsing: convert arbitrary input; whatever it accepts must read
+/// back, file by file, as the same bytes.
+pub fn tar(data: &[u8]) -> String {
+    let format = match data.first().map(|b| b % 3) {
+        Some(0) | None => OutputFormat::Estargz,
+        Some(1) => OutputFormat::ZstdChunked,
+        _ => OutputFormat::StargzZstdChunked,
+    };
+    let input = data.get(1..).unwrap_or_default();
+    let opts = WriterOptions {
+        format,
+        chunk_size: 64,
+        compression_level: Some(1),
+        threads: 1,
+        ..WriterOptions::default()
+    };
+    let mut out = Vec::new();
+    match estargz::convert(input, &mut out, &opts) {
+        Ok(w) => {
+            assert_eq!(w.blob_size, out.len() as u64);
+            let blob: Arc<dyn BlobReader> = Arc::new(VecBlob::new(out));
+            let open = OpenOptions {
+                expected_toc_digest: Some(w.toc_digest),
+                ..OpenOptions::default()
+            };
+            let layer = match ready(Layer::open(blob, &open)) {
+                Ok(l) => l,
+                Err(e) => panic!("our own output does not open: {e}"),
+            };
+            for i in 0..layer.index().len() as u32 {
+                let e = layer.index().entry(NodeId(i));
+                if e.kind() == EntryKind::Reg
+                    && let Err(err) = ready(layer.read_range(e.id(), 0, e.size()))
+                {
+                    panic!("our own output does not read back: {err}");
+                }
+            }
+            format!("ok:{format:?}")
+        }
+        Err(e) => label("convert", &e),
+    }
+}
