@@ -62,8 +62,10 @@ fn field<'a>(info: &'a Info, path: &[String]) -> (&'a str, bool) {
         return ("", false);
     };
     match first.as_str() {
-        "name" if rest.is_empty() => (&info.name, !info.name.is_empty()),
-        "parent" if rest.is_empty() => (&info.parent, !info.parent.is_empty()),
+        // containerd counts name and parent as present even when empty: its unpacker
+        // finds a base layer with `parent==""`.
+        "name" if rest.is_empty() => (&info.name, true),
+        "parent" if rest.is_empty() => (&info.parent, true),
         "kind" if rest.is_empty() => (info.kind.as_str(), true),
         "labels" if !rest.is_empty() => match info.labels.get(&rest.join(".")) {
             Some(v) => (v, true),
@@ -243,6 +245,8 @@ mod tests {
         assert!(m(r#"parent!="""#, &c));
         assert!(!m(r#"parent!="""#, &a));
         assert!(m("parent==p", &c));
+        assert!(m(r#"labels.l==2,parent=="""#, &a), "an empty parent matches ==\"\"");
+        assert!(!m(r#"parent=="""#, &c));
         assert!(m("name~=/^a-/", &a));
         assert!(m("name~=^a-n", &a));
         assert!(!m("name~=^c", &a));
