@@ -605,6 +605,20 @@ fn bad_inputs_fail_cleanly() {
         let t = b.into_inner().unwrap();
         assert!(matches!(run(&t), Err(Error::UnsafePath { .. })), "{bad:?}");
     }
+    // An entry below what the tar turned into a file (found by fuzzing).
+    let mut b = ::tar::Builder::new(Vec::new());
+    for (name, kind) in [
+        ("d/", ::tar::EntryType::Directory),
+        ("d", ::tar::EntryType::Regular),
+        ("d/p", ::tar::EntryType::Fifo),
+    ] {
+        let mut h = ::tar::Header::new_gnu();
+        h.set_size(0);
+        h.set_entry_type(kind);
+        b.append_data(&mut h, name, &b""[..]).unwrap();
+    }
+    let t = b.into_inner().unwrap();
+    assert!(matches!(run(&t), Err(Error::UnsupportedTar { .. })));
     // Bad options.
     let zero_chunk = WriterOptions {
         chunk_size: 0,

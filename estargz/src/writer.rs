@@ -794,6 +794,7 @@ impl<W: Write> Converter<W> {
             self.entries[f.entry].end_offset = (off + len) as i64;
         }
         let entries = std::mem::take(&mut self.entries);
+        check_tree(&entries)?;
         match self.format {
             OutputFormat::Estargz => self.finish_estargz(entries),
             _ => self.finish_zstd(entries),
@@ -902,6 +903,31 @@ impl<W: Write> Converter<W> {
             annotations,
         }
     }
+}
+
+/// Refuses a tar whose final tree has an entry below a non-directory (`d/` then a
+/// file `d` then `d/x`): readers reject such a TOC, so the layer would not mount.
+fn check_tree(entries: &[TocEntry]) -> Result<()> {
+    let mut kinds: HashMap<String, &str> = HashMap::new();
+    for e in entries.iter().filter(|e| e.kind != "chunk") {
+        // Later entries replace earlier ones, as when extracting.
+        kinds.insert(normalize_path(&e.name)?, e.kind.as_str());
+    }
+    for name in kinds.keys() {
+        let mut parent = name.as_str();
+        while let Some(i) = parent.rfind('/') {
+            parent = &parent[..i];
+            if let Some(kind) = kinds.get(parent)
+                && *kind != "dir"
+            {
+                return Err(Error::UnsupportedTar {
+                    path: name.clone(),
+                    reason: format!("its parent {parent:?} is a {kind}, not a directory"),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// eStargz writes the TOC as Go's `json.MarshalIndent(toc, "", "\t")`; c/storage
