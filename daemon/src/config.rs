@@ -8,7 +8,7 @@ use serde::Deserialize;
 pub const DEFAULT_ROOT: &str = "/var/lib/lazysnap";
 pub const DEFAULT_ADDRESS: &str = "/run/lazysnap/lazysnap.sock";
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where snapshots, metadata and the chunk cache live.
@@ -18,6 +18,85 @@ pub struct Config {
     /// Log filter (tracing's env-filter syntax, e.g. `info` or `snapshotter=debug`);
     /// `RUST_LOG` wins when set.
     pub log_level: String,
+    /// Lazy pulling of eStargz / zstd:chunked layers over FUSE.
+    pub lazy: LazyConfig,
+    /// The chunk cache shared by all lazily mounted layers (under `ROOT/cache`).
+    pub cache: CacheSettings,
+    /// Per-registry settings in stargz-snapshotter's form, so its configs carry over:
+    /// `[[resolver.host."HOST".mirrors]]` with `host`, `insecure`, `request_timeout_sec`.
+    pub resolver: registry::ResolverConfig,
+    /// Timeouts, retries and connection limits of the registry client.
+    pub http: registry::HttpConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LazyConfig {
+    /// Off: lazysnapd is an ordinary overlayfs snapshotter and every layer is unpacked.
+    /// Default true.
+    pub enabled: bool,
+    /// How long Prepare waits for a layer to mount before letting containerd download it
+    /// instead. Default 30.
+    pub mount_timeout_sec: u64,
+    /// Mount layers whose TOC cannot be verified when the client asks for it with
+    /// `containerd.io/snapshot/remote/stargz.skipverify`. Default false.
+    pub allow_no_verification: bool,
+    /// Fetch the prioritized files right after mounting. Default true.
+    pub prefetch: bool,
+    /// Then fetch the rest of each layer in the background. Default true.
+    pub background_fetch: bool,
+    /// Background fetch budget per layer in bytes per second, 0 for unlimited.
+    /// Default 50000000.
+    pub background_rate_limit: u64,
+    /// FUSE threads per mounted layer. Default 4.
+    pub fuse_threads: usize,
+}
+
+impl Default for LazyConfig {
+    fn default() -> Self {
+        let fs = fusefs::FsConfig::default();
+        LazyConfig {
+            enabled: true,
+            mount_timeout_sec: 30,
+            allow_no_verification: false,
+            prefetch: fs.prefetch,
+            background_fetch: fs.background_fetch,
+            background_rate_limit: fs.background_rate_limit.unwrap_or(0),
+            fuse_threads: fs.fuse_threads,
+        }
+    }
+}
+
+impl LazyConfig {
+    pub fn fs_config(&self) -> fusefs::FsConfig {
+        fusefs::FsConfig {
+            prefetch: self.prefetch,
+            background_fetch: self.background_fetch,
+            background_rate_limit: (self.background_rate_limit > 0)
+                .then_some(self.background_rate_limit),
+            fuse_threads: self.fuse_threads,
+            ..fusefs::FsConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Decompressed chunks kept in memory. Default 268435456 (256 MiB).
+    pub memory_bytes: u64,
+    /// Decompressed chunks kept on disk; 0 disables the disk cache. Default 10 GiB.
+    pub disk_bytes: u64,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        let c = fusefs::CacheConfig::new("");
+        CacheSettings {
+            memory_bytes: c.memory_bytes,
+            disk_bytes: c.disk_bytes,
+        }
+    }
 }
 
 impl Default for Config {
@@ -26,6 +105,10 @@ impl Default for Config {
             root: PathBuf::from(DEFAULT_ROOT),
             address: PathBuf::from(DEFAULT_ADDRESS),
             log_level: "info".to_string(),
+            lazy: LazyConfig::default(),
+            cache: CacheSettings::default(),
+            resolver: registry::ResolverConfig::default(),
+            http: registry::HttpConfig::default(),
         }
     }
 }
@@ -53,7 +136,18 @@ impl Config {
                 self.address.display()
             );
         }
+        self.lazy
+            .fs_config()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("[lazy]: {e}"))?;
         Ok(())
+    }
+
+    pub fn registry(&self) -> registry::RegistryConfig {
+        registry::RegistryConfig {
+            resolver: self.resolver.clone(),
+            http: self.http.clone(),
+        }
     }
 }
 
@@ -74,6 +168,38 @@ mod tests {
         assert_eq!(c.root, PathBuf::from("/srv/ls"));
         assert_eq!(c.address, PathBuf::from("/tmp/x.sock"));
         assert_eq!(c.log_level, "debug");
+    }
+
+    #[test]
+    fn stargz_snapshotter_resolver_sections_carry_over() {
+        let c = Config::parse(
+            r#"
+[lazy]
+mount_timeout_sec = 5
+background_fetch = false
+
+[cache]
+memory_bytes = 1048576
+
+[[resolver.host."docker.io".mirrors]]
+host = "mirror.example.internal"
+insecure = true
+request_timeout_sec = 10
+
+[[resolver.host."127.0.0.1:5000".mirrors]]
+host = "127.0.0.1:5000"
+insecure = true
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.lazy.mount_timeout_sec, 5);
+        assert!(!c.lazy.fs_config().background_fetch);
+        assert_eq!(c.cache.memory_bytes, 1 << 20);
+        assert_eq!(
+            c.resolver.host["docker.io"].mirrors[0].host,
+            "mirror.example.internal"
+        );
+        assert_eq!(c.resolver.host.len(), 2);
     }
 
     #[test]

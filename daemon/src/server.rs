@@ -10,7 +10,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use snapshotter::Snapshotter;
+use snapshotter::lazy::FuseMounter;
+use snapshotter::remote::RemoteMounter;
 use snapshotter::service::SnapshotService;
+use std::time::Duration;
 use tokio::net::UnixListener;
 
 use crate::config::Config;
@@ -81,10 +84,25 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
     std::fs::set_permissions(&config.root, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("setting the mode of {}", config.root.display()))?;
     let _lock = RootLock::acquire(&config.root)?;
+    let mounter = lazy_mounter(config)?;
     let snapshotter = Arc::new(
-        Snapshotter::open(&config.root)
-            .with_context(|| format!("opening snapshotter state in {}", config.root.display()))?,
+        Snapshotter::open_with(
+            &config.root,
+            mounter.clone().map(|m| m as Arc<dyn RemoteMounter>),
+        )
+        .with_context(|| format!("opening snapshotter state in {}", config.root.display()))?,
     );
+    let mut service = SnapshotService::new(snapshotter);
+    if let Some(mounter) = &mounter {
+        service = service.with_remote(
+            mounter.clone(),
+            Duration::from_secs(config.lazy.mount_timeout_sec),
+        );
+        // Remount lazily pulled layers in the background: a registry that is down must
+        // not keep the daemon from serving (those layers are restored on first use).
+        let restoring = service.clone();
+        tokio::spawn(async move { restoring.restore_all().await });
+    }
     let listener = bind_socket(&config.address)?;
     let _socket = SocketFile(config.address.clone());
     tracing::info!(
@@ -97,12 +115,45 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
         |conn| conn.map(crate::authority::relay),
     );
     tonic::transport::Server::builder()
-        .add_service(SnapshotService::new(snapshotter).into_server())
+        .add_service(service.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("serving gRPC")?;
+    if let Some(mounter) = mounter {
+        // Nothing stays mounted after exit; a restart remounts from the metadata.
+        tokio::task::spawn_blocking(move || mounter.unmount_all()).await?;
+    }
     tracing::info!("lazysnapd stopped");
     Ok(())
+}
+
+/// The FUSE mounter for lazy pulling, or None when it is off or cannot work here (then
+/// every layer is unpacked, as with a plain overlayfs snapshotter).
+fn lazy_mounter(config: &Config) -> anyhow::Result<Option<Arc<FuseMounter>>> {
+    if !config.lazy.enabled {
+        tracing::info!("lazy pulling is off ([lazy] enabled = false)");
+        return Ok(None);
+    }
+    if !Path::new("/dev/fuse").exists() {
+        tracing::warn!("/dev/fuse is missing: lazy pulling is off, every layer is unpacked");
+        return Ok(None);
+    }
+    let credentials =
+        registry::DockerConfig::load_default().context("reading docker credentials")?;
+    let client = registry::Client::new(config.registry())
+        .context("setting up the registry client")?
+        .with_credentials(Arc::new(credentials));
+    let mut cache_config = fusefs::CacheConfig::new(config.root.join("cache"));
+    cache_config.memory_bytes = config.cache.memory_bytes;
+    cache_config.disk_bytes = config.cache.disk_bytes;
+    let cache = fusefs::SharedCache::open(cache_config).context("opening the chunk cache")?;
+    Ok(Some(Arc::new(FuseMounter::new(
+        client,
+        cache,
+        config.lazy.fs_config(),
+        tokio::runtime::Handle::current(),
+        config.lazy.allow_no_verification,
+    ))))
 }
 
 /// Removes the socket file when the daemon stops, however it stops.

@@ -4,6 +4,7 @@ pub mod client;
 mod error;
 pub mod filter;
 mod fsutil;
+pub mod lazy;
 pub mod proto;
 pub mod remote;
 pub mod service;

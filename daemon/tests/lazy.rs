@@ -1,0 +1,335 @@
+//! Lazy pulling end to end with real parts: an image converted to eStargz / zstd:chunked
+//! by `lazysnap convert`, pulled through containerd with remote-snapshot labels (by our
+//! rpull and by stargz-snapshotter's ctr-remote), served by lazysnapd over FUSE, run by
+//! runc; the registry serves only a small part of each layer before the first output.
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on should stop right there
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use daemon::rpull::{LayerOutcome, RpullOptions, rpull};
+use testkit::containerd::{Containerd, ContainerdOptions, mounts_under};
+use testkit::image::{Entry, ImageBuilder, busybox_layer};
+use testkit::lazysnapd::Lazysnapd;
+use testkit::registry::Registry;
+
+const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
+const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
+
+/// Deterministic incompressible bytes, so the big file really costs its size to fetch.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Bytes the registry sent for GETs of `digest` (its access log: `"GET …" STATUS BYTES`).
+fn bytes_served(registry_log: &str, digest: &str) -> u64 {
+    registry_log
+        .lines()
+        .filter(|l| l.contains("\"GET ") && l.contains(digest))
+        .filter_map(|l| {
+            let after = l.split("HTTP/1.1\" ").nth(1)?;
+            let mut fields = after.split_whitespace();
+            let _status = fields.next()?;
+            fields.next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    registry: Registry,
+    daemon: Lazysnapd,
+    containerd: Containerd,
+}
+
+fn setup(name: &str) -> Option<Setup> {
+    if testkit::skip_unless_root(name) {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry")).unwrap();
+    // No background fetch: what the registry serves is what the container read.
+    let config = dir.path().join("lazysnapd.toml");
+    std::fs::write(&config, "[lazy]\nbackground_fetch = false\n").unwrap();
+    let daemon = Lazysnapd::start_with_args(
+        Path::new(LAZYSNAPD),
+        &dir.path().join("ls"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
+    let containerd = Containerd::start_with(
+        &ContainerdOptions::default()
+            .proxy_snapshotter("lazysnap", &daemon.address)
+            .proxy_snapshotter("stargz", &daemon.address),
+    )
+    .unwrap();
+    Some(Setup {
+        _dir: dir,
+        registry,
+        daemon,
+        containerd,
+    })
+}
+
+/// busybox plus a layer with a small file the command reads and a big one it does not.
+fn push_app_image(registry: &Registry, repo: &str) -> String {
+    let image = ImageBuilder::new()
+        .layer(busybox_layer().unwrap())
+        .entries(&[
+            Entry::dir("app"),
+            Entry::file("app/motd", "served-lazily\n"),
+            Entry::file("app/big.bin", noise(24 << 20, 7)),
+        ])
+        .unwrap()
+        .cmd(&["/bin/cat", "/app/motd"])
+        .build()
+        .unwrap();
+    registry.push(repo, "plain", &image).unwrap()
+}
+
+fn convert(src: &str, dst: &str, extra: &[&str]) {
+    let out = Command::new(LAZYSNAP)
+        .args(["convert", "--no-progress-bars"])
+        .args(extra)
+        .args([src, dst])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "convert failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn rpull_options(s: &Setup) -> RpullOptions {
+    RpullOptions {
+        address: s.containerd.address().to_path_buf(),
+        namespace: s.containerd.namespace().to_string(),
+        snapshotter: "lazysnap".into(),
+        ..RpullOptions::default()
+    }
+}
+
+/// The (digest, compressed size) of each layer of `reference`, from the registry.
+async fn layers_of(reference: &str) -> Vec<(String, u64)> {
+    let client = registry::Client::new(registry::RegistryConfig::default()).unwrap();
+    let resolved = client.resolve(&reference.parse().unwrap()).await.unwrap();
+    resolved
+        .manifest
+        .layers
+        .iter()
+        .map(|l| (l.digest.to_string(), l.size))
+        .collect()
+}
+
+async fn lazy_pull_and_run(s: &Setup, reference: &str) {
+    let report = rpull(reference, &rpull_options(s)).await.unwrap();
+    for layer in &report.layers {
+        assert_eq!(
+            layer.outcome,
+            LayerOutcome::Lazy,
+            "layer {} was not mounted lazily; lazysnapd log:\n{}",
+            layer.digest,
+            s.daemon.log()
+        );
+    }
+    let out = s
+        .containerd
+        .ctr([
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazysnap",
+            reference,
+            "lazy-1",
+        ])
+        .unwrap();
+    assert!(out.contains("served-lazily"), "container printed {out:?}");
+
+    // The container read busybox and a tiny file: the 24 MiB of noise stayed remote.
+    let log = s.registry.log();
+    let (mut served_total, mut size_total) = (0, 0);
+    for (digest, size) in layers_of(reference).await {
+        let served = bytes_served(&log, &digest);
+        eprintln!(
+            "layer {digest}: {served} of {size} compressed bytes served before the first output ({:.1}%)",
+            served as f64 * 100.0 / size as f64
+        );
+        served_total += served;
+        size_total += size;
+    }
+    assert!(
+        served_total * 4 < size_total,
+        "{served_total} of {size_total} bytes served before the first output"
+    );
+    // A file read through FUSE matches what was pushed, byte for byte.
+    let out = s
+        .containerd
+        .ctr([
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazysnap",
+            reference,
+            "lazy-2",
+            "/bin/sh",
+            "-c",
+            "sha256sum /app/big.bin",
+        ])
+        .unwrap();
+    let want = {
+        use sha2::Digest;
+        format!("{:x}", sha2::Sha256::digest(noise(24 << 20, 7)))
+    };
+    assert!(
+        out.contains(&want),
+        "big file read through FUSE differs: {out}"
+    );
+}
+
+async fn remove_and_check_clean(s: &Setup, reference: &str) {
+    s.containerd
+        .ctr(["image", "rm", "--sync", reference])
+        .unwrap();
+    let clean = testkit::wait_until(Duration::from_secs(30), || {
+        mounts_under(&s.daemon.root).is_empty()
+            && std::fs::read_dir(s.daemon.root.join("snapshots")).map_or(0, |d| d.count()) == 0
+    });
+    assert!(clean, "left mounted: {:?}", mounts_under(&s.daemon.root));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn estargz_image_is_pulled_lazily_and_runs() {
+    let Some(mut s) = setup("estargz_image_is_pulled_lazily_and_runs") else {
+        return;
+    };
+    let plain = push_app_image(&s.registry, "app/esgz");
+    let converted = format!("{}/app/esgz:estargz", s.registry.host);
+    convert(&plain, &converted, &["--estargz"]);
+    lazy_pull_and_run(&s, &converted).await;
+
+    // lazysnapd restarts: the layers are remounted from metadata, no new pull needed.
+    s.daemon.stop().unwrap();
+    assert!(
+        mounts_under(&s.daemon.root).is_empty(),
+        "SIGTERM left mounts behind"
+    );
+    s.daemon.restart().unwrap();
+    let ran = testkit::wait_until(Duration::from_secs(30), || {
+        s.containerd
+            .ctr([
+                "run",
+                "--rm",
+                "--snapshotter",
+                "lazysnap",
+                &converted,
+                "after-restart",
+            ])
+            .is_ok_and(|out| out.contains("served-lazily"))
+    });
+    assert!(ran, "no container after restart; log:\n{}", s.daemon.log());
+    remove_and_check_clean(&s, &converted).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zstd_chunked_image_is_pulled_lazily_and_runs() {
+    let Some(s) = setup("zstd_chunked_image_is_pulled_lazily_and_runs") else {
+        return;
+    };
+    let plain = push_app_image(&s.registry, "app/zstd");
+    let converted = format!("{}/app/zstd:zstdchunked", s.registry.host);
+    convert(&plain, &converted, &["--zstdchunked"]);
+    lazy_pull_and_run(&s, &converted).await;
+    remove_and_check_clean(&s, &converted).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_gzip_image_falls_back_and_runs() {
+    let Some(s) = setup("plain_gzip_image_falls_back_and_runs") else {
+        return;
+    };
+    let plain = push_app_image(&s.registry, "app/plain");
+    let report = rpull(&plain, &rpull_options(&s)).await.unwrap();
+    assert!(
+        report
+            .layers
+            .iter()
+            .all(|l| l.outcome == LayerOutcome::Downloaded),
+        "{report:?}"
+    );
+    assert!(
+        s.daemon.log().contains("lazy pull not possible"),
+        "no fallback reason logged"
+    );
+    let out = s
+        .containerd
+        .ctr([
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazysnap",
+            &plain,
+            "plain-1",
+        ])
+        .unwrap();
+    assert!(out.contains("served-lazily"), "{out:?}");
+    remove_and_check_clean(&s, &plain).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctr_remote_rpull_works_unchanged() {
+    let Some(s) = setup("ctr_remote_rpull_works_unchanged") else {
+        return;
+    };
+    testkit::require_program("ctr-remote", "stargz-snapshotter").unwrap();
+    let plain = push_app_image(&s.registry, "app/ctrremote");
+    let converted = format!("{}/app/ctrremote:estargz", s.registry.host);
+    convert(&plain, &converted, &["--estargz"]);
+    // ctr-remote's default snapshotter name is `stargz`; containerd knows lazysnapd by it too.
+    let out = Command::new("ctr-remote")
+        .arg("--address")
+        .arg(s.containerd.address())
+        .args([
+            "--namespace",
+            s.containerd.namespace(),
+            "image",
+            "rpull",
+            "--plain-http",
+            &converted,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctr-remote rpull: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = s.daemon.log();
+    assert!(
+        log.contains("layer mounted lazily"),
+        "ctr-remote's pull was not lazy; log:\n{log}"
+    );
+    let out = s
+        .containerd
+        .ctr([
+            "run",
+            "--rm",
+            "--snapshotter",
+            "stargz",
+            &converted,
+            "ctr-remote-1",
+        ])
+        .unwrap();
+    assert!(out.contains("served-lazily"), "{out:?}");
+    remove_and_check_clean(&s, &converted).await;
+}

@@ -1,0 +1,248 @@
+//! Bad input on the lazy path: each gets a clear log line and an ordinary snapshot for
+//! containerd to fill (never a hung Prepare, never a mount of unverified data).
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on should stop right there
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use snapshotter::proto::snapshots as pb;
+use snapshotter::remote;
+use testkit::containerd::mounts_under;
+use testkit::image::{Entry, ImageBuilder, busybox_layer};
+use testkit::lazysnapd::Lazysnapd;
+use testkit::registry::Registry;
+
+const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
+const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
+
+fn start_daemon(dir: &Path) -> Lazysnapd {
+    let config = dir.join("lazysnapd.toml");
+    std::fs::write(&config, "[lazy]\nmount_timeout_sec = 3\nbackground_fetch = false\n\n[http]\nrequest_timeout_sec = 2\n").unwrap();
+    Lazysnapd::start_with_args(
+        Path::new(LAZYSNAPD),
+        &dir.join("ls"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap()
+}
+
+fn labels(image: &str, layer: &str, toc: Option<&str>) -> HashMap<String, String> {
+    let mut l = HashMap::from([
+        (
+            remote::LABEL_TARGET_REF.to_string(),
+            format!("chain-of-{layer}"),
+        ),
+        (
+            remote::LABEL_STARGZ_REFERENCE.to_string(),
+            image.to_string(),
+        ),
+        (remote::LABEL_STARGZ_DIGEST.to_string(), layer.to_string()),
+    ]);
+    if let Some(toc) = toc {
+        l.insert(remote::LABEL_TOC_DIGEST.to_string(), toc.to_string());
+    }
+    l
+}
+
+/// Prepare must come back, within the mount timeout and some slack, with an ordinary
+/// snapshot; and the log must say why lazy pulling was not possible.
+async fn assert_falls_back(
+    daemon: &Lazysnapd,
+    key: &str,
+    labels: HashMap<String, String>,
+    why: &str,
+) {
+    let mut c = snapshotter::client::connect(&daemon.address).await.unwrap();
+    let started = Instant::now();
+    let mounts = c
+        .prepare(pb::PrepareSnapshotRequest {
+            key: key.into(),
+            labels,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{key}: Prepare failed instead of falling back: {e:?}"))
+        .into_inner()
+        .mounts;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{key}: Prepare took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        mounts[0].r#type, "bind",
+        "{key}: an ordinary snapshot for containerd to fill"
+    );
+    assert!(
+        mounts_under(&daemon.root).is_empty(),
+        "{key}: something stayed mounted"
+    );
+    let found = testkit::wait_until(Duration::from_secs(5), || {
+        daemon
+            .log()
+            .lines()
+            .any(|l| l.contains("lazy pull not possible") && l.contains(why))
+    });
+    assert!(
+        found,
+        "{key}: no log line saying {why:?}; log:\n{}",
+        daemon.log()
+    );
+    let log = daemon.log();
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("lazy pull not possible") && l.contains(why));
+    eprintln!("{key}: {}", line.unwrap_or_default());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_images_wrong_toc_digests_and_plain_layers_fall_back() {
+    if testkit::skip_unless_root("missing_images_wrong_toc_digests_and_plain_layers_fall_back") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry")).unwrap();
+    let daemon = start_daemon(dir.path());
+    let image = ImageBuilder::new()
+        .layer(busybox_layer().unwrap())
+        .entries(&[Entry::file("hello", "hi\n")])
+        .unwrap()
+        .build()
+        .unwrap();
+    let plain = registry.push("faults/app", "plain", &image).unwrap();
+    let converted = format!("{}/faults/app:esgz", registry.host);
+    let out = std::process::Command::new(LAZYSNAP)
+        .args(["convert", "--no-progress-bars", &plain, &converted])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client = registry::Client::new(registry::RegistryConfig::default()).unwrap();
+    let resolved = client.resolve(&converted.parse().unwrap()).await.unwrap();
+    let layer = &resolved.manifest.layers[1];
+    let toc = layer.annotations.as_ref().unwrap()[remote::LABEL_TOC_DIGEST].clone();
+    let digest = layer.digest.to_string();
+
+    let missing = format!("sha256:{}", "0".repeat(64));
+    assert_falls_back(
+        &daemon,
+        "missing-layer",
+        labels(&converted, &missing, Some(&toc)),
+        "not found",
+    )
+    .await;
+    let nowhere = format!("{}/faults/nothing:1", registry.host);
+    assert_falls_back(
+        &daemon,
+        "missing-image",
+        labels(&nowhere, &digest, Some(&toc)),
+        "not found",
+    )
+    .await;
+    let wrong_toc = format!("sha256:{}", "1".repeat(64));
+    assert_falls_back(
+        &daemon,
+        "wrong-toc",
+        labels(&converted, &digest, Some(&wrong_toc)),
+        "TOC",
+    )
+    .await;
+    let plain_layer = client
+        .resolve(&plain.parse().unwrap())
+        .await
+        .unwrap()
+        .manifest
+        .layers[1]
+        .digest
+        .to_string();
+    assert_falls_back(
+        &daemon,
+        "plain-gzip",
+        labels(&plain, &plain_layer, None),
+        "TOC digest",
+    )
+    .await;
+
+    // The right labels do mount, so the fallbacks above were for the reasons given.
+    let mut c = snapshotter::client::connect(&daemon.address).await.unwrap();
+    let err = c
+        .prepare(pb::PrepareSnapshotRequest {
+            key: "good".into(),
+            labels: labels(&converted, &digest, Some(&toc)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+}
+
+/// A registry that answers the size of any blob, then sends a few bytes and stalls.
+fn stalling_registry() -> (String, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    listener.set_nonblocking(false).unwrap();
+    let handle = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for stream in listener.incoming() {
+            if Instant::now() > deadline {
+                return;
+            }
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request = String::new();
+                let _ = reader.read_line(&mut request);
+                let mut range = (0u64, 99_999u64);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    if let Some(spec) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        if let Some((a, b)) = spec.trim().split_once('-') {
+                            range = (a.parse().unwrap_or(0), b.parse().unwrap_or(99_999));
+                        }
+                    }
+                    line.clear();
+                }
+                if request.starts_with("HEAD") {
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n");
+                } else {
+                    // A correct start of the answer, then nothing: the body stalls.
+                    let (a, b) = range;
+                    let head = format!(
+                        "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {a}-{b}/100000\r\n\r\n\x1f",
+                        b - a + 1
+                    );
+                    let _ = stream.write_all(head.as_bytes());
+                    let _ = stream.flush();
+                    std::thread::sleep(Duration::from_secs(15));
+                }
+            });
+        }
+    });
+    (host, handle)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_that_stalls_mid_toc_does_not_hang_prepare() {
+    if testkit::skip_unless_root("a_registry_that_stalls_mid_toc_does_not_hang_prepare") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon(dir.path());
+    let (host, _server) = stalling_registry();
+    let layer = format!("sha256:{}", "2".repeat(64));
+    let toc = format!("sha256:{}", "3".repeat(64));
+    assert_falls_back(
+        &daemon,
+        "stalled",
+        labels(&format!("{host}/stall/app:1"), &layer, Some(&toc)),
+        "took longer than",
+    )
+    .await;
+}
