@@ -202,10 +202,12 @@ fn stalling_registry() -> (String, std::thread::JoinHandle<()>) {
                 let mut range = (0u64, 99_999u64);
                 let mut line = String::new();
                 while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
-                    if let Some(spec) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                        if let Some((a, b)) = spec.trim().split_once('-') {
-                            range = (a.parse().unwrap_or(0), b.parse().unwrap_or(99_999));
-                        }
+                    let lower = line.to_ascii_lowercase();
+                    if let Some((a, b)) = lower
+                        .strip_prefix("range: bytes=")
+                        .and_then(|spec| spec.trim().split_once('-'))
+                    {
+                        range = (a.parse().unwrap_or(0), b.parse().unwrap_or(99_999));
                     }
                     line.clear();
                 }
