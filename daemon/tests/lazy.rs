@@ -333,3 +333,84 @@ async fn ctr_remote_rpull_works_unchanged() {
     assert!(out.contains("served-lazily"), "{out:?}");
     remove_and_check_clean(&s, &converted).await;
 }
+
+/// What README says about restarts: new containers start at once without pulling again;
+/// containers that were running lose what they had not read yet (until FUSE connections
+/// are handed over to the new daemon).
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_crash_new_containers_start_and_running_ones_lose_unread_data() {
+    let Some(mut s) = setup("after_a_crash_new_containers_start_and_running_ones_lose_unread_data")
+    else {
+        return;
+    };
+    let plain = push_app_image(&s.registry, "app/crash");
+    let converted = format!("{}/app/crash:estargz", s.registry.host);
+    convert(&plain, &converted, &["--estargz"]);
+    let report = rpull(&converted, &rpull_options(&s)).await.unwrap();
+    assert!(
+        report
+            .layers
+            .iter()
+            .all(|l| l.outcome == LayerOutcome::Lazy)
+    );
+    s.containerd
+        .ctr([
+            "run",
+            "-d",
+            "--snapshotter",
+            "lazysnap",
+            &converted,
+            "long",
+            "sleep",
+            "600",
+        ])
+        .unwrap();
+    let tasks = s.containerd.ctr(["task", "ls"]).unwrap();
+    let pid: u32 = tasks
+        .lines()
+        .find(|l| l.starts_with("long "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid for task long in {tasks}"));
+    let rootfs = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("app/motd")).unwrap(),
+        "served-lazily\n"
+    );
+
+    s.daemon.kill().unwrap();
+    s.daemon.restart().unwrap();
+
+    // The running container's view of the lazy layer went with the old daemon.
+    let unread = std::fs::read(rootfs.join("app/big.bin"));
+    assert!(
+        unread.is_err(),
+        "a file never read before the crash was still readable"
+    );
+    // New containers work, from the layers remounted out of lazysnapd's metadata.
+    let ran = testkit::wait_until(Duration::from_secs(30), || {
+        s.containerd
+            .ctr([
+                "run",
+                "--rm",
+                "--snapshotter",
+                "lazysnap",
+                &converted,
+                "fresh",
+            ])
+            .is_ok_and(|out| out.contains("served-lazily"))
+    });
+    assert!(
+        ran,
+        "no new container after the crash; log:\n{}",
+        s.daemon.log()
+    );
+    s.containerd
+        .ctr(["task", "kill", "-s", "SIGKILL", "long"])
+        .unwrap();
+    let _ = testkit::wait_until(Duration::from_secs(20), || {
+        s.containerd.ctr(["task", "rm", "long"]).is_ok()
+    });
+    s.containerd.ctr(["container", "rm", "long"]).unwrap();
+    remove_and_check_clean(&s, &converted).await;
+}
