@@ -18,6 +18,9 @@ pub struct Config {
     /// Log filter (tracing's env-filter syntax, e.g. `info` or `snapshotter=debug`);
     /// `RUST_LOG` wins when set.
     pub log_level: String,
+    /// `HOST:PORT` to serve Prometheus metrics (`/metrics`) and status (`/status`) on;
+    /// off unless set. The same is always served on `ROOT/status.sock`.
+    pub metrics_address: Option<String>,
     /// Lazy pulling of eStargz / zstd:chunked layers over FUSE.
     pub lazy: LazyConfig,
     /// The chunk cache shared by all lazily mounted layers (under `ROOT/cache`).
@@ -105,6 +108,7 @@ impl Default for Config {
             root: PathBuf::from(DEFAULT_ROOT),
             address: PathBuf::from(DEFAULT_ADDRESS),
             log_level: "info".to_string(),
+            metrics_address: None,
             lazy: LazyConfig::default(),
             cache: CacheSettings::default(),
             resolver: registry::ResolverConfig::default(),

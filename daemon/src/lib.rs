@@ -2,5 +2,6 @@
 
 pub mod authority;
 pub mod config;
+pub mod observe;
 pub mod rpull;
 pub mod server;

@@ -84,7 +84,10 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
     std::fs::set_permissions(&config.root, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("setting the mode of {}", config.root.display()))?;
     let _lock = RootLock::acquire(&config.root)?;
-    let mounter = lazy_mounter(config)?;
+    let (mounter, cache) = match lazy_mounter(config)? {
+        Some((mounter, cache)) => (Some(mounter), Some(cache)),
+        None => (None, None),
+    };
     let snapshotter = Arc::new(
         Snapshotter::open_with(
             &config.root,
@@ -92,6 +95,30 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
         )
         .with_context(|| format!("opening snapshotter state in {}", config.root.display()))?,
     );
+    let observer = Arc::new(crate::observe::Observer {
+        snapshotter: snapshotter.clone(),
+        mounter: mounter.clone(),
+        cache,
+    });
+    let status_listener = crate::observe::bind_status(&config.root)
+        .with_context(|| format!("binding the status socket in {}", config.root.display()))?;
+    let status_server = tokio::spawn(crate::observe::serve_unix(
+        status_listener,
+        observer.clone(),
+    ));
+    let metrics_server = match &config.metrics_address {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("binding the metrics address {address}"))?;
+            tracing::info!(%address, "serving /metrics and /status");
+            Some(tokio::spawn(crate::observe::serve_tcp(
+                listener,
+                observer.clone(),
+            )))
+        }
+        None => None,
+    };
     let mut service = SnapshotService::new(snapshotter);
     if let Some(mounter) = &mounter {
         service = service.with_remote(
@@ -119,6 +146,11 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("serving gRPC")?;
+    status_server.abort();
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
+    let _ = std::fs::remove_file(config.root.join(crate::observe::STATUS_SOCKET));
     if let Some(mounter) = mounter {
         // Nothing stays mounted after exit; a restart remounts from the metadata.
         tokio::task::spawn_blocking(move || mounter.unmount_all()).await?;
@@ -129,7 +161,9 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
 
 /// The FUSE mounter for lazy pulling, or None when it is off or cannot work here (then
 /// every layer is unpacked, as with a plain overlayfs snapshotter).
-fn lazy_mounter(config: &Config) -> anyhow::Result<Option<Arc<FuseMounter>>> {
+fn lazy_mounter(
+    config: &Config,
+) -> anyhow::Result<Option<(Arc<FuseMounter>, fusefs::SharedCache)>> {
     if !config.lazy.enabled {
         tracing::info!("lazy pulling is off ([lazy] enabled = false)");
         return Ok(None);
@@ -147,13 +181,14 @@ fn lazy_mounter(config: &Config) -> anyhow::Result<Option<Arc<FuseMounter>>> {
     cache_config.memory_bytes = config.cache.memory_bytes;
     cache_config.disk_bytes = config.cache.disk_bytes;
     let cache = fusefs::SharedCache::open(cache_config).context("opening the chunk cache")?;
-    Ok(Some(Arc::new(FuseMounter::new(
+    let mounter = Arc::new(FuseMounter::new(
         client,
-        cache,
+        cache.clone(),
         config.lazy.fs_config(),
         tokio::runtime::Handle::current(),
         config.lazy.allow_no_verification,
-    ))))
+    ));
+    Ok(Some((mounter, cache)))
 }
 
 /// Removes the socket file when the daemon stops, however it stops.

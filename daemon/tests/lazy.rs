@@ -45,8 +45,18 @@ fn bytes_served(registry_log: &str, digest: &str) -> u64 {
         .sum()
 }
 
+fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    out
+}
+
 struct Setup {
     _dir: tempfile::TempDir,
+    metrics: String,
     registry: Registry,
     daemon: Lazysnapd,
     containerd: Containerd,
@@ -60,7 +70,12 @@ fn setup(name: &str) -> Option<Setup> {
     let registry = Registry::start(&dir.path().join("registry")).unwrap();
     // No background fetch: what the registry serves is what the container read.
     let config = dir.path().join("lazysnapd.toml");
-    std::fs::write(&config, "[lazy]\nbackground_fetch = false\n").unwrap();
+    let metrics = format!("127.0.0.1:{}", testkit::free_port());
+    std::fs::write(
+        &config,
+        format!("metrics_address = \"{metrics}\"\n[lazy]\nbackground_fetch = false\n"),
+    )
+    .unwrap();
     let daemon = Lazysnapd::start_with_args(
         Path::new(LAZYSNAPD),
         &dir.path().join("ls"),
@@ -75,6 +90,7 @@ fn setup(name: &str) -> Option<Setup> {
     .unwrap();
     Some(Setup {
         _dir: dir,
+        metrics,
         registry,
         daemon,
         containerd,
@@ -217,6 +233,28 @@ async fn estargz_image_is_pulled_lazily_and_runs() {
     let converted = format!("{}/app/esgz:estargz", s.registry.host);
     convert(&plain, &converted, &["--estargz"]);
     lazy_pull_and_run(&s, &converted).await;
+
+    // Status and metrics show the mounted layers and what they fetched.
+    let status = daemon::observe::fetch_status(&s.daemon.root).await.unwrap();
+    assert!(status.lazy_pulling);
+    assert_eq!(status.layers.len(), 2, "{status:?}");
+    for layer in &status.layers {
+        assert!(
+            layer.fetched_bytes > 0 && layer.local_bytes <= layer.total_bytes,
+            "{layer:?}"
+        );
+        assert_eq!(layer.verification_failures, 0);
+    }
+    let metrics = http_get(&s.metrics, "/metrics");
+    assert!(metrics.contains("lazysnap_mounted_layers 2"), "{metrics}");
+    assert!(
+        metrics.contains("lazysnap_fetched_bytes_total{layer=\"sha256:"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lazysnap_snapshots{kind=\"committed\"} 2"),
+        "{metrics}"
+    );
 
     // lazysnapd restarts: the layers are remounted from metadata, no new pull needed.
     s.daemon.stop().unwrap();

@@ -16,13 +16,22 @@ pub struct FuseMounter {
     /// Mount a layer whose TOC cannot be verified when the client asked for it
     /// (`stargz.skipverify`); off by default, as in stargz-snapshotter.
     allow_no_verification: bool,
-    mounts: Mutex<HashMap<PathBuf, fusefs::MountedLayer>>,
+    mounts: Mutex<HashMap<PathBuf, Served>>,
+}
+
+/// A layer this process serves, and where it came from.
+struct Served {
+    mounted: fusefs::MountedLayer,
+    layer_digest: String,
+    image_ref: String,
 }
 
 /// One mounted layer, for status and metrics.
 #[derive(Debug, Clone)]
 pub struct MountedLayerStatus {
     pub mountpoint: PathBuf,
+    pub layer_digest: String,
+    pub image_ref: String,
     pub stats: fusefs::Stats,
 }
 
@@ -44,7 +53,7 @@ impl FuseMounter {
         }
     }
 
-    fn mounts(&self) -> MutexGuard<'_, HashMap<PathBuf, fusefs::MountedLayer>> {
+    fn mounts(&self) -> MutexGuard<'_, HashMap<PathBuf, Served>> {
         self.mounts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -52,9 +61,11 @@ impl FuseMounter {
         let mut out: Vec<_> = self
             .mounts()
             .iter()
-            .map(|(path, m)| MountedLayerStatus {
+            .map(|(path, served)| MountedLayerStatus {
                 mountpoint: path.clone(),
-                stats: m.stats(),
+                layer_digest: served.layer_digest.clone(),
+                image_ref: served.image_ref.clone(),
+                stats: served.mounted.stats(),
             })
             .collect();
         out.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
@@ -64,8 +75,8 @@ impl FuseMounter {
     /// Unmounts every layer (daemon shutdown): nothing is left mounted after exit.
     pub fn unmount_all(&self) {
         let drained: Vec<_> = self.mounts().drain().collect();
-        for (path, mut mounted) in drained {
-            if let Err(e) = mounted.unmount() {
+        for (path, mut served) in drained {
+            if let Err(e) = served.mounted.unmount() {
                 tracing::warn!(path = %path.display(), error = %e, "unmount failed");
             }
         }
@@ -173,8 +184,13 @@ impl RemoteMounter for FuseMounter {
                 .await
                 .map_err(|e| format!("mount task: {e}"))?
                 .map_err(|e| format!("FUSE mount at {}: {e}", mountpoint.display()))?;
-            if let Some(mut previous) = self.mounts().insert(mountpoint.to_path_buf(), mounted) {
-                let _ = previous.unmount();
+            let served = Served {
+                mounted,
+                layer_digest: layer.layer_digest.clone(),
+                image_ref: layer.image_ref.clone(),
+            };
+            if let Some(mut previous) = self.mounts().insert(mountpoint.to_path_buf(), served) {
+                let _ = previous.mounted.unmount();
             }
             Ok(info)
         })
@@ -182,8 +198,8 @@ impl RemoteMounter for FuseMounter {
 
     fn unmount(&self, mountpoint: &Path) {
         let removed = self.mounts().remove(mountpoint);
-        if let Some(mut mounted) = removed
-            && let Err(e) = mounted.unmount()
+        if let Some(mut served) = removed
+            && let Err(e) = served.mounted.unmount()
         {
             tracing::warn!(path = %mountpoint.display(), error = %e, "unmount failed");
         }
