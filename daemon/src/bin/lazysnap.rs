@@ -15,6 +15,43 @@ struct Cli {
 enum Command {
     /// Convert an image to eStargz or zstd:chunked (registry or oci:DIR[:TAG], both ways).
     Convert(converter::cli::ConvertArgs),
+    /// Pull an image through containerd so that lazysnapd mounts its layers lazily
+    /// (what `ctr-remote image rpull` does).
+    Rpull(RpullArgs),
+    /// Show what lazysnapd serves: snapshots, cache, and how much of each lazily mounted
+    /// layer is local.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct RpullArgs {
+    /// Image reference, e.g. registry.example.com/app:1.
+    reference: String,
+    /// containerd's socket.
+    #[arg(long, short = 'a', default_value = "/run/containerd/containerd.sock")]
+    address: std::path::PathBuf,
+    /// containerd namespace.
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+    /// The snapshotter's name in containerd's config (`[proxy_plugins.NAME]`).
+    #[arg(long, default_value = "lazysnap")]
+    snapshotter: String,
+    /// Speak plain HTTP to the registry (loopback registries do by default).
+    #[arg(long)]
+    plain_http: bool,
+    /// Platform to pull from a multi-platform image (os/arch[/variant]); default: this machine's.
+    #[arg(long)]
+    platform: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// lazysnapd's root directory.
+    #[arg(long, default_value = daemon::config::DEFAULT_ROOT)]
+    root: std::path::PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -61,6 +98,95 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // The digest on stdout, for scripts.
             println!("{}", summary.root.digest);
         }
+        Command::Rpull(args) => {
+            let options = daemon::rpull::RpullOptions {
+                address: args.address,
+                namespace: args.namespace,
+                snapshotter: args.snapshotter,
+                plain_http: args.plain_http,
+                platform: args.platform,
+                ..daemon::rpull::RpullOptions::default()
+            };
+            let start = std::time::Instant::now();
+            let report = runtime
+                .block_on(daemon::rpull::rpull(&args.reference, &options))
+                .with_context(|| format!("pulling {}", args.reference))?;
+            for layer in &report.layers {
+                println!(
+                    "{}  {:>10}  {}",
+                    layer.digest,
+                    layer.outcome,
+                    human(layer.size)
+                );
+            }
+            println!(
+                "{}: {} layers into {} in {:.2}s",
+                report.image,
+                report.layers.len(),
+                report.snapshotter,
+                start.elapsed().as_secs_f64()
+            );
+        }
+        Command::Status(args) => {
+            let status = runtime.block_on(daemon::observe::fetch_status(&args.root))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+                return Ok(());
+            }
+            let kinds: Vec<String> = status
+                .snapshots
+                .iter()
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect();
+            println!(
+                "lazy pulling {}; snapshots: {}; cache: {} in memory, {} on disk",
+                if status.lazy_pulling { "on" } else { "off" },
+                if kinds.is_empty() {
+                    "none".to_string()
+                } else {
+                    kinds.join(", ")
+                },
+                human(status.cache_memory_bytes),
+                human(status.cache_disk_bytes)
+            );
+            if !status.layers.is_empty() {
+                println!(
+                    "{:<20} {:>7} {:>10} {:>10} {:>10}  IMAGE",
+                    "LAYER", "LOCAL", "SIZE", "FETCHED", "REQUESTS"
+                );
+            }
+            for l in &status.layers {
+                let percent = if l.total_bytes == 0 {
+                    100.0
+                } else {
+                    l.local_bytes as f64 * 100.0 / l.total_bytes as f64
+                };
+                println!(
+                    "{:<20} {:>6.1}% {:>10} {:>10} {:>10}  {}",
+                    l.layer.chars().take(19).collect::<String>(),
+                    percent,
+                    human(l.total_bytes),
+                    human(l.fetched_bytes),
+                    l.range_requests,
+                    l.image
+                );
+            }
+        }
     }
     Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
