@@ -1,0 +1,495 @@
+//! Kubernetes' path to lazysnap: containerd's CRI plugin with `snapshotter = "lazysnap"` and
+//! `disable_snapshot_annotations = false`, driven over the CRI v1 API as a kubelet would.
+//! PullImage of an eStargz image mounts every layer lazily (the CRI plugin's
+//! `containerd.io/snapshot/cri.*` labels are all lazysnapd gets) and leaves the big file
+//! in the registry; a host-network pod whose sandbox image comes from the test registry
+//! then runs a container from that image, whose output lands in its CRI log file.
+//! Everything is removed through CRI, and nothing stays mounted afterwards.
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on should stop right there
+
+#[path = "cri/api.rs"]
+mod api;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use api::{
+    CONTAINER_EXITED, ContainerConfig, ContainerMetadata, CriClient, ImageSpec,
+    LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, NAMESPACE_MODE_CONTAINER, NAMESPACE_MODE_NODE, NAMESPACE_MODE_POD,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
+};
+use testkit::containerd::{Containerd, ContainerdOptions, mounts_under};
+use testkit::image::{Entry, ImageBuilder, busybox_layer};
+use testkit::lazysnapd::Lazysnapd;
+use testkit::registry::Registry;
+
+const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
+const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
+
+/// Size of the file the container never reads; it must stay in the registry.
+const BIG: usize = 24 << 20;
+
+/// Host paths CRI would use by default; the test configures them all into temp dirs.
+const HOST_PATHS: &[&str] = &[
+    "/etc/cni",
+    "/etc/containerd",
+    "/opt/cni",
+    "/var/lib/containerd",
+    "/var/log/pods",
+];
+
+/// Deterministic incompressible bytes, so the big file really costs its size to fetch
+/// (the same generator as lazy.rs).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Bytes the registry sent for GETs of `digest` (its access log: `"GET …" STATUS BYTES`).
+fn bytes_served(registry_log: &str, digest: &str) -> u64 {
+    registry_log
+        .lines()
+        .filter(|l| l.contains("\"GET ") && l.contains(digest))
+        .filter_map(|l| {
+            let after = l.split("HTTP/1.1\" ").nth(1)?;
+            let mut fields = after.split_whitespace();
+            let _status = fields.next()?;
+            fields.next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// The (digest, compressed size) of each layer of `reference`, from the registry.
+async fn layers_of(reference: &str) -> Vec<(String, u64)> {
+    let client = registry::Client::new(registry::RegistryConfig::default()).unwrap();
+    let resolved = client.resolve(&reference.parse().unwrap()).await.unwrap();
+    resolved
+        .manifest
+        .layers
+        .iter()
+        .map(|l| (l.digest.to_string(), l.size))
+        .collect()
+}
+
+/// Polls the async `check` (with backoff) until it yields a value or `limit` passes.
+async fn poll<T>(limit: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Fields drop in this order: containerd (its drop kills what CRI left), then lazysnapd
+/// (nothing uses its mounts any more), the registry, and last the temp dir.
+struct Setup {
+    containerd: Containerd,
+    daemon: Lazysnapd,
+    registry: Registry,
+    dir: tempfile::TempDir,
+    /// `HOST/cri/pause:1`: busybox sleeping, the pod's sandbox image.
+    pause: String,
+}
+
+fn push_pause_image(registry: &Registry) -> String {
+    let image = ImageBuilder::new()
+        .layer(busybox_layer().unwrap())
+        .entrypoint(&["/bin/sleep", "3600"])
+        .build()
+        .unwrap();
+    registry.push("cri/pause", "1", &image).unwrap()
+}
+
+/// busybox plus a layer with a small file the command reads and a big one it does not,
+/// converted to eStargz by `lazysnap convert`; returns the converted reference.
+fn push_estargz_app_image(registry: &Registry) -> String {
+    let image = ImageBuilder::new()
+        .layer(busybox_layer().unwrap())
+        .entries(&[
+            Entry::dir("app"),
+            Entry::file("app/motd", "served-lazily\n"),
+            Entry::file("app/big.bin", noise(BIG, 7)),
+        ])
+        .unwrap()
+        .cmd(&["/bin/cat", "/app/motd"])
+        .build()
+        .unwrap();
+    let plain = registry.push("cri/app", "plain", &image).unwrap();
+    let converted = format!("{}/cri/app:estargz", registry.host);
+    let out = Command::new(LAZYSNAP)
+        .args([
+            "convert",
+            "--no-progress-bars",
+            "--estargz",
+            &plain,
+            &converted,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "convert failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    converted
+}
+
+/// The CRI plugin's part of containerd's config. Mentioning the plugin makes its CNI dirs
+/// ours to set (testkit would otherwise); they go into the temp dir, never /etc/cni.
+fn cri_config(dir: &Path, registry: &Registry, pause: &str) -> String {
+    let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
+    let host = &registry.host;
+    format!(
+        "[{cri}]\n\
+         \x20 sandbox_image = \"{pause}\"\n\
+         \x20 # The sandbox gets oom_score_adj -998 otherwise, which needs CAP_SYS_RESOURCE;\n\
+         \x20 # test hosts may lack it. This clamps to containerd's own score instead.\n\
+         \x20 restrict_oom_score_adj = true\n\
+         [{cri}.containerd]\n\
+         \x20 snapshotter = \"lazysnap\"\n\
+         \x20 # CRI passes the cri.* labels (image ref, layer digest) only when this is false.\n\
+         \x20 disable_snapshot_annotations = false\n\
+         [{cri}.cni]\n\
+         \x20 conf_dir = \"{conf}\"\n\
+         \x20 bin_dir = \"{bin}\"\n\
+         # The test registry speaks plain HTTP; containerd 1.6 CRI would try HTTPS.\n\
+         [{cri}.registry.mirrors.\"{host}\"]\n\
+         \x20 endpoint = [\"http://{host}\"]\n",
+        conf = dir.join("cni/net.d").display(),
+        bin = dir.join("cni/bin").display(),
+    )
+}
+
+fn setup(name: &str) -> Option<(Setup, String)> {
+    if testkit::skip_unless_root(name) {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry")).unwrap();
+    let pause = push_pause_image(&registry);
+    let app = push_estargz_app_image(&registry);
+    // No background fetch: what the registry serves is what the pull and container read.
+    let config = dir.path().join("lazysnapd.toml");
+    std::fs::write(&config, "[lazy]\nbackground_fetch = false\n").unwrap();
+    let daemon = Lazysnapd::start_with_args(
+        Path::new(LAZYSNAPD),
+        &dir.path().join("ls"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
+    let containerd = Containerd::start_with(
+        &ContainerdOptions::default()
+            .keep_cri()
+            .proxy_snapshotter("lazysnap", &daemon.address)
+            .extra_config(&cri_config(dir.path(), &registry, &pause)),
+    )
+    .unwrap();
+    Some((
+        Setup {
+            containerd,
+            daemon,
+            registry,
+            dir,
+            pause,
+        },
+        app,
+    ))
+}
+
+/// Connects and waits for the CRI plugin, which answers "not initialized" for a while
+/// after containerd's own API is up.
+async fn cri_client(s: &Setup) -> CriClient {
+    let mut last = String::new();
+    let client = poll(Duration::from_secs(30), async || {
+        let mut client = match CriClient::connect(s.containerd.address()).await {
+            Ok(client) => client,
+            Err(e) => {
+                last = e.to_string();
+                return None;
+            }
+        };
+        match client.version().await {
+            Ok(version) => {
+                eprintln!(
+                    "CRI: {} {} (API {})",
+                    version.runtime_name, version.runtime_version, version.runtime_api_version
+                );
+                Some(client)
+            }
+            Err(status) => {
+                last = status.to_string();
+                None
+            }
+        }
+    })
+    .await;
+    client.unwrap_or_else(|| {
+        panic!(
+            "CRI did not answer: {last}\ncontainerd log:\n{}",
+            s.containerd.log()
+        )
+    })
+}
+
+fn pod_config(log_directory: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "lazy-cri".into(),
+            uid: format!("lazy-cri-{}", std::process::id()),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        log_directory: log_directory.to_str().unwrap().into(),
+        linux: Some(LinuxPodSandboxConfig {
+            cgroup_parent: String::new(),
+            security_context: Some(LinuxSandboxSecurityContext {
+                // Host network: no CNI plugin is needed (none is installed).
+                namespace_options: Some(NamespaceOption {
+                    network: NAMESPACE_MODE_NODE,
+                    pid: NAMESPACE_MODE_CONTAINER,
+                    ipc: NAMESPACE_MODE_POD,
+                }),
+            }),
+        }),
+        ..PodSandboxConfig::default()
+    }
+}
+
+fn container_config(image_id: &str) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: "app".into(),
+            attempt: 0,
+        }),
+        // No command: CRI takes `cat /app/motd` from the image config it pulled.
+        image: Some(ImageSpec {
+            image: image_id.into(),
+            ..ImageSpec::default()
+        }),
+        log_path: "app/0.log".into(),
+        linux: Some(LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                // As the kubelet does: the pod's network, the container's own PID space.
+                namespace_options: Some(NamespaceOption {
+                    network: NAMESPACE_MODE_NODE,
+                    pid: NAMESPACE_MODE_CONTAINER,
+                    ipc: NAMESPACE_MODE_POD,
+                }),
+            }),
+        }),
+        ..ContainerConfig::default()
+    }
+}
+
+/// Per layer of `reference`: (digest, bytes served so far, compressed size).
+async fn served_per_layer(s: &Setup, reference: &str) -> Vec<(String, u64, u64)> {
+    let log = s.registry.log();
+    layers_of(reference)
+        .await
+        .into_iter()
+        .map(|(digest, size)| {
+            let served = bytes_served(&log, &digest);
+            (digest, served, size)
+        })
+        .collect()
+}
+
+fn report(when: &str, layers: &[(String, u64, u64)]) {
+    for (digest, served, size) in layers {
+        eprintln!(
+            "{when}: layer {digest}: {served} of {size} compressed bytes served ({:.1}%)",
+            *served as f64 * 100.0 / *size as f64
+        );
+    }
+}
+
+/// The layer holding the big file: the largest one.
+fn big_layer(layers: &[(String, u64, u64)]) -> &(String, u64, u64) {
+    layers.iter().max_by_key(|(_, _, size)| *size).unwrap()
+}
+
+/// Mount points under any of `dirs` (the temp dirs are gone by then; their paths remain).
+fn mounts_under_any(dirs: &[PathBuf]) -> Vec<PathBuf> {
+    dirs.iter().flat_map(|d| mounts_under(d)).collect()
+}
+
+/// Cgroup dirs runc made for container `id` that still exist. Without a cgroup_parent, CRI
+/// on containerd 1.6 (cgroupfs driver) uses `/k8s.io/<id>` in every hierarchy.
+fn cgroups_of(id: &str) -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut candidates = vec![root.join("k8s.io").join(id)];
+    if let Ok(hierarchies) = std::fs::read_dir(root) {
+        candidates.extend(
+            hierarchies
+                .flatten()
+                .map(|h| h.path().join("k8s.io").join(id)),
+        );
+    }
+    candidates.into_iter().filter(|p| p.exists()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cri_pulls_estargz_lazily_and_runs_a_pod() {
+    let host_paths_before: Vec<bool> = HOST_PATHS.iter().map(|p| Path::new(p).exists()).collect();
+    let Some((s, app)) = setup("cri_pulls_estargz_lazily_and_runs_a_pod") else {
+        return;
+    };
+    let mut cri = cri_client(&s).await;
+    let logs = s.dir.path().join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let pod = pod_config(&logs);
+
+    // PullImage: every eStargz layer is mounted lazily from the CRI plugin's labels.
+    let image_id = cri
+        .pull_image(&app, Some(pod.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("PullImage {app}: {e}\nlazysnapd log:\n{}", s.daemon.log()));
+    let status = cri.image_status(&app).await.unwrap();
+    let image = status.unwrap_or_else(|| panic!("CRI does not list {app} after PullImage"));
+    assert_eq!(image.id, image_id);
+    assert!(image.repo_tags.contains(&app), "{image:?}");
+
+    let log = s.daemon.log();
+    let after_pull = served_per_layer(&s, &app).await;
+    assert_eq!(after_pull.len(), 2, "busybox and app layers expected");
+    for (digest, _, _) in &after_pull {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("layer mounted lazily") && l.contains(digest.as_str())),
+            "layer {digest} was not mounted lazily through CRI; lazysnapd log:\n{log}"
+        );
+    }
+    report("after PullImage", &after_pull);
+    let (big_digest, big_served, big_size) = big_layer(&after_pull);
+    assert!(
+        big_served * 10 < *big_size,
+        "PullImage fetched {big_served} of {big_size} bytes of layer {big_digest}"
+    );
+
+    // A host-network pod (sandbox image pulled by CRI from the test registry) runs a
+    // container from the lazily pulled image; its output goes to the CRI log file.
+    let sandbox = cri.run_pod_sandbox(&pod).await.unwrap_or_else(|e| {
+        panic!(
+            "RunPodSandbox: {e}\ncontainerd log:\n{}",
+            s.containerd.log()
+        )
+    });
+    // Where runc put the sandbox; checked again after removal, when it must be gone.
+    assert!(
+        !cgroups_of(&sandbox).is_empty(),
+        "no cgroup for sandbox {sandbox} under /sys/fs/cgroup/*/k8s.io"
+    );
+    let container = cri
+        .create_container(&sandbox, container_config(&image_id), &pod)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "CreateContainer: {e}\ncontainerd log:\n{}",
+                s.containerd.log()
+            )
+        });
+    cri.start_container(&container).await.unwrap_or_else(|e| {
+        panic!(
+            "StartContainer: {e}\ncontainerd log:\n{}",
+            s.containerd.log()
+        )
+    });
+    let exited = poll(Duration::from_secs(60), async || {
+        let status = cri.container_status(&container).await.ok()?;
+        (status.state == CONTAINER_EXITED).then_some(status)
+    })
+    .await
+    .unwrap_or_else(|| panic!("container {container} did not exit within 60 s"));
+    assert_eq!(
+        exited.exit_code, 0,
+        "container exited with {} ({} {})",
+        exited.exit_code, exited.reason, exited.message
+    );
+    let container_log = logs.join("app/0.log");
+    assert_eq!(Path::new(&exited.log_path), container_log);
+    // CRI log lines: `<RFC 3339 time> stdout F <line>`; the file may trail the exit a bit.
+    let printed = poll(Duration::from_secs(10), async || {
+        let text = std::fs::read_to_string(&container_log).ok()?;
+        text.lines()
+            .any(|l| l.ends_with(" stdout F served-lazily"))
+            .then_some(text)
+    })
+    .await;
+    assert!(
+        printed.is_some(),
+        "no `served-lazily` in {}: {:?}",
+        container_log.display(),
+        std::fs::read_to_string(&container_log)
+    );
+
+    // The container read busybox and a tiny file: the big file stayed in the registry.
+    let after_run = served_per_layer(&s, &app).await;
+    report("after the container ran", &after_run);
+    let (big_digest, big_served, big_size) = big_layer(&after_run);
+    assert!(
+        big_served * 4 < *big_size,
+        "{big_served} of {big_size} bytes of layer {big_digest} served by the time the container exited"
+    );
+
+    // Teardown through CRI, as the kubelet would; CRI itself must leave nothing mounted.
+    cri.stop_container(&container, 0).await.unwrap();
+    cri.remove_container(&container).await.unwrap();
+    cri.stop_pod_sandbox(&sandbox).await.unwrap();
+    cri.remove_pod_sandbox(&sandbox).await.unwrap();
+    let containerd_socket = s.containerd.address().to_path_buf();
+    let stopped = testkit::wait_until(Duration::from_secs(30), || {
+        s.containerd.mounts().is_empty()
+            && testkit::containerd::shims_of(&containerd_socket).is_empty()
+    });
+    assert!(
+        stopped,
+        "after RemovePodSandbox: mounts {:?}, shims {:?}",
+        s.containerd.mounts(),
+        testkit::containerd::shims_of(&containerd_socket)
+    );
+    let cgroups: Vec<PathBuf> = [&sandbox, &container]
+        .iter()
+        .flat_map(|id| cgroups_of(id))
+        .collect();
+    assert!(cgroups.is_empty(), "CRI left cgroups {cgroups:?}");
+    cri.remove_image(&app).await.unwrap();
+    cri.remove_image(&s.pause).await.unwrap();
+    assert!(cri.image_status(&app).await.unwrap().is_none());
+    // Removing the images garbage-collects their snapshots: lazysnapd unmounts the layers.
+    let clean = testkit::wait_until(Duration::from_secs(30), || {
+        mounts_under(&s.daemon.root).is_empty()
+            && std::fs::read_dir(s.daemon.root.join("snapshots")).map_or(0, |d| d.count()) == 0
+    });
+    assert!(
+        clean,
+        "lazysnapd still has mounts {:?} or snapshots after RemoveImage",
+        mounts_under(&s.daemon.root)
+    );
+
+    let dirs = vec![s.containerd.dir().to_path_buf(), s.dir.path().to_path_buf()];
+    drop(cri);
+    drop(s);
+    assert_eq!(mounts_under_any(&dirs), Vec::<PathBuf>::new());
+    let host_paths_after: Vec<bool> = HOST_PATHS.iter().map(|p| Path::new(p).exists()).collect();
+    assert_eq!(
+        host_paths_before, host_paths_after,
+        "host paths {HOST_PATHS:?} changed"
+    );
+}
