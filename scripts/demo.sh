@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end on this machine: start a local registry, lazysnapd and a
-# containerd that uses it as its `lazysnap` snapshotter; push a small image; pull it and
-# run it through lazysnap. Everything it starts it stops again, by PID.
+# containerd that uses it as its `lazysnap` snapshotter; push a small image, convert it to
+# eStargz with `lazysnap convert`, pull it lazily with `lazysnap rpull` and run it.
+# Everything it starts it stops again, by PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -10,7 +11,7 @@ apt_install $LAZYSNAP_PACKAGES
 ensure_rust
 
 echo "==== building lazysnapd"
-cargo build --release --locked -q -p daemon --bin lazysnapd
+cargo build --release --locked -q -p daemon --bins
 cargo build --release --locked -q -p testkit --example push_busybox
 bin=$PWD/target/release
 
@@ -71,14 +72,24 @@ wait_for containerd ctr -a "$work/containerd.sock" version
 
 ctr() { command ctr -a "$work/containerd.sock" -n demo "$@"; }
 echo "==== building and pushing a busybox image"
-ref=$("$bin/examples/push_busybox" "127.0.0.1:$port" demo/busybox latest)
-echo "pushed $ref"
+plain=$("$bin/examples/push_busybox" "127.0.0.1:$port" demo/busybox latest)
+echo "pushed $plain"
 
-echo "==== ctr image pull --snapshotter lazysnap $ref"
-ctr image pull --plain-http --snapshotter lazysnap "$ref" | tail -1
-echo "==== snapshots in lazysnap"
-ctr snapshots --snapshotter lazysnap ls
+ref="127.0.0.1:$port/demo/busybox:estargz"
+echo "==== lazysnap convert $plain $ref"
+"$bin/lazysnap" convert --no-progress-bars "$plain" "$ref"
+
+echo "==== lazysnap rpull $ref (layers mounted lazily, not downloaded)"
+"$bin/lazysnap" rpull -a "$work/containerd.sock" -n demo "$ref"
 echo "==== ctr run --snapshotter lazysnap $ref"
 ctr run --rm --snapshotter lazysnap "$ref" demo-1
-ctr run --rm --snapshotter lazysnap "$ref" demo-2 /bin/sh -c 'echo "running on: $(grep " / " /proc/mounts | cut -d" " -f1-3)"'
+echo "==== the layers are FUSE mounts served by lazysnapd:"
+grep " fuse.lazysnap " /proc/mounts | cut -d" " -f1-3
+echo "==== lazysnap status"
+"$bin/lazysnap" status --root "$work/lazysnap"
+
+echo "==== the plain gzip image through the same snapshotter: falls back to download + unpack"
+ctr image pull --plain-http --snapshotter lazysnap "$plain" | tail -1
+ctr run --rm --snapshotter lazysnap "$plain" demo-3
+ctr image rm --sync "$plain" >/dev/null
 echo "==== demo done; stopping everything"
