@@ -1,1 +1,34 @@
-//! A read-only filesystem over one eStargz / zstd:chunked layer whose bytes are fetched on demand.
+//! A read-only filesystem over one eStargz / zstd:chunked layer whose bytes are fetched
+//! on demand through a [`estargz::BlobReader`].
+//!
+//! - [`LayerFs`]: the core (inodes, attributes, directories, xattrs, reads) with no FUSE
+//!   in it, unit-tested without root.
+//! - [`mount`] / [`MountedLayer`]: the `fuser` edge and the mount's lifetime.
+//! - [`SharedCache`]: the daemon-wide chunk cache (memory and disk, bounded in bytes,
+//!   keyed by chunk digest, verified on load).
+//!
+//! Reads fetch only the chunks they need, coalescing neighbours into one range request
+//! and sharing fetches already in flight; every chunk is verified against its TOC
+//! digest before anyone sees it. Sequential readers get growing read-ahead; after
+//! mounting, the prioritized files are prefetched with one request and the rest of the
+//! layer follows in the background, yielding to on-demand reads.
+
+mod cache;
+mod config;
+mod core;
+mod error;
+mod fetch;
+mod fuse;
+mod lru;
+mod stats;
+#[cfg(test)]
+mod tests;
+
+pub use cache::{CacheConfig, SharedCache};
+pub use config::FsConfig;
+pub use core::{
+    Attr, DirEntry, FileKind, LayerFs, OPAQUE_XATTR, PendingRead, ReadStart, StatFs, XattrReply,
+};
+pub use error::{Error, Result};
+pub use fuse::{MountedLayer, mount};
+pub use stats::Stats;

@@ -1,0 +1,264 @@
+//! The chunk cache shared by every mounted layer of the daemon: verified, decompressed
+//! chunks keyed by chunk digest (so identical chunks are shared across layers and
+//! images), in a memory LRU in front of a disk LRU, both bounded in bytes.
+//!
+//! On disk a chunk lives at `chunks/<2 hex>/<64 hex>`, named by its sha256. It is written
+//! to `tmp/` and renamed into place, so a crash never leaves a torn file under its final
+//! name; it is not fsynced, because every load re-hashes the file and drops it on a
+//! mismatch (a torn or bit-rotted file is a miss, never wrong data).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use estargz::Digest;
+
+use crate::error::{Error, Result};
+use crate::lru::Lru;
+
+/// Where and how much the shared cache keeps.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Directory of the disk cache (created if missing), e.g. `/var/lib/lazysnap/cache`.
+    pub dir: PathBuf,
+    /// Bytes of decompressed chunks kept in memory across all layers. Default 256 MiB.
+    pub memory_bytes: u64,
+    /// Bytes of decompressed chunks kept on disk across all layers; 0 disables the disk
+    /// cache. Default 10 GiB.
+    pub disk_bytes: u64,
+}
+
+impl CacheConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        CacheConfig {
+            dir: dir.into(),
+            memory_bytes: 256 << 20,
+            disk_bytes: 10 << 30,
+        }
+    }
+}
+
+/// The daemon-wide chunk cache; cheap to clone.
+#[derive(Clone)]
+pub struct SharedCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    disk_enabled: bool,
+    memory: Mutex<Lru<Bytes>>,
+    #[cfg_attr(not(test), allow(dead_code))]
+    memory_capacity: u64,
+    /// Which chunks are on disk and their recency; the files are the data.
+    disk: Mutex<Lru<()>>,
+    tmp_seq: AtomicU64,
+}
+
+impl std::fmt::Debug for SharedCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedCache")
+            .field("dir", &self.inner.dir)
+            .field("memory_bytes_used", &self.memory_bytes_used())
+            .field("disk_bytes_used", &self.disk_bytes_used())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves a consistent LRU (no multi-step invariants
+    // span an unwind), so poisoning is not a reason to stop serving.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SharedCache {
+    /// Opens (or creates) the cache directory: removes temp files a crash left, and
+    /// indexes the chunks present, oldest modification first, trimming to the budget.
+    pub fn open(config: CacheConfig) -> Result<SharedCache> {
+        let dir = config.dir.clone();
+        let disk_enabled = config.disk_bytes > 0;
+        let mut disk = Lru::new(config.disk_bytes);
+        if disk_enabled {
+            let tmp = dir.join("tmp");
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp)
+                    .map_err(|e| Error::io(format!("cleaning {}", tmp.display()), e))?;
+            }
+            for d in [dir.join("chunks"), tmp] {
+                std::fs::create_dir_all(&d)
+                    .map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+            }
+            let mut found = scan(&dir.join("chunks"))?;
+            found.sort_by_key(|(_, _, mtime)| *mtime);
+            for (digest, size, _) in found {
+                for (victim, ()) in disk.insert(digest, (), size) {
+                    remove_chunk_file(&dir, &victim);
+                }
+            }
+        }
+        Ok(SharedCache {
+            inner: Arc::new(Inner {
+                dir,
+                disk_enabled,
+                memory: Mutex::new(Lru::new(config.memory_bytes)),
+                memory_capacity: config.memory_bytes,
+                disk: Mutex::new(disk),
+                tmp_seq: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    pub(crate) fn disk_enabled(&self) -> bool {
+        self.inner.disk_enabled
+    }
+
+    pub fn memory_bytes_used(&self) -> u64 {
+        lock(&self.inner.memory).bytes()
+    }
+
+    pub fn disk_bytes_used(&self) -> u64 {
+        lock(&self.inner.disk).bytes()
+    }
+
+    /// True when the chunk is in memory or on disk (without reading it).
+    pub fn contains(&self, digest: &Digest) -> bool {
+        lock(&self.inner.memory).contains(digest) || lock(&self.inner.disk).contains(digest)
+    }
+
+    pub(crate) fn get_memory(&self, digest: &Digest) -> Option<Bytes> {
+        lock(&self.inner.memory).get(digest)
+    }
+
+    /// The chunk from memory, or from disk after checking its length and sha256 (then
+    /// kept in memory too). `None` is a miss.
+    pub(crate) fn get(&self, digest: &Digest, size: u64) -> Option<Bytes> {
+        if let Some(b) = self.get_memory(digest) {
+            return Some(b);
+        }
+        if !self.inner.disk_enabled || lock(&self.inner.disk).get(digest).is_none() {
+            return None;
+        }
+        let path = chunk_path(&self.inner.dir, digest);
+        let data = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(e) => {
+                // Evicted by another thread between the index check and the read, or
+                // removed by hand: a miss.
+                tracing::debug!(path = %path.display(), error = %e, "cached chunk unreadable");
+                lock(&self.inner.disk).remove(digest);
+                return None;
+            }
+        };
+        if data.len() as u64 != size || Digest::of(&data) != *digest {
+            tracing::warn!(path = %path.display(), "cached chunk is corrupt; dropping it");
+            lock(&self.inner.disk).remove(digest);
+            remove_chunk_file(&self.inner.dir, digest);
+            return None;
+        }
+        let data = Bytes::from(data);
+        self.put_memory(*digest, data.clone());
+        Some(data)
+    }
+
+    pub(crate) fn put_memory(&self, digest: Digest, data: Bytes) {
+        let size = data.len() as u64;
+        lock(&self.inner.memory).insert(digest, data, size);
+    }
+
+    /// Stores a verified chunk on disk (temp file, then rename). Errors are logged and
+    /// swallowed: a cache that cannot write only costs refetches.
+    pub(crate) fn put_disk(&self, digest: Digest, data: &[u8]) {
+        if !self.inner.disk_enabled {
+            return;
+        }
+        if lock(&self.inner.disk).get(&digest).is_some() {
+            return;
+        }
+        if let Err(e) = self.write_file(&digest, data) {
+            tracing::warn!(chunk = %digest, error = %e, "cannot write chunk to the disk cache");
+            return;
+        }
+        let evicted = lock(&self.inner.disk).insert(digest, (), data.len() as u64);
+        if evicted.is_empty() && !lock(&self.inner.disk).contains(&digest) {
+            // Larger than the whole budget: not indexed, so do not keep the file.
+            remove_chunk_file(&self.inner.dir, &digest);
+        }
+        for (victim, ()) in evicted {
+            remove_chunk_file(&self.inner.dir, &victim);
+        }
+    }
+
+    fn write_file(&self, digest: &Digest, data: &[u8]) -> std::io::Result<()> {
+        let final_path = chunk_path(&self.inner.dir, digest);
+        if let Some(parent) = final_path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let seq = self.inner.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.inner.dir.join("tmp").join(format!(
+            "{}.{}.{seq}",
+            digest.hex(),
+            std::process::id()
+        ));
+        let res = std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, &final_path));
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        res
+    }
+
+    #[cfg(test)]
+    pub(crate) fn chunk_file(&self, digest: &Digest) -> PathBuf {
+        chunk_path(&self.inner.dir, digest)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn forget_memory(&self) {
+        *lock(&self.inner.memory) = Lru::new(self.inner.memory_capacity);
+    }
+}
+
+fn chunk_path(dir: &Path, digest: &Digest) -> PathBuf {
+    let hex = digest.hex();
+    dir.join("chunks").join(&hex[..2]).join(hex)
+}
+
+fn remove_chunk_file(dir: &Path, digest: &Digest) {
+    let path = chunk_path(dir, digest);
+    if let Err(e) = std::fs::remove_file(&path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove cached chunk");
+    }
+}
+
+/// Every `chunks/xx/<hex>` file: digest, size, modification time.
+fn scan(chunks: &Path) -> Result<Vec<(Digest, u64, std::time::SystemTime)>> {
+    let mut out = Vec::new();
+    let read = |p: &Path| {
+        std::fs::read_dir(p).map_err(|e| Error::io(format!("reading {}", p.display()), e))
+    };
+    for sub in read(chunks)? {
+        let sub = sub.map_err(|e| Error::io("reading the cache directory", e))?;
+        if !sub.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        for f in read(&sub.path())? {
+            let f = f.map_err(|e| Error::io("reading the cache directory", e))?;
+            let name = f.file_name();
+            let Some(digest) = name
+                .to_str()
+                .and_then(|n| format!("sha256:{n}").parse::<Digest>().ok())
+            else {
+                continue;
+            };
+            let Ok(meta) = f.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            out.push((digest, meta.len(), mtime));
+        }
+    }
+    Ok(out)
+}

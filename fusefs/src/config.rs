@@ -1,0 +1,99 @@
+//! Per-mount behaviour. The shared cache has its own [`crate::CacheConfig`].
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// How one mounted layer fetches, reads ahead and talks to the kernel. Every field has
+/// a documented default ([`FsConfig::default`]).
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// Fetch the prioritized files (everything before `.prefetch.landmark`) with one
+    /// range request right after mounting. Default true.
+    pub prefetch: bool,
+    /// After prefetch, fetch the rest of the layer at low priority so it ends up fully
+    /// local (needs the disk cache). Default true.
+    pub background_fetch: bool,
+    /// Background fetch budget in compressed bytes per second; `None` is unlimited.
+    /// Default 50 MB/s.
+    pub background_rate_limit: Option<u64>,
+    /// Size of one background range request (compressed). Default 4 MiB.
+    pub background_request_bytes: u64,
+    /// Deadline of one range request. Default 60 s.
+    pub fetch_timeout: Duration,
+    /// Largest coalesced on-demand range request (compressed). Default 16 MiB.
+    pub max_range_bytes: u64,
+    /// Chunks closer than this in the blob are fetched in one request (the bytes in
+    /// between are cheaper than a round trip). Default 32 KiB.
+    pub coalesce_gap: u64,
+    /// First read-ahead window of a sequential reader (file bytes). Default 4 MiB.
+    pub readahead_initial: u64,
+    /// The window doubles on every sequential refill up to this. Default 64 MiB.
+    pub readahead_max: u64,
+    /// Range requests one read-ahead window is split into, fetched in parallel.
+    /// Default 4.
+    pub readahead_requests: usize,
+    /// FUSE session threads (each with its own cloned /dev/fuse fd). Default 4.
+    pub fuse_threads: usize,
+    /// Largest read and read-ahead the kernel is asked for. Default 1 MiB.
+    pub max_read: u32,
+    /// How long the kernel may cache attributes and names; the layer is immutable.
+    /// Default 24 h.
+    pub attr_timeout: Duration,
+    /// Source name shown in /proc/mounts. Default "lazysnap".
+    pub fsname: String,
+    /// FUSE subtype (`fuse.<subtype>`). Default "lazysnap".
+    pub subtype: String,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        FsConfig {
+            prefetch: true,
+            background_fetch: true,
+            background_rate_limit: Some(50_000_000),
+            background_request_bytes: 4 << 20,
+            fetch_timeout: Duration::from_secs(60),
+            max_range_bytes: 16 << 20,
+            coalesce_gap: 32 << 10,
+            readahead_initial: 4 << 20,
+            readahead_max: 64 << 20,
+            readahead_requests: 4,
+            fuse_threads: 4,
+            max_read: 1 << 20,
+            attr_timeout: Duration::from_secs(24 * 3600),
+            fsname: "lazysnap".into(),
+            subtype: "lazysnap".into(),
+        }
+    }
+}
+
+impl FsConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str| Err(Error::Config(what.to_string()));
+        if self.background_rate_limit == Some(0) {
+            return bad("background_rate_limit of 0 (use background_fetch = false)");
+        }
+        if self.background_request_bytes == 0 || self.max_range_bytes == 0 {
+            return bad("request sizes must be positive");
+        }
+        if self.readahead_requests == 0 || self.readahead_initial > self.readahead_max {
+            return bad("readahead_requests must be positive and initial <= max");
+        }
+        if self.fuse_threads == 0 || self.fuse_threads > 64 {
+            return bad("fuse_threads must be 1..=64");
+        }
+        if self.max_read < 4096 {
+            return bad("max_read below 4096");
+        }
+        if self.fetch_timeout.is_zero() {
+            return bad("fetch_timeout of 0");
+        }
+        for name in [&self.fsname, &self.subtype] {
+            if name.is_empty() || name.contains([',', '\0', ' ']) {
+                return bad("fsname/subtype must be non-empty without commas or spaces");
+            }
+        }
+        Ok(())
+    }
+}

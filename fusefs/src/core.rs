@@ -1,0 +1,510 @@
+//! The filesystem core: inodes, attributes, directories, links, xattrs, statfs and
+//! reads over one layer's index. No FUSE in here; the adapter in `fuse.rs` translates.
+//!
+//! Inode numbers are `NodeId + 1` (the root is FUSE's 1), hardlinks share their
+//! target's inode, and file handles are inode numbers: all derivable from the TOC alone,
+//! so another process can take the FUSE connection over without a table from us.
+//!
+//! Overlay whiteouts: `.wh.NAME` appears as NAME, a 0/0 character device;
+//! `.wh..wh..opq` (and every other `.wh..wh.` name) is hidden and its directory carries
+//! `trusted.overlay.opaque = y`, which is how overlayfs sees an unpacked layer.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use estargz::{EntryKind, EntryRef, Layer, NodeId, Timestamp};
+
+use crate::cache::SharedCache;
+use crate::config::FsConfig;
+use crate::error::{Error, Result};
+use crate::fetch::Fetcher;
+use crate::stats::Stats;
+
+const WHITEOUT_PREFIX: &str = ".wh.";
+const WHITEOUT_META_PREFIX: &str = ".wh..wh.";
+const OPAQUE_MARKER: &str = ".wh..wh..opq";
+pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+const BLOCK_SIZE: u32 = 4096;
+
+/// The type of a file as the kernel sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Directory,
+    RegularFile,
+    Symlink,
+    CharDevice,
+    BlockDevice,
+    NamedPipe,
+}
+
+impl FileKind {
+    /// The `S_IF*` bits.
+    pub fn type_bits(self) -> u32 {
+        match self {
+            FileKind::Directory => libc::S_IFDIR,
+            FileKind::RegularFile => libc::S_IFREG,
+            FileKind::Symlink => libc::S_IFLNK,
+            FileKind::CharDevice => libc::S_IFCHR,
+            FileKind::BlockDevice => libc::S_IFBLK,
+            FileKind::NamedPipe => libc::S_IFIFO,
+        }
+    }
+}
+
+/// Attributes of one inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: FileKind,
+    /// Permission bits including setuid, setgid and sticky.
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// 512-byte blocks.
+    pub blocks: u64,
+    /// Device number in the kernel's 32-bit encoding (0 for non-devices).
+    pub rdev: u32,
+    pub mtime: Timestamp,
+    pub blksize: u32,
+}
+
+impl Attr {
+    /// `st_mode`: type bits and permission bits.
+    pub fn mode(&self) -> u32 {
+        self.kind.type_bits() | self.perm as u32
+    }
+}
+
+/// One directory entry; `offset` is where a listing resumes after it.
+#[derive(Debug, Clone, Copy)]
+pub struct DirEntry<'a> {
+    pub name: &'a str,
+    pub offset: u64,
+    pub attr: Attr,
+}
+
+/// An xattr reply under the size-probe protocol: a size for a probe (size 0), the data
+/// otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XattrReply {
+    Size(u32),
+    Data(Vec<u8>),
+}
+
+/// Filesystem figures for statfs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+/// What a read can answer without the network.
+pub enum ReadStart {
+    /// All the chunks were cached: the data.
+    Ready(Bytes),
+    /// Some chunks must be fetched: finish with [`LayerFs::read_fetch`].
+    Fetch(PendingRead),
+}
+
+/// A read that needs the network; `Send`, to be finished on the runtime.
+pub struct PendingRead {
+    node: NodeId,
+    offset: u64,
+    end: u64,
+}
+
+/// The read-only filesystem over one layer.
+pub struct LayerFs {
+    layer: Arc<Layer>,
+    fetcher: Arc<Fetcher>,
+    /// Directory link counts (2 + subdirectories), by node; 0 for non-directories.
+    dir_nlink: Vec<u32>,
+    /// Sum of regular file sizes, for statfs.
+    content_bytes: u64,
+}
+
+/// How an entry shows: hidden, a whiteout, or itself.
+fn classify(name: &str) -> Option<bool> {
+    if name.starts_with(WHITEOUT_META_PREFIX) || name == WHITEOUT_PREFIX {
+        None
+    } else {
+        Some(name.starts_with(WHITEOUT_PREFIX))
+    }
+}
+
+/// The kernel's `new_encode_dev`.
+fn encode_dev(major: u32, minor: u32) -> u32 {
+    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+}
+
+impl LayerFs {
+    /// Builds the inode table from the layer's index. Fetching happens on `handle`.
+    pub fn new(
+        layer: Arc<Layer>,
+        cache: SharedCache,
+        handle: tokio::runtime::Handle,
+        config: FsConfig,
+    ) -> Result<LayerFs> {
+        config.validate()?;
+        let index = layer.index();
+        let mut dir_nlink = vec![0u32; index.len()];
+        let mut content_bytes = 0u64;
+        for id in 0..index.len() {
+            let e = index.entry(NodeId(id as u32));
+            match e.kind() {
+                EntryKind::Dir => {
+                    let subdirs = e
+                        .children()
+                        .filter(|c| index.entry(*c).kind() == EntryKind::Dir)
+                        .count();
+                    dir_nlink[id] = 2u32.saturating_add(subdirs as u32);
+                }
+                EntryKind::Reg => content_bytes = content_bytes.saturating_add(e.size()),
+                _ => {}
+            }
+        }
+        Ok(LayerFs {
+            fetcher: Arc::new(Fetcher::new(Arc::clone(&layer), cache, handle, config)),
+            layer,
+            dir_nlink,
+            content_bytes,
+        })
+    }
+
+    pub fn layer(&self) -> &Arc<Layer> {
+        &self.layer
+    }
+
+    pub(crate) fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.fetcher
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.fetcher.stats()
+    }
+
+    /// The inode number of an entry (hardlinks give their target's).
+    pub fn ino_of(&self, id: NodeId) -> u64 {
+        self.layer.index().resolve(id).0 as u64 + 1
+    }
+
+    /// The entry behind an inode number, hardlinks resolved.
+    fn entry(&self, ino: u64) -> Result<EntryRef<'_>> {
+        let index = self.layer.index();
+        let id = ino
+            .checked_sub(1)
+            .and_then(|i| u32::try_from(i).ok())
+            .map(NodeId)
+            .and_then(|id| index.get(id))
+            .ok_or(Error::NotFound)?;
+        Ok(index.entry(index.resolve(id.id())))
+    }
+
+    fn dir(&self, ino: u64) -> Result<EntryRef<'_>> {
+        let e = self.entry(ino)?;
+        if e.kind() != EntryKind::Dir {
+            return Err(Error::NotDir);
+        }
+        Ok(e)
+    }
+
+    fn is_whiteout(e: &EntryRef<'_>) -> bool {
+        e.kind() != EntryKind::Dir && classify(e.name()) == Some(true)
+    }
+
+    fn attr_of(&self, e: EntryRef<'_>) -> Attr {
+        let ino = e.id().0 as u64 + 1;
+        let mut attr = Attr {
+            ino,
+            kind: FileKind::RegularFile,
+            perm: (e.mode() & 0o7777) as u16,
+            nlink: e.nlink().max(1),
+            uid: e.uid(),
+            gid: e.gid(),
+            size: 0,
+            blocks: 0,
+            rdev: 0,
+            mtime: e.mtime(),
+            blksize: BLOCK_SIZE,
+        };
+        if Self::is_whiteout(&e) {
+            // As containerd's applier makes them: mknod(S_IFCHR, 0), no permissions.
+            attr.kind = FileKind::CharDevice;
+            attr.perm = 0;
+            attr.nlink = 1;
+            return attr;
+        }
+        match e.kind() {
+            EntryKind::Dir => {
+                attr.kind = FileKind::Directory;
+                attr.nlink = self.dir_nlink.get(e.id().0 as usize).copied().unwrap_or(2);
+                attr.size = BLOCK_SIZE as u64;
+            }
+            EntryKind::Reg | EntryKind::Hardlink => attr.size = e.size(),
+            EntryKind::Symlink => {
+                attr.kind = FileKind::Symlink;
+                attr.size = e.symlink_target().map_or(0, |t| t.len() as u64);
+            }
+            EntryKind::Char | EntryKind::Block => {
+                attr.kind = if e.kind() == EntryKind::Char {
+                    FileKind::CharDevice
+                } else {
+                    FileKind::BlockDevice
+                };
+                let (major, minor) = e.device().unwrap_or((0, 0));
+                attr.rdev = encode_dev(major, minor);
+            }
+            EntryKind::Fifo => attr.kind = FileKind::NamedPipe,
+        }
+        attr.blocks = attr.size.div_ceil(512);
+        attr
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        Ok(self.attr_of(self.entry(ino)?))
+    }
+
+    /// Looks `name` up in directory `parent`. A whiteout `.wh.NAME` answers for NAME
+    /// (unless the layer also has NAME itself); hidden and `.wh.` names are not found.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        let dir = self.dir(parent)?;
+        let name = std::str::from_utf8(name).map_err(|_| Error::NotFound)?;
+        if name == "." {
+            return Ok(self.attr_of(dir));
+        }
+        if name == ".." {
+            return self.getattr(self.ino_of(dir.parent()));
+        }
+        if name.starts_with(WHITEOUT_PREFIX) {
+            return Err(Error::NotFound);
+        }
+        let index = self.layer.index();
+        let id = match index.child(dir.id(), name) {
+            Some(id) => id,
+            None => index
+                .child(dir.id(), &format!("{WHITEOUT_PREFIX}{name}"))
+                .ok_or(Error::NotFound)?,
+        };
+        Ok(self.attr_of(index.entry(index.resolve(id))))
+    }
+
+    /// Lists directory `ino` from `offset` (0 = start; then the `offset` of the last
+    /// entry returned). Offsets are positions in the TOC's sorted child list, so they
+    /// stay valid for the life of the mount and beyond.
+    pub fn readdir(&self, ino: u64, offset: u64) -> Result<impl Iterator<Item = DirEntry<'_>>> {
+        let dir = self.dir(ino)?;
+        let index = self.layer.index();
+        let count = dir.children().count() as u64;
+        let dir_attr = self.attr_of(dir);
+        let parent_attr = self.getattr(self.ino_of(dir.parent()))?;
+        Ok((offset..count + 2).filter_map(move |pos| {
+            let next = pos + 1;
+            match pos {
+                0 => Some(DirEntry {
+                    name: ".",
+                    offset: next,
+                    attr: dir_attr,
+                }),
+                1 => Some(DirEntry {
+                    name: "..",
+                    offset: next,
+                    attr: parent_attr,
+                }),
+                _ => {
+                    let id = dir.children().nth((pos - 2) as usize)?;
+                    let e = index.entry(id);
+                    let name = match classify(e.name())? {
+                        false => e.name(),
+                        true => {
+                            let shown = &e.name()[WHITEOUT_PREFIX.len()..];
+                            // The layer's own NAME wins over its whiteout.
+                            if index.child(dir.id(), shown).is_some() {
+                                return None;
+                            }
+                            shown
+                        }
+                    };
+                    Some(DirEntry {
+                        name,
+                        offset: next,
+                        attr: self.attr_of(index.entry(index.resolve(id))),
+                    })
+                }
+            }
+        }))
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<&str> {
+        self.entry(ino)?
+            .symlink_target()
+            .ok_or(Error::Invalid("not a symlink"))
+    }
+
+    fn xattrs(&self, ino: u64) -> Result<Vec<(&str, &[u8])>> {
+        let e = self.entry(ino)?;
+        if Self::is_whiteout(&e) {
+            return Ok(Vec::new());
+        }
+        let mut out: Vec<(&str, &[u8])> = e.xattrs().collect();
+        if e.kind() == EntryKind::Dir && self.layer.index().child(e.id(), OPAQUE_MARKER).is_some() {
+            out.retain(|(k, _)| *k != OPAQUE_XATTR);
+            out.push((OPAQUE_XATTR, b"y"));
+        }
+        Ok(out)
+    }
+
+    fn sized(data: Vec<u8>, size: u32) -> Result<XattrReply> {
+        if size == 0 {
+            let len = u32::try_from(data.len()).map_err(|_| Error::Range {
+                given: size,
+                needed: data.len(),
+            })?;
+            return Ok(XattrReply::Size(len));
+        }
+        if data.len() > size as usize {
+            return Err(Error::Range {
+                given: size,
+                needed: data.len(),
+            });
+        }
+        Ok(XattrReply::Data(data))
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8], size: u32) -> Result<XattrReply> {
+        let value = self
+            .xattrs(ino)?
+            .into_iter()
+            .find(|(k, _)| k.as_bytes() == name)
+            .map(|(_, v)| v.to_vec())
+            .ok_or(Error::NoXattr)?;
+        Self::sized(value, size)
+    }
+
+    /// Names, each followed by a NUL byte.
+    pub fn listxattr(&self, ino: u64, size: u32) -> Result<XattrReply> {
+        let mut list = Vec::new();
+        for (k, _) in self.xattrs(ino)? {
+            list.extend_from_slice(k.as_bytes());
+            list.push(0);
+        }
+        Self::sized(list, size)
+    }
+
+    pub fn statfs(&self) -> StatFs {
+        StatFs {
+            blocks: self.content_bytes.div_ceil(BLOCK_SIZE as u64),
+            bfree: 0,
+            bavail: 0,
+            files: self.layer.index().len() as u64,
+            ffree: 0,
+            bsize: BLOCK_SIZE,
+            namelen: 255,
+            frsize: BLOCK_SIZE,
+        }
+    }
+
+    /// Checks an open; returns the file handle (the inode number). Opening for writing,
+    /// truncating or creating is EROFS.
+    pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+        let e = self.entry(ino)?;
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_TRUNC | libc::O_CREAT) != 0
+        {
+            return Err(Error::ReadOnly);
+        }
+        if e.kind() == EntryKind::Dir {
+            return Err(Error::IsDir);
+        }
+        Ok(e.id().0 as u64 + 1)
+    }
+
+    pub fn opendir(&self, ino: u64, flags: i32) -> Result<u64> {
+        let e = self.dir(ino)?;
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            return Err(Error::ReadOnly);
+        }
+        Ok(e.id().0 as u64 + 1)
+    }
+
+    /// Every operation that would change the layer.
+    pub fn write_op(&self) -> Error {
+        Error::ReadOnly
+    }
+
+    /// Starts a read: answers at once from the cache, or says what must be fetched.
+    /// Never waits for the network, so a FUSE thread may call it.
+    pub fn read_start(&self, ino: u64, offset: u64, len: u32) -> Result<ReadStart> {
+        let e = self.entry(ino)?;
+        match e.kind() {
+            EntryKind::Reg => {}
+            EntryKind::Dir => return Err(Error::IsDir),
+            _ => return Err(Error::Invalid("not a regular file")),
+        }
+        let end = offset.saturating_add(len as u64).min(e.size());
+        if offset >= end {
+            return Ok(ReadStart::Ready(Bytes::new()));
+        }
+        self.fetcher.note_read(e.id(), offset, end, e.size());
+        let wants = self.wants(e.id(), offset, end);
+        match self.fetcher.try_cached(&wants)? {
+            Some(chunks) => Ok(ReadStart::Ready(assemble(&wants, &chunks, offset, end))),
+            None => Ok(ReadStart::Fetch(PendingRead {
+                node: e.id(),
+                offset,
+                end,
+            })),
+        }
+    }
+
+    fn wants(&self, node: NodeId, offset: u64, end: u64) -> Vec<(NodeId, estargz::Chunk)> {
+        self.layer
+            .chunks_for_range(node, offset, end - offset)
+            .iter()
+            .map(|c| (node, *c))
+            .collect()
+    }
+
+    /// Finishes a read that needs the network: fetches (or joins fetches of) the
+    /// missing chunks, all verified.
+    pub fn read_fetch(&self, pending: PendingRead) -> impl Future<Output = Result<Bytes>> + use<> {
+        let fetcher = Arc::clone(&self.fetcher);
+        let wants = self.wants(pending.node, pending.offset, pending.end);
+        async move {
+            let chunks = fetcher.demand_chunks(&wants).await?;
+            Ok(assemble(&wants, &chunks, pending.offset, pending.end))
+        }
+    }
+
+    /// A whole read, waiting for the network if needed (tests and non-FUSE callers).
+    pub async fn read(&self, ino: u64, offset: u64, len: u32) -> Result<Bytes> {
+        match self.read_start(ino, offset, len)? {
+            ReadStart::Ready(b) => Ok(b),
+            ReadStart::Fetch(p) => self.read_fetch(p).await,
+        }
+    }
+}
+
+/// The bytes `offset..end` of a file from its chunks (whole chunks, in order).
+fn assemble(wants: &[(NodeId, estargz::Chunk)], chunks: &[Bytes], offset: u64, end: u64) -> Bytes {
+    let piece = |c: &estargz::Chunk, data: &Bytes| {
+        let lo = offset.saturating_sub(c.file_offset).min(data.len() as u64) as usize;
+        let hi = (end - c.file_offset).min(data.len() as u64) as usize;
+        data.slice(lo..hi.max(lo))
+    };
+    if let ([(_, c)], [data]) = (wants, chunks) {
+        // One chunk: a slice of the cached buffer, no copy.
+        return piece(c, data);
+    }
+    let mut out = BytesMut::with_capacity((end - offset) as usize);
+    for ((_, c), data) in wants.iter().zip(chunks) {
+        out.extend_from_slice(&piece(c, data));
+    }
+    out.freeze()
+}

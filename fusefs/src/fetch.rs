@@ -1,0 +1,565 @@
+//! Getting verified chunks: cache lookups, coalesced range requests, shared in-flight
+//! fetches, sequential read-ahead, prefetch of the prioritized range and the
+//! low-priority background fetch of the whole layer.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use estargz::{Chunk, Digest, EntryKind, Layer, NodeId};
+use tokio::runtime::Handle;
+use tokio::sync::{Semaphore, watch};
+
+use crate::cache::SharedCache;
+use crate::config::FsConfig;
+use crate::error::{Error, Result};
+use crate::stats::{Counters, Stats};
+
+/// What an in-flight fetch ends with; `None` while it runs. Errors are shared as text
+/// since every waiter turns them into EIO anyway.
+type Slot = Option<std::result::Result<Bytes, Arc<str>>>;
+
+/// One chunk a fetch task has promised to deliver.
+struct Lead {
+    node: NodeId,
+    chunk: Chunk,
+    tx: watch::Sender<Slot>,
+}
+
+/// Per-file sequential-access state, keyed by the file's node.
+#[derive(Debug, Default, Clone, Copy)]
+struct SeqState {
+    /// Where the next sequential read is expected.
+    next: u64,
+    /// Sequential reads in a row.
+    run: u32,
+    /// Read-ahead window, doubled on every refill.
+    window: u64,
+    /// File offset up to which read-ahead has been issued.
+    issued: u64,
+}
+
+/// Files tracked for sequential access before the table is reset.
+const SEQ_TABLE_MAX: usize = 4096;
+
+pub(crate) struct Fetcher {
+    pub(crate) layer: Arc<Layer>,
+    /// For logs and errors: the layer's TOC digest.
+    name: String,
+    cache: SharedCache,
+    handle: Handle,
+    config: FsConfig,
+    pub(crate) counters: Counters,
+    inflight: Mutex<HashMap<Digest, watch::Receiver<Slot>>>,
+    /// On-demand reads (and their read-ahead) waiting for the network; the background
+    /// fetch waits for zero.
+    demand: watch::Sender<usize>,
+    seq: Mutex<HashMap<NodeId, SeqState>>,
+    readahead_slots: Arc<Semaphore>,
+    pub(crate) prefetch_done: watch::Sender<bool>,
+    pub(crate) background_done: watch::Sender<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counts an on-demand wait for the network while alive.
+struct DemandGuard<'a>(&'a watch::Sender<usize>);
+
+impl<'a> DemandGuard<'a> {
+    fn new(tx: &'a watch::Sender<usize>) -> Self {
+        tx.send_modify(|n| *n += 1);
+        DemandGuard(tx)
+    }
+}
+
+impl Drop for DemandGuard<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+impl Fetcher {
+    pub(crate) fn new(
+        layer: Arc<Layer>,
+        cache: SharedCache,
+        handle: Handle,
+        config: FsConfig,
+    ) -> Fetcher {
+        let slots = config.readahead_requests.max(1);
+        Fetcher {
+            name: layer.toc_digest().to_string(),
+            layer,
+            cache,
+            handle,
+            config,
+            counters: Counters::default(),
+            inflight: Mutex::new(HashMap::new()),
+            demand: watch::channel(0).0,
+            seq: Mutex::new(HashMap::new()),
+            readahead_slots: Arc::new(Semaphore::new(slots)),
+            prefetch_done: watch::channel(false).0,
+            background_done: watch::channel(false).0,
+        }
+    }
+
+    fn path(&self, node: NodeId) -> String {
+        self.layer.index().path_of(node)
+    }
+
+    /// A zstd:chunked hole: nothing to fetch, but the digest is still checked so a lying
+    /// TOC cannot turn data into zeros.
+    fn zeros(&self, node: NodeId, chunk: &Chunk) -> Result<Bytes> {
+        let data = self
+            .layer
+            .decompress_chunk(node, chunk, &[])
+            .map_err(|source| self.layer_error(source))?;
+        let data = Bytes::from(data);
+        self.cache.put_memory(chunk.digest, data.clone());
+        Ok(data)
+    }
+
+    fn layer_error(&self, source: estargz::Error) -> Error {
+        Error::Layer {
+            layer: self.name.clone(),
+            source,
+        }
+    }
+
+    /// Every chunk from the cache, or `None` if any must be fetched. Never touches the
+    /// network: this is what a FUSE thread may call.
+    pub(crate) fn try_cached(&self, wants: &[(NodeId, Chunk)]) -> Result<Option<Vec<Bytes>>> {
+        let mut out = Vec::with_capacity(wants.len());
+        for (node, c) in wants {
+            match self.cache.get(&c.digest, c.size) {
+                Some(b) => out.push(b),
+                None if c.zeros => out.push(self.zeros(*node, c)?),
+                None => return Ok(None),
+            }
+        }
+        Counters::add(&self.counters.cache_hits, out.len() as u64);
+        Ok(Some(out))
+    }
+
+    /// An on-demand read's chunks: counts as demand, so background fetching pauses.
+    pub(crate) async fn demand_chunks(
+        self: &Arc<Self>,
+        wants: &[(NodeId, Chunk)],
+    ) -> Result<Vec<Bytes>> {
+        let _guard = DemandGuard::new(&self.demand);
+        self.chunks(wants, true).await
+    }
+
+    /// The whole decompressed, verified chunks, in order: from the cache, from a fetch
+    /// already in flight, or from new range requests (coalesced) spawned here.
+    pub(crate) async fn chunks(
+        self: &Arc<Self>,
+        wants: &[(NodeId, Chunk)],
+        keep_in_memory: bool,
+    ) -> Result<Vec<Bytes>> {
+        let mut out: Vec<Option<Bytes>> = vec![None; wants.len()];
+        let mut waits: Vec<(usize, watch::Receiver<Slot>)> = Vec::new();
+        let mut leads: Vec<Lead> = Vec::new();
+        for (i, (node, c)) in wants.iter().enumerate() {
+            if let Some(b) = self.cache.get(&c.digest, c.size) {
+                Counters::add(&self.counters.cache_hits, 1);
+                out[i] = Some(b);
+                continue;
+            }
+            if c.zeros {
+                out[i] = Some(self.zeros(*node, c)?);
+                continue;
+            }
+            match self.join_or_lead(*node, c) {
+                Joined::Ready(b) => {
+                    Counters::add(&self.counters.cache_hits, 1);
+                    out[i] = Some(b);
+                }
+                Joined::Wait(rx) => {
+                    Counters::add(&self.counters.cache_misses, 1);
+                    waits.push((i, rx));
+                }
+                Joined::Lead(lead, rx) => {
+                    Counters::add(&self.counters.cache_misses, 1);
+                    leads.push(lead);
+                    waits.push((i, rx));
+                }
+            }
+        }
+        for (range, group) in self.group(leads, self.config.max_range_bytes) {
+            let this = Arc::clone(self);
+            // A task of its own: the fetch completes for every waiter even if the reader
+            // that started it goes away.
+            self.handle
+                .spawn(async move { this.fetch_range(range, group, keep_in_memory).await });
+        }
+        for (i, mut rx) in waits {
+            let res = match rx.wait_for(Option::is_some).await {
+                Ok(slot) => slot.clone(),
+                Err(_) => Some(Err(Arc::from("fetch task ended without an answer"))),
+            };
+            match res {
+                Some(Ok(b)) => out[i] = Some(b),
+                Some(Err(reason)) => {
+                    let (_, c) = &wants[i];
+                    return Err(Error::Fetch {
+                        layer: self.name.clone(),
+                        start: c.comp_offset,
+                        end: c.comp_end,
+                        reason: reason.to_string(),
+                    });
+                }
+                None => {}
+            }
+        }
+        out.into_iter()
+            .map(|b| b.ok_or(Error::Invalid("chunk left unanswered")))
+            .collect()
+    }
+
+    /// Joins the fetch of `c` already in flight, or registers a new one led by the
+    /// caller. Checks the memory cache under the lock: a finished fetch stores its chunk
+    /// before it leaves the in-flight table, so no fetch is ever started twice.
+    fn join_or_lead(&self, node: NodeId, c: &Chunk) -> Joined {
+        let mut inflight = lock(&self.inflight);
+        if let Some(rx) = inflight.get(&c.digest) {
+            // A fetch task that died (runtime shutting down) leaves a closed channel.
+            if rx.has_changed().is_ok() || rx.borrow().is_some() {
+                return Joined::Wait(rx.clone());
+            }
+        }
+        if let Some(b) = self.cache.get_memory(&c.digest) {
+            return Joined::Ready(b);
+        }
+        let (tx, rx) = watch::channel(None);
+        inflight.insert(c.digest, rx.clone());
+        Joined::Lead(
+            Lead {
+                node,
+                chunk: *c,
+                tx,
+            },
+            rx,
+        )
+    }
+
+    /// Sorts chunks by blob offset and cuts them into ranges of nearby chunks, each at
+    /// most `max` bytes unless a single chunk is larger.
+    fn group(&self, mut leads: Vec<Lead>, max: u64) -> Vec<(Range<u64>, Vec<Lead>)> {
+        leads.sort_by_key(|l| (l.chunk.comp_offset, l.chunk.inner_offset));
+        let mut out: Vec<(Range<u64>, Vec<Lead>)> = Vec::new();
+        for lead in leads {
+            let (s, e) = (lead.chunk.comp_offset, lead.chunk.comp_end);
+            if let Some((range, group)) = out.last_mut() {
+                let near = s <= range.end.saturating_add(self.config.coalesce_gap);
+                if near && e.max(range.end) - range.start <= max {
+                    range.end = range.end.max(e);
+                    group.push(lead);
+                    continue;
+                }
+            }
+            out.push((s..e, vec![lead]));
+        }
+        out
+    }
+
+    /// One range request; then every chunk in it is inflated, verified, cached and
+    /// handed to its waiters (off the async workers: inflating 4 MiB takes milliseconds).
+    async fn fetch_range(self: Arc<Self>, range: Range<u64>, leads: Vec<Lead>, keep: bool) {
+        Counters::add(&self.counters.range_requests, 1);
+        let len = range.end - range.start;
+        let read = self.layer.blob().read_at(range.start, len);
+        let data = match tokio::time::timeout(self.config.fetch_timeout, read).await {
+            Err(_) => Err(format!("timed out after {:?}", self.config.fetch_timeout)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(b)) if b.len() as u64 != len => {
+                Err(format!("got {} bytes, asked for {len}", b.len()))
+            }
+            Ok(Ok(b)) => Ok(b),
+        };
+        let data = match data {
+            Ok(d) => d,
+            Err(reason) => {
+                Counters::add(&self.counters.fetch_errors, 1);
+                tracing::warn!(layer = %self.name, start = range.start, end = range.end,
+                    %reason, "range request failed");
+                let reason: Arc<str> = Arc::from(reason);
+                for lead in leads {
+                    self.finish(lead, Err(reason.clone()));
+                }
+                return;
+            }
+        };
+        Counters::add(&self.counters.bytes_fetched, len);
+        let this = Arc::clone(&self);
+        let job = move || {
+            for lead in leads {
+                let res = this.inflate(&lead, &data[..], range.start, keep);
+                this.finish(lead, res);
+            }
+        };
+        if let Err(e) = tokio::task::spawn_blocking(job).await {
+            // The leads were dropped with the closure: their waiters see a closed
+            // channel and report EIO; the stale table entries are replaced on next use.
+            tracing::error!(layer = %self.name, error = %e, "chunk inflation task failed");
+        }
+    }
+
+    fn inflate(
+        &self,
+        lead: &Lead,
+        data: &[u8],
+        start: u64,
+        keep: bool,
+    ) -> std::result::Result<Bytes, Arc<str>> {
+        let c = &lead.chunk;
+        let rel = (c.comp_offset - start) as usize;
+        let bytes = data.get(rel..).unwrap_or(&[]);
+        match self.layer.decompress_chunk(lead.node, c, bytes) {
+            Ok(v) => {
+                let b = Bytes::from(v);
+                self.cache.put_disk(c.digest, &b);
+                if keep {
+                    self.cache.put_memory(c.digest, b.clone());
+                }
+                Ok(b)
+            }
+            Err(e) => {
+                Counters::add(&self.counters.verification_failures, 1);
+                tracing::warn!(layer = %self.name, path = %self.path(lead.node),
+                    error = %e, "chunk failed verification");
+                Err(Arc::from(e.to_string()))
+            }
+        }
+    }
+
+    fn finish(&self, lead: Lead, res: std::result::Result<Bytes, Arc<str>>) {
+        {
+            let mut inflight = lock(&self.inflight);
+            // Only our own entry: compare channels, not just the digest.
+            if inflight
+                .get(&lead.chunk.digest)
+                .is_some_and(|rx| rx.same_channel(&lead.tx.subscribe()))
+            {
+                inflight.remove(&lead.chunk.digest);
+            }
+        }
+        lead.tx.send_replace(Some(res));
+    }
+
+    /// Notes a read of `node` at `offset..end` and, when the file is being read
+    /// sequentially, issues read-ahead: a window that doubles on every refill, split
+    /// into several range requests fetched in parallel.
+    pub(crate) fn note_read(self: &Arc<Self>, node: NodeId, offset: u64, end: u64, size: u64) {
+        let issue = {
+            let mut seq = lock(&self.seq);
+            if seq.len() >= SEQ_TABLE_MAX && !seq.contains_key(&node) {
+                seq.clear();
+            }
+            let st = seq.entry(node).or_default();
+            // Within one maximal read of the expected offset still counts: the kernel's
+            // read-ahead reaches us from several FUSE threads, slightly out of order.
+            let tolerance = self.config.max_read as u64;
+            if end <= st.next && offset.saturating_add(tolerance) >= st.next {
+                // Re-reading just behind the front: neither progress nor a jump.
+                return;
+            }
+            if offset.abs_diff(st.next) <= tolerance {
+                st.run = st.run.saturating_add(1);
+                st.next = st.next.max(end);
+            } else {
+                *st = SeqState {
+                    next: end,
+                    run: 1,
+                    ..SeqState::default()
+                };
+            }
+            // Two sequential reads in a row before spending bandwidth on a guess.
+            if st.run < 2 {
+                return;
+            }
+            if st.window == 0 {
+                st.window = self.config.readahead_initial;
+                st.issued = end;
+            }
+            // Refill when less than half a window is left ahead of the reader.
+            if st.issued >= size || st.issued > end.saturating_add(st.window / 2) {
+                return;
+            }
+            let from = st.issued.max(end);
+            let to = end.saturating_add(st.window).min(size);
+            st.issued = to;
+            st.window = (st.window * 2).min(self.config.readahead_max);
+            from..to
+        };
+        if issue.is_empty() {
+            return;
+        }
+        let chunks: Vec<(NodeId, Chunk)> = self
+            .layer
+            .chunks_for_range(node, issue.start, issue.end - issue.start)
+            .iter()
+            .filter(|c| !c.zeros && !self.cache.contains(&c.digest))
+            .map(|c| (node, *c))
+            .collect();
+        if chunks.is_empty() {
+            return;
+        }
+        let total: u64 = chunks.iter().map(|(_, c)| c.comp_len()).sum();
+        let part = total.div_ceil(self.config.readahead_requests.max(1) as u64);
+        let mut parts: Vec<Vec<(NodeId, Chunk)>> = vec![Vec::new()];
+        let mut acc = 0;
+        for w in chunks {
+            if acc >= part && parts.last().is_some_and(|p| !p.is_empty()) {
+                parts.push(Vec::new());
+                acc = 0;
+            }
+            acc += w.1.comp_len();
+            if let Some(p) = parts.last_mut() {
+                p.push(w);
+            }
+        }
+        for part in parts {
+            let this = Arc::clone(self);
+            let slots = Arc::clone(&self.readahead_slots);
+            self.handle.spawn(async move {
+                let Ok(_permit) = slots.acquire_owned().await else {
+                    return;
+                };
+                let _guard = DemandGuard::new(&this.demand);
+                if let Err(e) = this.chunks(&part, true).await {
+                    tracing::debug!(layer = %this.name, error = %e, "read-ahead failed");
+                }
+            });
+        }
+    }
+
+    /// Every chunk of every regular file, with its node.
+    fn all_chunks(&self) -> Vec<(NodeId, Chunk)> {
+        let index = self.layer.index();
+        let mut out = Vec::with_capacity(index.all_chunks().len());
+        for id in 0..index.len() {
+            let e = index.entry(NodeId(id as u32));
+            if e.kind() == EntryKind::Reg {
+                out.extend(e.chunks().iter().map(|c| (e.id(), *c)));
+            }
+        }
+        out
+    }
+
+    /// Fetches the prioritized range (`0..offset of .prefetch.landmark`) with one range
+    /// request and caches its chunks.
+    pub(crate) async fn prefetch(self: &Arc<Self>) {
+        let Some(range) = self.layer.index().prefetch_range() else {
+            return;
+        };
+        let mut leads = Vec::new();
+        for (node, c) in self.all_chunks() {
+            if c.zeros || c.comp_end > range.end || self.cache.contains(&c.digest) {
+                continue;
+            }
+            if let Joined::Lead(lead, _) = self.join_or_lead(node, &c) {
+                leads.push(lead);
+            }
+        }
+        // One request for the whole range, however far apart its chunks are.
+        let grouped = self.group(leads, u64::MAX);
+        let Some(start) = grouped.first().map(|(r, _)| r.start) else {
+            return;
+        };
+        let end = grouped.iter().map(|(r, _)| r.end).max().unwrap_or(start);
+        let leads: Vec<Lead> = grouped.into_iter().flat_map(|(_, g)| g).collect();
+        tracing::debug!(layer = %self.name, start, end, chunks = leads.len(), "prefetch");
+        Arc::clone(self).fetch_range(start..end, leads, true).await;
+    }
+
+    /// Fetches every chunk not yet local, in blob order, one modest range at a time,
+    /// pausing while on-demand reads wait for the network and keeping to the rate
+    /// limit. Chunks go to disk only, so the memory cache keeps what readers use.
+    pub(crate) async fn background(self: &Arc<Self>) {
+        if !self.cache.disk_enabled() {
+            return;
+        }
+        let mut todo = self.all_chunks();
+        todo.retain(|(_, c)| !c.zeros);
+        todo.sort_by_key(|(_, c)| (c.comp_offset, c.inner_offset));
+        let mut seen = HashSet::new();
+        todo.retain(|(_, c)| seen.insert(c.digest));
+        let mut demand = self.demand.subscribe();
+        let mut i = 0;
+        while i < todo.len() {
+            let mut batch: Vec<(NodeId, Chunk)> = Vec::new();
+            let mut span: Option<Range<u64>> = None;
+            while i < todo.len() {
+                let c = todo[i].1;
+                if self.cache.contains(&c.digest) {
+                    i += 1;
+                    continue;
+                }
+                if let Some(r) = &span {
+                    let far = c.comp_offset > r.end.saturating_add(self.config.coalesce_gap);
+                    if far || c.comp_end.max(r.end) - r.start > self.config.background_request_bytes
+                    {
+                        break;
+                    }
+                }
+                span = Some(match span {
+                    Some(r) => r.start..r.end.max(c.comp_end),
+                    None => c.comp_offset..c.comp_end,
+                });
+                batch.push(todo[i]);
+                i += 1;
+            }
+            let Some(span) = span else { break };
+            // Yield to readers: wait until no on-demand read waits for the network.
+            if demand.wait_for(|n| *n == 0).await.is_err() {
+                return;
+            }
+            let started = Instant::now();
+            if let Err(e) = self.chunks(&batch, false).await {
+                tracing::debug!(layer = %self.name, error = %e, "background fetch failed");
+            }
+            if let Some(rate) = self.config.background_rate_limit {
+                let due = Duration::from_secs_f64((span.end - span.start) as f64 / rate as f64);
+                tokio::time::sleep_until((started + due).into()).await;
+            }
+        }
+    }
+
+    /// Counters plus how much of the layer is local.
+    pub(crate) fn stats(&self) -> Stats {
+        let mut seen = HashSet::new();
+        let (mut local, mut total) = (0, 0);
+        for c in self.layer.index().all_chunks() {
+            if !seen.insert(c.digest) {
+                continue;
+            }
+            total += c.size;
+            if c.zeros || self.cache.contains(&c.digest) {
+                local += c.size;
+            }
+        }
+        let k = &self.counters;
+        Stats {
+            bytes_fetched: Counters::get(&k.bytes_fetched),
+            range_requests: Counters::get(&k.range_requests),
+            cache_hits: Counters::get(&k.cache_hits),
+            cache_misses: Counters::get(&k.cache_misses),
+            verification_failures: Counters::get(&k.verification_failures),
+            fetch_errors: Counters::get(&k.fetch_errors),
+            local_bytes: local,
+            total_bytes: total,
+            prefetch_done: *self.prefetch_done.borrow(),
+            background_done: *self.background_done.borrow(),
+        }
+    }
+}
+
+enum Joined {
+    Ready(Bytes),
+    Wait(watch::Receiver<Slot>),
+    Lead(Lead, watch::Receiver<Slot>),
+}

@@ -1,0 +1,118 @@
+//! A least-recently-used map bounded in bytes, not entries (stargz's caches count
+//! entries, which bounds nothing when chunks are 4 MiB).
+
+use std::collections::{BTreeMap, HashMap};
+
+use estargz::Digest;
+
+pub(crate) struct Lru<V> {
+    map: HashMap<Digest, Slot<V>>,
+    /// Recency order: tick → key; the smallest tick is the least recently used.
+    order: BTreeMap<u64, Digest>,
+    tick: u64,
+    bytes: u64,
+    capacity: u64,
+}
+
+struct Slot<V> {
+    value: V,
+    tick: u64,
+    size: u64,
+}
+
+impl<V: Clone> Lru<V> {
+    pub(crate) fn new(capacity: u64) -> Self {
+        Lru {
+            map: HashMap::new(),
+            order: BTreeMap::new(),
+            tick: 0,
+            bytes: 0,
+            capacity,
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub(crate) fn contains(&self, key: &Digest) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// The value, marked as most recently used.
+    pub(crate) fn get(&mut self, key: &Digest) -> Option<V> {
+        self.tick += 1;
+        let slot = self.map.get_mut(key)?;
+        self.order.remove(&slot.tick);
+        slot.tick = self.tick;
+        self.order.insert(self.tick, *key);
+        Some(slot.value.clone())
+    }
+
+    /// Inserts (or refreshes) `key` and returns the entries evicted to stay within the
+    /// capacity. A value larger than the whole capacity is not kept.
+    pub(crate) fn insert(&mut self, key: Digest, value: V, size: u64) -> Vec<(Digest, V)> {
+        if size > self.capacity {
+            return Vec::new();
+        }
+        self.remove(&key);
+        self.tick += 1;
+        self.order.insert(self.tick, key);
+        self.map.insert(
+            key,
+            Slot {
+                value,
+                tick: self.tick,
+                size,
+            },
+        );
+        self.bytes += size;
+        let mut evicted = Vec::new();
+        while self.bytes > self.capacity {
+            let Some((_, victim)) = self.order.pop_first() else {
+                break;
+            };
+            if let Some(slot) = self.map.remove(&victim) {
+                self.bytes -= slot.size;
+                evicted.push((victim, slot.value));
+            }
+        }
+        evicted
+    }
+
+    pub(crate) fn remove(&mut self, key: &Digest) -> Option<V> {
+        let slot = self.map.remove(key)?;
+        self.order.remove(&slot.tick);
+        self.bytes -= slot.size;
+        Some(slot.value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(i: u8) -> Digest {
+        Digest::of(&[i])
+    }
+
+    #[test]
+    fn evicts_least_recently_used_by_bytes() {
+        let mut lru = Lru::new(10);
+        assert!(lru.insert(d(1), 1, 4).is_empty());
+        assert!(lru.insert(d(2), 2, 4).is_empty());
+        assert_eq!(lru.get(&d(1)), Some(1)); // 2 is now the oldest
+        let ev = lru.insert(d(3), 3, 4);
+        assert_eq!(ev, vec![(d(2), 2)]);
+        assert_eq!(lru.bytes(), 8);
+        assert!(lru.contains(&d(1)) && lru.contains(&d(3)) && !lru.contains(&d(2)));
+        // Too large to ever fit: not kept, nothing evicted.
+        assert!(lru.insert(d(4), 4, 11).is_empty());
+        assert!(!lru.contains(&d(4)));
+        // Re-inserting replaces the size instead of adding to it.
+        lru.insert(d(1), 1, 2);
+        assert_eq!(lru.bytes(), 6);
+        assert_eq!(lru.remove(&d(3)), Some(3));
+        assert_eq!(lru.bytes(), 2);
+    }
+}

@@ -1,0 +1,232 @@
+//! The core without FUSE: inodes, attributes, directories, links, xattrs, statfs,
+//! whiteouts, read-only answers, and reads that match the source.
+
+use super::*;
+use crate::{Error, FileKind, OPAQUE_XATTR, XattrReply};
+
+#[test]
+fn attributes_links_and_devices_match_the_tar() {
+    for format in FORMATS {
+        let (f, src) = fixture(format);
+        let root = f.fs.getattr(1).unwrap();
+        assert_eq!((root.ino, root.kind), (1, FileKind::Directory));
+        // bin, etc, data, opaque: 2 + 4 subdirectories.
+        assert_eq!(root.nlink, 6);
+
+        let tool = f.fs.getattr(f.ino("bin/tool")).unwrap();
+        assert_eq!(tool.kind, FileKind::RegularFile);
+        assert_eq!(tool.mode(), libc::S_IFREG | 0o4755);
+        assert_eq!((tool.uid, tool.gid, tool.size), (1000, 100, 5000));
+        assert_eq!(tool.blocks, 5000u64.div_ceil(512));
+        assert_eq!(tool.mtime.secs, MTIME as i64);
+
+        let data = f.fs.getattr(f.ino("data")).unwrap();
+        assert_eq!(data.mode(), libc::S_IFDIR | 0o700);
+
+        // Hardlinks share the target's inode and count both names.
+        let exact = f.fs.getattr(f.ino("data/exact")).unwrap();
+        let hard = f.fs.getattr(f.ino("etc/hard")).unwrap();
+        assert_eq!(exact.ino, hard.ino);
+        assert_eq!((exact.nlink, hard.nlink), (2, 2));
+        assert_eq!(hard.size, 2 * CHUNK);
+        assert_eq!(f.read_all("etc/hard").unwrap(), src.files["data/exact"]);
+
+        let link = f.fs.getattr(f.ino("bin/link")).unwrap();
+        assert_eq!((link.kind, link.size), (FileKind::Symlink, 4));
+        assert_eq!(f.fs.readlink(link.ino).unwrap(), "tool");
+        assert_eq!(f.fs.readlink(tool.ino).unwrap_err().errno(), libc::EINVAL);
+
+        let null = f.fs.getattr(f.ino("etc/null")).unwrap();
+        assert_eq!(null.mode(), libc::S_IFCHR | 0o666);
+        assert_eq!(null.rdev, (1 << 8) | 3);
+        let blk = f.fs.getattr(f.ino("etc/blk")).unwrap();
+        assert_eq!(blk.kind, FileKind::BlockDevice);
+        // new_encode_dev(259, 300): minor's high bits move above the major.
+        assert_eq!(blk.rdev, (300 & 0xff) | (259 << 8) | ((300 & !0xff) << 12));
+        let fifo = f.fs.getattr(f.ino("etc/fifo")).unwrap();
+        assert_eq!(fifo.mode(), libc::S_IFIFO | 0o644);
+
+        // Lookups: missing names, non-directories, ".." and bad inode numbers.
+        assert_eq!(f.fs.lookup(1, b"nope").unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(
+            f.fs.lookup(tool.ino, b"x").unwrap_err().errno(),
+            libc::ENOTDIR
+        );
+        assert_eq!(f.fs.lookup(data.ino, b"..").unwrap().ino, 1);
+        assert_eq!(f.fs.lookup(1, b"..").unwrap().ino, 1);
+        assert!(matches!(f.fs.getattr(0), Err(Error::NotFound)));
+        assert!(matches!(f.fs.getattr(1 << 40), Err(Error::NotFound)));
+        assert!(matches!(f.fs.lookup(1, b"\xff"), Err(Error::NotFound)));
+    }
+}
+
+#[test]
+fn inode_numbers_are_deterministic() {
+    let (tar, _) = sample_tar();
+    let blob = convert(&tar, OutputFormat::Estargz, &[]);
+    let a = fixture_with(FaultBlob::new(blob.clone()), quiet_config(), 0);
+    let b = fixture_with(FaultBlob::new(blob), quiet_config(), 0);
+    for path in [
+        "bin",
+        "bin/tool",
+        "etc/hard",
+        "data/big",
+        "etc/gone",
+        "opaque/kept",
+    ] {
+        assert_eq!(a.ino(path), b.ino(path), "{path}");
+    }
+    // Inode = TOC node + 1: derivable without any table of ours.
+    let index = a.fs.layer().index();
+    let id = index.lookup("data/big").unwrap();
+    assert_eq!(a.ino("data/big"), id.0 as u64 + 1);
+}
+
+fn listing(f: &Fixture, ino: u64, offset: u64) -> Vec<(String, u64, u64)> {
+    f.fs.readdir(ino, offset)
+        .unwrap()
+        .map(|e| (e.name.to_string(), e.offset, e.attr.ino))
+        .collect()
+}
+
+#[test]
+fn readdir_lists_sorted_names_and_resumes_at_every_offset() {
+    let (f, _) = fixture(OutputFormat::Estargz);
+    let etc = f.ino("etc");
+    let all = listing(&f, etc, 0);
+    let names: Vec<&str> = all.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        // TOC order: the whiteout sorts by its stored name, ".wh.gone".
+        [
+            ".", "..", "gone", "attrs", "blk", "empty", "fifo", "hard", "null"
+        ]
+    );
+    assert_eq!(all[1].2, 1, ".. of etc is the root");
+    // Resuming after any entry yields exactly the rest.
+    for (i, (_, off, _)) in all.iter().enumerate() {
+        assert_eq!(listing(&f, etc, *off), all[i + 1..].to_vec());
+    }
+    // Inode numbers agree with lookup (hardlink shows its target's).
+    for (name, _, ino) in &all[2..] {
+        assert_eq!(f.fs.lookup(etc, name.as_bytes()).unwrap().ino, *ino);
+    }
+    assert!(listing(&f, etc, 1000).is_empty());
+    let tool = f.ino("bin/tool");
+    assert!(matches!(f.fs.readdir(tool, 0), Err(Error::NotDir)));
+}
+
+#[test]
+fn whiteouts_and_opaque_directories_look_like_unpacked_overlay_layers() {
+    for format in FORMATS {
+        let (f, _) = fixture(format);
+        let etc = f.ino("etc");
+        let gone = f.fs.lookup(etc, b"gone").unwrap();
+        assert_eq!(gone.kind, FileKind::CharDevice);
+        assert_eq!((gone.rdev, gone.perm), (0, 0));
+        // The raw names are hidden.
+        for hidden in [&b".wh.gone"[..], b".wh..wh..opq"] {
+            assert!(f.fs.lookup(etc, hidden).is_err());
+        }
+        let opaque = f.ino("opaque");
+        let names: Vec<String> = listing(&f, opaque, 0).into_iter().map(|e| e.0).collect();
+        assert_eq!(names, [".", "..", "kept"]);
+        assert!(f.fs.lookup(opaque, b".wh..wh..opq").is_err());
+        assert_eq!(
+            f.fs.getxattr(opaque, OPAQUE_XATTR.as_bytes(), 10).unwrap(),
+            XattrReply::Data(b"y".to_vec())
+        );
+        let mut list = OPAQUE_XATTR.as_bytes().to_vec();
+        list.push(0);
+        assert_eq!(f.fs.listxattr(opaque, 100).unwrap(), XattrReply::Data(list));
+        // Other directories are not opaque.
+        assert!(matches!(
+            f.fs.getxattr(etc, OPAQUE_XATTR.as_bytes(), 10),
+            Err(Error::NoXattr)
+        ));
+    }
+}
+
+#[test]
+fn xattrs_follow_the_size_probe_protocol() {
+    let (f, _) = fixture(OutputFormat::ZstdChunked);
+    let ino = f.ino("etc/attrs");
+    assert_eq!(
+        f.fs.getxattr(ino, b"user.bin", 0).unwrap(),
+        XattrReply::Size(3)
+    );
+    assert_eq!(
+        f.fs.getxattr(ino, b"user.bin", 3).unwrap(),
+        XattrReply::Data(b"\x00\x01\xff".to_vec())
+    );
+    assert_eq!(
+        f.fs.getxattr(ino, b"user.bin", 2).unwrap_err().errno(),
+        libc::ERANGE
+    );
+    assert_eq!(
+        f.fs.getxattr(ino, b"user.none", 10).unwrap_err().errno(),
+        libc::ENODATA
+    );
+    let names = b"user.bin\0user.color\0".to_vec();
+    assert_eq!(
+        f.fs.listxattr(ino, 0).unwrap(),
+        XattrReply::Size(names.len() as u32)
+    );
+    assert_eq!(f.fs.listxattr(ino, 100).unwrap(), XattrReply::Data(names));
+    assert_eq!(f.fs.listxattr(ino, 5).unwrap_err().errno(), libc::ERANGE);
+    assert_eq!(
+        f.fs.listxattr(f.ino("bin/tool"), 0).unwrap(),
+        XattrReply::Size(0)
+    );
+}
+
+#[test]
+fn statfs_reports_real_figures_and_writes_are_erofs() {
+    let (f, src) = fixture(OutputFormat::Estargz);
+    let s = f.fs.statfs();
+    let content: u64 = src.files.values().map(|v| v.len() as u64).sum();
+    assert_eq!(s.blocks, content.div_ceil(4096));
+    assert_eq!(s.files, f.fs.layer().index().len() as u64);
+    assert_eq!((s.bsize, s.namelen, s.bfree, s.bavail), (4096, 255, 0, 0));
+
+    let tool = f.ino("bin/tool");
+    for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
+        assert_eq!(f.fs.open(tool, flags).unwrap_err().errno(), libc::EROFS);
+    }
+    assert_eq!(f.fs.open(tool, libc::O_RDONLY).unwrap(), tool);
+    assert_eq!(
+        f.fs.open(1, libc::O_RDONLY).unwrap_err().errno(),
+        libc::EISDIR
+    );
+    assert_eq!(f.fs.opendir(1, libc::O_RDONLY).unwrap(), 1);
+    assert_eq!(f.fs.write_op().errno(), libc::EROFS);
+}
+
+#[test]
+fn reads_return_exactly_the_source_bytes() {
+    for format in FORMATS {
+        let (f, src) = fixture(format);
+        for (path, data) in &src.files {
+            assert_eq!(&f.read_all(path).unwrap(), data, "{path} ({format:?})");
+        }
+        let big = &src.files["data/big"];
+        let n = big.len() as u64;
+        // Windows across chunk boundaries, at the end and past it.
+        for (off, len) in [
+            (0, 1),
+            (CHUNK - 3, 10),
+            (CHUNK, CHUNK as u32),
+            (3 * CHUNK - 1, 2 * CHUNK as u32 + 2),
+            (n - 5, 100),
+            (n, 10),
+            (n + 100, 10),
+        ] {
+            let got = f.read("data/big", off, len).unwrap();
+            let lo = off.min(n) as usize;
+            let hi = (off + len as u64).min(n) as usize;
+            assert_eq!(&got[..], &big[lo..hi], "{off}+{len}");
+        }
+        assert_eq!(f.read("bin", 0, 10).unwrap_err().errno(), libc::EISDIR);
+        assert_eq!(f.read("bin/link", 0, 10).unwrap_err().errno(), libc::EINVAL);
+    }
+}

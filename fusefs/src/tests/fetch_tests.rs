@@ -1,0 +1,367 @@
+//! The fetcher: faults become EIO and never wrong data, retries work, identical
+//! fetches are shared, neighbours are coalesced, caches hold and verify, prefetch,
+//! background fetch and read-ahead.
+
+use super::*;
+use crate::ReadStart;
+
+fn sample_blob(format: OutputFormat) -> (Vec<u8>, Source) {
+    let (tar, src) = sample_tar();
+    (convert(&tar, format, &[]), src)
+}
+
+#[test]
+fn fetch_faults_give_eio_never_wrong_data_and_a_retry_succeeds() {
+    for format in FORMATS {
+        let (blob, src) = sample_blob(format);
+        let f = fixture_with(FaultBlob::new(blob), quiet_config(), 1 << 30);
+        let want = &src.files["data/big"];
+        let read = |off: u64| f.read("data/big", off, CHUNK as u32);
+
+        // Offsets far apart, so no read-ahead fetches what the next step corrupts.
+        let [a, b, c] = [2 * CHUNK, 0, 4 * CHUNK];
+        let want_at = |off: u64| &want[off as usize..(off + CHUNK) as usize];
+        f.blob.fail_next.store(1, Ordering::SeqCst);
+        assert_eq!(read(a).unwrap_err().errno(), libc::EIO);
+        assert_eq!(f.fs.stats().fetch_errors, 1);
+        assert_eq!(&read(a).unwrap()[..], want_at(a));
+
+        f.blob.short_next.store(1, Ordering::SeqCst);
+        assert_eq!(read(b).unwrap_err().errno(), libc::EIO);
+        assert_eq!(f.fs.stats().fetch_errors, 2);
+        assert_eq!(&read(b).unwrap()[..], want_at(b));
+
+        f.blob.corrupt_next.store(1, Ordering::SeqCst);
+        assert_eq!(read(c).unwrap_err().errno(), libc::EIO);
+        assert_eq!(f.fs.stats().verification_failures, 1);
+        // Nothing bad was cached: the retry fetches again and gets the right bytes.
+        let before = f.blob.request_count();
+        assert_eq!(&read(c).unwrap()[..], want_at(c));
+        assert_eq!(f.blob.request_count(), before + 1);
+    }
+}
+
+#[test]
+fn a_stalled_fetch_times_out_with_eio() {
+    let (blob, _) = sample_blob(OutputFormat::Estargz);
+    let config = FsConfig {
+        fetch_timeout: Duration::from_millis(100),
+        ..quiet_config()
+    };
+    let f = fixture_with(FaultBlob::new(blob), config, 0);
+    f.blob.hold();
+    assert_eq!(f.read("bin/tool", 0, 10).unwrap_err().errno(), libc::EIO);
+    assert_eq!(f.fs.stats().fetch_errors, 1);
+}
+
+#[test]
+fn concurrent_identical_reads_fetch_once() {
+    let (blob, src) = sample_blob(OutputFormat::ZstdChunked);
+    let f = fixture_with(FaultBlob::new(blob), quiet_config(), 1 << 30);
+    f.blob.hold();
+    let ino = f.ino("data/big");
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let fs = Arc::clone(&f.fs);
+            f.rt.spawn(async move { fs.read(ino, 10, 100).await })
+        })
+        .collect();
+    // Every reader has registered its miss (and so joined or led the fetch) before the
+    // blob may answer.
+    assert!(testkit::wait_until(Duration::from_secs(10), || {
+        f.fs.stats().cache_misses == 8
+    }));
+    f.blob.release();
+    for r in readers {
+        let got = f.rt.block_on(r).unwrap().unwrap();
+        assert_eq!(&got[..], &src.files["data/big"][10..110]);
+    }
+    assert_eq!(f.blob.request_count(), 1);
+    assert_eq!(f.fs.stats().range_requests, 1);
+}
+
+#[test]
+fn adjacent_chunks_are_coalesced_into_one_range_request() {
+    for format in FORMATS {
+        let (blob, src) = sample_blob(format);
+        let f = fixture_with(FaultBlob::new(blob), quiet_config(), 0);
+        let got = f.read("data/big", CHUNK / 2, 3 * CHUNK as u32).unwrap();
+        let want = &src.files["data/big"];
+        assert_eq!(&got[..], &want[CHUNK as usize / 2..CHUNK as usize * 7 / 2]);
+        // Four chunks, one request covering all of them.
+        let ino = f.ino("data/big");
+        let index = f.fs.layer().index();
+        let chunks = f.fs.layer().chunks_for_range(
+            index.resolve(estargz::NodeId(ino as u32 - 1)),
+            CHUNK / 2,
+            3 * CHUNK,
+        );
+        assert_eq!(chunks.len(), 4);
+        let reqs = f.blob.requests.lock().unwrap().clone();
+        assert_eq!(reqs.len(), 1, "{format:?}: {reqs:?}");
+        assert_eq!(reqs[0].0, chunks[0].comp_offset);
+        assert_eq!(reqs[0].0 + reqs[0].1, chunks[3].comp_end);
+        let s = f.fs.stats();
+        assert_eq!((s.range_requests, s.cache_misses), (1, 4));
+    }
+}
+
+#[test]
+fn cached_reads_are_answered_without_the_network() {
+    let (blob, src) = sample_blob(OutputFormat::Estargz);
+    let f = fixture_with(FaultBlob::new(blob), quiet_config(), 0);
+    let ino = f.ino("bin/tool");
+    assert!(matches!(
+        f.fs.read_start(ino, 0, 100).unwrap(),
+        ReadStart::Fetch(_)
+    ));
+    f.read("bin/tool", 0, 100).unwrap();
+    f.blob.fail_all.store(true, Ordering::SeqCst);
+    match f.fs.read_start(ino, 100, 100).unwrap() {
+        ReadStart::Ready(b) => assert_eq!(&b[..], &src.files["bin/tool"][100..200]),
+        ReadStart::Fetch(_) => panic!("a cached chunk needed a fetch"),
+    }
+    // zstd:chunked-style zero chunks or not, a file of zeros reads as zeros.
+    f.blob.fail_all.store(false, Ordering::SeqCst);
+    assert_eq!(f.read_all("data/zeros").unwrap(), src.files["data/zeros"]);
+    assert!(f.fs.stats().cache_hits >= 1);
+}
+
+#[test]
+fn disk_cache_survives_reopen_and_corrupt_files_are_refetched() {
+    let (blob, src) = sample_blob(OutputFormat::Estargz);
+    let f = fixture_with(FaultBlob::new(blob.clone()), quiet_config(), 1 << 30);
+    assert_eq!(f.read_all("data/big").unwrap(), src.files["data/big"]);
+    let used = f.cache.disk_bytes_used();
+    assert_eq!(used, src.files["data/big"].len() as u64);
+
+    // A new cache over the same directory (a restarted daemon) with the network gone.
+    let cache_dir = f.dir.path().join("cache");
+    std::fs::write(cache_dir.join("tmp").join("leftover"), b"torn").unwrap();
+    let cache = SharedCache::open(CacheConfig {
+        dir: cache_dir.clone(),
+        memory_bytes: 64 << 20,
+        disk_bytes: 1 << 30,
+    })
+    .unwrap();
+    assert!(!cache_dir.join("tmp").join("leftover").exists());
+    assert_eq!(cache.disk_bytes_used(), used);
+    let offline = Arc::new(FaultBlob::new(blob));
+    let layer =
+        f.rt.block_on(Layer::open(offline.clone(), &Default::default()))
+            .unwrap();
+    offline.requests.lock().unwrap().clear();
+    offline.fail_all.store(true, Ordering::SeqCst);
+    let layer = Arc::new(layer);
+    let fs2 = LayerFs::new(layer, cache.clone(), f.rt.handle().clone(), quiet_config()).unwrap();
+    let ino = f.ino("data/big");
+    let read2 = |off: u64| f.rt.block_on(fs2.read(ino, off, CHUNK as u32));
+    assert_eq!(
+        &read2(0).unwrap()[..],
+        &src.files["data/big"][..CHUNK as usize]
+    );
+    assert_eq!(offline.request_count(), 0);
+
+    // Flip a byte of a cached chunk file: detected on load, never served.
+    let chunk =
+        f.fs.layer()
+            .chunks_for_range(estargz::NodeId(ino as u32 - 1), CHUNK, 1)[0];
+    let path = cache.chunk_file(&chunk.digest);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[7] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    assert_eq!(read2(CHUNK).unwrap_err().errno(), libc::EIO);
+    assert!(!path.exists(), "the corrupt file is dropped");
+    offline.fail_all.store(false, Ordering::SeqCst);
+    assert_eq!(
+        &read2(CHUNK).unwrap()[..],
+        &src.files["data/big"][CHUNK as usize..2 * CHUNK as usize]
+    );
+    assert!(path.exists(), "refetched and cached again");
+}
+
+#[test]
+fn disk_cache_stays_within_its_budget() {
+    let (blob, src) = sample_blob(OutputFormat::ZstdChunked);
+    let budget = 3 * CHUNK;
+    let f = fixture_with(FaultBlob::new(blob), quiet_config(), budget);
+    assert_eq!(f.read_all("data/big").unwrap(), src.files["data/big"]);
+    assert_eq!(f.read_all("data/exact").unwrap(), src.files["data/exact"]);
+    assert!(f.cache.disk_bytes_used() <= budget);
+    let files: u64 = walk(&f.dir.path().join("cache/chunks"))
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert_eq!(files, f.cache.disk_bytes_used());
+    assert!(files > 0);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn identical_chunks_are_shared_across_layers_through_the_disk_cache() {
+    let (tar, src) = sample_tar();
+    let a = fixture_with(
+        FaultBlob::new(convert(&tar, OutputFormat::Estargz, &[])),
+        quiet_config(),
+        1 << 30,
+    );
+    assert_eq!(a.read_all("data/big").unwrap(), src.files["data/big"]);
+    // The same content in another format: other blob, same chunk digests.
+    let blob = Arc::new(FaultBlob::new(convert(
+        &tar,
+        OutputFormat::ZstdChunked,
+        &[],
+    )));
+    let layer =
+        a.rt.block_on(Layer::open(blob.clone(), &Default::default()))
+            .unwrap();
+    blob.requests.lock().unwrap().clear();
+    let fs = LayerFs::new(
+        Arc::new(layer),
+        a.cache.clone(),
+        a.rt.handle().clone(),
+        quiet_config(),
+    )
+    .unwrap();
+    let ino = fs
+        .lookup(fs.lookup(1, b"data").unwrap().ino, b"big")
+        .unwrap()
+        .ino;
+    let got = a.rt.block_on(fs.read(ino, 0, 1 << 20)).unwrap();
+    assert_eq!(&got[..], &src.files["data/big"][..]);
+    assert_eq!(blob.request_count(), 0);
+}
+
+#[test]
+fn prefetch_fetches_the_prioritized_range_in_one_request() {
+    for format in [OutputFormat::Estargz, OutputFormat::StargzZstdChunked] {
+        let (tar, src) = sample_tar();
+        let blob = FaultBlob::new(convert(&tar, format, &["bin/tool", "data/exact"]));
+        let f = fixture_with(blob, quiet_config(), 1 << 30);
+        assert!(f.fs.layer().index().prefetch_range().is_some());
+        f.rt.block_on(f.fs.fetcher().prefetch());
+        assert_eq!(f.blob.request_count(), 1, "{format:?}");
+        assert_eq!(f.fs.stats().range_requests, 1);
+        assert_eq!(f.read_all("bin/tool").unwrap(), src.files["bin/tool"]);
+        assert_eq!(f.read_all("data/exact").unwrap(), src.files["data/exact"]);
+        assert_eq!(f.blob.request_count(), 1, "prioritized files were local");
+        f.read_all("data/big").unwrap();
+        assert!(f.blob.request_count() > 1);
+    }
+}
+
+#[test]
+fn background_fetch_makes_the_whole_layer_local() {
+    for format in FORMATS {
+        let (blob, src) = sample_blob(format);
+        let config = FsConfig {
+            background_request_bytes: 2 * CHUNK,
+            ..quiet_config()
+        };
+        let f = fixture_with(FaultBlob::new(blob), config, 1 << 30);
+        let before = f.fs.stats();
+        assert!(before.local_bytes < before.total_bytes);
+        f.rt.block_on(f.fs.fetcher().background());
+        let after = f.fs.stats();
+        assert_eq!(after.local_bytes, after.total_bytes, "{format:?}");
+        // Requests were bounded in size, so there were several.
+        assert!(after.range_requests > 2);
+        f.blob.fail_all.store(true, Ordering::SeqCst);
+        f.cache.forget_memory();
+        for (path, data) in &src.files {
+            assert_eq!(&f.read_all(path).unwrap(), data, "{path}");
+        }
+    }
+}
+
+#[test]
+fn background_fetch_waits_for_on_demand_reads() {
+    let (blob, _) = sample_blob(OutputFormat::Estargz);
+    let f = fixture_with(FaultBlob::new(blob), quiet_config(), 1 << 30);
+    f.blob.hold();
+    let ino = f.ino("bin/tool");
+    let fs = Arc::clone(&f.fs);
+    let reader = f.rt.spawn(async move { fs.read(ino, 0, 10).await });
+    assert!(
+        testkit::wait_until(Duration::from_secs(10), || {
+            f.blob.started.load(Ordering::SeqCst) == 1
+        }),
+        "{:?}",
+        f.blob.requests.lock().unwrap()
+    );
+    let fetcher = Arc::clone(f.fs.fetcher());
+    let background = f.rt.spawn(async move { fetcher.background().await });
+    // While the on-demand read is stuck, the background fetch sends nothing. Give it
+    // every chance to (a bounded wait that must time out).
+    assert!(!testkit::wait_until(Duration::from_millis(300), || {
+        f.blob.started.load(Ordering::SeqCst) > 1
+    }));
+    f.blob.release();
+    f.rt.block_on(reader).unwrap().unwrap();
+    f.rt.block_on(background).unwrap();
+    let s = f.fs.stats();
+    assert_eq!(s.local_bytes, s.total_bytes);
+}
+
+fn one_big_file() -> (Vec<u8>, Vec<u8>) {
+    let big = pattern(64 * CHUNK as usize, 9);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Regular, 0o644, big.len() as u64);
+    b.append_data(&mut h, "big", &big[..]).unwrap();
+    (b.into_inner().unwrap(), big)
+}
+
+#[test]
+fn sequential_readers_get_growing_parallel_readahead() {
+    let (tar, big) = one_big_file();
+    let config = FsConfig {
+        readahead_initial: 4 * CHUNK,
+        readahead_max: 16 * CHUNK,
+        readahead_requests: 4,
+        ..quiet_config()
+    };
+    let f = fixture_with(
+        FaultBlob::new(convert(&tar, OutputFormat::ZstdChunked, &[])),
+        config,
+        0,
+    );
+    let mut off = 0;
+    while off < big.len() as u64 {
+        let got = f.read("big", off, 32 << 10).unwrap();
+        assert_eq!(&got[..], &big[off as usize..off as usize + got.len()]);
+        off += got.len() as u64;
+    }
+    let reqs = f.blob.requests.lock().unwrap().clone();
+    // 64 chunks in far fewer requests, the later ones larger than the first ones.
+    assert!(reqs.len() < 40, "{} requests", reqs.len());
+    let first = reqs[0].1;
+    let largest = reqs.iter().map(|r| r.1).max().unwrap();
+    assert!(largest >= 3 * first, "request sizes did not grow: {reqs:?}");
+    let s = f.fs.stats();
+    assert!(s.cache_hits > s.cache_misses, "{s:?}");
+}
+
+#[test]
+fn a_random_reader_gets_no_readahead() {
+    let (tar, big) = one_big_file();
+    let blob = convert(&tar, OutputFormat::Estargz, &[]);
+    let f = fixture_with(FaultBlob::new(blob), quiet_config(), 0);
+    // Each read is more than max_read (1 MiB) away from where the last one ended.
+    for off in [3_500_000u64, 200_000, 2_000_000, 900_000] {
+        let got = f.read("big", off, 100).unwrap();
+        assert_eq!(&got[..], &big[off as usize..off as usize + 100]);
+    }
+    assert_eq!(f.blob.request_count(), 4);
+}
