@@ -7,7 +7,8 @@
 //!
 //! Overlay whiteouts: `.wh.NAME` appears as NAME, a 0/0 character device;
 //! `.wh..wh..opq` (and every other `.wh..wh.` name) is hidden and its directory carries
-//! `trusted.overlay.opaque = y`, which is how overlayfs sees an unpacked layer.
+//! `trusted.overlay.opaque = y`, which is how overlayfs sees an unpacked layer. The
+//! `.prefetch.landmark` / `.no.prefetch.landmark` markers at the root are hidden.
 
 use std::sync::Arc;
 
@@ -140,6 +141,12 @@ fn classify(name: &str) -> Option<bool> {
     }
 }
 
+/// The converter's prefetch markers at the layer root: format artifacts, not content.
+fn is_landmark(dir: NodeId, name: &str) -> bool {
+    dir == NodeId::ROOT
+        && (name == estargz::PREFETCH_LANDMARK || name == estargz::NO_PREFETCH_LANDMARK)
+}
+
 /// The kernel's `new_encode_dev`.
 fn encode_dev(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
@@ -157,7 +164,7 @@ impl LayerFs {
         let index = layer.index();
         let mut dir_nlink = vec![0u32; index.len()];
         let mut content_bytes = 0u64;
-        for id in 0..index.len() {
+        for (id, nlink) in dir_nlink.iter_mut().enumerate() {
             let e = index.entry(NodeId(id as u32));
             match e.kind() {
                 EntryKind::Dir => {
@@ -165,7 +172,7 @@ impl LayerFs {
                         .children()
                         .filter(|c| index.entry(*c).kind() == EntryKind::Dir)
                         .count();
-                    dir_nlink[id] = 2u32.saturating_add(subdirs as u32);
+                    *nlink = 2u32.saturating_add(subdirs as u32);
                 }
                 EntryKind::Reg => content_bytes = content_bytes.saturating_add(e.size()),
                 _ => {}
@@ -283,7 +290,7 @@ impl LayerFs {
         if name == ".." {
             return self.getattr(self.ino_of(dir.parent()));
         }
-        if name.starts_with(WHITEOUT_PREFIX) {
+        if name.starts_with(WHITEOUT_PREFIX) || is_landmark(dir.id(), name) {
             return Err(Error::NotFound);
         }
         let index = self.layer.index();
@@ -321,6 +328,9 @@ impl LayerFs {
                 _ => {
                     let id = dir.children().nth((pos - 2) as usize)?;
                     let e = index.entry(id);
+                    if is_landmark(dir.id(), e.name()) {
+                        return None;
+                    }
                     let name = match classify(e.name())? {
                         false => e.name(),
                         true => {

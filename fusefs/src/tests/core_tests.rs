@@ -57,6 +57,23 @@ fn attributes_links_and_devices_match_the_tar() {
         assert!(matches!(f.fs.getattr(0), Err(Error::NotFound)));
         assert!(matches!(f.fs.getattr(1 << 40), Err(Error::NotFound)));
         assert!(matches!(f.fs.lookup(1, b"\xff"), Err(Error::NotFound)));
+        // The converter's landmark exists in the TOC but not in the filesystem.
+        let toc_has_it =
+            f.fs.layer()
+                .index()
+                .lookup(".no.prefetch.landmark")
+                .is_some();
+        assert_eq!(toc_has_it, format == OutputFormat::Estargz);
+        assert!(matches!(
+            f.fs.lookup(1, b".no.prefetch.landmark"),
+            Err(Error::NotFound)
+        ));
+        let names: Vec<String> =
+            f.fs.readdir(1, 0)
+                .unwrap()
+                .map(|e| e.name.to_string())
+                .collect();
+        assert_eq!(names, [".", "..", "bin", "data", "etc", "opaque"]);
     }
 }
 
