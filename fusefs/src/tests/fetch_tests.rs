@@ -365,3 +365,27 @@ fn a_random_reader_gets_no_readahead() {
     }
     assert_eq!(f.blob.request_count(), 4);
 }
+
+#[test]
+fn background_fetch_keeps_to_its_rate_limit() {
+    let (blob, _) = sample_blob(OutputFormat::Estargz);
+    let rate = 4_000_000;
+    let config = FsConfig {
+        background_rate_limit: Some(rate),
+        background_request_bytes: 2 * CHUNK,
+        ..quiet_config()
+    };
+    let f = fixture_with(FaultBlob::new(blob), config, 1 << 30);
+    let started = std::time::Instant::now();
+    f.rt.block_on(f.fs.fetcher().background());
+    let elapsed = started.elapsed().as_secs_f64();
+    let fetched = f.fs.stats().bytes_fetched as f64;
+    assert!(fetched > 0.0);
+    // Each request is followed by a pause that keeps the average at the rate.
+    assert!(
+        elapsed >= fetched / rate as f64 * 0.95,
+        "{fetched} bytes in {elapsed} s"
+    );
+    let s = f.fs.stats();
+    assert_eq!(s.local_bytes, s.total_bytes);
+}
