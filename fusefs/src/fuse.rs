@@ -34,6 +34,8 @@ use crate::stats::Stats;
 
 struct Adapter {
     fs: Arc<LayerFs>,
+    /// Attributes sent along with negative entries (the kernel ignores them).
+    negative: Attr,
     handle: Handle,
     ttl: Duration,
     max_read: u32,
@@ -108,6 +110,14 @@ impl Filesystem for Adapter {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.fs.lookup(parent.0, name.as_bytes()) {
             Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
+            // Node id 0 is ENOENT that the kernel may cache for the entry timeout: the
+            // layer never gains names, and containers probe many missing paths (PATH
+            // searches, the dynamic loader).
+            Err(Error::NotFound) => {
+                let mut attr = file_attr(&self.negative);
+                attr.ino = INodeNo(0);
+                reply.entry(&self.ttl, &attr, Generation(0));
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -508,6 +518,7 @@ pub fn mount(
         mounted: true,
     };
     let adapter = Adapter {
+        negative: fs.getattr(1)?,
         fs: Arc::clone(&fs),
         handle: handle.clone(),
         ttl: config.attr_timeout,

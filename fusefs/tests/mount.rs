@@ -341,6 +341,14 @@ fn mounted_layers_match_the_tree_gnu_tar_extracts() {
         );
         assert_eq!(got_links, want_links, "{name}");
 
+        // Missing names stay missing (negative entries are cached by the kernel).
+        for _ in 0..2 {
+            let err = std::fs::symlink_metadata(mp.join("usr/nope")).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+        }
+        let err = std::fs::symlink_metadata(mp.join("etc/conf/x")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTDIR));
+
         // Read-only, with real statfs figures.
         let err = std::fs::OpenOptions::new()
             .write(true)
