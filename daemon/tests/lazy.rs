@@ -487,3 +487,39 @@ async fn after_a_crash_new_containers_start_and_running_ones_lose_unread_data() 
     s.containerd.ctr(["container", "rm", "long"]).unwrap();
     remove_and_check_clean(&s, &converted).await;
 }
+
+/// `ctr image pull` passes no labels at all (containerd 1.6 unpacks it client-side without
+/// them): the lazy-pullable image is downloaded and unpacked like any other, and runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_ctr_pull_of_a_lazy_image_falls_back_and_runs() {
+    let Some(s) = setup("a_plain_ctr_pull_of_a_lazy_image_falls_back_and_runs") else {
+        return;
+    };
+    let plain = push_app_image(&s.registry, "app/nolabels");
+    let converted = format!("{}/app/nolabels:estargz", s.registry.host);
+    convert(&plain, &converted, &["--estargz"]);
+    s.containerd
+        .ctr([
+            "image",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "lazysnap",
+            &converted,
+        ])
+        .unwrap();
+    assert!(!s.daemon.log().contains("layer mounted lazily"));
+    let out = s
+        .containerd
+        .ctr([
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazysnap",
+            &converted,
+            "nolabels",
+        ])
+        .unwrap();
+    assert!(out.contains("served-lazily"), "{out:?}");
+    remove_and_check_clean(&s, &converted).await;
+}

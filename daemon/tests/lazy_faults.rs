@@ -248,3 +248,43 @@ async fn a_registry_that_stalls_mid_toc_does_not_hang_prepare() {
     )
     .await;
 }
+
+/// What containerd's unpacker sends when CRI annotations are disabled: the chain ID and the
+/// layer's TOC digest, but no image reference. Lazy pulling is lost; lazysnapd says so loudly,
+/// naming the setting, and containerd gets an ordinary snapshot.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lazy_layer_without_reference_labels_gets_a_loud_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon(dir.path());
+    let mut c = snapshotter::client::connect(&daemon.address).await.unwrap();
+    let labels = HashMap::from([
+        (
+            remote::LABEL_TARGET_REF.to_string(),
+            "sha256:chain".to_string(),
+        ),
+        (
+            remote::LABEL_TOC_DIGEST.to_string(),
+            format!("sha256:{}", "4".repeat(64)),
+        ),
+    ]);
+    let mounts = c
+        .prepare(pb::PrepareSnapshotRequest {
+            key: "extract-1 sha256:chain".into(),
+            labels,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(mounts[0].r#type, "bind");
+    let log = daemon.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("LAZY PULLING IS OFF"))
+        .unwrap_or_else(|| panic!("no warning:\n{log}"));
+    assert!(
+        warning.contains("WARN") && warning.contains("disable_snapshot_annotations = false"),
+        "{warning}"
+    );
+}

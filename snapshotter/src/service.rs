@@ -311,8 +311,8 @@ impl Snapshots for SnapshotService {
         request: Request<pb::PrepareSnapshotRequest>,
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
         let r = request.into_inner();
-        tracing::debug!(key = %r.key, parent = %r.parent, "prepare");
         let labels = labels(r.labels);
+        tracing::debug!(key = %r.key, parent = %r.parent, ?labels, "prepare");
         match (&self.remote, PrepareIntent::of(&labels)) {
             (Some(remote), PrepareIntent::Remote(layer)) => {
                 let result = self
