@@ -46,16 +46,12 @@ use tokio_util::sync::PollSender;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-/// The chain ID the snapshot is committed under; marks a pull-time Prepare.
-pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
-pub const LABEL_STARGZ_REFERENCE: &str = "containerd.io/snapshot/remote/stargz.reference";
-pub const LABEL_STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
-pub const LABEL_STARGZ_LAYERS: &str = "containerd.io/snapshot/remote/stargz.layers";
-pub const LABEL_STARGZ_PREFETCH: &str = "containerd.io/snapshot/remote/stargz.prefetch";
-pub const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
-pub const LABEL_CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
-pub const LABEL_CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
-pub const LABEL_CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
+// The remote-snapshot labels: one definition, shared with the snapshotter that reads them.
+pub use snapshotter::remote::{
+    LABEL_CRI_IMAGE_LAYERS, LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST,
+    LABEL_STARGZ_DIGEST, LABEL_STARGZ_LAYERS, LABEL_STARGZ_PREFETCH, LABEL_STARGZ_REFERENCE,
+    LABEL_TARGET_REF as LABEL_SNAPSHOT_REF,
+};
 /// Annotations with this prefix are forwarded to the snapshotter as labels
 /// (containerd's `snapshots.FilterInheritedLabels`); the TOC digest is one.
 const INHERITED_PREFIX: &str = "containerd.io/snapshot/";
