@@ -17,9 +17,9 @@ use crate::progress::Progress;
 /// (`oci:DIR[:TAG]`).
 #[derive(Debug, Clone, Args)]
 pub struct ConvertArgs {
-    /// Source image: a registry reference or oci:DIR[:TAG].
+    /// Source image: a registry reference or `oci:DIR[:TAG]`.
     pub src: String,
-    /// Destination: a registry reference or oci:DIR[:TAG].
+    /// Destination: a registry reference or `oci:DIR[:TAG]`.
     pub dst: String,
     /// Write eStargz layers (the default).
     #[arg(long, conflicts_with = "zstdchunked")]

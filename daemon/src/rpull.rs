@@ -400,7 +400,7 @@ fn diff_ids(config: &[u8], layers: usize) -> anyhow::Result<Vec<Digest>> {
         .collect()
 }
 
-/// OCI chain IDs: the first layer's is its diff ID, then sha256("<parent> <diff ID>").
+/// OCI chain IDs: the first layer's is its diff ID, then `sha256("<parent> <diff ID>")`.
 pub fn chain_ids(diff_ids: &[Digest]) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
     for diff_id in diff_ids {

@@ -245,7 +245,10 @@ mod tests {
         assert!(m(r#"parent!="""#, &c));
         assert!(!m(r#"parent!="""#, &a));
         assert!(m("parent==p", &c));
-        assert!(m(r#"labels.l==2,parent=="""#, &a), "an empty parent matches ==\"\"");
+        assert!(
+            m(r#"labels.l==2,parent=="""#, &a),
+            "an empty parent matches ==\"\""
+        );
         assert!(!m(r#"parent=="""#, &c));
         assert!(m("name~=/^a-/", &a));
         assert!(m("name~=^a-n", &a));

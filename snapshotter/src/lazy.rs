@@ -93,9 +93,10 @@ impl FuseMounter {
             .parse()
             .map_err(|e| format!("layer digest {:?}: {e}", layer.layer_digest))?;
         let opts = self.verification(layer, &reference, &digest).await?;
-        let blob = registry::RemoteBlob::open(self.client.clone(), reference.repository.clone(), digest)
-            .await
-            .map_err(|e| e.to_string())?;
+        let blob =
+            registry::RemoteBlob::open(self.client.clone(), reference.repository.clone(), digest)
+                .await
+                .map_err(|e| e.to_string())?;
         estargz::Layer::open(Arc::new(blob), &opts)
             .await
             .map_err(|e| format!("layer {}: {e}", layer.layer_digest))
@@ -112,21 +113,28 @@ impl FuseMounter {
     ) -> Result<estargz::OpenOptions, String> {
         let mut opts = estargz::OpenOptions::default();
         if let Some(toc) = &layer.toc_digest {
-            opts.expected_toc_digest = Some(toc.parse().map_err(|e| format!("toc.digest label {toc:?}: {e}"))?);
+            opts.expected_toc_digest = Some(
+                toc.parse()
+                    .map_err(|e| format!("toc.digest label {toc:?}: {e}"))?,
+            );
             return Ok(opts);
         }
         let annotations = self.layer_annotations(layer, reference, digest).await?;
         let get = |key: &str| annotations.get(key).map(|v| v.parse::<estargz::Digest>());
         if let Some(toc) = get(estargz::TOC_DIGEST_ANNOTATION) {
-            opts.expected_toc_digest = Some(toc.map_err(|e| format!("toc.digest annotation: {e}"))?);
+            opts.expected_toc_digest =
+                Some(toc.map_err(|e| format!("toc.digest annotation: {e}"))?);
         } else if let Some(sum) = get(estargz::MANIFEST_CHECKSUM_ANNOTATION)
             .or_else(|| get(estargz::LEGACY_MANIFEST_CHECKSUM_ANNOTATION))
         {
-            opts.expected_manifest_checksum = Some(sum.map_err(|e| format!("manifest-checksum annotation: {e}"))?);
+            opts.expected_manifest_checksum =
+                Some(sum.map_err(|e| format!("manifest-checksum annotation: {e}"))?);
         } else if !(layer.skip_verify && self.allow_no_verification) {
-            return Err("the image publishes no TOC digest for this layer, so it cannot be verified \
+            return Err(
+                "the image publishes no TOC digest for this layer, so it cannot be verified \
                         (not eStargz / zstd:chunked, or converted without annotations)"
-                .to_string());
+                    .to_string(),
+            );
         }
         Ok(opts)
     }
@@ -147,7 +155,13 @@ impl FuseMounter {
                 serde_json::from_slice::<registry::ImageManifest>(&fetched.bytes)
                     .map_err(|e| format!("manifest {manifest_digest}: {e}"))?
             }
-            None => self.client.resolve(reference).await.map_err(|e| e.to_string())?.manifest,
+            None => {
+                self.client
+                    .resolve(reference)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .manifest
+            }
         };
         let descriptor = manifest
             .layers
@@ -180,10 +194,12 @@ impl RemoteMounter for FuseMounter {
                 mountpoint.to_path_buf(),
             );
             // Mounting waits for the kernel's handshake: keep it off the async threads.
-            let mounted = tokio::task::spawn_blocking(move || fusefs::mount(opened, &path, &cache, handle, config))
-                .await
-                .map_err(|e| format!("mount task: {e}"))?
-                .map_err(|e| format!("FUSE mount at {}: {e}", mountpoint.display()))?;
+            let mounted = tokio::task::spawn_blocking(move || {
+                fusefs::mount(opened, &path, &cache, handle, config)
+            })
+            .await
+            .map_err(|e| format!("mount task: {e}"))?
+            .map_err(|e| format!("FUSE mount at {}: {e}", mountpoint.display()))?;
             let served = Served {
                 mounted,
                 layer_digest: layer.layer_digest.clone(),
