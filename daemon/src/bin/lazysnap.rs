@@ -13,7 +13,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Convert an image to eStargz or zstd:chunked (registry or oci:DIR[:TAG], both ways).
+    /// Convert an image to eStargz or zstd:chunked (registry or `oci:DIR[:TAG]`, both ways).
     Convert(converter::cli::ConvertArgs),
     /// Pull an image through containerd so that lazysnapd mounts its layers lazily
     /// (what `ctr-remote image rpull` does).
