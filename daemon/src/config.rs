@@ -30,6 +30,31 @@ pub struct Config {
     pub resolver: registry::ResolverConfig,
     /// Timeouts, retries and connection limits of the registry client.
     pub http: registry::HttpConfig,
+    /// Registry credentials from Kubernetes image-pull secrets, by proxying CRI.
+    pub cri_keychain: CriKeychainConfig,
+}
+
+/// stargz-snapshotter's `[cri_keychain]`: lazysnapd serves the CRI image API
+/// (`runtime.v1.ImageService`) on its socket for the kubelet's `--image-service-endpoint`,
+/// forwards every call to containerd and keeps, in memory only, the credentials each
+/// PullImage carries; lazy mounts use them before the docker config.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriKeychainConfig {
+    /// Serve the proxy. Default false.
+    pub enable_keychain: bool,
+    /// containerd's socket, whose CRI the calls go on to.
+    /// Default /run/containerd/containerd.sock.
+    pub image_service_path: PathBuf,
+}
+
+impl Default for CriKeychainConfig {
+    fn default() -> Self {
+        CriKeychainConfig {
+            enable_keychain: false,
+            image_service_path: PathBuf::from("/run/containerd/containerd.sock"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -113,6 +138,7 @@ impl Default for Config {
             cache: CacheSettings::default(),
             resolver: registry::ResolverConfig::default(),
             http: registry::HttpConfig::default(),
+            cri_keychain: CriKeychainConfig::default(),
         }
     }
 }
@@ -138,6 +164,17 @@ impl Config {
             anyhow::bail!(
                 "socket path {} is too long for a unix socket (limit 107 bytes)",
                 self.address.display()
+            );
+        }
+        let keychain = &self.cri_keychain;
+        if keychain.enable_keychain
+            && (!keychain.image_service_path.is_absolute()
+                || keychain.image_service_path == self.address)
+        {
+            anyhow::bail!(
+                "[cri_keychain] image_service_path must be containerd's socket, an absolute \
+                 path other than lazysnapd's own address, not {}",
+                keychain.image_service_path.display()
             );
         }
         self.lazy
@@ -204,6 +241,31 @@ insecure = true
             "mirror.example.internal"
         );
         assert_eq!(c.resolver.host.len(), 2);
+    }
+
+    #[test]
+    fn cri_keychain_takes_stargz_snapshotter_keys() {
+        assert!(!Config::default().cri_keychain.enable_keychain);
+        let c = Config::parse(
+            "[cri_keychain]\nenable_keychain = true\nimage_service_path = \"/run/k/containerd.sock\"\n",
+        )
+        .unwrap();
+        assert!(c.cri_keychain.enable_keychain);
+        assert_eq!(
+            c.cri_keychain.image_service_path,
+            PathBuf::from("/run/k/containerd.sock")
+        );
+        // Forwarding to itself would loop.
+        let looping = format!(
+            "[cri_keychain]\nenable_keychain = true\nimage_service_path = \"{DEFAULT_ADDRESS}\"\n"
+        );
+        assert!(Config::parse(&looping).is_err());
+        assert!(
+            Config::parse(
+                "[cri_keychain]\nenable_keychain = true\nimage_service_path = \"x.sock\"\n"
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! A minimal client of the Kubernetes CRI v1 API (package `runtime.v1`), enough to pull an
-//! image and run a host-network pod through containerd's CRI plugin. Debian ships neither
-//! crictl nor the CRI protos, so the few messages used are declared here by hand with
-//! prost; field numbers follow k8s.io/cri-api `pkg/apis/runtime/v1/api.proto`. Fields a
-//! message has but this test never sets or reads are left out: protobuf skips unknown
-//! fields on decode and omitted fields are simply absent on encode.
+//! The part of the Kubernetes CRI v1 API (package `runtime.v1`) lazysnap speaks: the
+//! messages the ImageService proxy reads (PullImage's image and credentials) and a small
+//! client, enough to pull images through the proxy and run a host-network pod through
+//! containerd's CRI plugin (the tests use it). Debian ships neither crictl nor the CRI
+//! protos, so the messages are declared here by hand with prost; field numbers follow
+//! k8s.io/cri-api `pkg/apis/runtime/v1/api.proto`. Fields nobody here sets or reads are
+//! left out: protobuf skips unknown fields on decode and omitted fields are simply
+//! absent on encode. (The proxy forwards the original bytes, so nothing is lost there.)
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -237,10 +239,50 @@ pub struct ContainerStatusResponse {
     pub status: Option<ContainerStatus>,
 }
 
+/// Registry credentials the kubelet sends with PullImage (from the pod's image-pull
+/// secrets or its own docker config). Debug output redacts every secret.
+#[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
+pub struct AuthConfig {
+    #[prost(string, tag = "1")]
+    pub username: String,
+    #[prost(string, tag = "2")]
+    pub password: String,
+    /// base64 of `username:password`.
+    #[prost(string, tag = "3")]
+    pub auth: String,
+    /// The registry the credentials are for (`https://host`, `host`, or docker's
+    /// `https://index.docker.io/v1/`); empty means the image's registry.
+    #[prost(string, tag = "4")]
+    pub server_address: String,
+    /// An OAuth2 refresh token.
+    #[prost(string, tag = "5")]
+    pub identity_token: String,
+    /// A bearer token for the registry itself.
+    #[prost(string, tag = "6")]
+    pub registry_token: String,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |s: &str| if s.is_empty() { "" } else { "<redacted>" };
+        f.debug_struct("AuthConfig")
+            .field("username", &set(&self.username))
+            .field("password", &set(&self.password))
+            .field("auth", &set(&self.auth))
+            .field("server_address", &self.server_address)
+            .field("identity_token", &set(&self.identity_token))
+            .field("registry_token", &set(&self.registry_token))
+            .finish()
+    }
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PullImageRequest {
     #[prost(message, optional, tag = "1")]
     pub image: Option<ImageSpec>,
+    #[prost(message, optional, tag = "2")]
+    pub auth: Option<AuthConfig>,
     #[prost(message, optional, tag = "3")]
     pub sandbox_config: Option<PodSandboxConfig>,
 }
@@ -277,11 +319,80 @@ pub struct ImageStatusResponse {
     pub image: Option<Image>,
 }
 
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ImageFilter {
+    #[prost(message, optional, tag = "1")]
+    pub image: Option<ImageSpec>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListImagesRequest {
+    #[prost(message, optional, tag = "1")]
+    pub filter: Option<ImageFilter>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListImagesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub images: Vec<Image>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ImageFsInfoRequest {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FilesystemIdentifier {
+    #[prost(string, tag = "1")]
+    pub mountpoint: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UInt64Value {
+    #[prost(uint64, tag = "1")]
+    pub value: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FilesystemUsage {
+    #[prost(int64, tag = "1")]
+    pub timestamp: i64,
+    #[prost(message, optional, tag = "2")]
+    pub fs_id: Option<FilesystemIdentifier>,
+    #[prost(message, optional, tag = "3")]
+    pub used_bytes: Option<UInt64Value>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ImageFsInfoResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub image_filesystems: Vec<FilesystemUsage>,
+}
+
 /// Longest a single call may take (PullImage and RunPodSandbox are the slow ones).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 const RUNTIME: &str = "runtime.v1.RuntimeService";
-const IMAGES: &str = "runtime.v1.ImageService";
+/// The gRPC service name of the CRI image API, which the keychain proxies.
+pub const IMAGE_SERVICE: &str = "runtime.v1.ImageService";
+const IMAGES: &str = IMAGE_SERVICE;
+
+/// A gRPC channel over a unix socket. Lazy: the first call dials, and a peer that is not
+/// up yet (containerd starts after lazysnapd) or restarts is dialled again later.
+pub fn unix_channel(socket: &Path, timeout: Option<Duration>) -> Channel {
+    let path = socket.to_path_buf();
+    // The URI is only a placeholder: the connector dials the unix socket.
+    let mut endpoint = Endpoint::from_static("http://localhost");
+    if let Some(timeout) = timeout {
+        endpoint = endpoint.timeout(timeout);
+    }
+    endpoint.connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
+        let path = path.clone();
+        async move {
+            let stream = tokio::net::UnixStream::connect(path).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    }))
+}
 
 /// One gRPC connection to a CRI endpoint (containerd's socket serves CRI next to its own API).
 #[derive(Clone)]
@@ -345,12 +456,38 @@ impl CriClient {
         image: &str,
         sandbox_config: Option<PodSandboxConfig>,
     ) -> Result<String, tonic::Status> {
+        self.pull_image_with_auth(image, None, sandbox_config).await
+    }
+
+    /// PullImage with registry credentials, as the kubelet sends a pod's image-pull secrets.
+    pub async fn pull_image_with_auth(
+        &mut self,
+        image: &str,
+        auth: Option<AuthConfig>,
+        sandbox_config: Option<PodSandboxConfig>,
+    ) -> Result<String, tonic::Status> {
         let request = PullImageRequest {
             image: Some(image_spec(image)),
+            auth,
             sandbox_config,
         };
         let response: PullImageResponse = self.call(IMAGES, "PullImage", request).await?;
         Ok(response.image_ref)
+    }
+
+    /// Every image the runtime has.
+    pub async fn list_images(&mut self) -> Result<Vec<Image>, tonic::Status> {
+        let response: ListImagesResponse = self
+            .call(IMAGES, "ListImages", ListImagesRequest { filter: None })
+            .await?;
+        Ok(response.images)
+    }
+
+    pub async fn image_fs_info(&mut self) -> Result<Vec<FilesystemUsage>, tonic::Status> {
+        let response: ImageFsInfoResponse = self
+            .call(IMAGES, "ImageFsInfo", ImageFsInfoRequest {})
+            .await?;
+        Ok(response.image_filesystems)
     }
 
     pub async fn image_status(&mut self, image: &str) -> Result<Option<Image>, tonic::Status> {

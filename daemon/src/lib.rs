@@ -2,6 +2,8 @@
 
 pub mod authority;
 pub mod config;
+pub mod cri;
+pub mod keychain;
 pub mod observe;
 pub mod rpull;
 pub mod server;

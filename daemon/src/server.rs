@@ -17,6 +17,8 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 
 use crate::config::Config;
+use crate::keychain::{CriKeychain, FirstOf, ImageServiceProxy};
+use registry::CredentialProvider;
 
 /// An exclusive lock on a root directory, held for the daemon's lifetime, so that two
 /// daemons never share (and corrupt) one root.
@@ -84,7 +86,11 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
     std::fs::set_permissions(&config.root, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("setting the mode of {}", config.root.display()))?;
     let _lock = RootLock::acquire(&config.root)?;
-    let (mounter, cache) = match lazy_mounter(config)? {
+    let keychain = config
+        .cri_keychain
+        .enable_keychain
+        .then(|| Arc::new(CriKeychain::default()));
+    let (mounter, cache) = match lazy_mounter(config, keychain.clone())? {
         Some((mounter, cache)) => (Some(mounter), Some(cache)),
         None => (None, None),
     };
@@ -141,8 +147,18 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
         tokio_stream::wrappers::UnixListenerStream::new(listener),
         |conn| conn.map(crate::authority::relay),
     );
-    tonic::transport::Server::builder()
-        .add_service(service.into_server())
+    let mut router = tonic::transport::Server::builder().add_service(service.into_server());
+    if let Some(keychain) = keychain {
+        // On the snapshots socket, as stargz-snapshotter does: the kubelet's
+        // --image-service-endpoint names the same socket as containerd's proxy plugin.
+        let upstream = &config.cri_keychain.image_service_path;
+        router = router.add_service(ImageServiceProxy::new(keychain, upstream));
+        tracing::info!(
+            upstream = %upstream.display(),
+            "serving runtime.v1.ImageService (CRI keychain), forwarding to containerd"
+        );
+    }
+    router
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("serving gRPC")?;
@@ -163,6 +179,7 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
 /// every layer is unpacked, as with a plain overlayfs snapshotter).
 fn lazy_mounter(
     config: &Config,
+    keychain: Option<Arc<CriKeychain>>,
 ) -> anyhow::Result<Option<(Arc<FuseMounter>, fusefs::SharedCache)>> {
     if !config.lazy.enabled {
         tracing::info!("lazy pulling is off ([lazy] enabled = false)");
@@ -172,11 +189,16 @@ fn lazy_mounter(
         tracing::warn!("/dev/fuse is missing: lazy pulling is off, every layer is unpacked");
         return Ok(None);
     }
-    let credentials =
-        registry::DockerConfig::load_default().context("reading docker credentials")?;
+    let docker: Arc<dyn CredentialProvider> =
+        Arc::new(registry::DockerConfig::load_default().context("reading docker credentials")?);
+    // A pod's image-pull secrets (from CRI) win over the node's docker config.
+    let credentials: Arc<dyn CredentialProvider> = match keychain {
+        Some(keychain) => Arc::new(FirstOf(vec![keychain, docker])),
+        None => docker,
+    };
     let client = registry::Client::new(config.registry())
         .context("setting up the registry client")?
-        .with_credentials(Arc::new(credentials));
+        .with_credentials(credentials);
     let mut cache_config = fusefs::CacheConfig::new(config.root.join("cache"));
     cache_config.memory_bytes = config.cache.memory_bytes;
     cache_config.disk_bytes = config.cache.disk_bytes;

@@ -8,14 +8,11 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should stop right there
 
-#[path = "cri/api.rs"]
-mod api;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use api::{
+use daemon::cri::{
     CONTAINER_EXITED, ContainerConfig, ContainerMetadata, CriClient, ImageSpec,
     LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
     LinuxSandboxSecurityContext, NAMESPACE_MODE_CONTAINER, NAMESPACE_MODE_NODE, NAMESPACE_MODE_POD,

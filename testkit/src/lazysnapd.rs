@@ -12,6 +12,8 @@ pub struct Lazysnapd {
     binary: PathBuf,
     log: PathBuf,
     extra_args: Vec<String>,
+    /// Environment set for the daemon on top of the test's (e.g. `DOCKER_CONFIG`).
+    envs: Vec<(String, String)>,
     process: Option<ChildGuard>,
 }
 
@@ -23,6 +25,16 @@ impl Lazysnapd {
     }
 
     pub fn start_with_args(binary: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<Lazysnapd> {
+        Self::start_with_env(binary, dir, args, &[])
+    }
+
+    /// As [`Lazysnapd::start_with_args`], with `envs` added to the daemon's environment.
+    pub fn start_with_env(
+        binary: &Path,
+        dir: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<Lazysnapd> {
         std::fs::create_dir_all(dir)?;
         let mut daemon = Lazysnapd {
             root: dir.join("root"),
@@ -30,10 +42,20 @@ impl Lazysnapd {
             binary: binary.to_path_buf(),
             log: dir.join("lazysnapd.log"),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             process: None,
         };
         daemon.restart()?;
         Ok(daemon)
+    }
+
+    /// Sets (or replaces) a variable of the daemon's environment, for the next `restart`.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.envs.retain(|(k, _)| k != key);
+        self.envs.push((key.to_string(), value.to_string()));
     }
 
     /// Starts the daemon again (after `stop` or `kill`) on the same root and socket.
@@ -47,6 +69,7 @@ impl Lazysnapd {
             .arg("--address")
             .arg(&self.address)
             .args(&self.extra_args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
