@@ -478,9 +478,9 @@ async fn after_a_crash_new_containers_start_and_running_ones_lose_unread_data() 
         "no new container after the crash; log:\n{}",
         s.daemon.log()
     );
-    s.containerd
-        .ctr(["task", "kill", "-s", "SIGKILL", "long"])
-        .unwrap();
+    // The task may already be gone: a page of its binary that was not cached before the
+    // crash faults on the dead mount (SIGBUS), which is the same loss, seen from inside.
+    let _ = s.containerd.ctr(["task", "kill", "-s", "SIGKILL", "long"]);
     let _ = testkit::wait_until(Duration::from_secs(20), || {
         s.containerd.ctr(["task", "rm", "long"]).is_ok()
     });
