@@ -7,6 +7,7 @@
 //! name; it is not fsynced, because every load re-hashes the file and drops it on a
 //! mismatch (a torn or bit-rotted file is a miss, never wrong data).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,6 +54,10 @@ struct Inner {
     memory_capacity: u64,
     /// Which chunks are on disk and their recency; the files are the data.
     disk: Mutex<Lru<()>>,
+    /// One gate per chunk being loaded from disk: the kernel's read-ahead sends several
+    /// reads of one chunk at once from different FUSE threads, and without the gate each
+    /// would read and hash the whole chunk file.
+    loading: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
     tmp_seq: AtomicU64,
 }
 
@@ -104,6 +109,7 @@ impl SharedCache {
                 memory: Mutex::new(Lru::new(config.memory_bytes)),
                 memory_capacity: config.memory_bytes,
                 disk: Mutex::new(disk),
+                loading: Mutex::new(HashMap::new()),
                 tmp_seq: AtomicU64::new(0),
             }),
         })
@@ -130,6 +136,11 @@ impl SharedCache {
         lock(&self.inner.memory).get(digest)
     }
 
+    /// True when the chunk is in memory (a read of it costs no I/O).
+    pub(crate) fn in_memory(&self, digest: &Digest) -> bool {
+        lock(&self.inner.memory).contains(digest)
+    }
+
     /// The chunk from memory, or from disk after checking its length and sha256 (then
     /// kept in memory too). `None` is a miss.
     pub(crate) fn get(&self, digest: &Digest, size: u64) -> Option<Bytes> {
@@ -139,6 +150,25 @@ impl SharedCache {
         if !self.inner.disk_enabled || lock(&self.inner.disk).get(digest).is_none() {
             return None;
         }
+        let gate = Arc::clone(lock(&self.inner.loading).entry(*digest).or_default());
+        let loaded = {
+            let _held = lock(&gate);
+            // Whoever held the gate before us may have loaded it already.
+            match self.get_memory(digest) {
+                Some(b) => Some(b),
+                None => self.load(digest, size),
+            }
+        };
+        let mut loading = lock(&self.inner.loading);
+        // The table's reference and ours: nobody else is waiting, the entry can go.
+        if Arc::strong_count(&gate) == 2 {
+            loading.remove(digest);
+        }
+        loaded
+    }
+
+    /// Reads a chunk file, checks it and keeps it in memory.
+    fn load(&self, digest: &Digest, size: u64) -> Option<Bytes> {
         let path = chunk_path(&self.inner.dir, digest);
         let data = match std::fs::read(&path) {
             Ok(d) => d,
@@ -210,6 +240,12 @@ impl SharedCache {
     #[cfg(test)]
     pub(crate) fn chunk_file(&self, digest: &Digest) -> PathBuf {
         chunk_path(&self.inner.dir, digest)
+    }
+
+    /// Chunks with a disk load in progress (or waiters still leaving).
+    #[cfg(test)]
+    pub(crate) fn loading_len(&self) -> usize {
+        lock(&self.inner.loading).len()
     }
 
     #[cfg(test)]

@@ -398,13 +398,22 @@ impl Fetcher {
         if issue.is_empty() {
             return;
         }
-        let chunks: Vec<(NodeId, Chunk)> = self
+        let mut chunks: Vec<(NodeId, Chunk)> = Vec::new();
+        let mut on_disk: Vec<Chunk> = Vec::new();
+        for c in self
             .layer
             .chunks_for_range(node, issue.start, issue.end - issue.start)
-            .iter()
-            .filter(|c| !c.zeros && !self.cache.contains(&c.digest))
-            .map(|c| (node, *c))
-            .collect();
+        {
+            if c.zeros || self.cache.in_memory(&c.digest) {
+                continue;
+            }
+            if self.cache.contains(&c.digest) {
+                on_disk.push(*c);
+            } else {
+                chunks.push((node, *c));
+            }
+        }
+        self.load_ahead(on_disk);
         if chunks.is_empty() {
             return;
         }
@@ -432,6 +441,37 @@ impl Fetcher {
                 let _guard = DemandGuard::new(&this.demand);
                 if let Err(e) = this.chunks(&part, true).await {
                     tracing::debug!(layer = %this.name, error = %e, "read-ahead failed");
+                }
+            });
+        }
+    }
+
+    /// Read-ahead of chunks that are in the disk cache but not in memory: loads them
+    /// into memory on blocking threads (as many at once as read-ahead requests), so the
+    /// reader's FUSE requests find them there instead of each waiting for a chunk file
+    /// to be read and hashed; disk and CPU work then overlap with the reader's.
+    fn load_ahead(self: &Arc<Self>, chunks: Vec<Chunk>) {
+        if chunks.is_empty() {
+            return;
+        }
+        let parts = self.config.readahead_requests.max(1);
+        let per = chunks.len().div_ceil(parts);
+        for part in chunks.chunks(per) {
+            let part = part.to_vec();
+            let cache = self.cache.clone();
+            let slots = Arc::clone(&self.readahead_slots);
+            self.handle.spawn(async move {
+                let Ok(_permit) = slots.acquire_owned().await else {
+                    return;
+                };
+                let load = move || {
+                    for c in part {
+                        // A miss (evicted, corrupt) is left to the reader, who fetches.
+                        let _ = cache.get(&c.digest, c.size);
+                    }
+                };
+                if let Err(e) = tokio::task::spawn_blocking(load).await {
+                    tracing::debug!(error = %e, "disk read-ahead task failed");
                 }
             });
         }

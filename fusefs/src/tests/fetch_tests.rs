@@ -389,3 +389,80 @@ fn background_fetch_keeps_to_its_rate_limit() {
     let s = f.fs.stats();
     assert_eq!(s.local_bytes, s.total_bytes);
 }
+
+#[test]
+fn sequential_readers_over_the_disk_cache_get_chunks_loaded_ahead_into_memory() {
+    let (tar, big) = one_big_file();
+    let config = FsConfig {
+        readahead_initial: 4 * CHUNK,
+        readahead_max: 16 * CHUNK,
+        ..quiet_config()
+    };
+    let f = fixture_with(
+        FaultBlob::new(convert(&tar, OutputFormat::Estargz, &[])),
+        config,
+        1 << 30,
+    );
+    assert_eq!(f.read_all("big").unwrap(), big);
+    // Everything on disk, nothing in memory, no network: a restarted daemon.
+    f.cache.forget_memory();
+    f.blob.requests.lock().unwrap().clear();
+    f.blob.fail_all.store(true, Ordering::SeqCst);
+    let fetched = f.fs.stats().range_requests;
+    let ino = f.ino("big");
+    let node = estargz::NodeId(ino as u32 - 1);
+    let chunks =
+        f.fs.layer()
+            .chunks_for_range(node, 0, big.len() as u64)
+            .to_vec();
+    let mut off = 0;
+    for _ in 0..4 {
+        let got = f.read("big", off, 32 << 10).unwrap();
+        assert_eq!(&got[..], &big[off as usize..off as usize + got.len()]);
+        off += got.len() as u64;
+    }
+    // The next chunks were never read, yet they arrive in memory (loaded and verified
+    // on blocking threads), so the reader's next requests are memory hits.
+    let ahead = &chunks[1..4];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ahead.iter().all(|c| f.cache.in_memory(&c.digest)) {
+        assert!(std::time::Instant::now() < deadline, "no disk read-ahead");
+        std::thread::yield_now();
+    }
+    assert!(
+        !f.cache.in_memory(&chunks[40].digest),
+        "read-ahead went too far"
+    );
+    assert_eq!(f.blob.request_count(), 0);
+    while off < big.len() as u64 {
+        let got = f.read("big", off, 1 << 20).unwrap();
+        assert_eq!(&got[..], &big[off as usize..off as usize + got.len()]);
+        off += got.len() as u64;
+    }
+    assert_eq!(f.fs.stats().range_requests, fetched);
+}
+
+#[test]
+fn concurrent_disk_loads_of_one_chunk_agree_and_leave_no_gates() {
+    let (blob, src) = sample_blob(OutputFormat::Estargz);
+    let f = fixture_with(FaultBlob::new(blob), quiet_config(), 1 << 30);
+    assert_eq!(f.read_all("data/big").unwrap(), src.files["data/big"]);
+    let node = estargz::NodeId(f.ino("data/big") as u32 - 1);
+    let chunk = f.fs.layer().chunks_for_range(node, 0, 1)[0];
+    for _ in 0..5 {
+        f.cache.forget_memory();
+        let got: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| f.cache.get(&chunk.digest, chunk.size)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for b in got {
+            assert_eq!(
+                &b.unwrap()[..],
+                &src.files["data/big"][..chunk.size as usize]
+            );
+        }
+        assert_eq!(f.cache.loading_len(), 0);
+    }
+}
