@@ -117,7 +117,13 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&args.out, &report)
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("wrote {}", args.out.display());
-    Ok(())
+    // Explicitly, so that a work directory left behind is an error, not silence.
+    drop(bench);
+    drop(_unmount_all);
+    let path = scratch.path().to_path_buf();
+    scratch
+        .close()
+        .with_context(|| format!("removing the work directory {}", path.display()))
 }
 
 struct Bench<'a> {
