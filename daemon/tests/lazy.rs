@@ -523,3 +523,35 @@ async fn a_plain_ctr_pull_of_a_lazy_image_falls_back_and_runs() {
     assert!(out.contains("served-lazily"), "{out:?}");
     remove_and_check_clean(&s, &converted).await;
 }
+
+/// Images converted by stargz-snapshotter's `ctr-remote` (eStargz, and its zstd:chunked
+/// form) are pulled lazily by lazysnapd and run.
+#[tokio::test(flavor = "multi_thread")]
+async fn images_converted_by_ctr_remote_are_pulled_lazily_and_run() {
+    let Some(s) = setup("images_converted_by_ctr_remote_are_pulled_lazily_and_run") else {
+        return;
+    };
+    let plain = push_app_image(&s.registry, "app/peer");
+    // ctr-remote converts what is in containerd's content store: fetch the plain image there.
+    s.containerd
+        .ctr(["image", "pull", "--plain-http", &plain])
+        .unwrap();
+    for (flag, tag) in [("--estargz", "peer-esgz"), ("--zstdchunked", "peer-zstd")] {
+        let converted = format!("{}/app/peer:{tag}", s.registry.host);
+        testkit::ctr_remote::ctr_remote(
+            &s.containerd,
+            ["image", "convert", "--oci", flag, &plain, &converted],
+        )
+        .unwrap();
+        s.containerd
+            .ctr(["image", "push", "--plain-http", &converted, &converted])
+            .unwrap();
+        // Forget it locally, so that what follows is a real pull from the registry.
+        s.containerd
+            .ctr(["image", "rm", "--sync", &converted])
+            .unwrap();
+        lazy_pull_and_run(&s, &converted).await;
+        remove_and_check_clean(&s, &converted).await;
+    }
+    s.containerd.ctr(["image", "rm", "--sync", &plain]).unwrap();
+}
