@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use snapshotter::Snapshotter;
-use snapshotter::lazy::FuseMounter;
+use snapshotter::lazy::{FuseMounter, MountedLayerStatus};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
 /// File name of the status socket inside the daemon's root.
@@ -48,18 +48,25 @@ pub struct Status {
 
 impl Observer {
     pub fn status(&self) -> Status {
+        self.status_of(&self.mounted_layers())
+    }
+
+    fn mounted_layers(&self) -> Vec<MountedLayerStatus> {
+        self.mounter.iter().flat_map(|m| m.status()).collect()
+    }
+
+    /// The status given the mounted layers' (so metrics take the layers' stats once).
+    fn status_of(&self, mounted: &[MountedLayerStatus]) -> Status {
         let mut snapshots = std::collections::BTreeMap::new();
         for info in self.snapshotter.list(&[]).unwrap_or_default() {
             *snapshots.entry(info.kind.as_str().to_string()).or_insert(0) += 1;
         }
-        let layers = self
-            .mounter
+        let layers = mounted
             .iter()
-            .flat_map(|m| m.status())
             .map(|l| LayerStatus {
                 mountpoint: l.mountpoint.display().to_string(),
-                layer: l.layer_digest,
-                image: l.image_ref,
+                layer: l.layer_digest.clone(),
+                image: l.image_ref.clone(),
                 local_bytes: l.stats.local_bytes,
                 total_bytes: l.stats.total_bytes,
                 fetched_bytes: l.stats.bytes_fetched,
@@ -83,7 +90,8 @@ impl Observer {
 
     /// The Prometheus text exposition format.
     pub fn prometheus(&self) -> String {
-        let status = self.status();
+        let mounted = self.mounted_layers();
+        let status = self.status_of(&mounted);
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, u64)>| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -196,6 +204,13 @@ impl Observer {
                     .collect(),
             );
         }
+        let latency = sum_histograms(mounted.iter().flat_map(|l| &l.stats.op_latency));
+        render_histograms(
+            &mut out,
+            "lazysnap_fuse_operation_duration_seconds",
+            "FUSE operations from request to reply, over all mounted layers.",
+            &latency,
+        );
         out
     }
 
@@ -213,6 +228,40 @@ impl Observer {
                 "try /metrics or /status\n".into(),
             ),
         }
+    }
+}
+
+/// Sums histograms of the same operation (per-layer labels would multiply the series
+/// by the number of layers), keeping the order in which operations first appear.
+fn sum_histograms<'a>(
+    hists: impl IntoIterator<Item = &'a fusefs::OpHistogram>,
+) -> Vec<fusefs::OpHistogram> {
+    let mut sums: Vec<fusefs::OpHistogram> = Vec::new();
+    for h in hists {
+        match sums.iter_mut().find(|s| s.op == h.op) {
+            Some(s) => s.merge(h),
+            None => sums.push(h.clone()),
+        }
+    }
+    sums
+}
+
+/// Writes `hists` as one Prometheus histogram labelled by operation.
+fn render_histograms(out: &mut String, name: &str, help: &str, hists: &[fusefs::OpHistogram]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for h in hists {
+        let op = h.op;
+        for &(le, n) in &h.buckets {
+            // Prometheus spells the last bound +Inf; Rust's Display says "inf".
+            let le = if le.is_infinite() {
+                "+Inf".to_string()
+            } else {
+                le.to_string()
+            };
+            let _ = writeln!(out, "{name}_bucket{{op=\"{op}\",le=\"{le}\"}} {n}");
+        }
+        let _ = writeln!(out, "{name}_sum{{op=\"{op}\"}} {}", h.sum_seconds);
+        let _ = writeln!(out, "{name}_count{{op=\"{op}\"}} {}", h.count);
     }
 }
 
@@ -300,4 +349,65 @@ pub async fn fetch_status(root: &Path) -> anyhow::Result<Status> {
         .map(|(_, body)| body)
         .ok_or_else(|| anyhow::anyhow!("malformed answer from {}", path.display()))?;
     Ok(serde_json::from_str(body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hist(op: &'static str, counts: [u64; 3], sum_seconds: f64) -> fusefs::OpHistogram {
+        fusefs::OpHistogram {
+            op,
+            buckets: vec![
+                (0.001, counts[0]),
+                (0.5, counts[1]),
+                (f64::INFINITY, counts[2]),
+            ],
+            count: counts[2],
+            sum_seconds,
+        }
+    }
+
+    #[test]
+    fn histograms_are_summed_over_layers_and_rendered() {
+        let layer_a = [
+            hist("read", [1, 2, 3], 1.5),
+            hist("lookup", [4, 4, 4], 0.002),
+        ];
+        let layer_b = [hist("read", [0, 1, 1], 0.25)];
+        let sums = sum_histograms(layer_a.iter().chain(&layer_b));
+        let mut out = String::new();
+        render_histograms(&mut out, "x_seconds", "Help.", &sums);
+        let expected = "\
+# HELP x_seconds Help.
+# TYPE x_seconds histogram
+x_seconds_bucket{op=\"read\",le=\"0.001\"} 1
+x_seconds_bucket{op=\"read\",le=\"0.5\"} 3
+x_seconds_bucket{op=\"read\",le=\"+Inf\"} 4
+x_seconds_sum{op=\"read\"} 1.75
+x_seconds_count{op=\"read\"} 4
+x_seconds_bucket{op=\"lookup\",le=\"0.001\"} 4
+x_seconds_bucket{op=\"lookup\",le=\"0.5\"} 4
+x_seconds_bucket{op=\"lookup\",le=\"+Inf\"} 4
+x_seconds_sum{op=\"lookup\"} 0.002
+x_seconds_count{op=\"lookup\"} 4
+";
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn metrics_without_layers_declare_the_histogram() {
+        let dir = tempfile::tempdir().unwrap();
+        let observer = Observer {
+            snapshotter: Arc::new(Snapshotter::open(dir.path()).unwrap()),
+            mounter: None,
+            cache: None,
+        };
+        let out = observer.prometheus();
+        assert!(
+            out.contains("# TYPE lazysnap_fuse_operation_duration_seconds histogram"),
+            "{out}"
+        );
+        assert!(out.contains("lazysnap_mounted_layers 0"), "{out}");
+    }
 }

@@ -255,6 +255,14 @@ async fn estargz_image_is_pulled_lazily_and_runs() {
         metrics.contains("lazysnap_snapshots{kind=\"committed\"} 2"),
         "{metrics}"
     );
+    // Reading the files went through FUSE reads, which were timed.
+    let reads = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("lazysnap_fuse_operation_duration_seconds_count{op=\"read\"} ")
+        })
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(reads.is_some_and(|n| n > 0), "{metrics}");
 
     // lazysnapd restarts: the layers are remounted from metadata, no new pull needed.
     s.daemon.stop().unwrap();

@@ -594,6 +594,8 @@ impl Fetcher {
             total_bytes: total,
             prefetch_done: *self.prefetch_done.borrow(),
             background_done: *self.background_done.borrow(),
+            // Timed by the FUSE adapter, which fills it in.
+            op_latency: Vec::new(),
         }
     }
 }

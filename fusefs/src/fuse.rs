@@ -30,6 +30,7 @@ use crate::cache::SharedCache;
 use crate::config::FsConfig;
 use crate::core::{Attr, FileKind, LayerFs, ReadStart, XattrReply};
 use crate::error::{Error, Result};
+use crate::histogram::{Op, OpLatencies};
 use crate::stats::Stats;
 
 struct Adapter {
@@ -39,6 +40,7 @@ struct Adapter {
     handle: Handle,
     ttl: Duration,
     max_read: u32,
+    latency: Arc<OpLatencies>,
 }
 
 fn errno(e: &Error) -> Errno {
@@ -108,6 +110,7 @@ impl Filesystem for Adapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _timer = self.latency.start(Op::Lookup);
         match self.fs.lookup(parent.0, name.as_bytes()) {
             Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
             // Node id 0 is ENOENT that the kernel may cache for the entry timeout: the
@@ -123,6 +126,7 @@ impl Filesystem for Adapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _timer = self.latency.start(Op::Getattr);
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -130,6 +134,7 @@ impl Filesystem for Adapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _timer = self.latency.start(Op::Readlink);
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(t.as_bytes()),
             Err(e) => reply.error(errno(&e)),
@@ -137,6 +142,7 @@ impl Filesystem for Adapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = self.latency.start(Op::Open);
         match self.fs.open(ino.0, flags.0) {
             // Immutable content: the page cache stays valid across opens.
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
@@ -155,6 +161,7 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let timer = self.latency.start(Op::Read);
         match self.fs.read_start(ino.0, offset, size) {
             Ok(ReadStart::Ready(data)) => reply.data(&data),
             Ok(ReadStart::Fetch(pending)) => {
@@ -167,6 +174,9 @@ impl Filesystem for Adapter {
                             reply.error(errno(&e));
                         }
                     }
+                    // A deferred read ends when this task replies, not when the FUSE
+                    // thread handed it over.
+                    drop(timer);
                 });
             }
             Err(e) => reply.error(errno(&e)),
@@ -187,6 +197,7 @@ impl Filesystem for Adapter {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = self.latency.start(Op::Opendir);
         match self.fs.opendir(ino.0, flags.0) {
             Ok(fh) => reply.opened(
                 FileHandle(fh),
@@ -204,6 +215,7 @@ impl Filesystem for Adapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timer = self.latency.start(Op::Readdir);
         match self.fs.readdir(ino.0, offset) {
             Ok(entries) => {
                 for e in entries {
@@ -226,6 +238,7 @@ impl Filesystem for Adapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _timer = self.latency.start(Op::Readdirplus);
         match self.fs.readdir(ino.0, offset) {
             Ok(entries) => {
                 for e in entries {
@@ -252,6 +265,7 @@ impl Filesystem for Adapter {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _timer = self.latency.start(Op::Statfs);
         let s = self.fs.statfs();
         reply.statfs(
             s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
@@ -259,6 +273,7 @@ impl Filesystem for Adapter {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _timer = self.latency.start(Op::Getxattr);
         match self.fs.getxattr(ino.0, name.as_bytes(), size) {
             Ok(XattrReply::Size(n)) => reply.size(n),
             Ok(XattrReply::Data(d)) => reply.data(&d),
@@ -267,6 +282,7 @@ impl Filesystem for Adapter {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _timer = self.latency.start(Op::Listxattr);
         match self.fs.listxattr(ino.0, size) {
             Ok(XattrReply::Size(n)) => reply.size(n),
             Ok(XattrReply::Data(d)) => reply.data(&d),
@@ -275,6 +291,7 @@ impl Filesystem for Adapter {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let _timer = self.latency.start(Op::Access);
         // Permission bits are the kernel's job (default_permissions); writes are not.
         match self.fs.getattr(ino.0) {
             Ok(_) if mask.contains(AccessFlags::W_OK) => reply.error(Errno::EROFS),
@@ -453,6 +470,7 @@ impl Filesystem for Adapter {
 /// lazily detached on drop.
 pub struct MountedLayer {
     fs: Arc<LayerFs>,
+    latency: Arc<OpLatencies>,
     mountpoint: PathBuf,
     session: Option<fuser::BackgroundSession>,
     fetch_task: Option<tokio::task::JoinHandle<()>>,
@@ -510,8 +528,10 @@ pub fn mount(
         Some(options.as_str()),
     )
     .map_err(|e| mount_err(e.into()))?;
+    let latency = Arc::new(OpLatencies::default());
     let mut mounted = MountedLayer {
         fs: Arc::clone(&fs),
+        latency: Arc::clone(&latency),
         mountpoint: mountpoint.clone(),
         session: None,
         fetch_task: None,
@@ -523,6 +543,7 @@ pub fn mount(
         handle: handle.clone(),
         ttl: config.attr_timeout,
         max_read: config.max_read,
+        latency,
     };
     let mut fc = fuser::Config::default();
     fc.n_threads = Some(config.fuse_threads);
@@ -574,8 +595,12 @@ impl MountedLayer {
         &self.fs
     }
 
+    /// The layer's counters, with the latency of the FUSE operations served so far.
     pub fn stats(&self) -> Stats {
-        self.fs.stats()
+        Stats {
+            op_latency: self.latency.snapshot(),
+            ..self.fs.stats()
+        }
     }
 
     /// Resolves once the prioritized range has been fetched (or failed, or there was

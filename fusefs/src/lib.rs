@@ -19,6 +19,7 @@ mod core;
 mod error;
 mod fetch;
 mod fuse;
+mod histogram;
 mod lru;
 mod stats;
 #[cfg(test)]
@@ -31,4 +32,5 @@ pub use core::{
 };
 pub use error::{Error, Result};
 pub use fuse::{MountedLayer, mount};
+pub use histogram::OpHistogram;
 pub use stats::Stats;

@@ -2,8 +2,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::histogram::OpHistogram;
+
 /// A snapshot of a layer's counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stats {
     /// Compressed bytes received from the blob.
     pub bytes_fetched: u64,
@@ -25,6 +27,9 @@ pub struct Stats {
     pub prefetch_done: bool,
     /// The background fetch has gone through the whole layer (or is disabled).
     pub background_done: bool,
+    /// Latency of the FUSE operations, from the request's arrival to its reply; empty
+    /// for a [`crate::LayerFs`] that is not mounted.
+    pub op_latency: Vec<OpHistogram>,
 }
 
 #[derive(Debug, Default)]
