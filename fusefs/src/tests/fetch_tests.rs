@@ -349,8 +349,10 @@ fn sequential_readers_get_growing_parallel_readahead() {
     let first = reqs[0].1;
     let largest = reqs.iter().map(|r| r.1).max().unwrap();
     assert!(largest >= 3 * first, "request sizes did not grow: {reqs:?}");
+    // The second 32 KiB read of every 64 KiB chunk finds it cached, however the read-ahead
+    // raced the reader (a read that waits for an in-flight fetch counts as a miss).
     let s = f.fs.stats();
-    assert!(s.cache_hits > s.cache_misses, "{s:?}");
+    assert!(s.cache_hits >= 64, "{s:?}");
 }
 
 #[test]
