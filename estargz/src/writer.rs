@@ -654,7 +654,11 @@ impl<W: Write> Converter<W> {
     ) -> Result<()> {
         let zstd = self.format != OutputFormat::Estargz;
         let cstorage = self.format == OutputFormat::ZstdChunked;
+        // A file of one chunk has the chunk's digest: hash it once, not twice.
+        let multi_chunk = size > self.chunk_size;
         let mut file_hash = Sha256::new();
+        // Only tar-split records CRC64s.
+        let want_crc = self.tar_split.is_some();
         self.crc.reset();
         let mut buf = vec![0u8; 256 << 10];
         let mut file_off = 0u64;
@@ -676,8 +680,12 @@ impl<W: Write> Converter<W> {
                 }
                 let data = &buf[..n];
                 chunk_hash.update(data);
-                file_hash.update(data);
-                self.crc.update(data);
+                if multi_chunk {
+                    file_hash.update(data);
+                }
+                if want_crc {
+                    self.crc.update(data);
+                }
                 all_zero = all_zero && data.iter().all(|&b| b == 0);
                 self.put(data);
                 left -= n as u64;
@@ -701,7 +709,10 @@ impl<W: Write> Converter<W> {
                 self.start_member()?;
             }
         }
-        let file_digest = Digest::from_hasher(file_hash);
+        let file_digest = match chunk_meta.as_slice() {
+            [(_, _, _, only, _)] if !multi_chunk => *only,
+            _ => Digest::from_hasher(file_hash),
+        };
         let n = chunk_meta.len();
         for (i, (entry, seq, csize, digest, zeros)) in chunk_meta.iter().enumerate() {
             let e = &mut self.entries[*entry];
