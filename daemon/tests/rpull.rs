@@ -75,11 +75,10 @@ impl Proxy {
         if !out.status.success() {
             return Err(Status::internal(String::from_utf8_lossy(&out.stderr)));
         }
+        // Not lazysnapd's own remote marker: lazysnapd would then try to serve the layer
+        // itself (it is a plain layer here, filled by this proxy).
         let mut labels = r.labels.clone();
-        labels.insert(
-            "containerd.io/snapshot/remote".into(),
-            "remote snapshot".into(),
-        );
+        labels.insert("test.rpull/filled-by-proxy".into(), "true".into());
         c.commit(pb::CommitSnapshotRequest {
             snapshotter: r.snapshotter.clone(),
             name: target.clone(),
