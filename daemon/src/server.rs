@@ -81,6 +81,9 @@ fn bind_socket(address: &Path) -> anyhow::Result<UnixListener> {
 
 /// Runs the daemon until `shutdown` resolves.
 pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Registry settings stay out of the log: their headers may carry credentials.
+    tracing::debug!(root = %config.root.display(), address = %config.address.display(),
+        lazy = ?config.lazy, cache = ?config.cache, metrics = ?config.metrics_address, "configuration");
     std::fs::create_dir_all(&config.root)
         .with_context(|| format!("creating root {}", config.root.display()))?;
     std::fs::set_permissions(&config.root, std::fs::Permissions::from_mode(0o700))
