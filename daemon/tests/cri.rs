@@ -19,9 +19,11 @@ use daemon::cri::{
     NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
 };
 use testkit::containerd::{Containerd, ContainerdOptions, mounts_under};
+use testkit::image::noise;
 use testkit::image::{Entry, ImageBuilder, busybox_layer};
 use testkit::lazysnapd::Lazysnapd;
 use testkit::registry::Registry;
+use testkit::registry::bytes_served;
 
 const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
 const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
@@ -37,34 +39,6 @@ const HOST_PATHS: &[&str] = &[
     "/var/lib/containerd",
     "/var/log/pods",
 ];
-
-/// Deterministic incompressible bytes, so the big file really costs its size to fetch
-/// (the same generator as lazy.rs).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Bytes the registry sent for GETs of `digest` (its access log: `"GET …" STATUS BYTES`).
-fn bytes_served(registry_log: &str, digest: &str) -> u64 {
-    registry_log
-        .lines()
-        .filter(|l| l.contains("\"GET ") && l.contains(digest))
-        .filter_map(|l| {
-            let after = l.split("HTTP/1.1\" ").nth(1)?;
-            let mut fields = after.split_whitespace();
-            let _status = fields.next()?;
-            fields.next()?.parse::<u64>().ok()
-        })
-        .sum()
-}
 
 /// The (digest, compressed size) of each layer of `reference`, from the registry.
 async fn layers_of(reference: &str) -> Vec<(String, u64)> {

@@ -15,8 +15,10 @@ use std::time::Duration;
 use base64::Engine as _;
 use daemon::cri::{AuthConfig, CriClient};
 use testkit::containerd::{Containerd, ContainerdOptions, mounts_under};
+use testkit::image::noise;
 use testkit::image::{Entry, ImageBuilder, busybox_layer};
 use testkit::lazysnapd::Lazysnapd;
+use testkit::registry::bytes_served;
 use testkit::registry::{Registry, RegistryOptions};
 
 const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
@@ -34,34 +36,6 @@ const HOST_PATHS: &[&str] = &[
     "/var/lib/containerd",
     "/var/log/pods",
 ];
-
-/// Deterministic incompressible bytes (the same generator as lazy.rs).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Bytes the registry sent for GETs of `digest` (its access log: `"GET …" STATUS BYTES`,
-/// over HTTP/1.1 or, with TLS, HTTP/2).
-fn bytes_served(registry_log: &str, digest: &str) -> u64 {
-    registry_log
-        .lines()
-        .filter(|l| l.contains("\"GET ") && l.contains(digest))
-        .filter_map(|l| {
-            let after = l.split('"').nth(2)?;
-            let mut fields = after.split_whitespace();
-            let _status = fields.next()?;
-            fields.next()?.parse::<u64>().ok()
-        })
-        .sum()
-}
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap();

@@ -11,39 +11,14 @@ use std::time::Duration;
 
 use daemon::rpull::{LayerOutcome, RpullOptions, rpull};
 use testkit::containerd::{Containerd, ContainerdOptions, mounts_under};
+use testkit::image::noise;
 use testkit::image::{Entry, ImageBuilder, busybox_entries};
 use testkit::lazysnapd::Lazysnapd;
 use testkit::registry::Registry;
+use testkit::registry::bytes_served;
 
 const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
 const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
-
-/// Deterministic incompressible bytes, so the big file really costs its size to fetch.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Bytes the registry sent for GETs of `digest` (its access log: `"GET …" STATUS BYTES`).
-fn bytes_served(registry_log: &str, digest: &str) -> u64 {
-    registry_log
-        .lines()
-        .filter(|l| l.contains("\"GET ") && l.contains(digest))
-        .filter_map(|l| {
-            let after = l.split("HTTP/1.1\" ").nth(1)?;
-            let mut fields = after.split_whitespace();
-            let _status = fields.next()?;
-            fields.next()?.parse::<u64>().ok()
-        })
-        .sum()
-}
 
 fn http_get(address: &str, path: &str) -> String {
     use std::io::{Read, Write};

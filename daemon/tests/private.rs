@@ -19,8 +19,10 @@ use std::time::Duration;
 use base64::Engine as _;
 use daemon::rpull::{LayerOutcome, RpullOptions, rpull};
 use testkit::containerd::{Containerd, ContainerdOptions, mounts_under};
+use testkit::image::noise;
 use testkit::image::{Entry, ImageBuilder, busybox_layer};
 use testkit::lazysnapd::Lazysnapd;
+use testkit::registry::bytes_served;
 use testkit::registry::{Registry, RegistryOptions};
 
 const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
@@ -29,34 +31,6 @@ const USER: &str = "alice";
 
 /// Longest any pull may take here: an auth failure must end it, not hang it.
 const PULL_LIMIT: Duration = Duration::from_secs(120);
-
-/// Deterministic incompressible bytes (the same generator as lazy.rs).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Bytes the registry sent for GETs of `digest` (its access log: `"GET …" STATUS BYTES`,
-/// over HTTP/1.1 or, with TLS, HTTP/2).
-fn bytes_served(registry_log: &str, digest: &str) -> u64 {
-    registry_log
-        .lines()
-        .filter(|l| l.contains("\"GET ") && l.contains(digest))
-        .filter_map(|l| {
-            let after = l.split('"').nth(2)?;
-            let mut fields = after.split_whitespace();
-            let _status = fields.next()?;
-            fields.next()?.parse::<u64>().ok()
-        })
-        .sum()
-}
 
 /// A bcrypt htpasswd file with one user, as `htpasswd -Bbn` writes it.
 fn htpasswd(dir: &Path, user: &str, password: &str) -> PathBuf {

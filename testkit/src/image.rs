@@ -568,6 +568,20 @@ impl Image {
     }
 }
 
+/// Deterministic incompressible bytes (xorshift), so a file of them really costs its size
+/// to fetch: the lazy-pulling tests put such files where a container must not read them.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -250,3 +250,19 @@ fn curl(args: &[&str], body: Option<&[u8]>) -> anyhow::Result<CurlResponse> {
         what,
     })
 }
+
+/// Bytes a registry sent for GETs of `digest`, summed from its access log
+/// (`"GET …" STATUS BYTES`): what a lazy pull really fetched.
+pub fn bytes_served(registry_log: &str, digest: &str) -> u64 {
+    registry_log
+        .lines()
+        .filter(|l| l.contains("\"GET ") && l.contains(digest))
+        .filter_map(|l| {
+            // After the quoted request line, whatever its HTTP version (TLS gives HTTP/2).
+            let after = l.split('"').nth(2)?;
+            let mut fields = after.split_whitespace();
+            let _status = fields.next()?;
+            fields.next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
