@@ -3,7 +3,7 @@
 pub mod client;
 mod error;
 pub mod filter;
-mod fsutil;
+pub mod fsutil;
 pub mod lazy;
 pub mod proto;
 pub mod remote;

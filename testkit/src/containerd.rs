@@ -398,7 +398,7 @@ fn cgroup_mounts() -> Vec<PathBuf> {
             let fstype = right.split(' ').next()?;
             let mount = left.split(' ').nth(4)?;
             (fstype == "cgroup" || fstype == "cgroup2")
-                .then(|| PathBuf::from(unescape_mountinfo(mount)))
+                .then(|| PathBuf::from(snapshotter::fsutil::unescape_mountinfo(mount)))
         })
         .collect()
 }
@@ -415,55 +415,14 @@ fn remove_empty_dirs(dir: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
-/// Decodes the octal escapes (`\040` for a space, ...) that /proc/self/mountinfo uses.
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            let value =
-                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
-            out.push(value);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+/// Mount points at or under `dir`, deepest first (the snapshotter's own reading of
+/// /proc/self/mountinfo).
+pub use snapshotter::fsutil::mounts_under;
 
-/// Mount points at or under `dir` (from /proc/self/mountinfo), deepest first.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut mounts: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|field| PathBuf::from(unescape_mountinfo(field)))
-        .filter(|mount| mount.starts_with(dir))
-        .collect();
-    mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
-    mounts.dedup();
-    mounts
-}
-
-/// Lazily unmounts `path` (MNT_DETACH: succeeds even if something still has it open).
-#[allow(unsafe_code)]
+/// Lazily unmounts `path` (MNT_DETACH: succeeds even if something still has it open);
+/// best effort, for cleanup.
 pub fn unmount_detach(path: &Path) {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return;
-    };
-    // SAFETY: umount2(2) reads the NUL-terminated path we own for the duration of the call.
-    unsafe {
-        libc::umount2(c_path.as_ptr(), libc::MNT_DETACH);
-    }
+    let _ = snapshotter::fsutil::unmount_detach(path);
 }
 
 /// PIDs of containerd-shim processes started for the containerd at `socket`.
@@ -505,12 +464,6 @@ pub fn process_alive(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_decoded() {
-        assert_eq!(unescape_mountinfo("/a\\040b\\011c"), "/a b\tc");
-        assert_eq!(unescape_mountinfo("/plain\\"), "/plain\\");
-    }
 
     #[test]
     fn toml_strings_are_escaped() {
