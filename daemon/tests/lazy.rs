@@ -140,18 +140,7 @@ async fn lazy_pull_and_run(s: &Setup, reference: &str) {
             s.daemon.log()
         );
     }
-    let out = s
-        .containerd
-        .ctr([
-            "run",
-            "--rm",
-            "--snapshotter",
-            "lazysnap",
-            reference,
-            "lazy-1",
-        ])
-        .unwrap();
-    assert!(out.contains("served-lazily"), "container printed {out:?}");
+    assert_runs(s, "lazysnap", reference, "lazy-1");
 
     // The container ran busybox and read a tiny file: each layer stayed mostly remote.
     let log = s.registry.log();
@@ -188,6 +177,18 @@ async fn lazy_pull_and_run(s: &Setup, reference: &str) {
     assert!(
         out.contains(&want),
         "big file read through FUSE differs: {out}"
+    );
+}
+
+/// Runs the app image's command on `snapshotter` and checks it printed what it reads.
+fn assert_runs(s: &Setup, snapshotter: &str, reference: &str, name: &str) {
+    let out = s
+        .containerd
+        .ctr(["run", "--rm", "--snapshotter", snapshotter, reference, name])
+        .unwrap();
+    assert!(
+        out.contains("served-lazily"),
+        "container {name} printed {out:?}"
     );
 }
 
@@ -330,18 +331,7 @@ async fn plain_gzip_image_falls_back_and_runs() {
         s.daemon.log().contains("lazy pull not possible"),
         "no fallback reason logged"
     );
-    let out = s
-        .containerd
-        .ctr([
-            "run",
-            "--rm",
-            "--snapshotter",
-            "lazysnap",
-            &plain,
-            "plain-1",
-        ])
-        .unwrap();
-    assert!(out.contains("served-lazily"), "{out:?}");
+    assert_runs(&s, "lazysnap", &plain, "plain-1");
     remove_and_check_clean(&s, &plain).await;
 }
 
@@ -378,18 +368,7 @@ async fn ctr_remote_rpull_works_unchanged() {
         log.contains("layer mounted lazily"),
         "ctr-remote's pull was not lazy; log:\n{log}"
     );
-    let out = s
-        .containerd
-        .ctr([
-            "run",
-            "--rm",
-            "--snapshotter",
-            "stargz",
-            &converted,
-            "ctr-remote-1",
-        ])
-        .unwrap();
-    assert!(out.contains("served-lazily"), "{out:?}");
+    assert_runs(&s, "stargz", &converted, "ctr-remote-1");
     remove_and_check_clean(&s, &converted).await;
 }
 
@@ -495,18 +474,7 @@ async fn a_plain_ctr_pull_of_a_lazy_image_falls_back_and_runs() {
         ])
         .unwrap();
     assert!(!s.daemon.log().contains("layer mounted lazily"));
-    let out = s
-        .containerd
-        .ctr([
-            "run",
-            "--rm",
-            "--snapshotter",
-            "lazysnap",
-            &converted,
-            "nolabels",
-        ])
-        .unwrap();
-    assert!(out.contains("served-lazily"), "{out:?}");
+    assert_runs(&s, "lazysnap", &converted, "nolabels");
     remove_and_check_clean(&s, &converted).await;
 }
 
