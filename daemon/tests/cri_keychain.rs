@@ -175,6 +175,7 @@ fn setup(name: &str) -> Option<Setup> {
         &RegistryOptions {
             htpasswd: Some(d.join("htpasswd")),
             tls: Some((d.join("server.pem"), d.join("server.key"))),
+            ..RegistryOptions::default()
         },
     )
     .unwrap();

@@ -96,6 +96,7 @@ fn setup(name: &str) -> Option<Setup> {
         &RegistryOptions {
             htpasswd: Some(htpasswd(dir.path(), USER, &password)),
             tls: None,
+            ..RegistryOptions::default()
         },
     )
     .unwrap();

@@ -119,6 +119,7 @@ async fn tls_registry_with_basic_auth() {
         &RegistryOptions {
             htpasswd: Some(dir.path().join("htpasswd")),
             tls: Some((dir.path().join("server.pem"), dir.path().join("server.key"))),
+            ..RegistryOptions::default()
         },
     )
     .expect("start docker-registry with TLS and htpasswd");

@@ -21,6 +21,10 @@ pub struct RegistryOptions {
     pub htpasswd: Option<PathBuf>,
     /// TLS certificate and key (PEM).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Run inside this network namespace (`ip netns exec`), listening on `listen`.
+    pub netns: Option<String>,
+    /// `IP:PORT` to listen on instead of a free loopback port.
+    pub listen: Option<String>,
 }
 
 impl Registry {
@@ -32,8 +36,10 @@ impl Registry {
     pub fn start_with(dir: &Path, options: &RegistryOptions) -> anyhow::Result<Self> {
         let binary = crate::require_program("docker-registry", "docker-registry")?;
         std::fs::create_dir_all(dir.join("data"))?;
-        let port = crate::free_port();
-        let host = format!("127.0.0.1:{port}");
+        let host = match &options.listen {
+            Some(listen) => listen.clone(),
+            None => format!("127.0.0.1:{}", crate::free_port()),
+        };
         let mut config = format!(
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
              storage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n\
@@ -55,7 +61,15 @@ impl Registry {
         }
         let config_path = dir.join("config.yml");
         std::fs::write(&config_path, config)?;
-        let mut cmd = Command::new(binary);
+        let mut cmd = match &options.netns {
+            Some(netns) => {
+                // `ip netns exec` execs the registry, so the PID stays the registry's.
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", netns]).arg(binary);
+                cmd
+            }
+            None => Command::new(binary),
+        };
         cmd.arg("serve").arg(&config_path);
         let mut process = ChildGuard::spawn("docker-registry", cmd, &dir.join("registry.log"))?;
         let up = crate::wait_until(Duration::from_secs(20), || {
