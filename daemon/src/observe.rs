@@ -37,6 +37,15 @@ pub struct LayerStatus {
     pub background_done: bool,
 }
 
+/// The files one mounted layer has had opened, in first-open order (`GET /accessed`).
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct LayerAccess {
+    pub layer: String,
+    pub image: String,
+    /// (path in the layer, microseconds since the Unix epoch of its first open).
+    pub files: Vec<(String, u64)>,
+}
+
 #[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct Status {
     pub lazy_pulling: bool,
@@ -49,6 +58,26 @@ pub struct Status {
 impl Observer {
     pub fn status(&self) -> Status {
         self.status_of(&self.mounted_layers())
+    }
+
+    /// Every mounted layer's access log.
+    pub fn accessed(&self) -> Vec<LayerAccess> {
+        let mut out: Vec<LayerAccess> = self
+            .mounter
+            .iter()
+            .flat_map(|m| m.accessed())
+            .map(|a| LayerAccess {
+                layer: a.layer_digest,
+                image: a.image_ref,
+                files: a
+                    .files
+                    .into_iter()
+                    .map(|f| (f.path, f.first_open_us))
+                    .collect(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.layer.cmp(&b.layer));
+        out
     }
 
     fn mounted_layers(&self) -> Vec<MountedLayerStatus> {
@@ -222,10 +251,15 @@ impl Observer {
                 "application/json",
                 serde_json::to_string_pretty(&self.status()).unwrap_or_default(),
             ),
+            "/accessed" => (
+                "200 OK",
+                "application/json",
+                serde_json::to_string(&self.accessed()).unwrap_or_default(),
+            ),
             _ => (
                 "404 Not Found",
                 "text/plain",
-                "try /metrics or /status\n".into(),
+                "try /metrics, /status or /accessed\n".into(),
             ),
         }
     }
@@ -329,6 +363,16 @@ pub async fn serve_tcp(
 
 /// Reads the status of the daemon whose root is `root` (for `lazysnap status`).
 pub async fn fetch_status(root: &Path) -> anyhow::Result<Status> {
+    Ok(serde_json::from_str(&get(root, "/status").await?)?)
+}
+
+/// Reads the access logs of the layers the daemon at `root` serves (`lazysnap optimize`).
+pub async fn fetch_accessed(root: &Path) -> anyhow::Result<Vec<LayerAccess>> {
+    Ok(serde_json::from_str(&get(root, "/accessed").await?)?)
+}
+
+/// GETs `what` from the status socket under `root`; returns the body.
+async fn get(root: &Path, what: &str) -> anyhow::Result<String> {
     use tokio::io::AsyncReadExt;
     let path = root.join(STATUS_SOCKET);
     let mut stream = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
@@ -339,7 +383,7 @@ pub async fn fetch_status(root: &Path) -> anyhow::Result<Status> {
         )
     })?;
     stream
-        .write_all(b"GET /status HTTP/1.1\r\nHost: lazysnapd\r\n\r\n")
+        .write_all(format!("GET {what} HTTP/1.1\r\nHost: lazysnapd\r\n\r\n").as_bytes())
         .await?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;
@@ -348,7 +392,7 @@ pub async fn fetch_status(root: &Path) -> anyhow::Result<Status> {
         .split_once("\r\n\r\n")
         .map(|(_, body)| body)
         .ok_or_else(|| anyhow::anyhow!("malformed answer from {}", path.display()))?;
-    Ok(serde_json::from_str(body)?)
+    Ok(body.to_string())
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@
 //! `trusted.overlay.opaque = y`, which is how overlayfs sees an unpacked layer. The
 //! `.prefetch.landmark` / `.no.prefetch.landmark` markers at the root are hidden.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use estargz::{EntryKind, EntryRef, Layer, NodeId, Timestamp};
@@ -130,6 +131,42 @@ pub struct LayerFs {
     dir_nlink: Vec<u32>,
     /// Sum of regular file sizes, for statfs.
     content_bytes: u64,
+    /// Files opened so far, each once, in first-open order: what `lazysnap optimize`
+    /// learns a container's reads from, with no tracing inside the container.
+    access: Mutex<AccessLog>,
+}
+
+#[derive(Default)]
+struct AccessLog {
+    /// One bit per node: opened already.
+    seen: Vec<u64>,
+    /// (node, microseconds since the Unix epoch of its first open).
+    order: Vec<(NodeId, u64)>,
+}
+
+impl AccessLog {
+    fn record(&mut self, id: NodeId) {
+        let (word, bit) = (id.0 as usize / 64, id.0 % 64);
+        if self.seen.len() <= word {
+            self.seen.resize(word + 1, 0);
+        }
+        if self.seen[word] & (1 << bit) != 0 {
+            return;
+        }
+        self.seen[word] |= 1 << bit;
+        // Wall-clock time, so records of different layers merge into one order.
+        let micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        self.order.push((id, micros));
+    }
+}
+
+/// A file of the layer and when it was first opened (microseconds since the Unix epoch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileAccess {
+    pub path: String,
+    pub first_open_us: u64,
 }
 
 /// How an entry shows: hidden, a whiteout, or itself.
@@ -183,6 +220,7 @@ impl LayerFs {
             layer,
             dir_nlink,
             content_bytes,
+            access: Mutex::default(),
         })
     }
 
@@ -196,6 +234,22 @@ impl LayerFs {
 
     pub fn stats(&self) -> Stats {
         self.fetcher.stats()
+    }
+
+    /// The files opened so far (hard links as their target, which holds the content),
+    /// in the order of their first open.
+    pub fn accessed(&self) -> Vec<FileAccess> {
+        let index = self.layer.index();
+        let Ok(log) = self.access.lock() else {
+            return Vec::new();
+        };
+        log.order
+            .iter()
+            .map(|&(id, first_open_us)| FileAccess {
+                path: index.path_of(id),
+                first_open_us,
+            })
+            .collect()
     }
 
     /// The inode number of an entry (hardlinks give their target's).
@@ -431,6 +485,9 @@ impl LayerFs {
         }
         if e.kind() == EntryKind::Dir {
             return Err(Error::IsDir);
+        }
+        if let Ok(mut log) = self.access.lock() {
+            log.record(e.id());
         }
         Ok(e.id().0 as u64 + 1)
     }

@@ -28,7 +28,8 @@ mod tests;
 pub use cache::{CacheConfig, SharedCache};
 pub use config::FsConfig;
 pub use core::{
-    Attr, DirEntry, FileKind, LayerFs, OPAQUE_XATTR, PendingRead, ReadStart, StatFs, XattrReply,
+    Attr, DirEntry, FileAccess, FileKind, LayerFs, OPAQUE_XATTR, PendingRead, ReadStart, StatFs,
+    XattrReply,
 };
 pub use error::{Error, Result};
 pub use fuse::{MountedLayer, mount};

@@ -35,6 +35,14 @@ pub struct MountedLayerStatus {
     pub stats: fusefs::Stats,
 }
 
+/// The files a mounted layer has had opened, in first-open order.
+#[derive(Debug, Clone)]
+pub struct LayerAccess {
+    pub layer_digest: String,
+    pub image_ref: String,
+    pub files: Vec<fusefs::FileAccess>,
+}
+
 impl FuseMounter {
     pub fn new(
         client: registry::Client,
@@ -70,6 +78,18 @@ impl FuseMounter {
             .collect();
         out.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
         out
+    }
+
+    /// Each mounted layer's access log (for `lazysnap optimize`).
+    pub fn accessed(&self) -> Vec<LayerAccess> {
+        self.mounts()
+            .values()
+            .map(|served| LayerAccess {
+                layer_digest: served.layer_digest.clone(),
+                image_ref: served.image_ref.clone(),
+                files: served.mounted.fs().accessed(),
+            })
+            .collect()
     }
 
     /// Unmounts every layer (daemon shutdown): nothing is left mounted after exit.

@@ -247,3 +247,18 @@ fn reads_return_exactly_the_source_bytes() {
         assert_eq!(f.read("bin/link", 0, 10).unwrap_err().errno(), libc::EINVAL);
     }
 }
+
+#[test]
+fn opens_are_logged_once_each_in_first_open_order_with_links_as_their_target() {
+    let (f, _) = fixture(OutputFormat::Estargz);
+    assert!(f.fs.accessed().is_empty());
+    f.fs.open(f.ino("bin/tool"), libc::O_RDONLY).unwrap();
+    f.fs.open(f.ino("etc/hard"), libc::O_RDONLY).unwrap();
+    f.fs.open(f.ino("bin/tool"), libc::O_RDONLY).unwrap();
+    // A refused open is no access.
+    let _ = f.fs.open(f.ino("data/exact"), libc::O_WRONLY);
+    let log = f.fs.accessed();
+    let paths: Vec<&str> = log.iter().map(|a| a.path.as_str()).collect();
+    assert_eq!(paths, ["bin/tool", "data/exact"]);
+    assert!(log[0].first_open_us <= log[1].first_open_us && log[0].first_open_us > 0);
+}
