@@ -5,5 +5,6 @@ pub mod config;
 pub mod cri;
 pub mod keychain;
 pub mod observe;
+pub mod optimize;
 pub mod rpull;
 pub mod server;

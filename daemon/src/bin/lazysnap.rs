@@ -18,6 +18,10 @@ enum Command {
     /// Pull an image through containerd so that lazysnapd mounts its layers lazily
     /// (what `ctr-remote image rpull` does).
     Rpull(RpullArgs),
+    /// Run an image's command once on lazysnap (with a time limit), record which files it
+    /// read from lazysnapd's access log, and convert SRC to DST with those files
+    /// prioritized in read order. DST must be a registry reference.
+    Optimize(daemon::optimize::OptimizeArgs),
     /// Show what lazysnapd serves: snapshots, cache, and how much of each lazily mounted
     /// layer is local.
     Status(StatusArgs),
@@ -126,6 +130,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 report.snapshotter,
                 start.elapsed().as_secs_f64()
             );
+        }
+        Command::Optimize(args) => {
+            let start = std::time::Instant::now();
+            let done = daemon::optimize::optimize(&args, &runtime).with_context(|| {
+                format!("optimizing {} into {}", args.convert.src, args.convert.dst)
+            })?;
+            eprintln!(
+                "the command {}; it opened {} files, now prioritized in {} ({:.1}s)",
+                done.ended,
+                done.files.len(),
+                args.convert.dst,
+                start.elapsed().as_secs_f64()
+            );
+            println!("{}", done.digest);
         }
         Command::Status(args) => {
             let status = runtime.block_on(daemon::observe::fetch_status(&args.root))?;
