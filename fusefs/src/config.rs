@@ -26,6 +26,11 @@ pub struct FsConfig {
     /// Chunks closer than this in the blob are fetched in one request (the bytes in
     /// between are cheaper than a round trip). Default 32 KiB.
     pub coalesce_gap: u64,
+    /// On a miss, also fetch the chunks that follow the missed ones in the blob, up to
+    /// this many compressed bytes, in a parallel request: they are the neighbouring
+    /// files of the same directory, which programs read together (a python import reads
+    /// a package's modules one after another). 0 turns it off. Default 1 MiB.
+    pub neighbour_fetch_bytes: u64,
     /// First read-ahead window of a sequential reader (file bytes). Default 4 MiB.
     pub readahead_initial: u64,
     /// The window doubles on every sequential refill up to this. Default 64 MiB.
@@ -56,6 +61,7 @@ impl Default for FsConfig {
             fetch_timeout: Duration::from_secs(60),
             max_range_bytes: 16 << 20,
             coalesce_gap: 32 << 10,
+            neighbour_fetch_bytes: 1 << 20,
             readahead_initial: 4 << 20,
             readahead_max: 64 << 20,
             readahead_requests: 4,

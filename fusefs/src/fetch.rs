@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -60,6 +60,8 @@ pub(crate) struct Fetcher {
     readahead_slots: Arc<Semaphore>,
     pub(crate) prefetch_done: watch::Sender<bool>,
     pub(crate) background_done: watch::Sender<bool>,
+    /// Every chunk in blob order, for the neighbour fetch; built on the first miss.
+    by_offset: OnceLock<Vec<(NodeId, Chunk)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -103,6 +105,7 @@ impl Fetcher {
             readahead_slots: Arc::new(Semaphore::new(slots)),
             prefetch_done: watch::channel(false).0,
             background_done: watch::channel(false).0,
+            by_offset: OnceLock::new(),
         }
     }
 
@@ -150,7 +153,52 @@ impl Fetcher {
         wants: &[(NodeId, Chunk)],
     ) -> Result<Vec<Bytes>> {
         let _guard = DemandGuard::new(&self.demand);
+        self.fetch_neighbours(wants);
         self.chunks(wants, true).await
+    }
+
+    /// Starts a request for the chunks after `wants` in the blob (up to
+    /// `neighbour_fetch_bytes`) that are neither cached nor in flight. It runs beside the
+    /// demand's own request, so the reader waits for no extra bytes; a later read of a
+    /// neighbour joins it or finds the chunk cached, sparing a round trip.
+    fn fetch_neighbours(self: &Arc<Self>, wants: &[(NodeId, Chunk)]) {
+        let window = self.config.neighbour_fetch_bytes;
+        let Some(end) = wants
+            .iter()
+            .filter(|(_, c)| !c.zeros)
+            .map(|(_, c)| c.comp_end)
+            .max()
+        else {
+            return;
+        };
+        if window == 0 {
+            return;
+        }
+        let table = self.by_offset.get_or_init(|| {
+            let mut all = self.all_chunks();
+            all.retain(|(_, c)| !c.zeros);
+            all.sort_by_key(|(_, c)| (c.comp_offset, c.inner_offset));
+            all
+        });
+        let limit = end.saturating_add(window);
+        let mut leads = Vec::new();
+        let first = table.partition_point(|(_, c)| c.comp_offset < end);
+        for (node, c) in table[first..].iter() {
+            if c.comp_end > limit {
+                break;
+            }
+            if self.cache.contains(&c.digest) {
+                continue;
+            }
+            if let Joined::Lead(lead, _) = self.join_or_lead(*node, c) {
+                leads.push(lead);
+            }
+        }
+        for (range, group) in self.group(leads, self.config.max_range_bytes) {
+            let this = Arc::clone(self);
+            self.handle
+                .spawn(async move { this.fetch_range(range, group, true).await });
+        }
     }
 
     /// The whole decompressed, verified chunks, in order: from the cache, from a fetch

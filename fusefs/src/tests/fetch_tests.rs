@@ -470,3 +470,47 @@ fn concurrent_disk_loads_of_one_chunk_agree_and_leave_no_gates() {
         assert_eq!(f.cache.loading_len(), 0);
     }
 }
+
+#[test]
+fn a_miss_also_fetches_the_next_files_in_the_blob_beside_the_demand() {
+    let (tar, src) = sample_tar();
+    let config = FsConfig {
+        neighbour_fetch_bytes: 1 << 20,
+        ..quiet_config()
+    };
+    let f = fixture_with(
+        FaultBlob::new(convert(&tar, OutputFormat::Estargz, &[])),
+        config,
+        1 << 30,
+    );
+    assert_eq!(f.read_all("bin/tool").unwrap(), src.files["bin/tool"]);
+    // The neighbours' request runs on its own: wait for it to be answered (later reads
+    // find its chunks cached or join their inflation).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let answered = |f: &Fixture| {
+        let asked: u64 = f.blob.requests.lock().unwrap().iter().map(|r| r.1).sum();
+        f.blob.request_count() == 2 && f.fs.stats().bytes_fetched == asked
+    };
+    while !answered(&f) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "neighbours never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The demand's own request, and one for the rest of this small layer.
+    assert_eq!(f.blob.request_count(), 2);
+    let (first, second) = {
+        let r = f.blob.requests.lock().unwrap();
+        (r[0], r[1])
+    };
+    assert!(first.0 + first.1 <= second.0 || second.0 + second.1 <= first.0);
+    for path in ["data/big", "data/exact", "etc/attrs", "opaque/kept"] {
+        assert_eq!(f.read_all(path).unwrap(), src.files[path], "{path}");
+    }
+    assert_eq!(
+        f.blob.request_count(),
+        2,
+        "neighbours were served from the cache"
+    );
+}

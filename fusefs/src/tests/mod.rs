@@ -235,6 +235,8 @@ pub(crate) fn quiet_config() -> FsConfig {
         fetch_timeout: Duration::from_secs(20),
         // Reads 4 KiB apart are no longer "sequential": tests control read-ahead.
         max_read: 4096,
+        // Misses fetch only what they need, so tests can count requests.
+        neighbour_fetch_bytes: 0,
         ..FsConfig::default()
     }
 }
