@@ -370,6 +370,20 @@ impl Bench {
         Ok(())
     }
 
+    /// Range requests of the layers lazysnapd serves, from `lazysnap status`: with the
+    /// link's round trip, they say where a lazy run's time goes.
+    fn range_requests(&self, root: &Path) -> u64 {
+        let mut cmd = Command::new(&self.lazysnap);
+        cmd.arg("status").arg("--root").arg(root).arg("--json");
+        let Ok(out) = cold::run(cmd, Duration::from_secs(30)) else {
+            return 0;
+        };
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        status["layers"].as_array().map_or(0, |ls| {
+            ls.iter().filter_map(|l| l["range_requests"].as_u64()).sum()
+        })
+    }
+
     fn measure(&self, kind: ImageKind, form: Form, rep: usize) -> anyhow::Result<Run> {
         let node = self.start_node()?;
         let ctr = self.ctr(&node);
@@ -398,6 +412,10 @@ impl Bench {
             .registry_log
             .as_ref()
             .map_or(0, |p| cold::bytes_served(&cold::log_since(p, log_offset)));
+        let range_requests = match &node {
+            Node::Own { root, .. } => self.range_requests(root),
+            Node::External => 0,
+        };
         if matches!(node, Node::External) {
             ctr.clear()?;
         }
@@ -418,6 +436,7 @@ impl Bench {
             run: timing.run,
             bytes_served: bytes,
             image_bytes: 0,
+            range_requests,
             last_line: timing.last_line,
         })
     }
@@ -520,7 +539,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     .find(|(k, _)| *k == (kind, form))
                     .map_or(0, |(_, s)| *s);
                 say(&format!(
-                    "[{n}/{total}] {} {}: pull {:.2} s, create {:.2} s, first line {:.2} s, exit {:.2} s, cold start {:.2} s, {:.1} MB served; last line: {}",
+                    "[{n}/{total}] {} {}: pull {:.2} s, create {:.2} s, first line {:.2} s, exit {:.2} s, cold start {:.2} s, {:.1} MB served, {} range requests; last line: {}",
                     r.image,
                     r.form,
                     r.pull.as_secs_f64(),
@@ -529,6 +548,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     r.run.as_secs_f64(),
                     r.total().as_secs_f64(),
                     r.bytes_served as f64 / 1e6,
+                    r.range_requests,
                     r.last_line
                 ));
                 csv.push_str(&report::csv_line(&r));

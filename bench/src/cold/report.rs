@@ -26,6 +26,8 @@ pub struct Run {
     pub bytes_served: u64,
     /// Sum of the layers' compressed sizes in this form.
     pub image_bytes: u64,
+    /// Range requests lazysnapd sent for the image's layers (0 for the full pull).
+    pub range_requests: u64,
     pub last_line: String,
 }
 
@@ -36,11 +38,11 @@ impl Run {
     }
 }
 
-pub const CSV_HEADER: &str = "image,form,mode,rep,pull_s,create_s,first_line_s,run_s,total_s,bytes_served,image_bytes,last_line";
+pub const CSV_HEADER: &str = "image,form,mode,rep,pull_s,create_s,first_line_s,run_s,total_s,bytes_served,image_bytes,range_requests,last_line";
 
 pub fn csv_line(r: &Run) -> String {
     format!(
-        "{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},\"{}\"",
+        "{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{},\"{}\"",
         r.image,
         r.form,
         r.mode,
@@ -52,6 +54,7 @@ pub fn csv_line(r: &Run) -> String {
         r.total().as_secs_f64(),
         r.bytes_served,
         r.image_bytes,
+        r.range_requests,
         r.last_line.replace('"', "'")
     )
 }
@@ -335,6 +338,7 @@ mod tests {
             run: Duration::from_millis(total_ms / 2),
             bytes_served: bytes,
             image_bytes: 1000,
+            range_requests: 0,
             last_line: "ok".into(),
         }
     }
