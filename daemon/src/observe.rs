@@ -42,8 +42,20 @@ pub struct LayerStatus {
 pub struct LayerAccess {
     pub layer: String,
     pub image: String,
-    /// (path in the layer, microseconds since the Unix epoch of its first open).
-    pub files: Vec<(String, u64)>,
+    /// In first-open order.
+    pub files: Vec<AccessedFile>,
+}
+
+/// One file a layer has had opened.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct AccessedFile {
+    /// The path in the layer.
+    pub path: String,
+    /// Microseconds since the Unix epoch of its first open.
+    pub first_open_us: u64,
+    /// Bytes the kernel read of it (at most its size).
+    pub read_bytes: u64,
+    pub size: u64,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
@@ -72,7 +84,12 @@ impl Observer {
                 files: a
                     .files
                     .into_iter()
-                    .map(|f| (f.path, f.first_open_us))
+                    .map(|f| AccessedFile {
+                        path: f.path,
+                        first_open_us: f.first_open_us,
+                        read_bytes: f.read_bytes,
+                        size: f.size,
+                    })
                     .collect(),
             })
             .collect();

@@ -36,6 +36,11 @@ pub struct OptimizeArgs {
     /// Seconds the command may run; then it is killed and what it read so far counts.
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
+    /// A file larger than 1 MiB is prioritized only if the run read at least this share
+    /// of it; a big file read sparsely (a mapped library) is cheaper fetched on demand
+    /// than whole. 0 prioritizes every file opened.
+    #[arg(long, default_value_t = 0.5)]
+    pub min_read_fraction: f64,
     /// Also write the prioritized paths (first-open order) to this file.
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
@@ -96,13 +101,22 @@ fn run_once(args: &OptimizeArgs, reference: &str) -> anyhow::Result<String> {
     }
 }
 
+/// Files up to this size are prioritized whenever they were opened: fetching one whole
+/// costs about what a round trip for part of it would.
+const SMALL_FILE: u64 = 1 << 20;
+
 /// Orders the layers' access records into one list of paths by first open; a path in
 /// several layers counts once, at its earliest open (the top layer's copy is what the
 /// container saw, and every copy gets prioritized in its own layer by the converter).
-pub fn merge_access(layers: &[crate::observe::LayerAccess]) -> Vec<String> {
+/// Big files read less than `min_read_fraction` are left out.
+pub fn merge_access(layers: &[crate::observe::LayerAccess], min_read_fraction: f64) -> Vec<String> {
     let mut all: Vec<(u64, &str)> = layers
         .iter()
-        .flat_map(|l| l.files.iter().map(|(p, t)| (*t, p.as_str())))
+        .flat_map(|l| l.files.iter())
+        .filter(|f| {
+            f.size <= SMALL_FILE || f.read_bytes as f64 >= min_read_fraction * f.size as f64
+        })
+        .map(|f| (f.first_open_us, f.path.as_str()))
         .collect();
     all.sort();
     let mut seen = std::collections::HashSet::new();
@@ -165,7 +179,7 @@ pub fn optimize(
             args.root.display()
         );
     }
-    let files = merge_access(&layers);
+    let files = merge_access(&layers, args.min_read_fraction);
     // 4. Again, with those files first.
     let list = match &args.record {
         Some(path) => path.clone(),
@@ -195,22 +209,51 @@ pub fn optimize(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observe::LayerAccess;
+    use crate::observe::{AccessedFile, LayerAccess};
+
+    fn layer(files: &[(&str, u64, u64, u64)]) -> LayerAccess {
+        LayerAccess {
+            layer: "sha256:x".into(),
+            image: "i".into(),
+            files: files
+                .iter()
+                .map(|&(p, t, read_bytes, size)| AccessedFile {
+                    path: p.to_string(),
+                    first_open_us: t,
+                    read_bytes,
+                    size,
+                })
+                .collect(),
+        }
+    }
 
     #[test]
     fn access_logs_merge_by_first_open_across_layers() {
-        let layer = |files: &[(&str, u64)]| LayerAccess {
-            layer: "sha256:x".into(),
-            image: "i".into(),
-            files: files.iter().map(|(p, t)| (p.to_string(), *t)).collect(),
-        };
-        let merged = merge_access(&[
-            layer(&[("usr/bin/python3", 10), ("usr/lib/libz.so", 30)]),
-            layer(&[("etc/ld.so.cache", 20), ("usr/lib/libz.so", 25)]),
-        ]);
+        let merged = merge_access(
+            &[
+                layer(&[
+                    ("usr/bin/python3", 10, 0, 100),
+                    ("usr/lib/libz.so", 30, 0, 9),
+                ]),
+                layer(&[("etc/ld.so.cache", 20, 5, 5), ("usr/lib/libz.so", 25, 9, 9)]),
+            ],
+            0.5,
+        );
         assert_eq!(
             merged,
             ["usr/bin/python3", "etc/ld.so.cache", "usr/lib/libz.so"]
         );
+    }
+
+    #[test]
+    fn big_files_read_sparsely_are_left_on_demand() {
+        let big = 8 << 20;
+        let files = [layer(&[
+            ("usr/lib/libopenblas.so", 1, big / 10, big),
+            ("usr/bin/python3", 2, big * 9 / 10, big),
+            ("etc/small", 3, 0, 10),
+        ])];
+        assert_eq!(merge_access(&files, 0.5), ["usr/bin/python3", "etc/small"]);
+        assert_eq!(merge_access(&files, 0.0).len(), 3);
     }
 }

@@ -138,35 +138,41 @@ pub struct LayerFs {
 
 #[derive(Default)]
 struct AccessLog {
-    /// One bit per node: opened already.
-    seen: Vec<u64>,
-    /// (node, microseconds since the Unix epoch of its first open).
-    order: Vec<(NodeId, u64)>,
+    /// Position in `order` of each node opened so far.
+    position: std::collections::HashMap<NodeId, usize>,
+    /// (node, microseconds since the Unix epoch of its first open, bytes read).
+    order: Vec<(NodeId, u64, u64)>,
 }
 
 impl AccessLog {
     fn record(&mut self, id: NodeId) {
-        let (word, bit) = (id.0 as usize / 64, id.0 % 64);
-        if self.seen.len() <= word {
-            self.seen.resize(word + 1, 0);
-        }
-        if self.seen[word] & (1 << bit) != 0 {
+        if self.position.contains_key(&id) {
             return;
         }
-        self.seen[word] |= 1 << bit;
         // Wall-clock time, so records of different layers merge into one order.
         let micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
-        self.order.push((id, micros));
+        self.position.insert(id, self.order.len());
+        self.order.push((id, micros, 0));
+    }
+
+    fn read(&mut self, id: NodeId, bytes: u64) {
+        if let Some(&i) = self.position.get(&id) {
+            self.order[i].2 = self.order[i].2.saturating_add(bytes);
+        }
     }
 }
 
-/// A file of the layer and when it was first opened (microseconds since the Unix epoch).
+/// A file of the layer, when it was first opened (microseconds since the Unix epoch),
+/// and how many bytes the kernel asked of it: little of a big file means sparse reads
+/// (a library mapped and touched here and there), which are better left on demand.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileAccess {
     pub path: String,
     pub first_open_us: u64,
+    pub read_bytes: u64,
+    pub size: u64,
 }
 
 /// How an entry shows: hidden, a whiteout, or itself.
@@ -245,9 +251,11 @@ impl LayerFs {
         };
         log.order
             .iter()
-            .map(|&(id, first_open_us)| FileAccess {
+            .map(|&(id, first_open_us, read_bytes)| FileAccess {
                 path: index.path_of(id),
                 first_open_us,
+                read_bytes: read_bytes.min(index.entry(id).size()),
+                size: index.entry(id).size(),
             })
             .collect()
     }
@@ -519,6 +527,9 @@ impl LayerFs {
             return Ok(ReadStart::Ready(Bytes::new()));
         }
         self.fetcher.note_read(e.id(), offset, end, e.size());
+        if let Ok(mut log) = self.access.lock() {
+            log.read(e.id(), end - offset);
+        }
         let wants = self.wants(e.id(), offset, end);
         match self.fetcher.try_cached(&wants)? {
             Some(chunks) => Ok(ReadStart::Ready(assemble(&wants, &chunks, offset, end))),

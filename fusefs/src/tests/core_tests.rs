@@ -261,4 +261,10 @@ fn opens_are_logged_once_each_in_first_open_order_with_links_as_their_target() {
     let paths: Vec<&str> = log.iter().map(|a| a.path.as_str()).collect();
     assert_eq!(paths, ["bin/tool", "data/exact"]);
     assert!(log[0].first_open_us <= log[1].first_open_us && log[0].first_open_us > 0);
+    assert_eq!((log[0].read_bytes, log[0].size), (0, 5000));
+    // Reads count what the kernel asked for, within the file.
+    f.read("bin/tool", 4000, 4096).unwrap();
+    f.read("etc/hard", 0, 100).unwrap();
+    let log = f.fs.accessed();
+    assert_eq!((log[0].read_bytes, log[1].read_bytes), (1000, 100));
 }
