@@ -64,6 +64,10 @@ struct Args {
     /// Repetitions of each image and form (alternated, so drift hits all alike).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Repetitions of the two 1 GiB images, whose full pulls take minutes each on a slow
+    /// link (default: --reps).
+    #[arg(long)]
+    big_reps: Option<usize>,
     /// Link rate in Mbit/s, each direction; 0: unlimited.
     #[arg(long, default_value_t = 100.0)]
     rate_mbit: f64,
@@ -198,13 +202,16 @@ fn preflight(args: &Args) -> anyhow::Result<()> {
 
 /// The containerd and lazysnapd of one run: fresh ones, or the user's.
 enum Node {
-    Own {
-        _lazysnapd: Lazysnapd,
-        containerd: Containerd,
-        root: PathBuf,
-        _dir: tempfile::TempDir,
-    },
+    Own(Box<OwnNode>),
     External,
+}
+
+/// Dropped in field order: containerd (and its tasks) before lazysnapd, then the dir.
+struct OwnNode {
+    containerd: Containerd,
+    _lazysnapd: Lazysnapd,
+    root: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
 struct Bench {
@@ -245,19 +252,19 @@ impl Bench {
                 .namespace("lazysnap-bench"),
         )?;
         let root = daemon.root.clone();
-        Ok(Node::Own {
-            _lazysnapd: daemon,
+        Ok(Node::Own(Box::new(OwnNode {
             containerd,
+            _lazysnapd: daemon,
             root,
             _dir: dir,
-        })
+        })))
     }
 
     fn ctr(&self, node: &Node) -> Ctr {
         match node {
-            Node::Own { containerd, .. } => Ctr {
-                address: containerd.address().to_path_buf(),
-                namespace: containerd.namespace().to_string(),
+            Node::Own(own) => Ctr {
+                address: own.containerd.address().to_path_buf(),
+                namespace: own.containerd.namespace().to_string(),
             },
             Node::External => Ctr {
                 address: self.args.containerd.clone().unwrap_or_default(),
@@ -336,7 +343,7 @@ impl Bench {
         let node = self.start_node()?;
         let ctr = self.ctr(&node);
         let root = match &node {
-            Node::Own { root, .. } => root.clone(),
+            Node::Own(own) => own.root.clone(),
             Node::External => self.args.lazysnapd_root.clone(),
         };
         let partial = list.with_extension("partial");
@@ -413,7 +420,7 @@ impl Bench {
             .as_ref()
             .map_or(0, |p| cold::bytes_served(&cold::log_since(p, log_offset)));
         let range_requests = match &node {
-            Node::Own { root, .. } => self.range_requests(root),
+            Node::Own(own) => self.range_requests(&own.root),
             Node::External => 0,
         };
         if matches!(node, Node::External) {
@@ -506,7 +513,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     say(&conditions);
 
-    let total = args.images.len() * args.forms.len() * args.reps;
+    let reps_of = |kind: ImageKind| match kind {
+        ImageKind::RandomPart | ImageKind::ReadAll => args.big_reps.unwrap_or(args.reps),
+        _ => args.reps,
+    };
+    let total: usize = args.images.iter().map(|&k| reps_of(k)).sum::<usize>() * args.forms.len();
     let mut runs: Vec<Run> = Vec::new();
     let began = Instant::now();
     let mut csv = report::CSV_HEADER.to_string() + "\n";
@@ -514,8 +525,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(parent) = out_csv.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    for rep in 1..=args.reps {
-        for &kind in &args.images {
+    for rep in 1..=args.reps.max(args.big_reps.unwrap_or(0)) {
+        for &kind in args.images.iter().filter(|&&k| rep <= reps_of(k)) {
             for &form in &args.forms {
                 check_interrupted()?;
                 let n = runs.len() + 1;
@@ -561,10 +572,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let command: Vec<String> = std::env::args().collect();
     let heading = format!(
-        "# Cold starts: overlayfs full pull vs lazysnap\n\n{conditions}; {} repetitions; \
+        "# Cold starts: overlayfs full pull vs lazysnap\n\n{conditions}; {} repetitions ({} of the 1 GiB images); \
          medians (min-max) in seconds. Cold start = pull + create + run to exit. \
          Made by:\n\n```sh\n{}\n```",
         args.reps,
+        args.big_reps.unwrap_or(args.reps),
         command.join(" ")
     );
     std::fs::write(
