@@ -84,12 +84,23 @@ fn recipe(kind: ImageKind, debian: &DebianSource) -> String {
         kind.cmd()
     );
     if kind == ImageKind::Python {
-        r.push_str(&format!(
-            "debootstrap --variant=minbase --include={PYTHON_PACKAGES} {} {}\n",
-            debian.suite, debian.mirror
-        ));
+        r.push_str(&debootstrap_line(debian));
+        r.push_str("\nmtimes: .py kept, others clamped\n");
     }
     r
+}
+
+fn debootstrap_line(debian: &DebianSource) -> String {
+    format!(
+        "debootstrap --variant=minbase --include={PYTHON_PACKAGES} {} {}",
+        debian.suite, debian.mirror
+    )
+}
+
+/// The debootstrapped tree, shared by every recipe that packs it (named by its command).
+fn rootfs_dir(cache: &Path, debian: &DebianSource) -> PathBuf {
+    let h = Sha256::digest(debootstrap_line(debian).as_bytes());
+    cache.join(format!("debian-rootfs-{}", &format!("{h:x}")[..16]))
 }
 
 pub fn recipe_hash(kind: ImageKind, debian: &DebianSource) -> String {
@@ -124,7 +135,7 @@ pub fn build_plain(
         dir.display()
     ));
     let layers = match kind {
-        ImageKind::Python => python_layers(&dir, &partial, debian, say)?,
+        ImageKind::Python => python_layers(&rootfs_dir(cache, debian), &partial, debian, say)?,
         ImageKind::SmallFiles => vec![busybox_layer(&partial)?, small_files_layer(&partial)?],
         ImageKind::RandomPart => vec![
             busybox_layer(&partial)?,
@@ -279,15 +290,14 @@ fn skipped(rel: &str) -> bool {
 }
 
 fn python_layers(
-    dir: &Path,
+    rootfs: &Path,
     layout: &Path,
     debian: &DebianSource,
     say: &dyn Fn(&str),
 ) -> anyhow::Result<Vec<LayerFile>> {
-    let rootfs = dir.join("rootfs");
     if !rootfs.join("usr/bin/python3").exists() {
         testkit::require_program("debootstrap", "debootstrap")?;
-        let partial = dir.join("rootfs.partial");
+        let partial = rootfs.with_extension("partial");
         if partial.exists() {
             std::fs::remove_dir_all(&partial)?;
         }
@@ -308,10 +318,10 @@ fn python_layers(
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        std::fs::rename(&partial, &rootfs)?;
+        std::fs::rename(&partial, rootfs)?;
     }
     let mut paths = Vec::new();
-    walk(&rootfs, "", &mut paths)?;
+    walk(rootfs, "", &mut paths)?;
     paths.sort();
     let mut layers = Vec::new();
     for index in 0..4 {
@@ -335,7 +345,7 @@ fn python_layers(
                 python_layer_of(rel) == index
             };
             if take {
-                layer.copy_from(&rootfs, rel)?;
+                layer.copy_from(rootfs, rel)?;
             }
         }
         layers.push(layer.finish()?);

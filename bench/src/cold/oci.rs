@@ -150,6 +150,15 @@ impl LayerBuilder {
         let mut h = Self::header(kind, mode, 0);
         h.set_uid(meta.uid().into());
         h.set_gid(meta.gid().into());
+        // Python checks a .pyc against its source's mtime and recompiles on a mismatch,
+        // so sources keep theirs (from the .deb, so still reproducible); everything else
+        // is clamped, which evens out the install-time stamps of generated files.
+        let real = u64::try_from(meta.mtime()).unwrap_or(0);
+        h.set_mtime(if rel.ends_with(".py") {
+            real
+        } else {
+            real.min(MTIME)
+        });
         match kind {
             tar::EntryType::Directory => {
                 self.tar
