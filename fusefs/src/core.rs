@@ -178,6 +178,8 @@ impl LayerFs {
                 _ => {}
             }
         }
+        // The index is built and the TOC's parse is garbage: give its pages back.
+        crate::heap::return_free_pages();
         Ok(LayerFs {
             fetcher: Arc::new(Fetcher::new(Arc::clone(&layer), cache, handle, config)),
             layer,
