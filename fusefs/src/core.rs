@@ -437,6 +437,26 @@ impl LayerFs {
         Ok(e.id().0 as u64 + 1)
     }
 
+    /// A stored whole copy of the file behind `ino`, for FUSE passthrough: the kernel
+    /// reads it directly. `None` when there is none (yet) or passthrough is off.
+    pub fn passthrough_file(&self, ino: u64) -> Option<std::fs::File> {
+        let e = self.entry(ino).ok()?;
+        self.fetcher.whole_file(e.id())
+    }
+
+    /// The last open of `ino` was closed: a file now wholly on disk gets a whole copy
+    /// written in the background, so that its next open can use passthrough.
+    pub fn release(&self, ino: u64) {
+        if let Ok(e) = self.entry(ino) {
+            self.fetcher.maybe_store_whole(e.id());
+        }
+    }
+
+    /// Resolves when no whole-file copy is being written (benchmarks and tests).
+    pub async fn copies_settled(&self) {
+        self.fetcher.copies_settled().await;
+    }
+
     pub fn opendir(&self, ino: u64, flags: i32) -> Result<u64> {
         let e = self.dir(ino)?;
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
