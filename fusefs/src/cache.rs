@@ -162,11 +162,6 @@ impl SharedCache {
             || lock(&self.inner.disk).peek(digest) == Some(Stored::Chunk)
     }
 
-    /// True when the chunk is on disk (it survives the memory cache's eviction).
-    pub(crate) fn on_disk(&self, digest: &Digest) -> bool {
-        lock(&self.inner.disk).peek(digest) == Some(Stored::Chunk)
-    }
-
     pub(crate) fn get_memory(&self, digest: &Digest) -> Option<Bytes> {
         lock(&self.inner.memory).get(digest)
     }

@@ -301,9 +301,22 @@ impl Fetcher {
         Counters::add(&self.counters.bytes_fetched, len);
         let this = Arc::clone(&self);
         let job = move || {
+            // Waiters first, disk second: a reader should not wait for chunk files to
+            // be written. Chunks kept in memory are found there meanwhile; the others
+            // (background fetch) go to disk before their waiters hear of them, so a
+            // reader never refetches a chunk that is on its way to disk.
+            let mut to_disk = Vec::new();
             for lead in leads {
                 let res = this.inflate(&lead, &data[..], range.start, keep);
+                match &res {
+                    Ok(b) if keep => to_disk.push((lead.chunk.digest, b.clone())),
+                    Ok(b) => this.cache.put_disk(lead.chunk.digest, b),
+                    Err(_) => {}
+                }
                 this.finish(lead, res);
+            }
+            for (digest, b) in to_disk {
+                this.cache.put_disk(digest, &b);
             }
         };
         if let Err(e) = tokio::task::spawn_blocking(job).await {
@@ -326,7 +339,6 @@ impl Fetcher {
         match self.layer.decompress_chunk(lead.node, c, bytes) {
             Ok(v) => {
                 let b = Bytes::from(v);
-                self.cache.put_disk(c.digest, &b);
                 if keep {
                     self.cache.put_memory(c.digest, b.clone());
                 }
@@ -605,14 +617,16 @@ impl Fetcher {
         self.cache.whole_file(&self.file_key(node))
     }
 
-    /// When every chunk of `node` is on disk and no whole copy exists yet, writes one in
+    /// When every chunk of `node` is local and no whole copy exists yet, writes one in
     /// the background (from verified chunks) so that later opens can use passthrough.
     pub(crate) fn maybe_store_whole(self: &Arc<Self>, node: NodeId) {
         let Some((node, size)) = self.passthrough_size(node) else {
             return;
         };
         let chunks = self.layer.chunks_for_range(node, 0, size);
-        if !chunks.iter().all(|c| c.zeros || self.cache.on_disk(&c.digest)) {
+        // In memory counts too: the last chunks a reader got may still be on their way
+        // to disk when it closes the file.
+        if !chunks.iter().all(|c| c.zeros || self.cache.contains(&c.digest)) {
             return;
         }
         let key = self.file_key(node);
