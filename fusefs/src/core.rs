@@ -452,9 +452,10 @@ impl LayerFs {
         }
     }
 
-    /// Resolves when no whole-file copy is being written (benchmarks and tests).
-    pub async fn copies_settled(&self) {
-        self.fetcher.copies_settled().await;
+    /// Resolves when nothing fetched or copied is still being written to the disk
+    /// cache (benchmarks and tests).
+    pub async fn writes_settled(&self) {
+        self.fetcher.writes_settled().await;
     }
 
     pub fn opendir(&self, ino: u64, flags: i32) -> Result<u64> {

@@ -62,7 +62,25 @@ pub(crate) struct Fetcher {
     pub(crate) background_done: watch::Sender<bool>,
     /// Whole-file copies being written, by key; the count lets callers wait for them.
     assembling: Mutex<HashSet<Digest>>,
-    assemblies: watch::Sender<usize>,
+    /// Disk writes under way (fetched chunks, whole copies), so callers can wait for the
+    /// cache to settle.
+    writes: watch::Sender<usize>,
+}
+
+/// Counts one unit of disk-writing work while alive.
+struct Busy(watch::Sender<usize>);
+
+impl Busy {
+    fn new(tx: &watch::Sender<usize>) -> Self {
+        tx.send_modify(|n| *n += 1);
+        Busy(tx.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -107,7 +125,7 @@ impl Fetcher {
             prefetch_done: watch::channel(false).0,
             background_done: watch::channel(false).0,
             assembling: Mutex::new(HashSet::new()),
-            assemblies: watch::channel(0).0,
+            writes: watch::channel(0).0,
         }
     }
 
@@ -300,7 +318,9 @@ impl Fetcher {
         };
         Counters::add(&self.counters.bytes_fetched, len);
         let this = Arc::clone(&self);
+        let busy = Busy::new(&self.writes);
         let job = move || {
+            let _busy = busy;
             // Waiters first, disk second: a reader should not wait for chunk files to
             // be written. Chunks kept in memory are found there meanwhile; the others
             // (background fetch) go to disk before their waiters hear of them, so a
@@ -633,9 +653,10 @@ impl Fetcher {
         if self.cache.has_whole_file(&key) || !lock(&self.assembling).insert(key) {
             return;
         }
-        self.assemblies.send_modify(|n| *n += 1);
+        let busy = Busy::new(&self.writes);
         let this = Arc::clone(self);
         let job = move || {
+            let _busy = busy;
             let res = this.cache.store_whole_file(key, size, |f| {
                 use std::io::Write as _;
                 for c in this.layer.chunks_for_range(node, 0, size) {
@@ -657,14 +678,13 @@ impl Fetcher {
                     error = %e, "no whole copy for passthrough"),
             }
             lock(&this.assembling).remove(&key);
-            this.assemblies.send_modify(|n| *n -= 1);
         };
         drop(self.handle.spawn_blocking(job));
     }
 
-    /// Resolves when no whole-file copy is being written.
-    pub(crate) async fn copies_settled(&self) {
-        let _ = self.assemblies.subscribe().wait_for(|n| *n == 0).await;
+    /// Resolves when no fetched chunk or whole-file copy is being written to disk.
+    pub(crate) async fn writes_settled(&self) {
+        let _ = self.writes.subscribe().wait_for(|n| *n == 0).await;
     }
 
     /// Counters plus how much of the layer is local.

@@ -527,7 +527,7 @@ fn a_file_read_whole_is_then_served_by_kernel_passthrough_even_under_overlayfs()
     assert!(testkit::wait_until(Duration::from_secs(10), || {
         walk(&files).iter().any(|(_, p)| p.is_file())
     }));
-    env.rt.block_on(m.fs().copies_settled());
+    env.rt.block_on(m.fs().writes_settled());
     let served = |m: &MountedLayer| {
         let s = m.stats();
         s.cache_hits + s.cache_misses

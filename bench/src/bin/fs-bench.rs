@@ -685,7 +685,7 @@ impl Bench<'_> {
             eprintln!("  filled the disk cache from {name} in {secs:.1} s; bytes verified");
             let fs = Arc::clone(m.fs());
             m.unmount()?;
-            self.rt.block_on(fs.copies_settled());
+            self.rt.block_on(fs.writes_settled());
         }
         let mut disk = Vec::new();
         let mut ours: Vec<Vec<f64>> = vec![Vec::new(); blobs.len()];

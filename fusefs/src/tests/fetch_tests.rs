@@ -155,7 +155,11 @@ fn disk_cache_survives_reopen_and_corrupt_files_are_refetched() {
     let layer = Arc::new(layer);
     let fs2 = LayerFs::new(layer, cache.clone(), f.rt.handle().clone(), quiet_config()).unwrap();
     let ino = f.ino("data/big");
-    let read2 = |off: u64| f.rt.block_on(fs2.read(ino, off, CHUNK as u32));
+    let read2 = |off: u64| {
+        let res = f.rt.block_on(fs2.read(ino, off, CHUNK as u32));
+        f.rt.block_on(fs2.writes_settled());
+        res
+    };
     assert_eq!(
         &read2(0).unwrap()[..],
         &src.files["data/big"][..CHUNK as usize]
@@ -484,7 +488,7 @@ fn files_read_whole_get_a_verified_local_copy_for_passthrough() {
     // Partly read: no copy (it would need the network).
     f.rt.block_on(f.fs.read(big, 0, CHUNK as u32)).unwrap();
     f.fs.release(big);
-    f.rt.block_on(f.fs.copies_settled());
+    f.rt.block_on(f.fs.writes_settled());
     assert!(f.fs.passthrough_file(big).is_none());
     // Wholly read and closed: a copy, byte for byte, zero chunks included; a hardlink
     // resolves to its target; files under the threshold get none.
@@ -495,7 +499,7 @@ fn files_read_whole_get_a_verified_local_copy_for_passthrough() {
     for ino in [big, zeros, exact, small] {
         f.fs.release(ino);
     }
-    f.rt.block_on(f.fs.copies_settled());
+    f.rt.block_on(f.fs.writes_settled());
     let copy = |fs: &LayerFs, ino| {
         let mut out = Vec::new();
         std::io::Read::read_to_end(&mut fs.passthrough_file(ino)?, &mut out).unwrap();
