@@ -78,6 +78,9 @@ pub struct LazyConfig {
     pub background_rate_limit: u64,
     /// FUSE threads per mounted layer. Default 4.
     pub fuse_threads: usize,
+    /// Serve files that were read whole from a local copy through FUSE passthrough
+    /// (kernel 6.9+), at local-disk speed. Default true.
+    pub passthrough: bool,
 }
 
 impl Default for LazyConfig {
@@ -91,6 +94,7 @@ impl Default for LazyConfig {
             background_fetch: fs.background_fetch,
             background_rate_limit: fs.background_rate_limit.unwrap_or(0),
             fuse_threads: fs.fuse_threads,
+            passthrough: fs.passthrough,
         }
     }
 }
@@ -103,6 +107,7 @@ impl LazyConfig {
             background_rate_limit: (self.background_rate_limit > 0)
                 .then_some(self.background_rate_limit),
             fuse_threads: self.fuse_threads,
+            passthrough: self.passthrough,
             ..fusefs::FsConfig::default()
         }
     }

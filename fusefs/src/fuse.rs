@@ -9,20 +9,22 @@
 //! `Session::from_fd`: that way unmounting is entirely ours (fuser never unmounts a
 //! path on its own later), and the fd is the thing a successor process can inherit.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use estargz::Timestamp;
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
 
@@ -35,6 +37,13 @@ use crate::stats::Stats;
 
 struct Adapter {
     fs: Arc<LayerFs>,
+    /// Open regular files by inode. The kernel refuses (with EIO to the opener) to mix
+    /// passthrough and page-cache opens of one inode, and wants one backing id per inode
+    /// while it is open, so the mode is chosen per inode, not per open.
+    opens: Mutex<HashMap<u64, Opens>>,
+    /// Cleared by the first failure to register a backing file (kernel without
+    /// passthrough, cache on a stacked filesystem): then every open is a plain one.
+    passthrough: AtomicBool,
     /// Attributes sent along with negative entries (the kernel ignores them).
     negative: Attr,
     handle: Handle,
@@ -43,8 +52,21 @@ struct Adapter {
     latency: Arc<OpLatencies>,
 }
 
+/// How an inode is open right now.
+enum Opens {
+    /// Through the page cache, this many times.
+    Cached(u32),
+    /// Through passthrough to a local copy, this many times, with its backing id (which
+    /// unregisters itself when dropped).
+    Passthrough(BackingId, u32),
+}
+
 fn errno(e: &Error) -> Errno {
     Errno::from_i32(e.errno())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn time(t: Timestamp) -> SystemTime {
@@ -106,6 +128,12 @@ impl Filesystem for Adapter {
         }
         // Room for the kernel's read-ahead requests to be in flight together.
         let _ = config.set_max_background(64);
+        // Depth 1: the backing files must be on a plain filesystem, and overlayfs can
+        // still stack on this mount.
+        let passthrough = self.passthrough.load(Ordering::Relaxed)
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        self.passthrough.store(passthrough, Ordering::Relaxed);
         Ok(())
     }
 
@@ -143,11 +171,40 @@ impl Filesystem for Adapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _timer = self.latency.start(Op::Open);
-        match self.fs.open(ino.0, flags.0) {
-            // Immutable content: the page cache stays valid across opens.
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno(&e)),
+        let fh = match self.fs.open(ino.0, flags.0) {
+            Ok(fh) => FileHandle(fh),
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let mut opens = lock(&self.opens);
+        match opens.get_mut(&ino.0) {
+            Some(Opens::Passthrough(id, n)) => {
+                *n += 1;
+                return reply.opened_passthrough(fh, FopenFlags::empty(), id);
+            }
+            Some(Opens::Cached(n)) => {
+                *n += 1;
+                return reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
+            }
+            None => {}
         }
+        if self.passthrough.load(Ordering::Relaxed)
+            && let Some(file) = self.fs.passthrough_file(ino.0)
+        {
+            match reply.open_backing(&file) {
+                Ok(id) => {
+                    reply.opened_passthrough(fh, FopenFlags::empty(), &id);
+                    opens.insert(ino.0, Opens::Passthrough(id, 1));
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "FUSE passthrough unavailable; reading through the daemon");
+                    self.passthrough.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        opens.insert(ino.0, Opens::Cached(1));
+        // Immutable content: the page cache stays valid across opens.
+        reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
     }
 
     fn read(
@@ -186,7 +243,7 @@ impl Filesystem for Adapter {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -194,6 +251,23 @@ impl Filesystem for Adapter {
         reply: ReplyEmpty,
     ) {
         reply.ok();
+        let mut opens = lock(&self.opens);
+        let last = match opens.get_mut(&ino.0) {
+            Some(Opens::Cached(n) | Opens::Passthrough(_, n)) => {
+                *n -= 1;
+                *n == 0
+            }
+            None => false,
+        };
+        if last {
+            // Dropping a backing id unregisters it; the kernel keeps its own reference
+            // for files still mapped.
+            let was = opens.remove(&ino.0);
+            drop(opens);
+            if matches!(was, Some(Opens::Cached(_))) {
+                self.fs.release(ino.0);
+            }
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -538,6 +612,8 @@ pub fn mount(
         mounted: true,
     };
     let adapter = Adapter {
+        opens: Mutex::new(HashMap::new()),
+        passthrough: AtomicBool::new(config.passthrough),
         negative: fs.getattr(1)?,
         fs: Arc::clone(&fs),
         handle: handle.clone(),

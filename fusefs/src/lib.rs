@@ -19,6 +19,7 @@ mod core;
 mod error;
 mod fetch;
 mod fuse;
+mod heap;
 mod histogram;
 mod lru;
 mod stats;
