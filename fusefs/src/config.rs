@@ -8,8 +8,9 @@ use crate::error::{Error, Result};
 /// a documented default ([`FsConfig::default`]).
 #[derive(Debug, Clone)]
 pub struct FsConfig {
-    /// Fetch the prioritized files (everything before `.prefetch.landmark`) with one
-    /// range request right after mounting. Default true.
+    /// Fetch the prioritized files (everything before `.prefetch.landmark`) right after
+    /// mounting, in blob order, in requests of at most `max_range_bytes` with
+    /// `readahead_requests` in flight. Default true.
     pub prefetch: bool,
     /// After prefetch, fetch the rest of the layer at low priority so it ends up fully
     /// local (needs the disk cache). Default true.

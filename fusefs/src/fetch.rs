@@ -590,15 +590,39 @@ impl Fetcher {
                 leads.push(lead);
             }
         }
-        // One request for the whole range, however far apart its chunks are.
-        let grouped = self.group(leads, u64::MAX);
-        let Some(start) = grouped.first().map(|(r, _)| r.start) else {
-            return;
-        };
-        let end = grouped.iter().map(|(r, _)| r.end).max().unwrap_or(start);
-        let leads: Vec<Lead> = grouped.into_iter().flat_map(|(_, g)| g).collect();
-        tracing::debug!(layer = %self.name, start, end, chunks = leads.len(), "prefetch");
-        Arc::clone(self).fetch_range(start..end, leads, true).await;
+        // Pieces of at most `max_range_bytes` (each bridging any gap), in blob order, a
+        // few at a time: the first files the command reads arrive first, readers are not
+        // held until the whole range is in, and no request outlives `fetch_timeout` on a
+        // slow link (a 1 GiB range at 100 Mbit/s would not).
+        leads.sort_by_key(|l| (l.chunk.comp_offset, l.chunk.inner_offset));
+        let mut pieces: Vec<(Range<u64>, Vec<Lead>)> = Vec::new();
+        for lead in leads {
+            let (s, e) = (lead.chunk.comp_offset, lead.chunk.comp_end);
+            if let Some((r, group)) = pieces.last_mut()
+                && e.max(r.end) - r.start <= self.config.max_range_bytes
+            {
+                r.end = r.end.max(e);
+                group.push(lead);
+                continue;
+            }
+            pieces.push((s..e, vec![lead]));
+        }
+        tracing::debug!(layer = %self.name, range = ?range, requests = pieces.len(), "prefetch");
+        let slots = Arc::new(Semaphore::new(self.config.readahead_requests.max(1)));
+        let mut tasks = Vec::with_capacity(pieces.len());
+        for (piece, group) in pieces {
+            let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                break;
+            };
+            let this = Arc::clone(self);
+            tasks.push(self.handle.spawn(async move {
+                this.fetch_range(piece, group, true).await;
+                drop(permit);
+            }));
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
     }
 
     /// Fetches every chunk not yet local, in blob order, one modest range at a time,

@@ -10,7 +10,8 @@
 //! Reads fetch only the chunks they need, coalescing neighbours into one range request
 //! and sharing fetches already in flight; every chunk is verified against its TOC
 //! digest before anyone sees it. Sequential readers get growing read-ahead; after
-//! mounting, the prioritized files are prefetched with one request and the rest of the
+//! mounting, the prioritized files are prefetched in order (in requests of at most
+//! `max_range_bytes`, a few in flight) and the rest of the
 //! layer follows in the background, yielding to on-demand reads.
 
 mod cache;

@@ -267,6 +267,37 @@ fn prefetch_fetches_the_prioritized_range_in_one_request() {
 }
 
 #[test]
+fn a_prioritized_range_larger_than_a_request_is_prefetched_in_pieces_in_order() {
+    let (tar, src) = sample_tar();
+    let blob = FaultBlob::new(convert(
+        &tar,
+        OutputFormat::Estargz,
+        &["data/big", "data/exact", "bin/tool"],
+    ));
+    let config = FsConfig {
+        max_range_bytes: 2 * CHUNK,
+        ..quiet_config()
+    };
+    let f = fixture_with(blob, config, 1 << 30);
+    let range = f.fs.layer().index().prefetch_range().unwrap();
+    f.rt.block_on(f.fs.fetcher().prefetch());
+    let requests = f.blob.requests.lock().unwrap().clone();
+    assert!(requests.len() > 1, "{requests:?}");
+    // Together they cover the range without overlap; none is larger than asked unless
+    // one chunk is.
+    let fetched: u64 = requests.iter().map(|r| r.1).sum();
+    assert!(fetched <= range.end - range.start);
+    for path in ["data/big", "data/exact", "bin/tool"] {
+        assert_eq!(f.read_all(path).unwrap(), src.files[path], "{path}");
+    }
+    assert_eq!(
+        f.blob.request_count(),
+        requests.len(),
+        "prioritized files were local"
+    );
+}
+
+#[test]
 fn background_fetch_makes_the_whole_layer_local() {
     for format in FORMATS {
         let (blob, src) = sample_blob(format);
