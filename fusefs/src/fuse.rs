@@ -483,7 +483,15 @@ pub fn adopt(
     handle: Handle,
     config: FsConfig,
 ) -> Result<MountedLayer> {
-    let mountpoint = mountpoint.to_path_buf();
+    // Only the parent is resolved: resolving the mountpoint itself would ask the
+    // filesystem, which nobody serves until we do.
+    let mountpoint = match (mountpoint.parent(), mountpoint.file_name()) {
+        (Some(parent), Some(name)) => parent
+            .canonicalize()
+            .map(|p| p.join(name))
+            .unwrap_or_else(|_| mountpoint.to_path_buf()),
+        _ => mountpoint.to_path_buf(),
+    };
     if mount_device(&mountpoint).as_deref() != Some(handover.device.as_str()) {
         return Err(Error::Mount {
             path: mountpoint,
