@@ -222,9 +222,10 @@ impl Session {
                 }
             }
             op::READDIR | op::READDIRPLUS => self.readdir(u, ino, h.opcode, &mut a),
-            op::RELEASE | op::RELEASEDIR | op::FLUSH | op::FSYNC | op::FSYNCDIR | op::DESTROY => {
-                self.ok(u, &[])
-            }
+            op::RELEASE | op::RELEASEDIR | op::DESTROY => self.ok(u, &[]),
+            // ENOSYS once and the kernel never sends them again: close(2) and fsync(2)
+            // then need no daemon, which matters while lazysnapd is being replaced.
+            op::FLUSH | op::FSYNC | op::FSYNCDIR => self.err(u, libc::ENOSYS),
             op::STATFS => {
                 let _t = self.latency.start(Op::Statfs);
                 self.ok(u, &kernel::statfs_out(&self.fs.statfs()));
