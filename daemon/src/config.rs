@@ -82,6 +82,9 @@ pub struct LazyConfig {
     /// holder process keeps their FUSE connections and the next lazysnapd takes them
     /// over. Off: layers are unmounted on SIGTERM and die with a crash. Default true.
     pub handover: bool,
+    /// Serve files that were read whole from a local copy through FUSE passthrough
+    /// (kernel 6.9+), at local-disk speed. Default true.
+    pub passthrough: bool,
 }
 
 impl Default for LazyConfig {
@@ -96,6 +99,7 @@ impl Default for LazyConfig {
             background_rate_limit: fs.background_rate_limit.unwrap_or(0),
             fuse_threads: fs.fuse_threads,
             handover: true,
+            passthrough: fs.passthrough,
         }
     }
 }
@@ -108,6 +112,7 @@ impl LazyConfig {
             background_rate_limit: (self.background_rate_limit > 0)
                 .then_some(self.background_rate_limit),
             fuse_threads: self.fuse_threads,
+            passthrough: self.passthrough,
             ..fusefs::FsConfig::default()
         }
     }

@@ -51,6 +51,21 @@ fn probe_held() -> Vec<u8> {
 fn inflight() -> Vec<u8> {
     noise(1 << 20, 13)
 }
+fn passthrough() -> Vec<u8> {
+    noise(2 << 20, 17)
+}
+
+/// Whether any layer under `root` has a passthrough backing id recorded.
+fn passthrough_recorded(root: &Path) -> bool {
+    std::fs::read_dir(root.join("snapshots"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read_to_string(e.path().join("fs.passthrough-ids"))
+                .is_ok_and(|t| !t.is_empty())
+        })
+}
 
 fn hex(data: &[u8]) -> String {
     format!("{:x}", sha2::Sha256::digest(data))
@@ -85,6 +100,7 @@ fn push_image(registry: &Registry) -> String {
     entries.push(Entry::file("app/held.bin", held()));
     entries.push(Entry::file("app/probe-held.bin", probe_held()));
     entries.push(Entry::file("app/inflight.bin", inflight()));
+    entries.push(Entry::file("app/passthrough.bin", passthrough()));
     let image = ImageBuilder::new()
         .entries(&entries)
         .unwrap()
@@ -265,6 +281,30 @@ async fn running_containers_keep_reading_through_restarts_crashes_and_upgrades()
     let holders = holders_of(&daemon.root);
     assert_eq!(holders.len(), 1, "one fd holder: {holders:?}");
 
+    // A file read whole is served through FUSE passthrough from then on: hold one such
+    // open across everything (as a mapped shared library is), and open it again after.
+    let passthrough_path = rootfs.join("app/passthrough.bin");
+    let mut passthrough_held = None;
+    let served = testkit::wait_until(Duration::from_secs(30), || {
+        let mut f = std::fs::File::open(&passthrough_path).unwrap();
+        let mut data = Vec::new();
+        f.read_to_end(&mut data).unwrap();
+        assert!(data == passthrough(), "app/passthrough.bin differs");
+        let recorded = passthrough_recorded(&daemon.root);
+        if recorded {
+            passthrough_held = Some(f);
+        }
+        recorded
+    });
+    assert!(served, "no passthrough open; log:\n{}", daemon.log());
+    let mut passthrough_held = passthrough_held.unwrap();
+    let again = std::fs::read(&passthrough_path);
+    assert!(
+        again.as_ref().is_ok_and(|d| *d == passthrough()),
+        "a second passthrough open before any handover: {:?}",
+        again.err()
+    );
+
     let samples = Arc::new(Samples::default());
     let stop = Arc::new(AtomicBool::new(false));
     let held_open = std::fs::File::open(rootfs.join("app/probe-held.bin")).unwrap();
@@ -307,7 +347,17 @@ async fn running_containers_keep_reading_through_restarts_crashes_and_upgrades()
         let path = rootfs.join("app/inflight.bin");
         std::thread::spawn(move || {
             let start = Instant::now();
-            let r = std::fs::read(path);
+            let r = std::fs::File::open(&path)
+                .map_err(|e| {
+                    std::io::Error::other(format!("open after {:?}: {e}", start.elapsed()))
+                })
+                .and_then(|mut f| {
+                    let mut d = Vec::new();
+                    f.read_to_end(&mut d).map_err(|e| {
+                        std::io::Error::other(format!("read after {:?}: {e}", start.elapsed()))
+                    })?;
+                    Ok(d)
+                });
             (start.elapsed(), r)
         })
     };
@@ -322,7 +372,14 @@ async fn running_containers_keep_reading_through_restarts_crashes_and_upgrades()
         up: Instant::now(),
     });
     let (took, read) = inflight_reader.join().unwrap();
-    let read = read.unwrap_or_else(|e| panic!("a read in flight during SIGKILL failed: {e}"));
+    let read = read.unwrap_or_else(|e| {
+        let log = daemon.log();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("FUSE"))
+            .collect();
+        panic!("a read in flight during SIGKILL failed: {e}; {lines:#?}")
+    });
     assert!(
         read == inflight(),
         "a read in flight during SIGKILL returned wrong bytes"
@@ -348,6 +405,31 @@ async fn running_containers_keep_reading_through_restarts_crashes_and_upgrades()
         new_binary
     );
     std::thread::sleep(Duration::from_millis(1500));
+    // Passthrough opens across the handovers: the held one still reads, and a new one
+    // (which must get the same backing file from the new daemon) too.
+    use std::io::Seek;
+    passthrough_held.rewind().unwrap();
+    let mut data = Vec::new();
+    passthrough_held.read_to_end(&mut data).unwrap();
+    assert!(
+        data == passthrough(),
+        "held passthrough open reads wrong bytes"
+    );
+    let again = std::fs::read(&passthrough_path).unwrap_or_else(|e| {
+        let records: Vec<String> = std::fs::read_dir(daemon.root.join("snapshots"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("fs.passthrough-ids")).ok())
+            .collect();
+        let log = daemon.log();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("FUSE") || l.contains("resent") || l.contains("backing"))
+            .collect();
+        panic!("opening a passthrough file again after the handovers: {e}; records {records:?}; {lines:#?}")
+    });
+    assert!(again == passthrough(), "reopened passthrough file differs");
+    drop(passthrough_held);
     stop.store(true, Ordering::Relaxed);
     for r in readers {
         r.join().unwrap();
@@ -536,4 +618,100 @@ async fn without_the_holder_the_layers_are_remounted() {
         mounts_under(&daemon.root).is_empty()
     });
     assert!(clean, "left mounted: {:?}", mounts_under(&daemon.root));
+}
+
+/// A file served through FUSE passthrough (read whole once, so the kernel reads a
+/// local copy) and held open across a handover can still be opened again afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn passthrough_files_open_again_after_a_handover() {
+    let name = "passthrough_files_open_again_after_a_handover";
+    if testkit::skip_unless_root(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry")).unwrap();
+    let mut daemon = Lazysnapd::start(Path::new(LAZYSNAPD), &dir.path().join("ls")).unwrap();
+    let containerd = Containerd::start_with(
+        &ContainerdOptions::default().proxy_snapshotter("lazysnap", &daemon.address),
+    )
+    .unwrap();
+    let image = ImageBuilder::new()
+        .entries(&busybox_entries().unwrap())
+        .unwrap()
+        .entries(&[
+            Entry::dir("app"),
+            Entry::file("app/passthrough.bin", passthrough()),
+        ])
+        .unwrap()
+        .cmd(&["/bin/sleep", "600"])
+        .build()
+        .unwrap();
+    let plain = registry.push("app/pt", "plain", &image).unwrap();
+    let converted = format!("{}/app/pt:estargz", registry.host);
+    convert(&plain, &converted);
+    let options = RpullOptions {
+        address: containerd.address().to_path_buf(),
+        namespace: containerd.namespace().to_string(),
+        snapshotter: "lazysnap".into(),
+        ..RpullOptions::default()
+    };
+    rpull(&converted, &options).await.unwrap();
+    containerd
+        .ctr(["run", "-d", "--snapshotter", "lazysnap", &converted, "pt"])
+        .unwrap();
+    let tasks = containerd.ctr(["task", "ls"]).unwrap();
+    let pid: u32 = tasks
+        .lines()
+        .find(|l| l.starts_with("pt "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let path = PathBuf::from(format!("/proc/{pid}/root/app/passthrough.bin"));
+    let mut held = None;
+    assert!(testkit::wait_until(Duration::from_secs(30), || {
+        let f = std::fs::File::open(&path).unwrap();
+        let data = std::fs::read(&path).unwrap();
+        assert!(data == passthrough());
+        let recorded = passthrough_recorded(&daemon.root);
+        if recorded {
+            held = Some(f);
+        }
+        recorded
+    }));
+    let mut held = held.unwrap();
+    for (round, kill) in [(1, false), (2, true)] {
+        if kill {
+            daemon.kill().unwrap();
+        } else {
+            assert!(daemon.stop().unwrap().success());
+        }
+        daemon.restart().unwrap();
+        let again = std::fs::read(&path);
+        assert!(
+            again.as_ref().is_ok_and(|d| *d == passthrough()),
+            "round {round}: opening again: {:?}; records {:?}",
+            again.err(),
+            std::fs::read_dir(daemon.root.join("snapshots"))
+                .unwrap()
+                .flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path().join("fs.passthrough-ids")).ok())
+                .collect::<Vec<_>>()
+        );
+        use std::io::Seek;
+        held.rewind().unwrap();
+        let mut data = Vec::new();
+        held.read_to_end(&mut data).unwrap();
+        assert!(data == passthrough(), "round {round}: held open");
+    }
+    drop(held);
+    containerd
+        .ctr(["task", "kill", "-s", "SIGKILL", "pt"])
+        .unwrap();
+    let _ = testkit::wait_until(Duration::from_secs(20), || {
+        containerd.ctr(["task", "rm", "pt"]).is_ok()
+    });
+    containerd.ctr(["container", "rm", "pt"]).unwrap();
+    containerd
+        .ctr(["image", "rm", "--sync", &converted])
+        .unwrap();
 }

@@ -6,6 +6,11 @@
 //! to `tmp/` and renamed into place, so a crash never leaves a torn file under its final
 //! name; it is not fsynced, because every load re-hashes the file and drops it on a
 //! mismatch (a torn or bit-rotted file is a miss, never wrong data).
+//!
+//! Whole files assembled from verified chunks (for FUSE passthrough, where the kernel
+//! reads the file itself and nobody can re-hash) live at `files/<2 hex>/<64 hex>`, named
+//! by a key of their chunk list. They are fsynced before they are renamed into place, so
+//! a crash cannot leave a torn one under its name. Both kinds share one disk budget.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -52,8 +57,9 @@ struct Inner {
     memory: Mutex<Lru<Bytes>>,
     #[cfg_attr(not(test), allow(dead_code))]
     memory_capacity: u64,
-    /// Which chunks are on disk and their recency; the files are the data.
-    disk: Mutex<Lru<()>>,
+    /// Which chunks and whole files are on disk and their recency; the files are the
+    /// data.
+    disk: Mutex<Lru<Stored>>,
     /// One gate per chunk being loaded from disk: the kernel's read-ahead sends several
     /// reads of one chunk at once from different FUSE threads, and without the gate each
     /// would read and hash the whole chunk file.
@@ -68,6 +74,22 @@ impl std::fmt::Debug for SharedCache {
             .field("memory_bytes_used", &self.memory_bytes_used())
             .field("disk_bytes_used", &self.disk_bytes_used())
             .finish()
+    }
+}
+
+/// What a disk cache entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    Chunk,
+    File,
+}
+
+impl Stored {
+    fn dir(self) -> &'static str {
+        match self {
+            Stored::Chunk => "chunks",
+            Stored::File => "files",
+        }
     }
 }
 
@@ -90,15 +112,22 @@ impl SharedCache {
                 std::fs::remove_dir_all(&tmp)
                     .map_err(|e| Error::io(format!("cleaning {}", tmp.display()), e))?;
             }
-            for d in [dir.join("chunks"), tmp] {
+            for d in [dir.join("chunks"), dir.join("files"), tmp] {
                 std::fs::create_dir_all(&d)
                     .map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
             }
-            let mut found = scan(&dir.join("chunks"))?;
-            found.sort_by_key(|(_, _, mtime)| *mtime);
-            for (digest, size, _) in found {
-                for (victim, ()) in disk.insert(digest, (), size) {
-                    remove_chunk_file(&dir, &victim);
+            let mut found = Vec::new();
+            for kind in [Stored::Chunk, Stored::File] {
+                found.extend(
+                    scan(&dir.join(kind.dir()))?
+                        .into_iter()
+                        .map(|(digest, size, mtime)| (digest, size, mtime, kind)),
+                );
+            }
+            found.sort_by_key(|(_, _, mtime, _)| *mtime);
+            for (digest, size, _, kind) in found {
+                for (victim, kind) in disk.insert(digest, kind, size) {
+                    remove_stored(&dir, &victim, kind);
                 }
             }
         }
@@ -129,7 +158,8 @@ impl SharedCache {
 
     /// True when the chunk is in memory or on disk (without reading it).
     pub fn contains(&self, digest: &Digest) -> bool {
-        lock(&self.inner.memory).contains(digest) || lock(&self.inner.disk).contains(digest)
+        lock(&self.inner.memory).contains(digest)
+            || lock(&self.inner.disk).peek(digest) == Some(Stored::Chunk)
     }
 
     pub(crate) fn get_memory(&self, digest: &Digest) -> Option<Bytes> {
@@ -147,7 +177,7 @@ impl SharedCache {
         if let Some(b) = self.get_memory(digest) {
             return Some(b);
         }
-        if !self.inner.disk_enabled || lock(&self.inner.disk).get(digest).is_none() {
+        if !self.inner.disk_enabled || lock(&self.inner.disk).get(digest) != Some(Stored::Chunk) {
             return None;
         }
         let gate = Arc::clone(lock(&self.inner.loading).entry(*digest).or_default());
@@ -169,7 +199,27 @@ impl SharedCache {
 
     /// Reads a chunk file, checks it and keeps it in memory.
     fn load(&self, digest: &Digest, size: u64) -> Option<Bytes> {
-        let path = chunk_path(&self.inner.dir, digest);
+        let data = self.read_checked(digest, size)?;
+        let data = Bytes::from(data);
+        self.put_memory(*digest, data.clone());
+        Some(data)
+    }
+
+    /// The chunk from memory or disk, verified, without adding it to the memory cache
+    /// (for copying a whole file without flushing what readers use).
+    pub(crate) fn get_uncached(&self, digest: &Digest, size: u64) -> Option<Bytes> {
+        if let Some(b) = self.get_memory(digest) {
+            return Some(b);
+        }
+        if !self.inner.disk_enabled || lock(&self.inner.disk).get(digest) != Some(Stored::Chunk) {
+            return None;
+        }
+        self.read_checked(digest, size).map(Bytes::from)
+    }
+
+    /// A chunk file's bytes if its length and sha256 are right; a bad file is dropped.
+    fn read_checked(&self, digest: &Digest, size: u64) -> Option<Vec<u8>> {
+        let path = stored_path(&self.inner.dir, digest, Stored::Chunk);
         let data = match std::fs::read(&path) {
             Ok(d) => d,
             Err(e) => {
@@ -183,12 +233,83 @@ impl SharedCache {
         if data.len() as u64 != size || Digest::of(&data) != *digest {
             tracing::warn!(path = %path.display(), "cached chunk is corrupt; dropping it");
             lock(&self.inner.disk).remove(digest);
-            remove_chunk_file(&self.inner.dir, digest);
+            remove_stored(&self.inner.dir, digest, Stored::Chunk);
             return None;
         }
-        let data = Bytes::from(data);
-        self.put_memory(*digest, data.clone());
         Some(data)
+    }
+
+    /// The whole file stored under `key`, opened for reading, or `None`.
+    pub(crate) fn whole_file(&self, key: &Digest) -> Option<std::fs::File> {
+        if !self.inner.disk_enabled || lock(&self.inner.disk).get(key) != Some(Stored::File) {
+            return None;
+        }
+        let path = stored_path(&self.inner.dir, key, Stored::File);
+        match std::fs::File::open(&path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "stored file unreadable");
+                lock(&self.inner.disk).remove(key);
+                None
+            }
+        }
+    }
+
+    /// True when a whole file is stored under `key`.
+    pub(crate) fn has_whole_file(&self, key: &Digest) -> bool {
+        lock(&self.inner.disk).peek(key) == Some(Stored::File)
+    }
+
+    /// Stores a whole file of `size` bytes under `key`: `fill` writes it to a temp file,
+    /// which is fsynced and renamed into place, then indexed (evicting to the budget).
+    pub(crate) fn store_whole_file(
+        &self,
+        key: Digest,
+        size: u64,
+        fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        if !self.inner.disk_enabled {
+            return Err(std::io::Error::other("the disk cache is disabled"));
+        }
+        let final_path = stored_path(&self.inner.dir, &key, Stored::File);
+        if let Some(parent) = final_path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let tmp = self.tmp_path(&key);
+        let res = std::fs::File::create(&tmp).and_then(|mut f| {
+            fill(&mut f)?;
+            if f.metadata()?.len() != size {
+                return Err(std::io::Error::other("assembled file has the wrong size"));
+            }
+            f.sync_all()?;
+            std::fs::rename(&tmp, &final_path)
+        });
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            return res;
+        }
+        self.index(key, Stored::File, size);
+        Ok(())
+    }
+
+    /// Records a file now on disk, removing what the budget evicts (or the file itself
+    /// when it alone exceeds the budget).
+    fn index(&self, key: Digest, kind: Stored, size: u64) {
+        let evicted = lock(&self.inner.disk).insert(key, kind, size);
+        if evicted.is_empty() && !lock(&self.inner.disk).contains(&key) {
+            remove_stored(&self.inner.dir, &key, kind);
+        }
+        for (victim, kind) in evicted {
+            remove_stored(&self.inner.dir, &victim, kind);
+        }
+    }
+
+    fn tmp_path(&self, key: &Digest) -> PathBuf {
+        let seq = self.inner.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .dir
+            .join("tmp")
+            .join(format!("{}.{}.{seq}", key.hex(), std::process::id()))
     }
 
     pub(crate) fn put_memory(&self, digest: Digest, data: Bytes) {
@@ -209,27 +330,15 @@ impl SharedCache {
             tracing::warn!(chunk = %digest, error = %e, "cannot write chunk to the disk cache");
             return;
         }
-        let evicted = lock(&self.inner.disk).insert(digest, (), data.len() as u64);
-        if evicted.is_empty() && !lock(&self.inner.disk).contains(&digest) {
-            // Larger than the whole budget: not indexed, so do not keep the file.
-            remove_chunk_file(&self.inner.dir, &digest);
-        }
-        for (victim, ()) in evicted {
-            remove_chunk_file(&self.inner.dir, &victim);
-        }
+        self.index(digest, Stored::Chunk, data.len() as u64);
     }
 
     fn write_file(&self, digest: &Digest, data: &[u8]) -> std::io::Result<()> {
-        let final_path = chunk_path(&self.inner.dir, digest);
+        let final_path = stored_path(&self.inner.dir, digest, Stored::Chunk);
         if let Some(parent) = final_path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let seq = self.inner.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.inner.dir.join("tmp").join(format!(
-            "{}.{}.{seq}",
-            digest.hex(),
-            std::process::id()
-        ));
+        let tmp = self.tmp_path(digest);
         let res = std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, &final_path));
         if res.is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -239,7 +348,7 @@ impl SharedCache {
 
     #[cfg(test)]
     pub(crate) fn chunk_file(&self, digest: &Digest) -> PathBuf {
-        chunk_path(&self.inner.dir, digest)
+        stored_path(&self.inner.dir, digest, Stored::Chunk)
     }
 
     /// Chunks with a disk load in progress (or waiters still leaving).
@@ -254,17 +363,17 @@ impl SharedCache {
     }
 }
 
-fn chunk_path(dir: &Path, digest: &Digest) -> PathBuf {
+fn stored_path(dir: &Path, digest: &Digest, kind: Stored) -> PathBuf {
     let hex = digest.hex();
-    dir.join("chunks").join(&hex[..2]).join(hex)
+    dir.join(kind.dir()).join(&hex[..2]).join(hex)
 }
 
-fn remove_chunk_file(dir: &Path, digest: &Digest) {
-    let path = chunk_path(dir, digest);
+fn remove_stored(dir: &Path, digest: &Digest, kind: Stored) {
+    let path = stored_path(dir, digest, kind);
     if let Err(e) = std::fs::remove_file(&path)
         && e.kind() != std::io::ErrorKind::NotFound
     {
-        tracing::warn!(path = %path.display(), error = %e, "cannot remove cached chunk");
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove a cached file");
     }
 }
 

@@ -33,6 +33,14 @@ pub struct FsConfig {
     /// Range requests one read-ahead window is split into, fetched in parallel.
     /// Default 4.
     pub readahead_requests: usize,
+    /// Serve files that are wholly on disk through FUSE passthrough (kernel 6.9+): the
+    /// kernel then reads a local copy directly, at local-disk speed. A file of at least
+    /// `passthrough_min_bytes` whose chunks are all on disk is copied into one such file
+    /// when it is closed. Default true; without kernel support it is simply not used.
+    pub passthrough: bool,
+    /// Smallest file served through passthrough. Default 1 MiB (below that a read is a
+    /// single FUSE round trip anyway, and each such file would be stored twice).
+    pub passthrough_min_bytes: u64,
     /// FUSE session threads (each with its own cloned /dev/fuse fd). Default 4.
     pub fuse_threads: usize,
     /// Largest read and read-ahead the kernel is asked for. Default 1 MiB.
@@ -59,6 +67,8 @@ impl Default for FsConfig {
             readahead_initial: 4 << 20,
             readahead_max: 64 << 20,
             readahead_requests: 4,
+            passthrough: true,
+            passthrough_min_bytes: 1 << 20,
             fuse_threads: 4,
             max_read: 1 << 20,
             attr_timeout: Duration::from_secs(24 * 3600),

@@ -178,6 +178,8 @@ impl LayerFs {
                 _ => {}
             }
         }
+        // The index is built and the TOC's parse is garbage: give its pages back.
+        crate::heap::return_free_pages();
         Ok(LayerFs {
             fetcher: Arc::new(Fetcher::new(Arc::clone(&layer), cache, handle, config)),
             layer,
@@ -433,6 +435,27 @@ impl LayerFs {
             return Err(Error::IsDir);
         }
         Ok(e.id().0 as u64 + 1)
+    }
+
+    /// A stored whole copy of the file behind `ino`, for FUSE passthrough: the kernel
+    /// reads it directly. `None` when there is none (yet) or passthrough is off.
+    pub fn passthrough_file(&self, ino: u64) -> Option<std::fs::File> {
+        let e = self.entry(ino).ok()?;
+        self.fetcher.whole_file(e.id())
+    }
+
+    /// The last open of `ino` was closed: a file now wholly on disk gets a whole copy
+    /// written in the background, so that its next open can use passthrough.
+    pub fn release(&self, ino: u64) {
+        if let Ok(e) = self.entry(ino) {
+            self.fetcher.maybe_store_whole(e.id());
+        }
+    }
+
+    /// Resolves when nothing fetched or copied is still being written to the disk
+    /// cache (benchmarks and tests).
+    pub async fn writes_settled(&self) {
+        self.fetcher.writes_settled().await;
     }
 
     pub fn opendir(&self, ino: u64, flags: i32) -> Result<u64> {

@@ -60,6 +60,27 @@ pub(crate) struct Fetcher {
     readahead_slots: Arc<Semaphore>,
     pub(crate) prefetch_done: watch::Sender<bool>,
     pub(crate) background_done: watch::Sender<bool>,
+    /// Whole-file copies being written, by key; the count lets callers wait for them.
+    assembling: Mutex<HashSet<Digest>>,
+    /// Disk writes under way (fetched chunks, whole copies), so callers can wait for the
+    /// cache to settle.
+    writes: watch::Sender<usize>,
+}
+
+/// Counts one unit of disk-writing work while alive.
+struct Busy(watch::Sender<usize>);
+
+impl Busy {
+    fn new(tx: &watch::Sender<usize>) -> Self {
+        tx.send_modify(|n| *n += 1);
+        Busy(tx.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -103,6 +124,8 @@ impl Fetcher {
             readahead_slots: Arc::new(Semaphore::new(slots)),
             prefetch_done: watch::channel(false).0,
             background_done: watch::channel(false).0,
+            assembling: Mutex::new(HashSet::new()),
+            writes: watch::channel(0).0,
         }
     }
 
@@ -295,10 +318,25 @@ impl Fetcher {
         };
         Counters::add(&self.counters.bytes_fetched, len);
         let this = Arc::clone(&self);
+        let busy = Busy::new(&self.writes);
         let job = move || {
+            let _busy = busy;
+            // Waiters first, disk second: a reader should not wait for chunk files to
+            // be written. Chunks kept in memory are found there meanwhile; the others
+            // (background fetch) go to disk before their waiters hear of them, so a
+            // reader never refetches a chunk that is on its way to disk.
+            let mut to_disk = Vec::new();
             for lead in leads {
                 let res = this.inflate(&lead, &data[..], range.start, keep);
+                match &res {
+                    Ok(b) if keep => to_disk.push((lead.chunk.digest, b.clone())),
+                    Ok(b) => this.cache.put_disk(lead.chunk.digest, b),
+                    Err(_) => {}
+                }
                 this.finish(lead, res);
+            }
+            for (digest, b) in to_disk {
+                this.cache.put_disk(digest, &b);
             }
         };
         if let Err(e) = tokio::task::spawn_blocking(job).await {
@@ -321,7 +359,6 @@ impl Fetcher {
         match self.layer.decompress_chunk(lead.node, c, bytes) {
             Ok(v) => {
                 let b = Bytes::from(v);
-                self.cache.put_disk(c.digest, &b);
                 if keep {
                     self.cache.put_memory(c.digest, b.clone());
                 }
@@ -567,6 +604,90 @@ impl Fetcher {
                 tokio::time::sleep_until((started + due).into()).await;
             }
         }
+    }
+
+    /// The key a whole copy of `node`'s content is stored under: a digest of its chunk
+    /// list, so equal files of different layers share one copy.
+    fn file_key(&self, node: NodeId) -> Digest {
+        let chunks = self.layer.chunks_for_range(node, 0, u64::MAX);
+        let mut text = Vec::with_capacity(32 + chunks.len() * 48);
+        text.extend_from_slice(b"lazysnap whole file v1\0");
+        for c in chunks {
+            text.extend_from_slice(&c.digest.0);
+            text.extend_from_slice(&c.file_offset.to_le_bytes());
+            text.extend_from_slice(&c.size.to_le_bytes());
+        }
+        Digest::of(&text)
+    }
+
+    /// Regular files big enough for passthrough, hardlinks resolved; `None` otherwise.
+    fn passthrough_size(&self, node: NodeId) -> Option<(NodeId, u64)> {
+        if !self.config.passthrough || !self.cache.disk_enabled() {
+            return None;
+        }
+        let index = self.layer.index();
+        let e = index.entry(index.resolve(node));
+        (e.kind() == EntryKind::Reg && e.size() >= self.config.passthrough_min_bytes.max(1))
+            .then(|| (e.id(), e.size()))
+    }
+
+    /// A local copy of the whole file, if one is stored, for the kernel to read directly.
+    pub(crate) fn whole_file(&self, node: NodeId) -> Option<std::fs::File> {
+        let (node, _) = self.passthrough_size(node)?;
+        self.cache.whole_file(&self.file_key(node))
+    }
+
+    /// When every chunk of `node` is local and no whole copy exists yet, writes one in
+    /// the background (from verified chunks) so that later opens can use passthrough.
+    pub(crate) fn maybe_store_whole(self: &Arc<Self>, node: NodeId) {
+        let Some((node, size)) = self.passthrough_size(node) else {
+            return;
+        };
+        let chunks = self.layer.chunks_for_range(node, 0, size);
+        // In memory counts too: the last chunks a reader got may still be on their way
+        // to disk when it closes the file.
+        if !chunks
+            .iter()
+            .all(|c| c.zeros || self.cache.contains(&c.digest))
+        {
+            return;
+        }
+        let key = self.file_key(node);
+        if self.cache.has_whole_file(&key) || !lock(&self.assembling).insert(key) {
+            return;
+        }
+        let busy = Busy::new(&self.writes);
+        let this = Arc::clone(self);
+        let job = move || {
+            let _busy = busy;
+            let res = this.cache.store_whole_file(key, size, |f| {
+                use std::io::Write as _;
+                for c in this.layer.chunks_for_range(node, 0, size) {
+                    let data = if c.zeros {
+                        this.zeros(node, c).map_err(std::io::Error::other)?
+                    } else {
+                        this.cache
+                            .get_uncached(&c.digest, c.size)
+                            .ok_or_else(|| std::io::Error::other("a chunk left the cache"))?
+                    };
+                    f.write_all(&data)?;
+                }
+                Ok(())
+            });
+            match res {
+                Ok(()) => tracing::debug!(layer = %this.name, path = %this.path(node),
+                    "stored a whole copy for passthrough"),
+                Err(e) => tracing::debug!(layer = %this.name, path = %this.path(node),
+                    error = %e, "no whole copy for passthrough"),
+            }
+            lock(&this.assembling).remove(&key);
+        };
+        drop(self.handle.spawn_blocking(job));
+    }
+
+    /// Resolves when no fetched chunk or whole-file copy is being written to disk.
+    pub(crate) async fn writes_settled(&self) {
+        let _ = self.writes.subscribe().wait_for(|n| *n == 0).await;
     }
 
     /// Counters plus how much of the layer is local.

@@ -14,13 +14,14 @@
 //! with ECONNABORTED when its process dies, while those of a shared fd wait for the
 //! resend.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{IoSlice, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,8 @@ pub struct Handover {
     pub proto_minor: u32,
     /// The flags the kernel offered at INIT (`flags | flags2 << 32`).
     pub kernel_flags: u64,
+    /// The flags we took (passthrough among them).
+    pub flags: u64,
     /// The mount's device (`major:minor` as in mountinfo), to tell the connection's
     /// own mount from a later one at the same path.
     pub device: String,
@@ -58,6 +61,70 @@ pub struct Handover {
 struct Negotiated {
     minor: u32,
     kernel_flags: u64,
+    flags: u64,
+}
+
+/// FUSE passthrough state of one connection.
+///
+/// The kernel refuses (EIO, ETXTBSY or EBUSY to the opener) to mix passthrough and
+/// page-cache opens of one inode, and a second backing file for an inode that is
+/// open. So an inode that got a backing id keeps it for the life of the connection and
+/// is always opened through it, and the ids are recorded in a file beside the
+/// mountpoint: a successor that takes the connection over opens those inodes with the
+/// same ids (which stay registered in the kernel when a daemon dies) instead of
+/// colliding with opens that outlived the previous daemon.
+struct Passthrough {
+    enabled: bool,
+    backing: HashMap<u64, u32>,
+    /// Page-cache opens by this process, by inode.
+    cached: HashMap<u64, u32>,
+    record: PathBuf,
+}
+
+/// Where a mount's backing ids are recorded: `fs` → `fs.passthrough-ids` beside it.
+fn backing_record(mountpoint: &Path) -> PathBuf {
+    let name = mountpoint
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    mountpoint.with_file_name(format!("{name}.passthrough-ids"))
+}
+
+fn read_backing_record(path: &Path) -> HashMap<u64, u32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (ino, id) = l.split_once(' ')?;
+            Some((ino.parse().ok()?, id.parse().ok()?))
+        })
+        .collect()
+}
+
+/// FUSE_DEV_IOC_BACKING_OPEN: registers `file` as a backing file on the connection.
+#[allow(unsafe_code)]
+fn backing_open(dev: &File, file: &File) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct BackingMap {
+        fd: i32,
+        flags: u32,
+        padding: u64,
+    }
+    // _IOW(229, 1, struct fuse_backing_map)
+    const FUSE_DEV_IOC_BACKING_OPEN: u64 = 0x4010_e501;
+    let map = BackingMap {
+        fd: file.as_raw_fd(),
+        flags: 0,
+        padding: 0,
+    };
+    // SAFETY: the ioctl reads one fuse_backing_map, which `map` is (repr(C), the
+    // kernel's layout), for the duration of the call; both fds are open.
+    let id = unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_OPEN as _, &map) };
+    if id < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(id as u32)
 }
 
 struct Session {
@@ -72,6 +139,7 @@ struct Session {
     /// Set once the connection is left to a successor: an unanswered request must
     /// then stay unanswered (it is resent to the successor), not fail with EIO.
     leaving: AtomicBool,
+    passthrough: Mutex<Passthrough>,
 }
 
 fn errno(e: &Error) -> i32 {
@@ -129,6 +197,9 @@ impl Session {
     }
 
     fn err(&self, unique: u64, e: i32) {
+        if e != libc::ENOSYS && e != libc::ENODATA {
+            tracing::debug!(unique, errno = e, "FUSE error reply");
+        }
         self.send(unique, e, &[]);
     }
 
@@ -158,6 +229,9 @@ impl Session {
             return;
         };
         let u = h.unique;
+        if u & (1 << 63) != 0 {
+            tracing::debug!(opcode = h.opcode, nodeid = h.nodeid, "resent FUSE request");
+        }
         if h.opcode == op::INIT {
             return self.init(u, &mut a);
         }
@@ -200,8 +274,7 @@ impl Session {
                 let _t = self.latency.start(Op::Open);
                 let flags = a.u32().unwrap_or(0) as i32;
                 match self.fs.open(ino, flags) {
-                    // Immutable content: the page cache stays valid across opens.
-                    Ok(fh) => self.ok(u, &kernel::open_out(fh, kernel::FOPEN_KEEP_CACHE, 0)),
+                    Ok(fh) => self.opened(u, ino, fh),
                     Err(e) => self.err(u, errno(&e)),
                 }
             }
@@ -222,7 +295,11 @@ impl Session {
                 }
             }
             op::READDIR | op::READDIRPLUS => self.readdir(u, ino, h.opcode, &mut a),
-            op::RELEASE | op::RELEASEDIR | op::DESTROY => self.ok(u, &[]),
+            op::RELEASE => {
+                self.ok(u, &[]);
+                self.released(ino);
+            }
+            op::RELEASEDIR | op::DESTROY => self.ok(u, &[]),
             // ENOSYS once and the kernel never sends them again: close(2) and fsync(2)
             // then need no daemon, which matters while lazysnapd is being replaced.
             op::FLUSH | op::FSYNC | op::FSYNCDIR => self.err(u, libc::ENOSYS),
@@ -289,13 +366,20 @@ impl Session {
             );
             return self.err(u, libc::EPROTO);
         }
-        let wanted = init::ASYNC_READ
+        let mut wanted = init::ASYNC_READ
             | init::DO_READDIRPLUS
             | init::READDIRPLUS_AUTO
             | init::CACHE_SYMLINKS
             | init::PARALLEL_DIROPS
             | init::MAX_PAGES
             | init::INIT_EXT;
+        let mut pt = self.passthrough();
+        if pt.enabled {
+            wanted |= init::PASSTHROUGH;
+        }
+        pt.enabled = i.flags & init::PASSTHROUGH != 0 && pt.enabled;
+        let passthrough = pt.enabled;
+        drop(pt);
         let out = kernel::InitOut {
             minor: i.minor.min(kernel::MAX_MINOR),
             // The largest read-ahead the kernel allows, up to max_read.
@@ -306,15 +390,89 @@ impl Session {
             max_background: MAX_BACKGROUND,
             max_write: MAX_WRITE,
             max_pages: (self.max_read / 4096).clamp(1, u16::MAX as u32) as u16,
-            max_stack_depth: 0,
+            // Depth 1: the backing files must be on a plain filesystem, and overlayfs
+            // can still stack on this mount.
+            max_stack_depth: u32::from(passthrough),
         };
         let _ = self.negotiated.set(Negotiated {
             minor: out.minor,
             kernel_flags: i.flags,
+            flags: out.flags,
         });
         self.ok(u, &kernel::init_out(&out));
         if let Some(tx) = self.lock_init().take() {
             let _ = tx.send(());
+        }
+    }
+
+    fn passthrough(&self) -> MutexGuard<'_, Passthrough> {
+        self.passthrough.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answers an open: through the inode's backing file if it has one or can get
+    /// one, through the page cache otherwise.
+    fn opened(&self, u: u64, ino: u64, fh: u64) {
+        let mut pt = self.passthrough();
+        if let Some(&id) = pt.backing.get(&ino) {
+            drop(pt);
+            return self.ok(
+                u,
+                &kernel::open_out(fh, kernel::FOPEN_PASSTHROUGH, id as i32),
+            );
+        }
+        if pt.enabled
+            && !pt.cached.contains_key(&ino)
+            && let Some(file) = self.fs.passthrough_file(ino)
+        {
+            match backing_open(&self.dev, &file) {
+                Ok(id) => {
+                    let recorded = std::fs::File::options()
+                        .create(true)
+                        .append(true)
+                        .open(&pt.record)
+                        .and_then(|mut f| {
+                            writeln!(f, "{ino} {id}")?;
+                            f.sync_data()
+                        });
+                    if let Err(e) = recorded {
+                        // A successor would not know the id: opens of this inode that
+                        // outlive us would collide with its own. Not worth the risk.
+                        tracing::warn!(error = %e, path = %pt.record.display(),
+                            "cannot record a passthrough backing id; passthrough off for this mount");
+                        pt.enabled = false;
+                    } else {
+                        pt.backing.insert(ino, id);
+                        drop(pt);
+                        return self.ok(
+                            u,
+                            &kernel::open_out(fh, kernel::FOPEN_PASSTHROUGH, id as i32),
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "FUSE passthrough unavailable; reading through the daemon");
+                    pt.enabled = false;
+                }
+            }
+        }
+        *pt.cached.entry(ino).or_default() += 1;
+        drop(pt);
+        // Immutable content: the page cache stays valid across opens.
+        self.ok(u, &kernel::open_out(fh, kernel::FOPEN_KEEP_CACHE, 0));
+    }
+
+    /// The last page-cache close of a file wholly on disk makes a whole copy of it,
+    /// for passthrough on later opens.
+    fn released(&self, ino: u64) {
+        let mut pt = self.passthrough();
+        let Some(n) = pt.cached.get_mut(&ino) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            pt.cached.remove(&ino);
+            drop(pt);
+            self.fs.release(ino);
         }
     }
 
@@ -510,6 +668,7 @@ pub fn adopt(
     let negotiated = Negotiated {
         minor: handover.proto_minor,
         kernel_flags: handover.kernel_flags,
+        flags: handover.flags,
     };
     let mut mounted = start(
         fs,
@@ -550,6 +709,29 @@ fn start(
     init_done: Option<mpsc::Sender<()>>,
 ) -> Result<MountedLayer> {
     let latency = Arc::new(OpLatencies::default());
+    let record = backing_record(&mountpoint);
+    let passthrough = match negotiated {
+        // A connection taken over: passthrough as the kernel agreed to at INIT, with
+        // the backing ids the previous daemon registered.
+        // No new ids, though: opens through the page cache from before the handover
+        // are unknown here, and the kernel fails a passthrough open of such an inode.
+        Some(_) => Passthrough {
+            enabled: false,
+            backing: read_backing_record(&record),
+            cached: HashMap::new(),
+            record,
+        },
+        // A new connection: ids recorded for an earlier one mean nothing to it.
+        None => {
+            let _ = std::fs::remove_file(&record);
+            Passthrough {
+                enabled: config.passthrough,
+                backing: HashMap::new(),
+                cached: HashMap::new(),
+                record,
+            }
+        }
+    };
     let session = Arc::new(Session {
         fs: Arc::clone(&fs),
         dev,
@@ -560,6 +742,7 @@ fn start(
         negotiated: OnceLock::new(),
         init_done: Mutex::new(init_done),
         leaving: AtomicBool::new(false),
+        passthrough: Mutex::new(passthrough),
     });
     if let Some(n) = negotiated {
         let _ = session.negotiated.set(n);
@@ -668,6 +851,7 @@ impl MountedLayer {
             Handover {
                 proto_minor: n.minor,
                 kernel_flags: n.kernel_flags,
+                flags: n.flags,
                 device,
             },
         ))

@@ -67,12 +67,14 @@ pub mod init {
     pub const MAX_PAGES: u64 = 1 << 22;
     pub const CACHE_SYMLINKS: u64 = 1 << 23;
     pub const INIT_EXT: u64 = 1 << 30;
+    pub const PASSTHROUGH: u64 = 1 << 37;
     /// The kernel re-queues unanswered requests on FUSE_NOTIFY_RESEND (Linux 6.9+).
     pub const HAS_RESEND: u64 = 1 << 39;
 }
 
 pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 pub const FOPEN_CACHE_DIR: u32 = 1 << 3;
+pub const FOPEN_PASSTHROUGH: u32 = 1 << 7;
 
 const NOTIFY_RESEND: i32 = 7;
 

@@ -20,6 +20,7 @@ mod core;
 mod error;
 mod fetch;
 mod fuse;
+mod heap;
 mod histogram;
 mod kernel;
 mod lru;

@@ -39,6 +39,11 @@ impl<V: Clone> Lru<V> {
         self.map.contains_key(key)
     }
 
+    /// The value, without touching its recency.
+    pub(crate) fn peek(&self, key: &Digest) -> Option<V> {
+        self.map.get(key).map(|s| s.value.clone())
+    }
+
     /// The value, marked as most recently used.
     pub(crate) fn get(&mut self, key: &Digest) -> Option<V> {
         self.tick += 1;

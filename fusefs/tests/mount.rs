@@ -500,3 +500,75 @@ fn dropping_a_busy_mount_detaches_it() {
         testkit::containerd::mounts_under(env.dir.path()).is_empty()
     }));
 }
+
+#[test]
+fn a_file_read_whole_is_then_served_by_kernel_passthrough_even_under_overlayfs() {
+    if testkit::skip_unless_root("a_file_read_whole_is_then_served_by_kernel_passthrough") {
+        return;
+    }
+    let env = env();
+    let _cleanup = Cleanup(env.dir.path().to_path_buf());
+    let work = env.dir.path();
+    let big = pattern(3 << 20, 11);
+    let blob = layer_from(work, "pt", |d| {
+        std::fs::write(d.join("big"), &big).unwrap();
+        std::fs::write(d.join("small"), b"small").unwrap();
+    });
+    let config = FsConfig {
+        prefetch: false,
+        background_fetch: false,
+        ..FsConfig::default()
+    };
+    let mut m = env.mount(blob, "pt-mnt", config);
+    let mp = m.mountpoint().to_path_buf();
+    assert_eq!(std::fs::read(mp.join("big")).unwrap(), big);
+    // The close reaches the daemon asynchronously; then the copy is written.
+    let files = work.join("cache/files");
+    assert!(testkit::wait_until(Duration::from_secs(10), || {
+        walk(&files).iter().any(|(_, p)| p.is_file())
+    }));
+    env.rt.block_on(m.fs().writes_settled());
+    let served = |m: &MountedLayer| {
+        let s = m.stats();
+        s.cache_hits + s.cache_misses
+    };
+    let before = served(&m);
+    // Two opens at once share the inode's backing file; overlayfs stacks on top.
+    let (merged, upper, ovl_work) = (work.join("merged"), work.join("up"), work.join("ovl"));
+    for d in [&merged, &upper, &ovl_work] {
+        std::fs::create_dir(d).unwrap();
+    }
+    run(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!(
+            "lowerdir={},upperdir={},workdir={}",
+            mp.display(),
+            upper.display(),
+            ovl_work.display()
+        ))
+        .arg(&merged));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let held = std::fs::File::open(mp.join("big")).unwrap();
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg("echo 3 > /proc/sys/vm/drop_caches")
+            .status()
+            .unwrap();
+        assert_eq!(std::fs::read(mp.join("big")).unwrap(), big);
+        assert_eq!(std::fs::read(merged.join("big")).unwrap(), big);
+        let mut again = Vec::new();
+        std::io::Read::read_to_end(&mut &held, &mut again).unwrap();
+        assert_eq!(again, big);
+    }));
+    run(Command::new("umount").arg(&merged));
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+    assert_eq!(
+        served(&m),
+        before,
+        "the kernel read the local copy without asking the daemon"
+    );
+    m.unmount().unwrap();
+    assert!(testkit::containerd::mounts_under(work).is_empty());
+}

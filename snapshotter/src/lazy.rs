@@ -52,6 +52,7 @@ fn handover_meta(h: &fusefs::Handover, layer: &RemoteLayer) -> String {
         "version": 1,
         "proto_minor": h.proto_minor,
         "kernel_flags": h.kernel_flags,
+        "flags": h.flags,
         "device": h.device,
         "layer_digest": layer.layer_digest,
         "image_ref": layer.image_ref,
@@ -67,6 +68,7 @@ fn parse_handover_meta(meta: &str) -> Option<fusefs::Handover> {
     Some(fusefs::Handover {
         proto_minor: u32::try_from(v["proto_minor"].as_u64()?).ok()?,
         kernel_flags: v["kernel_flags"].as_u64()?,
+        flags: v["flags"].as_u64()?,
         device: v["device"].as_str()?.to_string(),
     })
 }

@@ -155,7 +155,11 @@ fn disk_cache_survives_reopen_and_corrupt_files_are_refetched() {
     let layer = Arc::new(layer);
     let fs2 = LayerFs::new(layer, cache.clone(), f.rt.handle().clone(), quiet_config()).unwrap();
     let ino = f.ino("data/big");
-    let read2 = |off: u64| f.rt.block_on(fs2.read(ino, off, CHUNK as u32));
+    let read2 = |off: u64| {
+        let res = f.rt.block_on(fs2.read(ino, off, CHUNK as u32));
+        f.rt.block_on(fs2.writes_settled());
+        res
+    };
     assert_eq!(
         &read2(0).unwrap()[..],
         &src.files["data/big"][..CHUNK as usize]
@@ -469,4 +473,68 @@ fn concurrent_disk_loads_of_one_chunk_agree_and_leave_no_gates() {
         }
         assert_eq!(f.cache.loading_len(), 0);
     }
+}
+
+#[test]
+fn files_read_whole_get_a_verified_local_copy_for_passthrough() {
+    let (blob, src) = sample_blob(OutputFormat::ZstdChunked);
+    let config = FsConfig {
+        passthrough_min_bytes: 2 * CHUNK,
+        ..quiet_config()
+    };
+    let f = fixture_with(FaultBlob::new(blob.clone()), config.clone(), 1 << 30);
+    let (big, zeros, exact) = (f.ino("data/big"), f.ino("data/zeros"), f.ino("etc/hard"));
+    let small = f.ino("bin/tool");
+    // Partly read: no copy (it would need the network).
+    f.rt.block_on(f.fs.read(big, 0, CHUNK as u32)).unwrap();
+    f.fs.release(big);
+    f.rt.block_on(f.fs.writes_settled());
+    assert!(f.fs.passthrough_file(big).is_none());
+    // Wholly read and closed: a copy, byte for byte, zero chunks included; a hardlink
+    // resolves to its target; files under the threshold get none.
+    for path in ["data/big", "data/zeros", "data/exact", "bin/tool"] {
+        assert_eq!(f.read_all(path).unwrap(), src.files[path]);
+    }
+    let before = f.cache.disk_bytes_used();
+    for ino in [big, zeros, exact, small] {
+        f.fs.release(ino);
+    }
+    f.rt.block_on(f.fs.writes_settled());
+    let copy = |fs: &LayerFs, ino| {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut fs.passthrough_file(ino)?, &mut out).unwrap();
+        Some(out)
+    };
+    assert_eq!(copy(&f.fs, big).unwrap(), src.files["data/big"]);
+    assert_eq!(copy(&f.fs, zeros).unwrap(), src.files["data/zeros"]);
+    assert_eq!(copy(&f.fs, exact).unwrap(), src.files["data/exact"]);
+    assert!(copy(&f.fs, small).is_none());
+    let copied = (src.files["data/big"].len() + src.files["data/zeros"].len()) as u64
+        + src.files["data/exact"].len() as u64;
+    assert_eq!(f.cache.disk_bytes_used(), before + copied);
+
+    // A restarted daemon finds the copies (and counts them in the budget).
+    let cache = SharedCache::open(CacheConfig {
+        dir: f.dir.path().join("cache"),
+        memory_bytes: 64 << 20,
+        disk_bytes: 1 << 30,
+    })
+    .unwrap();
+    assert_eq!(cache.disk_bytes_used(), before + copied);
+    let layer = Arc::new(
+        f.rt.block_on(Layer::open(
+            Arc::new(FaultBlob::new(blob)),
+            &Default::default(),
+        ))
+        .unwrap(),
+    );
+    let fs2 = LayerFs::new(layer.clone(), cache.clone(), f.rt.handle().clone(), config).unwrap();
+    assert_eq!(copy(&fs2, big).unwrap(), src.files["data/big"]);
+    // Passthrough off: never a copy.
+    let off = FsConfig {
+        passthrough: false,
+        ..quiet_config()
+    };
+    let fs3 = LayerFs::new(layer, cache, f.rt.handle().clone(), off).unwrap();
+    assert!(fs3.passthrough_file(big).is_none());
 }

@@ -288,9 +288,12 @@ impl Fixture {
         ino
     }
 
+    /// A read, and then the disk writes it caused, so tests see a settled cache.
     pub fn read(&self, path: &str, offset: u64, len: u32) -> crate::Result<Bytes> {
         let ino = self.ino(path);
-        self.rt.block_on(self.fs.read(ino, offset, len))
+        let res = self.rt.block_on(self.fs.read(ino, offset, len));
+        self.rt.block_on(self.fs.writes_settled());
+        res
     }
 
     pub fn read_all(&self, path: &str) -> crate::Result<Vec<u8>> {
