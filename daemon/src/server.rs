@@ -146,7 +146,9 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
         let restoring = service.clone();
         let waiting = mounter.clone();
         tokio::spawn(async move {
-            restoring.restore_all().await;
+            if let Some(snapshots) = restoring.restore_all().await {
+                waiting.release_unclaimed(&snapshots);
+            }
             // Connections kept from the previous daemon hold running containers' reads
             // until they are served: retry those layers until their registry answers.
             while waiting.held_waiting() > 0 {

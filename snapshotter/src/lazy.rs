@@ -138,6 +138,23 @@ impl FuseMounter {
         self.held().len()
     }
 
+    /// Lets go of held connections whose snapshot is gone (removed by a daemon that
+    /// died before it unmounted): their mounts serve no one.
+    pub fn release_unclaimed(&self, snapshots: &[PathBuf]) {
+        let unclaimed: Vec<PathBuf> = self
+            .held()
+            .keys()
+            .filter(|k| !snapshots.contains(k))
+            .cloned()
+            .collect();
+        for mountpoint in unclaimed {
+            tracing::info!(path = %mountpoint.display(), "held FUSE connection of no snapshot; unmounting it");
+            self.held().remove(&mountpoint);
+            let _ = fsutil::unmount_detach(&mountpoint);
+            self.forget_held(&mountpoint);
+        }
+    }
+
     fn forget_held(&self, mountpoint: &Path) {
         if let Some(holder) = &self.holder
             && let Err(e) = holder.forget(&mountpoint.to_string_lossy())
