@@ -379,7 +379,10 @@ async fn cri_pull_secrets_reach_lazy_mounts() {
     let read = rx
         .recv_timeout(Duration::from_secs(60))
         .unwrap_or_else(|_| panic!("no read after the restart; log:\n{}", s.daemon.log()));
-    assert!(read == Some(noise(BIG, 9)), "big.bin differs after the restart");
+    assert!(
+        read == Some(noise(BIG, 9)),
+        "big.bin differs after the restart"
+    );
     let served_after = bytes_served(&s.private.log(), &big.digest.to_string());
     assert!(
         served_after > served + (BIG as u64) / 2,
