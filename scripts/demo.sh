@@ -23,6 +23,8 @@ cleanup() {
   for ((i=${#pids[@]}-1; i>=0; i--)); do
     kill -TERM "${pids[i]}" 2>/dev/null && wait "${pids[i]}" 2>/dev/null
   done
+  # lazysnapd leaves its lazy layers to its fd holder on SIGTERM; this removes both.
+  [ -d "$work/lazysnap" ] && "$bin/lazysnapd" --root "$work/lazysnap" --unmount-all >/dev/null 2>&1
   awk -v d="$work" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r |
     while read -r m; do umount -l "$m"; done
   rm -rf "$work"

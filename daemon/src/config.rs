@@ -78,6 +78,10 @@ pub struct LazyConfig {
     pub background_rate_limit: u64,
     /// FUSE threads per mounted layer. Default 4.
     pub fuse_threads: usize,
+    /// Keep lazily mounted layers alive across restarts, crashes and upgrades: an fd
+    /// holder process keeps their FUSE connections and the next lazysnapd takes them
+    /// over. Off: layers are unmounted on SIGTERM and die with a crash. Default true.
+    pub handover: bool,
     /// Serve files that were read whole from a local copy through FUSE passthrough
     /// (kernel 6.9+), at local-disk speed. Default true.
     pub passthrough: bool,
@@ -94,6 +98,7 @@ impl Default for LazyConfig {
             background_fetch: fs.background_fetch,
             background_rate_limit: fs.background_rate_limit.unwrap_or(0),
             fuse_threads: fs.fuse_threads,
+            handover: true,
             passthrough: fs.passthrough,
         }
     }

@@ -34,10 +34,13 @@ const MAX_MESSAGE: usize = 16 << 20;
 /// client here speaks none.
 const PER_HOP: &[&str] = &["grpc-encoding", "grpc-accept-encoding"];
 
-/// Registry credentials from CRI PullImage requests, per registry host, in memory only.
+/// Registry credentials from CRI PullImage requests, per registry host: in memory, and
+/// with [`CriKeychain::persistent`] also in a root-only file, so that the next lazysnapd
+/// can keep fetching the layers it takes over.
 #[derive(Default)]
 pub struct CriKeychain {
     by_host: Mutex<HashMap<String, Credentials>>,
+    file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for CriKeychain {
@@ -93,6 +96,57 @@ pub fn credentials_of(auth: &AuthConfig) -> Result<Option<Credentials>, String> 
 }
 
 impl CriKeychain {
+    /// A keychain kept in `file` (mode 0600; its directory should be root's only):
+    /// loads what an earlier lazysnapd kept there, and rewrites it on every change.
+    pub fn persistent(file: PathBuf) -> std::io::Result<CriKeychain> {
+        let mut by_host = HashMap::new();
+        match std::fs::read(&file) {
+            Ok(bytes) => {
+                let kept: HashMap<String, (String, String)> = serde_json::from_slice(&bytes)
+                    .map_err(|e| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("{}: {e}", file.display()),
+                        )
+                    })?;
+                for (host, (user, secret)) in kept {
+                    by_host.insert(host, Credentials::new(user, secret));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(CriKeychain {
+            by_host: Mutex::new(by_host),
+            file: Some(file),
+        })
+    }
+
+    /// Writes the whole keychain to its file, temp-then-rename, created 0600.
+    fn save(&self, map: &HashMap<String, Credentials>) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let kept: HashMap<&String, (&str, &str)> = map
+            .iter()
+            .map(|(h, c)| (h, (c.username.as_str(), c.expose_secret())))
+            .collect();
+        let tmp = file.with_extension("tmp");
+        let mut f = std::fs::File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        // The mode applies only to a new file; a leftover one is narrowed too.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        f.write_all(&serde_json::to_vec(&kept).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, file)
+    }
+
     fn map(&self) -> MutexGuard<'_, HashMap<String, Credentials>> {
         self.by_host.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -121,7 +175,11 @@ impl CriKeychain {
         let Some(credentials) = credentials_of(auth)? else {
             return Ok(None);
         };
-        self.map().insert(host.clone(), credentials);
+        let mut map = self.map();
+        map.insert(host.clone(), credentials);
+        if let Err(e) = self.save(&map) {
+            tracing::warn!(error = %e, "cannot keep CRI credentials for the next lazysnapd");
+        }
         Ok(Some(host))
     }
 }
@@ -219,7 +277,7 @@ impl ImageServiceProxy {
             Ok(Some(host)) => tracing::info!(
                 image = %image.image,
                 registry = %host,
-                "keeping the credentials of a CRI PullImage (in memory) for lazy mounts"
+                "keeping the credentials of a CRI PullImage for lazy mounts"
             ),
             Ok(None) => {}
             Err(why) => tracing::warn!(
@@ -344,6 +402,39 @@ mod tests {
             Some(Credentials::new("bob", "hub-pw"))
         );
         assert_eq!(keychain.hosts(), ["127.0.0.1:5000", "registry-1.docker.io"]);
+    }
+
+    /// What the next lazysnapd needs to keep fetching a taken-over layer survives, in
+    /// a file only root can read; an in-memory keychain writes nothing.
+    #[tokio::test]
+    async fn a_persistent_keychain_is_read_back_from_a_root_only_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cri-credentials.json");
+        let kept = CriKeychain::persistent(file.clone()).unwrap();
+        assert!(lookup(&kept, "reg.example:5000").await.is_none());
+        kept.record("reg.example:5000/app:1", &auth("alice", "s3cret"))
+            .unwrap();
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let next = CriKeychain::persistent(file.clone()).unwrap();
+        assert_eq!(
+            lookup(&next, "reg.example:5000").await,
+            Some(Credentials::new("alice", "s3cret"))
+        );
+        // A rotated secret replaces the kept one.
+        next.record("reg.example:5000/app:1", &auth("alice", "n3w"))
+            .unwrap();
+        let third = CriKeychain::persistent(file).unwrap();
+        assert_eq!(
+            lookup(&third, "reg.example:5000").await,
+            Some(Credentials::new("alice", "n3w"))
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
     }
 
     #[tokio::test]

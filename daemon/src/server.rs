@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use snapshotter::Snapshotter;
+use snapshotter::holder::HolderClient;
 use snapshotter::lazy::FuseMounter;
 use snapshotter::remote::RemoteMounter;
 use snapshotter::service::SnapshotService;
@@ -89,10 +90,16 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
     std::fs::set_permissions(&config.root, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("setting the mode of {}", config.root.display()))?;
     let _lock = RootLock::acquire(&config.root)?;
-    let keychain = config
-        .cri_keychain
-        .enable_keychain
-        .then(|| Arc::new(CriKeychain::default()));
+    let keychain = match config.cri_keychain.enable_keychain {
+        // Kept on disk only for handover: a layer taken over by the next daemon must be
+        // fetched with the same credentials before the kubelet pulls again.
+        true if config.lazy.enabled && config.lazy.handover => Some(Arc::new(
+            CriKeychain::persistent(config.root.join(CRI_CREDENTIALS))
+                .context("reading the kept CRI credentials")?,
+        )),
+        true => Some(Arc::new(CriKeychain::default())),
+        false => None,
+    };
     let (mounter, cache) = match lazy_mounter(config, keychain.clone())? {
         Some((mounter, cache)) => (Some(mounter), Some(cache)),
         None => (None, None),
@@ -137,7 +144,18 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
         // Remount lazily pulled layers in the background: a registry that is down must
         // not keep the daemon from serving (those layers are restored on first use).
         let restoring = service.clone();
-        tokio::spawn(async move { restoring.restore_all().await });
+        let waiting = mounter.clone();
+        tokio::spawn(async move {
+            if let Some(snapshots) = restoring.restore_all().await {
+                waiting.release_unclaimed(&snapshots);
+            }
+            // Connections kept from the previous daemon hold running containers' reads
+            // until they are served: retry those layers until their registry answers.
+            while waiting.held_waiting() > 0 {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                restoring.restore_all().await;
+            }
+        });
     }
     let listener = bind_socket(&config.address)?;
     let _socket = SocketFile(config.address.clone());
@@ -171,8 +189,15 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
     }
     let _ = std::fs::remove_file(config.root.join(crate::observe::STATUS_SOCKET));
     if let Some(mounter) = mounter {
-        // Nothing stays mounted after exit; a restart remounts from the metadata.
-        tokio::task::spawn_blocking(move || mounter.unmount_all()).await?;
+        if config.lazy.handover {
+            // Running containers keep their layers: the fd holder keeps the connections
+            // and the next lazysnapd serves them (`lazysnapd --unmount-all` removes
+            // everything instead).
+            tokio::task::spawn_blocking(move || mounter.leave_all()).await?;
+        } else {
+            // Nothing stays mounted after exit; a restart remounts from the metadata.
+            tokio::task::spawn_blocking(move || mounter.unmount_all()).await?;
+        }
     }
     tracing::info!("lazysnapd stopped");
     Ok(())
@@ -206,14 +231,53 @@ fn lazy_mounter(
     cache_config.memory_bytes = config.cache.memory_bytes;
     cache_config.disk_bytes = config.cache.disk_bytes;
     let cache = fusefs::SharedCache::open(cache_config).context("opening the chunk cache")?;
-    let mounter = Arc::new(FuseMounter::new(
+    let mut mounter = FuseMounter::new(
         client,
         cache.clone(),
         config.lazy.fs_config(),
         tokio::runtime::Handle::current(),
         config.lazy.allow_no_verification,
-    ));
-    Ok(Some((mounter, cache)))
+    );
+    if config.lazy.handover {
+        mounter = mounter
+            .with_holder(holder(&config.root))
+            .context("asking the fd holder for connections kept from an earlier lazysnapd")?;
+    }
+    Ok(Some((Arc::new(mounter), cache)))
+}
+
+/// The fd holder's socket, under the root (mode 0700) so only root reaches it.
+pub const HOLDER_SOCKET: &str = "fdholder.sock";
+/// CRI keychain credentials kept for handover (mode 0600, in the 0700 root).
+pub const CRI_CREDENTIALS: &str = "cri-credentials.json";
+
+/// The client of the root's fd holder; the holder is this same program, started with
+/// `--hold-fds` when first needed.
+pub fn holder(root: &Path) -> HolderClient {
+    let exe = std::env::current_exe()
+        .ok()
+        .filter(|p| p.exists())
+        // Replaced on disk by an upgrade: the running image is still there.
+        .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
+    HolderClient::new(root.join(HOLDER_SOCKET), exe)
+}
+
+/// `lazysnapd --unmount-all`: what an operator runs, with lazysnapd stopped, to remove
+/// every lazily mounted layer the fd holder kept alive. Running containers on those
+/// layers lose them.
+pub fn unmount_all(config: &Config) -> anyhow::Result<()> {
+    let _lock = RootLock::acquire(&config.root)?;
+    if holder(&config.root).exit()? {
+        tracing::info!("stopped the fd holder");
+    }
+    let snapshots = config.root.join("snapshots");
+    let mounts = snapshotter::fsutil::mounts_under(&snapshots);
+    for mount in &mounts {
+        snapshotter::fsutil::unmount_detach(mount)
+            .with_context(|| format!("unmounting {}", mount.display()))?;
+    }
+    tracing::info!(layers = mounts.len(), "unmounted");
+    Ok(())
 }
 
 /// Removes the socket file when the daemon stops, however it stops.

@@ -284,7 +284,7 @@ async fn cri_client(s: &Setup) -> CriClient {
 #[tokio::test(flavor = "multi_thread")]
 async fn cri_pull_secrets_reach_lazy_mounts() {
     let host_paths_before: Vec<bool> = HOST_PATHS.iter().map(|p| Path::new(p).exists()).collect();
-    let Some(s) = setup("cri_pull_secrets_reach_lazy_mounts") else {
+    let Some(mut s) = setup("cri_pull_secrets_reach_lazy_mounts") else {
         return;
     };
     let mut cri = cri_client(&s).await;
@@ -362,6 +362,32 @@ async fn cri_pull_secrets_reach_lazy_mounts() {
         served > 0 && served * 10 < big.size,
         "{served} of {} bytes served",
         big.size
+    );
+
+    // A crashed lazysnapd's successor takes the layers over and keeps fetching the
+    // unread parts from the private registry: the pod's credentials survived in the
+    // root-only file (there are no others: no docker config, no hosts credentials).
+    s.daemon.kill().unwrap();
+    s.daemon.restart().unwrap();
+    let mounted = mounts_under(&s.daemon.root);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let read = mounted
+            .iter()
+            .find_map(|m| std::fs::read(m.join("app/big.bin")).ok());
+        let _ = tx.send(read);
+    });
+    let read = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("no read after the restart; log:\n{}", s.daemon.log()));
+    assert!(
+        read == Some(noise(BIG, 9)),
+        "big.bin differs after the restart"
+    );
+    let served_after = bytes_served(&s.private.log(), &big.digest.to_string());
+    assert!(
+        served_after > served + (BIG as u64) / 2,
+        "{served_after} bytes served after the restart, {served} before"
     );
 
     // The secret is nowhere in lazysnapd's log, not even base64-encoded.

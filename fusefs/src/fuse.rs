@@ -1,233 +1,519 @@
-//! The thin `fuser` edge: translates kernel requests to [`LayerFs`] calls and results
-//! to replies, mounts and unmounts.
+//! The FUSE edge: our own request loop over `/dev/fuse` (protocol in `kernel.rs`) that
+//! translates kernel requests to [`LayerFs`] calls and results to replies, and the
+//! mount's lifetime.
 //!
 //! Cache hits are answered on the FUSE thread; a read that needs the network hands its
-//! reply object to the tokio runtime, whose task replies once the verified chunks are
-//! in. No FUSE thread ever waits for the network.
+//! reply to the tokio runtime, whose task replies once the verified chunks are in. No
+//! FUSE thread ever waits for the network.
 //!
-//! We mount `/dev/fuse` ourselves (mount(2) as root) and give fuser the fd with
-//! `Session::from_fd`: that way unmounting is entirely ours (fuser never unmounts a
-//! path on its own later), and the fd is the thing a successor process can inherit.
+//! The connection can change hands: [`MountedLayer::handover`] gives out a duplicate of
+//! the `/dev/fuse` fd and what INIT negotiated, and [`adopt`] serves such an fd in
+//! another process without a new INIT (no FUSE library allows that), after asking the
+//! kernel to resend what the previous process read but never answered. Every thread
+//! reads the one fd, not clones of it: a cloned fd's unanswered requests are failed
+//! with ECONNABORTED when its process dies, while those of a shared fd wait for the
+//! resend.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::fs::File;
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use estargz::Timestamp;
-use fuser::{
-    AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
-    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
-};
 use tokio::runtime::Handle;
 
 use crate::cache::SharedCache;
 use crate::config::FsConfig;
-use crate::core::{Attr, FileKind, LayerFs, ReadStart, XattrReply};
+use crate::core::{LayerFs, ReadStart, XattrReply};
 use crate::error::{Error, Result};
 use crate::histogram::{Op, OpLatencies};
+use crate::kernel::{self, Args, init, op};
 use crate::stats::Stats;
 
-struct Adapter {
+/// Requests are small (we take no writes: max_write is one page); the largest the
+/// kernel may send a read-only filesystem is a setxattr with a 64 KiB value.
+const REQUEST_BUFFER: usize = (64 << 10) + 4096;
+/// Ours to choose; writes never reach a read-only mount.
+const MAX_WRITE: u32 = 4096;
+const MAX_BACKGROUND: u16 = 64;
+
+/// What a successor needs, besides the fd, to serve a connection whose INIT was
+/// answered by an earlier process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handover {
+    /// The protocol minor version INIT settled on.
+    pub proto_minor: u32,
+    /// The flags the kernel offered at INIT (`flags | flags2 << 32`).
+    pub kernel_flags: u64,
+    /// The flags we took (passthrough among them).
+    pub flags: u64,
+    /// The mount's device (`major:minor` as in mountinfo), to tell the connection's
+    /// own mount from a later one at the same path.
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Negotiated {
+    minor: u32,
+    kernel_flags: u64,
+    flags: u64,
+}
+
+/// FUSE passthrough state of one connection.
+///
+/// The kernel refuses (EIO, ETXTBSY or EBUSY to the opener) to mix passthrough and
+/// page-cache opens of one inode, and a second backing file for an inode that is
+/// open. So an inode that got a backing id keeps it for the life of the connection and
+/// is always opened through it, and the ids are recorded in a file beside the
+/// mountpoint: a successor that takes the connection over opens those inodes with the
+/// same ids (which stay registered in the kernel when a daemon dies) instead of
+/// colliding with opens that outlived the previous daemon.
+struct Passthrough {
+    enabled: bool,
+    backing: HashMap<u64, u32>,
+    /// Page-cache opens by this process, by inode.
+    cached: HashMap<u64, u32>,
+    record: PathBuf,
+}
+
+/// Where a mount's backing ids are recorded: `fs` → `fs.passthrough-ids` beside it.
+fn backing_record(mountpoint: &Path) -> PathBuf {
+    let name = mountpoint
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    mountpoint.with_file_name(format!("{name}.passthrough-ids"))
+}
+
+fn read_backing_record(path: &Path) -> HashMap<u64, u32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (ino, id) = l.split_once(' ')?;
+            Some((ino.parse().ok()?, id.parse().ok()?))
+        })
+        .collect()
+}
+
+/// FUSE_DEV_IOC_BACKING_OPEN: registers `file` as a backing file on the connection.
+#[allow(unsafe_code)]
+fn backing_open(dev: &File, file: &File) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct BackingMap {
+        fd: i32,
+        flags: u32,
+        padding: u64,
+    }
+    // _IOW(229, 1, struct fuse_backing_map)
+    const FUSE_DEV_IOC_BACKING_OPEN: u64 = 0x4010_e501;
+    let map = BackingMap {
+        fd: file.as_raw_fd(),
+        flags: 0,
+        padding: 0,
+    };
+    // SAFETY: the ioctl reads one fuse_backing_map, which `map` is (repr(C), the
+    // kernel's layout), for the duration of the call; both fds are open.
+    let id = unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_OPEN as _, &map) };
+    if id < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(id as u32)
+}
+
+struct Session {
     fs: Arc<LayerFs>,
-    /// Open regular files by inode. The kernel refuses (with EIO to the opener) to mix
-    /// passthrough and page-cache opens of one inode, and wants one backing id per inode
-    /// while it is open, so the mode is chosen per inode, not per open.
-    opens: Mutex<HashMap<u64, Opens>>,
-    /// Cleared by the first failure to register a backing file (kernel without
-    /// passthrough, cache on a stacked filesystem): then every open is a plain one.
-    passthrough: AtomicBool,
-    /// Attributes sent along with negative entries (the kernel ignores them).
-    negative: Attr,
+    dev: File,
     handle: Handle,
     ttl: Duration,
     max_read: u32,
     latency: Arc<OpLatencies>,
+    negotiated: OnceLock<Negotiated>,
+    init_done: Mutex<Option<mpsc::Sender<()>>>,
+    /// Set once the connection is left to a successor: an unanswered request must
+    /// then stay unanswered (it is resent to the successor), not fail with EIO.
+    leaving: AtomicBool,
+    passthrough: Mutex<Passthrough>,
 }
 
-/// How an inode is open right now.
-enum Opens {
-    /// Through the page cache, this many times.
-    Cached(u32),
-    /// Through passthrough to a local copy, this many times, with its backing id (which
-    /// unregisters itself when dropped).
-    Passthrough(BackingId, u32),
+fn errno(e: &Error) -> i32 {
+    e.errno()
 }
 
-fn errno(e: &Error) -> Errno {
-    Errno::from_i32(e.errno())
+/// A reply owed by a task on the runtime; EIO if the task ends without one (a
+/// panic), unless the connection is being handed over.
+struct Deferred {
+    session: Arc<Session>,
+    unique: u64,
+    answered: bool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+impl Deferred {
+    fn data(mut self, data: &[u8]) {
+        self.answered = true;
+        self.session.send(self.unique, 0, &[data]);
+    }
 
-fn time(t: Timestamp) -> SystemTime {
-    let nanos = Duration::from_nanos(t.nanos as u64);
-    if t.secs >= 0 {
-        UNIX_EPOCH + Duration::from_secs(t.secs as u64) + nanos
-    } else {
-        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + nanos
+    fn error(mut self, e: i32) {
+        self.answered = true;
+        self.session.send(self.unique, e, &[]);
     }
 }
 
-fn file_type(k: FileKind) -> FileType {
-    match k {
-        FileKind::Directory => FileType::Directory,
-        FileKind::RegularFile => FileType::RegularFile,
-        FileKind::Symlink => FileType::Symlink,
-        FileKind::CharDevice => FileType::CharDevice,
-        FileKind::BlockDevice => FileType::BlockDevice,
-        FileKind::NamedPipe => FileType::NamedPipe,
-    }
-}
-
-fn file_attr(a: &Attr) -> FileAttr {
-    let t = time(a.mtime);
-    FileAttr {
-        ino: INodeNo(a.ino),
-        size: a.size,
-        blocks: a.blocks,
-        atime: t,
-        mtime: t,
-        ctime: t,
-        crtime: t,
-        kind: file_type(a.kind),
-        perm: a.perm,
-        nlink: a.nlink,
-        uid: a.uid,
-        gid: a.gid,
-        rdev: a.rdev,
-        blksize: a.blksize,
-        flags: 0,
-    }
-}
-
-impl Filesystem for Adapter {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // Ask for the largest read-ahead the kernel allows, up to max_read.
-        if let Err(max) = config.set_max_readahead(self.max_read) {
-            let _ = config.set_max_readahead(max);
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        if !self.answered && !self.session.leaving.load(Ordering::Relaxed) {
+            self.session.send(self.unique, libc::EIO, &[]);
         }
-        for cap in [
-            InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
-            InitFlags::FUSE_CACHE_SYMLINKS,
-            InitFlags::FUSE_PARALLEL_DIROPS,
-            InitFlags::FUSE_MAX_PAGES,
-        ] {
-            // Capabilities the kernel lacks are simply not used.
-            let _ = config.add_capabilities(cap);
+    }
+}
+
+impl Session {
+    /// Writes one reply: header and parts in one write, as the device requires.
+    /// `error` is a positive errno or 0.
+    fn send(&self, unique: u64, error: i32, parts: &[&[u8]]) {
+        let len = kernel::OUT_HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>();
+        let header = kernel::out_header(len, -error, unique);
+        let mut iov = Vec::with_capacity(parts.len() + 1);
+        iov.push(IoSlice::new(&header));
+        iov.extend(parts.iter().map(|p| IoSlice::new(p)));
+        match (&self.dev).write_vectored(&iov) {
+            Ok(n) if n == len => {}
+            Ok(n) => tracing::warn!(unique, n, len, "short FUSE reply"),
+            // ENOENT: the request was interrupted, or its caller is gone.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => tracing::debug!(unique, error = %e, "FUSE reply not delivered"),
         }
-        // Room for the kernel's read-ahead requests to be in flight together.
-        let _ = config.set_max_background(64);
-        // Depth 1: the backing files must be on a plain filesystem, and overlayfs can
-        // still stack on this mount.
-        let passthrough = self.passthrough.load(Ordering::Relaxed)
-            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
-            && config.set_max_stack_depth(1).is_ok();
-        self.passthrough.store(passthrough, Ordering::Relaxed);
-        Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let _timer = self.latency.start(Op::Lookup);
-        match self.fs.lookup(parent.0, name.as_bytes()) {
-            Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
-            // Node id 0 is ENOENT that the kernel may cache for the entry timeout: the
-            // layer never gains names, and containers probe many missing paths (PATH
-            // searches, the dynamic loader).
-            Err(Error::NotFound) => {
-                let mut attr = file_attr(&self.negative);
-                attr.ino = INodeNo(0);
-                reply.entry(&self.ttl, &attr, Generation(0));
+    fn ok(&self, unique: u64, data: &[u8]) {
+        self.send(unique, 0, &[data]);
+    }
+
+    fn err(&self, unique: u64, e: i32) {
+        if e != libc::ENOSYS && e != libc::ENODATA {
+            tracing::debug!(unique, errno = e, "FUSE error reply");
+        }
+        self.send(unique, e, &[]);
+    }
+
+    /// Reads and serves requests until the connection ends (unmount or abort).
+    fn serve(self: Arc<Self>) {
+        let mut buf = vec![0u8; REQUEST_BUFFER];
+        loop {
+            match (&self.dev).read(&mut buf) {
+                Ok(n) => self.dispatch(&buf[..n]),
+                Err(e) => match e.raw_os_error() {
+                    // Interrupted before we got it, or a signal: just read again.
+                    Some(libc::ENOENT | libc::EINTR | libc::EAGAIN) => {}
+                    // Unmounted or aborted: the connection is over.
+                    Some(libc::ENODEV) => return,
+                    _ => {
+                        tracing::warn!(error = %e, "reading /dev/fuse; this thread stops");
+                        return;
+                    }
+                },
             }
-            Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let _timer = self.latency.start(Op::Getattr);
-        match self.fs.getattr(ino.0) {
-            Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let _timer = self.latency.start(Op::Readlink);
-        match self.fs.readlink(ino.0) {
-            Ok(t) => reply.data(t.as_bytes()),
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _timer = self.latency.start(Op::Open);
-        let fh = match self.fs.open(ino.0, flags.0) {
-            Ok(fh) => FileHandle(fh),
-            Err(e) => return reply.error(errno(&e)),
+    fn dispatch(self: &Arc<Self>, buf: &[u8]) {
+        let Some((h, mut a)) = kernel::parse(buf) else {
+            tracing::warn!(len = buf.len(), "malformed FUSE request dropped");
+            return;
         };
-        let mut opens = lock(&self.opens);
-        match opens.get_mut(&ino.0) {
-            Some(Opens::Passthrough(id, n)) => {
-                *n += 1;
-                return reply.opened_passthrough(fh, FopenFlags::empty(), id);
-            }
-            Some(Opens::Cached(n)) => {
-                *n += 1;
-                return reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
-            }
-            None => {}
+        let u = h.unique;
+        if u & (1 << 63) != 0 {
+            tracing::debug!(opcode = h.opcode, nodeid = h.nodeid, "resent FUSE request");
         }
-        if self.passthrough.load(Ordering::Relaxed)
-            && let Some(file) = self.fs.passthrough_file(ino.0)
+        if h.opcode == op::INIT {
+            return self.init(u, &mut a);
+        }
+        if self.negotiated.get().is_none() {
+            return self.err(u, libc::EIO);
+        }
+        let ino = h.nodeid;
+        match h.opcode {
+            // Nothing is kept per lookup (inodes come from the TOC), and an interrupted
+            // read simply completes: none of these has a reply.
+            op::FORGET | op::BATCH_FORGET | op::INTERRUPT => {}
+            op::LOOKUP => {
+                let _t = self.latency.start(Op::Lookup);
+                let Some(name) = a.cstr() else {
+                    return self.err(u, libc::EINVAL);
+                };
+                let mut out = Vec::with_capacity(128);
+                match self.fs.lookup(ino, name) {
+                    Ok(attr) => kernel::entry_out(&mut out, Some(&attr), self.ttl),
+                    // Node id 0 is ENOENT that the kernel may cache for the entry
+                    // timeout: the layer never gains names, and containers probe many
+                    // missing paths (PATH searches, the dynamic loader).
+                    Err(Error::NotFound) => kernel::entry_out(&mut out, None, self.ttl),
+                    Err(e) => return self.err(u, errno(&e)),
+                }
+                self.ok(u, &out);
+            }
+            op::GETATTR => {
+                let _t = self.latency.start(Op::Getattr);
+                self.attr_reply(u, ino);
+            }
+            op::READLINK => {
+                let _t = self.latency.start(Op::Readlink);
+                match self.fs.readlink(ino) {
+                    Ok(t) => self.ok(u, t.as_bytes()),
+                    Err(e) => self.err(u, errno(&e)),
+                }
+            }
+            op::OPEN => {
+                let _t = self.latency.start(Op::Open);
+                let flags = a.u32().unwrap_or(0) as i32;
+                match self.fs.open(ino, flags) {
+                    Ok(fh) => self.opened(u, ino, fh),
+                    Err(e) => self.err(u, errno(&e)),
+                }
+            }
+            op::READ => self.read(u, ino, &mut a),
+            op::OPENDIR => {
+                let _t = self.latency.start(Op::Opendir);
+                let flags = a.u32().unwrap_or(0) as i32;
+                match self.fs.opendir(ino, flags) {
+                    Ok(fh) => self.ok(
+                        u,
+                        &kernel::open_out(
+                            fh,
+                            kernel::FOPEN_KEEP_CACHE | kernel::FOPEN_CACHE_DIR,
+                            0,
+                        ),
+                    ),
+                    Err(e) => self.err(u, errno(&e)),
+                }
+            }
+            op::READDIR | op::READDIRPLUS => self.readdir(u, ino, h.opcode, &mut a),
+            op::RELEASE => {
+                self.ok(u, &[]);
+                self.released(ino);
+            }
+            op::RELEASEDIR | op::DESTROY => self.ok(u, &[]),
+            // ENOSYS once and the kernel never sends them again: close(2) and fsync(2)
+            // then need no daemon, which matters while lazysnapd is being replaced.
+            op::FLUSH | op::FSYNC | op::FSYNCDIR => self.err(u, libc::ENOSYS),
+            op::STATFS => {
+                let _t = self.latency.start(Op::Statfs);
+                self.ok(u, &kernel::statfs_out(&self.fs.statfs()));
+            }
+            op::GETXATTR => {
+                let _t = self.latency.start(Op::Getxattr);
+                let size = a.u32().unwrap_or(0);
+                let _padding = a.u32();
+                let Some(name) = a.cstr() else {
+                    return self.err(u, libc::EINVAL);
+                };
+                self.xattr_reply(u, self.fs.getxattr(ino, name, size));
+            }
+            op::LISTXATTR => {
+                let _t = self.latency.start(Op::Listxattr);
+                let size = a.u32().unwrap_or(0);
+                self.xattr_reply(u, self.fs.listxattr(ino, size));
+            }
+            op::ACCESS => {
+                let _t = self.latency.start(Op::Access);
+                let mask = a.u32().unwrap_or(0) as i32;
+                // Permission bits are the kernel's job (default_permissions); writes
+                // are not.
+                match self.fs.getattr(ino) {
+                    Ok(_) if mask & libc::W_OK != 0 => self.err(u, libc::EROFS),
+                    Ok(_) => self.ok(u, &[]),
+                    Err(e) => self.err(u, errno(&e)),
+                }
+            }
+            // Everything that would change the layer.
+            op::SETATTR
+            | op::SYMLINK
+            | op::MKNOD
+            | op::MKDIR
+            | op::UNLINK
+            | op::RMDIR
+            | op::RENAME
+            | op::RENAME2
+            | op::LINK
+            | op::WRITE
+            | op::SETXATTR
+            | op::REMOVEXATTR
+            | op::CREATE
+            | op::TMPFILE
+            | op::FALLOCATE
+            | op::COPY_FILE_RANGE => self.err(u, errno(&self.fs.write_op())),
+            // Locks, ioctl, poll, lseek, statx, ...: the kernel falls back on its own.
+            _ => self.err(u, libc::ENOSYS),
+        }
+    }
+
+    fn init(&self, u: u64, a: &mut Args<'_>) {
+        let Some(i) = kernel::init_in(a) else {
+            return self.err(u, libc::EINVAL);
+        };
+        if i.major != 7 || i.minor < kernel::MIN_MINOR {
+            tracing::error!(
+                major = i.major,
+                minor = i.minor,
+                "FUSE protocol of this kernel not supported"
+            );
+            return self.err(u, libc::EPROTO);
+        }
+        let mut wanted = init::ASYNC_READ
+            | init::DO_READDIRPLUS
+            | init::READDIRPLUS_AUTO
+            | init::CACHE_SYMLINKS
+            | init::PARALLEL_DIROPS
+            | init::MAX_PAGES
+            | init::INIT_EXT;
+        let mut pt = self.passthrough();
+        if pt.enabled {
+            wanted |= init::PASSTHROUGH;
+        }
+        pt.enabled = i.flags & init::PASSTHROUGH != 0 && pt.enabled;
+        let passthrough = pt.enabled;
+        drop(pt);
+        let out = kernel::InitOut {
+            minor: i.minor.min(kernel::MAX_MINOR),
+            // The largest read-ahead the kernel allows, up to max_read.
+            max_readahead: i.max_readahead.min(self.max_read),
+            // Capabilities the kernel lacks are simply not used.
+            flags: wanted & i.flags,
+            // Room for the kernel's read-ahead requests to be in flight together.
+            max_background: MAX_BACKGROUND,
+            max_write: MAX_WRITE,
+            max_pages: (self.max_read / 4096).clamp(1, u16::MAX as u32) as u16,
+            // Depth 1: the backing files must be on a plain filesystem, and overlayfs
+            // can still stack on this mount.
+            max_stack_depth: u32::from(passthrough),
+        };
+        let _ = self.negotiated.set(Negotiated {
+            minor: out.minor,
+            kernel_flags: i.flags,
+            flags: out.flags,
+        });
+        self.ok(u, &kernel::init_out(&out));
+        if let Some(tx) = self.lock_init().take() {
+            let _ = tx.send(());
+        }
+    }
+
+    fn passthrough(&self) -> MutexGuard<'_, Passthrough> {
+        self.passthrough.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answers an open: through the inode's backing file if it has one or can get
+    /// one, through the page cache otherwise.
+    fn opened(&self, u: u64, ino: u64, fh: u64) {
+        let mut pt = self.passthrough();
+        if let Some(&id) = pt.backing.get(&ino) {
+            drop(pt);
+            return self.ok(
+                u,
+                &kernel::open_out(fh, kernel::FOPEN_PASSTHROUGH, id as i32),
+            );
+        }
+        if pt.enabled
+            && !pt.cached.contains_key(&ino)
+            && let Some(file) = self.fs.passthrough_file(ino)
         {
-            match reply.open_backing(&file) {
+            match backing_open(&self.dev, &file) {
                 Ok(id) => {
-                    reply.opened_passthrough(fh, FopenFlags::empty(), &id);
-                    opens.insert(ino.0, Opens::Passthrough(id, 1));
-                    return;
+                    let recorded = std::fs::File::options()
+                        .create(true)
+                        .append(true)
+                        .open(&pt.record)
+                        .and_then(|mut f| {
+                            writeln!(f, "{ino} {id}")?;
+                            f.sync_data()
+                        });
+                    if let Err(e) = recorded {
+                        // A successor would not know the id: opens of this inode that
+                        // outlive us would collide with its own. Not worth the risk.
+                        tracing::warn!(error = %e, path = %pt.record.display(),
+                            "cannot record a passthrough backing id; passthrough off for this mount");
+                        pt.enabled = false;
+                    } else {
+                        pt.backing.insert(ino, id);
+                        drop(pt);
+                        return self.ok(
+                            u,
+                            &kernel::open_out(fh, kernel::FOPEN_PASSTHROUGH, id as i32),
+                        );
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "FUSE passthrough unavailable; reading through the daemon");
-                    self.passthrough.store(false, Ordering::Relaxed);
+                    pt.enabled = false;
                 }
             }
         }
-        opens.insert(ino.0, Opens::Cached(1));
+        *pt.cached.entry(ino).or_default() += 1;
+        drop(pt);
         // Immutable content: the page cache stays valid across opens.
-        reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
+        self.ok(u, &kernel::open_out(fh, kernel::FOPEN_KEEP_CACHE, 0));
     }
 
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
+    /// The last page-cache close of a file wholly on disk makes a whole copy of it,
+    /// for passthrough on later opens.
+    fn released(&self, ino: u64) {
+        let mut pt = self.passthrough();
+        let Some(n) = pt.cached.get_mut(&ino) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            pt.cached.remove(&ino);
+            drop(pt);
+            self.fs.release(ino);
+        }
+    }
+
+    fn lock_init(&self) -> std::sync::MutexGuard<'_, Option<mpsc::Sender<()>>> {
+        self.init_done.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn attr_reply(&self, u: u64, ino: u64) {
+        match self.fs.getattr(ino) {
+            Ok(a) => self.ok(u, &kernel::attr_out(&a, self.ttl)),
+            Err(e) => self.err(u, errno(&e)),
+        }
+    }
+
+    fn xattr_reply(&self, u: u64, r: Result<XattrReply>) {
+        match r {
+            Ok(XattrReply::Size(n)) => self.ok(u, &kernel::xattr_size(n)),
+            Ok(XattrReply::Data(d)) => self.ok(u, &d),
+            Err(e) => self.err(u, errno(&e)),
+        }
+    }
+
+    fn read(self: &Arc<Self>, u: u64, ino: u64, a: &mut Args<'_>) {
         let timer = self.latency.start(Op::Read);
-        match self.fs.read_start(ino.0, offset, size) {
-            Ok(ReadStart::Ready(data)) => reply.data(&data),
+        let Some(r) = kernel::read_in(a) else {
+            return self.err(u, libc::EINVAL);
+        };
+        match self.fs.read_start(ino, r.offset, r.size) {
+            Ok(ReadStart::Ready(data)) => self.ok(u, &data),
             Ok(ReadStart::Fetch(pending)) => {
                 let fut = self.fs.read_fetch(pending);
+                let reply = Deferred {
+                    session: Arc::clone(self),
+                    unique: u,
+                    answered: false,
+                };
                 self.handle.spawn(async move {
                     match fut.await {
                         Ok(data) => reply.data(&data),
                         Err(e) => {
-                            tracing::warn!(ino = ino.0, offset, size, error = %e, "read failed");
+                            tracing::warn!(ino, offset = r.offset, size = r.size, error = %e, "read failed");
                             reply.error(errno(&e));
                         }
                     }
@@ -236,317 +522,46 @@ impl Filesystem for Adapter {
                     drop(timer);
                 });
             }
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => self.err(u, errno(&e)),
         }
     }
 
-    fn release(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        reply.ok();
-        let mut opens = lock(&self.opens);
-        let last = match opens.get_mut(&ino.0) {
-            Some(Opens::Cached(n) | Opens::Passthrough(_, n)) => {
-                *n -= 1;
-                *n == 0
-            }
-            None => false,
+    fn readdir(&self, u: u64, ino: u64, opcode: u32, a: &mut Args<'_>) {
+        let plus = opcode == op::READDIRPLUS;
+        let _t = self
+            .latency
+            .start(if plus { Op::Readdirplus } else { Op::Readdir });
+        let Some(r) = kernel::read_in(a) else {
+            return self.err(u, libc::EINVAL);
         };
-        if last {
-            // Dropping a backing id unregisters it; the kernel keeps its own reference
-            // for files still mapped.
-            let was = opens.remove(&ino.0);
-            drop(opens);
-            if matches!(was, Some(Opens::Cached(_))) {
-                self.fs.release(ino.0);
+        let limit = r.size as usize;
+        let entries = match self.fs.readdir(ino, r.offset) {
+            Ok(entries) => entries,
+            Err(e) => return self.err(u, errno(&e)),
+        };
+        let mut out = Vec::with_capacity(limit.min(64 << 10));
+        for e in entries {
+            let added = if plus {
+                kernel::direntplus(&mut out, limit, &e.attr, e.offset, e.name, self.ttl)
+            } else {
+                kernel::dirent(&mut out, limit, e.attr.ino, e.offset, e.attr.mode(), e.name)
+            };
+            if !added {
+                break;
             }
         }
-    }
-
-    fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _timer = self.latency.start(Op::Opendir);
-        match self.fs.opendir(ino.0, flags.0) {
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
-        let _timer = self.latency.start(Op::Readdir);
-        match self.fs.readdir(ino.0, offset) {
-            Ok(entries) => {
-                for e in entries {
-                    let kind = file_type(e.attr.kind);
-                    if reply.add(INodeNo(e.attr.ino), e.offset, kind, e.name) {
-                        break;
-                    }
-                }
-                reply.ok();
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        let _timer = self.latency.start(Op::Readdirplus);
-        match self.fs.readdir(ino.0, offset) {
-            Ok(entries) => {
-                for e in entries {
-                    let attr = file_attr(&e.attr);
-                    if reply.add(attr.ino, e.offset, e.name, &self.ttl, &attr, Generation(0)) {
-                        break;
-                    }
-                }
-                reply.ok();
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        reply.ok();
-    }
-
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let _timer = self.latency.start(Op::Statfs);
-        let s = self.fs.statfs();
-        reply.statfs(
-            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
-        );
-    }
-
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let _timer = self.latency.start(Op::Getxattr);
-        match self.fs.getxattr(ino.0, name.as_bytes(), size) {
-            Ok(XattrReply::Size(n)) => reply.size(n),
-            Ok(XattrReply::Data(d)) => reply.data(&d),
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let _timer = self.latency.start(Op::Listxattr);
-        match self.fs.listxattr(ino.0, size) {
-            Ok(XattrReply::Size(n)) => reply.size(n),
-            Ok(XattrReply::Data(d)) => reply.data(&d),
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        let _timer = self.latency.start(Op::Access);
-        // Permission bits are the kernel's job (default_permissions); writes are not.
-        match self.fs.getattr(ino.0) {
-            Ok(_) if mask.contains(AccessFlags::W_OK) => reply.error(Errno::EROFS),
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    // Everything below would change the layer.
-
-    fn setattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        reply.error(errno(&self.fs.write_op()));
-    }
-
-    fn mknod(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(errno(&self.fs.write_op()));
-    }
-
-    fn mkdir(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(errno(&self.fs.write_op()));
-    }
-
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(&self.fs.write_op()));
-    }
-
-    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(&self.fs.write_op()));
-    }
-
-    fn symlink(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _link_name: &OsStr,
-        _target: &Path,
-        reply: ReplyEntry,
-    ) {
-        reply.error(errno(&self.fs.write_op()));
-    }
-
-    fn rename(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        _flags: RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(errno(&self.fs.write_op()));
-    }
-
-    fn link(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
-        reply.error(errno(&self.fs.write_op()));
-    }
-
-    fn write(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        reply.error(errno(&self.fs.write_op()));
-    }
-
-    fn setxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(errno(&self.fs.write_op()));
-    }
-
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(&self.fs.write_op()));
-    }
-
-    fn create(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _flags: i32,
-        reply: ReplyCreate,
-    ) {
-        reply.error(errno(&self.fs.write_op()));
-    }
-
-    fn fallocate(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(errno(&self.fs.write_op()));
-    }
-
-    fn copy_file_range(
-        &self,
-        _req: &Request,
-        _ino_in: INodeNo,
-        _fh_in: FileHandle,
-        _offset_in: u64,
-        _ino_out: INodeNo,
-        _fh_out: FileHandle,
-        _offset_out: u64,
-        _len: u64,
-        _flags: CopyFileRangeFlags,
-        reply: ReplyWrite,
-    ) {
-        reply.error(errno(&self.fs.write_op()));
+        self.ok(u, &out);
     }
 }
 
-/// A layer mounted with FUSE. Unmounted by [`MountedLayer::unmount`] or, failing that,
-/// lazily detached on drop.
+/// A layer mounted with FUSE. Unmounted by [`MountedLayer::unmount`], left to a
+/// successor by [`MountedLayer::leave`], or, failing both, lazily detached on drop.
 pub struct MountedLayer {
     fs: Arc<LayerFs>,
     latency: Arc<OpLatencies>,
     mountpoint: PathBuf,
-    session: Option<fuser::BackgroundSession>,
+    session: Option<Arc<Session>>,
+    threads: Vec<JoinHandle<()>>,
     fetch_task: Option<tokio::task::JoinHandle<()>>,
     mounted: bool,
 }
@@ -581,15 +596,14 @@ pub fn mount(
         source,
     };
     let mountpoint = mountpoint.canonicalize().map_err(mount_err)?;
-    let dev: OwnedFd = std::fs::OpenOptions::new()
+    let dev = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/fuse")
-        .map_err(mount_err)?
-        .into();
+        .map_err(mount_err)?;
     let options = format!(
         "fd={},rootmode={:o},user_id=0,group_id=0,default_permissions,allow_other,max_read={}",
-        dev.as_raw_fd(),
+        std::os::fd::AsRawFd::as_raw_fd(&dev),
         libc::S_IFDIR,
         config.max_read
     );
@@ -602,35 +616,157 @@ pub fn mount(
         Some(options.as_str()),
     )
     .map_err(|e| mount_err(e.into()))?;
-    let latency = Arc::new(OpLatencies::default());
-    let mut mounted = MountedLayer {
-        fs: Arc::clone(&fs),
-        latency: Arc::clone(&latency),
-        mountpoint: mountpoint.clone(),
-        session: None,
-        fetch_task: None,
-        mounted: true,
+    let (tx, rx) = mpsc::channel();
+    // On error `mounted` drops and unmounts.
+    let mounted = start(fs, mountpoint.clone(), dev, handle, &config, None, Some(tx))?;
+    if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+        return Err(mount_err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the kernel's FUSE handshake did not complete",
+        )));
+    }
+    raise_bdi_readahead(&mountpoint, config.max_read);
+    Ok(mounted)
+}
+
+/// Serves a connection that another process mounted and initialised: `dev` is its
+/// `/dev/fuse` fd and `handover` what [`MountedLayer::handover`] said about it. The
+/// kernel is asked to resend every request the other process read but did not answer.
+/// Fails, leaving the mount alone, if `mountpoint` no longer holds that connection.
+pub fn adopt(
+    layer: Arc<estargz::Layer>,
+    mountpoint: &Path,
+    dev: OwnedFd,
+    handover: &Handover,
+    cache: &SharedCache,
+    handle: Handle,
+    config: FsConfig,
+) -> Result<MountedLayer> {
+    // Only the parent is resolved: resolving the mountpoint itself would ask the
+    // filesystem, which nobody serves until we do.
+    let mountpoint = match (mountpoint.parent(), mountpoint.file_name()) {
+        (Some(parent), Some(name)) => parent
+            .canonicalize()
+            .map(|p| p.join(name))
+            .unwrap_or_else(|_| mountpoint.to_path_buf()),
+        _ => mountpoint.to_path_buf(),
     };
-    let adapter = Adapter {
-        opens: Mutex::new(HashMap::new()),
-        passthrough: AtomicBool::new(config.passthrough),
-        negative: fs.getattr(1)?,
+    if mount_device(&mountpoint).as_deref() != Some(handover.device.as_str()) {
+        return Err(Error::Mount {
+            path: mountpoint,
+            source: std::io::Error::other(
+                "the FUSE connection held for this path is no longer mounted there",
+            ),
+        });
+    }
+    let fs = Arc::new(LayerFs::new(
+        layer,
+        cache.clone(),
+        handle.clone(),
+        config.clone(),
+    )?);
+    let negotiated = Negotiated {
+        minor: handover.proto_minor,
+        kernel_flags: handover.kernel_flags,
+        flags: handover.flags,
+    };
+    let mut mounted = start(
+        fs,
+        mountpoint,
+        File::from(dev),
+        handle,
+        &config,
+        Some(negotiated),
+        None,
+    )?;
+    if let Some(session) = &mounted.session {
+        if handover.kernel_flags & init::HAS_RESEND != 0 {
+            (&session.dev)
+                .write_all(&kernel::notify_resend())
+                .map_err(|source| Error::Mount {
+                    path: mounted.mountpoint.clone(),
+                    source,
+                })?;
+        } else {
+            tracing::warn!(mountpoint = %mounted.mountpoint.display(),
+                "this kernel cannot resend requests (Linux < 6.9): reads in flight during the handover hang");
+        }
+    }
+    // The successor does not own the mount until it says so (the caller may still
+    // decide to leave it), but a failure from here on must not unmount it either.
+    mounted.mounted = true;
+    Ok(mounted)
+}
+
+/// Starts the FUSE threads and the layer's fetch tasks on an open connection.
+fn start(
+    fs: Arc<LayerFs>,
+    mountpoint: PathBuf,
+    dev: File,
+    handle: Handle,
+    config: &FsConfig,
+    negotiated: Option<Negotiated>,
+    init_done: Option<mpsc::Sender<()>>,
+) -> Result<MountedLayer> {
+    let latency = Arc::new(OpLatencies::default());
+    let record = backing_record(&mountpoint);
+    let passthrough = match negotiated {
+        // A connection taken over: passthrough as the kernel agreed to at INIT, with
+        // the backing ids the previous daemon registered.
+        // No new ids, though: opens through the page cache from before the handover
+        // are unknown here, and the kernel fails a passthrough open of such an inode.
+        Some(_) => Passthrough {
+            enabled: false,
+            backing: read_backing_record(&record),
+            cached: HashMap::new(),
+            record,
+        },
+        // A new connection: ids recorded for an earlier one mean nothing to it.
+        None => {
+            let _ = std::fs::remove_file(&record);
+            Passthrough {
+                enabled: config.passthrough,
+                backing: HashMap::new(),
+                cached: HashMap::new(),
+                record,
+            }
+        }
+    };
+    let session = Arc::new(Session {
         fs: Arc::clone(&fs),
+        dev,
         handle: handle.clone(),
         ttl: config.attr_timeout,
         max_read: config.max_read,
+        latency: Arc::clone(&latency),
+        negotiated: OnceLock::new(),
+        init_done: Mutex::new(init_done),
+        leaving: AtomicBool::new(false),
+        passthrough: Mutex::new(passthrough),
+    });
+    if let Some(n) = negotiated {
+        let _ = session.negotiated.set(n);
+    }
+    let mut mounted = MountedLayer {
+        fs: Arc::clone(&fs),
         latency,
+        mountpoint,
+        session: Some(Arc::clone(&session)),
+        threads: Vec::new(),
+        fetch_task: None,
+        mounted: true,
     };
-    let mut fc = fuser::Config::default();
-    fc.n_threads = Some(config.fuse_threads);
-    fc.clone_fd = true;
-    // On error `mounted` drops and unmounts.
-    let session = fuser::Session::from_fd(adapter, dev, SessionACL::All, fc)
-        .and_then(fuser::Session::spawn)
-        .map_err(mount_err)?;
-    mounted.session = Some(session);
-    raise_bdi_readahead(&mountpoint, config.max_read);
-
+    for i in 0..config.fuse_threads {
+        let s = Arc::clone(&session);
+        let thread = std::thread::Builder::new()
+            .name(format!("fuse-{i}"))
+            .spawn(move || s.serve())
+            .map_err(|source| Error::Mount {
+                path: mounted.mountpoint.clone(),
+                source,
+            })?;
+        mounted.threads.push(thread);
+    }
     let fetcher = Arc::clone(fs.fetcher());
     let (prefetch, background) = (config.prefetch, config.background_fetch);
     mounted.fetch_task = Some(handle.spawn(async move {
@@ -646,19 +782,43 @@ pub fn mount(
     Ok(mounted)
 }
 
-/// The kernel sizes page-cache read-ahead from the mount's bdi, which FUSE's INIT can
-/// only lower; raise it to what we asked for. Best effort.
-fn raise_bdi_readahead(mountpoint: &Path, max_read: u32) {
-    let Ok(meta) = std::fs::metadata(mountpoint) else {
-        return;
-    };
-    let dev = meta.dev();
-    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
-    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
-    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
-    if let Err(e) = std::fs::write(&path, format!("{}", max_read / 1024)) {
-        tracing::debug!(%path, error = %e, "cannot raise read-ahead");
+/// The `major:minor` of the FUSE mount at `path`, from mountinfo: a stat would ask
+/// the filesystem, which nobody may be serving yet.
+pub fn mount_device(path: &Path) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_str()?;
+    table
+        .lines()
+        .rev()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let fields: Vec<&str> = left.split(' ').collect();
+            let fstype = right.split(' ').next()?;
+            (fstype.starts_with("fuse") && unescape(fields.get(4)?) == want)
+                .then(|| fields.get(2).map(|s| s.to_string()))?
+        })
+        // The topmost of stacked mounts (listed last) is the one path lookups reach.
+        .next()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
     }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl MountedLayer {
@@ -677,6 +837,37 @@ impl MountedLayer {
             op_latency: self.latency.snapshot(),
             ..self.fs.stats()
         }
+    }
+
+    /// A duplicate of the connection's fd and what a successor needs to serve it with
+    /// [`adopt`]; None before INIT completed or after unmounting.
+    pub fn handover(&self) -> Option<(OwnedFd, Handover)> {
+        let session = self.session.as_ref().filter(|_| self.mounted)?;
+        let n = session.negotiated.get()?;
+        let device = mount_device(&self.mountpoint)?;
+        let fd = session.dev.try_clone().ok()?;
+        Some((
+            fd.into(),
+            Handover {
+                proto_minor: n.minor,
+                kernel_flags: n.kernel_flags,
+                flags: n.flags,
+                device,
+            },
+        ))
+    }
+
+    /// Stops serving without unmounting: requests this process has not answered stay
+    /// with the kernel for a successor that [`adopt`]s the connection. The FUSE
+    /// threads keep answering until the process exits.
+    pub fn leave(mut self) {
+        if let Some(session) = &self.session {
+            session.leaving.store(true, Ordering::Relaxed);
+        }
+        self.stop_fetching();
+        self.mounted = false;
+        // Not joined: they block in read(2) until the process exits.
+        self.threads.clear();
     }
 
     /// Resolves once the prioritized range has been fetched (or failed, or there was
@@ -706,7 +897,7 @@ impl MountedLayer {
         })?;
         self.mounted = false;
         self.stop_fetching();
-        self.join_session();
+        self.join_threads();
         Ok(())
     }
 
@@ -716,24 +907,22 @@ impl MountedLayer {
         }
     }
 
-    /// Waits briefly for the session threads, which end when the kernel closes the
+    /// Waits briefly for the FUSE threads, which end when the kernel closes the
     /// connection. An overlay still holding the layer keeps it open; then they end
     /// when it lets go, without us.
-    fn join_session(&mut self) {
-        let Some(session) = self.session.take() else {
-            return;
-        };
+    fn join_threads(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(2);
-        while !session.guard.is_finished() && Instant::now() < deadline {
+        while self.threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        if session.guard.is_finished() {
-            if let Err(e) = session.join() {
-                tracing::debug!(error = %e, "FUSE session ended with an error");
+        if self.threads.iter().all(|t| t.is_finished()) {
+            for t in self.threads.drain(..) {
+                let _ = t.join();
             }
         } else {
             tracing::debug!(mountpoint = %self.mountpoint.display(),
                 "FUSE connection still in use; its threads end when it is released");
+            self.threads.clear();
         }
     }
 }
@@ -750,7 +939,22 @@ impl Drop for MountedLayer {
             self.mounted = false;
             self.stop_fetching();
             // Not joined: the threads end once the last user of the detached mount goes.
-            drop(self.session.take());
+            self.threads.clear();
         }
+    }
+}
+
+/// The kernel sizes page-cache read-ahead from the mount's bdi, which FUSE's INIT can
+/// only lower; raise it to what we asked for. Best effort.
+fn raise_bdi_readahead(mountpoint: &Path, max_read: u32) {
+    let Ok(meta) = std::fs::metadata(mountpoint) else {
+        return;
+    };
+    let dev = meta.dev();
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, format!("{}", max_read / 1024)) {
+        tracing::debug!(%path, error = %e, "cannot raise read-ahead");
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! - [`LayerFs`]: the core (inodes, attributes, directories, xattrs, reads) with no FUSE
 //!   in it, unit-tested without root.
-//! - [`mount`] / [`MountedLayer`]: the `fuser` edge and the mount's lifetime.
+//! - [`mount`] / [`MountedLayer`] / [`adopt`]: the FUSE edge (our own protocol loop over
+//!   `/dev/fuse`), the mount's lifetime and its handover to a successor process.
 //! - [`SharedCache`]: the daemon-wide chunk cache (memory and disk, bounded in bytes,
 //!   keyed by chunk digest, verified on load).
 //!
@@ -22,6 +23,7 @@ mod fetch;
 mod fuse;
 mod heap;
 mod histogram;
+mod kernel;
 mod lru;
 mod stats;
 #[cfg(test)]
@@ -34,6 +36,6 @@ pub use core::{
     XattrReply,
 };
 pub use error::{Error, Result};
-pub use fuse::{MountedLayer, mount};
+pub use fuse::{Handover, MountedLayer, adopt, mount, mount_device};
 pub use histogram::OpHistogram;
 pub use stats::Stats;

@@ -43,6 +43,12 @@ impl Credentials {
         &self.secret
     }
 
+    /// The secret itself, for a keychain that must keep it across restarts (in a
+    /// root-only file); never for logs.
+    pub fn expose_secret(&self) -> &str {
+        &self.secret
+    }
+
     pub(crate) fn is_identity_token(&self) -> bool {
         self.username == IDENTITY_TOKEN_USER
     }

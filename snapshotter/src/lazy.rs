@@ -1,11 +1,19 @@
 //! The real `RemoteMounter`: finds a layer in its registry, checks its TOC against the
 //! digest the image published, and serves it with FUSE.
+//!
+//! With an fd holder, every connection it mounts is also handed to the holder, and a
+//! connection the holder kept from an earlier daemon is taken over (served again
+//! without unmounting) instead of remounted, so running containers never notice.
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use serde_json::json;
+
 use crate::fsutil;
+use crate::holder::HolderClient;
 use crate::remote::{MountFuture, MountedInfo, RemoteLayer, RemoteMounter};
 
 pub struct FuseMounter {
@@ -17,6 +25,10 @@ pub struct FuseMounter {
     /// (`stargz.skipverify`); off by default, as in stargz-snapshotter.
     allow_no_verification: bool,
     mounts: Mutex<HashMap<PathBuf, Served>>,
+    holder: Option<HolderClient>,
+    /// Connections the holder kept from an earlier daemon, until their snapshot is
+    /// served again (taken over) or removed.
+    held: Mutex<HashMap<PathBuf, HeldConnection>>,
 }
 
 /// A layer this process serves, and where it came from.
@@ -24,6 +36,41 @@ struct Served {
     mounted: fusefs::MountedLayer,
     layer_digest: String,
     image_ref: String,
+    /// The holder has its connection: at shutdown it is left to the next daemon.
+    handed_over: bool,
+}
+
+struct HeldConnection {
+    handover: fusefs::Handover,
+    fd: OwnedFd,
+}
+
+/// What the holder keeps next to each fd: what `fusefs::adopt` needs, and the layer
+/// for the logs.
+fn handover_meta(h: &fusefs::Handover, layer: &RemoteLayer) -> String {
+    json!({
+        "version": 1,
+        "proto_minor": h.proto_minor,
+        "kernel_flags": h.kernel_flags,
+        "flags": h.flags,
+        "device": h.device,
+        "layer_digest": layer.layer_digest,
+        "image_ref": layer.image_ref,
+    })
+    .to_string()
+}
+
+fn parse_handover_meta(meta: &str) -> Option<fusefs::Handover> {
+    let v: serde_json::Value = serde_json::from_str(meta).ok()?;
+    if v["version"] != json!(1) {
+        return None;
+    }
+    Some(fusefs::Handover {
+        proto_minor: u32::try_from(v["proto_minor"].as_u64()?).ok()?,
+        kernel_flags: v["kernel_flags"].as_u64()?,
+        flags: v["flags"].as_u64()?,
+        device: v["device"].as_str()?.to_string(),
+    })
 }
 
 /// One mounted layer, for status and metrics.
@@ -58,6 +105,69 @@ impl FuseMounter {
             handle,
             allow_no_verification,
             mounts: Mutex::new(HashMap::new()),
+            holder: None,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Hands every connection mounted from now on to `holder`, and takes what it kept
+    /// from an earlier daemon, to be served again when its snapshot is restored.
+    pub fn with_holder(mut self, holder: HolderClient) -> std::io::Result<FuseMounter> {
+        let mut held = HashMap::new();
+        for h in holder.list()? {
+            match parse_handover_meta(&h.meta) {
+                Some(handover) => {
+                    held.insert(PathBuf::from(&h.key), HeldConnection { handover, fd: h.fd });
+                }
+                None => {
+                    tracing::warn!(mountpoint = %h.key, "the fd holder's entry is not understood; dropping it");
+                    let _ = holder.forget(&h.key);
+                }
+            }
+        }
+        if !held.is_empty() {
+            tracing::info!(
+                connections = held.len(),
+                "the fd holder kept FUSE connections of an earlier lazysnapd; taking them over"
+            );
+        }
+        self.held = Mutex::new(held);
+        self.holder = Some(holder);
+        Ok(self)
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashMap<PathBuf, HeldConnection>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Connections kept from an earlier daemon that are not served yet (their layer
+    /// could not be opened so far): reads on them wait.
+    pub fn held_waiting(&self) -> usize {
+        self.held().len()
+    }
+
+    /// Lets go of held connections whose snapshot is gone (removed by a daemon that
+    /// died before it unmounted): their mounts serve no one.
+    pub fn release_unclaimed(&self, snapshots: &[PathBuf]) {
+        let unclaimed: Vec<PathBuf> = self
+            .held()
+            .keys()
+            .filter(|k| !snapshots.contains(k))
+            .cloned()
+            .collect();
+        for mountpoint in unclaimed {
+            tracing::info!(path = %mountpoint.display(), "held FUSE connection of no snapshot; unmounting it");
+            self.held().remove(&mountpoint);
+            let _ = fsutil::unmount_detach(&mountpoint);
+            self.forget_held(&mountpoint);
+        }
+    }
+
+    fn forget_held(&self, mountpoint: &Path) {
+        if let Some(holder) = &self.holder
+            && let Err(e) = holder.forget(&mountpoint.to_string_lossy())
+        {
+            tracing::warn!(path = %mountpoint.display(), error = %e, "the fd holder did not let go");
         }
     }
 
@@ -92,12 +202,77 @@ impl FuseMounter {
             .collect()
     }
 
-    /// Unmounts every layer (daemon shutdown): nothing is left mounted after exit.
+    /// Unmounts every layer: nothing is left mounted after exit.
     pub fn unmount_all(&self) {
         let drained: Vec<_> = self.mounts().drain().collect();
         for (path, mut served) in drained {
             if let Err(e) = served.mounted.unmount() {
                 tracing::warn!(path = %path.display(), error = %e, "unmount failed");
+            }
+            self.forget_held(&path);
+        }
+    }
+
+    /// Daemon shutdown with an fd holder: layers the holder has stay mounted, their
+    /// requests left for the next daemon; the others are unmounted, as they would be
+    /// dead without us.
+    pub fn leave_all(&self) {
+        let drained: Vec<_> = self.mounts().drain().collect();
+        let mut left = 0;
+        for (path, mut served) in drained {
+            if served.handed_over {
+                served.mounted.leave();
+                left += 1;
+            } else if let Err(e) = served.mounted.unmount() {
+                tracing::warn!(path = %path.display(), error = %e, "unmount failed");
+            }
+        }
+        tracing::info!(
+            layers = left,
+            "lazily mounted layers left mounted for the next lazysnapd (the fd holder keeps them)"
+        );
+    }
+
+    /// Takes over a connection the holder kept, if there is one for `mountpoint`.
+    /// Err means there was one and it could not be served (it is then dropped).
+    async fn take_over(
+        &self,
+        layer: &RemoteLayer,
+        opened: &Arc<estargz::Layer>,
+        mountpoint: &Path,
+    ) -> Result<Option<fusefs::MountedLayer>, String> {
+        let Some(held) = self.held().remove(mountpoint) else {
+            return Ok(None);
+        };
+        let (opened, cache, handle, config, path) = (
+            Arc::clone(opened),
+            self.cache.clone(),
+            self.handle.clone(),
+            self.config.clone(),
+            mountpoint.to_path_buf(),
+        );
+        let adopted = tokio::task::spawn_blocking(move || {
+            fusefs::adopt(
+                opened,
+                &path,
+                held.fd,
+                &held.handover,
+                &cache,
+                handle,
+                config,
+            )
+        })
+        .await
+        .map_err(|e| format!("take-over task: {e}"))?;
+        match adopted {
+            Ok(mounted) => {
+                tracing::info!(path = %mountpoint.display(), layer = %layer.layer_digest,
+                    "took over the FUSE connection an earlier lazysnapd left: running containers keep their mount");
+                Ok(Some(mounted))
+            }
+            Err(e) => {
+                self.forget_held(mountpoint);
+                Err(e.to_string())
             }
         }
     }
@@ -192,6 +367,26 @@ impl FuseMounter {
     }
 }
 
+impl FuseMounter {
+    fn insert(
+        &self,
+        mountpoint: &Path,
+        mounted: fusefs::MountedLayer,
+        layer: &RemoteLayer,
+        handed_over: bool,
+    ) {
+        let served = Served {
+            mounted,
+            layer_digest: layer.layer_digest.clone(),
+            image_ref: layer.image_ref.clone(),
+            handed_over,
+        };
+        if let Some(mut previous) = self.mounts().insert(mountpoint.to_path_buf(), served) {
+            let _ = previous.mounted.unmount();
+        }
+    }
+}
+
 impl RemoteMounter for FuseMounter {
     fn mount<'a>(&'a self, layer: &'a RemoteLayer, mountpoint: &'a Path) -> MountFuture<'a> {
         Box::pin(async move {
@@ -203,6 +398,15 @@ impl RemoteMounter for FuseMounter {
                     .sum(),
                 entries: index.len() as u64,
             };
+            match self.take_over(layer, &opened, mountpoint).await {
+                Ok(Some(mounted)) => {
+                    self.insert(mountpoint, mounted, layer, true);
+                    return Ok(info);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(path = %mountpoint.display(), error = %e,
+                    "cannot take over the held FUSE connection; remounting (running containers lose it)"),
+            }
             // A FUSE mount left behind by a daemon that died is dead (ENOTCONN): detach it.
             for stale in fsutil::mounts_under(mountpoint) {
                 let _ = fsutil::unmount_detach(&stale);
@@ -213,21 +417,32 @@ impl RemoteMounter for FuseMounter {
                 self.config.clone(),
                 mountpoint.to_path_buf(),
             );
-            // Mounting waits for the kernel's handshake: keep it off the async threads.
-            let mounted = tokio::task::spawn_blocking(move || {
-                fusefs::mount(opened, &path, &cache, handle, config)
+            let holder = self.holder.clone();
+            let layer_meta = layer.clone();
+            // Mounting waits for the kernel's handshake, and the holder is a blocking
+            // socket: keep both off the async threads.
+            let (mounted, handed_over) = tokio::task::spawn_blocking(move || {
+                let mounted = fusefs::mount(opened, &path, &cache, handle, config)?;
+                let handed_over = holder.is_some_and(|holder| {
+                    let Some((fd, handover)) = mounted.handover() else {
+                        return false;
+                    };
+                    let meta = handover_meta(&handover, &layer_meta);
+                    match holder.put(&path.to_string_lossy(), &meta, fd.as_fd()) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!(path = %path.display(), error = %e,
+                                "the fd holder did not take the connection: containers on this layer will not survive a restart");
+                            false
+                        }
+                    }
+                });
+                Ok::<_, fusefs::Error>((mounted, handed_over))
             })
             .await
             .map_err(|e| format!("mount task: {e}"))?
             .map_err(|e| format!("FUSE mount at {}: {e}", mountpoint.display()))?;
-            let served = Served {
-                mounted,
-                layer_digest: layer.layer_digest.clone(),
-                image_ref: layer.image_ref.clone(),
-            };
-            if let Some(mut previous) = self.mounts().insert(mountpoint.to_path_buf(), served) {
-                let _ = previous.mounted.unmount();
-            }
+            self.insert(mountpoint, mounted, layer, handed_over);
             Ok(info)
         })
     }
@@ -239,6 +454,12 @@ impl RemoteMounter for FuseMounter {
         {
             tracing::warn!(path = %mountpoint.display(), error = %e, "unmount failed");
         }
+        // A connection still held from an earlier daemon and never taken over: its
+        // mount is of no use to anyone now.
+        if self.held().remove(mountpoint).is_some() {
+            let _ = fsutil::unmount_detach(mountpoint);
+        }
+        self.forget_held(mountpoint);
     }
 
     fn is_mounted(&self, mountpoint: &Path) -> bool {

@@ -4,6 +4,7 @@ pub mod client;
 mod error;
 pub mod filter;
 pub mod fsutil;
+pub mod holder;
 pub mod lazy;
 pub mod proto;
 pub mod remote;

@@ -64,20 +64,25 @@ impl SnapshotService {
 
     /// Remounts every lazily pulled snapshot, e.g. after a restart. A layer that cannot
     /// be mounted now (registry unreachable) is logged and restored on first use instead.
-    pub async fn restore_all(&self) {
-        let Some(remote) = &self.remote else { return };
+    /// Returns the mountpoints of the remote snapshots (None if they could not be
+    /// listed), so the caller can tell what no snapshot claims any more.
+    pub async fn restore_all(&self) -> Option<Vec<std::path::PathBuf>> {
+        let remote = self.remote.as_ref()?;
         let snapshots = match self.run("restore", |s| s.remote_snapshots()).await {
             Ok(list) => list,
             Err(e) => {
                 tracing::error!(error = %e, "listing remote snapshots to restore");
-                return;
+                return None;
             }
         };
+        let mut mountpoints = Vec::with_capacity(snapshots.len());
         for snapshot in snapshots {
             if let Err(e) = self.serve(remote, &snapshot).await {
                 tracing::warn!(snapshot = %snapshot.name, error = %e.message(), "not restored now; will retry on first use");
             }
+            mountpoints.push(snapshot.mountpoint);
         }
+        Some(mountpoints)
     }
 
     /// Makes sure a remote snapshot's layer is mounted, mounting it from its labels if not.

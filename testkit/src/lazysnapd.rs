@@ -58,6 +58,31 @@ impl Lazysnapd {
         self.envs.push((key.to_string(), value.to_string()));
     }
 
+    /// Runs another binary on the next `restart`: an upgrade.
+    pub fn set_binary(&mut self, binary: &Path) {
+        self.binary = binary.to_path_buf();
+    }
+
+    /// `lazysnapd --unmount-all` on this root: stops the fd holder and unmounts what it
+    /// kept alive. The daemon must be stopped.
+    pub fn unmount_all(&self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--root")
+            .arg(&self.root)
+            .arg("--address")
+            .arg(&self.address)
+            .arg("--unmount-all")
+            .args(&self.extra_args);
+        let out = crate::process::run_with_timeout(cmd, Duration::from_secs(30))?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "lazysnapd --unmount-all failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// Starts the daemon again (after `stop` or `kill`) on the same root and socket.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         if self.process.is_some() {
@@ -122,6 +147,10 @@ impl Drop for Lazysnapd {
     fn drop(&mut self) {
         if self.process.is_some() {
             let _ = self.stop();
+        }
+        // The fd holder it started outlives it by design: stop it the operator's way.
+        if let Err(e) = self.unmount_all() {
+            eprintln!("{e:#}");
         }
         // Whatever a crashed daemon left mounted under its root must not outlive the test.
         for mount_point in crate::containerd::mounts_under(&self.root) {

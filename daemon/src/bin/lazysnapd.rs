@@ -27,10 +27,27 @@ struct Args {
     /// Log level (overrides the config file; RUST_LOG overrides both).
     #[arg(long)]
     log_level: Option<String>,
+    /// With lazysnapd stopped: stop the fd holder and unmount every lazily mounted layer
+    /// it kept alive (running containers on them lose them), then exit.
+    #[arg(long)]
+    unmount_all: bool,
+    /// Run as the fd holder on this socket (lazysnapd starts it itself).
+    #[arg(long, hide = true)]
+    hold_fds: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(socket) = &args.hold_fds {
+        // Before anything else: the holder holds fds and nothing more.
+        return match snapshotter::holder::serve(socket) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lazysnapd fd holder: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let config = match load_config(&args) {
         Ok(config) => config,
         Err(e) => {
@@ -39,6 +56,15 @@ fn main() -> std::process::ExitCode {
         }
     };
     init_logging(&config.log_level);
+    if args.unmount_all {
+        return match daemon::server::unmount_all(&config) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lazysnapd: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
