@@ -60,8 +60,9 @@ pub(crate) struct Fetcher {
     readahead_slots: Arc<Semaphore>,
     pub(crate) prefetch_done: watch::Sender<bool>,
     pub(crate) background_done: watch::Sender<bool>,
-    /// Every chunk in blob order, for the neighbour fetch; built on the first miss.
-    by_offset: OnceLock<Vec<(NodeId, Chunk)>>,
+    /// Every chunk in blob order as (file, chunk of the file), for the neighbour fetch;
+    /// built on the first miss. 8 bytes a chunk, not a copy of the chunk (80).
+    by_offset: OnceLock<Vec<(NodeId, u32)>>,
     /// Whole-file copies being written, by key; the count lets callers wait for them.
     assembling: Mutex<HashSet<Digest>>,
     /// Disk writes under way (fetched chunks, whole copies), so callers can wait for the
@@ -197,23 +198,35 @@ impl Fetcher {
         if window == 0 {
             return;
         }
+        let index = self.layer.index();
+        let chunk = |&(node, k): &(NodeId, u32)| index.entry(node).chunks()[k as usize];
         let table = self.by_offset.get_or_init(|| {
-            let mut all = self.all_chunks();
-            all.retain(|(_, c)| !c.zeros);
-            all.sort_by_key(|(_, c)| (c.comp_offset, c.inner_offset));
+            let mut all: Vec<(NodeId, u32)> = Vec::new();
+            for id in 0..index.len() {
+                let e = index.entry(NodeId(id as u32));
+                if e.kind() == EntryKind::Reg && e.hardlink_target().is_none() {
+                    let real = e.chunks().iter().enumerate().filter(|(_, c)| !c.zeros);
+                    all.extend(real.map(|(k, _)| (e.id(), k as u32)));
+                }
+            }
+            all.sort_by_key(|at| {
+                let c = chunk(at);
+                (c.comp_offset, c.inner_offset)
+            });
             all
         });
         let limit = end.saturating_add(window);
         let mut leads = Vec::new();
-        let first = table.partition_point(|(_, c)| c.comp_offset < end);
-        for (node, c) in table[first..].iter() {
+        let first = table.partition_point(|at| chunk(at).comp_offset < end);
+        for at in &table[first..] {
+            let (node, c) = (at.0, &chunk(at));
             if c.comp_end > limit {
                 break;
             }
             if self.cache.contains(&c.digest) {
                 continue;
             }
-            if let Joined::Lead(lead, _) = self.join_or_lead(*node, c) {
+            if let Joined::Lead(lead, _) = self.join_or_lead(node, c) {
                 leads.push(lead);
             }
         }
