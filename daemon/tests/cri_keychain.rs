@@ -369,6 +369,26 @@ async fn cri_pull_secrets_reach_lazy_mounts() {
     // root-only file (there are no others: no docker config, no hosts credentials).
     s.daemon.kill().unwrap();
     s.daemon.restart().unwrap();
+    // containerd redials its proxy plugin with back-off, and the garbage collection
+    // after the image removal below must reach lazysnapd: wait until a call that
+    // containerd passes to the plugin (Prepare; listing is answered from containerd's
+    // own metadata) goes through.
+    let snap = |verb: &str| {
+        s.containerd.ctr([
+            "snapshots",
+            "--snapshotter",
+            "lazysnap",
+            verb,
+            "reconnect-probe",
+        ])
+    };
+    let reconnected = testkit::wait_until(Duration::from_secs(60), || {
+        snap("prepare").is_ok() && snap("rm").is_ok()
+    });
+    assert!(
+        reconnected,
+        "containerd did not reach the restarted lazysnapd"
+    );
     let mounted = mounts_under(&s.daemon.root);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -404,7 +424,13 @@ async fn cri_pull_secrets_reach_lazy_mounts() {
     let clean = testkit::wait_until(Duration::from_secs(30), || {
         mounts_under(&s.daemon.root).is_empty()
     });
-    assert!(clean, "still mounted: {:?}", mounts_under(&s.daemon.root));
+    assert!(
+        clean,
+        "still mounted: {:?}\nlazysnapd log:\n{}\ncontainerd log:\n{}",
+        mounts_under(&s.daemon.root),
+        s.daemon.log(),
+        s.containerd.log()
+    );
 
     let dirs = [s.containerd.dir().to_path_buf(), s.dir.path().to_path_buf()];
     drop(cri);
