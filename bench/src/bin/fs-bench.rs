@@ -707,25 +707,8 @@ impl Bench<'_> {
             drop_caches()?;
             let (n, secs, _) = read_file(&local, false)?;
             disk.push(n as f64 / MIB / secs);
-            for (k, (name, blob)) in blobs.iter().enumerate() {
-                // A fresh cache index and mount: nothing in our memory cache.
-                let cache = self.cache(&cache_dir)?;
-                let mut m = self.mount(FileBlob::open(blob)?, &cache, "seq")?;
-                drop_caches()?;
-                let (n, secs, _) = read_file(&m.mountpoint().join("data/big.bin"), false)?;
-                let stats = m.stats();
-                m.unmount()?;
-                ensure!(
-                    stats.range_requests == 0,
-                    "{name}: {} range requests although every chunk was cached",
-                    stats.range_requests
-                );
-                ours[k].push(n as f64 / MIB / secs);
-                eprintln!(
-                    "  seq run {i}: local disk {:.0} MiB/s, {name} {:.0} MiB/s",
-                    disk[i], ours[k][i]
-                );
-            }
+            // Passthrough right after local disk: both read a file of the same disk, and
+            // this disk's speed drifts between seconds, so pairs are compared.
             let cache = self.cache(&cache_dir)?;
             let mut m = self.mount_with(FileBlob::open(&big.estargz)?, &cache, "seq", true)?;
             let path = m.mountpoint().join("data/big.bin");
@@ -752,6 +735,25 @@ impl Bench<'_> {
                 passthrough[i],
                 if i == 0 { " (bytes verified)" } else { "" }
             );
+                    for (k, (name, blob)) in blobs.iter().enumerate() {
+                // A fresh cache index and mount: nothing in our memory cache.
+                let cache = self.cache(&cache_dir)?;
+                let mut m = self.mount(FileBlob::open(blob)?, &cache, "seq")?;
+                drop_caches()?;
+                let (n, secs, _) = read_file(&m.mountpoint().join("data/big.bin"), false)?;
+                let stats = m.stats();
+                m.unmount()?;
+                ensure!(
+                    stats.range_requests == 0,
+                    "{name}: {} range requests although every chunk was cached",
+                    stats.range_requests
+                );
+                ours[k].push(n as f64 / MIB / secs);
+                eprintln!(
+                    "  seq run {i}: local disk {:.0} MiB/s, {name} {:.0} MiB/s",
+                    disk[i], ours[k][i]
+                );
+            }
         }
         let base = Summary::of(&disk);
         for (k, (name, _)) in blobs.iter().enumerate() {
@@ -771,6 +773,8 @@ impl Bench<'_> {
         }
         let s = Summary::of(&passthrough);
         let ratio = s.median / base.median;
+        let pairs: Vec<f64> = passthrough.iter().zip(&disk).map(|(p, d)| p / d).collect();
+        let pair_ratio = Summary::of(&pairs);
         self.rows.push(Row {
             what: format!(
                 "sequential read, {} MiB file, whole copy in disk cache (FUSE passthrough), page cache dropped",
@@ -779,7 +783,11 @@ impl Bench<'_> {
             unit: "MiB/s",
             ours: s,
             baseline: Some(("local disk (ext4), caches dropped".into(), base)),
-            goal: format!("≥ 1.00x local disk (ratio {ratio:.2}x)"),
+            goal: format!(
+                "≥ 1.00x local disk (ratio of medians {ratio:.2}x; each read against the local \
+                 read just before it: median {:.2}x, {:.2}–{:.2}x)",
+                pair_ratio.median, pair_ratio.min, pair_ratio.max
+            ),
             met: ratio >= 1.0,
         });
         std::fs::remove_dir_all(&cache_dir)?;
