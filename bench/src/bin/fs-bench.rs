@@ -735,7 +735,7 @@ impl Bench<'_> {
                 passthrough[i],
                 if i == 0 { " (bytes verified)" } else { "" }
             );
-                    for (k, (name, blob)) in blobs.iter().enumerate() {
+            for (k, (name, blob)) in blobs.iter().enumerate() {
                 // A fresh cache index and mount: nothing in our memory cache.
                 let cache = self.cache(&cache_dir)?;
                 let mut m = self.mount(FileBlob::open(blob)?, &cache, "seq")?;
