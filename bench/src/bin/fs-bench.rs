@@ -1004,7 +1004,7 @@ impl Bench<'_> {
         let cmd: Vec<String> = std::env::args().collect();
         r.push_str("# fusefs benchmarks (issue 5, item 8)\n\n");
         r.push_str(&format!(
-            "Command: `{}` (as root, release build, `CARGO_TARGET_DIR=target-fsbench`).\n\n",
+            "Command: `{}` (as root, release build: `CARGO_TARGET_DIR=target-bench cargo build --release -p bench --bin fs-bench`).\n\n",
             cmd.join(" ")
         ));
         r.push_str(&format!(
