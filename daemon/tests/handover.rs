@@ -567,18 +567,13 @@ async fn without_the_holder_the_layers_are_remounted() {
         holders_of(&daemon.root).is_empty()
     }));
     daemon.restart().unwrap();
-    let ran = testkit::wait_until(Duration::from_secs(30), || {
-        containerd
-            .ctr([
-                "run",
-                "--rm",
-                "--snapshotter",
-                "lazysnap",
-                &converted,
-                "after",
-            ])
-            .is_ok_and(|out| out.contains("still here"))
-    });
+    let ran = containerd.runs_and_prints(
+        "lazysnap",
+        &converted,
+        "after",
+        "still here",
+        Duration::from_secs(30),
+    );
     let log = daemon.log();
     assert!(ran, "no container after losing the holder; log:\n{log}");
     assert!(!log.contains("took over the FUSE connection"), "{log}");
@@ -594,18 +589,13 @@ async fn without_the_holder_the_layers_are_remounted() {
     assert!(mounts_under(&daemon.root).is_empty());
     assert!(holders_of(&daemon.root).is_empty());
     daemon.restart().unwrap();
-    let ran = testkit::wait_until(Duration::from_secs(30), || {
-        containerd
-            .ctr([
-                "run",
-                "--rm",
-                "--snapshotter",
-                "lazysnap",
-                &converted,
-                "after-unmount",
-            ])
-            .is_ok_and(|out| out.contains("still here"))
-    });
+    let ran = containerd.runs_and_prints(
+        "lazysnap",
+        &converted,
+        "after-unmount",
+        "still here",
+        Duration::from_secs(30),
+    );
     assert!(
         ran,
         "no container after --unmount-all; log:\n{}",

@@ -255,18 +255,13 @@ async fn estargz_image_is_pulled_lazily_and_runs() {
         "SIGTERM must leave the layers to the fd holder"
     );
     s.daemon.restart().unwrap();
-    let ran = testkit::wait_until(Duration::from_secs(30), || {
-        s.containerd
-            .ctr([
-                "run",
-                "--rm",
-                "--snapshotter",
-                "lazysnap",
-                &converted,
-                "after-restart",
-            ])
-            .is_ok_and(|out| out.contains("served-lazily"))
-    });
+    let ran = s.containerd.runs_and_prints(
+        "lazysnap",
+        &converted,
+        "after-restart",
+        "served-lazily",
+        Duration::from_secs(30),
+    );
     assert!(ran, "no container after restart; log:\n{}", s.daemon.log());
     remove_and_check_clean(&s, &converted).await;
 }
@@ -437,18 +432,13 @@ async fn after_a_crash_running_containers_keep_their_layers_and_new_ones_start()
         s.daemon.log()
     );
     // New containers work too.
-    let ran = testkit::wait_until(Duration::from_secs(30), || {
-        s.containerd
-            .ctr([
-                "run",
-                "--rm",
-                "--snapshotter",
-                "lazysnap",
-                &converted,
-                "fresh",
-            ])
-            .is_ok_and(|out| out.contains("served-lazily"))
-    });
+    let ran = s.containerd.runs_and_prints(
+        "lazysnap",
+        &converted,
+        "fresh",
+        "served-lazily",
+        Duration::from_secs(30),
+    );
     assert!(
         ran,
         "no new container after the crash; log:\n{}",

@@ -284,6 +284,23 @@ impl Containerd {
         self.ctr_timeout(args, DEFAULT_CTR_TIMEOUT)
     }
 
+    /// Runs `image` as a throwaway container named `name` on `snapshotter`, again until
+    /// its output contains `text` or `timeout` passes (after a lazysnapd restart
+    /// containerd redials with back-off, so the first tries may fail); true if it did.
+    pub fn runs_and_prints(
+        &self,
+        snapshotter: &str,
+        image: &str,
+        name: &str,
+        text: &str,
+        timeout: Duration,
+    ) -> bool {
+        crate::wait_until(timeout, || {
+            self.ctr(["run", "--rm", "--snapshotter", snapshotter, image, name])
+                .is_ok_and(|out| out.contains(text))
+        })
+    }
+
     pub fn ctr_timeout<I, S>(&self, args: I, timeout: Duration) -> anyhow::Result<String>
     where
         I: IntoIterator<Item = S>,
