@@ -28,6 +28,24 @@ struct Lead {
     tx: watch::Sender<Slot>,
 }
 
+/// Why a range is fetched: for the debug log of range requests, and whether its chunks
+/// are kept in memory (all but the background fetch's, so the memory cache keeps what
+/// readers use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    Demand,
+    Neighbour,
+    ReadAhead,
+    Prefetch,
+    Background,
+}
+
+impl Purpose {
+    fn keep_in_memory(self) -> bool {
+        self != Purpose::Background
+    }
+}
+
 /// Per-file sequential-access state, keyed by the file's node.
 #[derive(Debug, Default, Clone, Copy)]
 struct SeqState {
@@ -178,7 +196,7 @@ impl Fetcher {
     ) -> Result<Vec<Bytes>> {
         let _guard = DemandGuard::new(&self.demand);
         self.fetch_neighbours(wants);
-        self.chunks(wants, true).await
+        self.chunks(wants, Purpose::Demand).await
     }
 
     /// Starts a request for the chunks after `wants` in the blob (up to
@@ -233,7 +251,7 @@ impl Fetcher {
         for (range, group) in self.group(leads, self.config.max_range_bytes) {
             let this = Arc::clone(self);
             self.handle
-                .spawn(async move { this.fetch_range(range, group, true).await });
+                .spawn(async move { this.fetch_range(range, group, Purpose::Neighbour).await });
         }
     }
 
@@ -242,7 +260,7 @@ impl Fetcher {
     pub(crate) async fn chunks(
         self: &Arc<Self>,
         wants: &[(NodeId, Chunk)],
-        keep_in_memory: bool,
+        purpose: Purpose,
     ) -> Result<Vec<Bytes>> {
         let mut out: Vec<Option<Bytes>> = vec![None; wants.len()];
         let mut waits: Vec<(usize, watch::Receiver<Slot>)> = Vec::new();
@@ -278,7 +296,7 @@ impl Fetcher {
             // A task of its own: the fetch completes for every waiter even if the reader
             // that started it goes away.
             self.handle
-                .spawn(async move { this.fetch_range(range, group, keep_in_memory).await });
+                .spawn(async move { this.fetch_range(range, group, purpose).await });
         }
         for (i, mut rx) in waits {
             let res = match rx.wait_for(Option::is_some).await {
@@ -352,11 +370,16 @@ impl Fetcher {
 
     /// One range request; then every chunk in it is inflated, verified, cached and
     /// handed to its waiters (off the async workers: inflating 4 MiB takes milliseconds).
-    async fn fetch_range(self: Arc<Self>, range: Range<u64>, leads: Vec<Lead>, keep: bool) {
+    async fn fetch_range(self: Arc<Self>, range: Range<u64>, leads: Vec<Lead>, purpose: Purpose) {
         Counters::add(&self.counters.range_requests, 1);
+        let keep = purpose.keep_in_memory();
         let len = range.end - range.start;
+        let started = Instant::now();
         let read = self.layer.blob().read_at(range.start, len);
-        let data = match tokio::time::timeout(self.config.fetch_timeout, read).await {
+        let data = tokio::time::timeout(self.config.fetch_timeout, read).await;
+        tracing::debug!(layer = %self.name, start = range.start, len, ?purpose,
+            ms = started.elapsed().as_millis() as u64, "range fetched");
+        let data = match data {
             Err(_) => Err(format!("timed out after {:?}", self.config.fetch_timeout)),
             Ok(Err(e)) => Err(e.to_string()),
             Ok(Ok(b)) if b.len() as u64 != len => {
@@ -537,7 +560,7 @@ impl Fetcher {
                     return;
                 };
                 let _guard = DemandGuard::new(&this.demand);
-                if let Err(e) = this.chunks(&part, true).await {
+                if let Err(e) = this.chunks(&part, Purpose::ReadAhead).await {
                     tracing::debug!(layer = %this.name, error = %e, "read-ahead failed");
                 }
             });
@@ -629,7 +652,7 @@ impl Fetcher {
             };
             let this = Arc::clone(self);
             tasks.push(self.handle.spawn(async move {
-                this.fetch_range(piece, group, true).await;
+                this.fetch_range(piece, group, Purpose::Prefetch).await;
                 drop(permit);
             }));
         }
@@ -681,7 +704,7 @@ impl Fetcher {
                 return;
             }
             let started = Instant::now();
-            if let Err(e) = self.chunks(&batch, false).await {
+            if let Err(e) = self.chunks(&batch, Purpose::Background).await {
                 tracing::debug!(layer = %self.name, error = %e, "background fetch failed");
             }
             if let Some(rate) = self.config.background_rate_limit {

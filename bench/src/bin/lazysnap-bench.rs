@@ -121,6 +121,10 @@ struct Args {
     lazysnap: Option<PathBuf>,
     #[arg(long)]
     lazysnapd: Option<PathBuf>,
+    /// Keep, per lazy run, lazysnapd's debug log (every range request with its purpose and
+    /// time) and its access log (files opened, bytes read) in this directory.
+    #[arg(long, value_name = "DIR")]
+    keep_logs: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -209,7 +213,7 @@ enum Node {
 /// Dropped in field order: containerd (and its tasks) before lazysnapd, then the dir.
 struct OwnNode {
     containerd: Containerd,
-    _lazysnapd: Lazysnapd,
+    lazysnapd: Lazysnapd,
     root: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -235,9 +239,15 @@ impl Bench {
         std::fs::write(
             &config,
             format!(
-                "log_level = \"info\"\n[lazy]\nbackground_fetch = {}\n\
+                "log_level = \"{}\"\n[lazy]\nbackground_fetch = {}\n\
                  [resolver.host.\"{}\"]\nplain_http = true\n",
-                self.args.background_fetch, self.registry_host
+                if self.args.keep_logs.is_some() {
+                    "debug"
+                } else {
+                    "info"
+                },
+                self.args.background_fetch,
+                self.registry_host
             ),
         )?;
         let config = config.to_str().context("non-UTF-8 temp path")?.to_string();
@@ -254,7 +264,7 @@ impl Bench {
         let root = daemon.root.clone();
         Ok(Node::Own(Box::new(OwnNode {
             containerd,
-            _lazysnapd: daemon,
+            lazysnapd: daemon,
             root,
             _dir: dir,
         })))
@@ -391,6 +401,19 @@ impl Bench {
         })
     }
 
+    /// Saves lazysnapd's log and access log of a run under `dir/NAME.{log,accessed.json}`.
+    fn keep_logs(&self, dir: &Path, own: &OwnNode, name: &str) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join(format!("{name}.log")), own.lazysnapd.log())?;
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--unix-socket"])
+            .arg(own.root.join("status.sock"))
+            .arg("http://lazysnapd/accessed");
+        let accessed = cold::run(cmd, Duration::from_secs(30))?;
+        std::fs::write(dir.join(format!("{name}.accessed.json")), accessed)?;
+        Ok(())
+    }
+
     fn measure(&self, kind: ImageKind, form: Form, rep: usize) -> anyhow::Result<Run> {
         let node = self.start_node()?;
         let ctr = self.ctr(&node);
@@ -423,6 +446,10 @@ impl Bench {
             Node::Own(own) => self.range_requests(&own.root),
             Node::External => 0,
         };
+        if let (Some(dir), Node::Own(own), true) = (&self.args.keep_logs, &node, form != Form::Gzip)
+        {
+            self.keep_logs(dir, own, &format!("{}-{}-{rep}", kind.name(), form.tag()))?;
+        }
         if matches!(node, Node::External) {
             ctr.clear()?;
         }
