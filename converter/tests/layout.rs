@@ -451,7 +451,7 @@ async fn prioritized_files_go_first_in_their_own_layer() {
     let list = tmp.path().join("prio.txt");
     std::fs::write(&list, "# startup\n/bin/busybox\n\netc/app/greeting\n").unwrap();
     let mut o = opts(OutputFormat::Estargz);
-    o.writer.prioritized_files = converter::cli::read_prioritized(&list).unwrap();
+    o.writer.prioritized_files = converter::cli::read_prioritized(&list).unwrap().files;
     assert_eq!(
         o.writer.prioritized_files,
         ["/bin/busybox", "etc/app/greeting"]

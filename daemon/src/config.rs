@@ -85,6 +85,13 @@ pub struct LazyConfig {
     /// Serve files that were read whole from a local copy through FUSE passthrough
     /// (kernel 6.9+), at local-disk speed. Default true.
     pub passthrough: bool,
+    /// The kernel's read-ahead on each lazily mounted layer, in KiB: also the window it
+    /// reads around a page fault in a mapped library, so it bounds what one fault makes
+    /// lazysnapd fetch. Default 1024.
+    pub kernel_readahead_kb: u32,
+    /// On a miss, also fetch this many KiB of the files that follow in the layer (0:
+    /// off). Default 1024.
+    pub neighbour_fetch_kb: u64,
 }
 
 impl Default for LazyConfig {
@@ -100,6 +107,8 @@ impl Default for LazyConfig {
             fuse_threads: fs.fuse_threads,
             handover: true,
             passthrough: fs.passthrough,
+            kernel_readahead_kb: fs.kernel_readahead / 1024,
+            neighbour_fetch_kb: fs.neighbour_fetch_bytes >> 10,
         }
     }
 }
@@ -113,6 +122,8 @@ impl LazyConfig {
                 .then_some(self.background_rate_limit),
             fuse_threads: self.fuse_threads,
             passthrough: self.passthrough,
+            kernel_readahead: self.kernel_readahead_kb.saturating_mul(1024),
+            neighbour_fetch_bytes: self.neighbour_fetch_kb << 10,
             ..fusefs::FsConfig::default()
         }
     }

@@ -56,6 +56,9 @@ pub struct AccessedFile {
     /// Bytes the kernel read of it (at most its size).
     pub read_bytes: u64,
     pub size: u64,
+    /// The byte ranges read, `[start, end)`, merged.
+    #[serde(default)]
+    pub ranges: Vec<[u64; 2]>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
@@ -89,6 +92,7 @@ impl Observer {
                         first_open_us: f.first_open_us,
                         read_bytes: f.read_bytes,
                         size: f.size,
+                        ranges: f.ranges.iter().map(|r| [r.start, r.end]).collect(),
                     })
                     .collect(),
             })

@@ -36,11 +36,6 @@ pub struct OptimizeArgs {
     /// Seconds the command may run; then it is killed and what it read so far counts.
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
-    /// A file larger than 1 MiB is prioritized only if the run read at least this share
-    /// of it; a big file read sparsely (a mapped library) is cheaper fetched on demand
-    /// than whole. 0 prioritizes every file opened.
-    #[arg(long, default_value_t = 0.5)]
-    pub min_read_fraction: f64,
     /// Also write the prioritized paths (first-open order) to this file.
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
@@ -49,7 +44,7 @@ pub struct OptimizeArgs {
 /// What an optimize run learnt.
 pub struct Optimized {
     /// Paths in first-open order, across the image's layers.
-    pub files: Vec<String>,
+    pub files: Vec<Prioritized>,
     /// How the command ended: its exit status, or killed at the time limit.
     pub ended: String,
     pub digest: String,
@@ -101,28 +96,61 @@ fn run_once(args: &OptimizeArgs, reference: &str) -> anyhow::Result<String> {
     }
 }
 
-/// Files up to this size are prioritized whenever they were opened: fetching one whole
-/// costs about what a round trip for part of it would.
-const SMALL_FILE: u64 = 1 << 20;
+/// A file the command opened, with the byte ranges it read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prioritized {
+    pub path: String,
+    pub ranges: Vec<[u64; 2]>,
+}
 
-/// Orders the layers' access records into one list of paths by first open; a path in
-/// several layers counts once, at its earliest open (the top layer's copy is what the
-/// container saw, and every copy gets prioritized in its own layer by the converter).
-/// Big files read less than `min_read_fraction` are left out.
-pub fn merge_access(layers: &[crate::observe::LayerAccess], min_read_fraction: f64) -> Vec<String> {
+impl Prioritized {
+    /// Its line in a `--prioritize` list: the path, a tab, the ranges (none for a file
+    /// opened and never read, so none of its chunks is marked).
+    pub fn list_line(&self) -> String {
+        let ranges: Vec<String> = self
+            .ranges
+            .iter()
+            .map(|[s, e]| format!("{s}-{e}"))
+            .collect();
+        format!("{}\t{}", self.path, ranges.join(","))
+    }
+}
+
+/// Orders the layers' access records into one list by first open; a path in several
+/// layers counts once, at its earliest open, with the ranges read of every copy (the
+/// top layer's copy is what the container saw, and the converter prioritizes each copy
+/// in its own layer). Every file opened is listed: it goes before the landmark, as
+/// `ctr-remote optimize` does, and the ranges say which of its chunks lazysnapd
+/// prefetches, so a big library read here and there costs only what was read.
+pub fn merge_access(layers: &[crate::observe::LayerAccess]) -> Vec<Prioritized> {
     let mut all: Vec<(u64, &str)> = layers
         .iter()
         .flat_map(|l| l.files.iter())
-        .filter(|f| {
-            f.size <= SMALL_FILE || f.read_bytes as f64 >= min_read_fraction * f.size as f64
-        })
         .map(|f| (f.first_open_us, f.path.as_str()))
         .collect();
     all.sort();
+    let mut ranges: std::collections::HashMap<&str, Vec<[u64; 2]>> = Default::default();
+    for f in layers.iter().flat_map(|l| l.files.iter()) {
+        ranges.entry(f.path.as_str()).or_default().extend(&f.ranges);
+    }
     let mut seen = std::collections::HashSet::new();
     all.into_iter()
         .filter(|(_, p)| seen.insert(*p))
-        .map(|(_, p)| p.to_string())
+        .map(|(_, p)| {
+            let mut r = ranges.remove(p).unwrap_or_default();
+            r.sort_unstable();
+            let mut merged: Vec<[u64; 2]> = Vec::with_capacity(r.len());
+            for [s, e] in r {
+                match merged.last_mut() {
+                    Some(last) if s <= last[1] => last[1] = last[1].max(e),
+                    _ => merged.push([s, e]),
+                }
+            }
+            Prioritized {
+                path: p.to_string(),
+                ranges: merged,
+            }
+        })
         .collect()
 }
 
@@ -179,7 +207,7 @@ pub fn optimize(
             args.root.display()
         );
     }
-    let files = merge_access(&layers, args.min_read_fraction);
+    let files = merge_access(&layers);
     // 4. Again, with those files first.
     let list = match &args.record {
         Some(path) => path.clone(),
@@ -187,7 +215,7 @@ pub fn optimize(
     };
     let mut text = String::new();
     for f in &files {
-        text.push_str(f);
+        text.push_str(&f.list_line());
         text.push('\n');
     }
     std::fs::write(&list, text).with_context(|| format!("writing {}", list.display()))?;
@@ -211,49 +239,49 @@ mod tests {
     use super::*;
     use crate::observe::{AccessedFile, LayerAccess};
 
-    fn layer(files: &[(&str, u64, u64, u64)]) -> LayerAccess {
+    fn layer(files: &[(&str, u64, &[[u64; 2]])]) -> LayerAccess {
         LayerAccess {
             layer: "sha256:x".into(),
             image: "i".into(),
             files: files
                 .iter()
-                .map(|&(p, t, read_bytes, size)| AccessedFile {
+                .map(|&(p, t, ranges)| AccessedFile {
                     path: p.to_string(),
                     first_open_us: t,
-                    read_bytes,
-                    size,
+                    read_bytes: ranges.iter().map(|[s, e]| e - s).sum(),
+                    size: 1 << 20,
+                    ranges: ranges.to_vec(),
                 })
                 .collect(),
         }
     }
 
     #[test]
-    fn access_logs_merge_by_first_open_across_layers() {
-        let merged = merge_access(
-            &[
-                layer(&[
-                    ("usr/bin/python3", 10, 0, 100),
-                    ("usr/lib/libz.so", 30, 0, 9),
-                ]),
-                layer(&[("etc/ld.so.cache", 20, 5, 5), ("usr/lib/libz.so", 25, 9, 9)]),
-            ],
-            0.5,
-        );
+    fn access_logs_merge_by_first_open_across_layers_with_their_ranges() {
+        let merged = merge_access(&[
+            layer(&[
+                ("usr/bin/python3", 10, &[[0, 4096]]),
+                ("usr/lib/libz.so", 30, &[[8192, 9000]]),
+            ]),
+            layer(&[
+                ("etc/ld.so.cache", 20, &[]),
+                ("usr/lib/libz.so", 25, &[[0, 100], [9000, 12000]]),
+            ]),
+        ]);
+        let paths: Vec<&str> = merged.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(
-            merged,
+            paths,
             ["usr/bin/python3", "etc/ld.so.cache", "usr/lib/libz.so"]
         );
-    }
-
-    #[test]
-    fn big_files_read_sparsely_are_left_on_demand() {
-        let big = 8 << 20;
-        let files = [layer(&[
-            ("usr/lib/libopenblas.so", 1, big / 10, big),
-            ("usr/bin/python3", 2, big * 9 / 10, big),
-            ("etc/small", 3, 0, 10),
-        ])];
-        assert_eq!(merge_access(&files, 0.5), ["usr/bin/python3", "etc/small"]);
-        assert_eq!(merge_access(&files, 0.0).len(), 3);
+        assert_eq!(merged[2].ranges, [[0, 100], [8192, 12000]]);
+        let lines: Vec<String> = merged.iter().map(Prioritized::list_line).collect();
+        assert_eq!(
+            lines,
+            [
+                "usr/bin/python3\t0-4096",
+                "etc/ld.so.cache\t",
+                "usr/lib/libz.so\t0-100,8192-12000"
+            ]
+        );
     }
 }

@@ -63,6 +63,8 @@ pub struct Chunk {
     pub inner_offset: u32,
     /// zstd:chunked `chunkType: "zeros"`: the chunk is all zero bytes.
     pub zeros: bool,
+    /// Marked by `lazysnap optimize` as read at start-up (`lazysnapPrefetch`).
+    pub prefetch: bool,
 }
 
 impl Chunk {
@@ -261,6 +263,7 @@ struct RawChunk {
     inner: u32,
     digest: Digest,
     zeros: bool,
+    prefetch: bool,
 }
 
 impl Index {
@@ -610,6 +613,7 @@ impl Index {
                     digest: c.digest,
                     inner_offset: c.inner,
                     zeros: c.zeros,
+                    prefetch: c.prefetch,
                 });
             }
             let n = &mut self.nodes[id as usize];
@@ -730,6 +734,12 @@ impl Index {
         Some(0..c.comp_offset)
     }
 
+    /// Whether `lazysnap optimize` marked the chunks the image's command read: then
+    /// those, not the whole prioritized range, are what to prefetch.
+    pub fn has_prefetch_marks(&self) -> bool {
+        self.chunks.iter().any(|c| c.prefetch)
+    }
+
     /// Every chunk of the layer, grouped by file.
     pub fn all_chunks(&self) -> &[Chunk] {
         &self.chunks
@@ -831,6 +841,7 @@ fn file_chunks(
             inner,
             digest,
             zeros,
+            prefetch: e.prefetch,
         });
         expect_off = file_offset + csize;
     }

@@ -121,6 +121,7 @@ fn convert_to(format: OutputFormat, input: &[u8], prioritized: &[&str]) -> (Vec<
         compression_level: Some(1),
         prioritized_files: prioritized.iter().map(|s| s.to_string()).collect(),
         threads: 2,
+        ..Default::default()
     };
     let mut out = Vec::new();
     let res = convert(input, &mut out, &opts).unwrap();
@@ -184,7 +185,9 @@ fn check_layer_contents(layer: &Layer) {
     let big = idx.lookup("b/large.bin").unwrap();
     let e = idx.entry(big);
     assert_eq!(e.size(), large.len() as u64);
-    assert_eq!(e.chunks().len(), large.len().div_ceil(CHUNK as usize));
+    // At least this many; more when start-up ranges add cuts.
+    assert!(e.chunks().len() >= large.len().div_ceil(CHUNK as usize));
+    assert!(e.chunks().iter().all(|c| c.size <= CHUNK));
     // The chunk-level API: fetch, decompress and verify each chunk by hand.
     let mut rebuilt = Vec::new();
     for c in e.chunks() {
@@ -532,6 +535,55 @@ fn prioritized_files_come_first_with_their_parents_and_the_landmark() {
         convert(&input[..], Vec::new(), &opts),
         Err(Error::PrioritizedNotFound { .. })
     ));
+}
+
+#[test]
+fn start_up_ranges_cut_chunks_and_mark_them_for_prefetch() {
+    let input = sample_tar();
+    let size = large_file().len() as u64;
+    let ranges = vec![10_000..20_000, 300_000..301_000, 302_000..303_000];
+    for format in [
+        OutputFormat::Estargz,
+        OutputFormat::ZstdChunked,
+        OutputFormat::StargzZstdChunked,
+    ] {
+        let opts = WriterOptions {
+            format,
+            chunk_size: CHUNK,
+            compression_level: Some(1),
+            prioritized_files: vec!["b/large.bin".into(), "a/small.txt".into()],
+            prefetch_ranges: [("/b/large.bin".to_string(), ranges.clone())].into(),
+            threads: 2,
+        };
+        let mut blob = Vec::new();
+        convert(&input[..], &mut blob, &opts).unwrap();
+        let layer = open(&blob, &OpenOptions::default()).unwrap();
+        check_layer_contents(&layer);
+        let idx = layer.index();
+        assert!(idx.has_prefetch_marks(), "{format:?}");
+        let big = idx.entry(idx.lookup("b/large.bin").unwrap());
+        let marked: Vec<(u64, u64)> = big
+            .chunks()
+            .iter()
+            .filter(|c| c.prefetch)
+            .map(|c| (c.file_offset, c.file_offset + c.size))
+            .collect();
+        // Page-aligned, the two close ranges joined, nothing else marked.
+        assert_eq!(marked, [(8192, 20480), (299_008, 303_104)], "{format:?}");
+        let cuts: Vec<u64> = big.chunks().iter().map(|c| c.size).collect();
+        assert!(cuts.iter().all(|&c| c <= CHUNK), "{cuts:?}");
+        assert_eq!(cuts.iter().sum::<u64>(), size);
+        // A prioritized file without ranges is marked whole; others not at all.
+        let small = idx.entry(idx.lookup("a/small.txt").unwrap());
+        assert!(small.chunks().iter().all(|c| c.prefetch));
+        let pax = format!("a/{}.txt", "p".repeat(130));
+        let late = idx.entry(idx.lookup(&pax).unwrap());
+        assert!(late.chunks().iter().all(|c| !c.prefetch));
+    }
+    // Without ranges nothing is marked: the landmark alone says what to prefetch.
+    let (blob, _) = convert_to(OutputFormat::Estargz, &input, &["b/large.bin"]);
+    let layer = open(&blob, &OpenOptions::default()).unwrap();
+    assert!(!layer.index().has_prefetch_marks());
 }
 
 #[test]

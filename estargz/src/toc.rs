@@ -94,6 +94,15 @@ pub struct TocEntry {
     pub chunk_type: String,
     #[serde(rename = "innerOffset", default, skip_serializing_if = "is_zero")]
     pub inner_offset: i64,
+    /// lazysnap's own field: this chunk was read by the image's command when the image
+    /// was optimized, so lazysnapd prefetches it. Other readers ignore unknown fields;
+    /// a layer where no chunk has it is prefetched by its landmark as usual.
+    #[serde(
+        rename = "lazysnapPrefetch",
+        default,
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub prefetch: bool,
 }
 
 /// Seconds and nanoseconds since the Unix epoch.

@@ -4,8 +4,9 @@
 //! headers); worker threads compress members in parallel; the main thread writes them in
 //! order. Memory stays bounded by the number of members in flight.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 
@@ -65,6 +66,11 @@ pub struct WriterOptions {
     pub compression_level: Option<i32>,
     /// Files to put first, in first-access order, followed by `.prefetch.landmark`.
     pub prioritized_files: Vec<String>,
+    /// Byte ranges of prioritized files that were read at start-up (`lazysnap
+    /// optimize`), by path. When any are given, such a file is cut into chunks at the
+    /// ranges' edges and the chunks holding them are marked `lazysnapPrefetch`; the
+    /// chunks of prioritized files without ranges are all marked.
+    pub prefetch_ranges: HashMap<String, Vec<Range<u64>>>,
     /// Compression threads; 0 means one per core.
     pub threads: usize,
 }
@@ -76,6 +82,7 @@ impl Default for WriterOptions {
             chunk_size: 4 << 20,
             compression_level: None,
             prioritized_files: Vec::new(),
+            prefetch_ranges: HashMap::new(),
             threads: 0,
         }
     }
@@ -289,6 +296,10 @@ struct Converter<W> {
     chunk_size: u64,
     level: i32,
     prioritized: Vec<String>,
+    /// Normalized path -> ranges read at start-up; empty when nothing is marked.
+    prefetch_ranges: HashMap<String, Vec<Range<u64>>>,
+    /// Normalized paths of the prioritized files, when chunks are marked.
+    marked_whole: HashSet<String>,
     add_landmarks: bool,
     pipeline: Pipeline<W>,
     segment: Vec<u8>,
@@ -338,6 +349,50 @@ impl Payload for SlicePayload<'_> {
     }
 }
 
+/// Start-up ranges closer than this are joined: a separate chunk (and request) for a
+/// gap this small costs more than its bytes.
+const JOIN_GAP: u64 = 64 << 10;
+
+/// Cuts a `size`-byte file into chunks of at most `chunk_size`, with extra cuts at the
+/// page-aligned edges of `ranges`; a chunk is marked when it lies in a range.
+fn plan_chunks(size: u64, chunk_size: u64, ranges: &[Range<u64>]) -> Vec<(u64, bool)> {
+    const PAGE: u64 = 4096;
+    let mut hot: Vec<Range<u64>> = ranges
+        .iter()
+        .map(|r| {
+            (r.start / PAGE * PAGE).min(size)..r.end.div_ceil(PAGE).saturating_mul(PAGE).min(size)
+        })
+        .filter(|r| r.start < r.end)
+        .collect();
+    hot.sort_by_key(|r| r.start);
+    let mut joined: Vec<Range<u64>> = Vec::new();
+    for r in hot {
+        match joined.last_mut() {
+            Some(last) if r.start <= last.end.saturating_add(JOIN_GAP) => {
+                last.end = last.end.max(r.end)
+            }
+            _ => joined.push(r),
+        }
+    }
+    let mut plan = Vec::new();
+    let mut push = |from: u64, to: u64, marked: bool| {
+        let mut at = from;
+        while at < to {
+            let n = chunk_size.min(to - at);
+            plan.push((n, marked));
+            at += n;
+        }
+    };
+    let mut at = 0;
+    for r in &joined {
+        push(at, r.start, false);
+        push(r.start, r.end, true);
+        at = r.end;
+    }
+    push(at, size, false);
+    plan
+}
+
 fn toc_type(typeflag: u8) -> Option<&'static str> {
     Some(match typeflag {
         b'0' | 0 | b'7' => "reg",
@@ -372,11 +427,26 @@ fn is_special(name: &str) -> bool {
 impl<W: Write> Converter<W> {
     fn new(opts: &WriterOptions, level: i32, pipeline: Pipeline<W>) -> Result<Self> {
         let cstorage = opts.format == OutputFormat::ZstdChunked;
+        let mut prefetch_ranges = HashMap::new();
+        for (path, ranges) in &opts.prefetch_ranges {
+            prefetch_ranges.insert(
+                normalize_path(path.trim_start_matches('/'))?,
+                ranges.clone(),
+            );
+        }
+        let mut marked_whole = HashSet::new();
+        if !prefetch_ranges.is_empty() {
+            for p in &opts.prioritized_files {
+                marked_whole.insert(normalize_path(p.trim_start_matches('/'))?);
+            }
+        }
         Ok(Converter {
             format: opts.format,
             chunk_size: opts.chunk_size,
             level,
             prioritized: opts.prioritized_files.clone(),
+            prefetch_ranges,
+            marked_whole,
             // c/storage keeps the input tar as it is unless files are reordered.
             add_landmarks: !cstorage || !opts.prioritized_files.is_empty(),
             pipeline,
@@ -645,6 +715,25 @@ impl<W: Write> Converter<W> {
         Ok(())
     }
 
+    /// The sizes of a file's chunks, each with whether it is marked for prefetch: cut
+    /// at `chunk_size`, and also at the edges of the file's start-up ranges so that a
+    /// marked chunk holds little that was not read.
+    fn chunk_plan(&self, name: &str, size: u64) -> Result<Vec<(u64, bool)>> {
+        let path = if self.prefetch_ranges.is_empty() {
+            String::new()
+        } else {
+            normalize_path(name)?
+        };
+        let whole = self.marked_whole.contains(&path);
+        let Some(ranges) = self.prefetch_ranges.get(&path) else {
+            let n = size.div_ceil(self.chunk_size);
+            return Ok((0..n)
+                .map(|i| (self.chunk_size.min(size - i * self.chunk_size), whole))
+                .collect());
+        };
+        Ok(plan_chunks(size, self.chunk_size, ranges))
+    }
+
     fn emit_payload(
         &mut self,
         h: &TarHeader,
@@ -655,7 +744,8 @@ impl<W: Write> Converter<W> {
         let zstd = self.format != OutputFormat::Estargz;
         let cstorage = self.format == OutputFormat::ZstdChunked;
         // A file of one chunk has the chunk's digest: hash it once, not twice.
-        let multi_chunk = size > self.chunk_size;
+        let plan = self.chunk_plan(&h.name, size)?;
+        let multi_chunk = plan.len() > 1;
         let mut file_hash = Sha256::new();
         // Only tar-split records CRC64s.
         let want_crc = self.tar_split.is_some();
@@ -663,8 +753,7 @@ impl<W: Write> Converter<W> {
         let mut buf = vec![0u8; 256 << 10];
         let mut file_off = 0u64;
         let mut chunk_meta: Vec<(usize, u64, u64, Digest, bool)> = Vec::new();
-        while file_off < size {
-            let csize = self.chunk_size.min(size - file_off);
+        for &(csize, prefetch) in &plan {
             let seq = self.start_member()?;
             let mut chunk_hash = Sha256::new();
             let mut all_zero = true;
@@ -701,6 +790,7 @@ impl<W: Write> Converter<W> {
                 });
                 self.entries.len() - 1
             };
+            self.entries[entry].prefetch = prefetch;
             chunk_meta.push((entry, seq, csize, Digest::from_hasher(chunk_hash), all_zero));
             self.chunk_fixups.push(PendingChunk { entry, seq });
             file_off += csize;

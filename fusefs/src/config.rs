@@ -49,8 +49,11 @@ pub struct FsConfig {
     pub passthrough_min_bytes: u64,
     /// FUSE session threads (each with its own cloned /dev/fuse fd). Default 4.
     pub fuse_threads: usize,
-    /// Largest read and read-ahead the kernel is asked for. Default 1 MiB.
+    /// Largest read the kernel is asked for. Default 1 MiB.
     pub max_read: u32,
+    /// The kernel's page-cache read-ahead on the mount (also the window it reads around
+    /// a page fault in a mapped file), at most `max_read`. Default 1 MiB.
+    pub kernel_readahead: u32,
     /// How long the kernel may cache attributes and names; the layer is immutable.
     /// Default 24 h.
     pub attr_timeout: Duration,
@@ -78,6 +81,7 @@ impl Default for FsConfig {
             passthrough_min_bytes: 1 << 20,
             fuse_threads: 4,
             max_read: 1 << 20,
+            kernel_readahead: 1 << 20,
             attr_timeout: Duration::from_secs(24 * 3600),
             fsname: "lazysnap".into(),
             subtype: "lazysnap".into(),

@@ -10,6 +10,7 @@
 //! `trusted.overlay.opaque = y`, which is how overlayfs sees an unpacked layer. The
 //! `.prefetch.landmark` / `.no.prefetch.landmark` markers at the root are hidden.
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -141,7 +142,7 @@ struct AccessLog {
     /// Position in `order` of each node opened so far.
     position: std::collections::HashMap<NodeId, usize>,
     /// (node, microseconds since the Unix epoch of its first open, bytes read).
-    order: Vec<(NodeId, u64, u64)>,
+    order: Vec<(NodeId, u64, ReadRanges)>,
 }
 
 impl AccessLog {
@@ -154,13 +155,51 @@ impl AccessLog {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
         self.position.insert(id, self.order.len());
-        self.order.push((id, micros, 0));
+        self.order.push((id, micros, ReadRanges::default()));
     }
 
-    fn read(&mut self, id: NodeId, bytes: u64) {
+    fn read(&mut self, id: NodeId, range: Range<u64>) {
         if let Some(&i) = self.position.get(&id) {
-            self.order[i].2 = self.order[i].2.saturating_add(bytes);
+            self.order[i].2.add(range);
         }
+    }
+}
+
+/// The byte ranges of one file the kernel has read, merged and sorted; bounded, so a
+/// container reading a huge file at random cannot grow it without end (the closest
+/// ranges are joined instead).
+#[derive(Debug, Default, Clone)]
+struct ReadRanges(Vec<Range<u64>>);
+
+const MAX_READ_RANGES: usize = 256;
+
+impl ReadRanges {
+    fn add(&mut self, r: Range<u64>) {
+        if r.is_empty() {
+            return;
+        }
+        let v = &mut self.0;
+        // First range ending at or after r.start: everything before it stays apart.
+        let i = v.partition_point(|x| x.end < r.start);
+        let mut merged = r;
+        let mut j = i;
+        while j < v.len() && v[j].start <= merged.end {
+            merged.start = merged.start.min(v[j].start);
+            merged.end = merged.end.max(v[j].end);
+            j += 1;
+        }
+        v.splice(i..j, [merged]);
+        if v.len() > MAX_READ_RANGES {
+            let k = (1..v.len())
+                .min_by_key(|&k| v[k].start - v[k - 1].end)
+                .unwrap_or(1);
+            v[k - 1].end = v[k].end;
+            v.remove(k);
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.0.iter().map(|r| r.end - r.start).sum()
     }
 }
 
@@ -173,6 +212,8 @@ pub struct FileAccess {
     pub first_open_us: u64,
     pub read_bytes: u64,
     pub size: u64,
+    /// What was read, merged: `lazysnap optimize` marks the chunks holding these.
+    pub ranges: Vec<Range<u64>>,
 }
 
 /// How an entry shows: hidden, a whiteout, or itself.
@@ -253,11 +294,12 @@ impl LayerFs {
         };
         log.order
             .iter()
-            .map(|&(id, first_open_us, read_bytes)| FileAccess {
-                path: index.path_of(id),
-                first_open_us,
-                read_bytes: read_bytes.min(index.entry(id).size()),
-                size: index.entry(id).size(),
+            .map(|(id, first_open_us, ranges)| FileAccess {
+                path: index.path_of(*id),
+                first_open_us: *first_open_us,
+                read_bytes: ranges.bytes(),
+                size: index.entry(*id).size(),
+                ranges: ranges.0.clone(),
             })
             .collect()
     }
@@ -551,16 +593,19 @@ impl LayerFs {
         }
         self.fetcher.note_read(e.id(), offset, end, e.size());
         if let Ok(mut log) = self.access.lock() {
-            log.read(e.id(), end - offset);
+            log.read(e.id(), offset..end);
         }
         let wants = self.wants(e.id(), offset, end);
         match self.fetcher.try_cached(&wants)? {
             Some(chunks) => Ok(ReadStart::Ready(assemble(&wants, &chunks, offset, end))),
-            None => Ok(ReadStart::Fetch(PendingRead {
-                node: e.id(),
-                offset,
-                end,
-            })),
+            None => {
+                self.fetcher.note_miss(e.id(), offset);
+                Ok(ReadStart::Fetch(PendingRead {
+                    node: e.id(),
+                    offset,
+                    end,
+                }))
+            }
         }
     }
 

@@ -57,6 +57,10 @@ struct SeqState {
     window: u64,
     /// File offset up to which read-ahead has been issued.
     issued: u64,
+    /// A read of the file has waited for the network. Until then the file is being
+    /// served from the cache (prefetched), and fetching ahead of it would be a guess:
+    /// the kernel's own read-around of a mapped library looks sequential too.
+    missed: bool,
 }
 
 /// Files tracked for sequential access before the table is reset.
@@ -514,11 +518,12 @@ impl Fetcher {
             let to = end.saturating_add(st.window).min(size);
             st.issued = to;
             st.window = (st.window * 2).min(self.config.readahead_max);
-            from..to
+            (from..to, st.missed)
         };
-        if issue.is_empty() {
+        if issue.0.is_empty() {
             return;
         }
+        let (issue, missed) = issue;
         let mut chunks: Vec<(NodeId, Chunk)> = Vec::new();
         let mut on_disk: Vec<Chunk> = Vec::new();
         for c in self
@@ -530,7 +535,7 @@ impl Fetcher {
             }
             if self.cache.contains(&c.digest) {
                 on_disk.push(*c);
-            } else {
+            } else if missed {
                 chunks.push((node, *c));
             }
         }
@@ -564,6 +569,18 @@ impl Fetcher {
                     tracing::debug!(layer = %this.name, error = %e, "read-ahead failed");
                 }
             });
+        }
+    }
+
+    /// A read of `node` at `offset` has to wait for the network: from now on its
+    /// sequential reads are read ahead from the network too, starting here.
+    pub(crate) fn note_miss(&self, node: NodeId, offset: u64) {
+        let mut seq = lock(&self.seq);
+        if let Some(st) = seq.get_mut(&node)
+            && !st.missed
+        {
+            st.missed = true;
+            st.issued = st.issued.min(offset);
         }
     }
 
@@ -611,30 +628,50 @@ impl Fetcher {
         out
     }
 
-    /// Fetches the prioritized range (`0..offset of .prefetch.landmark`) with one range
-    /// request and caches its chunks.
+    /// Fetches what the layer says a container reads first: the chunks `lazysnap
+    /// optimize` marked, or else the prioritized range (`0..offset of
+    /// .prefetch.landmark`), in pieces of at most `max_range_bytes`.
     pub(crate) async fn prefetch(self: &Arc<Self>) {
-        let Some(range) = self.layer.index().prefetch_range() else {
-            return;
+        let index = self.layer.index();
+        let marked = index.has_prefetch_marks();
+        let range = match index.prefetch_range() {
+            Some(r) => r,
+            None if marked => 0..0,
+            None => return,
+        };
+        let wanted = |c: &Chunk| {
+            if marked {
+                c.prefetch
+            } else {
+                c.comp_end <= range.end
+            }
         };
         let mut leads = Vec::new();
         for (node, c) in self.all_chunks() {
-            if c.zeros || c.comp_end > range.end || self.cache.contains(&c.digest) {
+            if c.zeros || !wanted(&c) || self.cache.contains(&c.digest) {
                 continue;
             }
             if let Joined::Lead(lead, _) = self.join_or_lead(node, &c) {
                 leads.push(lead);
             }
         }
-        // Pieces of at most `max_range_bytes` (each bridging any gap), in blob order, a
-        // few at a time: the first files the command reads arrive first, readers are not
-        // held until the whole range is in, and no request outlives `fetch_timeout` on a
-        // slow link (a 1 GiB range at 100 Mbit/s would not).
+        // Pieces in blob order, a few at a time: the first files the command reads
+        // arrive first, readers are not held until everything is in, and no request
+        // outlives `fetch_timeout` on a slow link (a 1 GiB range at 100 Mbit/s would
+        // not). The prioritized range is contiguous and bridged whole; marked chunks
+        // lie apart (the unread parts of their files between them), so a gap wider
+        // than `coalesce_gap` starts a new piece.
+        let gap = if marked {
+            self.config.coalesce_gap
+        } else {
+            u64::MAX
+        };
         leads.sort_by_key(|l| (l.chunk.comp_offset, l.chunk.inner_offset));
         let mut pieces: Vec<(Range<u64>, Vec<Lead>)> = Vec::new();
         for lead in leads {
             let (s, e) = (lead.chunk.comp_offset, lead.chunk.comp_end);
             if let Some((r, group)) = pieces.last_mut()
+                && s <= r.end.saturating_add(gap)
                 && e.max(r.end) - r.start <= self.config.max_range_bytes
             {
                 r.end = r.end.max(e);
@@ -643,7 +680,7 @@ impl Fetcher {
             }
             pieces.push((s..e, vec![lead]));
         }
-        tracing::debug!(layer = %self.name, range = ?range, requests = pieces.len(), "prefetch");
+        tracing::debug!(layer = %self.name, marked, requests = pieces.len(), "prefetch");
         let slots = Arc::new(Semaphore::new(self.config.readahead_requests.max(1)));
         let mut tasks = Vec::with_capacity(pieces.len());
         for (piece, group) in pieces {

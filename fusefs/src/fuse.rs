@@ -625,7 +625,7 @@ pub fn mount(
             "the kernel's FUSE handshake did not complete",
         )));
     }
-    raise_bdi_readahead(&mountpoint, config.max_read);
+    set_bdi_readahead(&mountpoint, config.kernel_readahead.min(config.max_read));
     Ok(mounted)
 }
 
@@ -945,8 +945,8 @@ impl Drop for MountedLayer {
 }
 
 /// The kernel sizes page-cache read-ahead from the mount's bdi, which FUSE's INIT can
-/// only lower; raise it to what we asked for. Best effort.
-fn raise_bdi_readahead(mountpoint: &Path, max_read: u32) {
+/// only lower; set it to what we want. Best effort.
+fn set_bdi_readahead(mountpoint: &Path, bytes: u32) {
     let Ok(meta) = std::fs::metadata(mountpoint) else {
         return;
     };
@@ -954,7 +954,7 @@ fn raise_bdi_readahead(mountpoint: &Path, max_read: u32) {
     let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
     let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
     let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
-    if let Err(e) = std::fs::write(&path, format!("{}", max_read / 1024)) {
+    if let Err(e) = std::fs::write(&path, format!("{}", (bytes / 1024).max(4))) {
         tracing::debug!(%path, error = %e, "cannot raise read-ahead");
     }
 }

@@ -325,6 +325,7 @@ fn writer_options(args: &Args) -> WriterOptions {
         chunk_size: args.chunk_size,
         compression_level: Some(args.level),
         prioritized_files: Vec::new(),
+        prefetch_ranges: Default::default(),
         threads: 0,
     }
 }

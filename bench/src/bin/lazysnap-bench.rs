@@ -121,6 +121,10 @@ struct Args {
     lazysnap: Option<PathBuf>,
     #[arg(long)]
     lazysnapd: Option<PathBuf>,
+    /// Extra `[lazy]` settings for the lazysnapd the bench starts, as KEY=VALUE (TOML
+    /// values), e.g. `--lazy-option kernel_readahead_kb=128`.
+    #[arg(long, value_name = "KEY=VALUE")]
+    lazy_option: Vec<String>,
     /// Keep, per lazy run, lazysnapd's debug log (every range request with its purpose and
     /// time) and its access log (files opened, bytes read) in this directory.
     #[arg(long, value_name = "DIR")]
@@ -239,7 +243,7 @@ impl Bench {
         std::fs::write(
             &config,
             format!(
-                "log_level = \"{}\"\n[lazy]\nbackground_fetch = {}\n\
+                "log_level = \"{}\"\n[lazy]\nbackground_fetch = {}\n{}\
                  [resolver.host.\"{}\"]\nplain_http = true\n",
                 if self.args.keep_logs.is_some() {
                     "debug"
@@ -247,6 +251,11 @@ impl Bench {
                     "info"
                 },
                 self.args.background_fetch,
+                self.args
+                    .lazy_option
+                    .iter()
+                    .map(|o| format!("{o}\n"))
+                    .collect::<String>(),
                 self.registry_host
             ),
         )?;

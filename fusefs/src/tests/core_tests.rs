@@ -267,4 +267,27 @@ fn opens_are_logged_once_each_in_first_open_order_with_links_as_their_target() {
     f.read("etc/hard", 0, 100).unwrap();
     let log = f.fs.accessed();
     assert_eq!((log[0].read_bytes, log[1].read_bytes), (1000, 100));
+    assert_eq!(log[0].ranges, [4000..5000]);
+    // Ranges merge where they touch or overlap and stay apart otherwise.
+    f.read("bin/tool", 0, 10).unwrap();
+    f.read("bin/tool", 3000, 1000).unwrap();
+    f.read("bin/tool", 5, 10).unwrap();
+    let log = f.fs.accessed();
+    assert_eq!(log[0].ranges, [0..15, 3000..5000]);
+    assert_eq!(log[0].read_bytes, 2015);
+}
+
+#[test]
+fn a_file_read_at_random_keeps_a_bounded_list_of_ranges() {
+    let (f, _) = fixture(OutputFormat::Estargz);
+    f.fs.open(f.ino("data/big"), libc::O_RDONLY).unwrap();
+    for i in 0..1000u64 {
+        f.read("data/big", i * 300, 1).unwrap();
+    }
+    let log = f.fs.accessed();
+    assert!(log[0].ranges.len() <= 256, "{}", log[0].ranges.len());
+    // Joining keeps every byte read covered.
+    for i in 0..1000u64 {
+        assert!(log[0].ranges.iter().any(|r| r.contains(&(i * 300))));
+    }
 }

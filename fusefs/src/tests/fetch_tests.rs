@@ -267,6 +267,53 @@ fn prefetch_fetches_the_prioritized_range_in_one_request() {
 }
 
 #[test]
+fn marked_chunks_are_prefetched_and_nothing_else() {
+    for format in FORMATS {
+        let (tar, src) = sample_tar();
+        let mut out = Vec::new();
+        // data/big is 5 chunks and 17 bytes; its start-up reads were at its start and in
+        // its fourth chunk; bin/tool is prioritized whole.
+        let opts = estargz::WriterOptions {
+            format,
+            chunk_size: CHUNK,
+            prioritized_files: vec!["data/big".into(), "bin/tool".into()],
+            prefetch_ranges: [(
+                "data/big".to_string(),
+                vec![0..100, 3 * CHUNK + 5..3 * CHUNK + 9],
+            )]
+            .into(),
+            threads: 1,
+            ..Default::default()
+        };
+        estargz::convert(&tar[..], &mut out, &opts).unwrap();
+        let f = fixture_with(FaultBlob::new(out), quiet_config(), 1 << 30);
+        assert!(f.fs.layer().index().has_prefetch_marks());
+        f.rt.block_on(f.fs.fetcher().prefetch());
+        let prefetched = f.blob.request_count();
+        assert!(prefetched >= 1, "{format:?}");
+        let big = &src.files["data/big"];
+        let at = |off: u64, len: u64| &big[off as usize..(off + len) as usize];
+        assert_eq!(&f.read("data/big", 0, 100).unwrap()[..], at(0, 100));
+        let off = 3 * CHUNK + 5;
+        assert_eq!(&f.read("data/big", off, 4).unwrap()[..], at(off, 4));
+        assert_eq!(f.read_all("bin/tool").unwrap(), src.files["bin/tool"]);
+        assert_eq!(
+            f.blob.request_count(),
+            prefetched,
+            "marked chunks were local"
+        );
+        // The unread middle of data/big was left to be fetched on demand.
+        let fetched = f.fs.stats().bytes_fetched;
+        assert_eq!(
+            &f.read("data/big", CHUNK + 1, 10).unwrap()[..],
+            at(CHUNK + 1, 10)
+        );
+        assert!(f.blob.request_count() > prefetched, "{format:?}");
+        assert!(f.fs.stats().bytes_fetched > fetched);
+    }
+}
+
+#[test]
 fn a_prioritized_range_larger_than_a_request_is_prefetched_in_pieces_in_order() {
     let (tar, src) = sample_tar();
     let blob = FaultBlob::new(convert(
@@ -390,6 +437,60 @@ fn sequential_readers_get_growing_parallel_readahead() {
     // raced the reader (a read that waits for an in-flight fetch counts as a miss).
     let s = f.fs.stats();
     assert!(s.cache_hits >= 64, "{s:?}");
+}
+
+#[test]
+fn a_reader_served_from_prefetched_chunks_fetches_nothing_ahead_until_it_misses() {
+    let (tar, big) = one_big_file();
+    let mut out = Vec::new();
+    let opts = estargz::WriterOptions {
+        format: OutputFormat::Estargz,
+        chunk_size: CHUNK,
+        prioritized_files: vec!["big".into()],
+        prefetch_ranges: [("big".to_string(), vec![0..8 * CHUNK])].into(),
+        threads: 1,
+        ..Default::default()
+    };
+    estargz::convert(&tar[..], &mut out, &opts).unwrap();
+    let config = FsConfig {
+        readahead_initial: 4 * CHUNK,
+        readahead_max: 16 * CHUNK,
+        ..quiet_config()
+    };
+    let f = fixture_with(FaultBlob::new(out), config, 1 << 30);
+    f.rt.block_on(f.fs.fetcher().prefetch());
+    let prefetched = f.blob.request_count();
+    // Sequential, but every read is a hit: a mapped library's read-around looks like
+    // this, and fetching ahead of it would fetch what the command never reads.
+    let mut off = 0;
+    while off < 8 * CHUNK {
+        let got = f.read("big", off, 16 << 10).unwrap();
+        assert_eq!(&got[..], &big[off as usize..off as usize + got.len()]);
+        off += got.len() as u64;
+    }
+    assert_eq!(f.blob.request_count(), prefetched);
+    // The first miss turns read-ahead on from where it missed.
+    while off < 10 * CHUNK {
+        let got = f.read("big", off, 16 << 10).unwrap();
+        assert_eq!(&got[..], &big[off as usize..off as usize + got.len()]);
+        off += got.len() as u64;
+    }
+    let fetched_to = f
+        .blob
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.0 + r.1)
+        .max()
+        .unwrap();
+    let layer = f.fs.layer();
+    let ino = f.ino("big");
+    let tenth = layer.chunks_for_range(estargz::NodeId(ino as u32 - 1), 11 * CHUNK, 1)[0];
+    assert!(
+        fetched_to >= tenth.comp_end,
+        "no read-ahead past the reader after its miss"
+    );
 }
 
 #[test]
