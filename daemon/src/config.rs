@@ -85,6 +85,10 @@ pub struct LazyConfig {
     /// Serve files that were read whole from a local copy through FUSE passthrough
     /// (kernel 6.9+), at local-disk speed. Default true.
     pub passthrough: bool,
+    /// When a layer is mounted, fetch the TOCs of the image's other layers in the
+    /// background, so their Prepares need not wait for the registry (each is still
+    /// verified against its own TOC digest). Default true.
+    pub preopen_siblings: bool,
 }
 
 impl Default for LazyConfig {
@@ -100,6 +104,7 @@ impl Default for LazyConfig {
             fuse_threads: fs.fuse_threads,
             handover: true,
             passthrough: fs.passthrough,
+            preopen_siblings: true,
         }
     }
 }
