@@ -197,10 +197,29 @@ async fn later_layers_are_mounted_from_preopened_tocs() {
     );
     let status = daemon::observe::fetch_status(&s.daemon.root).await.unwrap();
     assert_eq!(status.preopened_mounts, APP_LAYERS, "{status:?}");
-    // Nothing was left behind unclaimed or failed (every sibling is eStargz).
+    // No pre-open failed (every sibling is eStargz).
     assert!(!log.contains("pre-opening a sibling layer failed"), "{log}");
 
     assert_runs_and_reads_correct_bytes(&s, &reference, "preopen-1");
+
+    // A plain image publishes no TOC digests: its siblings are not even tried.
+    let before = s.daemon.log().matches("pre-opening sibling layers").count();
+    let plain = reference.replace(":estargz", ":plain");
+    let report = rpull(&plain, &rpull_options(&s)).await.unwrap();
+    assert!(
+        report
+            .layers
+            .iter()
+            .all(|l| l.outcome == LayerOutcome::Downloaded),
+        "{report:?}"
+    );
+    let log = s.daemon.log();
+    assert_eq!(
+        log.matches("pre-opening sibling layers").count(),
+        before,
+        "{log}"
+    );
+    assert!(!log.contains("pre-opening a sibling layer failed"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -375,9 +375,15 @@ impl FuseMounter {
             let (claimed, opening) = preopener.claim(&key).await;
             (claimed, Some(opening))
         };
+        let verification = async {
+            let opts = self.verification(layer, &reference, &digest).await?;
+            // Only an image that publishes TOC digests is worth pre-opening: a plain
+            // image's siblings would all fail.
+            self.preopen_siblings(layer);
+            Ok::<_, String>(opts)
+        };
         // A manifest fetch for the annotations (zstd:chunked) overlaps the pre-open's wait.
-        let (opts, (claimed, opening)) =
-            tokio::join!(self.verification(layer, &reference, &digest), claim);
+        let (opts, (claimed, opening)) = tokio::join!(verification, claim);
         let opts = opts?;
         let fresh = async {
             let blob = registry::RemoteBlob::open(
@@ -500,7 +506,6 @@ impl FuseMounter {
 impl RemoteMounter for FuseMounter {
     fn mount<'a>(&'a self, layer: &'a RemoteLayer, mountpoint: &'a Path) -> MountFuture<'a> {
         Box::pin(async move {
-            self.preopen_siblings(layer);
             // `_opening` lasts until the layer is served (or the mount fails), so no
             // pre-open of it starts meanwhile.
             let (opened, preopened, _opening) = self.open_layer(layer).await?;
