@@ -366,14 +366,14 @@ impl FuseMounter {
             .map_err(|e| format!("layer digest {:?}: {e}", layer.layer_digest))?;
         let claim = async {
             let Some(preopener) = &self.preopener else {
-                return (None, None);
+                return Ok((None, None));
             };
             let key = LayerKey {
                 repository: reference.repository.to_string(),
                 digest: layer.layer_digest.clone(),
             };
             let (claimed, opening) = preopener.claim(&key).await;
-            (claimed, Some(opening))
+            Ok::<_, String>((claimed, Some(opening)))
         };
         let verification = async {
             let opts = self.verification(layer, &reference, &digest).await?;
@@ -382,9 +382,9 @@ impl FuseMounter {
             self.preopen_siblings(layer);
             Ok::<_, String>(opts)
         };
-        // A manifest fetch for the annotations (zstd:chunked) overlaps the pre-open's wait.
-        let (opts, (claimed, opening)) = tokio::join!(verification, claim);
-        let opts = opts?;
+        // A manifest fetch for the annotations (zstd:chunked) overlaps the pre-open's wait;
+        // a layer that cannot be verified does not wait for its pre-open.
+        let (opts, (claimed, opening)) = tokio::try_join!(verification, claim)?;
         let fresh = async {
             let blob = registry::RemoteBlob::open(
                 self.client.clone(),
