@@ -92,6 +92,10 @@ pub struct LazyConfig {
     /// On a miss, also fetch this many KiB of the files that follow in the layer (0:
     /// off). Default 1024.
     pub neighbour_fetch_kb: u64,
+    /// When a layer is mounted, fetch the TOCs of the image's other layers in the
+    /// background, so their Prepares need not wait for the registry (each is still
+    /// verified against its own TOC digest). Default true.
+    pub preopen_siblings: bool,
 }
 
 impl Default for LazyConfig {
@@ -109,6 +113,7 @@ impl Default for LazyConfig {
             passthrough: fs.passthrough,
             kernel_readahead_kb: fs.kernel_readahead / 1024,
             neighbour_fetch_kb: fs.neighbour_fetch_bytes >> 10,
+            preopen_siblings: true,
         }
     }
 }

@@ -67,6 +67,9 @@ pub struct Status {
     pub snapshots: std::collections::BTreeMap<String, u64>,
     pub cache_memory_bytes: u64,
     pub cache_disk_bytes: u64,
+    /// Lazy mounts since start whose TOC was fetched ahead, while a sibling mounted.
+    #[serde(default)]
+    pub preopened_mounts: u64,
     pub layers: Vec<LayerStatus>,
 }
 
@@ -134,6 +137,7 @@ impl Observer {
             snapshots,
             cache_memory_bytes: self.cache.as_ref().map_or(0, |c| c.memory_bytes_used()),
             cache_disk_bytes: self.cache.as_ref().map_or(0, |c| c.disk_bytes_used()),
+            preopened_mounts: self.mounter.as_ref().map_or(0, |m| m.preopened_mounts()),
             layers,
         }
     }
@@ -173,6 +177,12 @@ impl Observer {
                 ("{tier=\"memory\"}".into(), status.cache_memory_bytes),
                 ("{tier=\"disk\"}".into(), status.cache_disk_bytes),
             ],
+        );
+        metric(
+            "lazysnap_preopened_mounts_total",
+            "counter",
+            "Lazy mounts whose TOC was fetched ahead, while a sibling layer mounted.",
+            vec![(String::new(), status.preopened_mounts)],
         );
         type Field = fn(&LayerStatus) -> u64;
         let per_layer: [(&str, &str, &str, Field); 10] = [

@@ -238,6 +238,9 @@ fn lazy_mounter(
         tokio::runtime::Handle::current(),
         config.lazy.allow_no_verification,
     );
+    if config.lazy.preopen_siblings {
+        mounter = mounter.with_sibling_preopen();
+    }
     if config.lazy.handover {
         mounter = mounter
             .with_holder(holder(&config.root))

@@ -5,15 +5,17 @@
 //! connection the holder kept from an earlier daemon is taken over (served again
 //! without unmounting) instead of remounted, so running containers never notice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::json;
 
 use crate::fsutil;
 use crate::holder::HolderClient;
+use crate::preopen::{self, LayerKey, Preopener};
 use crate::remote::{MountFuture, MountedInfo, RemoteLayer, RemoteMounter};
 
 pub struct FuseMounter {
@@ -29,6 +31,11 @@ pub struct FuseMounter {
     /// Connections the holder kept from an earlier daemon, until their snapshot is
     /// served again (taken over) or removed.
     held: Mutex<HashMap<PathBuf, HeldConnection>>,
+    /// Fetches the TOCs of an image's other layers while its earlier layers mount; None
+    /// when `[lazy] preopen_siblings = false`.
+    preopener: Option<Preopener>,
+    /// Mounts that used a pre-opened TOC, since start.
+    preopened_mounts: AtomicU64,
 }
 
 /// A layer this process serves, and where it came from.
@@ -36,6 +43,8 @@ struct Served {
     mounted: fusefs::MountedLayer,
     layer_digest: String,
     image_ref: String,
+    /// `registry/name` of the image, to tell which siblings need no pre-open.
+    repository: String,
     /// The holder has its connection: at shutdown it is left to the next daemon.
     handed_over: bool,
 }
@@ -107,7 +116,25 @@ impl FuseMounter {
             mounts: Mutex::new(HashMap::new()),
             holder: None,
             held: Mutex::new(HashMap::new()),
+            preopener: None,
+            preopened_mounts: AtomicU64::new(0),
         }
+    }
+
+    /// On a layer's mount, pre-opens the TOCs of its image's other layers (a few at a
+    /// time), to be used by their own Prepares once verified.
+    pub fn with_sibling_preopen(mut self) -> FuseMounter {
+        self.preopener = Some(Preopener::new(
+            self.handle.clone(),
+            preopen::DEFAULT_CONCURRENCY,
+            preopen::DEFAULT_UNCLAIMED_TTL,
+        ));
+        self
+    }
+
+    /// Mounts since start whose TOC had been pre-opened.
+    pub fn preopened_mounts(&self) -> u64 {
+        self.preopened_mounts.load(Ordering::Relaxed)
     }
 
     /// Hands every connection mounted from now on to `holder`, and takes what it kept
@@ -277,8 +304,58 @@ impl FuseMounter {
         }
     }
 
-    /// Opens the layer's blob and TOC, verified against what the image published.
-    async fn open_layer(&self, layer: &RemoteLayer) -> Result<estargz::Layer, String> {
+    /// Starts pre-opening the siblings of `layer` that are neither served, pre-opened
+    /// nor being opened. Never waits: the pre-opens run on the runtime.
+    fn preopen_siblings(&self, layer: &RemoteLayer) {
+        let Some(preopener) = &self.preopener else {
+            return;
+        };
+        let Ok(reference) = layer.image_ref.parse::<registry::Reference>() else {
+            return;
+        };
+        let repository = reference.repository.to_string();
+        let served: HashSet<String> = self
+            .mounts()
+            .values()
+            .filter(|s| s.repository == repository)
+            .map(|s| s.layer_digest.clone())
+            .collect();
+        let mut started = 0;
+        for sibling in &layer.image_layers {
+            if *sibling == layer.layer_digest || served.contains(sibling) {
+                continue;
+            }
+            let Ok(digest) = sibling.parse::<registry::Digest>() else {
+                continue;
+            };
+            let key = LayerKey {
+                repository: repository.clone(),
+                digest: sibling.clone(),
+            };
+            let (client, repo) = (self.client.clone(), reference.repository.clone());
+            // No TOC digest is known yet: the sibling's own Prepare checks it (preopen::accept).
+            let open = async move {
+                let blob = registry::RemoteBlob::open(client, repo, digest)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                estargz::Layer::open(Arc::new(blob), &estargz::OpenOptions::default())
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            started += usize::from(preopener.start(key, open));
+        }
+        if started > 0 {
+            tracing::debug!(layer = %layer.layer_digest, siblings = started, "pre-opening sibling layers");
+        }
+    }
+
+    /// Opens the layer's blob and TOC, verified against what the image published: a
+    /// pre-opened TOC when it verifies, else fetched now. The guard marks the layer as
+    /// being opened until the mount is done.
+    async fn open_layer(
+        &self,
+        layer: &RemoteLayer,
+    ) -> Result<(Arc<estargz::Layer>, bool, Option<preopen::Opening>), String> {
         let reference: registry::Reference = layer
             .image_ref
             .parse()
@@ -287,14 +364,42 @@ impl FuseMounter {
             .layer_digest
             .parse()
             .map_err(|e| format!("layer digest {:?}: {e}", layer.layer_digest))?;
-        let opts = self.verification(layer, &reference, &digest).await?;
-        let blob =
-            registry::RemoteBlob::open(self.client.clone(), reference.repository.clone(), digest)
-                .await
-                .map_err(|e| e.to_string())?;
-        estargz::Layer::open(Arc::new(blob), &opts)
+        let claim = async {
+            let Some(preopener) = &self.preopener else {
+                return Ok((None, None));
+            };
+            let key = LayerKey {
+                repository: reference.repository.to_string(),
+                digest: layer.layer_digest.clone(),
+            };
+            let (claimed, opening) = preopener.claim(&key).await;
+            Ok::<_, String>((claimed, Some(opening)))
+        };
+        let verification = async {
+            let opts = self.verification(layer, &reference, &digest).await?;
+            // Only an image that publishes TOC digests is worth pre-opening: a plain
+            // image's siblings would all fail.
+            self.preopen_siblings(layer);
+            Ok::<_, String>(opts)
+        };
+        // A manifest fetch for the annotations (zstd:chunked) overlaps the pre-open's wait;
+        // a layer that cannot be verified does not wait for its pre-open.
+        let (opts, (claimed, opening)) = tokio::try_join!(verification, claim)?;
+        let fresh = async {
+            let blob = registry::RemoteBlob::open(
+                self.client.clone(),
+                reference.repository.clone(),
+                digest,
+            )
             .await
-            .map_err(|e| format!("layer {}: {e}", layer.layer_digest))
+            .map_err(|e| e.to_string())?;
+            estargz::Layer::open(Arc::new(blob), &opts)
+                .await
+                .map_err(|e| format!("layer {}: {e}", layer.layer_digest))
+        };
+        let (opened, preopened) =
+            preopen::use_or_open(claimed, &opts, &layer.layer_digest, fresh).await?;
+        Ok((opened, preopened, opening))
     }
 
     /// What the TOC must hash to. eStargz layers carry `toc.digest` as a label;
@@ -379,10 +484,21 @@ impl FuseMounter {
             mounted,
             layer_digest: layer.layer_digest.clone(),
             image_ref: layer.image_ref.clone(),
+            repository: layer
+                .image_ref
+                .parse::<registry::Reference>()
+                .map(|r| r.repository.to_string())
+                .unwrap_or_default(),
             handed_over,
         };
         if let Some(mut previous) = self.mounts().insert(mountpoint.to_path_buf(), served) {
             let _ = previous.mounted.unmount();
+        }
+    }
+
+    fn count_preopened(&self, info: &MountedInfo) {
+        if info.preopened {
+            self.preopened_mounts.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -390,17 +506,21 @@ impl FuseMounter {
 impl RemoteMounter for FuseMounter {
     fn mount<'a>(&'a self, layer: &'a RemoteLayer, mountpoint: &'a Path) -> MountFuture<'a> {
         Box::pin(async move {
-            let opened = Arc::new(self.open_layer(layer).await?);
+            // `_opening` lasts until the layer is served (or the mount fails), so no
+            // pre-open of it starts meanwhile.
+            let (opened, preopened, _opening) = self.open_layer(layer).await?;
             let index = opened.index();
             let info = MountedInfo {
                 size: (0..index.len())
                     .map(|i| index.entry(estargz::NodeId(i as u32)).size())
                     .sum(),
                 entries: index.len() as u64,
+                preopened,
             };
             match self.take_over(layer, &opened, mountpoint).await {
                 Ok(Some(mounted)) => {
                     self.insert(mountpoint, mounted, layer, true);
+                    self.count_preopened(&info);
                     return Ok(info);
                 }
                 Ok(None) => {}
@@ -443,6 +563,7 @@ impl RemoteMounter for FuseMounter {
             .map_err(|e| format!("mount task: {e}"))?
             .map_err(|e| format!("FUSE mount at {}: {e}", mountpoint.display()))?;
             self.insert(mountpoint, mounted, layer, handed_over);
+            self.count_preopened(&info);
             Ok(info)
         })
     }

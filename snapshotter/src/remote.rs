@@ -116,6 +116,8 @@ pub struct MountedInfo {
     /// Uncompressed size of the layer's files, reported as the snapshot's usage.
     pub size: u64,
     pub entries: u64,
+    /// Its TOC was fetched ahead of its Prepare, while a sibling layer mounted.
+    pub preopened: bool,
 }
 
 pub type MountFuture<'a> = Pin<Box<dyn Future<Output = Result<MountedInfo, String>> + Send + 'a>>;

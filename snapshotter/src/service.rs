@@ -193,7 +193,7 @@ impl SnapshotService {
                     .await;
                 match committed {
                     Ok(()) => {
-                        tracing::info!(layer = %layer.layer_digest, image = %layer.image_ref, snapshot = %target, "layer mounted lazily");
+                        tracing::info!(layer = %layer.layer_digest, image = %layer.image_ref, snapshot = %target, preopened = info.preopened, "layer mounted lazily");
                         return Err(Status::already_exists(format!(
                             "target snapshot {target:?}: already exists"
                         )));

@@ -43,6 +43,7 @@ impl RemoteMounter for FakeMounter {
             Ok(MountedInfo {
                 size: 1234,
                 entries: 7,
+                preopened: false,
             })
         })
     }

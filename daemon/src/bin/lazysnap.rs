@@ -167,6 +167,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 human(status.cache_memory_bytes),
                 human(status.cache_disk_bytes)
             );
+            if status.preopened_mounts > 0 {
+                println!(
+                    "{} layer mount(s) used a TOC pre-opened while a sibling layer mounted",
+                    status.preopened_mounts
+                );
+            }
             if !status.layers.is_empty() {
                 println!(
                     "{:<20} {:>7} {:>10} {:>10} {:>10}  IMAGE",
