@@ -15,6 +15,24 @@ pub type BlobFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BlobError>> +
 pub trait BlobReader: Send + Sync {
     fn size(&self) -> BlobFuture<'_, u64>;
     fn read_at(&self, offset: u64, len: u64) -> BlobFuture<'_, Bytes>;
+
+    /// `read_at`, handing the bytes to `on_data` as they arrive instead: in order, each
+    /// byte once (a retried request skips what was handed over already), so that the
+    /// start of a long range can be used before its end arrives. Resolves when the
+    /// range is complete, or with the error that cut it short. The default hands over
+    /// the whole range at once.
+    fn read_at_streaming<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        on_data: &'a (dyn Fn(Bytes) + Send + Sync),
+    ) -> BlobFuture<'a, ()> {
+        Box::pin(async move {
+            let data = self.read_at(offset, len).await?;
+            on_data(data);
+            Ok(())
+        })
+    }
 }
 
 /// What went wrong while reading a blob; lets callers decide whether a retry can help.

@@ -46,6 +46,47 @@ impl Purpose {
     }
 }
 
+/// The body of one range request as it arrives, and the chunks still waiting for it.
+struct Arriving {
+    /// Blob offset of `buf`'s first byte.
+    base: u64,
+    buf: bytes::BytesMut,
+    received: u64,
+    /// In blob order.
+    leads: std::collections::VecDeque<Lead>,
+    jobs: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Arriving {
+    /// The leading chunks whose bytes are all in, with those bytes (and the blob offset
+    /// they start at); the bytes no waiting chunk needs are dropped from `buf`.
+    fn take_ready(&mut self) -> Option<(u64, Bytes, Vec<Lead>)> {
+        let have = self.base + self.buf.len() as u64;
+        let mut ready = Vec::new();
+        while self.leads.front().is_some_and(|l| l.chunk.comp_end <= have) {
+            ready.extend(self.leads.pop_front());
+        }
+        let need = ready.iter().map(|l| l.chunk.comp_end).max()?;
+        let start = self.base;
+        // Bytes before the next waiting chunk are done with.
+        let cut = self
+            .leads
+            .front()
+            .map_or(have, |next| next.chunk.comp_offset)
+            .clamp(self.base, have);
+        let data = if cut >= need {
+            self.buf.split_to((cut - self.base) as usize).freeze()
+        } else {
+            // The next chunk shares bytes with these (several chunks in one member).
+            let copy = Bytes::copy_from_slice(&self.buf[..(need - self.base) as usize]);
+            let _ = self.buf.split_to((cut - self.base) as usize);
+            copy
+        };
+        self.base = cut;
+        Some((start, data, ready))
+    }
+}
+
 /// Per-file sequential-access state, keyed by the file's node.
 #[derive(Debug, Default, Clone, Copy)]
 struct SeqState {
@@ -372,42 +413,88 @@ impl Fetcher {
         out
     }
 
-    /// One range request; then every chunk in it is inflated, verified, cached and
-    /// handed to its waiters (off the async workers: inflating 4 MiB takes milliseconds).
+    /// One range request. Its body is used as it arrives: as soon as the bytes of the
+    /// next chunks are in, they are inflated, verified, cached and handed to their
+    /// waiters (off the async workers: inflating 4 MiB takes milliseconds), so a reader
+    /// of the first file of a long range waits for that file, not for the range.
     async fn fetch_range(self: Arc<Self>, range: Range<u64>, leads: Vec<Lead>, purpose: Purpose) {
         Counters::add(&self.counters.range_requests, 1);
         let keep = purpose.keep_in_memory();
         let len = range.end - range.start;
         let started = Instant::now();
-        let read = self.layer.blob().read_at(range.start, len);
-        let data = tokio::time::timeout(self.config.fetch_timeout, read).await;
+        let mut leads = leads;
+        leads.sort_by_key(|l| (l.chunk.comp_offset, l.chunk.inner_offset));
+        let arriving = Mutex::new(Arriving {
+            base: range.start,
+            // One allocation for the whole body; segments split off it share it.
+            buf: bytes::BytesMut::with_capacity(len.min(64 << 20) as usize),
+            received: 0,
+            leads: leads.into(),
+            jobs: Vec::new(),
+        });
+        let on_data = |piece: Bytes| {
+            let mut a = lock(&arriving);
+            a.received += piece.len() as u64;
+            a.buf.extend_from_slice(&piece);
+            if let Some((start, data, ready)) = a.take_ready() {
+                let job = self.process(start, data, ready, keep);
+                a.jobs.push(job);
+            }
+        };
+        let read = self
+            .layer
+            .blob()
+            .read_at_streaming(range.start, len, &on_data);
+        let outcome = tokio::time::timeout(self.config.fetch_timeout, read).await;
         tracing::debug!(layer = %self.name, start = range.start, len, ?purpose,
             ms = started.elapsed().as_millis() as u64, "range fetched");
-        let data = match data {
-            Err(_) => Err(format!("timed out after {:?}", self.config.fetch_timeout)),
-            Ok(Err(e)) => Err(e.to_string()),
-            Ok(Ok(b)) if b.len() as u64 != len => {
-                Err(format!("got {} bytes, asked for {len}", b.len()))
-            }
-            Ok(Ok(b)) => Ok(b),
+        let Arriving {
+            received,
+            leads: rest,
+            jobs,
+            ..
+        } = arriving.into_inner().unwrap_or_else(|p| p.into_inner());
+        let failure = match outcome {
+            Err(_) => Some(format!("timed out after {:?}", self.config.fetch_timeout)),
+            Ok(Err(e)) => Some(e.to_string()),
+            Ok(Ok(())) if received != len => Some(format!("got {received} bytes, asked for {len}")),
+            // Every chunk lies inside the range, so a complete body leaves none waiting.
+            Ok(Ok(())) if !rest.is_empty() => Some("chunks left over after the range".into()),
+            Ok(Ok(())) => None,
         };
-        let data = match data {
-            Ok(d) => d,
-            Err(reason) => {
+        match failure {
+            Some(reason) => {
                 Counters::add(&self.counters.fetch_errors, 1);
                 tracing::warn!(layer = %self.name, start = range.start, end = range.end,
                     %reason, "range request failed");
                 let reason: Arc<str> = Arc::from(reason);
-                for lead in leads {
+                for lead in rest {
                     self.finish(lead, Err(reason.clone()));
                 }
-                return;
             }
-        };
-        Counters::add(&self.counters.bytes_fetched, len);
-        let this = Arc::clone(&self);
+            None => Counters::add(&self.counters.bytes_fetched, len),
+        }
+        for job in jobs {
+            if let Err(e) = job.await {
+                // The leads were dropped with the closure: their waiters see a closed
+                // channel and report EIO; the stale table entries are replaced on next use.
+                tracing::error!(layer = %self.name, error = %e, "chunk inflation task failed");
+            }
+        }
+    }
+
+    /// Inflates, verifies and caches `leads`, whose bytes are in `data` (which starts at
+    /// blob offset `start`), on a blocking thread; then hands each to its waiters.
+    fn process(
+        self: &Arc<Self>,
+        start: u64,
+        data: Bytes,
+        leads: Vec<Lead>,
+        keep: bool,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = Arc::clone(self);
         let busy = Busy::new(&self.writes);
-        let job = move || {
+        self.handle.spawn_blocking(move || {
             let _busy = busy;
             // Waiters first, disk second: a reader should not wait for chunk files to
             // be written. Chunks kept in memory are found there meanwhile; the others
@@ -415,7 +502,7 @@ impl Fetcher {
             // reader never refetches a chunk that is on its way to disk.
             let mut to_disk = Vec::new();
             for lead in leads {
-                let res = this.inflate(&lead, &data[..], range.start, keep);
+                let res = this.inflate(&lead, &data[..], start, keep);
                 match &res {
                     Ok(b) if keep => to_disk.push((lead.chunk.digest, b.clone())),
                     Ok(b) => this.cache.put_disk(lead.chunk.digest, b),
@@ -426,12 +513,7 @@ impl Fetcher {
             for (digest, b) in to_disk {
                 this.cache.put_disk(digest, &b);
             }
-        };
-        if let Err(e) = tokio::task::spawn_blocking(job).await {
-            // The leads were dropped with the closure: their waiters see a closed
-            // channel and report EIO; the stale table entries are replaced on next use.
-            tracing::error!(layer = %self.name, error = %e, "chunk inflation task failed");
-        }
+        })
     }
 
     fn inflate(

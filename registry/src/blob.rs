@@ -2,6 +2,7 @@
 //! [`estargz::BlobReader`] for a remote blob.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -511,13 +512,39 @@ impl RemoteBlob {
 
     /// Reads `len` bytes at `offset` (fewer only past the end of the blob).
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes> {
+        self.read_into(offset, len, &Body::Collect).await
+    }
+
+    /// Like [`RemoteBlob::read`], but hands the bytes to `on_data` as they arrive (see
+    /// `BlobReader::read_at_streaming`).
+    pub async fn read_streaming(
+        &self,
+        offset: u64,
+        len: u64,
+        on_data: &(dyn Fn(Bytes) + Send + Sync),
+    ) -> Result<()> {
+        let sink = Body::Stream(StreamSink {
+            on_data,
+            delivered: AtomicU64::new(0),
+        });
+        self.read_into(offset, len, &sink).await.map(|_| ())
+    }
+
+    async fn read_into(&self, offset: u64, len: u64, body: &Body<'_>) -> Result<Bytes> {
         let Some((offset, len)) = self.clamp(offset, len)? else {
             return Ok(Bytes::new());
         };
         if let Some(loc) = self.cached_location() {
             let target = self.target(loc.url.host_str().unwrap_or("storage"));
             match self
-                .range_once(&loc.endpoint, &target, loc.url.as_str(), None, offset, len)
+                .range_once(
+                    &loc.endpoint,
+                    &target,
+                    loc.url.as_str(),
+                    None,
+                    (offset, len),
+                    body,
+                )
                 .await
             {
                 Ok((data, _)) => return Ok(data),
@@ -530,14 +557,20 @@ impl RemoteBlob {
         }
         let endpoints = self.client.endpoints(&self.repo.registry, true)?;
         on_endpoints!(self.client, endpoints, |ep| self
-            .range_via_registry(ep, offset, len))
+            .range_via_registry(ep, offset, len, body))
     }
 
-    async fn range_via_registry(&self, ep: &Endpoint, offset: u64, len: u64) -> Result<Bytes> {
+    async fn range_via_registry(
+        &self,
+        ep: &Endpoint,
+        offset: u64,
+        len: u64,
+        body: &Body<'_>,
+    ) -> Result<Bytes> {
         let target = self.target(&ep.host);
         let url = blob_url(ep, &self.repo, &self.digest);
         let (data, redirected) = self
-            .range_once(ep, &target, &url, Some(&self.scopes), offset, len)
+            .range_once(ep, &target, &url, Some(&self.scopes), (offset, len), body)
             .await?;
         if let Some(url) = redirected {
             self.remember_location(ep, url);
@@ -576,8 +609,8 @@ impl RemoteBlob {
         target: &Target,
         url: &str,
         scopes: Option<&[String]>,
-        offset: u64,
-        len: u64,
+        (offset, len): (u64, u64),
+        body: &Body<'_>,
     ) -> Result<(Bytes, Option<Url>)> {
         let last = offset + len - 1;
         let mut headers = HeaderMap::new();
@@ -627,7 +660,13 @@ impl RemoteBlob {
                         ),
                     ));
                 }
-                Ok((read_exact(resp, target, len).await?, redirected))
+                match body {
+                    Body::Collect => Ok((read_exact(resp, target, len).await?, redirected)),
+                    Body::Stream(sink) => {
+                        stream_exact(resp, target, len, sink).await?;
+                        Ok((Bytes::new(), redirected))
+                    }
+                }
             }
             StatusCode::OK => {
                 if let Some(l) = content_length(resp.headers())
@@ -646,7 +685,14 @@ impl RemoteBlob {
                     });
                 }
                 let prefix = read_prefix(resp, target, need).await?;
-                Ok((prefix.slice(offset as usize..need as usize), redirected))
+                let data = prefix.slice(offset as usize..need as usize);
+                match body {
+                    Body::Collect => Ok((data, redirected)),
+                    Body::Stream(sink) => {
+                        sink.deliver(0, data);
+                        Ok((Bytes::new(), redirected))
+                    }
+                }
             }
             StatusCode::RANGE_NOT_SATISFIABLE => Err(Error::bad(
                 target,
@@ -824,6 +870,64 @@ impl RemoteBlob {
     }
 }
 
+/// What a range read does with the body: collect it, or hand it over as it arrives.
+enum Body<'a> {
+    Collect,
+    Stream(StreamSink<'a>),
+}
+
+struct StreamSink<'a> {
+    on_data: &'a (dyn Fn(Bytes) + Send + Sync),
+    /// Bytes of the range handed over so far, across retries.
+    delivered: AtomicU64,
+}
+
+impl StreamSink<'_> {
+    /// Hands over what of `data` (which starts `at` bytes into the range) is new.
+    fn deliver(&self, at: u64, data: Bytes) {
+        let done = self.delivered.load(Ordering::Relaxed);
+        let end = at + data.len() as u64;
+        if end > done {
+            let skip = done.saturating_sub(at) as usize;
+            (self.on_data)(data.slice(skip..));
+            self.delivered.store(end, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Streams exactly `expected` bytes of a body into `sink`.
+async fn stream_exact(
+    mut resp: reqwest::Response,
+    target: &Target,
+    expected: u64,
+    sink: &StreamSink<'_>,
+) -> Result<()> {
+    let mut at = 0u64;
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| Error::transport(target, "reading the response body", e))?
+    {
+        if at + chunk.len() as u64 > expected {
+            return Err(Error::bad(
+                target,
+                format!("server sent more than the {expected} bytes asked for"),
+            ));
+        }
+        let n = chunk.len() as u64;
+        sink.deliver(at, chunk);
+        at += n;
+    }
+    if at < expected {
+        return Err(Error::Truncated {
+            target: target.clone(),
+            expected,
+            got: at,
+        });
+    }
+    Ok(())
+}
+
 /// Reads the first `need` bytes of a body and drops the rest unread.
 async fn read_prefix(mut resp: reqwest::Response, target: &Target, need: u64) -> Result<Bytes> {
     let mut buf = BytesMut::with_capacity(need as usize);
@@ -879,6 +983,19 @@ impl BlobReader for RemoteBlob {
 
     fn read_at(&self, offset: u64, len: u64) -> BlobFuture<'_, Bytes> {
         Box::pin(async move { self.read(offset, len).await.map_err(BlobError::from) })
+    }
+
+    fn read_at_streaming<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        on_data: &'a (dyn Fn(Bytes) + Send + Sync),
+    ) -> BlobFuture<'a, ()> {
+        Box::pin(async move {
+            self.read_streaming(offset, len, on_data)
+                .await
+                .map_err(BlobError::from)
+        })
     }
 }
 

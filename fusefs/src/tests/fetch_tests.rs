@@ -314,6 +314,45 @@ fn marked_chunks_are_prefetched_and_nothing_else() {
 }
 
 #[test]
+fn chunks_are_served_as_the_body_arrives_not_when_the_range_is_complete() {
+    let (tar, src) = sample_tar();
+    let blob = FaultBlob::new(convert(
+        &tar,
+        OutputFormat::Estargz,
+        &["bin/tool", "data/big"],
+    ));
+    let f = fixture_with(blob, quiet_config(), 1 << 30);
+    let idx = f.fs.layer().index();
+    let tool = idx.entry(idx.lookup("bin/tool").unwrap());
+    let tool_end = tool.chunks().iter().map(|c| c.comp_end).max().unwrap();
+    // The prefetch's body stops after bin/tool's bytes until the test lets it go on.
+    f.blob.pause_after.store(tool_end, Ordering::SeqCst);
+    let fs = Arc::clone(&f.fs);
+    let prefetch = f.rt.spawn(async move { fs.fetcher().prefetch().await });
+    assert!(testkit::wait_until(Duration::from_secs(10), || {
+        f.blob.request_count() == 1
+    }));
+    let ino = f.ino("bin/tool");
+    let fs = Arc::clone(&f.fs);
+    let tool =
+        f.rt.block_on(async move { fs.read(ino, 0, 1 << 20).await })
+            .unwrap();
+    assert_eq!(&tool[..], &src.files["bin/tool"][..]);
+    assert!(!prefetch.is_finished(), "the range was still arriving");
+    // A reader of the rest waits for its bytes, then gets them from the same request.
+    let ino = f.ino("data/big");
+    let fs = Arc::clone(&f.fs);
+    let big = f.rt.spawn(async move { fs.read(ino, 0, 1 << 20).await });
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!big.is_finished());
+    f.blob.rest_gate.add_permits(1);
+    let big = f.rt.block_on(big).unwrap().unwrap();
+    assert_eq!(&big[..], &src.files["data/big"][..big.len()]);
+    f.rt.block_on(prefetch).unwrap();
+    assert_eq!(f.blob.request_count(), 1);
+}
+
+#[test]
 fn a_prioritized_range_larger_than_a_request_is_prefetched_in_pieces_in_order() {
     let (tar, src) = sample_tar();
     let blob = FaultBlob::new(convert(

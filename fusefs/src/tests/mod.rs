@@ -35,6 +35,10 @@ pub(crate) struct FaultBlob {
     /// While `held`, each read waits for a permit of `gate`: tests hold reads in flight.
     pub held: AtomicBool,
     pub gate: Semaphore,
+    /// When non-zero, a streamed read hands over this many bytes, then waits for a
+    /// permit of `rest_gate` before the rest: a body that is still arriving.
+    pub pause_after: AtomicU64,
+    pub rest_gate: Semaphore,
 }
 
 impl FaultBlob {
@@ -49,6 +53,8 @@ impl FaultBlob {
             corrupt_next: AtomicU32::new(0),
             held: AtomicBool::new(false),
             gate: Semaphore::new(0),
+            pause_after: AtomicU64::new(0),
+            rest_gate: Semaphore::new(0),
         }
     }
 
@@ -105,6 +111,26 @@ impl BlobReader for FaultBlob {
                 out = Bytes::from(v);
             }
             Ok(out)
+        })
+    }
+
+    fn read_at_streaming<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        on_data: &'a (dyn Fn(Bytes) + Send + Sync),
+    ) -> BlobFuture<'a, ()> {
+        Box::pin(async move {
+            let data = self.read_at(offset, len).await?;
+            let pause = self.pause_after.load(Ordering::SeqCst) as usize;
+            if pause > 0 && pause < data.len() {
+                on_data(data.slice(..pause));
+                self.rest_gate.acquire().await.unwrap().forget();
+                on_data(data.slice(pause..));
+            } else {
+                on_data(data);
+            }
+            Ok(())
         })
     }
 }
