@@ -87,7 +87,7 @@ pub struct LazyConfig {
     pub passthrough: bool,
     /// The kernel's read-ahead on each lazily mounted layer, in KiB: also the window it
     /// reads around a page fault in a mapped library, so it bounds what one fault makes
-    /// lazysnapd fetch. Default 1024.
+    /// lazysnapd fetch. Default 128.
     pub kernel_readahead_kb: u32,
     /// On a miss, also fetch this many KiB of the files that follow in the layer (0:
     /// off). Default 1024.

@@ -8,9 +8,10 @@ use crate::error::{Error, Result};
 /// a documented default ([`FsConfig::default`]).
 #[derive(Debug, Clone)]
 pub struct FsConfig {
-    /// Fetch the prioritized files (everything before `.prefetch.landmark`) right after
-    /// mounting, in blob order, in requests of at most `max_range_bytes` with
-    /// `readahead_requests` in flight. Default true.
+    /// Right after mounting, fetch the chunks `lazysnap optimize` marked, or else the
+    /// prioritized files (everything before `.prefetch.landmark`), in blob order, in
+    /// requests of at most `max_range_bytes` with `readahead_requests` in flight.
+    /// Default true.
     pub prefetch: bool,
     /// After prefetch, fetch the rest of the layer at low priority so it ends up fully
     /// local (needs the disk cache). Default true.
@@ -51,8 +52,12 @@ pub struct FsConfig {
     pub fuse_threads: usize,
     /// Largest read the kernel is asked for. Default 1 MiB.
     pub max_read: u32,
-    /// The kernel's page-cache read-ahead on the mount (also the window it reads around
-    /// a page fault in a mapped file), at most `max_read`. Default 1 MiB.
+    /// The kernel's page-cache read-ahead on the mount, at most `max_read`. It is also
+    /// the window the kernel reads around a page fault in a mapped file, so it sets how
+    /// much of a library one fault asks for: what `lazysnap optimize` records and what
+    /// a run then reads must match, and a large window marks (and fetches) most of every
+    /// library a command maps. Large sequential reads do not need it: the fetcher reads
+    /// ahead itself. Default 128 KiB (the kernel's own default).
     pub kernel_readahead: u32,
     /// How long the kernel may cache attributes and names; the layer is immutable.
     /// Default 24 h.
@@ -81,7 +86,7 @@ impl Default for FsConfig {
             passthrough_min_bytes: 1 << 20,
             fuse_threads: 4,
             max_read: 1 << 20,
-            kernel_readahead: 1 << 20,
+            kernel_readahead: 128 << 10,
             attr_timeout: Duration::from_secs(24 * 3600),
             fsname: "lazysnap".into(),
             subtype: "lazysnap".into(),

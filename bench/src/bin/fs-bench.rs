@@ -64,6 +64,9 @@ struct Args {
     /// The Markdown report.
     #[arg(long, default_value = "bench/results/fs.md")]
     out: PathBuf,
+    /// The kernel's read-ahead on the mounts, in KiB (default: lazysnapd's).
+    #[arg(long)]
+    kernel_readahead_kb: Option<u32>,
     /// Skip measurements: any of seq, cold, walk, rss.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
@@ -251,12 +254,15 @@ impl Bench<'_> {
             .context("opening the layer")?;
         let mp = self.work.join("mnt").join(name);
         std::fs::create_dir_all(&mp)?;
-        let config = FsConfig {
+        let mut config = FsConfig {
             prefetch: false,
             background_fetch: false,
             passthrough,
             ..FsConfig::default()
         };
+        if let Some(kb) = self.args.kernel_readahead_kb {
+            config.kernel_readahead = kb * 1024;
+        }
         let mounted = fusefs::mount(
             Arc::new(layer),
             &mp,
