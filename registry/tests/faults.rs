@@ -50,11 +50,9 @@ fn assert_names_everything(err: &str, server: &FakeServer, digest: &Digest) {
     );
 }
 
-#[tokio::test]
-async fn connection_dropped_mid_body_is_retried() {
-    let data = pseudo_random(200_000, 1);
-    let blob = data.clone();
-    let server = FakeServer::start(move |req, i| match (i, serve_blob(req, &blob, true)) {
+/// Serves `blob`, but closes the first answer after a third of its body.
+async fn first_body_cut_at_a_third(blob: Vec<u8>) -> FakeServer {
+    FakeServer::start(move |req, i| match (i, serve_blob(req, &blob, true)) {
         (
             0,
             Reply::Full {
@@ -70,7 +68,13 @@ async fn connection_dropped_mid_body_is_retried() {
         },
         (_, reply) => reply,
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn connection_dropped_mid_body_is_retried() {
+    let data = pseudo_random(200_000, 1);
+    let server = first_body_cut_at_a_third(data.clone()).await;
     let client = client();
     let got = remote(&client, &server, &data)
         .read(1000, 150_000)
@@ -83,24 +87,7 @@ async fn connection_dropped_mid_body_is_retried() {
 #[tokio::test]
 async fn a_streamed_read_cut_mid_body_resumes_without_repeating_bytes() {
     let data = pseudo_random(200_000, 7);
-    let blob = data.clone();
-    let server = FakeServer::start(move |req, i| match (i, serve_blob(req, &blob, true)) {
-        (
-            0,
-            Reply::Full {
-                status,
-                headers,
-                body,
-            },
-        ) => Reply::Cut {
-            status,
-            headers,
-            send: body.len() / 3,
-            body,
-        },
-        (_, reply) => reply,
-    })
-    .await;
+    let server = first_body_cut_at_a_third(data.clone()).await;
     let client = client();
     let got = std::sync::Mutex::new(Vec::new());
     let pieces = AtomicUsize::new(0);
