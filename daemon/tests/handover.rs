@@ -6,23 +6,21 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should stop right there
 
+mod common;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use daemon::rpull::{LayerOutcome, RpullOptions, rpull};
+use common::{LAZYSNAPD, containerd_for, convert, rpull_lazily, start_lazysnapd};
 use sha2::Digest;
-use testkit::containerd::{Containerd, ContainerdOptions, mounts_under};
+use testkit::containerd::mounts_under;
 use testkit::image::{Entry, ImageBuilder, busybox_entries, noise};
 use testkit::lazysnapd::Lazysnapd;
 use testkit::process::send_signal;
 use testkit::registry::Registry;
-
-const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
-const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
 
 /// Files the container reads, one per step, each once (a second read would come from
 /// the page cache and prove nothing).
@@ -108,18 +106,6 @@ fn push_image(registry: &Registry) -> String {
         .build()
         .unwrap();
     registry.push("app/handover", "plain", &image).unwrap()
-}
-
-fn convert(src: &str, dst: &str) {
-    let out = Command::new(LAZYSNAP)
-        .args(["convert", "--no-progress-bars", "--estargz", src, dst])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "convert failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The pids of fd holders serving `root`.
@@ -221,36 +207,13 @@ async fn running_containers_keep_reading_through_restarts_crashes_and_upgrades()
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(&dir.path().join("registry")).unwrap();
     // No background fetch: every file read first during a gap needs the registry.
-    let config = dir.path().join("lazysnapd.toml");
-    std::fs::write(&config, "[lazy]\nbackground_fetch = false\n").unwrap();
-    let mut daemon = Lazysnapd::start_with_args(
-        Path::new(LAZYSNAPD),
-        &dir.path().join("ls"),
-        &["--config", config.to_str().unwrap()],
-    )
-    .unwrap();
-    let containerd = Containerd::start_with(
-        &ContainerdOptions::default().proxy_snapshotter("lazysnap", &daemon.address),
-    )
-    .unwrap();
+    let mut daemon = start_lazysnapd(dir.path(), "[lazy]\nbackground_fetch = false\n");
+    let containerd = containerd_for(&daemon);
 
     let plain = push_image(&registry);
     let converted = format!("{}/app/handover:estargz", registry.host);
-    convert(&plain, &converted);
-    let options = RpullOptions {
-        address: containerd.address().to_path_buf(),
-        namespace: containerd.namespace().to_string(),
-        snapshotter: "lazysnap".into(),
-        ..RpullOptions::default()
-    };
-    let report = rpull(&converted, &options).await.unwrap();
-    assert!(
-        report
-            .layers
-            .iter()
-            .all(|l| l.outcome == LayerOutcome::Lazy),
-        "{report:?}"
-    );
+    convert(&plain, &converted, &["--estargz"]);
+    rpull_lazily(&converted, &containerd).await;
     containerd
         .ctr([
             "run",
@@ -536,10 +499,7 @@ async fn without_the_holder_the_layers_are_remounted() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(&dir.path().join("registry")).unwrap();
     let mut daemon = Lazysnapd::start(Path::new(LAZYSNAPD), &dir.path().join("ls")).unwrap();
-    let containerd = Containerd::start_with(
-        &ContainerdOptions::default().proxy_snapshotter("lazysnap", &daemon.address),
-    )
-    .unwrap();
+    let containerd = containerd_for(&daemon);
     let image = ImageBuilder::new()
         .entries(&busybox_entries().unwrap())
         .unwrap()
@@ -550,14 +510,8 @@ async fn without_the_holder_the_layers_are_remounted() {
         .unwrap();
     let plain = registry.push("app/fallback", "plain", &image).unwrap();
     let converted = format!("{}/app/fallback:estargz", registry.host);
-    convert(&plain, &converted);
-    let options = RpullOptions {
-        address: containerd.address().to_path_buf(),
-        namespace: containerd.namespace().to_string(),
-        snapshotter: "lazysnap".into(),
-        ..RpullOptions::default()
-    };
-    rpull(&converted, &options).await.unwrap();
+    convert(&plain, &converted, &["--estargz"]);
+    rpull_lazily(&converted, &containerd).await;
     let holders = holders_of(&daemon.root);
     assert_eq!(holders.len(), 1);
 
@@ -621,10 +575,7 @@ async fn passthrough_files_open_again_after_a_handover() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(&dir.path().join("registry")).unwrap();
     let mut daemon = Lazysnapd::start(Path::new(LAZYSNAPD), &dir.path().join("ls")).unwrap();
-    let containerd = Containerd::start_with(
-        &ContainerdOptions::default().proxy_snapshotter("lazysnap", &daemon.address),
-    )
-    .unwrap();
+    let containerd = containerd_for(&daemon);
     let image = ImageBuilder::new()
         .entries(&busybox_entries().unwrap())
         .unwrap()
@@ -638,14 +589,8 @@ async fn passthrough_files_open_again_after_a_handover() {
         .unwrap();
     let plain = registry.push("app/pt", "plain", &image).unwrap();
     let converted = format!("{}/app/pt:estargz", registry.host);
-    convert(&plain, &converted);
-    let options = RpullOptions {
-        address: containerd.address().to_path_buf(),
-        namespace: containerd.namespace().to_string(),
-        snapshotter: "lazysnap".into(),
-        ..RpullOptions::default()
-    };
-    rpull(&converted, &options).await.unwrap();
+    convert(&plain, &converted, &["--estargz"]);
+    rpull_lazily(&converted, &containerd).await;
     containerd
         .ctr(["run", "-d", "--snapshotter", "lazysnap", &converted, "pt"])
         .unwrap();

@@ -5,20 +5,19 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should stop right there
 
-use std::path::Path;
+mod common;
+
 use std::process::Command;
 use std::time::Duration;
 
-use daemon::rpull::{LayerOutcome, RpullOptions, rpull};
+use common::{LAZYSNAP, convert, rpull_options, start_lazysnapd};
+use daemon::rpull::{LayerOutcome, rpull};
 use testkit::containerd::{Containerd, ContainerdOptions, mounts_under};
 use testkit::image::noise;
 use testkit::image::{Entry, ImageBuilder, busybox_entries};
 use testkit::lazysnapd::Lazysnapd;
 use testkit::registry::Registry;
 use testkit::registry::bytes_served;
-
-const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
-const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
 
 fn http_get(address: &str, path: &str) -> String {
     use std::io::{Read, Write};
@@ -45,19 +44,11 @@ fn setup(name: &str) -> Option<Setup> {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(&dir.path().join("registry")).unwrap();
     // No background fetch: what the registry serves is what the container read.
-    let config = dir.path().join("lazysnapd.toml");
     let metrics = format!("127.0.0.1:{}", testkit::free_port());
-    std::fs::write(
-        &config,
-        format!("metrics_address = \"{metrics}\"\n[lazy]\nbackground_fetch = false\n"),
-    )
-    .unwrap();
-    let daemon = Lazysnapd::start_with_args(
-        Path::new(LAZYSNAPD),
-        &dir.path().join("ls"),
-        &["--config", config.to_str().unwrap()],
-    )
-    .unwrap();
+    let daemon = start_lazysnapd(
+        dir.path(),
+        &format!("metrics_address = \"{metrics}\"\n[lazy]\nbackground_fetch = false\n"),
+    );
     let containerd = Containerd::start_with(
         &ContainerdOptions::default()
             .proxy_snapshotter("lazysnap", &daemon.address)
@@ -95,29 +86,6 @@ fn push_app_image(registry: &Registry, repo: &str) -> String {
     registry.push(repo, "plain", &image).unwrap()
 }
 
-fn convert(src: &str, dst: &str, extra: &[&str]) {
-    let out = Command::new(LAZYSNAP)
-        .args(["convert", "--no-progress-bars"])
-        .args(extra)
-        .args([src, dst])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "convert failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn rpull_options(s: &Setup) -> RpullOptions {
-    RpullOptions {
-        address: s.containerd.address().to_path_buf(),
-        namespace: s.containerd.namespace().to_string(),
-        snapshotter: "lazysnap".into(),
-        ..RpullOptions::default()
-    }
-}
-
 /// The (digest, compressed size) of each layer of `reference`, from the registry.
 async fn layers_of(reference: &str) -> Vec<(String, u64)> {
     let client = registry::Client::new(registry::RegistryConfig::default()).unwrap();
@@ -131,7 +99,9 @@ async fn layers_of(reference: &str) -> Vec<(String, u64)> {
 }
 
 async fn lazy_pull_and_run(s: &Setup, reference: &str) {
-    let report = rpull(reference, &rpull_options(s)).await.unwrap();
+    let report = rpull(reference, &rpull_options(&s.containerd))
+        .await
+        .unwrap();
     for layer in &report.layers {
         assert_ne!(
             layer.outcome,
@@ -319,7 +289,7 @@ async fn plain_gzip_image_falls_back_and_runs() {
         return;
     };
     let plain = push_app_image(&s.registry, "app/plain");
-    let report = rpull(&plain, &rpull_options(&s)).await.unwrap();
+    let report = rpull(&plain, &rpull_options(&s.containerd)).await.unwrap();
     assert!(
         report
             .layers
@@ -385,7 +355,9 @@ async fn after_a_crash_running_containers_keep_their_layers_and_new_ones_start()
     let plain = push_app_image(&s.registry, "app/crash");
     let converted = format!("{}/app/crash:estargz", s.registry.host);
     convert(&plain, &converted, &["--estargz"]);
-    let report = rpull(&converted, &rpull_options(&s)).await.unwrap();
+    let report = rpull(&converted, &rpull_options(&s.containerd))
+        .await
+        .unwrap();
     assert!(
         report
             .layers

@@ -5,18 +5,16 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should stop right there
 
-use std::path::Path;
+mod common;
+
 use std::process::Command;
 use std::time::Duration;
 
-use daemon::rpull::{LayerOutcome, RpullOptions, rpull};
-use testkit::containerd::{Containerd, ContainerdOptions};
+use common::{LAZYSNAP, containerd_for, rpull_lazily, start_lazysnapd};
+use testkit::containerd::Containerd;
 use testkit::image::{Entry, ImageBuilder, busybox_entries, noise};
 use testkit::lazysnapd::Lazysnapd;
 use testkit::registry::Registry;
-
-const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
-const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
 const MIB: u64 = 1 << 20;
 /// The command reads 256 KiB of /app/big at this offset, and nothing else of it.
 const READ_AT: u64 = 5 * MIB;
@@ -31,18 +29,8 @@ struct Node {
 
 fn node() -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("lazysnapd.toml");
-    std::fs::write(&config, "[lazy]\nbackground_fetch = false\n").unwrap();
-    let daemon = Lazysnapd::start_with_args(
-        Path::new(LAZYSNAPD),
-        &dir.path().join("ls"),
-        &["--config", config.to_str().unwrap()],
-    )
-    .unwrap();
-    let containerd = Containerd::start_with(
-        &ContainerdOptions::default().proxy_snapshotter("lazysnap", &daemon.address),
-    )
-    .unwrap();
+    let daemon = start_lazysnapd(dir.path(), "[lazy]\nbackground_fetch = false\n");
+    let containerd = containerd_for(&daemon);
     Node {
         daemon,
         containerd,
@@ -160,20 +148,7 @@ async fn optimize_marks_what_the_command_read_and_a_fresh_node_prefetches_just_t
 
     // 3. A fresh node: prefetch fetches the marked chunks, the command runs correctly.
     let second = node();
-    let options = RpullOptions {
-        address: second.containerd.address().to_path_buf(),
-        namespace: second.containerd.namespace().to_string(),
-        snapshotter: "lazysnap".into(),
-        ..RpullOptions::default()
-    };
-    let report = rpull(&dst, &options).await.unwrap();
-    assert!(
-        report
-            .layers
-            .iter()
-            .all(|l| l.outcome == LayerOutcome::Lazy),
-        "{report:?}"
-    );
+    rpull_lazily(&dst, &second.containerd).await;
     let root = second.daemon.root.clone();
     let prefetched = tokio::task::spawn_blocking(move || {
         testkit::wait_until(Duration::from_secs(30), || {

@@ -4,18 +4,17 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should stop right there
 
-use std::path::Path;
-use std::process::Command;
+mod common;
+
 use std::time::Instant;
 
-use daemon::rpull::{LayerOutcome, RpullOptions, rpull};
-use testkit::containerd::{Containerd, ContainerdOptions};
+use common::{containerd_for, convert, rpull_options, start_lazysnapd};
+use daemon::rpull::{LayerOutcome, rpull};
+use testkit::containerd::Containerd;
 use testkit::image::{Blob, Entry, ImageBuilder, busybox_entries, noise};
 use testkit::lazysnapd::Lazysnapd;
 use testkit::registry::Registry;
 
-const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
-const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
 const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
 /// The app layers on top of busybox, each with one file of its own.
 const APP_LAYERS: u64 = 3;
@@ -34,26 +33,15 @@ fn setup(name: &str, preopen_siblings: bool) -> Option<Setup> {
     }
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(&dir.path().join("registry")).unwrap();
-    let config = dir.path().join("lazysnapd.toml");
     // Debug for the snapshotter: why a pre-opened TOC was not used is logged there.
-    std::fs::write(
-        &config,
-        format!(
+    let daemon = start_lazysnapd(
+        dir.path(),
+        &format!(
             "log_level = \"info,snapshotter=debug\"\n[lazy]\nbackground_fetch = false\n\
              preopen_siblings = {preopen_siblings}\n"
         ),
-    )
-    .unwrap();
-    let daemon = Lazysnapd::start_with_args(
-        Path::new(LAZYSNAPD),
-        &dir.path().join("ls"),
-        &["--config", config.to_str().unwrap()],
-    )
-    .unwrap();
-    let containerd = Containerd::start_with(
-        &ContainerdOptions::default().proxy_snapshotter("lazysnap", &daemon.address),
-    )
-    .unwrap();
+    );
+    let containerd = containerd_for(&daemon);
     Some(Setup {
         _dir: dir,
         registry,
@@ -86,31 +74,8 @@ fn push_estargz_image(registry: &Registry, repo: &str) -> String {
         .unwrap();
     let plain = registry.push(repo, "plain", &image).unwrap();
     let converted = format!("{}/{repo}:estargz", registry.host);
-    let out = Command::new(LAZYSNAP)
-        .args([
-            "convert",
-            "--no-progress-bars",
-            "--estargz",
-            &plain,
-            &converted,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "convert failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    convert(&plain, &converted, &["--estargz"]);
     converted
-}
-
-fn rpull_options(s: &Setup) -> RpullOptions {
-    RpullOptions {
-        address: s.containerd.address().to_path_buf(),
-        namespace: s.containerd.namespace().to_string(),
-        snapshotter: "lazysnap".into(),
-        ..RpullOptions::default()
-    }
 }
 
 /// The log lines of lazy mounts, in order.
@@ -132,7 +97,9 @@ fn seconds_of(line: &str) -> Option<f64> {
 /// chain of mounts took (loopback, no delay: what pre-opening saves here is small).
 async fn pull_lazily(s: &Setup, reference: &str, what: &str) {
     let started = Instant::now();
-    let report = rpull(reference, &rpull_options(s)).await.unwrap();
+    let report = rpull(reference, &rpull_options(&s.containerd))
+        .await
+        .unwrap();
     let took = started.elapsed();
     for layer in &report.layers {
         assert_eq!(
@@ -205,7 +172,7 @@ async fn later_layers_are_mounted_from_preopened_tocs() {
     // A plain image publishes no TOC digests: its siblings are not even tried.
     let before = s.daemon.log().matches("pre-opening sibling layers").count();
     let plain = reference.replace(":estargz", ":plain");
-    let report = rpull(&plain, &rpull_options(&s)).await.unwrap();
+    let report = rpull(&plain, &rpull_options(&s.containerd)).await.unwrap();
     assert!(
         report
             .layers
@@ -274,7 +241,9 @@ async fn a_preopened_toc_that_does_not_match_the_label_is_not_served() {
     testkit::registry::push_manifest(&s.registry.host, "app/tampered", "tampered", &blob).unwrap();
     let tampered = format!("{}/app/tampered:tampered", s.registry.host);
 
-    let report = rpull(&tampered, &rpull_options(&s)).await.unwrap();
+    let report = rpull(&tampered, &rpull_options(&s.containerd))
+        .await
+        .unwrap();
     let log = s.daemon.log();
     for (i, layer) in report.layers.iter().enumerate() {
         let want = if i == 2 {

@@ -1,0 +1,74 @@
+//! What the daemon's integration tests share: lazysnapd started with a config, the
+//! containerd that uses it, `lazysnap convert`, and a pull every layer of which must be
+//! mounted lazily.
+
+// Each test binary compiles this module and uses its own part of it.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use daemon::rpull::{LayerOutcome, RpullOptions, RpullReport, rpull};
+use testkit::containerd::{Containerd, ContainerdOptions};
+use testkit::lazysnapd::Lazysnapd;
+
+pub const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
+pub const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
+
+/// Starts lazysnapd with root under `dir/ls` and `config` (TOML) as its config file.
+pub fn start_lazysnapd(dir: &Path, config: &str) -> Lazysnapd {
+    let path = dir.join("lazysnapd.toml");
+    std::fs::write(&path, config).unwrap();
+    Lazysnapd::start_with_args(
+        Path::new(LAZYSNAPD),
+        &dir.join("ls"),
+        &["--config", path.to_str().unwrap()],
+    )
+    .unwrap()
+}
+
+/// A containerd whose proxy snapshotter `lazysnap` is `daemon`.
+pub fn containerd_for(daemon: &Lazysnapd) -> Containerd {
+    Containerd::start_with(
+        &ContainerdOptions::default().proxy_snapshotter("lazysnap", &daemon.address),
+    )
+    .unwrap()
+}
+
+/// `lazysnap convert --no-progress-bars EXTRA… SRC DST`, which must succeed.
+pub fn convert(src: &str, dst: &str, extra: &[&str]) {
+    let out = Command::new(LAZYSNAP)
+        .args(["convert", "--no-progress-bars"])
+        .args(extra)
+        .args([src, dst])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "convert failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `lazysnap rpull` onto the `lazysnap` snapshotter of `containerd`.
+pub fn rpull_options(containerd: &Containerd) -> RpullOptions {
+    RpullOptions {
+        address: containerd.address().to_path_buf(),
+        namespace: containerd.namespace().to_string(),
+        snapshotter: "lazysnap".into(),
+        ..RpullOptions::default()
+    }
+}
+
+/// Pulls `reference` and checks that every layer was mounted lazily.
+pub async fn rpull_lazily(reference: &str, containerd: &Containerd) -> RpullReport {
+    let report = rpull(reference, &rpull_options(containerd)).await.unwrap();
+    assert!(
+        report
+            .layers
+            .iter()
+            .all(|l| l.outcome == LayerOutcome::Lazy),
+        "not every layer of {reference} was mounted lazily: {report:?}"
+    );
+    report
+}
