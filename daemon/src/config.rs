@@ -73,9 +73,12 @@ pub struct LazyConfig {
     pub prefetch: bool,
     /// Then fetch the rest of each layer in the background. Default true.
     pub background_fetch: bool,
-    /// Background fetch budget per layer in bytes per second, 0 for unlimited.
+    /// Background fetch budget per registry host in bytes per second, 0 for unlimited.
     /// Default 50000000.
     pub background_rate_limit: u64,
+    /// The background fetch waits until no demand read or prefetch has used a registry
+    /// host's link for this many milliseconds. Default 2000.
+    pub background_quiet_ms: u64,
     /// FUSE threads per mounted layer. Default 4.
     pub fuse_threads: usize,
     /// Keep lazily mounted layers alive across restarts, crashes and upgrades: an fd
@@ -108,6 +111,7 @@ impl Default for LazyConfig {
             prefetch: fs.prefetch,
             background_fetch: fs.background_fetch,
             background_rate_limit: fs.background_rate_limit.unwrap_or(0),
+            background_quiet_ms: fs.background_quiet.as_millis() as u64,
             fuse_threads: fs.fuse_threads,
             handover: true,
             passthrough: fs.passthrough,
@@ -125,6 +129,7 @@ impl LazyConfig {
             background_fetch: self.background_fetch,
             background_rate_limit: (self.background_rate_limit > 0)
                 .then_some(self.background_rate_limit),
+            background_quiet: std::time::Duration::from_millis(self.background_quiet_ms),
             fuse_threads: self.fuse_threads,
             passthrough: self.passthrough,
             kernel_readahead: self.kernel_readahead_kb.saturating_mul(1024),

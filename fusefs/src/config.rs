@@ -14,13 +14,20 @@ pub struct FsConfig {
     /// Default true.
     pub prefetch: bool,
     /// After prefetch, fetch the rest of the layer at low priority so it ends up fully
-    /// local (needs the disk cache). Default true.
+    /// local (needs the disk cache): only while the registry host's link is quiet (see
+    /// [`crate::Link`]). Default true.
     pub background_fetch: bool,
-    /// Background fetch budget in compressed bytes per second; `None` is unlimited.
-    /// Default 50 MB/s.
+    /// Background fetch budget in compressed bytes per second for each registry host
+    /// (all its layers together); `None` is unlimited. Default 50 MB/s.
     pub background_rate_limit: Option<u64>,
-    /// Size of one background range request (compressed). Default 4 MiB.
+    /// Size of one background range request (compressed): small, so that a demand read
+    /// that arrives while one is in flight waits for little. Default 1 MiB.
     pub background_request_bytes: u64,
+    /// The background fetch of a host's layers starts only after no demand read and no
+    /// prefetch has used the host's link for this long, and no layer was mounted: a
+    /// starting container reads in bursts, and the gaps between them are not idle
+    /// time. Default 2 s.
+    pub background_quiet: Duration,
     /// Deadline of one range request. Default 60 s.
     pub fetch_timeout: Duration,
     /// Largest coalesced on-demand range request (compressed). Default 16 MiB.
@@ -31,7 +38,9 @@ pub struct FsConfig {
     /// On a miss, also fetch the chunks that follow the missed ones in the blob, up to
     /// this many compressed bytes, in a parallel request: they are the neighbouring
     /// files of the same directory, which programs read together (a python import reads
-    /// a package's modules one after another). 0 turns it off. Default 1 MiB.
+    /// a package's modules one after another). It halves while fewer than a quarter of
+    /// the neighbour bytes are then read (a file read at random), down to a sixteenth,
+    /// and grows back. 0 turns it off. Default 1 MiB.
     pub neighbour_fetch_bytes: u64,
     /// First read-ahead window of a sequential reader (file bytes). Default 4 MiB.
     pub readahead_initial: u64,
@@ -74,7 +83,8 @@ impl Default for FsConfig {
             prefetch: true,
             background_fetch: true,
             background_rate_limit: Some(50_000_000),
-            background_request_bytes: 4 << 20,
+            background_request_bytes: 1 << 20,
+            background_quiet: Duration::from_secs(2),
             fetch_timeout: Duration::from_secs(60),
             max_range_bytes: 16 << 20,
             coalesce_gap: 32 << 10,

@@ -20,7 +20,8 @@ use estargz::{EntryKind, EntryRef, Layer, NodeId, Timestamp};
 use crate::cache::SharedCache;
 use crate::config::FsConfig;
 use crate::error::{Error, Result};
-use crate::fetch::Fetcher;
+use crate::fetch::{self, Fetcher};
+use crate::link::Link;
 use crate::stats::Stats;
 
 const WHITEOUT_PREFIX: &str = ".wh.";
@@ -119,9 +120,30 @@ pub enum ReadStart {
 
 /// A read that needs the network; `Send`, to be finished on the runtime.
 pub struct PendingRead {
-    node: NodeId,
+    wants: Vec<(NodeId, estargz::Chunk)>,
     offset: u64,
     end: u64,
+}
+
+/// What a layer's filesystem draws on besides its own blob: the daemon's chunk cache,
+/// the link of the registry host the layer comes from (shared by all its layers), and
+/// the runtime its fetches run on.
+#[derive(Clone)]
+pub struct Backing {
+    pub cache: SharedCache,
+    pub link: Link,
+    pub handle: tokio::runtime::Handle,
+}
+
+impl Backing {
+    /// A backing with a link of its own (one layer, or tests).
+    pub fn new(cache: SharedCache, handle: tokio::runtime::Handle, config: &FsConfig) -> Self {
+        Backing {
+            cache,
+            link: Link::for_config(config),
+            handle,
+        }
+    }
 }
 
 /// The read-only filesystem over one layer.
@@ -135,6 +157,14 @@ pub struct LayerFs {
     /// Files opened so far, each once, in first-open order: what `lazysnap optimize`
     /// learns a container's reads from, with no tracing inside the container.
     access: Mutex<AccessLog>,
+    /// Prefetch and background fetch, started with the filesystem.
+    scheduled: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for LayerFs {
+    fn drop(&mut self) {
+        self.stop_fetching();
+    }
 }
 
 #[derive(Default)]
@@ -237,13 +267,9 @@ fn encode_dev(major: u32, minor: u32) -> u32 {
 }
 
 impl LayerFs {
-    /// Builds the inode table from the layer's index. Fetching happens on `handle`.
-    pub fn new(
-        layer: Arc<Layer>,
-        cache: SharedCache,
-        handle: tokio::runtime::Handle,
-        config: FsConfig,
-    ) -> Result<LayerFs> {
+    /// Builds the inode table from the layer's index and starts the prefetch and the
+    /// background fetch (as `config` says) on `backing`'s runtime.
+    pub fn new(layer: Arc<Layer>, backing: Backing, config: FsConfig) -> Result<LayerFs> {
         config.validate()?;
         let index = layer.index();
         let mut dir_nlink = vec![0u32; index.len()];
@@ -264,13 +290,35 @@ impl LayerFs {
         }
         // The index is built and the TOC's parse is garbage: give its pages back.
         crate::heap::return_free_pages();
+        let Backing {
+            cache,
+            link,
+            handle,
+        } = backing;
+        let fetcher = Arc::new(Fetcher::new(
+            Arc::clone(&layer),
+            cache,
+            link,
+            handle.clone(),
+            config,
+        ));
+        let scheduled = handle.spawn(Arc::clone(&fetcher).run_scheduled());
         Ok(LayerFs {
-            fetcher: Arc::new(Fetcher::new(Arc::clone(&layer), cache, handle, config)),
+            fetcher,
             layer,
             dir_nlink,
             content_bytes,
             access: Mutex::default(),
+            scheduled: Mutex::new(Some(scheduled)),
         })
+    }
+
+    /// Stops the prefetch and background fetch (the layer is going away).
+    pub fn stop_fetching(&self) {
+        let task = self.scheduled.lock().map(|mut t| t.take()).ok().flatten();
+        if let Some(task) = task {
+            task.abort();
+        }
     }
 
     pub fn layer(&self) -> &Arc<Layer> {
@@ -591,40 +639,31 @@ impl LayerFs {
         if offset >= end {
             return Ok(ReadStart::Ready(Bytes::new()));
         }
-        self.fetcher.note_read(e.id(), offset, end, e.size());
         if let Ok(mut log) = self.access.lock() {
             log.read(e.id(), offset..end);
         }
-        let wants = self.wants(e.id(), offset, end);
-        match self.fetcher.try_cached(&wants)? {
-            Some(chunks) => Ok(ReadStart::Ready(assemble(&wants, &chunks, offset, end))),
-            None => {
-                self.fetcher.note_miss(e.id(), offset);
-                Ok(ReadStart::Fetch(PendingRead {
-                    node: e.id(),
-                    offset,
-                    end,
-                }))
-            }
-        }
-    }
-
-    fn wants(&self, node: NodeId, offset: u64, end: u64) -> Vec<(NodeId, estargz::Chunk)> {
-        self.layer
-            .chunks_for_range(node, offset, end - offset)
+        let wants: Vec<_> = self
+            .layer
+            .chunks_for_range(e.id(), offset, end - offset)
             .iter()
-            .map(|c| (node, *c))
-            .collect()
+            .map(|c| (e.id(), *c))
+            .collect();
+        match self.fetcher.read(e.id(), (offset, end, e.size()), &wants)? {
+            fetch::ReadStart::Ready(chunks) => {
+                Ok(ReadStart::Ready(assemble(&wants, &chunks, offset, end)))
+            }
+            fetch::ReadStart::Fetch => Ok(ReadStart::Fetch(PendingRead { wants, offset, end })),
+        }
     }
 
     /// Finishes a read that needs the network: fetches (or joins fetches of) the
     /// missing chunks, all verified.
     pub fn read_fetch(&self, pending: PendingRead) -> impl Future<Output = Result<Bytes>> + use<> {
         let fetcher = Arc::clone(&self.fetcher);
-        let wants = self.wants(pending.node, pending.offset, pending.end);
         async move {
-            let chunks = fetcher.demand_chunks(&wants).await?;
-            Ok(assemble(&wants, &chunks, pending.offset, pending.end))
+            let PendingRead { wants, offset, end } = pending;
+            let chunks = fetcher.fetch_for_read(&wants).await?;
+            Ok(assemble(&wants, &chunks, offset, end))
         }
     }
 

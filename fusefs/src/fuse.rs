@@ -27,9 +27,8 @@ use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 
-use crate::cache::SharedCache;
 use crate::config::FsConfig;
-use crate::core::{LayerFs, ReadStart, XattrReply};
+use crate::core::{Backing, LayerFs, ReadStart, XattrReply};
 use crate::error::{Error, Result};
 use crate::histogram::{Op, OpLatencies};
 use crate::kernel::{self, Args, init, op};
@@ -562,7 +561,6 @@ pub struct MountedLayer {
     mountpoint: PathBuf,
     session: Option<Arc<Session>>,
     threads: Vec<JoinHandle<()>>,
-    fetch_task: Option<tokio::task::JoinHandle<()>>,
     mounted: bool,
 }
 
@@ -576,21 +574,16 @@ impl std::fmt::Debug for MountedLayer {
 }
 
 /// Mounts `layer` read-only at `mountpoint` (an existing directory) and starts the
-/// prefetch and background fetch on `handle`. Needs root (mount(2) with /dev/fuse).
+/// prefetch and background fetch on `backing`'s runtime. Needs root (mount(2) with /dev/fuse).
 /// Blocks for the FUSE handshake: call it from a blocking context (`spawn_blocking`).
 pub fn mount(
     layer: Arc<estargz::Layer>,
     mountpoint: &Path,
-    cache: &SharedCache,
-    handle: Handle,
+    backing: &Backing,
     config: FsConfig,
 ) -> Result<MountedLayer> {
-    let fs = Arc::new(LayerFs::new(
-        layer,
-        cache.clone(),
-        handle.clone(),
-        config.clone(),
-    )?);
+    let handle = backing.handle.clone();
+    let fs = Arc::new(LayerFs::new(layer, backing.clone(), config.clone())?);
     let mount_err = |source| Error::Mount {
         path: mountpoint.to_path_buf(),
         source,
@@ -638,10 +631,10 @@ pub fn adopt(
     mountpoint: &Path,
     dev: OwnedFd,
     handover: &Handover,
-    cache: &SharedCache,
-    handle: Handle,
+    backing: &Backing,
     config: FsConfig,
 ) -> Result<MountedLayer> {
+    let handle = backing.handle.clone();
     // Only the parent is resolved: resolving the mountpoint itself would ask the
     // filesystem, which nobody serves until we do.
     let mountpoint = match (mountpoint.parent(), mountpoint.file_name()) {
@@ -659,12 +652,7 @@ pub fn adopt(
             ),
         });
     }
-    let fs = Arc::new(LayerFs::new(
-        layer,
-        cache.clone(),
-        handle.clone(),
-        config.clone(),
-    )?);
+    let fs = Arc::new(LayerFs::new(layer, backing.clone(), config.clone())?);
     let negotiated = Negotiated {
         minor: handover.proto_minor,
         kernel_flags: handover.kernel_flags,
@@ -753,7 +741,6 @@ fn start(
         mountpoint,
         session: Some(Arc::clone(&session)),
         threads: Vec::new(),
-        fetch_task: None,
         mounted: true,
     };
     for i in 0..config.fuse_threads {
@@ -767,18 +754,6 @@ fn start(
             })?;
         mounted.threads.push(thread);
     }
-    let fetcher = Arc::clone(fs.fetcher());
-    let (prefetch, background) = (config.prefetch, config.background_fetch);
-    mounted.fetch_task = Some(handle.spawn(async move {
-        if prefetch {
-            fetcher.prefetch().await;
-        }
-        fetcher.prefetch_done.send_replace(true);
-        if background {
-            fetcher.background().await;
-        }
-        fetcher.background_done.send_replace(true);
-    }));
     Ok(mounted)
 }
 
@@ -902,9 +877,7 @@ impl MountedLayer {
     }
 
     fn stop_fetching(&mut self) {
-        if let Some(task) = self.fetch_task.take() {
-            task.abort();
-        }
+        self.fs.stop_fetching();
     }
 
     /// Waits briefly for the FUSE threads, which end when the kernel closes the

@@ -12,8 +12,9 @@
 //! and sharing fetches already in flight; every chunk is verified against its TOC
 //! digest before anyone sees it. Sequential readers get growing read-ahead; after
 //! mounting, the prioritized files are prefetched in order (in requests of at most
-//! `max_range_bytes`, a few in flight) and the rest of the
-//! layer follows in the background, yielding to on-demand reads.
+//! `max_range_bytes`, a few in flight) and the rest of the layer follows in the
+//! background, in small requests, only while the registry host's [`Link`] is quiet:
+//! demand reads first, then prefetch, then background.
 
 mod cache;
 mod config;
@@ -24,6 +25,7 @@ mod fuse;
 mod heap;
 mod histogram;
 mod kernel;
+mod link;
 mod lru;
 mod stats;
 #[cfg(test)]
@@ -32,10 +34,11 @@ mod tests;
 pub use cache::{CacheConfig, SharedCache};
 pub use config::FsConfig;
 pub use core::{
-    Attr, DirEntry, FileAccess, FileKind, LayerFs, OPAQUE_XATTR, PendingRead, ReadStart, StatFs,
-    XattrReply,
+    Attr, Backing, DirEntry, FileAccess, FileKind, LayerFs, OPAQUE_XATTR, PendingRead, ReadStart,
+    StatFs, XattrReply,
 };
 pub use error::{Error, Result};
 pub use fuse::{Handover, MountedLayer, adopt, mount, mount_device};
 pub use histogram::OpHistogram;
+pub use link::{Link, Links};
 pub use stats::Stats;

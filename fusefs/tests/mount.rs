@@ -254,8 +254,7 @@ impl Env {
         fusefs::mount(
             Arc::new(layer),
             &mp,
-            &self.cache,
-            self.rt.handle().clone(),
+            &fusefs::Backing::new(self.cache.clone(), self.rt.handle().clone(), &config),
             config,
         )
         .unwrap()

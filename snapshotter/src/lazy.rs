@@ -23,6 +23,9 @@ pub struct FuseMounter {
     cache: fusefs::SharedCache,
     config: fusefs::FsConfig,
     handle: tokio::runtime::Handle,
+    /// One link per registry host: background fetches of all its layers share it and
+    /// hold back while any of them is read.
+    links: fusefs::Links,
     /// Mount a layer whose TOC cannot be verified when the client asked for it
     /// (`stargz.skipverify`); off by default, as in stargz-snapshotter.
     allow_no_verification: bool,
@@ -110,6 +113,7 @@ impl FuseMounter {
         FuseMounter {
             client,
             cache,
+            links: fusefs::Links::new(&config),
             config,
             handle,
             allow_no_verification,
@@ -118,6 +122,20 @@ impl FuseMounter {
             held: Mutex::new(HashMap::new()),
             preopener: None,
             preopened_mounts: AtomicU64::new(0),
+        }
+    }
+
+    /// The cache, runtime and registry host's link a layer's filesystem uses.
+    fn backing(&self, layer: &RemoteLayer) -> fusefs::Backing {
+        let host = layer
+            .image_ref
+            .parse::<registry::Reference>()
+            .map(|r| r.repository.api_host().to_string())
+            .unwrap_or_default();
+        fusefs::Backing {
+            cache: self.cache.clone(),
+            link: self.links.for_host(&host),
+            handle: self.handle.clone(),
         }
     }
 
@@ -271,23 +289,14 @@ impl FuseMounter {
         let Some(held) = self.held().remove(mountpoint) else {
             return Ok(None);
         };
-        let (opened, cache, handle, config, path) = (
+        let (opened, backing, config, path) = (
             Arc::clone(opened),
-            self.cache.clone(),
-            self.handle.clone(),
+            self.backing(layer),
             self.config.clone(),
             mountpoint.to_path_buf(),
         );
         let adopted = tokio::task::spawn_blocking(move || {
-            fusefs::adopt(
-                opened,
-                &path,
-                held.fd,
-                &held.handover,
-                &cache,
-                handle,
-                config,
-            )
+            fusefs::adopt(opened, &path, held.fd, &held.handover, &backing, config)
         })
         .await
         .map_err(|e| format!("take-over task: {e}"))?;
@@ -531,9 +540,8 @@ impl RemoteMounter for FuseMounter {
             for stale in fsutil::mounts_under(mountpoint) {
                 let _ = fsutil::unmount_detach(&stale);
             }
-            let (cache, handle, config, path) = (
-                self.cache.clone(),
-                self.handle.clone(),
+            let (backing, config, path) = (
+                self.backing(layer),
                 self.config.clone(),
                 mountpoint.to_path_buf(),
             );
@@ -542,7 +550,7 @@ impl RemoteMounter for FuseMounter {
             // Mounting waits for the kernel's handshake, and the holder is a blocking
             // socket: keep both off the async threads.
             let (mounted, handed_over) = tokio::task::spawn_blocking(move || {
-                let mounted = fusefs::mount(opened, &path, &cache, handle, config)?;
+                let mounted = fusefs::mount(opened, &path, &backing, config)?;
                 let handed_over = holder.is_some_and(|holder| {
                     let Some((fd, handover)) = mounted.handover() else {
                         return false;

@@ -266,8 +266,7 @@ impl Bench<'_> {
         let mounted = fusefs::mount(
             Arc::new(layer),
             &mp,
-            cache,
-            self.rt.handle().clone(),
+            &fusefs::Backing::new(cache.clone(), self.rt.handle().clone(), &config),
             config,
         )
         .with_context(|| format!("mounting at {}", mp.display()))?;
@@ -1169,8 +1168,7 @@ fn rss_child(blob: &Path, args: &Args) -> anyhow::Result<()> {
         mounts.push(fusefs::mount(
             Arc::new(layer),
             &mp,
-            &cache,
-            rt.handle().clone(),
+            &fusefs::Backing::new(cache.clone(), rt.handle().clone(), &config),
             config,
         )?);
     }

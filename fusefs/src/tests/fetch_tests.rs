@@ -153,7 +153,12 @@ fn disk_cache_survives_reopen_and_corrupt_files_are_refetched() {
     offline.requests.lock().unwrap().clear();
     offline.fail_all.store(true, Ordering::SeqCst);
     let layer = Arc::new(layer);
-    let fs2 = LayerFs::new(layer, cache.clone(), f.rt.handle().clone(), quiet_config()).unwrap();
+    let fs2 = LayerFs::new(
+        layer,
+        backing(&cache, &f.rt, &quiet_config()),
+        quiet_config(),
+    )
+    .unwrap();
     let ino = f.ino("data/big");
     let read2 = |off: u64| {
         let res = f.rt.block_on(fs2.read(ino, off, CHUNK as u32));
@@ -234,8 +239,7 @@ fn identical_chunks_are_shared_across_layers_through_the_disk_cache() {
     blob.requests.lock().unwrap().clear();
     let fs = LayerFs::new(
         Arc::new(layer),
-        a.cache.clone(),
-        a.rt.handle().clone(),
+        backing(&a.cache, &a.rt, &quiet_config()),
         quiet_config(),
     )
     .unwrap();
@@ -743,13 +747,13 @@ fn files_read_whole_get_a_verified_local_copy_for_passthrough() {
         ))
         .unwrap(),
     );
-    let fs2 = LayerFs::new(layer.clone(), cache.clone(), f.rt.handle().clone(), config).unwrap();
+    let fs2 = LayerFs::new(layer.clone(), backing(&cache, &f.rt, &config), config).unwrap();
     assert_eq!(copy(&fs2, big).unwrap(), src.files["data/big"]);
     // Passthrough off: never a copy.
     let off = FsConfig {
         passthrough: false,
         ..quiet_config()
     };
-    let fs3 = LayerFs::new(layer, cache, f.rt.handle().clone(), off).unwrap();
+    let fs3 = LayerFs::new(layer, backing(&cache, &f.rt, &off), off).unwrap();
     assert!(fs3.passthrough_file(big).is_none());
 }

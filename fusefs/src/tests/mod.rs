@@ -6,6 +6,7 @@
 
 mod core_tests;
 mod fetch_tests;
+mod link_tests;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -260,6 +261,8 @@ pub(crate) fn quiet_config() -> FsConfig {
         prefetch: false,
         background_fetch: false,
         background_rate_limit: None,
+        // Tests that run the background fetch want it to start at once.
+        background_quiet: Duration::ZERO,
         fetch_timeout: Duration::from_secs(20),
         // Reads 4 KiB apart are no longer "sequential": tests control read-ahead.
         max_read: 4096,
@@ -267,6 +270,15 @@ pub(crate) fn quiet_config() -> FsConfig {
         neighbour_fetch_bytes: 0,
         ..FsConfig::default()
     }
+}
+
+/// A backing over `cache` with a link of its own, as `config` says.
+pub(crate) fn backing(
+    cache: &SharedCache,
+    rt: &tokio::runtime::Runtime,
+    config: &FsConfig,
+) -> crate::Backing {
+    crate::Backing::new(cache.clone(), rt.handle().clone(), config)
 }
 
 pub(crate) struct Fixture {
@@ -293,7 +305,7 @@ pub(crate) fn fixture_with(blob: FaultBlob, config: FsConfig, disk_bytes: u64) -
         disk_bytes,
     })
     .unwrap();
-    let fs = LayerFs::new(Arc::new(layer), cache.clone(), rt.handle().clone(), config).unwrap();
+    let fs = LayerFs::new(Arc::new(layer), backing(&cache, &rt, &config), config).unwrap();
     Fixture {
         rt,
         blob,

@@ -1,0 +1,382 @@
+//! Getting verified chunks for one layer. One job a file:
+//! - [`inflight`]: fetches in flight, shared by everyone who wants the same chunk;
+//! - [`stream`]: one range request, its chunks inflated and verified as its body arrives;
+//! - [`readahead`]: sequential readers get growing read-ahead;
+//! - [`schedule`]: what is fetched without a reader waiting (neighbours of a miss,
+//!   prefetch, the background fetch of the whole layer), in the link's order of
+//!   precedence ([`crate::link`]);
+//! - [`whole`]: whole-file copies for FUSE passthrough.
+//!
+//! This file holds the fetcher itself and its one entry for reads.
+
+mod inflight;
+mod readahead;
+mod schedule;
+mod stream;
+mod whole;
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use estargz::{Chunk, EntryKind, Layer, NodeId};
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+
+use crate::cache::SharedCache;
+use crate::config::FsConfig;
+use crate::error::{Error, Result};
+use crate::link::{Class, Link};
+use crate::stats::{Counters, Stats};
+
+use inflight::InFlight;
+use readahead::Sequential;
+use schedule::Neighbours;
+use whole::Assembling;
+
+/// Why a range is fetched: for the debug log of range requests, the link's order of
+/// precedence, and whether its chunks are kept in memory (all but the background
+/// fetch's, so the memory cache keeps what readers use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    Demand,
+    Neighbour,
+    ReadAhead,
+    Prefetch,
+    Background,
+}
+
+impl Purpose {
+    fn keep_in_memory(self) -> bool {
+        self != Purpose::Background
+    }
+
+    /// How a request of this purpose counts on the link (the background, not at all:
+    /// it waits for its turn instead).
+    fn class(self) -> Option<Class> {
+        match self {
+            Purpose::Demand | Purpose::Neighbour | Purpose::ReadAhead => Some(Class::Demand),
+            Purpose::Prefetch => Some(Class::Prefetch),
+            Purpose::Background => None,
+        }
+    }
+}
+
+/// What a read finds: its chunks, or that it must wait for the network.
+pub(crate) enum ReadStart {
+    Ready(Vec<Bytes>),
+    Fetch,
+}
+
+pub(crate) struct Fetcher {
+    pub(crate) layer: Arc<Layer>,
+    /// For logs and errors: the layer's TOC digest.
+    name: String,
+    cache: SharedCache,
+    link: Link,
+    handle: Handle,
+    config: FsConfig,
+    pub(crate) counters: Counters,
+    inflight: InFlight,
+    seq: Sequential,
+    neighbours: Neighbours,
+    assembling: Assembling,
+    pub(crate) prefetch_done: watch::Sender<bool>,
+    pub(crate) background_done: watch::Sender<bool>,
+    /// Disk writes under way (fetched chunks, whole copies), so callers can wait for the
+    /// cache to settle.
+    writes: watch::Sender<usize>,
+}
+
+/// Counts one unit of work on a watched counter while alive.
+pub(crate) struct Counted(watch::Sender<usize>);
+
+impl Counted {
+    pub(crate) fn new(tx: &watch::Sender<usize>) -> Self {
+        tx.send_modify(|n| *n += 1);
+        Counted(tx.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where something lies in the blob, for coalescing.
+pub(crate) trait InBlob {
+    fn span(&self) -> (u64, u64);
+}
+
+impl InBlob for Chunk {
+    fn span(&self) -> (u64, u64) {
+        (self.comp_offset, self.comp_end)
+    }
+}
+
+impl InBlob for (NodeId, Chunk) {
+    fn span(&self) -> (u64, u64) {
+        self.1.span()
+    }
+}
+
+/// Cuts `items` (sorted by blob offset) into ranges for range requests: an item joins
+/// the range before it when it starts at most `gap` bytes after that range's end (the
+/// bytes between are cheaper than a round trip) and the range stays within `max`
+/// bytes; a single item larger than `max` is a range of its own.
+pub(crate) fn coalesce<T: InBlob>(items: Vec<T>, gap: u64, max: u64) -> Vec<(Range<u64>, Vec<T>)> {
+    let mut out: Vec<(Range<u64>, Vec<T>)> = Vec::new();
+    for item in items {
+        let (s, e) = item.span();
+        if let Some((range, group)) = out.last_mut()
+            && s <= range.end.saturating_add(gap)
+            && e.max(range.end) - range.start <= max
+        {
+            range.end = range.end.max(e);
+            group.push(item);
+            continue;
+        }
+        out.push((s..e, vec![item]));
+    }
+    out
+}
+
+impl Fetcher {
+    pub(crate) fn new(
+        layer: Arc<Layer>,
+        cache: SharedCache,
+        link: Link,
+        handle: Handle,
+        config: FsConfig,
+    ) -> Fetcher {
+        Fetcher {
+            name: layer.toc_digest().to_string(),
+            seq: Sequential::new(config.readahead_requests),
+            neighbours: Neighbours::new(config.neighbour_fetch_bytes),
+            layer,
+            cache,
+            link,
+            handle,
+            config,
+            counters: Counters::default(),
+            inflight: InFlight::default(),
+            assembling: Assembling::default(),
+            prefetch_done: watch::channel(false).0,
+            background_done: watch::channel(false).0,
+            writes: watch::channel(0).0,
+        }
+    }
+
+    fn path(&self, node: NodeId) -> String {
+        self.layer.index().path_of(node)
+    }
+
+    fn layer_error(&self, source: estargz::Error) -> Error {
+        Error::Layer {
+            layer: self.name.clone(),
+            source,
+        }
+    }
+
+    /// A zstd:chunked hole: nothing to fetch, but the digest is still checked so a lying
+    /// TOC cannot turn data into zeros.
+    fn zeros(&self, node: NodeId, chunk: &Chunk) -> Result<Bytes> {
+        let data = self
+            .layer
+            .decompress_chunk(node, chunk, &[])
+            .map_err(|source| self.layer_error(source))?;
+        let data = Bytes::from(data);
+        self.cache.put_memory(chunk.digest, data.clone());
+        Ok(data)
+    }
+
+    /// A read of `wants` (the chunks of `node`'s bytes `offset..end`; the file is `size`
+    /// bytes): notes it for read-ahead and for judging neighbour fetches, and answers
+    /// from the cache if it can. Never touches the network: this is what a FUSE thread
+    /// calls. On [`ReadStart::Fetch`], [`Fetcher::fetch_for_read`] finishes the read.
+    pub(crate) fn read(
+        self: &Arc<Self>,
+        node: NodeId,
+        (offset, end, size): (u64, u64, u64),
+        wants: &[(NodeId, Chunk)],
+    ) -> Result<ReadStart> {
+        self.note_read(node, offset, end, size);
+        self.neighbours.note_used(wants);
+        let mut out = Vec::with_capacity(wants.len());
+        for (node, c) in wants {
+            match self.cache.get(&c.digest, c.size) {
+                Some(b) => out.push(b),
+                None if c.zeros => out.push(self.zeros(*node, c)?),
+                None => {
+                    self.note_miss(*node, offset);
+                    return Ok(ReadStart::Fetch);
+                }
+            }
+        }
+        Counters::add(&self.counters.cache_hits, out.len() as u64);
+        Ok(ReadStart::Ready(out))
+    }
+
+    /// The network part of a read: counts as demand on the link (so background work
+    /// holds back), fetches the chunks' neighbours beside it, and waits for the chunks.
+    pub(crate) async fn fetch_for_read(
+        self: &Arc<Self>,
+        wants: &[(NodeId, Chunk)],
+    ) -> Result<Vec<Bytes>> {
+        let _busy = self.link.busy(Class::Demand);
+        self.fetch_neighbours(wants);
+        self.chunks(wants, Purpose::Demand).await
+    }
+
+    /// The whole decompressed, verified chunks, in order: from the cache, from a fetch
+    /// already in flight, or from new range requests (coalesced) spawned here.
+    pub(crate) async fn chunks(
+        self: &Arc<Self>,
+        wants: &[(NodeId, Chunk)],
+        purpose: Purpose,
+    ) -> Result<Vec<Bytes>> {
+        let mut out: Vec<Option<Bytes>> = vec![None; wants.len()];
+        let mut waits = Vec::new();
+        let mut leads = Vec::new();
+        for (i, (node, c)) in wants.iter().enumerate() {
+            if let Some(b) = self.cache.get(&c.digest, c.size) {
+                Counters::add(&self.counters.cache_hits, 1);
+                out[i] = Some(b);
+                continue;
+            }
+            if c.zeros {
+                out[i] = Some(self.zeros(*node, c)?);
+                continue;
+            }
+            match self.inflight.join_or_lead(&self.cache, *node, c) {
+                inflight::Joined::Ready(b) => {
+                    Counters::add(&self.counters.cache_hits, 1);
+                    out[i] = Some(b);
+                }
+                inflight::Joined::Wait(rx) => {
+                    Counters::add(&self.counters.cache_misses, 1);
+                    waits.push((i, rx));
+                }
+                inflight::Joined::Lead(lead, rx) => {
+                    Counters::add(&self.counters.cache_misses, 1);
+                    leads.push(lead);
+                    waits.push((i, rx));
+                }
+            }
+        }
+        // A task of its own for each range: the fetch completes for every waiter even
+        // if the reader that started it goes away.
+        self.spawn_ranges(leads, self.config.coalesce_gap, purpose);
+        for (i, rx) in waits {
+            match inflight::wait(rx).await {
+                Ok(b) => out[i] = Some(b),
+                Err(reason) => {
+                    let (_, c) = &wants[i];
+                    return Err(Error::Fetch {
+                        layer: self.name.clone(),
+                        start: c.comp_offset,
+                        end: c.comp_end,
+                        reason: reason.to_string(),
+                    });
+                }
+            }
+        }
+        out.into_iter()
+            .map(|b| b.ok_or(Error::Invalid("chunk left unanswered")))
+            .collect()
+    }
+
+    /// Coalesces `leads` into range requests of at most `max_range_bytes` and runs each
+    /// in a task of its own.
+    fn spawn_ranges(self: &Arc<Self>, leads: Vec<inflight::Lead>, gap: u64, purpose: Purpose) {
+        let mut leads = leads;
+        leads.sort_by_key(|l| (l.chunk.comp_offset, l.chunk.inner_offset));
+        for (range, group) in coalesce(leads, gap, self.config.max_range_bytes) {
+            let this = Arc::clone(self);
+            self.handle
+                .spawn(async move { this.fetch_range(range, group, purpose).await });
+        }
+    }
+
+    /// Every chunk of every regular file, with its node.
+    fn all_chunks(&self) -> Vec<(NodeId, Chunk)> {
+        let index = self.layer.index();
+        let mut out = Vec::with_capacity(index.all_chunks().len());
+        for id in 0..index.len() {
+            let e = index.entry(NodeId(id as u32));
+            if e.kind() == EntryKind::Reg {
+                out.extend(e.chunks().iter().map(|c| (e.id(), *c)));
+            }
+        }
+        out
+    }
+
+    /// Resolves when no fetched chunk or whole-file copy is being written to disk.
+    pub(crate) async fn writes_settled(&self) {
+        let _ = self.writes.subscribe().wait_for(|n| *n == 0).await;
+    }
+
+    /// Counters plus how much of the layer is local.
+    pub(crate) fn stats(&self) -> Stats {
+        let mut seen = HashSet::new();
+        let (mut local, mut total) = (0, 0);
+        for c in self.layer.index().all_chunks() {
+            if !seen.insert(c.digest) {
+                continue;
+            }
+            total += c.size;
+            if c.zeros || self.cache.contains(&c.digest) {
+                local += c.size;
+            }
+        }
+        let k = &self.counters;
+        Stats {
+            bytes_fetched: Counters::get(&k.bytes_fetched),
+            range_requests: Counters::get(&k.range_requests),
+            cache_hits: Counters::get(&k.cache_hits),
+            cache_misses: Counters::get(&k.cache_misses),
+            verification_failures: Counters::get(&k.verification_failures),
+            fetch_errors: Counters::get(&k.fetch_errors),
+            local_bytes: local,
+            total_bytes: total,
+            prefetch_done: *self.prefetch_done.borrow(),
+            background_done: *self.background_done.borrow(),
+            // Timed by the FUSE adapter, which fills it in.
+            op_latency: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(s: u64, e: u64) -> Chunk {
+        Chunk {
+            comp_offset: s,
+            comp_end: e,
+            file_offset: 0,
+            size: 0,
+            digest: estargz::Digest([0; 32]),
+            inner_offset: 0,
+            zeros: false,
+            prefetch: false,
+        }
+    }
+
+    #[test]
+    fn coalescing_bridges_small_gaps_and_keeps_ranges_within_the_maximum() {
+        let items = vec![span(0, 10), span(12, 20), span(100, 110), span(110, 300)];
+        let got: Vec<_> = coalesce(items, 5, 150)
+            .into_iter()
+            .map(|(r, g)| (r, g.len()))
+            .collect();
+        assert_eq!(got, vec![(0..20, 2), (100..110, 1), (110..300, 1)]);
+    }
+}

@@ -1,0 +1,191 @@
+//! One range request, its body used as it arrives: as soon as the bytes of the next
+//! chunks are in, they are inflated, verified, cached and handed to their waiters, so a
+//! reader of the first file of a long range waits for that file, not for the range.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+use super::inflight::Lead;
+use super::{Counted, Fetcher, Purpose, lock};
+use crate::stats::Counters;
+
+/// The body of one range request as it arrives, and the chunks still waiting for it.
+struct Arriving {
+    /// Blob offset of `buf`'s first byte.
+    base: u64,
+    buf: BytesMut,
+    received: u64,
+    /// In blob order.
+    leads: VecDeque<Lead>,
+    jobs: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Arriving {
+    /// The leading chunks whose bytes are all in, with those bytes (and the blob offset
+    /// they start at); the bytes no waiting chunk needs are dropped from `buf`.
+    fn take_ready(&mut self) -> Option<(u64, Bytes, Vec<Lead>)> {
+        let have = self.base + self.buf.len() as u64;
+        let mut ready = Vec::new();
+        while self.leads.front().is_some_and(|l| l.chunk.comp_end <= have) {
+            ready.extend(self.leads.pop_front());
+        }
+        let need = ready.iter().map(|l| l.chunk.comp_end).max()?;
+        let start = self.base;
+        // Bytes before the next waiting chunk are done with.
+        let cut = self
+            .leads
+            .front()
+            .map_or(have, |next| next.chunk.comp_offset)
+            .clamp(self.base, have);
+        let data = if cut >= need {
+            self.buf.split_to((cut - self.base) as usize).freeze()
+        } else {
+            // The next chunk shares bytes with these (several chunks in one member).
+            let copy = Bytes::copy_from_slice(&self.buf[..(need - self.base) as usize]);
+            let _ = self.buf.split_to((cut - self.base) as usize);
+            copy
+        };
+        self.base = cut;
+        Some((start, data, ready))
+    }
+}
+
+impl Fetcher {
+    /// One range request for `leads` (all inside `range`), counted on the link as its
+    /// purpose says. Inflation runs off the async workers (4 MiB take milliseconds).
+    pub(crate) async fn fetch_range(
+        self: Arc<Self>,
+        range: Range<u64>,
+        leads: Vec<Lead>,
+        purpose: Purpose,
+    ) {
+        let _busy = purpose.class().map(|class| self.link.busy(class));
+        Counters::add(&self.counters.range_requests, 1);
+        let keep = purpose.keep_in_memory();
+        let len = range.end - range.start;
+        let started = Instant::now();
+        let mut leads = leads;
+        leads.sort_by_key(|l| (l.chunk.comp_offset, l.chunk.inner_offset));
+        let arriving = Mutex::new(Arriving {
+            base: range.start,
+            // One allocation for the whole body; segments split off it share it.
+            buf: BytesMut::with_capacity(len.min(64 << 20) as usize),
+            received: 0,
+            leads: leads.into(),
+            jobs: Vec::new(),
+        });
+        let on_data = |piece: Bytes| {
+            let mut a = lock(&arriving);
+            a.received += piece.len() as u64;
+            a.buf.extend_from_slice(&piece);
+            if let Some((start, data, ready)) = a.take_ready() {
+                let job = self.process(start, data, ready, keep);
+                a.jobs.push(job);
+            }
+        };
+        let read = self
+            .layer
+            .blob()
+            .read_at_streaming(range.start, len, &on_data);
+        let outcome = tokio::time::timeout(self.config.fetch_timeout, read).await;
+        tracing::debug!(layer = %self.name, start = range.start, len, ?purpose,
+            ms = started.elapsed().as_millis() as u64, "range fetched");
+        let Arriving {
+            received,
+            leads: rest,
+            jobs,
+            ..
+        } = arriving.into_inner().unwrap_or_else(|p| p.into_inner());
+        let failure = match outcome {
+            Err(_) => Some(format!("timed out after {:?}", self.config.fetch_timeout)),
+            Ok(Err(e)) => Some(e.to_string()),
+            Ok(Ok(())) if received != len => Some(format!("got {received} bytes, asked for {len}")),
+            // Every chunk lies inside the range, so a complete body leaves none waiting.
+            Ok(Ok(())) if !rest.is_empty() => Some("chunks left over after the range".into()),
+            Ok(Ok(())) => None,
+        };
+        match failure {
+            Some(reason) => {
+                Counters::add(&self.counters.fetch_errors, 1);
+                tracing::warn!(layer = %self.name, start = range.start, end = range.end,
+                    %reason, "range request failed");
+                let reason: Arc<str> = Arc::from(reason);
+                for lead in rest {
+                    self.inflight.finish(lead, Err(reason.clone()));
+                }
+            }
+            None => Counters::add(&self.counters.bytes_fetched, len),
+        }
+        for job in jobs {
+            if let Err(e) = job.await {
+                // The leads were dropped with the closure: their waiters see a closed
+                // channel and report EIO; the stale table entries are replaced on next use.
+                tracing::error!(layer = %self.name, error = %e, "chunk inflation task failed");
+            }
+        }
+    }
+
+    /// Inflates, verifies and caches `leads`, whose bytes are in `data` (which starts at
+    /// blob offset `start`), on a blocking thread; then hands each to its waiters.
+    fn process(
+        self: &Arc<Self>,
+        start: u64,
+        data: Bytes,
+        leads: Vec<Lead>,
+        keep: bool,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = Arc::clone(self);
+        let busy = Counted::new(&self.writes);
+        self.handle.spawn_blocking(move || {
+            let _busy = busy;
+            // Waiters first, disk second: a reader should not wait for chunk files to
+            // be written. Chunks kept in memory are found there meanwhile; the others
+            // (background fetch) go to disk before their waiters hear of them, so a
+            // reader never refetches a chunk that is on its way to disk.
+            let mut to_disk = Vec::new();
+            for lead in leads {
+                let res = this.inflate(&lead, &data[..], start, keep);
+                match &res {
+                    Ok(b) if keep => to_disk.push((lead.chunk.digest, b.clone())),
+                    Ok(b) => this.cache.put_disk(lead.chunk.digest, b),
+                    Err(_) => {}
+                }
+                this.inflight.finish(lead, res);
+            }
+            for (digest, b) in to_disk {
+                this.cache.put_disk(digest, &b);
+            }
+        })
+    }
+
+    fn inflate(
+        &self,
+        lead: &Lead,
+        data: &[u8],
+        start: u64,
+        keep: bool,
+    ) -> std::result::Result<Bytes, Arc<str>> {
+        let c = &lead.chunk;
+        let rel = (c.comp_offset - start) as usize;
+        let bytes = data.get(rel..).unwrap_or(&[]);
+        match self.layer.decompress_chunk(lead.node, c, bytes) {
+            Ok(v) => {
+                let b = Bytes::from(v);
+                if keep {
+                    self.cache.put_memory(c.digest, b.clone());
+                }
+                Ok(b)
+            }
+            Err(e) => {
+                Counters::add(&self.counters.verification_failures, 1);
+                tracing::warn!(layer = %self.name, path = %self.path(lead.node),
+                    error = %e, "chunk failed verification");
+                Err(Arc::from(e.to_string()))
+            }
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Whole-file copies for FUSE passthrough: a file whose chunks are all local is written
+//! out once as one plain file (from verified chunks), which the kernel then reads
+//! directly at local-disk speed.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use estargz::{Digest, EntryKind, NodeId};
+
+use super::{Counted, Fetcher, lock};
+
+/// Whole-file copies being written, by key.
+#[derive(Default)]
+pub(crate) struct Assembling(Mutex<HashSet<Digest>>);
+
+impl Fetcher {
+    /// The key a whole copy of `node`'s content is stored under: a digest of its chunk
+    /// list, so equal files of different layers share one copy.
+    fn file_key(&self, node: NodeId) -> Digest {
+        let chunks = self.layer.chunks_for_range(node, 0, u64::MAX);
+        let mut text = Vec::with_capacity(32 + chunks.len() * 48);
+        text.extend_from_slice(b"lazysnap whole file v1\0");
+        for c in chunks {
+            text.extend_from_slice(&c.digest.0);
+            text.extend_from_slice(&c.file_offset.to_le_bytes());
+            text.extend_from_slice(&c.size.to_le_bytes());
+        }
+        Digest::of(&text)
+    }
+
+    /// Regular files big enough for passthrough, hardlinks resolved; `None` otherwise.
+    fn passthrough_size(&self, node: NodeId) -> Option<(NodeId, u64)> {
+        if !self.config.passthrough || !self.cache.disk_enabled() {
+            return None;
+        }
+        let index = self.layer.index();
+        let e = index.entry(index.resolve(node));
+        (e.kind() == EntryKind::Reg && e.size() >= self.config.passthrough_min_bytes.max(1))
+            .then(|| (e.id(), e.size()))
+    }
+
+    /// A local copy of the whole file, if one is stored, for the kernel to read directly.
+    pub(crate) fn whole_file(&self, node: NodeId) -> Option<std::fs::File> {
+        let (node, _) = self.passthrough_size(node)?;
+        self.cache.whole_file(&self.file_key(node))
+    }
+
+    /// When every chunk of `node` is local and no whole copy exists yet, writes one in
+    /// the background (from verified chunks) so that later opens can use passthrough.
+    pub(crate) fn maybe_store_whole(self: &Arc<Self>, node: NodeId) {
+        let Some((node, size)) = self.passthrough_size(node) else {
+            return;
+        };
+        let chunks = self.layer.chunks_for_range(node, 0, size);
+        // In memory counts too: the last chunks a reader got may still be on their way
+        // to disk when it closes the file.
+        if !chunks
+            .iter()
+            .all(|c| c.zeros || self.cache.contains(&c.digest))
+        {
+            return;
+        }
+        let key = self.file_key(node);
+        if self.cache.has_whole_file(&key) || !lock(&self.assembling.0).insert(key) {
+            return;
+        }
+        let busy = Counted::new(&self.writes);
+        let this = Arc::clone(self);
+        let job = move || {
+            let _busy = busy;
+            let res = this.cache.store_whole_file(key, size, |f| {
+                use std::io::Write as _;
+                for c in this.layer.chunks_for_range(node, 0, size) {
+                    let data = if c.zeros {
+                        this.zeros(node, c).map_err(std::io::Error::other)?
+                    } else {
+                        this.cache
+                            .get_uncached(&c.digest, c.size)
+                            .ok_or_else(|| std::io::Error::other("a chunk left the cache"))?
+                    };
+                    f.write_all(&data)?;
+                }
+                Ok(())
+            });
+            match res {
+                Ok(()) => tracing::debug!(layer = %this.name, path = %this.path(node),
+                    "stored a whole copy for passthrough"),
+                Err(e) => tracing::debug!(layer = %this.name, path = %this.path(node),
+                    error = %e, "no whole copy for passthrough"),
+            }
+            lock(&this.assembling.0).remove(&key);
+        };
+        drop(self.handle.spawn_blocking(job));
+    }
+}

@@ -1,0 +1,271 @@
+//! A registry host's link, shared by every layer fetched from it: the order of
+//! precedence on the network. Demand reads (and what serves the reader: read-ahead,
+//! neighbours) come first, then prefetch, then the background fetch, which sends
+//! nothing while either of the others has a request in flight or had one within the
+//! quiet period, sends one small request at a time for the whole host, and keeps to
+//! the host's rate budget. A container that is starting never waits behind bytes
+//! nobody asked for.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use tokio::sync::{OwnedMutexGuard, watch};
+
+/// Who is using the link right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// A reader waits for these bytes (or will soon: read-ahead, neighbours).
+    Demand,
+    /// What the layer says its container reads first.
+    Prefetch,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Activity {
+    demand: usize,
+    prefetch: usize,
+    /// When demand or prefetch last stopped (or a layer was mounted).
+    last: Instant,
+}
+
+/// One registry host's share of the network, cheap to clone. Every layer from the
+/// host gets the same one (see [`Links`]).
+#[derive(Clone)]
+pub struct Link(Arc<Inner>);
+
+struct Inner {
+    activity: watch::Sender<Activity>,
+    quiet: Duration,
+    /// Background bytes per second for the whole host; `None`: unlimited.
+    rate: Option<u64>,
+    /// Held by the one background request in flight; holds the time the rate budget
+    /// lets the next one start.
+    background: Arc<tokio::sync::Mutex<Instant>>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let a = *self.0.activity.borrow();
+        f.debug_struct("Link")
+            .field("demand", &a.demand)
+            .field("prefetch", &a.prefetch)
+            .field("quiet", &self.0.quiet)
+            .field("rate", &self.0.rate)
+            .finish()
+    }
+}
+
+/// Counts one request (or waiting reader) of a class on the link while alive.
+pub(crate) struct Busy {
+    link: Link,
+    class: Class,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let class = self.class;
+        self.link.0.activity.send_modify(|a| {
+            match class {
+                Class::Demand => a.demand = a.demand.saturating_sub(1),
+                Class::Prefetch => a.prefetch = a.prefetch.saturating_sub(1),
+            }
+            a.last = Instant::now();
+        });
+    }
+}
+
+/// The background's turn on the link: only one at a time per host.
+pub(crate) struct BackgroundTurn {
+    _slot: OwnedMutexGuard<Instant>,
+}
+
+impl Link {
+    /// `quiet`: how long demand and prefetch must have been idle before a background
+    /// request goes out; `rate`: the host's background budget in bytes per second.
+    pub fn new(quiet: Duration, rate: Option<u64>) -> Link {
+        let now = Instant::now();
+        Link(Arc::new(Inner {
+            activity: watch::channel(Activity {
+                demand: 0,
+                prefetch: 0,
+                last: now,
+            })
+            .0,
+            quiet,
+            rate: rate.filter(|r| *r > 0),
+            background: Arc::new(tokio::sync::Mutex::new(now)),
+        }))
+    }
+
+    /// A link with the quiet period and budget of `config`.
+    pub fn for_config(config: &crate::FsConfig) -> Link {
+        Link::new(config.background_quiet, config.background_rate_limit)
+    }
+
+    pub(crate) fn busy(&self, class: Class) -> Busy {
+        self.0.activity.send_modify(|a| match class {
+            Class::Demand => a.demand += 1,
+            Class::Prefetch => a.prefetch += 1,
+        });
+        Busy {
+            link: self.clone(),
+            class,
+        }
+    }
+
+    /// Something happened that means a container is on its way (a layer was mounted):
+    /// the quiet period starts again.
+    pub(crate) fn touch(&self) {
+        self.0.activity.send_modify(|a| a.last = Instant::now());
+    }
+
+    /// Resolves when neither demand nor prefetch has used the link for the quiet period.
+    async fn quiet(&self) {
+        let mut rx = self.0.activity.subscribe();
+        loop {
+            let a = *rx.borrow_and_update();
+            if a.demand == 0 && a.prefetch == 0 {
+                let idle = a.last.elapsed();
+                if idle >= self.0.quiet {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(self.0.quiet - idle) => {}
+                    changed = rx.changed() => if changed.is_err() { return },
+                }
+            } else if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Waits for the background's turn to send `bytes`: the link quiet, no other
+    /// background request of the host in flight, and the rate budget allowing it. The
+    /// turn lasts as long as the returned value.
+    pub(crate) async fn background_turn(&self, bytes: u64) -> BackgroundTurn {
+        let mut slot = Arc::clone(&self.0.background).lock_owned().await;
+        loop {
+            self.quiet().await;
+            let due = *slot;
+            if due <= Instant::now() {
+                break;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+        if let Some(rate) = self.0.rate {
+            let now = Instant::now();
+            *slot = now + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        }
+        BackgroundTurn { _slot: slot }
+    }
+}
+
+/// The links of a daemon, one per registry host.
+#[derive(Debug)]
+pub struct Links {
+    quiet: Duration,
+    rate: Option<u64>,
+    by_host: Mutex<HashMap<String, Link>>,
+}
+
+impl Links {
+    pub fn new(config: &crate::FsConfig) -> Links {
+        Links {
+            quiet: config.background_quiet,
+            rate: config.background_rate_limit,
+            by_host: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The link of `host` (as in an image reference: `registry.example:5000`).
+    pub fn for_host(&self, host: &str) -> Link {
+        let mut map = self.by_host.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(host.to_string())
+            .or_insert_with(|| Link::new(self.quiet, self.rate))
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_background_waits_for_demand_and_prefetch_and_then_the_quiet_period() {
+        rt().block_on(async {
+            let link = Link::new(Duration::from_secs(2), None);
+            let demand = link.busy(Class::Demand);
+            let prefetch = link.busy(Class::Prefetch);
+            let started = tokio::time::Instant::now();
+            let l = link.clone();
+            let turn = tokio::spawn(async move {
+                let _t = l.background_turn(1).await;
+                tokio::time::Instant::now()
+            });
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            assert!(!turn.is_finished());
+            drop(demand);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            assert!(!turn.is_finished(), "prefetch still runs");
+            drop(prefetch);
+            let at = turn.await.unwrap();
+            assert_eq!(
+                at - started,
+                Duration::from_secs(12),
+                "10 s busy, then 2 s quiet"
+            );
+        });
+    }
+
+    #[test]
+    fn one_background_request_per_host_at_a_time_within_the_budget() {
+        rt().block_on(async {
+            let links = Links::new(&crate::FsConfig {
+                background_quiet: Duration::ZERO,
+                background_rate_limit: Some(1_000_000),
+                ..crate::FsConfig::default()
+            });
+            let (a, b) = (links.for_host("r:5000"), links.for_host("r:5000"));
+            let other = links.for_host("s:5000");
+            let started = tokio::time::Instant::now();
+            let first = a.background_turn(2_000_000).await;
+            // Another host is not held up.
+            drop(other.background_turn(2_000_000).await);
+            assert_eq!(started.elapsed(), Duration::ZERO);
+            let waiting = tokio::spawn(async move {
+                let _t = b.background_turn(1).await;
+                tokio::time::Instant::now()
+            });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!waiting.is_finished());
+            drop(first);
+            // 2 MB at 1 MB/s: the next request may start 2 s after the first.
+            let at = waiting.await.unwrap();
+            assert_eq!(at - started, Duration::from_secs(2));
+        });
+    }
+
+    #[test]
+    fn a_mount_restarts_the_quiet_period() {
+        rt().block_on(async {
+            let link = Link::new(Duration::from_secs(3), None);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            link.touch();
+            let started = tokio::time::Instant::now();
+            drop(link.background_turn(1).await);
+            assert_eq!(started.elapsed(), Duration::from_secs(3));
+        });
+    }
+}
