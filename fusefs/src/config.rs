@@ -10,8 +10,7 @@ use crate::error::{Error, Result};
 pub struct FsConfig {
     /// Right after mounting, fetch the chunks `lazysnap optimize` marked, or else the
     /// prioritized files (everything before `.prefetch.landmark`), in blob order, in
-    /// requests of at most `max_range_bytes` with `readahead_requests` in flight.
-    /// Default true.
+    /// requests of at most `prefetch_request_bytes`. Default true.
     pub prefetch: bool,
     /// After prefetch, fetch the rest of the layer at low priority so it ends up fully
     /// local (needs the disk cache): only while the registry host's link is quiet (see
@@ -28,6 +27,9 @@ pub struct FsConfig {
     /// starting container reads in bursts, and the gaps between them are not idle
     /// time. Default 2 s.
     pub background_quiet: Duration,
+    /// Largest prefetch request (compressed). Several are in flight for a registry host
+    /// (`readahead_requests`), one while a reader waits for the network. Default 4 MiB.
+    pub prefetch_request_bytes: u64,
     /// Deadline of one range request. Default 60 s.
     pub fetch_timeout: Duration,
     /// Largest coalesced on-demand range request (compressed). Default 16 MiB.
@@ -85,6 +87,7 @@ impl Default for FsConfig {
             background_rate_limit: Some(50_000_000),
             background_request_bytes: 1 << 20,
             background_quiet: Duration::from_secs(2),
+            prefetch_request_bytes: 4 << 20,
             fetch_timeout: Duration::from_secs(60),
             max_range_bytes: 16 << 20,
             coalesce_gap: 32 << 10,
@@ -110,7 +113,10 @@ impl FsConfig {
         if self.background_rate_limit == Some(0) {
             return bad("background_rate_limit of 0 (use background_fetch = false)");
         }
-        if self.background_request_bytes == 0 || self.max_range_bytes == 0 {
+        if self.background_request_bytes == 0
+            || self.max_range_bytes == 0
+            || self.prefetch_request_bytes == 0
+        {
             return bad("request sizes must be positive");
         }
         if self.readahead_requests == 0 || self.readahead_initial > self.readahead_max {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use tokio::sync::{OwnedMutexGuard, watch};
+use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore, watch};
 
 /// Who is using the link right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +44,8 @@ struct Inner {
     /// Held by the one background request in flight; holds the time the rate budget
     /// lets the next one start.
     background: Arc<tokio::sync::Mutex<Instant>>,
+    /// Prefetch requests in flight for the whole host, at most.
+    prefetch_slots: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Link {
@@ -82,10 +84,16 @@ pub(crate) struct BackgroundTurn {
     _slot: OwnedMutexGuard<Instant>,
 }
 
+/// A prefetch request's turn on the link.
+pub(crate) struct PrefetchTurn {
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
 impl Link {
     /// `quiet`: how long demand and prefetch must have been idle before a background
-    /// request goes out; `rate`: the host's background budget in bytes per second.
-    pub fn new(quiet: Duration, rate: Option<u64>) -> Link {
+    /// request goes out; `rate`: the host's background budget in bytes per second;
+    /// `prefetch_requests`: prefetch requests in flight for the host at most.
+    pub fn new(quiet: Duration, rate: Option<u64>, prefetch_requests: usize) -> Link {
         let now = Instant::now();
         Link(Arc::new(Inner {
             activity: watch::channel(Activity {
@@ -97,12 +105,17 @@ impl Link {
             quiet,
             rate: rate.filter(|r| *r > 0),
             background: Arc::new(tokio::sync::Mutex::new(now)),
+            prefetch_slots: Arc::new(Semaphore::new(prefetch_requests.max(1))),
         }))
     }
 
     /// A link with the quiet period and budget of `config`.
     pub fn for_config(config: &crate::FsConfig) -> Link {
-        Link::new(config.background_quiet, config.background_rate_limit)
+        Link::new(
+            config.background_quiet,
+            config.background_rate_limit,
+            config.readahead_requests,
+        )
     }
 
     pub(crate) fn busy(&self, class: Class) -> Busy {
@@ -142,6 +155,25 @@ impl Link {
         }
     }
 
+    /// Waits for a prefetch request's turn: a free slot of the host's, and, while a
+    /// reader waits for the network, no other prefetch request in flight, so that at
+    /// most one shares the link with the reader's.
+    pub(crate) async fn prefetch_turn(&self) -> PrefetchTurn {
+        // Never closed, so never an error.
+        let slot = Arc::clone(&self.0.prefetch_slots)
+            .acquire_owned()
+            .await
+            .ok();
+        let mut rx = self.0.activity.subscribe();
+        loop {
+            let a = *rx.borrow_and_update();
+            if a.demand == 0 || a.prefetch == 0 || rx.changed().await.is_err() {
+                break;
+            }
+        }
+        PrefetchTurn { _slot: slot }
+    }
+
     /// Waits for the background's turn to send `bytes`: the link quiet, no other
     /// background request of the host in flight, and the rate budget allowing it. The
     /// turn lasts as long as the returned value.
@@ -168,6 +200,7 @@ impl Link {
 pub struct Links {
     quiet: Duration,
     rate: Option<u64>,
+    prefetch_requests: usize,
     by_host: Mutex<HashMap<String, Link>>,
 }
 
@@ -176,6 +209,7 @@ impl Links {
         Links {
             quiet: config.background_quiet,
             rate: config.background_rate_limit,
+            prefetch_requests: config.readahead_requests,
             by_host: Mutex::new(HashMap::new()),
         }
     }
@@ -184,7 +218,7 @@ impl Links {
     pub fn for_host(&self, host: &str) -> Link {
         let mut map = self.by_host.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(host.to_string())
-            .or_insert_with(|| Link::new(self.quiet, self.rate))
+            .or_insert_with(|| Link::new(self.quiet, self.rate, self.prefetch_requests))
             .clone()
     }
 }
@@ -205,7 +239,7 @@ mod tests {
     #[test]
     fn the_background_waits_for_demand_and_prefetch_and_then_the_quiet_period() {
         rt().block_on(async {
-            let link = Link::new(Duration::from_secs(2), None);
+            let link = Link::new(Duration::from_secs(2), None, 4);
             let demand = link.busy(Class::Demand);
             let prefetch = link.busy(Class::Prefetch);
             let started = tokio::time::Instant::now();
@@ -258,9 +292,45 @@ mod tests {
     }
 
     #[test]
+    fn while_a_reader_waits_only_one_prefetch_request_shares_the_link() {
+        rt().block_on(async {
+            let link = Link::new(Duration::ZERO, None, 4);
+            let first = link.prefetch_turn().await;
+            let in_flight = link.busy(Class::Prefetch);
+            // No reader: a second prefetch request may go.
+            drop(link.prefetch_turn().await);
+            let reader = link.busy(Class::Demand);
+            let l = link.clone();
+            let second = tokio::spawn(async move { drop(l.prefetch_turn().await) });
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(!second.is_finished());
+            drop(in_flight);
+            drop(first);
+            second.await.unwrap();
+            drop(reader);
+            // The host's slots bound prefetch requests of all its layers.
+            let turns: Vec<_> = take_turns(&link, 4).await;
+            let l = link.clone();
+            let fifth = tokio::spawn(async move { drop(l.prefetch_turn().await) });
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(!fifth.is_finished());
+            drop(turns);
+            fifth.await.unwrap();
+        });
+    }
+
+    async fn take_turns(link: &Link, n: usize) -> Vec<PrefetchTurn> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(link.prefetch_turn().await);
+        }
+        out
+    }
+
+    #[test]
     fn a_mount_restarts_the_quiet_period() {
         rt().block_on(async {
-            let link = Link::new(Duration::from_secs(3), None);
+            let link = Link::new(Duration::from_secs(3), None, 4);
             tokio::time::sleep(Duration::from_secs(2)).await;
             link.touch();
             let started = tokio::time::Instant::now();

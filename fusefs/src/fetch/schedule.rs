@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use estargz::{Chunk, Digest, EntryKind, NodeId};
-use tokio::sync::Semaphore;
 
 use super::inflight::Joined;
 use super::{Fetcher, Purpose, coalesce, lock};
+use crate::link::Class;
 
 /// Neighbour chunks fetched and not yet read, remembered at most (a bound on memory:
 /// a layer read at random forgets them sooner).
@@ -169,7 +169,8 @@ impl Fetcher {
 
     /// Fetches what the layer says a container reads first: the chunks `lazysnap
     /// optimize` marked, or else the prioritized range (`0..offset of
-    /// .prefetch.landmark`), in pieces of at most `max_range_bytes`.
+    /// .prefetch.landmark`), in pieces of at most `prefetch_request_bytes`, in blob
+    /// order, each when the link gives it its turn.
     pub(crate) async fn prefetch(self: &Arc<Self>) {
         let index = self.layer.index();
         let marked = index.has_prefetch_marks();
@@ -185,39 +186,47 @@ impl Fetcher {
                 c.comp_end <= range.end
             }
         };
-        let mut leads = Vec::new();
-        for (node, c) in self.all_chunks() {
-            if c.zeros || !wanted(&c) || self.cache.contains(&c.digest) {
-                continue;
-            }
-            if let Joined::Lead(lead, _) = self.inflight.join_or_lead(&self.cache, node, &c) {
-                leads.push(lead);
-            }
-        }
-        // Pieces in blob order, a few at a time: the first files the command reads
-        // arrive first, readers are not held until everything is in, and no request
-        // outlives `fetch_timeout` on a slow link (a 1 GiB range at 100 Mbit/s would
-        // not). The prioritized range is contiguous and bridged whole; marked chunks
-        // lie apart (the unread parts of their files between them), so a gap wider
-        // than `coalesce_gap` starts a new piece.
+        let mut todo = self.all_chunks();
+        todo.retain(|(_, c)| !c.zeros && wanted(c) && !self.cache.contains(&c.digest));
+        todo.sort_by_key(|(_, c)| (c.comp_offset, c.inner_offset));
+        // The first files the command reads arrive first, readers are not held until
+        // everything is in, and no request outlives `fetch_timeout` on a slow link. The
+        // prioritized range is contiguous and bridged whole; marked chunks lie apart
+        // (the unread parts of their files between them), so a gap wider than
+        // `coalesce_gap` starts a new piece.
         let gap = if marked {
             self.config.coalesce_gap
         } else {
             u64::MAX
         };
-        leads.sort_by_key(|l| (l.chunk.comp_offset, l.chunk.inner_offset));
-        let pieces = coalesce(leads, gap, self.config.max_range_bytes);
+        let pieces = coalesce(todo, gap, self.config.prefetch_request_bytes);
         tracing::debug!(layer = %self.name, marked, requests = pieces.len(), "prefetch");
-        let slots = Arc::new(Semaphore::new(self.config.readahead_requests.max(1)));
         let mut tasks = Vec::with_capacity(pieces.len());
-        for (piece, group) in pieces {
-            let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-                break;
+        for (_, piece) in pieces {
+            let turn = self.link.prefetch_turn().await;
+            // Claimed only now: a reader that wanted one of these chunks meanwhile
+            // fetched it itself instead of waiting behind the pieces before this one.
+            let mut leads = Vec::new();
+            for (node, c) in piece {
+                if self.cache.contains(&c.digest) {
+                    continue;
+                }
+                if let Joined::Lead(lead, _) = self.inflight.join_or_lead(&self.cache, node, &c) {
+                    leads.push(lead);
+                }
+            }
+            let (Some(first), Some(end)) = (
+                leads.first().map(|l| l.chunk.comp_offset),
+                leads.iter().map(|l| l.chunk.comp_end).max(),
+            ) else {
+                continue;
             };
+            // Counted from now, so the next turn sees this one in flight.
+            let busy = self.link.busy(Class::Prefetch);
             let this = Arc::clone(self);
             tasks.push(self.handle.spawn(async move {
-                this.fetch_range(piece, group, Purpose::Prefetch).await;
-                drop(permit);
+                this.fetch_range(first..end, leads, Purpose::Prefetch).await;
+                drop((turn, busy));
             }));
         }
         for task in tasks {

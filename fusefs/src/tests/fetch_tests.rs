@@ -365,7 +365,7 @@ fn a_prioritized_range_larger_than_a_request_is_prefetched_in_pieces_in_order() 
         &["data/big", "data/exact", "bin/tool"],
     ));
     let config = FsConfig {
-        max_range_bytes: 2 * CHUNK,
+        prefetch_request_bytes: 2 * CHUNK,
         ..quiet_config()
     };
     let f = fixture_with(blob, config, 1 << 30);
@@ -756,4 +756,43 @@ fn files_read_whole_get_a_verified_local_copy_for_passthrough() {
     };
     let fs3 = LayerFs::new(layer, backing(&cache, &f.rt, &off), off).unwrap();
     assert!(fs3.passthrough_file(big).is_none());
+}
+
+#[test]
+fn a_reader_does_not_wait_behind_prefetch_pieces_not_yet_sent() {
+    let (tar, src) = sample_tar();
+    let blob = FaultBlob::new(convert(
+        &tar,
+        OutputFormat::Estargz,
+        &["data/big", "bin/tool"],
+    ));
+    let config = FsConfig {
+        prefetch_request_bytes: CHUNK,
+        readahead_requests: 1,
+        ..quiet_config()
+    };
+    let f = fixture_with(blob, config, 1 << 30);
+    f.blob.hold();
+    let fs = Arc::clone(&f.fs);
+    let prefetch = f.rt.spawn(async move { fs.fetcher().prefetch().await });
+    assert!(testkit::wait_until(Duration::from_secs(10), || {
+        f.blob.started.load(Ordering::SeqCst) == 1
+    }));
+    // bin/tool comes after data/big's pieces, one of which is in flight (and stuck):
+    // the reader fetches it itself rather than queue behind them.
+    let ino = f.ino("bin/tool");
+    let fs = Arc::clone(&f.fs);
+    let reader = f.rt.spawn(async move { fs.read(ino, 0, 1 << 20).await });
+    assert!(
+        testkit::wait_until(Duration::from_secs(10), || {
+            f.blob.started.load(Ordering::SeqCst) == 2
+        }),
+        "{:?}",
+        f.blob.requests.lock().unwrap()
+    );
+    f.blob.release();
+    let got = f.rt.block_on(reader).unwrap().unwrap();
+    assert_eq!(&got[..], &src.files["bin/tool"][..]);
+    f.rt.block_on(prefetch).unwrap();
+    assert_eq!(f.read_all("data/big").unwrap(), src.files["data/big"]);
 }
