@@ -313,6 +313,12 @@ impl LayerFs {
         })
     }
 
+    /// Any filesystem request: a container that lists directories or reads cached files
+    /// is starting too (see [`crate::Link`]).
+    pub fn note_activity(&self) {
+        self.fetcher.note_op();
+    }
+
     /// Stops the prefetch and background fetch (the layer is going away).
     pub fn stop_fetching(&self) {
         let task = self.scheduled.lock().map(|mut t| t.take()).ok().flatten();

@@ -237,6 +237,7 @@ impl Session {
         if self.negotiated.get().is_none() {
             return self.err(u, libc::EIO);
         }
+        self.fs.note_activity();
         let ino = h.nodeid;
         match h.opcode {
             // Nothing is kept per lookup (inodes come from the TOC), and an interrupted

@@ -7,6 +7,7 @@
 //! nobody asked for.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,7 +30,19 @@ struct Activity {
     prefetch: usize,
     /// When demand or prefetch last stopped (or a layer was mounted).
     last: Instant,
+    /// When a layer of the host was last mounted.
+    mounted: Instant,
 }
+
+/// How long after a mount filesystem operations, not only network reads, hold the
+/// background back: a container listing a tree or reading cached files is starting
+/// too, and the background's inflating, hashing and disk writes would take the CPU it
+/// needs. Later, only the network counts, so a busy service does not keep its layers
+/// from ever becoming local.
+const START_UP: Duration = Duration::from_secs(60);
+
+/// Filesystem operations closer together than this are noted once.
+const OP_GRAIN_MS: u64 = 10;
 
 /// One registry host's share of the network, cheap to clone. Every layer from the
 /// host gets the same one (see [`Links`]).
@@ -38,6 +51,10 @@ pub struct Link(Arc<Inner>);
 
 struct Inner {
     activity: watch::Sender<Activity>,
+    /// When the link was made, and milliseconds after that of the last filesystem
+    /// operation on any of its layers (an atomic: every FUSE request notes it).
+    epoch: Instant,
+    last_op_ms: AtomicU64,
     quiet: Duration,
     /// Background bytes per second for the whole host; `None`: unlimited.
     rate: Option<u64>,
@@ -100,8 +117,11 @@ impl Link {
                 demand: 0,
                 prefetch: 0,
                 last: now,
+                mounted: now,
             })
             .0,
+            epoch: now,
+            last_op_ms: AtomicU64::new(0),
             quiet,
             rate: rate.filter(|r| *r > 0),
             background: Arc::new(tokio::sync::Mutex::new(now)),
@@ -129,19 +149,38 @@ impl Link {
         }
     }
 
-    /// Something happened that means a container is on its way (a layer was mounted):
-    /// the quiet period starts again.
-    pub(crate) fn touch(&self) {
-        self.0.activity.send_modify(|a| a.last = Instant::now());
+    /// A layer was mounted: a container is on its way, and the quiet period starts
+    /// again.
+    pub(crate) fn mounted(&self) {
+        let now = Instant::now();
+        self.0.activity.send_modify(|a| {
+            a.last = now;
+            a.mounted = now;
+        });
     }
 
-    /// Resolves when neither demand nor prefetch has used the link for the quiet period.
+    /// A filesystem operation on one of the host's layers (cheap: called for every FUSE
+    /// request).
+    pub(crate) fn note_op(&self) {
+        let now = self.0.epoch.elapsed().as_millis() as u64;
+        if now >= self.0.last_op_ms.load(Ordering::Relaxed) + OP_GRAIN_MS {
+            self.0.last_op_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Resolves when neither demand nor prefetch has used the link for the quiet
+    /// period, nor, within [`START_UP`] of a mount, has the filesystem been used.
     async fn quiet(&self) {
         let mut rx = self.0.activity.subscribe();
         loop {
             let a = *rx.borrow_and_update();
             if a.demand == 0 && a.prefetch == 0 {
-                let idle = a.last.elapsed();
+                let mut idle = a.last.elapsed();
+                if a.mounted.elapsed() < START_UP {
+                    let op = self.0.epoch
+                        + Duration::from_millis(self.0.last_op_ms.load(Ordering::Relaxed));
+                    idle = idle.min(op.elapsed());
+                }
                 if idle >= self.0.quiet {
                     return;
                 }
@@ -328,11 +367,39 @@ mod tests {
     }
 
     #[test]
+    fn filesystem_use_holds_the_background_back_while_containers_start() {
+        rt().block_on(async {
+            let link = Link::new(Duration::from_secs(2), None, 4);
+            link.mounted();
+            let started = tokio::time::Instant::now();
+            let l = link.clone();
+            let turn = tokio::spawn(async move {
+                drop(l.background_turn(1).await);
+                tokio::time::Instant::now()
+            });
+            // `ls -lR`: ten seconds of lookups, no network.
+            for _ in 0..10 {
+                link.note_op();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            link.note_op();
+            assert!(!turn.is_finished());
+            assert_eq!(turn.await.unwrap() - started, Duration::from_secs(12));
+            // Long after the last mount, only the network holds it back.
+            tokio::time::sleep(START_UP).await;
+            link.note_op();
+            let now = tokio::time::Instant::now();
+            drop(link.background_turn(1).await);
+            assert_eq!(now.elapsed(), Duration::ZERO);
+        });
+    }
+
+    #[test]
     fn a_mount_restarts_the_quiet_period() {
         rt().block_on(async {
             let link = Link::new(Duration::from_secs(3), None, 4);
             tokio::time::sleep(Duration::from_secs(2)).await;
-            link.touch();
+            link.mounted();
             let started = tokio::time::Instant::now();
             drop(link.background_turn(1).await);
             assert_eq!(started.elapsed(), Duration::from_secs(3));

@@ -223,6 +223,11 @@ impl Fetcher {
         Ok(ReadStart::Ready(out))
     }
 
+    /// A filesystem operation: while containers start, it holds the background back.
+    pub(crate) fn note_op(&self) {
+        self.link.note_op();
+    }
+
     /// The network part of a read: counts as demand on the link (so background work
     /// holds back), fetches the chunks' neighbours beside it, and waits for the chunks.
     pub(crate) async fn fetch_for_read(

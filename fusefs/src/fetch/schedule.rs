@@ -103,7 +103,7 @@ impl Fetcher {
     /// mounted. A mount means a container is on its way: the link's quiet period starts
     /// again.
     pub(crate) async fn run_scheduled(self: Arc<Self>) {
-        self.link.touch();
+        self.link.mounted();
         if self.config.prefetch {
             self.prefetch().await;
         }
