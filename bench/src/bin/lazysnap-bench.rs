@@ -1,10 +1,14 @@
 //! lazysnap-bench: cold starts of realistic images through a real containerd, the
-//! ordinary overlayfs full pull against lazysnap, over an emulated link.
+//! ordinary overlayfs full pull against lazysnap and against stargz-snapshotter (the
+//! peer, built from Debian's packaged Go library), in the same run, over an emulated link.
 //!
-//! Each run is cold: a fresh containerd and lazysnapd (empty content store, no images,
-//! no snapshots, empty chunk cache) and an emptied page cache. Images are built once from
-//! their recipes (cached as OCI layouts) and pushed in four forms: gzip, eStargz, eStargz
-//! optimized by `lazysnap optimize`, and zstd:chunked.
+//! Each run is cold: a fresh containerd and a fresh snapshotter daemon (lazysnapd or the
+//! peer: empty content store, no images, no snapshots, empty cache) and an emptied page
+//! cache. Images are built once from their recipes (cached as OCI layouts) and pushed in
+//! seven forms: gzip; eStargz and zstd:chunked by `lazysnap convert`; eStargz optimized
+//! by `lazysnap optimize`; eStargz converted and optimized, and zstd:chunked converted, by
+//! stargz-snapshotter's `ctr-remote`. Each lazy form is run by lazysnap and by the peer, alternately within
+//! each repetition.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bench::cold::images::{self, DebianSource, ImageKind};
 use bench::cold::link::{self, Link};
+use bench::cold::peer::{self, StargzPeer};
 use bench::cold::report::{self, Run};
 use bench::cold::{self, Ctr, Target, check_interrupted, oci};
 use clap::Parser;
@@ -29,8 +34,18 @@ enum Form {
     Esgz,
     /// eStargz with the files the command read prioritized (`lazysnap optimize`).
     EsgzOpt,
-    /// zstd:chunked, pulled lazily.
+    /// zstd:chunked (`lazysnap convert --zstdchunked`: containers/storage's footer, which
+    /// stargz-snapshotter 0.12 cannot read, so it pulls this form fully), pulled lazily.
     Zstd,
+    /// eStargz converted by stargz-snapshotter's `ctr-remote image convert --estargz
+    /// --oci`, no prioritized files.
+    EsgzCtr,
+    /// eStargz optimized by `ctr-remote image optimize --oci`, the image's command run
+    /// once (in a containerd the bench starts) to find the files to prioritize.
+    EsgzCtrOpt,
+    /// zstd:chunked converted by `ctr-remote image convert --zstdchunked --oci`
+    /// (stargz-snapshotter's own footer, which both snapshotters mount lazily).
+    ZstdCtr,
 }
 
 impl Form {
@@ -40,14 +55,39 @@ impl Form {
             Form::Esgz => "esgz",
             Form::EsgzOpt => "esgz-opt",
             Form::Zstd => "zstd",
+            Form::EsgzCtr => "esgz-ctr",
+            Form::EsgzCtrOpt => "esgz-ctr-opt",
+            Form::ZstdCtr => "zstd-ctr",
         }
     }
 }
 
+/// The lazy snapshotters each lazy form is run with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    /// lazysnapd, on its default config.
+    Lazysnap,
+    /// stargz-snapshotter (the peer daemon, `--peer`), on its default config.
+    StargzSnapshotter,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Lazysnap => report::LAZYSNAP,
+            Mode::StargzSnapshotter => report::STARGZ,
+        }
+    }
+}
+
+/// The peer's name as a proxy snapshotter in the containerd the bench starts.
+const PEER_SNAPSHOTTER: &str = "stargz";
+
 /// Measures cold starts (pull + create + run to exit) of realistic images through a real
-/// containerd: overlayfs full pull against lazysnap's lazy pull. Needs root, /dev/fuse,
-/// containerd 1.6, runc, docker-registry, curl, iproute2 (and debootstrap for the python
-/// image).
+/// containerd: overlayfs full pull, lazysnap's lazy pull and stargz-snapshotter's, side by
+/// side. Needs root, /dev/fuse, containerd 1.6, runc, docker-registry, curl, iproute2,
+/// ctr-remote (stargz-snapshotter), debootstrap for the python image, and for the peer
+/// golang-go with golang-github-containerd-stargz-snapshotter-dev (or a built --peer).
 #[derive(Parser, Debug)]
 #[command(name = "lazysnap-bench")]
 struct Args {
@@ -59,8 +99,23 @@ struct Args {
     )]
     images: Vec<ImageKind>,
     /// Forms to run each image in.
-    #[arg(long, value_delimiter = ',', default_value = "gzip,esgz,esgz-opt,zstd")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "gzip,esgz,esgz-opt,zstd,esgz-ctr,esgz-ctr-opt,zstd-ctr"
+    )]
     forms: Vec<Form>,
+    /// Lazy snapshotters to run each lazy form with (alternately within a repetition).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "lazysnap,stargz-snapshotter"
+    )]
+    modes: Vec<Mode>,
+    /// The peer daemon (bench/peer/build.sh builds it). Default: lazysnap-bench-stargz next
+    /// to this program, built there with bench/peer/build.sh when missing.
+    #[arg(long, value_name = "PATH")]
+    peer: Option<PathBuf>,
     /// Repetitions of each image and form (alternated, so drift hits all alike).
     #[arg(long, default_value_t = 3)]
     reps: usize,
@@ -89,10 +144,10 @@ struct Args {
     /// Debian suite for the python image.
     #[arg(long, default_value = "bookworm")]
     suite: String,
-    /// Let lazysnapd fetch whole layers in the background after mounting (off by default,
-    /// so that the bytes served are what the container needed).
+    /// Turn lazysnapd's background fetch off (`[lazy] background_fetch = false`); by
+    /// default lazysnapd runs on its default config, as stargz-snapshotter runs on its.
     #[arg(long)]
-    background_fetch: bool,
+    no_background_fetch: bool,
     /// Seconds a pull or a container may take.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
@@ -205,7 +260,56 @@ fn preflight(args: &Args) -> anyhow::Result<()> {
     if args.images.contains(&ImageKind::Python) {
         testkit::require_program("debootstrap", "debootstrap")?;
     }
+    if args
+        .forms
+        .iter()
+        .any(|f| matches!(f, Form::EsgzCtr | Form::EsgzCtrOpt | Form::ZstdCtr))
+    {
+        testkit::require_program("ctr-remote", "stargz-snapshotter")?;
+    }
+    if args.modes.is_empty() {
+        bail!("--modes is empty: give lazysnap, stargz-snapshotter or both");
+    }
+    if args.modes.contains(&Mode::StargzSnapshotter) && args.containerd.is_some() {
+        bail!(
+            "--containerd: the stargz-snapshotter peer needs a containerd the bench starts \
+             (with the peer as a proxy snapshotter); add --modes lazysnap to run without it"
+        );
+    }
     Ok(())
+}
+
+/// The peer daemon: --peer, else next to this program, built there when missing.
+fn peer_binary(given: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        if !p.is_file() {
+            bail!(
+                "--peer {}: no such file (build it with: {} {})",
+                p.display(),
+                peer::build_script().display(),
+                p.display()
+            );
+        }
+        return Ok(p.clone());
+    }
+    let me = std::env::current_exe()?;
+    let out = me
+        .parent()
+        .context("this program has no directory")?
+        .join(peer::BINARY);
+    if out.is_file() {
+        return Ok(out);
+    }
+    say(&format!(
+        "building the stargz-snapshotter peer: {} {}",
+        peer::build_script().display(),
+        out.display()
+    ));
+    peer::build(&out).context(
+        "the stargz-snapshotter peer could not be built; give a built one with --peer, \
+         or run without it with --modes lazysnap",
+    )?;
+    Ok(out)
 }
 
 /// The containerd and lazysnapd of one run: fresh ones, or the user's.
@@ -214,10 +318,13 @@ enum Node {
     External,
 }
 
-/// Dropped in field order: containerd (and its tasks) before lazysnapd, then the dir.
+/// Dropped in field order: containerd (and its tasks) before the snapshotter daemon,
+/// then the dir.
 struct OwnNode {
     containerd: Containerd,
-    lazysnapd: Lazysnapd,
+    lazysnapd: Option<Lazysnapd>,
+    peer: Option<StargzPeer>,
+    /// The daemon's root (lazysnapd's, or the peer's), else the temp dir.
     root: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -226,31 +333,78 @@ struct Bench {
     args: Args,
     lazysnap: PathBuf,
     lazysnapd: PathBuf,
+    peer: Option<PathBuf>,
     registry_host: String,
     registry_log: Option<PathBuf>,
     plain_http: bool,
 }
 
 impl Bench {
-    fn start_node(&self) -> anyhow::Result<Node> {
+    /// A fresh containerd with a fresh daemon of `mode` as a proxy snapshotter; with
+    /// `None`, containerd alone (full pulls onto overlayfs, `ctr-remote`).
+    fn start_node(&self, mode: Option<Mode>) -> anyhow::Result<Node> {
         if self.args.containerd.is_some() {
             return Ok(Node::External);
         }
         let dir = tempfile::Builder::new()
             .prefix("lsbench-")
             .tempdir_in("/var/tmp")?;
+        let options = ContainerdOptions::default().namespace("lazysnap-bench");
+        match mode {
+            None => {
+                let containerd = Containerd::start_with(&options)?;
+                Ok(Node::Own(Box::new(OwnNode {
+                    containerd,
+                    lazysnapd: None,
+                    peer: None,
+                    root: dir.path().to_path_buf(),
+                    _dir: dir,
+                })))
+            }
+            Some(Mode::StargzSnapshotter) => {
+                let binary = self
+                    .peer
+                    .as_ref()
+                    .context("the stargz-snapshotter peer is not built")?;
+                let peer =
+                    StargzPeer::start(binary, &dir.path().join("peer"), &self.registry_host)?;
+                let containerd = Containerd::start_with(
+                    &options.proxy_snapshotter(PEER_SNAPSHOTTER, &peer.address),
+                )?;
+                let root = peer.root.clone();
+                Ok(Node::Own(Box::new(OwnNode {
+                    containerd,
+                    lazysnapd: None,
+                    peer: Some(peer),
+                    root,
+                    _dir: dir,
+                })))
+            }
+            Some(Mode::Lazysnap) => self.start_lazysnap_node(dir, options),
+        }
+    }
+
+    fn start_lazysnap_node(
+        &self,
+        dir: tempfile::TempDir,
+        options: ContainerdOptions,
+    ) -> anyhow::Result<Node> {
         let config = dir.path().join("lazysnapd.toml");
         std::fs::write(
             &config,
             format!(
-                "log_level = \"{}\"\n[lazy]\nbackground_fetch = {}\n{}\
+                "log_level = \"{}\"\n[lazy]\n{}{}\
                  [resolver.host.\"{}\"]\nplain_http = true\n",
                 if self.args.keep_logs.is_some() {
                     "debug"
                 } else {
                     "info"
                 },
-                self.args.background_fetch,
+                if self.args.no_background_fetch {
+                    "background_fetch = false\n"
+                } else {
+                    ""
+                },
                 self.args
                     .lazy_option
                     .iter()
@@ -266,14 +420,13 @@ impl Bench {
             &["--config", &config],
         )?;
         let containerd = Containerd::start_with(
-            &ContainerdOptions::default()
-                .proxy_snapshotter(&self.args.snapshotter, &daemon.address)
-                .namespace("lazysnap-bench"),
+            &options.proxy_snapshotter(&self.args.snapshotter, &daemon.address),
         )?;
         let root = daemon.root.clone();
         Ok(Node::Own(Box::new(OwnNode {
             containerd,
-            lazysnapd: daemon,
+            lazysnapd: Some(daemon),
+            peer: None,
             root,
             _dir: dir,
         })))
@@ -344,6 +497,9 @@ impl Bench {
                     let list = list.to_str().context("non-UTF-8 path")?;
                     self.convert(&["--prioritize", list], &plain_oci, &dst)?;
                 }
+                Form::EsgzCtr | Form::EsgzCtrOpt | Form::ZstdCtr => {
+                    self.ctr_remote(kind, form, &layout)?
+                }
                 Form::Gzip => unreachable!("handled above"),
             }
         }
@@ -359,7 +515,7 @@ impl Bench {
             kind.name()
         ));
         self.prepare(kind, Form::Gzip)?;
-        let node = self.start_node()?;
+        let node = self.start_node(Some(Mode::Lazysnap))?;
         let ctr = self.ctr(&node);
         let root = match &node {
             Node::Own(own) => own.root.clone(),
@@ -396,6 +552,83 @@ impl Bench {
         Ok(())
     }
 
+    /// Converts (`esgz-ctr`, `zstd-ctr`) or optimizes (`esgz-ctr-opt`) the gzip image with
+    /// stargz-snapshotter's `ctr-remote` in a containerd of its own (optimize runs the
+    /// image's command there with runc), and exports the result into `layout`.
+    fn ctr_remote(&self, kind: ImageKind, form: Form, layout: &Path) -> anyhow::Result<()> {
+        self.prepare(kind, Form::Gzip)?;
+        let node = self.start_node(None)?;
+        let ctr = self.ctr(&node);
+        if matches!(node, Node::External) {
+            ctr.clear()?;
+        }
+        let long = Duration::from_secs(3600);
+        let src = self.reference(kind, Form::Gzip);
+        let dst = self.reference(kind, form);
+        let mut pull = vec!["images", "pull"];
+        if self.plain_http {
+            pull.push("--plain-http");
+        }
+        pull.push(&src);
+        ctr.run(&pull, long)?;
+        let mut cmd = Command::new("ctr-remote");
+        cmd.arg("--address")
+            .arg(&ctr.address)
+            .args(["--namespace", &ctr.namespace]);
+        let cmdline = kind.cmd();
+        match form {
+            Form::EsgzCtr => {
+                say(&format!(
+                    "ctr-remote image convert --estargz --oci {}",
+                    kind.name()
+                ));
+                cmd.args(["image", "convert", "--estargz", "--oci", &src, &dst]);
+            }
+            Form::ZstdCtr => {
+                say(&format!(
+                    "ctr-remote image convert --zstdchunked --oci {}",
+                    kind.name()
+                ));
+                cmd.args(["image", "convert", "--zstdchunked", "--oci", &src, &dst]);
+            }
+            Form::EsgzCtrOpt => {
+                say(&format!(
+                    "ctr-remote image optimize --oci {}: running its command once",
+                    kind.name()
+                ));
+                cmd.args(["image", "optimize", "--oci"])
+                    .arg("--entrypoint")
+                    .arg(serde_json::to_string(&cmdline[..1])?)
+                    .arg("--args")
+                    .arg(serde_json::to_string(&cmdline[1..])?)
+                    .args([&src, &dst]);
+            }
+            _ => bail!("{} is not a ctr-remote form", form.tag()),
+        }
+        cold::run(cmd, long)?;
+        let tar = layout.with_extension("tar");
+        let partial = layout.with_extension("partial");
+        let tar_str = tar.to_str().context("non-UTF-8 path")?;
+        ctr.run(
+            &["images", "export", "--skip-manifest-json", tar_str, &dst],
+            long,
+        )?;
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial)?;
+        }
+        std::fs::create_dir_all(&partial)?;
+        let mut untar = Command::new("tar");
+        untar.arg("-xf").arg(&tar).arg("-C").arg(&partial);
+        cold::run(untar, long)?;
+        std::fs::remove_file(&tar)?;
+        if matches!(node, Node::External) {
+            ctr.clear()?;
+        }
+        drop(node);
+        std::fs::rename(&partial, layout)?;
+        Ok(())
+    }
+
     /// Range requests of the layers lazysnapd serves, from `lazysnap status`: with the
     /// link's round trip, they say where a lazy run's time goes.
     fn range_requests(&self, root: &Path) -> u64 {
@@ -410,10 +643,18 @@ impl Bench {
         })
     }
 
-    /// Saves lazysnapd's log and access log of a run under `dir/NAME.{log,accessed.json}`.
+    /// Saves lazysnapd's log and access log of a run under `dir/NAME.{log,accessed.json}`,
+    /// or the peer's log under `dir/NAME.log`.
     fn keep_logs(&self, dir: &Path, own: &OwnNode, name: &str) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
-        std::fs::write(dir.join(format!("{name}.log")), own.lazysnapd.log())?;
+        if let Some(peer) = &own.peer {
+            std::fs::write(dir.join(format!("{name}.log")), peer.log())?;
+            return Ok(());
+        }
+        let Some(lazysnapd) = &own.lazysnapd else {
+            return Ok(());
+        };
+        std::fs::write(dir.join(format!("{name}.log")), lazysnapd.log())?;
         let mut cmd = Command::new("curl");
         cmd.args(["-sS", "--unix-socket"])
             .arg(own.root.join("status.sock"))
@@ -423,8 +664,16 @@ impl Bench {
         Ok(())
     }
 
-    fn measure(&self, kind: ImageKind, form: Form, rep: usize) -> anyhow::Result<Run> {
-        let node = self.start_node()?;
+    /// One cold start of `kind` in `form`: the full pull onto overlayfs for gzip, else a
+    /// lazy pull by `mode`'s snapshotter, on a fresh node.
+    fn measure(
+        &self,
+        kind: ImageKind,
+        form: Form,
+        mode: Option<Mode>,
+        rep: usize,
+    ) -> anyhow::Result<Run> {
+        let node = self.start_node(mode)?;
         let ctr = self.ctr(&node);
         if matches!(node, Node::External) {
             ctr.clear()?;
@@ -436,10 +685,14 @@ impl Bench {
             .and_then(|p| std::fs::metadata(p).ok())
             .map_or(0, |m| m.len());
         let reference = self.reference(kind, form);
+        let snapshotter = mode.map(|m| match m {
+            Mode::Lazysnap => self.args.snapshotter.as_str(),
+            Mode::StargzSnapshotter => PEER_SNAPSHOTTER,
+        });
         let target = Target {
             ctr: &ctr,
             reference: &reference,
-            lazy_snapshotter: (form != Form::Gzip).then_some(self.args.snapshotter.as_str()),
+            lazy_snapshotter: snapshotter,
             lazysnap: &self.lazysnap,
             plain_http: self.plain_http,
             timeout: Duration::from_secs(self.args.timeout),
@@ -447,17 +700,32 @@ impl Bench {
         let timing = cold::measure(&target, &format!("lsbench-{}-{}", kind.name(), rep))?;
         // The registry logs a request when its response has been sent; give it a moment.
         std::thread::sleep(Duration::from_millis(300));
-        let bytes = self
+        let log = self
             .registry_log
             .as_ref()
-            .map_or(0, |p| cold::bytes_served(&cold::log_since(p, log_offset)));
+            .map(|p| cold::log_since(p, log_offset));
+        let bytes = log.as_deref().map_or(0, cold::bytes_served);
         let range_requests = match &node {
-            Node::Own(own) => self.range_requests(&own.root),
-            Node::External => 0,
+            Node::Own(own) if own.peer.is_some() => log.as_deref().map_or(0, cold::range_responses),
+            Node::Own(own) if own.lazysnapd.is_some() => self.range_requests(&own.root),
+            _ => 0,
         };
-        if let (Some(dir), Node::Own(own), true) = (&self.args.keep_logs, &node, form != Form::Gzip)
+        if let Node::Own(own) = &node
+            && let Some(peer) = &own.peer
         {
-            self.keep_logs(dir, own, &format!("{}-{}-{rep}", kind.name(), form.tag()))?;
+            // The image's layers stay mounted until the node goes: its FUSE mounts now.
+            say(&format!(
+                "stargz-snapshotter: {} FUSE mounts under its root",
+                peer.fuse_mounts()
+            ));
+        }
+        let mode_name = mode.map_or(report::OVERLAYFS, Mode::name);
+        if let (Some(dir), Node::Own(own), Some(_)) = (&self.args.keep_logs, &node, mode) {
+            self.keep_logs(
+                dir,
+                own,
+                &format!("{}-{}-{mode_name}-{rep}", kind.name(), form.tag()),
+            )?;
         }
         if matches!(node, Node::External) {
             ctr.clear()?;
@@ -466,12 +734,7 @@ impl Bench {
         Ok(Run {
             image: kind.name().to_string(),
             form: form.tag().to_string(),
-            mode: if form == Form::Gzip {
-                "overlayfs"
-            } else {
-                "lazysnap"
-            }
-            .to_string(),
+            mode: mode_name.to_string(),
             rep,
             pull: timing.pull,
             create: timing.create,
@@ -480,6 +743,7 @@ impl Bench {
             bytes_served: bytes,
             image_bytes: 0,
             range_requests,
+            lazy_layers: timing.lazy_layers,
             last_line: timing.last_line,
         })
     }
@@ -489,6 +753,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     preflight(&args)?;
     let lazysnap = sibling("lazysnap", &args.lazysnap)?;
     let lazysnapd = sibling("lazysnapd", &args.lazysnapd)?;
+    let peer = if args.modes.contains(&Mode::StargzSnapshotter) {
+        Some(peer_binary(&args.peer)?)
+    } else {
+        None
+    };
     std::fs::create_dir_all(&args.cache)?;
 
     // The link and the registry live until the end; dropping them removes the namespace.
@@ -521,6 +790,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         args,
         lazysnap,
         lazysnapd,
+        peer,
         registry_host,
         registry_log,
     };
@@ -553,7 +823,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         ImageKind::RandomPart | ImageKind::ReadAll => args.big_reps.unwrap_or(args.reps),
         _ => args.reps,
     };
-    let total: usize = args.images.iter().map(|&k| reps_of(k)).sum::<usize>() * args.forms.len();
+    // Per repetition of an image: gzip once (the full pull), each lazy form once per mode.
+    let per_rep: usize = args
+        .forms
+        .iter()
+        .map(|&f| if f == Form::Gzip { 1 } else { args.modes.len() })
+        .sum();
+    let total: usize = args.images.iter().map(|&k| reps_of(k)).sum::<usize>() * per_rep;
     let mut runs: Vec<Run> = Vec::new();
     let began = Instant::now();
     let mut csv = report::CSV_HEADER.to_string() + "\n";
@@ -563,7 +839,24 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     for rep in 1..=args.reps.max(args.big_reps.unwrap_or(0)) {
         for &kind in args.images.iter().filter(|&&k| rep <= reps_of(k)) {
-            for &form in &args.forms {
+            // The modes alternate within a repetition, first one then the other first, so
+            // that drift (and whatever a run leaves behind) hits both alike.
+            let mut modes: Vec<Option<Mode>> = args.modes.iter().copied().map(Some).collect();
+            if rep % 2 == 0 {
+                modes.reverse();
+            }
+            let runs_of = |form: Form| {
+                if form == Form::Gzip {
+                    vec![None]
+                } else {
+                    modes.clone()
+                }
+            };
+            for (form, mode) in args
+                .forms
+                .iter()
+                .flat_map(|&f| runs_of(f).into_iter().map(move |m| (f, m)))
+            {
                 check_interrupted()?;
                 let n = runs.len() + 1;
                 let eta = if runs.is_empty() {
@@ -575,20 +868,22 @@ fn run(args: Args) -> anyhow::Result<()> {
                         (per * (total - runs.len()) as u32).as_secs_f64()
                     )
                 };
+                let mode_name = mode.map_or(report::OVERLAYFS, Mode::name);
                 say(&format!(
-                    "[{n}/{total}] {} {} rep {rep}{eta}",
+                    "[{n}/{total}] {} {} {mode_name} rep {rep}{eta}",
                     kind.name(),
                     form.tag()
                 ));
-                let mut r = bench.measure(kind, form, rep)?;
+                let mut r = bench.measure(kind, form, mode, rep)?;
                 r.image_bytes = sizes
                     .iter()
                     .find(|(k, _)| *k == (kind, form))
                     .map_or(0, |(_, s)| *s);
                 say(&format!(
-                    "[{n}/{total}] {} {}: pull {:.2} s, create {:.2} s, first line {:.2} s, exit {:.2} s, cold start {:.2} s, {:.1} MB served, {} range requests; last line: {}",
+                    "[{n}/{total}] {} {} {}: pull {:.2} s, create {:.2} s, first line {:.2} s, exit {:.2} s, cold start {:.2} s, {:.1} MB served, {} range requests{}; last line: {}",
                     r.image,
                     r.form,
+                    r.mode,
                     r.pull.as_secs_f64(),
                     r.create.as_secs_f64(),
                     r.first_line.as_secs_f64(),
@@ -596,6 +891,14 @@ fn run(args: Args) -> anyhow::Result<()> {
                     r.total().as_secs_f64(),
                     r.bytes_served as f64 / 1e6,
                     r.range_requests,
+                    r.lazy_layers.map_or(String::new(), |(l, n)| format!(
+                        ", {l}/{n} layers lazy{}",
+                        if l == 0 {
+                            " (the snapshotter declined them: a full pull)"
+                        } else {
+                            ""
+                        }
+                    )),
                     r.last_line
                 ));
                 csv.push_str(&report::csv_line(&r));
@@ -608,11 +911,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let command: Vec<String> = std::env::args().collect();
     let heading = format!(
-        "# Cold starts: overlayfs full pull vs lazysnap\n\n{conditions}; {} repetitions ({} of the 1 GiB images); \
-         medians (min-max) in seconds. Cold start = pull + create + run to exit. \
-         Made by:\n\n```sh\n{}\n```",
+        "# Cold starts: overlayfs full pull vs lazysnap vs stargz-snapshotter\n\n{conditions}; {} repetitions ({} of the 1 GiB images); \
+         medians (min-max) in seconds. Cold start = pull + create + run to exit. Each run on a \
+         fresh containerd and snapshotter daemon (empty caches), page cache dropped; lazysnap \
+         and stargz-snapshotter alternate within each repetition, both on their default \
+         config{}, both pulled by `lazysnap rpull`. Made by:\n\n```sh\n{}\n```",
         args.reps,
         args.big_reps.unwrap_or(args.reps),
+        if args.no_background_fetch {
+            " (but lazysnapd's background fetch off: --no-background-fetch)"
+        } else {
+            ""
+        },
         command.join(" ")
     );
     std::fs::write(

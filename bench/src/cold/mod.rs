@@ -1,10 +1,11 @@
 //! lazysnap-bench's parts: image recipes ([`images`]), OCI layouts and their push
-//! ([`oci`]), the emulated link ([`link`]), one measured cold start ([`measure`]) and the
-//! reports ([`report`]).
+//! ([`oci`]), the emulated link ([`link`]), the stargz-snapshotter peer ([`peer`]), one
+//! measured cold start ([`measure`]) and the reports ([`report`]).
 
 pub mod images;
 pub mod link;
 pub mod oci;
+pub mod peer;
 pub mod report;
 
 use std::io::{BufRead, BufReader};
@@ -171,7 +172,8 @@ impl Ctr {
 pub struct Target<'a> {
     pub ctr: &'a Ctr,
     pub reference: &'a str,
-    /// `None`: overlayfs full pull with `ctr image pull`; else lazysnap's snapshotter name.
+    /// `None`: overlayfs full pull with `ctr image pull`; else the remote snapshotter's
+    /// name in containerd (lazysnap's or the peer's), pulled with `lazysnap rpull`.
     pub lazy_snapshotter: Option<&'a str>,
     pub lazysnap: &'a Path,
     pub plain_http: bool,
@@ -185,6 +187,23 @@ pub struct Timing {
     pub first_line: Duration,
     pub run: Duration,
     pub last_line: String,
+    /// For a lazy pull: the layers the snapshotter mounted lazily, and all of them (the
+    /// others were downloaded whole and unpacked: the remote snapshotter declined them).
+    pub lazy_layers: Option<(usize, usize)>,
+}
+
+/// Counts the layers `lazysnap rpull` reports as mounted lazily, out of all it lists
+/// (its lines `DIGEST  OUTCOME  SIZE`).
+pub fn lazy_layers(rpull_out: &str) -> (usize, usize) {
+    let outcomes: Vec<&str> = rpull_out
+        .lines()
+        .filter(|l| l.starts_with("sha256:"))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    (
+        outcomes.iter().filter(|o| **o == "lazy").count(),
+        outcomes.len(),
+    )
 }
 
 /// Empties the page cache, so that no run reads what an earlier one left in memory.
@@ -196,7 +215,7 @@ pub fn drop_caches() -> anyhow::Result<()> {
 /// Pull, create, start attached (first output line and exit timed), then delete.
 pub fn measure(t: &Target, id: &str) -> anyhow::Result<Timing> {
     let start = Instant::now();
-    match t.lazy_snapshotter {
+    let lazy = match t.lazy_snapshotter {
         None => {
             let mut args = vec!["images", "pull"];
             if t.plain_http {
@@ -204,6 +223,7 @@ pub fn measure(t: &Target, id: &str) -> anyhow::Result<Timing> {
             }
             args.push(t.reference);
             t.ctr.run(&args, t.timeout)?;
+            None
         }
         Some(snapshotter) => {
             let mut cmd = Command::new(t.lazysnap);
@@ -217,9 +237,9 @@ pub fn measure(t: &Target, id: &str) -> anyhow::Result<Timing> {
                 cmd.arg("--plain-http");
             }
             cmd.arg(t.reference);
-            run(cmd, t.timeout)?;
+            Some(lazy_layers(&run(cmd, t.timeout)?))
         }
-    }
+    };
     let pull = start.elapsed();
     let snapshotter = t.lazy_snapshotter.unwrap_or("overlayfs");
     let start = Instant::now();
@@ -264,6 +284,7 @@ pub fn measure(t: &Target, id: &str) -> anyhow::Result<Timing> {
         first_line: first.unwrap_or(run_time),
         run: run_time,
         last_line: out.lines().last().unwrap_or("").to_string(),
+        lazy_layers: lazy,
     })
 }
 
@@ -278,6 +299,20 @@ pub fn bytes_served(log: &str) -> u64 {
             fields.next()?.parse::<u64>().ok()
         })
         .sum()
+}
+
+/// Partial-content (206) answers to GETs in the access-log text `log`: the range requests
+/// a lazy pull made, whichever snapshotter made them.
+pub fn range_responses(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("\"GET "))
+        .filter(|l| {
+            l.split('"')
+                .nth(2)
+                .and_then(|after| after.split_whitespace().next())
+                == Some("206")
+        })
+        .count() as u64
 }
 
 /// Reads `path` from byte `offset` on (the registry's log since a run began).
@@ -300,11 +335,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn lazy_layers_counts_rpull_outcomes() {
+        let out = "sha256:aa        lazy  1.0 MiB\n\
+                   sha256:bb  downloaded  2.0 MiB\n\
+                   sha256:cc        lazy  3.0 MiB\n\
+                   host/x:y: 3 layers into stargz in 1.00s\n";
+        assert_eq!(lazy_layers(out), (2, 3));
+    }
+
+    #[test]
     fn bytes_served_sums_get_lines_of_any_status() {
         let log = "10.213.77.1 - - [x] \"GET /v2/a/blobs/sha256:1 HTTP/1.1\" 206 1000 \"\" \"ua\"\n\
                    10.213.77.1 - - [x] \"HEAD /v2/a/blobs/sha256:1 HTTP/1.1\" 200 0 \"\" \"ua\"\n\
                    time=\"x\" level=info msg=\"response completed\"\n\
                    10.213.77.1 - - [x] \"GET /v2/a/manifests/t HTTP/1.1\" 200 523 \"\" \"ua\"\n";
         assert_eq!(bytes_served(log), 1523);
+        assert_eq!(range_responses(log), 1);
     }
 }
