@@ -126,15 +126,17 @@ impl InBlob for (NodeId, Chunk) {
     }
 }
 
-/// Cuts `items` (sorted by blob offset) into ranges for range requests: an item joins
-/// the range before it when it starts at most `gap` bytes after that range's end (the
-/// bytes between are cheaper than a round trip) and the range stays within `max`
-/// bytes; a single item larger than `max` is a range of its own.
+/// Cuts `items` (in the order they are wanted, usually blob order) into ranges for
+/// range requests: an item joins the range before it when it starts inside it or at
+/// most `gap` bytes after its end (the bytes between are cheaper than a round trip) and
+/// the range stays within `max` bytes; a single item larger than `max` is a range of
+/// its own.
 pub(crate) fn coalesce<T: InBlob>(items: Vec<T>, gap: u64, max: u64) -> Vec<(Range<u64>, Vec<T>)> {
     let mut out: Vec<(Range<u64>, Vec<T>)> = Vec::new();
     for item in items {
         let (s, e) = item.span();
         if let Some((range, group)) = out.last_mut()
+            && s >= range.start
             && s <= range.end.saturating_add(gap)
             && e.max(range.end) - range.start <= max
         {
@@ -228,13 +230,14 @@ impl Fetcher {
         self.link.note_op();
     }
 
-    /// The network part of a read: counts as demand on the link (so background work
-    /// holds back), fetches the chunks' neighbours beside it, and waits for the chunks.
+    /// The network part of a read: fetches the chunks' neighbours beside it, and waits
+    /// for the chunks. Its own requests count as demand on the link; waiting for a
+    /// prefetch piece that holds its chunk does not, so that piece's neighbours in the
+    /// prefetch are not held back for the reader's sake.
     pub(crate) async fn fetch_for_read(
         self: &Arc<Self>,
         wants: &[(NodeId, Chunk)],
     ) -> Result<Vec<Bytes>> {
-        let _busy = self.link.busy(Class::Demand);
         self.fetch_neighbours(wants);
         self.chunks(wants, Purpose::Demand).await
     }
@@ -383,5 +386,8 @@ mod tests {
             .map(|(r, g)| (r, g.len()))
             .collect();
         assert_eq!(got, vec![(0..20, 2), (100..110, 1), (110..300, 1)]);
+        // Out of order: an item before the range starts a new one.
+        let items = vec![span(100, 110), span(90, 100)];
+        assert_eq!(coalesce(items, 5, 150).len(), 2);
     }
 }

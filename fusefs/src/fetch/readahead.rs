@@ -9,7 +9,6 @@ use estargz::{Chunk, NodeId};
 use tokio::sync::Semaphore;
 
 use super::{Fetcher, Purpose, lock};
-use crate::link::Class;
 
 /// Per-file sequential-access state, keyed by the file's node.
 #[derive(Debug, Default, Clone, Copy)]
@@ -135,9 +134,6 @@ impl Fetcher {
                 let Ok(_permit) = slots.acquire_owned().await else {
                     return;
                 };
-                // A reader is about to want these: demand on the link, also while
-                // waiting for a fetch someone else started.
-                let _busy = this.link.busy(Class::Demand);
                 if let Err(e) = this.chunks(&part, Purpose::ReadAhead).await {
                     tracing::debug!(layer = %this.name, error = %e, "read-ahead failed");
                 }
