@@ -63,7 +63,14 @@ struct Inner {
     background: Arc<tokio::sync::Mutex<Instant>>,
     /// Prefetch requests in flight for the whole host, at most.
     prefetch_slots: Arc<Semaphore>,
+    /// Bytes the host has delivered so far, and samples of that count over the last
+    /// [`RATE_WINDOW`], for the rate the link carries.
+    delivered: AtomicU64,
+    samples: Mutex<std::collections::VecDeque<(Instant, u64)>>,
 }
+
+/// How far back the link's rate is measured.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -126,6 +133,8 @@ impl Link {
             rate: rate.filter(|r| *r > 0),
             background: Arc::new(tokio::sync::Mutex::new(now)),
             prefetch_slots: Arc::new(Semaphore::new(prefetch_requests.max(1))),
+            delivered: AtomicU64::new(0),
+            samples: Mutex::new(std::collections::VecDeque::new()),
         }))
     }
 
@@ -192,6 +201,35 @@ impl Link {
                 return;
             }
         }
+    }
+
+    /// `bytes` of a response arrived.
+    pub(crate) fn delivered(&self, bytes: u64) {
+        let total = self.0.delivered.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let now = Instant::now();
+        let mut samples = self.0.samples.lock().unwrap_or_else(|p| p.into_inner());
+        if samples
+            .back()
+            .is_none_or(|(at, _)| now.duration_since(*at) >= RATE_WINDOW / 20)
+        {
+            samples.push_back((now, total));
+        }
+        while samples.len() > 2
+            && samples
+                .front()
+                .is_some_and(|(at, _)| now - *at > RATE_WINDOW)
+        {
+            samples.pop_front();
+        }
+    }
+
+    /// Bytes per second the link carried over the last second of deliveries, once a
+    /// tenth of a second of them has been seen.
+    pub(crate) fn rate(&self) -> Option<f64> {
+        let samples = self.0.samples.lock().unwrap_or_else(|p| p.into_inner());
+        let ((t0, b0), (t1, b1)) = (*samples.front()?, *samples.back()?);
+        let span = t1.duration_since(t0);
+        (span >= RATE_WINDOW / 10).then(|| (b1 - b0) as f64 / span.as_secs_f64())
     }
 
     /// Waits for a prefetch request's turn: a free slot of the host's, and, while a
@@ -391,6 +429,27 @@ mod tests {
             let now = tokio::time::Instant::now();
             drop(link.background_turn(1).await);
             assert_eq!(now.elapsed(), Duration::ZERO);
+        });
+    }
+
+    #[test]
+    fn the_rate_is_what_was_delivered_over_the_last_second() {
+        rt().block_on(async {
+            let link = Link::new(Duration::ZERO, None, 4);
+            assert_eq!(link.rate(), None);
+            // 1 MB every 100 ms for 3 s, then 4 MB every 100 ms.
+            for _ in 0..30 {
+                link.delivered(1_000_000);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let slow = link.rate().unwrap();
+            assert!((9e6..=11e6).contains(&slow), "{slow}");
+            for _ in 0..30 {
+                link.delivered(4_000_000);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let fast = link.rate().unwrap();
+            assert!((36e6..=44e6).contains(&fast), "{fast}");
         });
     }
 

@@ -27,6 +27,9 @@ struct SeqState {
     missed: bool,
 }
 
+/// Read-ahead stays this many seconds of the link's rate ahead of the reader.
+const AHEAD_SECONDS: f64 = 0.25;
+
 /// Files tracked for sequential access before the table is reset.
 const SEQ_TABLE_MAX: usize = 4096;
 
@@ -76,10 +79,19 @@ impl Fetcher {
             if st.run < 2 {
                 return;
             }
+            // Ahead of the reader by what the link carries in a quarter of a second, at
+            // least the first window: enough to keep the link busy, and little fetched
+            // in vain when the reader stops (a 1 GiB file read in part over a slow link).
+            // On a fast link the configured maximum is the bound.
+            let cap = self.link.rate().map_or(self.config.readahead_max, |rate| {
+                ((rate * AHEAD_SECONDS) as u64)
+                    .clamp(self.config.readahead_initial, self.config.readahead_max)
+            });
             if st.window == 0 {
                 st.window = self.config.readahead_initial;
                 st.issued = end;
             }
+            st.window = st.window.min(cap);
             // Refill when less than half a window is left ahead of the reader.
             if st.issued >= size || st.issued > end.saturating_add(st.window / 2) {
                 return;
@@ -87,7 +99,7 @@ impl Fetcher {
             let from = st.issued.max(end);
             let to = end.saturating_add(st.window).min(size);
             st.issued = to;
-            st.window = (st.window * 2).min(self.config.readahead_max);
+            st.window = (st.window * 2).min(cap);
             (from..to, st.missed)
         };
         if issue.0.is_empty() {

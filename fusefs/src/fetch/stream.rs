@@ -79,6 +79,7 @@ impl Fetcher {
             jobs: Vec::new(),
         });
         let on_data = |piece: Bytes| {
+            self.link.delivered(piece.len() as u64);
             let mut a = lock(&arriving);
             a.received += piece.len() as u64;
             a.buf.extend_from_slice(&piece);
