@@ -15,6 +15,8 @@ use super::{Fetcher, Purpose, lock};
 struct SeqState {
     /// Where the next sequential read is expected.
     next: u64,
+    /// Where this run of sequential reads began.
+    start: u64,
     /// Sequential reads in a row.
     run: u32,
     /// Read-ahead window, doubled on every refill.
@@ -71,6 +73,7 @@ impl Fetcher {
             } else {
                 *st = SeqState {
                     next: end,
+                    start: offset,
                     run: 1,
                     ..SeqState::default()
                 };
@@ -79,12 +82,17 @@ impl Fetcher {
             if st.run < 2 {
                 return;
             }
-            // Ahead of the reader by what the link carries in a quarter of a second, at
-            // least the first window: enough to keep the link busy, and little fetched
-            // in vain when the reader stops (a 1 GiB file read in part over a slow link).
-            // On a fast link the configured maximum is the bound.
+            // Ahead of the reader by what the link carries in a quarter of a second, or
+            // by an eighth of what this run has read so far, whichever is more (at least
+            // the first window, at most the configured maximum): enough to keep the
+            // link busy, larger requests for a reader that goes on and on (a model
+            // loaded whole), and little fetched in vain when a reader stops (32 MiB of
+            // a 1 GiB file read over a slow link). On a fast link the maximum rules.
             let cap = self.link.rate().map_or(self.config.readahead_max, |rate| {
-                ((rate * AHEAD_SECONDS) as u64)
+                let by_rate = (rate * AHEAD_SECONDS) as u64;
+                let by_run = st.next.saturating_sub(st.start) / 8;
+                by_rate
+                    .max(by_run)
                     .clamp(self.config.readahead_initial, self.config.readahead_max)
             });
             if st.window == 0 {
