@@ -4,6 +4,7 @@
 //! background fetch of the rest, which only runs when the registry host's link is quiet.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use estargz::{Chunk, Digest, EntryKind, NodeId};
@@ -24,6 +25,9 @@ pub(crate) struct Neighbours {
     /// 8 bytes a chunk, not a copy of the chunk (80).
     by_offset: OnceLock<Vec<(NodeId, u32)>>,
     judge: Mutex<Judge>,
+    /// Whether `judge.pending` may hold anything: every read asks, and most layers
+    /// (neighbours off, or all read) never need the lock.
+    pending_any: AtomicBool,
 }
 
 /// Neighbour fetches pay off when a directory is read file after file (a python import
@@ -50,6 +54,7 @@ impl Neighbours {
                 used: 0,
                 pending: HashMap::new(),
             }),
+            pending_any: AtomicBool::new(false),
         }
     }
 
@@ -59,14 +64,17 @@ impl Neighbours {
 
     /// A read of `wants`: neighbours among them were worth fetching.
     pub(crate) fn note_used(&self, wants: &[(NodeId, Chunk)]) {
-        let mut j = lock(&self.judge);
-        if j.pending.is_empty() {
+        if !self.pending_any.load(Ordering::Relaxed) {
             return;
         }
+        let mut j = lock(&self.judge);
         for (_, c) in wants {
             if let Some(len) = j.pending.remove(&c.digest) {
                 j.used += len;
             }
+        }
+        if j.pending.is_empty() {
+            self.pending_any.store(false, Ordering::Relaxed);
         }
     }
 
@@ -95,6 +103,8 @@ impl Neighbours {
             j.pending.insert(c.digest, c.comp_len());
             j.fetched += c.comp_len();
         }
+        self.pending_any
+            .store(!j.pending.is_empty(), Ordering::Relaxed);
     }
 }
 
