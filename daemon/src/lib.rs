@@ -6,5 +6,6 @@ pub mod cri;
 pub mod keychain;
 pub mod observe;
 pub mod optimize;
+pub mod reload;
 pub mod rpull;
 pub mod server;

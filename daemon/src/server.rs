@@ -19,6 +19,7 @@ use tokio::net::UnixListener;
 
 use crate::config::Config;
 use crate::keychain::{CriKeychain, FirstOf, ImageServiceProxy};
+use crate::reload::ReloadableDockerConfig;
 use registry::CredentialProvider;
 
 /// An exclusive lock on a root directory, held for the daemon's lifetime, so that two
@@ -80,8 +81,20 @@ fn bind_socket(address: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Runs the daemon until `shutdown` resolves.
-pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// What the daemon's signals ask of a running server.
+pub enum Event {
+    /// SIGHUP: the configuration file read again.
+    Reload(Box<Config>),
+    /// SIGUSR1: write the status (snapshots, mounts, cache) to the log.
+    LogStatus,
+}
+
+/// Runs the daemon until `shutdown` resolves, taking `events` as they come.
+pub async fn run(
+    config: &Config,
+    shutdown: impl Future<Output = ()>,
+    mut events: tokio::sync::mpsc::Receiver<Event>,
+) -> anyhow::Result<()> {
     // Registry settings stay out of the log: their headers may carry credentials.
     tracing::debug!(root = %config.root.display(), address = %config.address.display(),
         lazy = ?config.lazy, cache = ?config.cache, metrics = ?config.metrics_address, "configuration");
@@ -100,9 +113,9 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
         true => Some(Arc::new(CriKeychain::default())),
         false => None,
     };
-    let (mounter, cache) = match lazy_mounter(config, keychain.clone())? {
-        Some((mounter, cache)) => (Some(mounter), Some(cache)),
-        None => (None, None),
+    let (mounter, cache, registry) = match lazy_mounter(config, keychain.clone())? {
+        Some(lazy) => (Some(lazy.mounter), Some(lazy.cache), Some(lazy.registry)),
+        None => (None, None, None),
     };
     let snapshotter = Arc::new(
         Snapshotter::open_with(
@@ -122,6 +135,24 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
         status_listener,
         observer.clone(),
     ));
+    let mut reloader = crate::reload::Reloader {
+        config: config.clone(),
+        registry,
+    };
+    let signalled = observer.clone();
+    let event_loop = tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::Reload(fresh) => {
+                    reloader.apply(*fresh);
+                }
+                Event::LogStatus => match serde_json::to_string(&signalled.status()) {
+                    Ok(status) => tracing::info!(%status, "SIGUSR1: status"),
+                    Err(e) => tracing::error!("SIGUSR1: status: {e}"),
+                },
+            }
+        }
+    });
     let metrics_server = match &config.metrics_address {
         Some(address) => {
             let listener = tokio::net::TcpListener::bind(address)
@@ -184,6 +215,7 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
         .await
         .context("serving gRPC")?;
     status_server.abort();
+    event_loop.abort();
     if let Some(server) = metrics_server {
         server.abort();
     }
@@ -203,12 +235,20 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
     Ok(())
 }
 
+/// What lazy pulling runs on.
+struct Lazy {
+    mounter: Arc<FuseMounter>,
+    cache: fusefs::SharedCache,
+    /// What a reload reaches: the client's registry hosts and docker's credentials.
+    registry: (registry::Client, Arc<ReloadableDockerConfig>),
+}
+
 /// The FUSE mounter for lazy pulling, or None when it is off or cannot work here (then
 /// every layer is unpacked, as with a plain overlayfs snapshotter).
 fn lazy_mounter(
     config: &Config,
     keychain: Option<Arc<CriKeychain>>,
-) -> anyhow::Result<Option<(Arc<FuseMounter>, fusefs::SharedCache)>> {
+) -> anyhow::Result<Option<Lazy>> {
     if !config.lazy.enabled {
         tracing::info!("lazy pulling is off ([lazy] enabled = false)");
         return Ok(None);
@@ -217,12 +257,13 @@ fn lazy_mounter(
         tracing::warn!("/dev/fuse is missing: lazy pulling is off, every layer is unpacked");
         return Ok(None);
     }
-    let docker: Arc<dyn CredentialProvider> =
-        Arc::new(registry::DockerConfig::load_default().context("reading docker credentials")?);
+    let docker =
+        Arc::new(ReloadableDockerConfig::load_default().context("reading docker credentials")?);
+    let node: Arc<dyn CredentialProvider> = docker.clone();
     // A pod's image-pull secrets (from CRI) win over the node's docker config.
     let credentials: Arc<dyn CredentialProvider> = match keychain {
-        Some(keychain) => Arc::new(FirstOf(vec![keychain, docker])),
-        None => docker,
+        Some(keychain) => Arc::new(FirstOf(vec![keychain, node])),
+        None => node,
     };
     let client = registry::Client::new(config.registry())
         .context("setting up the registry client")?
@@ -232,7 +273,7 @@ fn lazy_mounter(
     cache_config.disk_bytes = config.cache.disk_bytes;
     let cache = fusefs::SharedCache::open(cache_config).context("opening the chunk cache")?;
     let mut mounter = FuseMounter::new(
-        client,
+        client.clone(),
         cache.clone(),
         config.lazy.fs_config(),
         tokio::runtime::Handle::current(),
@@ -246,7 +287,11 @@ fn lazy_mounter(
             .with_holder(holder(&config.root))
             .context("asking the fd holder for connections kept from an earlier lazysnapd")?;
     }
-    Ok(Some((Arc::new(mounter), cache)))
+    Ok(Some(Lazy {
+        mounter: Arc::new(mounter),
+        cache,
+        registry: (client, docker),
+    }))
 }
 
 /// The fd holder's socket, under the root (mode 0700) so only root reaches it.

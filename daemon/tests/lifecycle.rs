@@ -65,6 +65,80 @@ async fn serves_on_flags_and_stops_cleanly_on_signals() {
     assert_eq!(list.info.len(), 2);
 }
 
+/// Waits for `text` in the daemon's log; panics with the log when it does not come.
+fn wait_for_log(daemon: &Lazysnapd, text: &str) {
+    if !testkit::wait_until(Duration::from_secs(10), || daemon.log().contains(text)) {
+        panic!("no {text:?} in the log:\n{}", daemon.log());
+    }
+}
+
+async fn still_serves(daemon: &Lazysnapd, key: &str) {
+    let mut client = snapshotter::client::connect(&daemon.address).await.unwrap();
+    client.prepare(prepare(key, "")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hup_reloads_usr1_logs_the_status_and_quit_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "log_level = \"info\"\n").unwrap();
+    let config_arg = config.to_str().unwrap();
+    // An empty RUST_LOG: the configured level decides, so a reload can change it.
+    let daemon = Lazysnapd::start_with_env(
+        Path::new(BIN),
+        dir.path(),
+        &["--config", config_arg],
+        &[("RUST_LOG", "")],
+    )
+    .unwrap();
+    let mut daemon = daemon;
+    let send = |daemon: &Lazysnapd, signal: i32| {
+        testkit::process::send_signal(daemon.pid(), signal);
+    };
+    still_serves(&daemon, "before").await;
+    assert!(!daemon.log().contains("DEBUG"), "debug lines at level info");
+
+    std::fs::write(
+        &config,
+        r#"log_level = "debug"
+[cache]
+disk_bytes = 12345678
+[[resolver.host."registry.example.com".mirrors]]
+host = "mirror.example.com"
+"#,
+    )
+    .unwrap();
+    send(&daemon, libc::SIGHUP);
+    wait_for_log(&daemon, "SIGHUP: log level changed");
+    wait_for_log(&daemon, "SIGHUP: registry hosts reloaded");
+    wait_for_log(&daemon, "SIGHUP: read docker's config.json again");
+    wait_for_log(&daemon, "take effect only after a restart");
+    assert!(daemon.log().contains("[\"cache\"]"), "{}", daemon.log());
+    still_serves(&daemon, "after-hup").await;
+    assert!(
+        daemon.log().contains("DEBUG"),
+        "no debug lines after the reload"
+    );
+
+    // A broken file: the daemon keeps what it has and says why.
+    std::fs::write(&config, "log_level = [\n").unwrap();
+    send(&daemon, libc::SIGHUP);
+    wait_for_log(&daemon, "SIGHUP: the configuration is kept as it was");
+    still_serves(&daemon, "after-bad-hup").await;
+
+    send(&daemon, libc::SIGUSR1);
+    wait_for_log(&daemon, "SIGUSR1: status");
+    send(&daemon, libc::SIGUSR2);
+    wait_for_log(&daemon, "SIGUSR2: ignored");
+    send(&daemon, libc::SIGPIPE);
+    still_serves(&daemon, "after-usr-pipe").await;
+
+    let status = daemon.signal_and_wait(libc::SIGQUIT).unwrap();
+    assert!(status.success(), "exit status {status} after SIGQUIT");
+    assert!(!daemon.address.exists(), "socket left behind after SIGQUIT");
+    assert!(daemon.log().contains("SIGQUIT: shutting down"));
+}
+
 #[test]
 fn a_second_daemon_on_the_same_root_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();

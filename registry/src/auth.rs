@@ -539,6 +539,14 @@ impl AuthCache {
         hosts.entry(host.to_string()).or_default().scheme = Some(scheme);
     }
 
+    /// Forgets every token (the schemes stay: they are the registries', not ours).
+    pub(crate) fn clear(&self) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        for host in hosts.values_mut() {
+            host.tokens.clear();
+        }
+    }
+
     pub(crate) fn token(&self, host: &str, scope: &str) -> Option<String> {
         let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
         let token = hosts.get(host)?.tokens.get(scope)?;

@@ -14,7 +14,7 @@ use crate::auth::{
     Anonymous, AuthCache, Challenge, CredentialProvider, Scheme, TokenResponse, parse_challenges,
     token_lifetime,
 };
-use crate::config::{HttpConfig, RegistryConfig, is_loopback};
+use crate::config::{HttpConfig, RegistryConfig, ResolverConfig, is_loopback};
 use crate::error::{Error, Result, Target};
 use crate::manifest::Platform;
 use crate::reference::api_host;
@@ -26,7 +26,9 @@ pub struct Client {
 }
 
 pub(crate) struct Inner {
-    pub(crate) config: RegistryConfig,
+    http: HttpConfig,
+    /// Replaced by [`Client::reload_resolver`] (SIGHUP).
+    resolver: std::sync::RwLock<Arc<ResolverConfig>>,
     pub(crate) platform: Platform,
     credentials: Arc<dyn CredentialProvider>,
     auth: AuthCache,
@@ -79,7 +81,7 @@ impl std::fmt::Debug for Client {
         f.debug_struct("Client")
             .field(
                 "hosts",
-                &self.inner.config.resolver.host.keys().collect::<Vec<_>>(),
+                &self.resolver().host.keys().cloned().collect::<Vec<_>>(),
             )
             .field("platform", &self.inner.platform)
             .finish_non_exhaustive()
@@ -123,6 +125,21 @@ macro_rules! on_endpoints {
 }
 pub(crate) use on_endpoints;
 
+/// Loads every CA file the per-registry settings name, so a bad path fails at start
+/// (or reload) rather than on the first request.
+fn check_resolver_cas(resolver: &ResolverConfig) -> Result<()> {
+    for host in resolver.host.values() {
+        for path in host
+            .ca
+            .iter()
+            .chain(host.mirrors.iter().flat_map(|m| m.ca.iter()))
+        {
+            load_ca(path)?;
+        }
+    }
+    Ok(())
+}
+
 impl Client {
     /// A client with anonymous access; see [`Client::with_credentials`].
     pub fn new(config: RegistryConfig) -> Result<Self> {
@@ -132,24 +149,14 @@ impl Client {
             None => Platform::host(),
         };
         // Fail early on unreadable CA files rather than on the first request.
-        for path in config
-            .http
-            .ca
-            .iter()
-            .chain(config.resolver.host.values().flat_map(|h| h.ca.iter()))
-            .chain(
-                config
-                    .resolver
-                    .host
-                    .values()
-                    .flat_map(|h| h.mirrors.iter().flat_map(|m| m.ca.iter())),
-            )
-        {
+        for path in &config.http.ca {
             load_ca(path)?;
         }
+        check_resolver_cas(&config.resolver)?;
         Ok(Self {
             inner: Arc::new(Inner {
-                config,
+                http: config.http,
+                resolver: std::sync::RwLock::new(Arc::new(config.resolver)),
                 platform,
                 credentials: Arc::new(Anonymous),
                 auth: AuthCache::default(),
@@ -170,7 +177,14 @@ impl Client {
                 ..inner
             },
             Err(shared) => Inner {
-                config: shared.config.clone(),
+                http: shared.http.clone(),
+                resolver: std::sync::RwLock::new(
+                    shared
+                        .resolver
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone(),
+                ),
                 platform: shared.platform.clone(),
                 credentials: provider,
                 auth: AuthCache::default(),
@@ -191,7 +205,41 @@ impl Client {
     }
 
     pub(crate) fn http(&self) -> &HttpConfig {
-        &self.inner.config.http
+        &self.inner.http
+    }
+
+    fn resolver(&self) -> Arc<ResolverConfig> {
+        self.inner
+            .resolver
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the per-registry settings (mirrors, plain HTTP, CAs, headers) for the
+    /// requests that follow; requests in flight finish on the old ones. The HTTP settings
+    /// are not reloadable: they shape connections already open.
+    pub fn reload_resolver(&self, resolver: ResolverConfig) -> Result<()> {
+        RegistryConfig {
+            resolver: resolver.clone(),
+            http: self.inner.http.clone(),
+        }
+        .validate()
+        .map_err(Error::Config)?;
+        check_resolver_cas(&resolver)?;
+        *self
+            .inner
+            .resolver
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(resolver);
+        lock(&self.inner.endpoints).clear();
+        Ok(())
+    }
+
+    /// Drops the registry tokens got so far, so the next requests authenticate with the
+    /// credentials the provider gives now (after a reload of docker's config).
+    pub fn forget_tokens(&self) {
+        self.inner.auth.clear();
     }
 
     pub(crate) fn retry_policy(&self, is_mirror: bool) -> Retry {
@@ -219,10 +267,9 @@ impl Client {
     }
 
     fn build_endpoints(&self, registry: &str, with_mirrors: bool) -> Result<Vec<Endpoint>> {
-        let config = &self.inner.config;
-        let http = &config.http;
+        let http = self.http();
         let origin_host = api_host(registry).to_string();
-        let host_config = config.host(registry).cloned().unwrap_or_default();
+        let host_config = self.resolver().host(registry).cloned().unwrap_or_default();
         let mut origin_plain = host_config
             .plain_http
             .unwrap_or(is_loopback(&origin_host) && host_config.ca.is_empty());
@@ -897,6 +944,40 @@ mod tests {
         assert_eq!(base_url(false, "h", ""), "https://h/v2");
         assert_eq!(base_url(true, "h:1", "/pfx"), "http://h:1/pfx/v2");
         assert_eq!(base_url(false, "h", "/x/v2"), "https://h/x/v2");
+    }
+
+    #[test]
+    fn a_reloaded_resolver_applies_to_the_next_requests() {
+        let client = Client::new(RegistryConfig::default()).unwrap();
+        let before = client.endpoints("docker.io", true).unwrap();
+        assert_eq!(before.len(), 1);
+        let reloaded: RegistryConfig = toml::from_str(
+            r#"
+[[resolver.host."docker.io".mirrors]]
+host = "mirror.example.com"
+"#,
+        )
+        .unwrap();
+        client.reload_resolver(reloaded.resolver).unwrap();
+        let after = client.endpoints("docker.io", true).unwrap();
+        let bases: Vec<_> = after.iter().map(|e| e.base.as_str()).collect();
+        assert_eq!(
+            bases,
+            [
+                "https://mirror.example.com/v2",
+                "https://registry-1.docker.io/v2"
+            ]
+        );
+        // A CA file that is not there: refused, and the settings in force stay.
+        let bad: RegistryConfig = toml::from_str(
+            r#"
+[resolver.host."docker.io"]
+ca = ["/nonexistent/ca.pem"]
+"#,
+        )
+        .unwrap();
+        assert!(client.reload_resolver(bad.resolver).is_err());
+        assert_eq!(client.endpoints("docker.io", true).unwrap().len(), 2);
     }
 
     #[test]

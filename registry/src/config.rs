@@ -132,13 +132,19 @@ impl HttpConfig {
     }
 }
 
+impl ResolverConfig {
+    /// The configuration for a registry, looked up by name, then by API host.
+    pub fn host(&self, registry: &str) -> Option<&HostConfig> {
+        self.host
+            .get(registry)
+            .or_else(|| self.host.get(crate::reference::api_host(registry)))
+    }
+}
+
 impl RegistryConfig {
     /// The configuration for a registry, looked up by name, then by API host.
     pub fn host(&self, registry: &str) -> Option<&HostConfig> {
-        self.resolver
-            .host
-            .get(registry)
-            .or_else(|| self.resolver.host.get(crate::reference::api_host(registry)))
+        self.resolver.host(registry)
     }
 
     /// Checks what serde cannot: values that would make the client misbehave.

@@ -94,11 +94,12 @@ impl Lazysnapd {
             .arg("--address")
             .arg(&self.address)
             .args(&self.extra_args)
-            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
-            );
+            )
+            // The test's own variables win (an empty RUST_LOG lets the config decide).
+            .envs(self.envs.iter().map(|(k, v)| (k, v)));
         let mut process = ChildGuard::spawn("lazysnapd", cmd, &self.log)?;
         let address = self.address.clone();
         let up = crate::wait_until(Duration::from_secs(30), || {

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use daemon::config::Config;
+use daemon::server::Event;
 use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
 
 /// Flags share their names with containerd-stargz-grpc's, so service files carry over.
 #[derive(Parser, Debug)]
@@ -55,7 +57,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    init_logging(&config.log_level);
+    let log = init_logging(&config.log_level);
     if args.unmount_all {
         return match daemon::server::unmount_all(&config) {
             Ok(()) => std::process::ExitCode::SUCCESS,
@@ -75,7 +77,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(args, config, log)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -103,26 +105,83 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+type LogFilter = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+/// A non-empty `RUST_LOG` wins over the configured level.
+fn env_log_filter() -> Option<EnvFilter> {
+    match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(v).ok(),
+        _ => None,
+    }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+fn log_filter(level: &str) -> EnvFilter {
+    env_log_filter()
+        .or_else(|| EnvFilter::try_new(level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"))
+}
+
+fn init_logging(level: &str) -> LogFilter {
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(log_filter(level));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr),
+        )
+        .init();
+    handle
+}
+
+/// Every signal a daemon is usually sent is handled on purpose: TERM, INT and QUIT stop
+/// it (running containers keep their layers through the fd holder), HUP reloads the
+/// configuration, USR1 logs the status, USR2 is logged and ignored, and PIPE is ignored
+/// (Rust's runtime sets that before main), so a closed log pipe never kills it.
+async fn run(args: Args, config: Config, log: LogFilter) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    let mut quit = signal(SignalKind::quit()).context("installing the SIGQUIT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
+    let (events, received) = tokio::sync::mpsc::channel(4);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut log_level = config.log_level.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
+                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
+                _ = quit.recv() => { tracing::info!("SIGQUIT: shutting down"); break }
+                _ = hup.recv() => match load_config(&args) {
+                    Ok(fresh) => {
+                        tracing::info!("SIGHUP: reloading the configuration");
+                        if fresh.log_level != log_level {
+                            match log.reload(log_filter(&fresh.log_level)) {
+                                Ok(()) if env_log_filter().is_some() => tracing::info!(
+                                    level = %fresh.log_level,
+                                    "SIGHUP: log level changed in the config; RUST_LOG still wins"
+                                ),
+                                Ok(()) => tracing::info!(level = %fresh.log_level, "SIGHUP: log level changed"),
+                                Err(e) => tracing::error!("SIGHUP: log level kept: {e}"),
+                            }
+                            log_level = fresh.log_level.clone();
+                        }
+                        let _ = events.send(Event::Reload(Box::new(fresh))).await;
+                    }
+                    Err(e) => tracing::error!("SIGHUP: the configuration is kept as it was: {e:#}"),
+                },
+                _ = usr1.recv() => { let _ = events.send(Event::LogStatus).await; }
+                _ = usr2.recv() => tracing::info!("SIGUSR2: ignored (SIGHUP reloads the configuration, SIGUSR1 logs the status)"),
+            }
         }
+        let _ = stop.send(());
+    });
+    let shutdown = async move {
+        let _ = stopped.await;
     };
-    daemon::server::run(&config, shutdown).await
+    daemon::server::run(&config, shutdown, received).await
 }

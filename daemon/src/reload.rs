@@ -1,0 +1,210 @@
+//! What SIGHUP changes in a running lazysnapd: the configuration file is read again and
+//! the settings that can change under running mounts are applied (docker credentials,
+//! registry hosts); the others are named in the log as needing a restart.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use registry::{CredentialFuture, CredentialProvider, DockerConfig};
+
+use crate::config::Config;
+
+/// Docker's config file, read again on reload. A file that fails to parse on reload
+/// leaves the credentials in force.
+pub struct ReloadableDockerConfig {
+    current: RwLock<Arc<DockerConfig>>,
+    load: Box<dyn Fn() -> registry::Result<DockerConfig> + Send + Sync>,
+}
+
+impl ReloadableDockerConfig {
+    /// `$DOCKER_CONFIG/config.json`, else `$HOME/.docker/config.json`.
+    pub fn load_default() -> registry::Result<Self> {
+        Self::with_loader(Box::new(DockerConfig::load_default))
+    }
+
+    pub fn load(path: PathBuf) -> registry::Result<Self> {
+        Self::with_loader(Box::new(move || DockerConfig::load(&path)))
+    }
+
+    fn with_loader(
+        load: Box<dyn Fn() -> registry::Result<DockerConfig> + Send + Sync>,
+    ) -> registry::Result<Self> {
+        Ok(ReloadableDockerConfig {
+            current: RwLock::new(Arc::new(load()?)),
+            load,
+        })
+    }
+
+    pub fn reload(&self) -> registry::Result<()> {
+        let fresh = Arc::new((self.load)()?);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
+    fn get(&self) -> Arc<DockerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl CredentialProvider for ReloadableDockerConfig {
+    fn credentials<'a>(&'a self, host: &'a str) -> CredentialFuture<'a> {
+        let config = self.get();
+        Box::pin(async move { config.credentials(host).await })
+    }
+}
+
+/// The parts of a running daemon a reload reaches.
+pub struct Reloader {
+    pub config: Config,
+    /// The lazy mounts' registry client and credentials; None with lazy pulling off.
+    pub registry: Option<(registry::Client, Arc<ReloadableDockerConfig>)>,
+}
+
+impl Reloader {
+    /// Applies `fresh`, logging each thing done; returns what could not be applied.
+    pub fn apply(&mut self, fresh: Config) -> Vec<String> {
+        let mut failed = Vec::new();
+        if let Some((client, docker)) = &self.registry {
+            match docker.reload() {
+                Ok(()) => {
+                    client.forget_tokens();
+                    tracing::info!("SIGHUP: read docker's config.json again");
+                }
+                Err(e) => failed.push(format!("docker credentials kept: {e}")),
+            }
+            if fresh.resolver != self.config.resolver {
+                match client.reload_resolver(fresh.resolver.clone()) {
+                    Ok(()) => {
+                        tracing::info!(
+                            hosts = fresh.resolver.host.len(),
+                            "SIGHUP: registry hosts reloaded"
+                        );
+                        self.config.resolver = fresh.resolver.clone();
+                    }
+                    Err(e) => failed.push(format!("registry hosts kept: {e}")),
+                }
+            }
+        }
+        if fresh.log_level != self.config.log_level {
+            // The binary owns the log filter and has applied it already.
+            self.config.log_level = fresh.log_level.clone();
+        }
+        let needs_restart = restart_only_changes(&self.config, &fresh);
+        if !needs_restart.is_empty() {
+            tracing::warn!(
+                settings = ?needs_restart,
+                "SIGHUP: these settings changed but take effect only after a restart"
+            );
+        }
+        for problem in &failed {
+            tracing::error!("SIGHUP: {problem}");
+        }
+        failed
+    }
+}
+
+/// The top-level settings that differ and that a reload does not apply.
+fn restart_only_changes(running: &Config, fresh: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if running.root != fresh.root {
+        changed.push("root");
+    }
+    if running.address != fresh.address {
+        changed.push("address");
+    }
+    if running.metrics_address != fresh.metrics_address {
+        changed.push("metrics_address");
+    }
+    if running.lazy != fresh.lazy {
+        changed.push("lazy");
+    }
+    if running.cache != fresh.cache {
+        changed.push("cache");
+    }
+    if running.http != fresh.http {
+        changed.push("http");
+    }
+    if running.cri_keychain != fresh.cri_keychain {
+        changed.push("cri_keychain");
+    }
+    if running.resolver != fresh.resolver {
+        changed.push("resolver");
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_a_reload_cannot_apply_are_named() {
+        let running = Config::default();
+        let mut fresh = Config::default();
+        assert!(restart_only_changes(&running, &fresh).is_empty());
+        fresh.cache.disk_bytes += 1;
+        fresh.lazy.prefetch = !fresh.lazy.prefetch;
+        fresh.log_level = "debug".into();
+        assert_eq!(restart_only_changes(&running, &fresh), ["lazy", "cache"]);
+    }
+
+    #[tokio::test]
+    async fn docker_credentials_follow_the_file_and_survive_a_broken_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let write = |user: &str| {
+            let auth = base64_auth(user);
+            std::fs::write(
+                &path,
+                format!(r#"{{"auths":{{"reg.example":{{"auth":"{auth}"}}}}}}"#),
+            )
+            .unwrap();
+        };
+        let user_of = |docker: &ReloadableDockerConfig| {
+            let docker = docker.get();
+            async move {
+                let found = docker.credentials("reg.example").await.unwrap();
+                found.map(|c| c.username)
+            }
+        };
+        write("alice");
+        let docker = ReloadableDockerConfig::load(path.clone()).unwrap();
+        let first = user_of(&docker).await.unwrap();
+        assert!(first.contains("alice"), "{first}");
+        write("bob");
+        docker.reload().unwrap();
+        let second = user_of(&docker).await.unwrap();
+        assert!(second.contains("bob"), "{second}");
+        std::fs::write(&path, "{not json").unwrap();
+        assert!(docker.reload().is_err());
+        let kept = user_of(&docker).await.unwrap();
+        assert!(kept.contains("bob"), "{kept}");
+    }
+
+    fn base64_auth(user: &str) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:secret"))
+    }
+
+    #[test]
+    fn without_lazy_pulling_the_resolver_is_not_applied() {
+        let mut reloader = Reloader {
+            config: Config::default(),
+            registry: None,
+        };
+        let mut fresh = Config {
+            log_level: "debug".into(),
+            ..Config::default()
+        };
+        fresh
+            .resolver
+            .host
+            .insert("example.com".into(), Default::default());
+        assert!(reloader.apply(fresh).is_empty());
+        assert_eq!(reloader.config.log_level, "debug");
+        assert!(reloader.config.resolver.host.is_empty());
+    }
+}
