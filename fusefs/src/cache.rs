@@ -171,14 +171,15 @@ impl SharedCache {
         lock(&self.inner.memory).contains(digest)
     }
 
-    /// The chunk from memory, or from disk after checking its length and sha256 (then
-    /// kept in memory too). `None` is a miss.
-    pub(crate) fn get(&self, digest: &Digest, size: u64) -> Option<Bytes> {
+    /// The chunk from memory, or from disk after checking its sha256 (then kept in
+    /// memory too). `None` is a miss; a chunk whose length is not the `size` the TOC
+    /// gives is an error (the TOC is wrong: no read of it may be answered).
+    pub(crate) fn get(&self, digest: &Digest, size: u64) -> Result<Option<Bytes>> {
         if let Some(b) = self.get_memory(digest) {
-            return Some(b);
+            return expect_len(digest, size, b).map(Some);
         }
         if !self.inner.disk_enabled || lock(&self.inner.disk).get(digest) != Some(Stored::Chunk) {
-            return None;
+            return Ok(None);
         }
         let gate = Arc::clone(lock(&self.inner.loading).entry(*digest).or_default());
         let loaded = {
@@ -186,7 +187,7 @@ impl SharedCache {
             // Whoever held the gate before us may have loaded it already.
             match self.get_memory(digest) {
                 Some(b) => Some(b),
-                None => self.load(digest, size),
+                None => self.load(digest),
             }
         };
         let mut loading = lock(&self.inner.loading);
@@ -194,30 +195,34 @@ impl SharedCache {
         if Arc::strong_count(&gate) == 2 {
             loading.remove(digest);
         }
-        loaded
+        drop(loading);
+        loaded.map(|b| expect_len(digest, size, b)).transpose()
     }
 
     /// Reads a chunk file, checks it and keeps it in memory.
-    fn load(&self, digest: &Digest, size: u64) -> Option<Bytes> {
-        let data = self.read_checked(digest, size)?;
+    fn load(&self, digest: &Digest) -> Option<Bytes> {
+        let data = self.read_checked(digest)?;
         self.put_memory(*digest, data.clone());
         Some(data)
     }
 
     /// The chunk from memory or disk, verified, without adding it to the memory cache
     /// (for copying a whole file without flushing what readers use).
-    pub(crate) fn get_uncached(&self, digest: &Digest, size: u64) -> Option<Bytes> {
+    pub(crate) fn get_uncached(&self, digest: &Digest, size: u64) -> Result<Option<Bytes>> {
         if let Some(b) = self.get_memory(digest) {
-            return Some(b);
+            return expect_len(digest, size, b).map(Some);
         }
         if !self.inner.disk_enabled || lock(&self.inner.disk).get(digest) != Some(Stored::Chunk) {
-            return None;
+            return Ok(None);
         }
-        self.read_checked(digest, size)
+        self.read_checked(digest)
+            .map(|b| expect_len(digest, size, b))
+            .transpose()
     }
 
-    /// A chunk file's bytes if its length and sha256 are right; a bad file is dropped.
-    fn read_checked(&self, digest: &Digest, size: u64) -> Option<Bytes> {
+    /// A chunk file's bytes if their sha256 is right; a bad file is dropped. (A right
+    /// file of another length than a TOC says is kept: the TOC is what is wrong.)
+    fn read_checked(&self, digest: &Digest) -> Option<Bytes> {
         let path = stored_path(&self.inner.dir, digest, Stored::Chunk);
         let data = match read_uncached(&path) {
             Ok(d) => d,
@@ -229,7 +234,7 @@ impl SharedCache {
                 return None;
             }
         };
-        if data.len() as u64 != size || Digest::of(&data) != *digest {
+        if Digest::of(&data) != *digest {
             tracing::warn!(path = %path.display(), "cached chunk is corrupt; dropping it");
             lock(&self.inner.disk).remove(digest);
             remove_stored(&self.inner.dir, digest, Stored::Chunk);
@@ -360,6 +365,21 @@ impl SharedCache {
     pub(crate) fn forget_memory(&self) {
         *lock(&self.inner.memory) = Lru::new(self.inner.memory_capacity);
     }
+}
+
+/// `data`, the chunk named `digest`, if it is the `size` bytes a TOC gives it; else the
+/// mismatch, logged.
+pub(crate) fn expect_len(digest: &Digest, size: u64, data: Bytes) -> Result<Bytes> {
+    if data.len() as u64 == size {
+        return Ok(data);
+    }
+    tracing::warn!(chunk = %digest, expected = size, found = data.len(),
+        "a TOC gives this chunk a length its bytes do not have: the read fails");
+    Err(Error::ChunkLength {
+        digest: digest.to_string(),
+        expected: size,
+        found: data.len() as u64,
+    })
 }
 
 /// Alignment O_DIRECT asks of buffers, offsets and lengths (a page covers every disk).

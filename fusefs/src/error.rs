@@ -64,6 +64,16 @@ pub enum Error {
 
     #[error("invalid configuration: {0}")]
     Config(String),
+
+    /// The TOC gives a chunk a length that the chunk with its digest does not have.
+    #[error(
+        "chunk {digest}: the TOC says {expected} bytes, the chunk with that digest has {found}"
+    )]
+    ChunkLength {
+        digest: String,
+        expected: u64,
+        found: u64,
+    },
 }
 
 impl Error {
@@ -88,6 +98,7 @@ impl Error {
             // wrong data.
             Error::Fetch { .. }
             | Error::Layer { .. }
+            | Error::ChunkLength { .. }
             | Error::Io { .. }
             | Error::Mount { .. }
             | Error::Unmount { .. } => libc::EIO,

@@ -24,7 +24,7 @@ use estargz::{Chunk, EntryKind, Layer, NodeId};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
-use crate::cache::SharedCache;
+use crate::cache::{SharedCache, expect_len};
 use crate::config::FsConfig;
 use crate::error::{Error, Result};
 use crate::link::{Class, Link};
@@ -212,7 +212,7 @@ impl Fetcher {
         self.neighbours.note_used(wants);
         let mut out = Vec::with_capacity(wants.len());
         for (node, c) in wants {
-            match self.cache.get(&c.digest, c.size) {
+            match self.cache.get(&c.digest, c.size)? {
                 Some(b) => out.push(b),
                 None if c.zeros => out.push(self.zeros(*node, c)?),
                 None => {
@@ -253,7 +253,7 @@ impl Fetcher {
         let mut waits = Vec::new();
         let mut leads = Vec::new();
         for (i, (node, c)) in wants.iter().enumerate() {
-            if let Some(b) = self.cache.get(&c.digest, c.size) {
+            if let Some(b) = self.cache.get(&c.digest, c.size)? {
                 Counters::add(&self.counters.cache_hits, 1);
                 out[i] = Some(b);
                 continue;
@@ -265,7 +265,7 @@ impl Fetcher {
             match self.inflight.join_or_lead(&self.cache, *node, c) {
                 inflight::Joined::Ready(b) => {
                     Counters::add(&self.counters.cache_hits, 1);
-                    out[i] = Some(b);
+                    out[i] = Some(expect_len(&c.digest, c.size, b)?);
                 }
                 inflight::Joined::Wait(rx) => {
                     Counters::add(&self.counters.cache_misses, 1);
@@ -283,7 +283,8 @@ impl Fetcher {
         self.spawn_ranges(leads, self.config.coalesce_gap, purpose);
         for (i, rx) in waits {
             match inflight::wait(rx).await {
-                Ok(b) => out[i] = Some(b),
+                // Another file's fetch of the same digest: its length is checked too.
+                Ok(b) => out[i] = Some(expect_len(&wants[i].1.digest, wants[i].1.size, b)?),
                 Err(reason) => {
                     let (_, c) = &wants[i];
                     return Err(Error::Fetch {

@@ -76,6 +76,7 @@ impl Fetcher {
                     } else {
                         this.cache
                             .get_uncached(&c.digest, c.size)
+                            .map_err(std::io::Error::other)?
                             .ok_or_else(|| std::io::Error::other("a chunk left the cache"))?
                     };
                     f.write_all(&data)?;

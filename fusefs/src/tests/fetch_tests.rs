@@ -642,7 +642,7 @@ fn concurrent_disk_loads_of_one_chunk_agree_and_leave_no_gates() {
         });
         for b in got {
             assert_eq!(
-                &b.unwrap()[..],
+                &b.unwrap().unwrap()[..],
                 &src.files["data/big"][..chunk.size as usize]
             );
         }
@@ -795,4 +795,62 @@ fn a_reader_does_not_wait_behind_prefetch_pieces_not_yet_sent() {
     assert_eq!(&got[..], &src.files["bin/tool"][..]);
     f.rt.block_on(prefetch).unwrap();
     assert_eq!(f.read_all("data/big").unwrap(), src.files["data/big"]);
+}
+
+/// A TOC that gives a chunk already cached (from an honest layer) another length: the
+/// read fails with EIO instead of returning the cached bytes as the whole file, from
+/// memory and from disk, and the honest layer's chunk is kept.
+#[test]
+fn a_toc_giving_a_cached_chunk_another_length_gets_eio_not_short_data() {
+    let (blob, src) = sample_blob(OutputFormat::Estargz);
+    let honest = fixture_with(FaultBlob::new(blob.clone()), quiet_config(), 1 << 30);
+    assert_eq!(
+        honest.read_all("opaque/kept").unwrap(),
+        src.files["opaque/kept"]
+    );
+    honest.rt.block_on(honest.fs.writes_settled());
+
+    let size = blob.len() as u64;
+    let tail_len = blob.len().min(1 << 10);
+    let footer = estargz::parse_footer(&blob[blob.len() - tail_len..], size).unwrap();
+    let toc = &blob[footer.toc_offset as usize..][..footer.toc_compressed_size as usize];
+    let mut parsed = estargz::parse_toc(&footer, toc, &Default::default()).unwrap();
+    let entry = parsed
+        .toc
+        .entries
+        .iter_mut()
+        .find(|e| e.name == "opaque/kept")
+        .unwrap();
+    entry.size = 2 << 30;
+    let lying = Layer::from_parts(Arc::new(FaultBlob::new(blob)), size, footer, &parsed).unwrap();
+    let fs = LayerFs::new(
+        Arc::new(lying),
+        backing(&honest.cache, &honest.rt, &quiet_config()),
+        quiet_config(),
+    )
+    .unwrap();
+    let dir = fs.lookup(1, b"opaque").unwrap().ino;
+    let kept = fs.lookup(dir, b"kept").unwrap();
+    assert_eq!(kept.size, 2 << 30);
+    let from_memory = honest
+        .rt
+        .block_on(fs.read(kept.ino, 0, 1 << 20))
+        .unwrap_err();
+    assert_eq!(from_memory.errno(), libc::EIO, "{from_memory}");
+    assert!(
+        from_memory.to_string().contains("the TOC says"),
+        "{from_memory}"
+    );
+
+    honest.cache.forget_memory();
+    let from_disk = honest
+        .rt
+        .block_on(fs.read(kept.ino, 0, 1 << 20))
+        .unwrap_err();
+    assert_eq!(from_disk.errno(), libc::EIO, "{from_disk}");
+    honest.cache.forget_memory();
+    assert_eq!(
+        honest.read_all("opaque/kept").unwrap(),
+        src.files["opaque/kept"]
+    );
 }
