@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedMutexGuard, oneshot, watch};
 
 /// Who is using the link right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +62,7 @@ struct Inner {
     /// lets the next one start.
     background: Arc<tokio::sync::Mutex<Instant>>,
     /// Prefetch requests in flight for the whole host, at most.
-    prefetch_slots: Arc<Semaphore>,
+    prefetch_slots: Arc<PrefetchSlots>,
     /// Bytes the host has delivered so far, and samples of that count over the last
     /// [`RATE_WINDOW`], for the rate the link carries.
     delivered: AtomicU64,
@@ -110,7 +110,118 @@ pub(crate) struct BackgroundTurn {
 
 /// A prefetch request's turn on the link.
 pub(crate) struct PrefetchTurn {
-    _slot: Option<OwnedSemaphorePermit>,
+    _slot: SlotGuard,
+}
+
+/// How far one layer's prefetch stands ahead of its container's reads, in blob bytes:
+/// the host's prefetch slots go first to the layer whose container is closest to
+/// catching up with its prefetch (the layers' prioritized files are in the order their
+/// container reads them, but nothing says in which order it moves between layers).
+#[derive(Debug, Default)]
+pub(crate) struct PrefetchFront {
+    /// Where the layer's next prefetch request starts.
+    prefetched: AtomicU64,
+    /// The furthest a reader has got among the chunks the prefetch fetches.
+    read: AtomicU64,
+}
+
+impl PrefetchFront {
+    pub(crate) fn prefetching_from(&self, offset: u64) {
+        self.prefetched.store(offset, Ordering::Relaxed);
+    }
+
+    pub(crate) fn read_up_to(&self, end: u64) {
+        self.read.fetch_max(end, Ordering::Relaxed);
+    }
+
+    fn lead(&self) -> u64 {
+        self.prefetched
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.read.load(Ordering::Relaxed))
+    }
+}
+
+/// The host's prefetch slots, given to waiting layers by least lead, then first come.
+struct PrefetchSlots {
+    state: Mutex<SlotState>,
+}
+
+struct SlotState {
+    free: usize,
+    waiting: Vec<SlotWaiter>,
+    seq: u64,
+}
+
+struct SlotWaiter {
+    front: Arc<PrefetchFront>,
+    seq: u64,
+    tx: oneshot::Sender<SlotGuard>,
+}
+
+/// A slot held; dropping it hands it on.
+struct SlotGuard {
+    slots: Option<Arc<PrefetchSlots>>,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if let Some(slots) = self.slots.take() {
+            PrefetchSlots::release(&slots);
+        }
+    }
+}
+
+impl PrefetchSlots {
+    async fn acquire(self: &Arc<Self>, front: Arc<PrefetchFront>) -> SlotGuard {
+        let rx = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if s.free > 0 {
+                s.free -= 1;
+                return SlotGuard {
+                    slots: Some(Arc::clone(self)),
+                };
+            }
+            let (tx, rx) = oneshot::channel();
+            s.seq += 1;
+            let seq = s.seq;
+            s.waiting.push(SlotWaiter { front, seq, tx });
+            rx
+        };
+        // The sender is dropped unsent only with the whole link.
+        rx.await.unwrap_or(SlotGuard { slots: None })
+    }
+
+    fn release(self: &Arc<Self>) {
+        loop {
+            let next = {
+                let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                let best = s
+                    .waiting
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, w)| (w.front.lead(), w.seq))
+                    .map(|(i, _)| i);
+                match best {
+                    Some(i) => s.waiting.swap_remove(i),
+                    None => {
+                        s.free += 1;
+                        return;
+                    }
+                }
+            };
+            // Sent outside the lock: a refused guard hands the slot on right here.
+            let guard = SlotGuard {
+                slots: Some(Arc::clone(self)),
+            };
+            match next.tx.send(guard) {
+                Ok(()) => return,
+                Err(mut refused) => {
+                    // The waiter gave up: the next one gets the slot.
+                    refused.slots = None;
+                }
+            }
+        }
+    }
 }
 
 impl Link {
@@ -132,7 +243,13 @@ impl Link {
             quiet,
             rate: rate.filter(|r| *r > 0),
             background: Arc::new(tokio::sync::Mutex::new(now)),
-            prefetch_slots: Arc::new(Semaphore::new(prefetch_requests.max(1))),
+            prefetch_slots: Arc::new(PrefetchSlots {
+                state: Mutex::new(SlotState {
+                    free: prefetch_requests.max(1),
+                    waiting: Vec::new(),
+                    seq: 0,
+                }),
+            }),
             delivered: AtomicU64::new(0),
             samples: Mutex::new(std::collections::VecDeque::new()),
         }))
@@ -232,15 +349,12 @@ impl Link {
         (span >= RATE_WINDOW / 10).then(|| (b1 - b0) as f64 / span.as_secs_f64())
     }
 
-    /// Waits for a prefetch request's turn: a free slot of the host's, and, while a
-    /// reader waits for the network, no other prefetch request in flight, so that at
-    /// most one shares the link with the reader's.
-    pub(crate) async fn prefetch_turn(&self) -> PrefetchTurn {
-        // Never closed, so never an error.
-        let slot = Arc::clone(&self.0.prefetch_slots)
-            .acquire_owned()
-            .await
-            .ok();
+    /// Waits for a prefetch request's turn: a free slot of the host's (waiting layers
+    /// get them by `front`'s lead), and, while a reader waits for the network, no other
+    /// prefetch request in flight, so that at most one shares the link with the
+    /// reader's.
+    pub(crate) async fn prefetch_turn(&self, front: &Arc<PrefetchFront>) -> PrefetchTurn {
+        let slot = self.0.prefetch_slots.acquire(Arc::clone(front)).await;
         let mut rx = self.0.activity.subscribe();
         loop {
             let a = *rx.borrow_and_update();
@@ -372,13 +486,13 @@ mod tests {
     fn while_a_reader_waits_only_one_prefetch_request_shares_the_link() {
         rt().block_on(async {
             let link = Link::new(Duration::ZERO, None, 4);
-            let first = link.prefetch_turn().await;
+            let first = link.prefetch_turn(&front()).await;
             let in_flight = link.busy(Class::Prefetch);
             // No reader: a second prefetch request may go.
-            drop(link.prefetch_turn().await);
+            drop(link.prefetch_turn(&front()).await);
             let reader = link.busy(Class::Demand);
             let l = link.clone();
-            let second = tokio::spawn(async move { drop(l.prefetch_turn().await) });
+            let second = tokio::spawn(async move { drop(l.prefetch_turn(&front()).await) });
             tokio::time::sleep(Duration::from_secs(1)).await;
             assert!(!second.is_finished());
             drop(in_flight);
@@ -388,7 +502,7 @@ mod tests {
             // The host's slots bound prefetch requests of all its layers.
             let turns: Vec<_> = take_turns(&link, 4).await;
             let l = link.clone();
-            let fifth = tokio::spawn(async move { drop(l.prefetch_turn().await) });
+            let fifth = tokio::spawn(async move { drop(l.prefetch_turn(&front()).await) });
             tokio::time::sleep(Duration::from_secs(1)).await;
             assert!(!fifth.is_finished());
             drop(turns);
@@ -396,10 +510,63 @@ mod tests {
         });
     }
 
+    fn front() -> Arc<PrefetchFront> {
+        Arc::default()
+    }
+
+    #[test]
+    fn a_freed_prefetch_slot_goes_to_the_layer_whose_reader_is_closest_behind() {
+        rt().block_on(async {
+            let link = Link::new(Duration::ZERO, None, 1);
+            let held = link.prefetch_turn(&front()).await;
+            // Three layers wait; their prefetches stand 8, 1 and 4 MB ahead of their
+            // containers' reads.
+            let (tx, mut order) = tokio::sync::mpsc::unbounded_channel();
+            for (name, prefetched, read) in [("a", 8, 0), ("b", 9, 8), ("c", 4, 0)] {
+                let f = front();
+                f.prefetching_from(prefetched << 20);
+                f.read_up_to(read << 20);
+                let (l, tx) = (link.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let turn = l.prefetch_turn(&f).await;
+                    tx.send(name).unwrap();
+                    drop(turn);
+                });
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            drop(held);
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                got.push(order.recv().await.unwrap());
+            }
+            assert_eq!(got, ["b", "c", "a"]);
+        });
+    }
+
+    #[test]
+    fn a_waiter_that_gives_up_passes_its_slot_on() {
+        rt().block_on(async {
+            let link = Link::new(Duration::ZERO, None, 1);
+            let held = link.prefetch_turn(&front()).await;
+            let l = link.clone();
+            let gave_up = tokio::spawn(async move { drop(l.prefetch_turn(&front()).await) });
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let l = link.clone();
+            let patient = tokio::spawn(async move { drop(l.prefetch_turn(&front()).await) });
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            gave_up.abort();
+            let _ = gave_up.await;
+            drop(held);
+            patient.await.unwrap();
+            // And the slot came back.
+            drop(link.prefetch_turn(&front()).await);
+        });
+    }
+
     async fn take_turns(link: &Link, n: usize) -> Vec<PrefetchTurn> {
         let mut out = Vec::new();
         for _ in 0..n {
-            out.push(link.prefetch_turn().await);
+            out.push(link.prefetch_turn(&front()).await);
         }
         out
     }

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use crate::cache::{SharedCache, expect_len};
 use crate::config::FsConfig;
 use crate::error::{Error, Result};
-use crate::link::{Class, Link};
+use crate::link::{Class, Link, PrefetchFront};
 use crate::stats::{Counters, Stats};
 
 use inflight::InFlight;
@@ -84,6 +84,12 @@ pub(crate) struct Fetcher {
     assembling: Assembling,
     pub(crate) prefetch_done: watch::Sender<bool>,
     pub(crate) background_done: watch::Sender<bool>,
+    /// Which chunks the prefetch fetches: those marked by `lazysnap optimize`, or else
+    /// those before this end of the prioritized range (0: none).
+    prefetch_marked: bool,
+    prefetch_end: u64,
+    /// How far the prefetch stands ahead of the container's reads, for the link.
+    front: Arc<PrefetchFront>,
     /// Disk writes under way (fetched chunks, whole copies), so callers can wait for the
     /// cache to settle.
     writes: watch::Sender<usize>,
@@ -157,7 +163,13 @@ impl Fetcher {
         handle: Handle,
         config: FsConfig,
     ) -> Fetcher {
+        let index = layer.index();
+        let prefetch_marked = index.has_prefetch_marks();
+        let prefetch_end = index.prefetch_range().map_or(0, |r| r.end);
         Fetcher {
+            prefetch_marked,
+            prefetch_end,
+            front: Arc::default(),
             name: layer.toc_digest().to_string(),
             seq: Sequential::new(config.readahead_requests),
             neighbours: Neighbours::new(config.neighbour_fetch_bytes),
@@ -210,6 +222,14 @@ impl Fetcher {
     ) -> Result<ReadStart> {
         self.note_read(node, offset, end, size);
         self.neighbours.note_used(wants);
+        if let Some(furthest) = wants
+            .iter()
+            .filter(|(_, c)| self.prefetches(c))
+            .map(|(_, c)| c.comp_end)
+            .max()
+        {
+            self.front.read_up_to(furthest);
+        }
         let mut out = Vec::with_capacity(wants.len());
         for (node, c) in wants {
             match self.cache.get(&c.digest, c.size)? {
@@ -223,6 +243,15 @@ impl Fetcher {
         }
         Counters::add(&self.counters.cache_hits, out.len() as u64);
         Ok(ReadStart::Ready(out))
+    }
+
+    /// Whether the prefetch fetches `c`.
+    fn prefetches(&self, c: &Chunk) -> bool {
+        if self.prefetch_marked {
+            c.prefetch
+        } else {
+            c.comp_end <= self.prefetch_end
+        }
     }
 
     /// A filesystem operation: while containers start, it holds the background back.

@@ -182,22 +182,12 @@ impl Fetcher {
     /// .prefetch.landmark`), in pieces of at most `prefetch_request_bytes`, in blob
     /// order, each when the link gives it its turn.
     pub(crate) async fn prefetch(self: &Arc<Self>) {
-        let index = self.layer.index();
-        let marked = index.has_prefetch_marks();
-        let range = match index.prefetch_range() {
-            Some(r) => r,
-            None if marked => 0..0,
-            None => return,
-        };
-        let wanted = |c: &Chunk| {
-            if marked {
-                c.prefetch
-            } else {
-                c.comp_end <= range.end
-            }
-        };
+        let marked = self.prefetch_marked;
+        if !marked && self.prefetch_end == 0 {
+            return;
+        }
         let mut todo = self.all_chunks();
-        todo.retain(|(_, c)| !c.zeros && wanted(c) && !self.cache.contains(&c.digest));
+        todo.retain(|(_, c)| !c.zeros && self.prefetches(c) && !self.cache.contains(&c.digest));
         // In blob order, so the first files the command reads arrive first, in pieces,
         // so readers are not held until everything is in and no request outlives
         // `fetch_timeout` on a slow link. The prioritized range is contiguous and
@@ -215,8 +205,9 @@ impl Fetcher {
         let pieces = coalesce(todo, gap, self.config.prefetch_request_bytes);
         tracing::debug!(layer = %self.name, marked, requests = pieces.len(), "prefetch");
         let mut tasks = Vec::with_capacity(pieces.len());
-        for (_, piece) in pieces {
-            let turn = self.link.prefetch_turn().await;
+        for (span, piece) in pieces {
+            self.front.prefetching_from(span.start);
+            let turn = self.link.prefetch_turn(&self.front).await;
             // Claimed only now: a reader that wanted one of these chunks meanwhile
             // fetched it itself instead of waiting behind the pieces before this one.
             let mut leads = Vec::new();
