@@ -203,8 +203,10 @@ impl<'a> EntryRef<'a> {
 }
 
 /// Normalises a TOC or tar name: strips `./` and trailing `/`, drops `.` components;
-/// rejects `..`, absolute names and NUL bytes. The root is "".
+/// rejects `..`, absolute names, NUL bytes and components longer than Linux allows (a
+/// tree showing a name that no open can reach). The root is "".
 pub fn normalize_path(name: &str) -> Result<String> {
+    const NAME_MAX: usize = 255;
     let unsafe_path = |reason: &str| Error::UnsafePath {
         path: name.to_string(),
         reason: reason.to_string(),
@@ -221,6 +223,12 @@ pub fn normalize_path(name: &str) -> Result<String> {
         match comp {
             "" | "." => {}
             ".." => return Err(unsafe_path("'..' component")),
+            c if c.len() > NAME_MAX => {
+                return Err(unsafe_path(&format!(
+                    "a component of {} bytes (Linux allows {NAME_MAX})",
+                    c.len()
+                )));
+            }
             c => {
                 if !out.is_empty() {
                     out.push('/');
@@ -898,6 +906,10 @@ mod tests {
         assert!(normalize_path("a/../../etc").is_err());
         assert!(normalize_path("/etc/passwd").is_err());
         assert!(normalize_path("..").is_err());
+        let longest = "n".repeat(255);
+        assert_eq!(normalize_path(&format!("d/{longest}")).unwrap(), format!("d/{longest}"));
+        let err = normalize_path(&format!("d/{longest}x/f")).unwrap_err();
+        assert!(err.to_string().contains("256 bytes"), "{err}");
         assert!(normalize_path("a\0b").is_err());
     }
 

@@ -754,6 +754,33 @@ fn bad_blobs_fail_to_open() {
     ));
 }
 
+/// A TOC naming a file with a component longer than Linux allows (255 bytes): the layer
+/// does not open (so it is not mounted lazily), rather than listing a name no open can
+/// reach.
+#[test]
+fn a_name_component_over_255_bytes_is_refused() {
+    let (blob, _) = convert_to(OutputFormat::Estargz, &sample_tar(), &[]);
+    let layer = open(&blob, &OpenOptions::default()).unwrap();
+    let mut toc: Toc = serde_json::from_slice(&toc_json_of(&blob, &layer)).unwrap();
+    let parsed = |toc: &Toc| ParsedToc {
+        toc: toc.clone(),
+        toc_digest: layer.toc_digest(),
+        manifest_checksum: layer.manifest_checksum(),
+    };
+    let blob_arc: Arc<dyn BlobReader> = Arc::new(VecBlob::new(blob.clone()));
+    let file = toc.entries.iter().position(|e| e.kind == "reg").unwrap();
+    let dir = toc.entries[file].name.rsplit_once('/').map_or("", |(d, _)| d).to_string();
+    let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
+    toc.entries[file].name = format!("{prefix}{}", "n".repeat(255));
+    Layer::from_parts(blob_arc.clone(), blob.len() as u64, *layer.footer(), &parsed(&toc))
+        .unwrap();
+    toc.entries[file].name = format!("{prefix}{}", "n".repeat(256));
+    let err = Layer::from_parts(blob_arc, blob.len() as u64, *layer.footer(), &parsed(&toc))
+        .unwrap_err();
+    assert!(matches!(err, Error::UnsafePath { .. }), "{err}");
+    assert!(err.to_string().contains("256 bytes"), "{err}");
+}
+
 /// Flips one byte inside the stored chunk data: the read must fail verification.
 #[test]
 fn a_wrong_chunk_byte_is_never_returned() {
