@@ -146,6 +146,10 @@ pub struct CacheSettings {
     pub memory_bytes: u64,
     /// Decompressed chunks kept on disk; 0 disables the disk cache. Default 10 GiB.
     pub disk_bytes: u64,
+    /// The cache never fills its filesystem past this percentage: it evicts its own
+    /// oldest chunks first, and skips the write when that is not enough. 100: no
+    /// limit but the disk's. Default 90.
+    pub max_disk_fill_percent: u8,
 }
 
 impl Default for CacheSettings {
@@ -154,6 +158,7 @@ impl Default for CacheSettings {
         CacheSettings {
             memory_bytes: c.memory_bytes,
             disk_bytes: c.disk_bytes,
+            max_disk_fill_percent: c.max_fill_percent,
         }
     }
 }

@@ -70,6 +70,19 @@ pub struct Status {
     /// Lazy mounts since start whose TOC was fetched ahead, while a sibling mounted.
     #[serde(default)]
     pub preopened_mounts: u64,
+    /// What the disk cache gave up since start: failed writes (and of those, for want
+    /// of space), writes skipped at the fill limit, entries evicted for space, entries
+    /// swept because no lazy snapshot used them.
+    #[serde(default)]
+    pub cache_write_errors: u64,
+    #[serde(default)]
+    pub cache_no_space_errors: u64,
+    #[serde(default)]
+    pub cache_writes_skipped_full: u64,
+    #[serde(default)]
+    pub cache_evicted_for_space: u64,
+    #[serde(default)]
+    pub cache_swept: u64,
     pub layers: Vec<LayerStatus>,
 }
 
@@ -132,7 +145,17 @@ impl Observer {
                 background_done: l.stats.background_done,
             })
             .collect();
+        let writes = self
+            .cache
+            .as_ref()
+            .map(|c| c.write_stats())
+            .unwrap_or_default();
         Status {
+            cache_write_errors: writes.write_errors,
+            cache_no_space_errors: writes.no_space_errors,
+            cache_writes_skipped_full: writes.skipped_full,
+            cache_evicted_for_space: writes.evicted_for_space,
+            cache_swept: writes.swept,
             lazy_pulling: self.mounter.is_some(),
             snapshots,
             cache_memory_bytes: self.cache.as_ref().map_or(0, |c| c.memory_bytes_used()),
@@ -176,6 +199,33 @@ impl Observer {
             vec![
                 ("{tier=\"memory\"}".into(), status.cache_memory_bytes),
                 ("{tier=\"disk\"}".into(), status.cache_disk_bytes),
+            ],
+        );
+        metric(
+            "lazysnap_cache_write_errors_total",
+            "counter",
+            "Chunk cache writes that failed (reads are served all the same), by cause.",
+            vec![
+                ("{cause=\"no_space\"}".into(), status.cache_no_space_errors),
+                (
+                    "{cause=\"other\"}".into(),
+                    status.cache_write_errors - status.cache_no_space_errors,
+                ),
+            ],
+        );
+        metric(
+            "lazysnap_cache_writes_skipped_total",
+            "counter",
+            "Chunk cache writes skipped: the filesystem was at max_disk_fill_percent.",
+            vec![(String::new(), status.cache_writes_skipped_full)],
+        );
+        metric(
+            "lazysnap_cache_removed_total",
+            "counter",
+            "Chunk cache entries removed, by reason.",
+            vec![
+                ("{reason=\"space\"}".into(), status.cache_evicted_for_space),
+                ("{reason=\"unused\"}".into(), status.cache_swept),
             ],
         );
         metric(

@@ -271,6 +271,7 @@ fn lazy_mounter(
     let mut cache_config = fusefs::CacheConfig::new(config.root.join("cache"));
     cache_config.memory_bytes = config.cache.memory_bytes;
     cache_config.disk_bytes = config.cache.disk_bytes;
+    cache_config.max_fill_percent = config.cache.max_disk_fill_percent;
     let cache = fusefs::SharedCache::open(cache_config).context("opening the chunk cache")?;
     let mut mounter = FuseMounter::new(
         client.clone(),

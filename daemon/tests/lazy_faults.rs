@@ -288,3 +288,48 @@ async fn a_lazy_layer_without_reference_labels_gets_a_loud_warning() {
         "{warning}"
     );
 }
+
+/// lazysnapd's peak resident memory so far (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+/// A layer holding one 2 GiB file as a single chunk (2 MB compressed, right digests):
+/// lazysnapd refuses to mount it lazily (each chunk is inflated whole in memory), says
+/// why, and containerd gets an ordinary snapshot to fill, with lazysnapd's memory
+/// untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_layer_with_a_chunk_over_the_bound_falls_back() {
+    if testkit::skip_unless_root("a_layer_with_a_chunk_over_the_bound_falls_back") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry")).unwrap();
+    let daemon = start_daemon(dir.path());
+    let (blob, diff_id, toc) = testkit::image::one_chunk_estargz("zeros.bin", 2 << 30).unwrap();
+    eprintln!("crafted layer: {} bytes compressed", blob.len());
+    let layer =
+        testkit::image::Layer::precompressed(blob, testkit::image::MEDIA_TYPE_LAYER_GZIP, &diff_id)
+            .with_annotation(remote::LABEL_TOC_DIGEST, &toc);
+    let digest = format!("sha256:{}", layer.blob.hex());
+    let image = ImageBuilder::new().layer(layer).build().unwrap();
+    let reference = registry.push("faults/huge-chunk", "esgz", &image).unwrap();
+    let before = peak_rss(daemon.pid());
+    assert_falls_back(
+        &daemon,
+        "huge-chunk",
+        labels(&reference, &digest, Some(&toc)),
+        "a chunk of 2147483648 bytes",
+    )
+    .await;
+    let after = peak_rss(daemon.pid());
+    eprintln!(
+        "lazysnapd peak RSS: {} MiB before the Prepare, {} MiB after",
+        before >> 20,
+        after >> 20
+    );
+    assert!(after < 256 << 20, "peak RSS {} MiB", after >> 20);
+}

@@ -202,6 +202,12 @@ impl<'a> EntryRef<'a> {
     }
 }
 
+/// The largest chunk (uncompressed) a layer may have: each chunk is inflated and
+/// verified whole in memory, so this bounds what one read costs. Converters write
+/// 4 MiB (ctr-remote, lazysnap) or less (containers/storage); a layer with bigger
+/// chunks is refused, and containerd pulls it the ordinary way.
+pub const MAX_CHUNK_SIZE: u64 = 16 << 20;
+
 /// Normalises a TOC or tar name: strips `./` and trailing `/`, drops `.` components;
 /// rejects `..`, absolute names, NUL bytes and components longer than Linux allows (a
 /// tree showing a name that no open can reach). The root is "".
@@ -613,6 +619,16 @@ impl Index {
                     Some(e) => e,
                     None => natural,
                 };
+                if c.size > MAX_CHUNK_SIZE {
+                    return Err(Error::bad_entry(
+                        &path,
+                        format!(
+                            "a chunk of {} bytes: lazy mounts take chunks of at most \
+                             {MAX_CHUNK_SIZE} bytes (converters write 4 MiB)",
+                            c.size
+                        ),
+                    ));
+                }
                 self.chunks.push(Chunk {
                     comp_offset: c.offset,
                     comp_end: end,
@@ -907,7 +923,10 @@ mod tests {
         assert!(normalize_path("/etc/passwd").is_err());
         assert!(normalize_path("..").is_err());
         let longest = "n".repeat(255);
-        assert_eq!(normalize_path(&format!("d/{longest}")).unwrap(), format!("d/{longest}"));
+        assert_eq!(
+            normalize_path(&format!("d/{longest}")).unwrap(),
+            format!("d/{longest}")
+        );
         let err = normalize_path(&format!("d/{longest}x/f")).unwrap_err();
         assert!(err.to_string().contains("256 bytes"), "{err}");
         assert!(normalize_path("a\0b").is_err());
@@ -997,6 +1016,8 @@ mod tests {
         };
         let ok = toc(vec![first(4), chunk(200, 4, 0)]);
         let idx = Index::from_toc(&ok, 1000, Format::Estargz).unwrap();
+        let biggest = toc(vec![reg("f", MAX_CHUNK_SIZE as i64, 100, &d)]);
+        Index::from_toc(&biggest, 1000, Format::Estargz).unwrap();
         let cs = idx.entry(idx.lookup("f").unwrap()).chunks();
         assert_eq!((cs[0].comp_end, cs[1].size), (200, 6));
 
@@ -1014,6 +1035,11 @@ mod tests {
             ("no offset", toc(vec![reg("f", 3, 0, &d)]), 1000),
             ("dotdot", toc(vec![reg("../f", 1, 100, &d)]), 1000),
             ("absolute", toc(vec![reg("/f", 1, 100, &d)]), 1000),
+            (
+                "one chunk over the bound",
+                toc(vec![reg("f", MAX_CHUNK_SIZE as i64 + 1, 100, &d)]),
+                1000,
+            ),
         ] {
             assert!(Index::from_toc(&t, end, Format::Estargz).is_err(), "{what}");
         }

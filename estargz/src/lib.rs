@@ -26,7 +26,7 @@ pub use footer::{
     STARGZ_ZSTD_FOOTER_SIZE, ZSTD_CHUNKED_FOOTER_SIZE, estargz_footer, legacy_stargz_footer,
     parse_footer, stargz_zstd_footer, zstd_chunked_footer,
 };
-pub use index::{Chunk, EntryKind, EntryRef, Index, NodeId, normalize_path};
+pub use index::{Chunk, EntryKind, EntryRef, Index, MAX_CHUNK_SIZE, NodeId, normalize_path};
 pub use reader::{Layer, OpenOptions, ParsedToc, parse_toc};
 pub use toc::{
     LANDMARK_CONTENTS, MAX_TOC_SIZE, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME,

@@ -769,14 +769,27 @@ fn a_name_component_over_255_bytes_is_refused() {
     };
     let blob_arc: Arc<dyn BlobReader> = Arc::new(VecBlob::new(blob.clone()));
     let file = toc.entries.iter().position(|e| e.kind == "reg").unwrap();
-    let dir = toc.entries[file].name.rsplit_once('/').map_or("", |(d, _)| d).to_string();
-    let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
+    let dir = toc.entries[file]
+        .name
+        .rsplit_once('/')
+        .map_or("", |(d, _)| d)
+        .to_string();
+    let prefix = if dir.is_empty() {
+        String::new()
+    } else {
+        format!("{dir}/")
+    };
     toc.entries[file].name = format!("{prefix}{}", "n".repeat(255));
-    Layer::from_parts(blob_arc.clone(), blob.len() as u64, *layer.footer(), &parsed(&toc))
-        .unwrap();
+    Layer::from_parts(
+        blob_arc.clone(),
+        blob.len() as u64,
+        *layer.footer(),
+        &parsed(&toc),
+    )
+    .unwrap();
     toc.entries[file].name = format!("{prefix}{}", "n".repeat(256));
-    let err = Layer::from_parts(blob_arc, blob.len() as u64, *layer.footer(), &parsed(&toc))
-        .unwrap_err();
+    let err =
+        Layer::from_parts(blob_arc, blob.len() as u64, *layer.footer(), &parsed(&toc)).unwrap_err();
     assert!(matches!(err, Error::UnsafePath { .. }), "{err}");
     assert!(err.to_string().contains("256 bytes"), "{err}");
 }

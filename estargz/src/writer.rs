@@ -112,10 +112,11 @@ pub fn convert<R: Read, W: Write>(
     output: W,
     opts: &WriterOptions,
 ) -> Result<WriteOutput> {
-    if opts.chunk_size == 0 || opts.chunk_size > 1 << 30 {
+    if opts.chunk_size == 0 || opts.chunk_size > crate::MAX_CHUNK_SIZE {
         return Err(Error::BadOption(format!(
-            "chunk size {} (must be 1 byte..1 GiB)",
-            opts.chunk_size
+            "chunk size {} (must be 1 byte..{} bytes: bigger chunks are not mounted lazily)",
+            opts.chunk_size,
+            crate::MAX_CHUNK_SIZE
         )));
     }
     let level = match (opts.format, opts.compression_level) {

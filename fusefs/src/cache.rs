@@ -33,6 +33,11 @@ pub struct CacheConfig {
     /// Bytes of decompressed chunks kept on disk across all layers; 0 disables the disk
     /// cache. Default 10 GiB.
     pub disk_bytes: u64,
+    /// The cache never fills the filesystem it is on past this percentage of its size:
+    /// before a write that would, it evicts its own oldest files, and if that is not
+    /// enough it skips the write (the chunk is served all the same). 100: no limit
+    /// but the disk's. Default 90.
+    pub max_fill_percent: u8,
 }
 
 impl CacheConfig {
@@ -41,8 +46,24 @@ impl CacheConfig {
             dir: dir.into(),
             memory_bytes: 256 << 20,
             disk_bytes: 10 << 30,
+            max_fill_percent: 90,
         }
     }
+}
+
+/// What the disk cache has had to give up, for status and metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheWriteStats {
+    /// Writes that failed, and of those, how many for want of space (ENOSPC, EDQUOT).
+    pub write_errors: u64,
+    pub no_space_errors: u64,
+    /// Writes skipped because the filesystem was at `max_fill_percent` and nothing of
+    /// the cache's was left to evict.
+    pub skipped_full: u64,
+    /// Entries evicted to keep the filesystem below `max_fill_percent`.
+    pub evicted_for_space: u64,
+    /// Entries removed because no mounted layer uses them any more.
+    pub swept: u64,
 }
 
 /// The daemon-wide chunk cache; cheap to clone.
@@ -65,6 +86,12 @@ struct Inner {
     /// would read and hash the whole chunk file.
     loading: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
     tmp_seq: AtomicU64,
+    max_fill_percent: u8,
+    write_errors: AtomicU64,
+    no_space_errors: AtomicU64,
+    skipped_full: AtomicU64,
+    evicted_for_space: AtomicU64,
+    swept: AtomicU64,
 }
 
 impl std::fmt::Debug for SharedCache {
@@ -140,6 +167,12 @@ impl SharedCache {
                 disk: Mutex::new(disk),
                 loading: Mutex::new(HashMap::new()),
                 tmp_seq: AtomicU64::new(0),
+                max_fill_percent: config.max_fill_percent.clamp(1, 100),
+                write_errors: AtomicU64::new(0),
+                no_space_errors: AtomicU64::new(0),
+                skipped_full: AtomicU64::new(0),
+                evicted_for_space: AtomicU64::new(0),
+                swept: AtomicU64::new(0),
             }),
         })
     }
@@ -275,6 +308,11 @@ impl SharedCache {
         if !self.inner.disk_enabled {
             return Err(std::io::Error::other("the disk cache is disabled"));
         }
+        if !self.make_room(size) {
+            return Err(std::io::Error::other(
+                "the cache's filesystem is at its fill limit",
+            ));
+        }
         let final_path = stored_path(&self.inner.dir, &key, Stored::File);
         if let Some(parent) = final_path.parent() {
             std::fs::create_dir_all(parent)?;
@@ -288,12 +326,90 @@ impl SharedCache {
             f.sync_all()?;
             std::fs::rename(&tmp, &final_path)
         });
-        if res.is_err() {
+        if let Err(e) = &res {
             let _ = std::fs::remove_file(&tmp);
+            self.count_write_error(e);
             return res;
         }
         self.index(key, Stored::File, size);
         Ok(())
+    }
+
+    /// Makes sure writing `size` more bytes leaves the filesystem within its fill limit,
+    /// evicting the cache's own least recently used files if needed; false when even an
+    /// empty cache would not do.
+    fn make_room(&self, size: u64) -> bool {
+        if self.inner.max_fill_percent >= 100 {
+            return true;
+        }
+        loop {
+            let Ok(fs) = nix::sys::statvfs::statvfs(&self.inner.dir) else {
+                return true;
+            };
+            let block = fs.fragment_size().max(1);
+            let total = fs.blocks() * block;
+            let free = fs.blocks_available() * block;
+            let used_after = total.saturating_sub(free) + size;
+            if used_after.saturating_mul(100) <= total * u64::from(self.inner.max_fill_percent) {
+                return true;
+            }
+            let Some((victim, kind)) = lock(&self.inner.disk).pop_oldest() else {
+                self.inner.skipped_full.fetch_add(1, Ordering::Relaxed);
+                return false;
+            };
+            remove_stored(&self.inner.dir, &victim, kind);
+            self.inner.evicted_for_space.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn count_write_error(&self, e: &std::io::Error) {
+        self.inner.write_errors.fetch_add(1, Ordering::Relaxed);
+        if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+            self.inner.no_space_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// What the disk cache has had to give up so far.
+    pub fn write_stats(&self) -> CacheWriteStats {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CacheWriteStats {
+            write_errors: get(&self.inner.write_errors),
+            no_space_errors: get(&self.inner.no_space_errors),
+            skipped_full: get(&self.inner.skipped_full),
+            evicted_for_space: get(&self.inner.evicted_for_space),
+            swept: get(&self.inner.swept),
+        }
+    }
+
+    /// Removes every chunk and whole file whose digest (or key) is not in `live`, from
+    /// memory and disk: what no mounted layer uses any more. Returns the entries and
+    /// bytes removed from disk.
+    pub fn sweep(&self, live: &std::collections::HashSet<Digest>) -> (u64, u64) {
+        let before = self.disk_bytes_used();
+        let dead: Vec<(Digest, Stored)> = lock(&self.inner.disk)
+            .entries()
+            .into_iter()
+            .filter(|(d, _)| !live.contains(d))
+            .collect();
+        for (digest, kind) in &dead {
+            lock(&self.inner.disk).remove(digest);
+            remove_stored(&self.inner.dir, digest, *kind);
+        }
+        {
+            let mut memory = lock(&self.inner.memory);
+            for (digest, _) in memory.entries() {
+                if !live.contains(&digest) {
+                    memory.remove(&digest);
+                }
+            }
+        }
+        self.inner
+            .swept
+            .fetch_add(dead.len() as u64, Ordering::Relaxed);
+        (
+            dead.len() as u64,
+            before.saturating_sub(self.disk_bytes_used()),
+        )
     }
 
     /// Records a file now on disk, removing what the budget evicts (or the file itself
@@ -330,7 +446,12 @@ impl SharedCache {
         if lock(&self.inner.disk).get(&digest).is_some() {
             return;
         }
+        if !self.make_room(data.len() as u64) {
+            tracing::debug!(chunk = %digest, "the cache's filesystem is at its fill limit: chunk not kept on disk");
+            return;
+        }
         if let Err(e) = self.write_file(&digest, data) {
+            self.count_write_error(&e);
             tracing::warn!(chunk = %digest, error = %e, "cannot write chunk to the disk cache");
             return;
         }

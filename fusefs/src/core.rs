@@ -339,6 +339,12 @@ impl LayerFs {
         self.fetcher.stats()
     }
 
+    /// Adds to `live` the chunk digests and whole-copy keys of the shared cache that
+    /// this layer can use (for [`crate::SharedCache::sweep`]).
+    pub fn add_live_cache_keys(&self, live: &mut std::collections::HashSet<estargz::Digest>) {
+        self.fetcher.add_live(live);
+    }
+
     /// The files opened so far (hard links as their target, which holds the content),
     /// in the order of their first open.
     pub fn accessed(&self) -> Vec<FileAccess> {

@@ -31,7 +31,7 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
-pub use cache::{CacheConfig, SharedCache};
+pub use cache::{CacheConfig, CacheWriteStats, SharedCache};
 pub use config::FsConfig;
 pub use core::{
     Attr, Backing, DirEntry, FileAccess, FileKind, LayerFs, OPAQUE_XATTR, PendingRead, ReadStart,

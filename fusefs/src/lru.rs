@@ -85,6 +85,22 @@ impl<V: Clone> Lru<V> {
         evicted
     }
 
+    /// Every entry, in no particular order.
+    pub(crate) fn entries(&self) -> Vec<(Digest, V)> {
+        self.map
+            .iter()
+            .map(|(k, s)| (*k, s.value.clone()))
+            .collect()
+    }
+
+    /// Takes out the least recently used entry.
+    pub(crate) fn pop_oldest(&mut self) -> Option<(Digest, V)> {
+        let (_, key) = self.order.pop_first()?;
+        let slot = self.map.remove(&key)?;
+        self.bytes -= slot.size;
+        Some((key, slot.value))
+    }
+
     pub(crate) fn remove(&mut self, key: &Digest) -> Option<V> {
         let slot = self.map.remove(key)?;
         self.order.remove(&slot.tick);

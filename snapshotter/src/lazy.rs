@@ -594,4 +594,38 @@ impl RemoteMounter for FuseMounter {
     fn is_mounted(&self, mountpoint: &Path) -> bool {
         self.mounts().contains_key(mountpoint)
     }
+
+    /// Sweeps the chunk cache down to what the mounted layers use, in the background.
+    /// Only when every remaining lazy snapshot is mounted: one not yet restored (after
+    /// a restart) would lose its cached chunks, though it still uses them.
+    fn release_unused(&self, remaining: Vec<PathBuf>) {
+        let layers: Vec<_> = {
+            let mounts = self.mounts();
+            if let Some(missing) = remaining.iter().find(|m| !mounts.contains_key(*m)) {
+                tracing::debug!(mountpoint = %missing.display(),
+                    "cache sweep put off: a lazy snapshot's layer is not mounted yet");
+                return;
+            }
+            mounts
+                .values()
+                .map(|s| Arc::clone(s.mounted.fs()))
+                .collect()
+        };
+        let cache = self.cache.clone();
+        self.handle.spawn_blocking(move || {
+            let mut live = std::collections::HashSet::new();
+            for fs in &layers {
+                fs.add_live_cache_keys(&mut live);
+            }
+            let (entries, bytes) = cache.sweep(&live);
+            if entries > 0 {
+                tracing::info!(
+                    entries,
+                    bytes,
+                    layers = layers.len(),
+                    "chunk cache: removed what no lazily pulled snapshot uses"
+                );
+            }
+        });
+    }
 }

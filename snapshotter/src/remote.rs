@@ -8,7 +8,7 @@
 //! Prepare answers AlreadyExists, so containerd neither downloads nor unpacks it.
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use crate::types::Labels;
@@ -131,6 +131,11 @@ pub trait RemoteMounter: Send + Sync {
     fn unmount(&self, mountpoint: &Path);
     /// Whether this process currently serves `mountpoint`.
     fn is_mounted(&self, mountpoint: &Path) -> bool;
+    /// A lazily pulled snapshot was removed; `remaining` are the mountpoints of those
+    /// left. Cached data that none of them uses may go.
+    fn release_unused(&self, remaining: Vec<PathBuf>) {
+        let _ = remaining;
+    }
 }
 
 #[cfg(test)]

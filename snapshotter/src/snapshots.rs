@@ -271,6 +271,7 @@ impl Snapshotter {
         drop(guard);
         if was_remote && let Some(mounter) = &self.mounter {
             mounter.unmount(&self.fs_dir(row.id));
+            self.release_unused(mounter.as_ref());
         }
         // Metadata first, files second: a crash in between leaves an orphan directory
         // for Cleanup, never metadata pointing at missing files.
@@ -410,6 +411,21 @@ impl Snapshotter {
                 removed.push(entry.path());
             }
         }
+        drop(guard);
+        if let Some(mounter) = &self.mounter {
+            self.release_unused(mounter.as_ref());
+        }
         Ok(removed)
+    }
+
+    /// Tells the mounter which lazily pulled snapshots remain, so it can drop cached
+    /// data none of them uses.
+    fn release_unused(&self, mounter: &dyn RemoteMounter) {
+        match self.remote_snapshots() {
+            Ok(remaining) => {
+                mounter.release_unused(remaining.into_iter().map(|s| s.mountpoint).collect())
+            }
+            Err(e) => tracing::warn!(error = %e, "listing lazy snapshots for the cache sweep"),
+        }
     }
 }

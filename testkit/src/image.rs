@@ -198,6 +198,64 @@ pub fn gzip(data: &[u8]) -> anyhow::Result<Vec<u8>> {
     Ok(encoder.finish()?)
 }
 
+/// An eStargz layer built by hand holding one file, `name`, of `size` zero bytes as a
+/// single chunk (a hostile layer: no converter writes chunks this big). Streams the
+/// zeros, so a 2 GiB file costs seconds, not memory. Returns the blob, its diff ID and
+/// its TOC digest.
+pub fn one_chunk_estargz(name: &str, size: u64) -> anyhow::Result<(Vec<u8>, String, String)> {
+    let member = |data: &[u8]| -> anyhow::Result<Vec<u8>> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(data)?;
+        Ok(gz.finish()?)
+    };
+    let mut blob = Vec::new();
+    let mut diff = Sha256::new();
+    let mut h = header(tar::EntryType::Regular, 0o644, size);
+    h.set_path(name)?;
+    h.set_cksum();
+    diff.update(h.as_bytes());
+    blob.extend(member(h.as_bytes())?);
+    // The payload's own member, as eStargz puts each chunk.
+    let payload_offset = blob.len();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let zeros = vec![0u8; 1 << 20];
+    let mut file = Sha256::new();
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        gz.write_all(&zeros[..n])?;
+        diff.update(&zeros[..n]);
+        file.update(&zeros[..n]);
+        left -= n as u64;
+    }
+    let pad = ((512 - size % 512) % 512) as usize;
+    gz.write_all(&zeros[..pad])?;
+    diff.update(&zeros[..pad]);
+    blob.extend(gz.finish()?);
+    let file_digest = format!("sha256:{:x}", file.finalize());
+    let toc = serde_json::to_vec(&json!({
+        "version": 1,
+        "entries": [{
+            "name": name, "type": "reg", "size": size, "mode": 0o644,
+            "offset": payload_offset, "digest": file_digest, "chunkDigest": file_digest,
+        }],
+    }))?;
+    let toc_offset = blob.len() as u64;
+    let mut toc_tar = tar::Builder::new(Vec::new());
+    let mut th = header(tar::EntryType::Regular, 0o444, toc.len() as u64);
+    toc_tar.append_data(&mut th, "stargz.index.json", &toc[..])?;
+    let toc_tar = toc_tar.into_inner()?;
+    diff.update(&toc_tar);
+    blob.extend(member(&toc_tar)?);
+    // The footer: an empty gzip member whose extra field says where the TOC is.
+    blob.extend(estargz::estargz_footer(toc_offset));
+    Ok((
+        blob,
+        format!("sha256:{:x}", diff.finalize()),
+        sha256_digest(&toc),
+    ))
+}
+
 /// A content-addressed blob and its media type.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Blob {

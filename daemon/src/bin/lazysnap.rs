@@ -167,6 +167,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 human(status.cache_memory_bytes),
                 human(status.cache_disk_bytes)
             );
+            if status.cache_write_errors + status.cache_writes_skipped_full > 0 {
+                println!(
+                    "cache writes given up: {} failed ({} for want of space), {} skipped at the fill limit; {} entries evicted for space",
+                    status.cache_write_errors,
+                    status.cache_no_space_errors,
+                    status.cache_writes_skipped_full,
+                    status.cache_evicted_for_space
+                );
+            }
             if status.preopened_mounts > 0 {
                 println!(
                     "{} layer mount(s) used a TOC pre-opened while a sibling layer mounted",

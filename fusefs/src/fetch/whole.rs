@@ -39,6 +39,21 @@ impl Fetcher {
             .then(|| (e.id(), e.size()))
     }
 
+    /// Adds to `live` what of the cache this layer can use: every chunk digest, and the
+    /// key of every whole copy it could serve.
+    pub(crate) fn add_live(&self, live: &mut HashSet<Digest>) {
+        let index = self.layer.index();
+        live.extend(index.all_chunks().iter().map(|c| c.digest));
+        for id in 0..index.len() {
+            let node = NodeId(id as u32);
+            if let Some((target, _)) = self.passthrough_size(node)
+                && target == node
+            {
+                live.insert(self.file_key(node));
+            }
+        }
+    }
+
     /// A local copy of the whole file, if one is stored, for the kernel to read directly.
     pub(crate) fn whole_file(&self, node: NodeId) -> Option<std::fs::File> {
         let (node, _) = self.passthrough_size(node)?;

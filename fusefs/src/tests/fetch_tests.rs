@@ -142,6 +142,7 @@ fn disk_cache_survives_reopen_and_corrupt_files_are_refetched() {
         dir: cache_dir.clone(),
         memory_bytes: 64 << 20,
         disk_bytes: 1 << 30,
+        max_fill_percent: 100,
     })
     .unwrap();
     assert!(!cache_dir.join("tmp").join("leftover").exists());
@@ -737,6 +738,7 @@ fn files_read_whole_get_a_verified_local_copy_for_passthrough() {
         dir: f.dir.path().join("cache"),
         memory_bytes: 64 << 20,
         disk_bytes: 1 << 30,
+        max_fill_percent: 100,
     })
     .unwrap();
     assert_eq!(cache.disk_bytes_used(), before + copied);

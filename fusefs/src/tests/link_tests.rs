@@ -121,6 +121,7 @@ fn demand_reads(background: bool) -> Vec<Sent> {
         dir: dir.path().join("cache"),
         memory_bytes: 64 << 20,
         disk_bytes: 1 << 30,
+        max_fill_percent: 100,
     })
     .unwrap();
     let link = crate::Link::for_config(&config);

@@ -4,6 +4,7 @@
 // One-range lists are what these tests mean, not a mistaken `vec![0; n]`.
 #![allow(clippy::single_range_in_vec_init)]
 
+mod cache_tests;
 mod core_tests;
 mod fetch_tests;
 mod link_tests;
@@ -290,6 +291,23 @@ pub(crate) struct Fixture {
 }
 
 pub(crate) fn fixture_with(blob: FaultBlob, config: FsConfig, disk_bytes: u64) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = CacheConfig {
+        dir: dir.path().join("cache"),
+        memory_bytes: 64 << 20,
+        disk_bytes,
+        max_fill_percent: 100,
+    };
+    fixture_on(blob, config, cache, dir)
+}
+
+/// A fixture whose cache is as `cache` says (`dir` is kept for the fixture's life).
+pub(crate) fn fixture_on(
+    blob: FaultBlob,
+    config: FsConfig,
+    cache: CacheConfig,
+    dir: tempfile::TempDir,
+) -> Fixture {
     let rt = runtime();
     let blob = Arc::new(blob);
     let layer = rt
@@ -298,13 +316,7 @@ pub(crate) fn fixture_with(blob: FaultBlob, config: FsConfig, disk_bytes: u64) -
     // Opening the layer reads footer and TOC: count only what the filesystem fetches.
     blob.requests.lock().unwrap().clear();
     blob.started.store(0, Ordering::SeqCst);
-    let dir = tempfile::tempdir().unwrap();
-    let cache = SharedCache::open(CacheConfig {
-        dir: dir.path().join("cache"),
-        memory_bytes: 64 << 20,
-        disk_bytes,
-    })
-    .unwrap();
+    let cache = SharedCache::open(cache).unwrap();
     let fs = LayerFs::new(Arc::new(layer), backing(&cache, &rt, &config), config).unwrap();
     Fixture {
         rt,

@@ -1,0 +1,135 @@
+//! The chunk cache as a citizen of the node: it drops what no mounted layer uses, keeps
+//! its filesystem below the fill limit, and counts the writes it could not make while
+//! reads go on.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::CacheConfig;
+
+#[test]
+fn a_sweep_keeps_what_mounted_layers_use_and_drops_the_rest() {
+    let (a, src) = fixture(OutputFormat::Estargz);
+    assert_eq!(a.read_all("data/big").unwrap(), src.files["data/big"]);
+    assert_eq!(a.read_all("bin/tool").unwrap(), src.files["bin/tool"]);
+    let used = a.cache.disk_bytes_used();
+    assert!(used > 0);
+    // A chunk of another layer, since removed.
+    let other = Bytes::from(pattern(50_000, 99));
+    let other_digest = estargz::Digest::of(&other);
+    a.cache.put_disk(other_digest, &other);
+    a.cache.put_memory(other_digest, other.clone());
+    assert!(a.cache.contains(&other_digest));
+
+    let mut live = HashSet::new();
+    a.fs.add_live_cache_keys(&mut live);
+    let (entries, bytes) = a.cache.sweep(&live);
+    assert_eq!((entries, bytes), (1, other.len() as u64));
+    assert!(!a.cache.contains(&other_digest));
+    assert!(!a.cache.chunk_file(&other_digest).exists());
+    assert_eq!(a.cache.disk_bytes_used(), used);
+    assert_eq!(a.cache.write_stats().swept, 1);
+
+    // The layer goes too: nothing is left, and its reads fetch again.
+    let (entries, _) = a.cache.sweep(&HashSet::new());
+    assert!(entries > 0);
+    assert_eq!(a.cache.disk_bytes_used(), 0);
+    let requests = a.blob.request_count();
+    assert_eq!(a.read_all("bin/tool").unwrap(), src.files["bin/tool"]);
+    assert!(a.blob.request_count() > requests);
+}
+
+/// A tmpfs of `size` mounted for the test, unmounted on drop.
+struct SmallFs {
+    path: PathBuf,
+}
+
+impl SmallFs {
+    fn mount(path: &Path, size: &str) -> SmallFs {
+        std::fs::create_dir_all(path).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size}").as_str()),
+        )
+        .unwrap();
+        SmallFs {
+            path: path.to_path_buf(),
+        }
+    }
+
+    fn used_percent(&self) -> u64 {
+        let s = nix::sys::statvfs::statvfs(&self.path).unwrap();
+        let total = s.blocks();
+        (total - s.blocks_available()) * 100 / total
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn on_a_small_filesystem_the_cache_stays_below_its_fill_limit_and_reads_go_on() {
+    if testkit::skip_unless_root("on_a_small_filesystem_the_cache_stays_below_its_fill_limit") {
+        return;
+    }
+    let (tar, src) = sample_tar();
+    let blob = convert(&tar, OutputFormat::Estargz, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    // 256 KiB: less than the layer's files (about 650 KB), so the cache must evict.
+    let small = SmallFs::mount(&dir.path().join("small"), "256k");
+    let cache = CacheConfig {
+        dir: small.path.join("cache"),
+        memory_bytes: 0,
+        disk_bytes: 1 << 30,
+        max_fill_percent: 75,
+    };
+    let f = fixture_on(FaultBlob::new(blob.clone()), quiet_config(), cache, dir);
+    for _ in 0..2 {
+        for (path, data) in &src.files {
+            assert_eq!(&f.read_all(path).unwrap(), data, "{path}");
+            assert!(
+                small.used_percent() <= 75,
+                "{path}: {}%",
+                small.used_percent()
+            );
+        }
+    }
+    let stats = f.cache.write_stats();
+    assert!(stats.evicted_for_space > 0, "{stats:?}");
+    assert_eq!(stats.write_errors, 0, "{stats:?}");
+
+    // No limit but the disk's, and the disk full: writes fail with ENOSPC, are
+    // counted, and reads are answered all the same.
+    let dir = tempfile::tempdir().unwrap();
+    let full = SmallFs::mount(&dir.path().join("full"), "256k");
+    let cache = CacheConfig {
+        dir: full.path.join("cache"),
+        memory_bytes: 0,
+        disk_bytes: 1 << 30,
+        max_fill_percent: 100,
+    };
+    let f = fixture_on(FaultBlob::new(blob), quiet_config(), cache, dir);
+    let filler = vec![7u8; 64 << 10];
+    let mut n = 0;
+    while std::fs::write(full.path.join(format!("filler-{n}")), &filler).is_ok() {
+        n += 1;
+    }
+    // Whatever small files still fit: fill the last blocks too.
+    let mut k = 0;
+    while std::fs::write(full.path.join(format!("crumb-{k}")), [1u8; 512]).is_ok() && k < 10_000 {
+        k += 1;
+    }
+    for (path, data) in &src.files {
+        assert_eq!(&f.read_all(path).unwrap(), data, "{path}");
+    }
+    let stats = f.cache.write_stats();
+    assert!(stats.no_space_errors > 0, "{stats:?}");
+    assert_eq!(stats.no_space_errors, stats.write_errors, "{stats:?}");
+}
