@@ -25,6 +25,9 @@ step "cargo clippy" cargo clippy --locked --workspace --all-targets -- -D warnin
 export RUSTDOCFLAGS="-D warnings"
 step "cargo doc" cargo doc --locked --workspace --no-deps --quiet
 step "cargo test" bash -c "set -o pipefail; cargo test --locked --workspace 2>&1 | tee '$log'"
+# Each parser under libFuzzer for a few seconds: the harnesses build and find nothing new
+# to crash on (the long runs are scripts/fuzz.sh 600 by hand; see fuzz/README.md).
+step "fuzz smoke" scripts/fuzz.sh 10
 
 passed=0; failed=0; skipped=0
 while read -r p f i; do

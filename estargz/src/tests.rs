@@ -671,6 +671,15 @@ fn bad_inputs_fail_cleanly() {
     }
     let t = b.into_inner().unwrap();
     assert!(matches!(run(&t), Err(Error::UnsupportedTar { .. })));
+    // A hard link to a name no earlier entry has (found by fuzzing): refused, rather
+    // than written into a layer no reader can resolve.
+    let mut b = ::tar::Builder::new(Vec::new());
+    let mut h = ::tar::Header::new_gnu();
+    h.set_size(0);
+    h.set_entry_type(::tar::EntryType::Link);
+    b.append_link(&mut h, "h", "missing").unwrap();
+    let t = b.into_inner().unwrap();
+    assert!(matches!(run(&t), Err(Error::UnsupportedTar { .. })));
     // Bad options.
     let zero_chunk = WriterOptions {
         chunk_size: 0,

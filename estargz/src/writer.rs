@@ -301,6 +301,8 @@ struct Converter<W> {
     prefetch_ranges: HashMap<String, Vec<Range<u64>>>,
     /// Normalized paths of the prioritized files, when chunks are marked.
     marked_whole: HashSet<String>,
+    /// Normalized paths written so far: a hard link must name one of them.
+    written: HashSet<String>,
     add_landmarks: bool,
     pipeline: Pipeline<W>,
     segment: Vec<u8>,
@@ -448,6 +450,7 @@ impl<W: Write> Converter<W> {
             prioritized: opts.prioritized_files.clone(),
             prefetch_ranges,
             marked_whole,
+            written: HashSet::new(),
             // c/storage keeps the input tar as it is unless files are reordered.
             add_landmarks: !cstorage || !opts.prioritized_files.is_empty(),
             pipeline,
@@ -655,8 +658,20 @@ impl<W: Write> Converter<W> {
             });
         }
         if kind == "hardlink" {
-            normalize_path(&h.link_name)?;
+            // A link to a name no earlier entry has: tar cannot extract it, and no
+            // TOC reader can resolve it (found by fuzzing).
+            let target = normalize_path(&h.link_name)?;
+            if !self.written.contains(&target) {
+                return Err(Error::UnsupportedTar {
+                    path: h.name.clone(),
+                    reason: format!(
+                        "hard link to {:?}, which no earlier entry names",
+                        h.link_name
+                    ),
+                });
+            }
         }
+        self.written.insert(normalize_path(&h.name)?);
         let pad = std::mem::take(&mut self.pending_pad);
         if let Some(ts) = &mut self.tar_split {
             let mut seg = pad.clone();

@@ -141,6 +141,46 @@ struct Session {
     passthrough: Mutex<Passthrough>,
 }
 
+/// For fuzzing the request decoder and handlers: a session over `fs` that takes raw
+/// request bytes, as `/dev/fuse` hands them over, and writes its replies to
+/// `/dev/null`. The connection counts as initialised (protocol 7.31, no flags), so every
+/// opcode reaches its handler.
+#[doc(hidden)]
+pub struct RequestSink(Arc<Session>);
+
+impl RequestSink {
+    pub fn new(fs: Arc<LayerFs>, handle: Handle) -> std::io::Result<RequestSink> {
+        let dev = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+        let session = Session {
+            fs,
+            dev,
+            handle,
+            ttl: Duration::from_secs(1),
+            max_read: 128 << 10,
+            latency: Arc::default(),
+            negotiated: OnceLock::new(),
+            init_done: Mutex::new(None),
+            leaving: AtomicBool::new(false),
+            passthrough: Mutex::new(Passthrough {
+                enabled: false,
+                backing: HashMap::new(),
+                cached: HashMap::new(),
+                record: PathBuf::from("/nonexistent/lazysnap-fuzz"),
+            }),
+        };
+        let _ = session.negotiated.set(Negotiated {
+            minor: 31,
+            kernel_flags: 0,
+            flags: 0,
+        });
+        Ok(RequestSink(Arc::new(session)))
+    }
+
+    pub fn request(&self, buf: &[u8]) {
+        self.0.dispatch(buf);
+    }
+}
+
 fn errno(e: &Error) -> i32 {
     e.errno()
 }

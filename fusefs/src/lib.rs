@@ -38,7 +38,7 @@ pub use core::{
     StatFs, XattrReply,
 };
 pub use error::{Error, Result};
-pub use fuse::{Handover, MountedLayer, adopt, mount, mount_device};
+pub use fuse::{Handover, MountedLayer, RequestSink, adopt, mount, mount_device};
 pub use histogram::OpHistogram;
 pub use link::{Link, Links};
 pub use stats::Stats;

@@ -35,7 +35,7 @@ fn label(prefix: &str, e: &estargz::Error) -> String {
     format!("{prefix}:{}", words.join(" "))
 }
 
-pub const TARGETS: &[&str] = &["footer", "toc", "layer", "tar"];
+pub const TARGETS: &[&str] = &["footer", "toc", "layer", "tar", "fuse"];
 
 pub fn run(target: &str, data: &[u8]) -> String {
     match target {
@@ -43,6 +43,7 @@ pub fn run(target: &str, data: &[u8]) -> String {
         "toc" => toc(data),
         "layer" => layer(data),
         "tar" => tar(data),
+        "fuse" => fuse(data),
         other => panic!("unknown target {other}"),
     }
 }
@@ -196,5 +197,66 @@ pub fn tar(data: &[u8]) -> String {
             format!("ok:{format:?}")
         }
         Err(e) => label("convert", &e),
+    }
+}
+
+/// What `fuse` feeds requests to: a session over a small layer, on a runtime of its own.
+struct FuseTarget {
+    sink: fusefs::RequestSink,
+    _runtime: tokio::runtime::Runtime,
+    _cache_dir: std::path::PathBuf,
+}
+
+fn fuse_target() -> &'static FuseTarget {
+    static TARGET: std::sync::OnceLock<FuseTarget> = std::sync::OnceLock::new();
+    TARGET.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let tar = crate::seeds::seed_tar().expect("the seed tar");
+        let mut blob = Vec::new();
+        let opts = WriterOptions {
+            chunk_size: 64,
+            threads: 1,
+            ..WriterOptions::default()
+        };
+        estargz::convert(&tar[..], &mut blob, &opts).expect("the seed layer");
+        let blob: Arc<dyn BlobReader> = Arc::new(VecBlob::new(blob));
+        let layer =
+            ready(Layer::open(blob, &OpenOptions::default())).expect("the seed layer opens");
+        let cache_dir = std::env::temp_dir().join(format!("lazysnap-fuzz-{}", std::process::id()));
+        let cache = fusefs::SharedCache::open(fusefs::CacheConfig {
+            dir: cache_dir.clone(),
+            memory_bytes: 1 << 20,
+            disk_bytes: 0,
+            max_fill_percent: 100,
+        })
+        .expect("a cache");
+        let config = fusefs::FsConfig {
+            prefetch: false,
+            background_fetch: false,
+            ..fusefs::FsConfig::default()
+        };
+        let backing = fusefs::Backing::new(cache, runtime.handle().clone(), &config);
+        let fs = fusefs::LayerFs::new(Arc::new(layer), backing, config).expect("the filesystem");
+        let sink = fusefs::RequestSink::new(Arc::new(fs), runtime.handle().clone())
+            .expect("a request sink");
+        FuseTarget {
+            sink,
+            _runtime: runtime,
+            _cache_dir: cache_dir,
+        }
+    })
+}
+
+/// Raw FUSE requests, as `/dev/fuse` hands them over, decoded and handled by a session
+/// over a small layer (replies go to /dev/null): nothing may panic or hang.
+pub fn fuse(data: &[u8]) -> String {
+    fuse_target().sink.request(data);
+    match data.get(4..8) {
+        Some(op) => format!("op:{}", u32::from_ne_bytes([op[0], op[1], op[2], op[3]])),
+        None => "short".into(),
     }
 }
