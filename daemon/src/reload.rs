@@ -108,32 +108,20 @@ impl Reloader {
 
 /// The top-level settings that differ and that a reload does not apply.
 fn restart_only_changes(running: &Config, fresh: &Config) -> Vec<&'static str> {
-    let mut changed = Vec::new();
-    if running.root != fresh.root {
-        changed.push("root");
-    }
-    if running.address != fresh.address {
-        changed.push("address");
-    }
-    if running.metrics_address != fresh.metrics_address {
-        changed.push("metrics_address");
-    }
-    if running.lazy != fresh.lazy {
-        changed.push("lazy");
-    }
-    if running.cache != fresh.cache {
-        changed.push("cache");
-    }
-    if running.http != fresh.http {
-        changed.push("http");
-    }
-    if running.cri_keychain != fresh.cri_keychain {
-        changed.push("cri_keychain");
-    }
-    if running.resolver != fresh.resolver {
-        changed.push("resolver");
-    }
-    changed
+    let (r, f) = (running, fresh);
+    [
+        ("root", r.root != f.root),
+        ("address", r.address != f.address),
+        ("metrics_address", r.metrics_address != f.metrics_address),
+        ("lazy", r.lazy != f.lazy),
+        ("cache", r.cache != f.cache),
+        ("http", r.http != f.http),
+        ("cri_keychain", r.cri_keychain != f.cri_keychain),
+        ("resolver", r.resolver != f.resolver),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
 }
 
 #[cfg(test)]
