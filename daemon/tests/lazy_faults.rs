@@ -333,3 +333,31 @@ async fn a_layer_with_a_chunk_over_the_bound_falls_back() {
     );
     assert!(after < 256 << 20, "peak RSS {} MiB", after >> 20);
 }
+
+/// A layer naming a file with a 256-byte component: not mounted lazily (the tree would
+/// list a name no open can reach); containerd gets an ordinary snapshot, and the log
+/// says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_layer_with_a_name_over_255_bytes_falls_back() {
+    if testkit::skip_unless_root("a_layer_with_a_name_over_255_bytes_falls_back") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry")).unwrap();
+    let daemon = start_daemon(dir.path());
+    let name = "n".repeat(256);
+    let (blob, diff_id, toc) = testkit::image::one_chunk_estargz(&name, 10).unwrap();
+    let layer =
+        testkit::image::Layer::precompressed(blob, testkit::image::MEDIA_TYPE_LAYER_GZIP, &diff_id)
+            .with_annotation(remote::LABEL_TOC_DIGEST, &toc);
+    let digest = format!("sha256:{}", layer.blob.hex());
+    let image = ImageBuilder::new().layer(layer).build().unwrap();
+    let reference = registry.push("faults/long-name", "esgz", &image).unwrap();
+    assert_falls_back(
+        &daemon,
+        "long-name",
+        labels(&reference, &digest, Some(&toc)),
+        "a component of 256 bytes",
+    )
+    .await;
+}

@@ -199,7 +199,8 @@ pub fn gzip(data: &[u8]) -> anyhow::Result<Vec<u8>> {
 }
 
 /// An eStargz layer built by hand holding one file, `name`, of `size` zero bytes as a
-/// single chunk (a hostile layer: no converter writes chunks this big). Streams the
+/// single chunk (a hostile layer when the chunk is huge or the name too long: no
+/// converter writes those). Streams the
 /// zeros, so a 2 GiB file costs seconds, not memory. Returns the blob, its diff ID and
 /// its TOC digest.
 pub fn one_chunk_estargz(name: &str, size: u64) -> anyhow::Result<(Vec<u8>, String, String)> {
@@ -210,11 +211,28 @@ pub fn one_chunk_estargz(name: &str, size: u64) -> anyhow::Result<(Vec<u8>, Stri
     };
     let mut blob = Vec::new();
     let mut diff = Sha256::new();
+    let mut headers = Vec::new();
     let mut h = header(tar::EntryType::Regular, 0o644, size);
-    h.set_path(name)?;
+    if name.len() > 100 {
+        // GNU's long name: a `././@LongLink` entry holding it, then the header.
+        let mut long = header(tar::EntryType::GNULongName, 0o644, name.len() as u64 + 1);
+        long.set_path("././@LongLink")?;
+        long.set_cksum();
+        headers.extend_from_slice(long.as_bytes());
+        let mut data = name.as_bytes().to_vec();
+        data.resize((name.len() + 1).div_ceil(512) * 512, 0);
+        headers.extend_from_slice(&data);
+        h.as_gnu_mut()
+            .ok_or_else(|| anyhow::anyhow!("not a GNU header"))?
+            .name
+            .copy_from_slice(&name.as_bytes()[..100]);
+    } else {
+        h.set_path(name)?;
+    }
     h.set_cksum();
-    diff.update(h.as_bytes());
-    blob.extend(member(h.as_bytes())?);
+    headers.extend_from_slice(h.as_bytes());
+    diff.update(&headers);
+    blob.extend(member(&headers)?);
     // The payload's own member, as eStargz puts each chunk.
     let payload_offset = blob.len();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
