@@ -289,6 +289,25 @@ async fn a_lazy_layer_without_reference_labels_gets_a_loud_warning() {
     );
 }
 
+/// Pushes an image of one hand-made eStargz layer (`testkit::image::one_chunk_estargz`)
+/// and returns the labels a Prepare of that layer carries.
+fn push_one_chunk_layer(
+    registry: &Registry,
+    repo: &str,
+    name: &str,
+    size: u64,
+) -> HashMap<String, String> {
+    let (blob, diff_id, toc) = testkit::image::one_chunk_estargz(name, size).unwrap();
+    eprintln!("{repo}: crafted layer of {} bytes compressed", blob.len());
+    let layer =
+        testkit::image::Layer::precompressed(blob, testkit::image::MEDIA_TYPE_LAYER_GZIP, &diff_id)
+            .with_annotation(remote::LABEL_TOC_DIGEST, &toc);
+    let digest = format!("sha256:{}", layer.blob.hex());
+    let image = ImageBuilder::new().layer(layer).build().unwrap();
+    let reference = registry.push(repo, "esgz", &image).unwrap();
+    labels(&reference, &digest, Some(&toc))
+}
+
 /// lazysnapd's peak resident memory so far (VmHWM), in bytes.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -309,22 +328,9 @@ async fn a_layer_with_a_chunk_over_the_bound_falls_back() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(&dir.path().join("registry")).unwrap();
     let daemon = start_daemon(dir.path());
-    let (blob, diff_id, toc) = testkit::image::one_chunk_estargz("zeros.bin", 2 << 30).unwrap();
-    eprintln!("crafted layer: {} bytes compressed", blob.len());
-    let layer =
-        testkit::image::Layer::precompressed(blob, testkit::image::MEDIA_TYPE_LAYER_GZIP, &diff_id)
-            .with_annotation(remote::LABEL_TOC_DIGEST, &toc);
-    let digest = format!("sha256:{}", layer.blob.hex());
-    let image = ImageBuilder::new().layer(layer).build().unwrap();
-    let reference = registry.push("faults/huge-chunk", "esgz", &image).unwrap();
+    let labels = push_one_chunk_layer(&registry, "faults/huge-chunk", "zeros.bin", 2 << 30);
     let before = peak_rss(daemon.pid());
-    assert_falls_back(
-        &daemon,
-        "huge-chunk",
-        labels(&reference, &digest, Some(&toc)),
-        "a chunk of 2147483648 bytes",
-    )
-    .await;
+    assert_falls_back(&daemon, "huge-chunk", labels, "a chunk of 2147483648 bytes").await;
     let after = peak_rss(daemon.pid());
     eprintln!(
         "lazysnapd peak RSS: {} MiB before the Prepare, {} MiB after",
@@ -346,18 +352,6 @@ async fn a_layer_with_a_name_over_255_bytes_falls_back() {
     let registry = Registry::start(&dir.path().join("registry")).unwrap();
     let daemon = start_daemon(dir.path());
     let name = "n".repeat(256);
-    let (blob, diff_id, toc) = testkit::image::one_chunk_estargz(&name, 10).unwrap();
-    let layer =
-        testkit::image::Layer::precompressed(blob, testkit::image::MEDIA_TYPE_LAYER_GZIP, &diff_id)
-            .with_annotation(remote::LABEL_TOC_DIGEST, &toc);
-    let digest = format!("sha256:{}", layer.blob.hex());
-    let image = ImageBuilder::new().layer(layer).build().unwrap();
-    let reference = registry.push("faults/long-name", "esgz", &image).unwrap();
-    assert_falls_back(
-        &daemon,
-        "long-name",
-        labels(&reference, &digest, Some(&toc)),
-        "a component of 256 bytes",
-    )
-    .await;
+    let labels = push_one_chunk_layer(&registry, "faults/long-name", &name, 10);
+    assert_falls_back(&daemon, "long-name", labels, "a component of 256 bytes").await;
 }
