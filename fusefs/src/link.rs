@@ -130,8 +130,12 @@ impl PrefetchFront {
         self.prefetched.store(offset, Ordering::Relaxed);
     }
 
+    /// Called on every read: a plain load first, so reads behind the furthest one
+    /// (most of them) write nothing to the shared cache line.
     pub(crate) fn read_up_to(&self, end: u64) {
-        self.read.fetch_max(end, Ordering::Relaxed);
+        if end > self.read.load(Ordering::Relaxed) {
+            self.read.fetch_max(end, Ordering::Relaxed);
+        }
     }
 
     fn lead(&self) -> u64 {

@@ -68,6 +68,16 @@ impl SmallFs {
     }
 }
 
+/// A cache on `fs` with no memory tier, bounded only by the fill limit.
+fn disk_only(fs: &SmallFs, max_fill_percent: u8) -> CacheConfig {
+    CacheConfig {
+        dir: fs.path.join("cache"),
+        memory_bytes: 0,
+        disk_bytes: 1 << 30,
+        max_fill_percent,
+    }
+}
+
 impl Drop for SmallFs {
     fn drop(&mut self) {
         let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
@@ -84,13 +94,12 @@ fn on_a_small_filesystem_the_cache_stays_below_its_fill_limit_and_reads_go_on() 
     let dir = tempfile::tempdir().unwrap();
     // 256 KiB: less than the layer's files (about 650 KB), so the cache must evict.
     let small = SmallFs::mount(&dir.path().join("small"), "256k");
-    let cache = CacheConfig {
-        dir: small.path.join("cache"),
-        memory_bytes: 0,
-        disk_bytes: 1 << 30,
-        max_fill_percent: 75,
-    };
-    let f = fixture_on(FaultBlob::new(blob.clone()), quiet_config(), cache, dir);
+    let f = fixture_on(
+        FaultBlob::new(blob.clone()),
+        quiet_config(),
+        disk_only(&small, 75),
+        dir,
+    );
     for _ in 0..2 {
         for (path, data) in &src.files {
             assert_eq!(&f.read_all(path).unwrap(), data, "{path}");
@@ -109,13 +118,12 @@ fn on_a_small_filesystem_the_cache_stays_below_its_fill_limit_and_reads_go_on() 
     // counted, and reads are answered all the same.
     let dir = tempfile::tempdir().unwrap();
     let full = SmallFs::mount(&dir.path().join("full"), "256k");
-    let cache = CacheConfig {
-        dir: full.path.join("cache"),
-        memory_bytes: 0,
-        disk_bytes: 1 << 30,
-        max_fill_percent: 100,
-    };
-    let f = fixture_on(FaultBlob::new(blob), quiet_config(), cache, dir);
+    let f = fixture_on(
+        FaultBlob::new(blob),
+        quiet_config(),
+        disk_only(&full, 100),
+        dir,
+    );
     let filler = vec![7u8; 64 << 10];
     let mut n = 0;
     while std::fs::write(full.path.join(format!("filler-{n}")), &filler).is_ok() {
