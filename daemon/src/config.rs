@@ -83,7 +83,9 @@ pub struct LazyConfig {
     pub fuse_threads: usize,
     /// Keep lazily mounted layers alive across restarts, crashes and upgrades: an fd
     /// holder process keeps their FUSE connections and the next lazysnapd takes them
-    /// over. Off: layers are unmounted on SIGTERM and die with a crash. Default true.
+    /// over. The holder also keeps the listening socket, so that containerd's calls made
+    /// while no daemon runs wait for the next one instead of being refused. Off: layers
+    /// are unmounted on SIGTERM and die with a crash. Default true.
     pub handover: bool,
     /// Serve files that were read whole from a local copy through FUSE passthrough
     /// (kernel 6.9+), at local-disk speed. Default true.

@@ -4,6 +4,7 @@ pub mod authority;
 pub mod config;
 pub mod cri;
 pub mod keychain;
+pub mod listener;
 pub mod observe;
 pub mod optimize;
 pub mod reload;

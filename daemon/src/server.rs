@@ -1,5 +1,6 @@
 //! lazysnapd's lifecycle: take the root's lock, open the snapshotter, serve the snapshots
-//! API on the unix socket until shutdown, then remove the socket.
+//! API on the unix socket until shutdown. The socket outlives the daemon when the fd
+//! holder or systemd keeps it (see `listener`).
 
 use std::fs::File;
 use std::future::Future;
@@ -15,7 +16,6 @@ use snapshotter::lazy::FuseMounter;
 use snapshotter::remote::RemoteMounter;
 use snapshotter::service::SnapshotService;
 use std::time::Duration;
-use tokio::net::UnixListener;
 
 use crate::config::Config;
 use crate::keychain::{CriKeychain, FirstOf, ImageServiceProxy};
@@ -56,29 +56,6 @@ impl RootLock {
         write!(file, "{}", std::process::id())?;
         Ok(RootLock { _file: file })
     }
-}
-
-/// Binds the socket, refusing to steal one that a live process still answers on.
-fn bind_socket(address: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = address.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating socket directory {}", dir.display()))?;
-    }
-    if address.exists() {
-        if std::os::unix::net::UnixStream::connect(address).is_ok() {
-            anyhow::bail!(
-                "socket {} is in use by another process; stop it or choose another --address",
-                address.display()
-            );
-        }
-        std::fs::remove_file(address)
-            .with_context(|| format!("removing stale socket {}", address.display()))?;
-    }
-    let listener = UnixListener::bind(address)
-        .with_context(|| format!("binding socket {}", address.display()))?;
-    std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("setting the mode of {}", address.display()))?;
-    Ok(listener)
 }
 
 /// What the daemon's signals ask of a running server.
@@ -188,11 +165,16 @@ pub async fn run(
             }
         });
     }
-    let listener = bind_socket(&config.address)?;
-    let _socket = SocketFile(config.address.clone());
+    // Kept open across restarts by the fd holder (with handover) or by systemd.
+    let listening = crate::listener::listen(
+        &config.address,
+        config.lazy.handover.then(|| holder(&config.root)).as_ref(),
+    )?;
+    let listener = listening.listener;
     tracing::info!(
         root = %config.root.display(),
         address = %config.address.display(),
+        origin = ?listening.origin,
         "lazysnapd serving containerd.services.snapshots.v1"
     );
     let incoming = tokio_stream::StreamExt::map(
@@ -231,6 +213,8 @@ pub async fn run(
             tokio::task::spawn_blocking(move || mounter.unmount_all()).await?;
         }
     }
+    // Only now may a socket file nothing keeps open go.
+    drop(listening.socket_file);
     tracing::info!("lazysnapd stopped");
     Ok(())
 }
@@ -319,6 +303,11 @@ pub fn unmount_all(config: &Config) -> anyhow::Result<()> {
     if holder(&config.root).exit()? {
         tracing::info!("stopped the fd holder");
     }
+    // With the holder gone nothing listens: a socket file left for the next daemon is stale.
+    if config.address.exists() && std::os::unix::net::UnixStream::connect(&config.address).is_err()
+    {
+        let _ = std::fs::remove_file(&config.address);
+    }
     let snapshots = config.root.join("snapshots");
     let mounts = snapshotter::fsutil::mounts_under(&snapshots);
     for mount in &mounts {
@@ -327,13 +316,4 @@ pub fn unmount_all(config: &Config) -> anyhow::Result<()> {
     }
     tracing::info!(layers = mounts.len(), "unmounted");
     Ok(())
-}
-
-/// Removes the socket file when the daemon stops, however it stops.
-struct SocketFile(PathBuf);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }

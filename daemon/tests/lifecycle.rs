@@ -26,8 +26,8 @@ fn prepare(key: &str, parent: &str) -> pb::PrepareSnapshotRequest {
 #[tokio::test(flavor = "multi_thread")]
 async fn serves_on_flags_and_stops_cleanly_on_signals() {
     let dir = tempfile::tempdir().unwrap();
-    for signal in [libc::SIGTERM, libc::SIGINT] {
-        let mut daemon = Lazysnapd::start(Path::new(BIN), dir.path()).unwrap();
+    let mut daemon = Lazysnapd::start(Path::new(BIN), dir.path()).unwrap();
+    for (round, signal) in [libc::SIGTERM, libc::SIGINT].into_iter().enumerate() {
         let mode = std::fs::metadata(&daemon.address)
             .unwrap()
             .permissions()
@@ -45,13 +45,23 @@ async fn serves_on_flags_and_stops_cleanly_on_signals() {
             status.success(),
             "exit status {status} after signal {signal}"
         );
+        // The fd holder keeps the socket for the next daemon, which takes it over.
         assert!(
-            !daemon.address.exists(),
-            "socket left behind after signal {signal}"
+            std::os::unix::net::UnixStream::connect(&daemon.address).is_ok(),
+            "the socket was not kept after signal {signal}"
         );
+        daemon.restart().unwrap();
+        // (The status socket that `restart` waits for comes up just before.)
+        let took_over = testkit::wait_until(Duration::from_secs(10), || {
+            daemon
+                .log()
+                .matches("took over the listening socket from the fd holder")
+                .count()
+                == round + 1
+        });
+        assert!(took_over, "{}", daemon.log());
     }
     // State survives the restarts.
-    let daemon = Lazysnapd::start(Path::new(BIN), dir.path()).unwrap();
     let mut client = snapshotter::client::connect(&daemon.address).await.unwrap();
     let list = client
         .list(pb::ListSnapshotsRequest::default())
@@ -63,6 +73,55 @@ async fn serves_on_flags_and_stops_cleanly_on_signals() {
         .unwrap()
         .unwrap();
     assert_eq!(list.info.len(), 2);
+    drop(client);
+    // `--unmount-all` lets go of the socket: nothing is left at the address.
+    daemon.stop().unwrap();
+    daemon.unmount_all().unwrap();
+    assert!(!daemon.address.exists(), "a stale socket file was left");
+}
+
+/// A call made while no lazysnapd runs (stopped, or killed) waits in the kept socket's
+/// backlog and is answered by the next daemon, on its first try.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_made_between_two_daemons_waits_for_the_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Lazysnapd::start(Path::new(BIN), dir.path()).unwrap();
+    for (round, signal) in [libc::SIGTERM, libc::SIGKILL].into_iter().enumerate() {
+        still_serves(&daemon, &format!("before-{round}")).await;
+        daemon.signal_and_wait(signal).unwrap();
+        let address = daemon.address.clone();
+        let key = format!("during-gap-{round}");
+        let call = tokio::spawn(async move {
+            let mut client = snapshotter::client::connect(&address).await?;
+            client.prepare(prepare(&key, "")).await.map_err(Into::into)
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!call.is_finished(), "a call with no daemon did not wait");
+        daemon.restart().unwrap();
+        let answered: anyhow::Result<_> = tokio::time::timeout(Duration::from_secs(30), call)
+            .await
+            .expect("the call made in the gap was never answered")
+            .unwrap();
+        let mounts = answered.unwrap_or_else(|e| panic!("after signal {signal}: {e:#}"));
+        assert_eq!(mounts.into_inner().mounts[0].r#type, "bind");
+    }
+}
+
+/// With `[lazy] handover = false` nothing is kept: the socket goes with the daemon.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_handover_the_socket_is_removed_at_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[lazy]\nhandover = false\n").unwrap();
+    let mut daemon = Lazysnapd::start_with_args(
+        Path::new(BIN),
+        dir.path(),
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
+    still_serves(&daemon, "k").await;
+    daemon.stop().unwrap();
+    assert!(!daemon.address.exists(), "socket left behind");
 }
 
 /// Waits for `text` in the daemon's log; panics with the log when it does not come.
@@ -135,7 +194,10 @@ host = "mirror.example.com"
 
     let status = daemon.signal_and_wait(libc::SIGQUIT).unwrap();
     assert!(status.success(), "exit status {status} after SIGQUIT");
-    assert!(!daemon.address.exists(), "socket left behind after SIGQUIT");
+    assert!(
+        std::os::unix::net::UnixStream::connect(&daemon.address).is_ok(),
+        "the socket was not kept after SIGQUIT"
+    );
     assert!(daemon.log().contains("SIGQUIT: shutting down"));
 }
 
@@ -256,6 +318,19 @@ fn config_file_sets_root_and_address() {
     );
     assert!(out.status.success());
     assert!(root.join("metadata.db").exists());
+    // Kept by the fd holder until the operator lets it go.
+    assert!(sock.exists());
+    let released = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("--unmount-all")
+        .output()
+        .unwrap();
+    assert!(
+        released.status.success(),
+        "{}",
+        String::from_utf8_lossy(&released.stderr)
+    );
     assert!(!sock.exists());
     // log_level = "debug" took effect.
     assert!(
@@ -399,4 +474,90 @@ async fn bad_requests_get_the_codes_containerd_expects_and_never_kill_the_daemon
     let info = c.stat(stat).await.unwrap().into_inner().info.unwrap();
     assert_eq!(info.kind, pb::Kind::Committed as i32);
     assert!(daemon.log().contains("serving"), "daemon still up");
+}
+
+/// Socket activation: the socket systemd passes as fd 3 (`LISTEN_FDS`, `LISTEN_PID`) is
+/// served, outlives the daemon (systemd holds it) and holds a call made in the gap.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_socket_passed_by_systemd_is_served_and_outlives_the_daemon() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let address = dir.path().join("activated.sock");
+    // This test plays systemd: it binds the socket and keeps it.
+    let listener = std::os::unix::net::UnixListener::bind(&address).unwrap();
+    let listener_fd = listener.as_raw_fd();
+    let root = dir.path().join("root");
+    let log = dir.path().join("lazysnapd.log");
+    let start = || {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg("export LISTEN_FDS=1 LISTEN_PID=$$; exec \"$0\" \"$@\"")
+            .arg(BIN)
+            .arg("--root")
+            .arg(&root)
+            // Not where systemd's socket is: systemd's wins, with a warning.
+            .arg("--address")
+            .arg(dir.path().join("configured.sock"))
+            .env("RUST_LOG", "info");
+        // As systemd does: the socket becomes the child's fd 3 (dup2 clears its
+        // close-on-exec flag there, and only there).
+        // SAFETY: dup2 is async-signal-safe, and both fds stay open until exec.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                if libc::dup2(listener_fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut daemon = testkit::process::ChildGuard::spawn("lazysnapd", cmd, &log).unwrap();
+        let status = root.join("status.sock");
+        let up = testkit::wait_until(Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&status).is_ok()
+        });
+        daemon.check_running().unwrap();
+        assert!(up, "{}", daemon.log_tail());
+        daemon
+    };
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut daemon = start();
+    let mut client = snapshotter::client::connect(&address).await.unwrap();
+    client.prepare(prepare("first", "")).await.unwrap();
+    drop(client);
+    assert!(log_text().contains("origin=Systemd"), "{}", log_text());
+    assert!(log_text().contains("serving on the socket systemd passed"));
+    assert!(!dir.path().join("configured.sock").exists());
+
+    let status = daemon
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(30))
+        .unwrap();
+    assert!(status.success());
+    assert!(address.exists(), "the daemon removed systemd's socket");
+    let gap_address = address.clone();
+    let call = tokio::spawn(async move {
+        let mut client = snapshotter::client::connect(&gap_address).await?;
+        client
+            .prepare(prepare("in-the-gap", ""))
+            .await
+            .map_err(anyhow::Error::from)
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!call.is_finished(), "a call with no daemon did not wait");
+    let mut daemon = start();
+    tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("the call made in the gap was never answered")
+        .unwrap()
+        .unwrap();
+    daemon
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(30))
+        .unwrap();
+    let out = Command::new(BIN)
+        .arg("--root")
+        .arg(&root)
+        .arg("--unmount-all")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
 }

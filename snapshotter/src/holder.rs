@@ -1,7 +1,8 @@
-//! The fd holder: a tiny process that keeps the daemon's `/dev/fuse` connections open
-//! while lazysnapd is down (stopped, crashed, being upgraded), so the kernel keeps the
-//! mounts alive and queues their requests instead of failing them. A new lazysnapd takes
-//! copies of the fds back and serves them (see `fusefs::adopt`).
+//! The fd holder: a tiny process that keeps the daemon's `/dev/fuse` connections (and its
+//! listening socket, under `LISTENER_KEY`) open while lazysnapd is down (stopped, crashed,
+//! being upgraded), so the kernel keeps the mounts alive and queues their requests (and
+//! containerd's connections) instead of failing them. A new lazysnapd takes copies of the
+//! fds back and serves them (see `fusefs::adopt`).
 //!
 //! The holder does nothing but hold: fds keyed by mountpoint, each with an opaque line of
 //! metadata, over a unix SEQPACKET socket with SCM_RIGHTS. It never reads a connection
@@ -27,6 +28,9 @@ use nix::sys::socket::{
     UnixAddr, accept4, bind, connect, listen, recvmsg, sendmsg, setsockopt, socket, sockopt,
 };
 use serde_json::{Value, json};
+
+/// The key of the daemon's listening socket (every other key is a mountpoint).
+pub const LISTENER_KEY: &str = "listener:snapshots";
 
 const MAX_MESSAGE: usize = 64 << 10;
 /// A client that stalls must not wedge the holder: it serves one at a time.
@@ -238,6 +242,19 @@ impl HolderClient {
         }
     }
 
+    /// `fdholder.log` beside the holder's socket (the daemon's private root).
+    fn log_file(&self) -> std::process::Stdio {
+        let path = self.socket.with_file_name("fdholder.log");
+        match std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            Ok(file) => file.into(),
+            Err(_) => std::process::Stdio::null(),
+        }
+    }
+
     fn connect_or_start(&self) -> io::Result<OwnedFd> {
         if let Ok(sock) = connect_to(&self.socket) {
             return Ok(sock);
@@ -247,6 +264,9 @@ impl HolderClient {
             .arg(&self.socket)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
+            // Not the daemon's stderr: a parent reading that pipe to its end (a test, a
+            // supervisor's log pipe) would wait for the holder, which outlives the daemon.
+            .stderr(self.log_file())
             // Its own process group: a signal to the daemon's group (a terminal's ^C,
             // a service manager's kill of the group) must not reach it.
             .process_group(0)

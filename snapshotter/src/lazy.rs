@@ -160,6 +160,9 @@ impl FuseMounter {
     pub fn with_holder(mut self, holder: HolderClient) -> std::io::Result<FuseMounter> {
         let mut held = HashMap::new();
         for h in holder.list()? {
+            if h.key == crate::holder::LISTENER_KEY {
+                continue; // the daemon's, not a mount's
+            }
             match parse_handover_meta(&h.meta) {
                 Some(handover) => {
                     held.insert(PathBuf::from(&h.key), HeldConnection { handover, fd: h.fd });

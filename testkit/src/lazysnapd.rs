@@ -102,8 +102,12 @@ impl Lazysnapd {
             .envs(self.envs.iter().map(|(k, v)| (k, v)));
         let mut process = ChildGuard::spawn("lazysnapd", cmd, &self.log)?;
         let address = self.address.clone();
+        // The snapshots socket may be the fd holder's, kept from the previous run: the
+        // status socket (never held) says this daemon is up.
+        let status = self.root.join("status.sock");
         let up = crate::wait_until(Duration::from_secs(30), || {
             std::os::unix::net::UnixStream::connect(&address).is_ok()
+                && std::os::unix::net::UnixStream::connect(&status).is_ok()
         });
         process.check_running()?;
         if !up {
