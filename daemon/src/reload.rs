@@ -2,46 +2,104 @@
 //! the settings that can change under running mounts are applied (docker credentials,
 //! registry hosts); the others are named in the log as needing a restart.
 
-use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 use registry::{CredentialFuture, CredentialProvider, DockerConfig};
 
 use crate::config::Config;
 
-/// Docker's config file, read again on reload. A file that fails to parse on reload
-/// leaves the credentials in force.
+/// Docker's config file, read again on reload and whenever it changed on disk (a
+/// `docker login` before a `docker pull` must not need a SIGHUP). A file that fails to
+/// parse leaves the credentials in force.
 pub struct ReloadableDockerConfig {
     current: RwLock<Arc<DockerConfig>>,
     load: Box<dyn Fn() -> registry::Result<DockerConfig> + Send + Sync>,
+    /// The file watched for changes, and what it looked like when last read.
+    watched: Option<PathBuf>,
+    seen: Mutex<Option<FileStamp>>,
+}
+
+/// Enough of a file's metadata to tell that it was written or replaced.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct FileStamp {
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        ino: m.ino(),
+        len: m.len(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    })
 }
 
 impl ReloadableDockerConfig {
     /// `$DOCKER_CONFIG/config.json`, else `$HOME/.docker/config.json`.
     pub fn load_default() -> registry::Result<Self> {
-        Self::with_loader(Box::new(DockerConfig::load_default))
+        Self::with_loader(
+            Box::new(DockerConfig::load_default),
+            DockerConfig::default_path(),
+        )
     }
 
     pub fn load(path: PathBuf) -> registry::Result<Self> {
-        Self::with_loader(Box::new(move || DockerConfig::load(&path)))
+        let watched = Some(path.clone());
+        Self::with_loader(Box::new(move || DockerConfig::load(&path)), watched)
     }
 
     fn with_loader(
         load: Box<dyn Fn() -> registry::Result<DockerConfig> + Send + Sync>,
+        watched: Option<PathBuf>,
     ) -> registry::Result<Self> {
+        let seen = watched.as_deref().and_then(stamp);
         Ok(ReloadableDockerConfig {
             current: RwLock::new(Arc::new(load()?)),
             load,
+            watched,
+            seen: Mutex::new(seen),
         })
     }
 
     pub fn reload(&self) -> registry::Result<()> {
+        let seen = self.watched.as_deref().and_then(stamp);
         let fresh = Arc::new((self.load)()?);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = seen;
         Ok(())
     }
 
+    /// Reads the file again if it changed since it was last read (one stat).
+    fn refresh(&self) {
+        let Some(path) = &self.watched else {
+            return;
+        };
+        let now = stamp(path);
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if *seen == now {
+                return;
+            }
+            // A broken file is not read again until it changes once more.
+            *seen = now;
+        }
+        match (self.load)() {
+            Ok(fresh) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+                tracing::info!(path = %path.display(), "docker's config.json changed: read it again");
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "docker's config.json changed but does not parse; the credentials read before stay: {e}");
+            }
+        }
+    }
+
     fn get(&self) -> Arc<DockerConfig> {
+        self.refresh();
         self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -170,6 +228,34 @@ mod tests {
         assert!(docker.reload().is_err());
         let kept = user_of(&docker).await.unwrap();
         assert!(kept.contains("bob"), "{kept}");
+    }
+
+    /// As after `docker login`: the file appears, then is replaced (the CLI writes a
+    /// temp file and renames it); each change is seen on the next lookup, no SIGHUP.
+    #[tokio::test]
+    async fn docker_credentials_written_after_start_are_picked_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let docker = ReloadableDockerConfig::load(path.clone()).unwrap();
+        let user = async |docker: &ReloadableDockerConfig| {
+            let found = docker.credentials("reg.example").await.unwrap();
+            found.map(|c| c.username)
+        };
+        assert_eq!(user(&docker).await, None);
+        let login = |name: &str| {
+            let auth = base64_auth(name);
+            let tmp = dir.path().join("config.json.tmp");
+            std::fs::write(
+                &tmp,
+                format!(r#"{{"auths":{{"reg.example":{{"auth":"{auth}"}}}}}}"#),
+            )
+            .unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+        };
+        login("alice");
+        assert!(user(&docker).await.unwrap().contains("alice"));
+        login("carol");
+        assert!(user(&docker).await.unwrap().contains("carol"));
     }
 
     fn base64_auth(user: &str) -> String {

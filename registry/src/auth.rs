@@ -196,10 +196,15 @@ impl DockerConfig {
     /// `$DOCKER_CONFIG/config.json`, else `$HOME/.docker/config.json`; a missing file
     /// means no credentials.
     pub fn load_default() -> Result<Self> {
-        match default_path(std::env::var_os("DOCKER_CONFIG"), std::env::var_os("HOME")) {
+        match Self::default_path() {
             Some(path) => Self::load(&path),
             None => Ok(Self::empty()),
         }
+    }
+
+    /// `$DOCKER_CONFIG/config.json`, else `$HOME/.docker/config.json` (None without either).
+    pub fn default_path() -> Option<PathBuf> {
+        default_path(std::env::var_os("DOCKER_CONFIG"), std::env::var_os("HOME"))
     }
 
     /// Reads `path`; a missing file means no credentials.
