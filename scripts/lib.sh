@@ -34,3 +34,35 @@ ensure_rust() {
     . "$HOME/.cargo/env"
   fi
 }
+
+# containerd 2.x and Docker Engine from Debian's unstable suite (sid), for the tests that
+# run against today's runtimes. They need only libc6 >= 2.34 and run on bookworm. apt's
+# state for sid lives in the private directory too, and the mirror is the one apt's
+# sources already name: nothing of the system's packages or sources changes.
+LAZYSNAP_SID_PACKAGES="containerd docker.io docker-cli"
+export LAZYSNAP_RUNTIMES_DIR=${LAZYSNAP_RUNTIMES_DIR:-/var/cache/lazysnap-runtimes}
+fetch_sid_runtimes() {
+  local dir=$LAZYSNAP_RUNTIMES_DIR
+  if [ -x "$dir/root/usr/bin/containerd" ] && [ -x "$dir/root/usr/sbin/dockerd" ]; then
+    return 0
+  fi
+  local codename mirror
+  codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+  mirror=$(apt-cache policy | awk -v s="$codename/main" '$3 == s && $2 ~ /^https?:/ {print $2; exit}')
+  if [ -z "$mirror" ]; then
+    echo "fetch_sid_runtimes: apt's sources name no Debian mirror for $codename" >&2
+    return 1
+  fi
+  local apt=$dir/apt
+  rm -rf "$dir" && mkdir -p "$apt/lists/partial" "$apt/archives/partial" "$dir/debs"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror sid main" >"$apt/sources.list"
+  local opts=(-q -o Dir::Etc::sourcelist="$apt/sources.list" -o Dir::Etc::sourceparts=-
+    -o Dir::State::lists="$apt/lists" -o Dir::Cache::archives="$apt/archives"
+    -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= -o APT::Sandbox::User=root)
+  echo "fetching $LAZYSNAP_SID_PACKAGES from sid into $dir"
+  apt-get "${opts[@]}" update >/dev/null &&
+    (cd "$dir/debs" && apt-get "${opts[@]}" download $LAZYSNAP_SID_PACKAGES) || return 1
+  for deb in "$dir"/debs/*.deb; do dpkg -x "$deb" "$dir/root" || return 1; done
+  rm -rf "$apt"
+  "$dir/root/usr/bin/containerd" --version
+}

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs what the tests need and runs them all: formatting, clippy, every crate's unit
-# and integration tests (real containerd, registry, overlayfs; as root), and containerd's
-# own snapshotter test suite against lazysnapd. Ends with one line: N passed, M failed.
+# and integration tests (real containerd 1.6 and 2.x, registry, overlayfs; as root), and
+# containerd's own snapshotter test suite against lazysnapd. Ends with one line: N passed, M failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 need_root
 apt_install $LAZYSNAP_PACKAGES $LAZYSNAP_TEST_PACKAGES
+fetch_sid_runtimes || { echo "could not fetch containerd 2.x and Docker from Debian sid" >&2; exit 1; }
 ensure_rust
 
 log=$(mktemp /tmp/lazysnap-test.XXXXXX)
@@ -25,6 +26,8 @@ step "cargo clippy" cargo clippy --locked --workspace --all-targets -- -D warnin
 export RUSTDOCFLAGS="-D warnings"
 step "cargo doc" cargo doc --locked --workspace --no-deps --quiet
 step "cargo test" bash -c "set -o pipefail; cargo test --locked --workspace 2>&1 | tee '$log'"
+# The daemon's end-to-end tests again, on containerd 2.x (Debian sid's, see lib.sh).
+step "cargo test, containerd 2" bash -c "set -o pipefail; LAZYSNAP_CONTAINERD=2 cargo test --locked -p daemon --tests 2>&1 | tee -a '$log'"
 # Each parser under libFuzzer for a few seconds: the harnesses build and find nothing new
 # to crash on (the long runs are scripts/fuzz.sh 600 by hand; see fuzz/README.md).
 step "fuzz smoke" scripts/fuzz.sh 10

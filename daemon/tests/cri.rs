@@ -18,7 +18,9 @@ use daemon::cri::{
     LinuxSandboxSecurityContext, NAMESPACE_MODE_CONTAINER, NAMESPACE_MODE_NODE, NAMESPACE_MODE_POD,
     NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
 };
-use testkit::containerd::{Containerd, ContainerdOptions, mounts_under};
+use testkit::containerd::{
+    Containerd, ContainerdOptions, CriSettings, Release, cri_config, mounts_under,
+};
 use testkit::image::noise;
 use testkit::image::{Entry, ImageBuilder, busybox_layer};
 use testkit::lazysnapd::Lazysnapd;
@@ -122,32 +124,6 @@ fn push_estargz_app_image(registry: &Registry) -> String {
     converted
 }
 
-/// The CRI plugin's part of containerd's config. Mentioning the plugin makes its CNI dirs
-/// ours to set (testkit would otherwise); they go into the temp dir, never /etc/cni.
-fn cri_config(dir: &Path, registry: &Registry, pause: &str) -> String {
-    let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
-    let host = &registry.host;
-    format!(
-        "[{cri}]\n\
-         \x20 sandbox_image = \"{pause}\"\n\
-         \x20 # The sandbox gets oom_score_adj -998 otherwise, which needs CAP_SYS_RESOURCE;\n\
-         \x20 # test hosts may lack it. This clamps to containerd's own score instead.\n\
-         \x20 restrict_oom_score_adj = true\n\
-         [{cri}.containerd]\n\
-         \x20 snapshotter = \"lazysnap\"\n\
-         \x20 # CRI passes the cri.* labels (image ref, layer digest) only when this is false.\n\
-         \x20 disable_snapshot_annotations = false\n\
-         [{cri}.cni]\n\
-         \x20 conf_dir = \"{conf}\"\n\
-         \x20 bin_dir = \"{bin}\"\n\
-         # The test registry speaks plain HTTP; containerd 1.6 CRI would try HTTPS.\n\
-         [{cri}.registry.mirrors.\"{host}\"]\n\
-         \x20 endpoint = [\"http://{host}\"]\n",
-        conf = dir.join("cni/net.d").display(),
-        bin = dir.join("cni/bin").display(),
-    )
-}
-
 fn setup(name: &str) -> Option<(Setup, String)> {
     if testkit::skip_unless_root(name) {
         return None;
@@ -169,7 +145,19 @@ fn setup(name: &str) -> Option<(Setup, String)> {
         &ContainerdOptions::default()
             .keep_cri()
             .proxy_snapshotter("lazysnap", &daemon.address)
-            .extra_config(&cri_config(dir.path(), &registry, &pause)),
+            .extra_config(
+                &cri_config(
+                    Release::from_env().unwrap(),
+                    &CriSettings {
+                        dir: dir.path(),
+                        snapshotter: "lazysnap",
+                        sandbox_image: Some(&pause),
+                        registry_host: &registry.host,
+                        registry_ca: None,
+                    },
+                )
+                .unwrap(),
+            ),
     )
     .unwrap();
     Some((

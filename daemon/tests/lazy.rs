@@ -426,29 +426,42 @@ async fn after_a_crash_running_containers_keep_their_layers_and_new_ones_start()
     remove_and_check_clean(&s, &converted).await;
 }
 
-/// `ctr image pull` passes no labels at all (containerd 1.6 unpacks it client-side without
-/// them): the lazy-pullable image is downloaded and unpacked like any other, and runs.
+/// A client-side `ctr image pull` (1.6's only kind, 2.x's `--local`) passes no labels:
+/// the lazy-pullable image is downloaded and unpacked like any other, and runs. containerd
+/// 2.x's transfer service passes them, and the same image is mounted lazily.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_plain_ctr_pull_of_a_lazy_image_falls_back_and_runs() {
-    let Some(s) = setup("a_plain_ctr_pull_of_a_lazy_image_falls_back_and_runs") else {
+async fn a_plain_ctr_pull_falls_back_and_a_transfer_service_pull_is_lazy() {
+    let Some(s) = setup("a_plain_ctr_pull_falls_back_and_a_transfer_service_pull_is_lazy") else {
         return;
     };
     let plain = push_app_image(&s.registry, "app/nolabels");
     let converted = format!("{}/app/nolabels:estargz", s.registry.host);
     convert(&plain, &converted, &["--estargz"]);
-    s.containerd
-        .ctr([
-            "image",
-            "pull",
-            "--plain-http",
-            "--snapshotter",
-            "lazysnap",
-            &converted,
-        ])
-        .unwrap();
+    let v2 = s.containerd.release().is_v2();
+    // containerd 2.x's `ctr image pull` goes through the transfer service, which labels
+    // the snapshots (the proxy plugin exports enable_remote_snapshot_annotations);
+    // `--local`, its client-side pull, does not. 1.6 has only the latter.
+    let local: &[&str] = if v2 { &["--local"] } else { &[] };
+    let pull = |how: &[&str]| {
+        let mut args = vec!["image", "pull", "--plain-http"];
+        args.extend_from_slice(how);
+        args.extend_from_slice(&["--snapshotter", "lazysnap", &converted]);
+        s.containerd.ctr(args).unwrap();
+    };
+    pull(local);
     assert!(!s.daemon.log().contains("layer mounted lazily"));
     assert_runs(&s, "lazysnap", &converted, "nolabels");
     remove_and_check_clean(&s, &converted).await;
+    if v2 {
+        pull(&[]);
+        assert!(
+            s.daemon.log().contains("layer mounted lazily"),
+            "the transfer service's pull was not lazy:\n{}",
+            s.daemon.log()
+        );
+        assert_runs(&s, "lazysnap", &converted, "transfer");
+        remove_and_check_clean(&s, &converted).await;
+    }
 }
 
 /// Images converted by stargz-snapshotter's `ctr-remote` (eStargz, and its zstd:chunked

@@ -1,5 +1,7 @@
-//! A real containerd (Debian's 1.6) with its own config, root, state and socket in a temp
-//! dir; stopped on drop, with whatever it left mounted unmounted and its dirs removed.
+//! A real containerd with its own config, root, state and socket in a temp dir; stopped
+//! on drop, with whatever it left mounted unmounted and its dirs removed. Which containerd
+//! is a [`Release`]: Debian 12's 1.6 by default, or the 2.x from Debian's unstable suite
+//! that `scripts/lib.sh` (`fetch_sid_runtimes`) unpacks, with `LAZYSNAP_CONTAINERD=2`.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
@@ -44,6 +46,61 @@ const ALWAYS_DISABLED: &[&str] = &[
 ];
 
 const CRI_PLUGIN: &str = "io.containerd.grpc.v1.cri";
+/// containerd 2.x splits CRI into these, beside `CRI_PLUGIN`.
+const CRI_PLUGINS_V2: &[&str] = &[
+    "io.containerd.cri.v1.images",
+    "io.containerd.cri.v1.runtime",
+    "io.containerd.podsandbox.controller.v1.podsandbox",
+];
+
+/// Which containerd runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Debian 12's containerd 1.6, on PATH.
+    System,
+    /// containerd 2.x from Debian's unstable suite, unpacked under [`runtimes_dir`].
+    Sid,
+}
+
+impl Release {
+    /// `LAZYSNAP_CONTAINERD`: unset or `1` for [`Release::System`], `2` for [`Release::Sid`].
+    pub fn from_env() -> anyhow::Result<Release> {
+        match std::env::var("LAZYSNAP_CONTAINERD").as_deref() {
+            Err(_) | Ok("") | Ok("1") => Ok(Release::System),
+            Ok("2") => Ok(Release::Sid),
+            Ok(other) => anyhow::bail!("LAZYSNAP_CONTAINERD={other:?}: say 1 or 2"),
+        }
+    }
+
+    /// containerd 2.x: config version 3, the transfer service, CRI split in plugins.
+    pub fn is_v2(self) -> bool {
+        self == Release::Sid
+    }
+
+    /// The directory holding `containerd`, `ctr` and the runc shim.
+    fn bin_dir(self) -> anyhow::Result<Option<PathBuf>> {
+        match self {
+            Release::System => Ok(None),
+            Release::Sid => {
+                let dir = runtimes_dir().join("root/usr/bin");
+                if !dir.join("containerd").is_file() {
+                    anyhow::bail!(
+                        "containerd 2.x is not unpacked in {}: run `. scripts/lib.sh; fetch_sid_runtimes` (scripts/test.sh does)",
+                        runtimes_dir().display()
+                    );
+                }
+                Ok(Some(dir))
+            }
+        }
+    }
+}
+
+/// Where `fetch_sid_runtimes` unpacks Debian sid's runtimes (`LAZYSNAP_RUNTIMES_DIR`).
+pub fn runtimes_dir() -> PathBuf {
+    std::env::var_os("LAZYSNAP_RUNTIMES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/lazysnap-runtimes"))
+}
 
 /// A proxy snapshotter that containerd reaches over gRPC (`[proxy_plugins.NAME]`).
 #[derive(Clone, Debug)]
@@ -66,6 +123,8 @@ pub struct ContainerdOptions {
     /// With `keep_cri`, testkit points CRI's CNI dirs into the temp dir unless this text
     /// mentions the CRI plugin, in which case it is the caller's to configure.
     pub extra_config: String,
+    /// Which containerd; default: [`Release::from_env`].
+    pub release: Option<Release>,
 }
 
 impl ContainerdOptions {
@@ -87,6 +146,11 @@ impl ContainerdOptions {
         self
     }
 
+    pub fn release(mut self, release: Release) -> Self {
+        self.release = Some(release);
+        self
+    }
+
     pub fn extra_config(mut self, toml: &str) -> Self {
         self.extra_config.push_str(toml);
         self.extra_config.push('\n');
@@ -95,6 +159,7 @@ impl ContainerdOptions {
 }
 
 pub struct Containerd {
+    release: Release,
     /// `ctr` with its absolute path, found at start.
     ctr: PathBuf,
     socket: PathBuf,
@@ -135,10 +200,22 @@ impl Containerd {
     }
 
     pub fn start_with(options: &ContainerdOptions) -> anyhow::Result<Self> {
-        let binary = crate::require_program("containerd", "containerd")?;
-        let ctr = crate::require_program("ctr", "containerd")?;
+        let release = match options.release {
+            Some(release) => release,
+            None => Release::from_env()?,
+        };
+        let bin_dir = release.bin_dir()?;
+        let (binary, ctr) = match &bin_dir {
+            Some(dir) => (dir.join("containerd"), dir.join("ctr")),
+            None => (
+                crate::require_program("containerd", "containerd")?,
+                crate::require_program("ctr", "containerd")?,
+            ),
+        };
         // containerd starts the shim and the shim runc, both looked up on PATH.
-        crate::require_program("containerd-shim-runc-v2", "containerd")?;
+        if bin_dir.is_none() {
+            crate::require_program("containerd-shim-runc-v2", "containerd")?;
+        }
         crate::require_program("runc", "runc")?;
 
         let mut dir = tempfile::Builder::new().prefix("ctd-").tempdir()?;
@@ -148,61 +225,27 @@ impl Containerd {
         }
         let root = dir.path();
         let socket = root.join("containerd.sock");
-        let path_str = |p: &Path| -> anyhow::Result<String> {
-            p.to_str()
-                .map(str::to_string)
-                .with_context(|| format!("temp path {} is not UTF-8", p.display()))
+        let config = if release.is_v2() {
+            config_v3(root, &socket, options)?
+        } else {
+            config_v2(root, &socket, options)?
         };
-
-        let mut disabled: Vec<&str> = ALWAYS_DISABLED.to_vec();
-        if !options.keep_cri {
-            disabled.push(CRI_PLUGIN);
-        }
-        let disabled: Vec<String> = disabled.iter().map(|p| toml_string(p)).collect();
-        let mut config = format!(
-            "version = 2\n\
-             root = {root}\n\
-             state = {state}\n\
-             disabled_plugins = [{disabled}]\n\n\
-             [grpc]\n  address = {socket}\n\n\
-             [ttrpc]\n  address = {ttrpc}\n\n\
-             # The opt plugin would otherwise create /opt/containerd.\n\
-             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {opt}\n",
-            root = toml_string(&path_str(&root.join("root"))?),
-            state = toml_string(&path_str(&root.join("state"))?),
-            disabled = disabled.join(", "),
-            socket = toml_string(&path_str(&socket)?),
-            ttrpc = toml_string(&format!("{}.ttrpc", path_str(&socket)?)),
-            opt = toml_string(&path_str(&root.join("opt"))?),
-        );
-        for proxy in &options.proxy_snapshotters {
-            config.push_str(&format!(
-                "\n[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = {address}\n",
-                name = toml_string(&proxy.name),
-                address = toml_string(&path_str(&proxy.address)?),
-            ));
-        }
-        if options.keep_cri && !options.extra_config.contains(CRI_PLUGIN) {
-            // CRI otherwise creates and watches /etc/cni/net.d on the host.
-            config.push_str(&format!(
-                "\n[plugins.{cri}.cni]\n  conf_dir = {conf}\n  bin_dir = {bin}\n",
-                cri = toml_string(CRI_PLUGIN),
-                conf = toml_string(&path_str(&root.join("cni/net.d"))?),
-                bin = toml_string(&path_str(&root.join("cni/bin"))?),
-            ));
-        }
-        if !options.extra_config.is_empty() {
-            config.push('\n');
-            config.push_str(&options.extra_config);
-        }
         let config_path = root.join("config.toml");
         std::fs::write(&config_path, config)?;
 
         let mut cmd = Command::new(binary);
         cmd.arg("--config").arg(&config_path);
+        if let Some(dir) = &bin_dir {
+            // Its own shim first.
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let mut dirs = vec![dir.clone()];
+            dirs.extend(std::env::split_paths(&path));
+            cmd.env("PATH", std::env::join_paths(dirs)?);
+        }
         let process = ChildGuard::spawn("containerd", cmd, &root.join("containerd.log"))?;
         let namespace = options.namespace.clone().unwrap_or_else(unique_namespace);
         let mut containerd = Self {
+            release,
             ctr,
             socket,
             namespace,
@@ -210,7 +253,20 @@ impl Containerd {
             dir,
         };
         containerd.wait_ready(Duration::from_secs(30))?;
+        // The server, not only the binary we started, is the release asked for.
+        let version = containerd.ctr_raw(None, ["version"], Duration::from_secs(10))?;
+        let server = version.split("Server:").nth(1).unwrap_or_default();
+        let major = if release.is_v2() { "2." } else { "1." };
+        if !server.contains(&format!("Version:  {major}"))
+            && !server.contains(&format!("Version: {major}"))
+        {
+            anyhow::bail!("asked for containerd {release:?}, got:\n{version}");
+        }
         Ok(containerd)
+    }
+
+    pub fn release(&self) -> Release {
+        self.release
     }
 
     /// Polls `ctr version` (which needs the gRPC server to answer) until it succeeds.
@@ -368,6 +424,119 @@ impl Containerd {
     }
 }
 
+fn path_str(p: &Path) -> anyhow::Result<String> {
+    p.to_str()
+        .map(str::to_string)
+        .with_context(|| format!("temp path {} is not UTF-8", p.display()))
+}
+
+/// containerd 1.6's config (version 2).
+fn config_v2(root: &Path, socket: &Path, options: &ContainerdOptions) -> anyhow::Result<String> {
+    let mut disabled: Vec<&str> = ALWAYS_DISABLED.to_vec();
+    if !options.keep_cri {
+        disabled.push(CRI_PLUGIN);
+    }
+    let disabled: Vec<String> = disabled.iter().map(|p| toml_string(p)).collect();
+    let mut config = format!(
+        "version = 2\n\
+         root = {root}\n\
+         state = {state}\n\
+         disabled_plugins = [{disabled}]\n\n\
+         [grpc]\n  address = {socket}\n\n\
+         [ttrpc]\n  address = {ttrpc}\n\n\
+         # The opt plugin would otherwise create /opt/containerd.\n\
+         [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {opt}\n",
+        root = toml_string(&path_str(&root.join("root"))?),
+        state = toml_string(&path_str(&root.join("state"))?),
+        disabled = disabled.join(", "),
+        socket = toml_string(&path_str(socket)?),
+        ttrpc = toml_string(&format!("{}.ttrpc", path_str(socket)?)),
+        opt = toml_string(&path_str(&root.join("opt"))?),
+    );
+    for proxy in &options.proxy_snapshotters {
+        config.push_str(&format!(
+            "\n[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = {address}\n",
+            name = toml_string(&proxy.name),
+            address = toml_string(&path_str(&proxy.address)?),
+        ));
+    }
+    if options.keep_cri && !options.extra_config.contains(CRI_PLUGIN) {
+        // CRI otherwise creates and watches /etc/cni/net.d on the host.
+        config.push_str(&format!(
+            "\n[plugins.{cri}.cni]\n  conf_dir = {conf}\n  bin_dir = {bin}\n",
+            cri = toml_string(CRI_PLUGIN),
+            conf = toml_string(&path_str(&root.join("cni/net.d"))?),
+            bin = toml_string(&path_str(&root.join("cni/bin"))?),
+        ));
+    }
+    if !options.extra_config.is_empty() {
+        config.push('\n');
+        config.push_str(&options.extra_config);
+    }
+    Ok(config)
+}
+
+/// containerd 2.x's config (version 3). Its transfer service (`ctr image pull`, and CRI
+/// pulls unless told otherwise) unpacks only onto the snapshotters its `unpack_config`
+/// names, and passes the remote-snapshot labels only to a proxy plugin that exports
+/// `enable_remote_snapshot_annotations`.
+fn config_v3(root: &Path, socket: &Path, options: &ContainerdOptions) -> anyhow::Result<String> {
+    let mut disabled: Vec<&str> = ALWAYS_DISABLED.to_vec();
+    if !options.keep_cri {
+        disabled.push(CRI_PLUGIN);
+        disabled.extend(CRI_PLUGINS_V2);
+    }
+    let disabled: Vec<String> = disabled.iter().map(|p| toml_string(p)).collect();
+    let mut config = format!(
+        "version = 3\n\
+         root = {root}\n\
+         state = {state}\n\
+         disabled_plugins = [{disabled}]\n\n\
+         [grpc]\n  address = {socket}\n\n\
+         [ttrpc]\n  address = {ttrpc}\n",
+        root = toml_string(&path_str(&root.join("root"))?),
+        state = toml_string(&path_str(&root.join("state"))?),
+        disabled = disabled.join(", "),
+        socket = toml_string(&path_str(socket)?),
+        ttrpc = toml_string(&format!("{}.ttrpc", path_str(socket)?)),
+    );
+    let transfer = toml_string("io.containerd.transfer.v1.local");
+    let mut snapshotters = vec!["overlayfs".to_string()];
+    snapshotters.extend(options.proxy_snapshotters.iter().map(|p| p.name.clone()));
+    for snapshotter in &snapshotters {
+        config.push_str(&format!(
+            "\n[[plugins.{transfer}.unpack_config]]\n  platform = \"linux/{arch}\"\n  snapshotter = {name}\n",
+            arch = std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"),
+            name = toml_string(snapshotter),
+        ));
+    }
+    for proxy in &options.proxy_snapshotters {
+        config.push_str(&format!(
+            "\n[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = {address}\n\
+             [proxy_plugins.{name}.exports]\n  enable_remote_snapshot_annotations = \"true\"\n",
+            name = toml_string(&proxy.name),
+            address = toml_string(&path_str(&proxy.address)?),
+        ));
+    }
+    let runtime = toml_string("io.containerd.cri.v1.runtime");
+    if options.keep_cri
+        && !options
+            .extra_config
+            .contains("io.containerd.cri.v1.runtime")
+    {
+        config.push_str(&format!(
+            "\n[plugins.{runtime}.cni]\n  conf_dir = {conf}\n  bin_dir = {bin}\n",
+            conf = toml_string(&path_str(&root.join("cni/net.d"))?),
+            bin = toml_string(&path_str(&root.join("cni/bin"))?),
+        ));
+    }
+    if !options.extra_config.is_empty() {
+        config.push('\n');
+        config.push_str(&options.extra_config);
+    }
+    Ok(config)
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
         // A crashed containerd cannot answer ctr; asking would only wait for ctr's timeouts.
@@ -476,6 +645,96 @@ pub fn process_alive(pid: u32) -> bool {
             .is_some_and(|state| state != 'Z' && state != 'X'),
         Err(_) => false,
     }
+}
+
+/// What a test asks of containerd's CRI plugin, written in either release's format.
+pub struct CriSettings<'a> {
+    /// CNI dirs and (for 2.x) the registry hosts dir go under it, never into /etc.
+    pub dir: &'a Path,
+    pub snapshotter: &'a str,
+    /// The pod sandbox image, if the test runs pods.
+    pub sandbox_image: Option<&'a str>,
+    /// The test registry (`HOST:PORT`), reached over HTTPS with this CA, or plain HTTP.
+    pub registry_host: &'a str,
+    pub registry_ca: Option<&'a Path>,
+}
+
+/// The CRI part of containerd's config for `release`.
+///
+/// - 1.6 (config version 2): `disable_snapshot_annotations = false` makes CRI label the
+///   snapshots it prepares (`containerd.io/snapshot/cri.*`); registries are `mirrors`.
+/// - 2.x (version 3): CRI pulls through the transfer service, which labels snapshots for a
+///   proxy plugin exporting `enable_remote_snapshot_annotations` (see `config_v3`); the
+///   registry is a `hosts.toml` under `config_path`, written here.
+pub fn cri_config(release: Release, s: &CriSettings<'_>) -> anyhow::Result<String> {
+    let conf = toml_string(&path_str(&s.dir.join("cni/net.d"))?);
+    let bin = toml_string(&path_str(&s.dir.join("cni/bin"))?);
+    let snapshotter = toml_string(s.snapshotter);
+    let host = s.registry_host;
+    if !release.is_v2() {
+        let cri = format!("plugins.{}", toml_string(CRI_PLUGIN));
+        let mut out = format!(
+            "[{cri}]\n\
+             \x20 # The sandbox gets oom_score_adj -998 otherwise, which needs CAP_SYS_RESOURCE.\n\
+             \x20 restrict_oom_score_adj = true\n"
+        );
+        if let Some(image) = s.sandbox_image {
+            out.push_str(&format!("  sandbox_image = {}\n", toml_string(image)));
+        }
+        out.push_str(&format!(
+            "[{cri}.containerd]\n\
+             \x20 snapshotter = {snapshotter}\n\
+             \x20 # CRI passes the cri.* labels (image ref, layer digest) only when this is false.\n\
+             \x20 disable_snapshot_annotations = false\n\
+             [{cri}.cni]\n  conf_dir = {conf}\n  bin_dir = {bin}\n"
+        ));
+        match s.registry_ca {
+            Some(ca) => out.push_str(&format!(
+                "[{cri}.registry.mirrors.\"{host}\"]\n  endpoint = [\"https://{host}\"]\n\
+                 [{cri}.registry.configs.\"{host}\".tls]\n  ca_file = {ca}\n",
+                ca = toml_string(&path_str(ca)?),
+            )),
+            // containerd 1.6 would try HTTPS first.
+            None => out.push_str(&format!(
+                "[{cri}.registry.mirrors.\"{host}\"]\n  endpoint = [\"http://{host}\"]\n"
+            )),
+        }
+        return Ok(out);
+    }
+    let hosts_dir = s.dir.join("certs.d");
+    let scheme = if s.registry_ca.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut hosts = format!(
+        "server = \"{scheme}://{host}\"\n[host.\"{scheme}://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+    );
+    if let Some(ca) = s.registry_ca {
+        hosts.push_str(&format!("  ca = {}\n", toml_string(&path_str(ca)?)));
+    }
+    std::fs::create_dir_all(hosts_dir.join(host))?;
+    std::fs::write(hosts_dir.join(host).join("hosts.toml"), hosts)?;
+    let hosts_dir = toml_string(&path_str(&hosts_dir)?);
+    let images = format!("plugins.{}", toml_string("io.containerd.cri.v1.images"));
+    let runtime = format!("plugins.{}", toml_string("io.containerd.cri.v1.runtime"));
+    let transfer = format!("plugins.{}", toml_string("io.containerd.transfer.v1.local"));
+    let mut out = format!(
+        "[{images}]\n  snapshotter = {snapshotter}\n\
+         [{images}.registry]\n  config_path = {hosts_dir}\n\
+         [{transfer}]\n  config_path = {hosts_dir}\n\
+         [{runtime}]\n\
+         \x20 # The sandbox gets oom_score_adj -998 otherwise, which needs CAP_SYS_RESOURCE.\n\
+         \x20 restrict_oom_score_adj = true\n\
+         [{runtime}.cni]\n  conf_dir = {conf}\n  bin_dir = {bin}\n"
+    );
+    if let Some(image) = s.sandbox_image {
+        out.push_str(&format!(
+            "[{images}.pinned_images]\n  sandbox = {}\n",
+            toml_string(image)
+        ));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
