@@ -3,12 +3,16 @@
 //! stopped on drop, by PID.
 //!
 //! - [`registry`]: docker-registry on a free port; [`registry::push`] uploads an image with curl.
-//! - [`containerd`]: containerd 1.6 in a temp dir, a `ctr` wrapper, thorough cleanup on drop.
+//! - [`containerd`]: containerd (1.6, or 2.x from Debian sid) in a temp dir, a `ctr`
+//!   wrapper, thorough cleanup on drop.
+//! - [`docker`]: dockerd (Debian sid's) on such a containerd, with a snapshotter as its
+//!   storage driver.
 //! - [`image`]: small OCI images (layers from entries, busybox, pre-compressed blobs), as
 //!   blobs with digests or as an OCI image layout directory.
 
 pub mod containerd;
 pub mod ctr_remote;
+pub mod docker;
 pub mod image;
 pub mod lazysnapd;
 pub mod process;
