@@ -190,8 +190,24 @@ async fn docker_pulls_estargz_lazily_runs_builds_and_commits() {
     };
     let (_, image) = push_app(&s.public, "docker/app");
 
+    let started = std::time::Instant::now();
     let pulled = s.dockerd.docker(["pull", &image]).unwrap();
-    eprintln!("docker pull:\n{pulled}");
+    eprintln!("docker pull ({:?}):\n{pulled}", started.elapsed());
+    eprintln!("{}", s.dockerd.docker(["images"]).unwrap());
+    // Docker labels its snapshots as CRI does; stargz-snapshotter's labels never come.
+    let log = s.daemon.log();
+    assert!(
+        log.contains(snapshotter::remote::LABEL_CRI_LAYER_DIGEST),
+        "{log}"
+    );
+    assert!(
+        log.contains(snapshotter::remote::LABEL_CRI_IMAGE_REF),
+        "{log}"
+    );
+    assert!(
+        !log.contains(snapshotter::remote::LABEL_STARGZ_REFERENCE),
+        "{log}"
+    );
     let layers = layers_of(&image).await;
     assert_eq!(
         lazily_mounted(&s),
