@@ -13,6 +13,7 @@ use anyhow::Context;
 use snapshotter::Snapshotter;
 use snapshotter::holder::HolderClient;
 use snapshotter::lazy::FuseMounter;
+use snapshotter::lazy_snapshotter::LazySnapshotter;
 use snapshotter::remote::RemoteMounter;
 use snapshotter::service::SnapshotService;
 use std::time::Duration;
@@ -143,15 +144,15 @@ pub async fn run(
         }
         None => None,
     };
-    let mut service = SnapshotService::new(snapshotter);
+    let mut lazy = LazySnapshotter::new(snapshotter);
     if let Some(mounter) = &mounter {
-        service = service.with_remote(
+        lazy = lazy.with_remote(
             mounter.clone(),
             Duration::from_secs(config.lazy.mount_timeout_sec),
         );
         // Remount lazily pulled layers in the background: a registry that is down must
         // not keep the daemon from serving (those layers are restored on first use).
-        let restoring = service.clone();
+        let restoring = lazy.clone();
         let waiting = mounter.clone();
         tokio::spawn(async move {
             if let Some(snapshots) = restoring.restore_all().await {
@@ -165,6 +166,7 @@ pub async fn run(
             }
         });
     }
+    let service = SnapshotService::new(lazy);
     // Kept open across restarts by the fd holder (with handover) or by systemd.
     let listening = crate::listener::listen(
         &config.address,

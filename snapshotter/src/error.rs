@@ -12,6 +12,9 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}: invalid argument")]
     InvalidArgument(String),
+    /// A lazily pulled layer cannot be served now (its registry, most often).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("metadata store: {0}")]
     Store(#[from] rusqlite::Error),
     #[error("{context} {path}: {source}")]

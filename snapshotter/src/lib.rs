@@ -6,6 +6,7 @@ pub mod filter;
 pub mod fsutil;
 pub mod holder;
 pub mod lazy;
+pub mod lazy_snapshotter;
 pub mod preopen;
 pub mod proto;
 pub mod remote;

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use snapshotter::Snapshotter;
+use snapshotter::lazy_snapshotter::LazySnapshotter;
 use snapshotter::proto::snapshots as pb;
 use snapshotter::remote::{self, MountFuture, MountedInfo, RemoteLayer, RemoteMounter};
 use snapshotter::service::SnapshotService;
@@ -21,6 +22,8 @@ struct FakeMounter {
     mounted: Mutex<HashSet<PathBuf>>,
     fail: AtomicBool,
     hang: AtomicBool,
+    /// Mounts of this one layer never finish (its registry does not answer).
+    hang_layer: Mutex<Option<String>>,
     mounts: AtomicUsize,
     unmounts: AtomicUsize,
 }
@@ -28,7 +31,9 @@ struct FakeMounter {
 impl RemoteMounter for FakeMounter {
     fn mount<'a>(&'a self, layer: &'a RemoteLayer, mountpoint: &'a Path) -> MountFuture<'a> {
         Box::pin(async move {
-            if self.hang.load(Ordering::SeqCst) {
+            let hangs_here =
+                self.hang_layer.lock().unwrap().as_deref() == Some(layer.layer_digest.as_str());
+            if self.hang.load(Ordering::SeqCst) || hangs_here {
                 std::future::pending::<()>().await;
             }
             if self.fail.load(Ordering::SeqCst) {
@@ -64,7 +69,7 @@ struct Server {
     socket: PathBuf,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
-    service: SnapshotService,
+    lazy: LazySnapshotter,
 }
 
 impl Server {
@@ -75,10 +80,11 @@ impl Server {
         timeout: Duration,
     ) -> Server {
         let snapshotter = Arc::new(Snapshotter::open_with(root, Some(mounter.clone())).unwrap());
-        let service = SnapshotService::new(snapshotter).with_remote(mounter, timeout);
+        let lazy = LazySnapshotter::new(snapshotter).with_remote(mounter, timeout);
+        let service = SnapshotService::new(lazy.clone());
         let listener = tokio::net::UnixListener::bind(socket).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = service.clone().into_server();
+        let server = service.into_server();
         let task = tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(server)
@@ -95,7 +101,7 @@ impl Server {
             socket: socket.to_path_buf(),
             shutdown: Some(tx),
             task,
-            service,
+            lazy,
         }
     }
 
@@ -249,7 +255,7 @@ async fn lazily_mounted_layers_follow_containerds_remote_snapshot_protocol() {
     let mounter2 = Arc::new(FakeMounter::default());
     mounter2.fail.store(true, Ordering::SeqCst);
     let server = Server::start(&root, &socket, mounter2.clone(), Duration::from_secs(5)).await;
-    server.service.restore_all().await; // registry down: logged, daemon keeps going
+    server.lazy.restore_all().await; // registry down: logged, daemon keeps going
     let mut c = snapshotter::client::connect(&socket).await.unwrap();
     let err = c
         .mounts(pb::MountsRequest {
@@ -316,5 +322,55 @@ async fn a_mount_that_hangs_falls_back_within_the_timeout() {
         started.elapsed()
     );
     drop(c);
+    server.stop().await;
+}
+
+/// After a restart, a layer whose registry does not answer holds up only the requests
+/// that need it: a Prepare over another lazily pulled layer goes through meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_that_hangs_holds_up_only_its_own_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let socket = dir.path().join("s.sock");
+    let mounter = Arc::new(FakeMounter::default());
+    let server = Server::start(&root, &socket, mounter.clone(), Duration::from_secs(5)).await;
+    let mut c = snapshotter::client::connect(&socket).await.unwrap();
+    for (target, digest) in [("chain-a", "sha256:la"), ("chain-b", "sha256:lb")] {
+        let err = c
+            .prepare(prepare(
+                &format!("extract {target}"),
+                "",
+                layer_labels(target, digest),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    }
+    drop(c);
+    server.stop().await;
+
+    // The new daemon cannot reach layer a's registry; its mounts wait a long time.
+    let mounter = Arc::new(FakeMounter::default());
+    *mounter.hang_layer.lock().unwrap() = Some("sha256:la".into());
+    let server = Server::start(&root, &socket, mounter.clone(), Duration::from_secs(60)).await;
+    let mut a = snapshotter::client::connect(&socket).await.unwrap();
+    let stuck = tokio::spawn(async move {
+        a.prepare(prepare("container-a", "chain-a", HashMap::new()))
+            .await
+    });
+    // Layer a's restore is under way before b's request comes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!stuck.is_finished());
+    let mut b = snapshotter::client::connect(&socket).await.unwrap();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(10),
+        b.prepare(prepare("container-b", "chain-b", HashMap::new())),
+    )
+    .await
+    .expect("a Prepare over layer b waited for layer a's restore");
+    answered.unwrap();
+    // Only b's layer was mounted; a's is still waiting.
+    assert_eq!(mounter.mounts.load(Ordering::SeqCst), 1);
+    stuck.abort();
     server.stop().await;
 }
