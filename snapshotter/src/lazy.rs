@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::fsutil;
 use crate::holder::HolderClient;
 use crate::preopen::{self, LayerKey, Preopener};
-use crate::remote::{MountFuture, MountedInfo, RemoteLayer, RemoteMounter};
+use crate::remote::{MountError, MountFuture, MountedInfo, RemoteLayer, RemoteMounter};
 
 pub struct FuseMounter {
     client: registry::Client,
@@ -288,7 +288,7 @@ impl FuseMounter {
         layer: &RemoteLayer,
         opened: &Arc<estargz::Layer>,
         mountpoint: &Path,
-    ) -> Result<Option<fusefs::MountedLayer>, String> {
+    ) -> Result<Option<fusefs::MountedLayer>, MountError> {
         let Some(held) = self.held().remove(mountpoint) else {
             return Ok(None);
         };
@@ -302,7 +302,7 @@ impl FuseMounter {
             fusefs::adopt(opened, &path, held.fd, &held.handover, &backing, config)
         })
         .await
-        .map_err(|e| format!("take-over task: {e}"))?;
+        .map_err(|e| MountError::Mount(format!("take-over task: {e}")))?;
         match adopted {
             Ok(mounted) => {
                 tracing::info!(path = %mountpoint.display(), layer = %layer.layer_digest,
@@ -311,7 +311,7 @@ impl FuseMounter {
             }
             Err(e) => {
                 self.forget_held(mountpoint);
-                Err(e.to_string())
+                Err(MountError::Mount(e.to_string()))
             }
         }
     }
@@ -346,13 +346,14 @@ impl FuseMounter {
             };
             let (client, repo) = (self.client.clone(), reference.repository.clone());
             // No TOC digest is known yet: the sibling's own Prepare checks it (preopen::accept).
+            let sibling = sibling.clone();
             let open = async move {
                 let blob = registry::RemoteBlob::open(client, repo, digest)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| MountError::Registry(e.to_string()))?;
                 estargz::Layer::open(Arc::new(blob), &estargz::OpenOptions::default())
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| MountError::opening(&sibling, e))
             };
             started += usize::from(preopener.start(key, open));
         }
@@ -367,15 +368,13 @@ impl FuseMounter {
     async fn open_layer(
         &self,
         layer: &RemoteLayer,
-    ) -> Result<(Arc<estargz::Layer>, bool, Option<preopen::Opening>), String> {
-        let reference: registry::Reference = layer
-            .image_ref
-            .parse()
-            .map_err(|e| format!("image reference {:?}: {e}", layer.image_ref))?;
-        let digest: registry::Digest = layer
-            .layer_digest
-            .parse()
-            .map_err(|e| format!("layer digest {:?}: {e}", layer.layer_digest))?;
+    ) -> Result<(Arc<estargz::Layer>, bool, Option<preopen::Opening>), MountError> {
+        let reference: registry::Reference = layer.image_ref.parse().map_err(|e| {
+            MountError::Labels(format!("image reference {:?}: {e}", layer.image_ref))
+        })?;
+        let digest: registry::Digest = layer.layer_digest.parse().map_err(|e| {
+            MountError::Labels(format!("layer digest {:?}: {e}", layer.layer_digest))
+        })?;
         let claim = async {
             let Some(preopener) = &self.preopener else {
                 return Ok((None, None));
@@ -385,14 +384,14 @@ impl FuseMounter {
                 digest: layer.layer_digest.clone(),
             };
             let (claimed, opening) = preopener.claim(&key).await;
-            Ok::<_, String>((claimed, Some(opening)))
+            Ok::<_, MountError>((claimed, Some(opening)))
         };
         let verification = async {
             let opts = self.verification(layer, &reference, &digest).await?;
             // Only an image that publishes TOC digests is worth pre-opening: a plain
             // image's siblings would all fail.
             self.preopen_siblings(layer);
-            Ok::<_, String>(opts)
+            Ok::<_, MountError>(opts)
         };
         // A manifest fetch for the annotations (zstd:chunked) overlaps the pre-open's wait;
         // a layer that cannot be verified does not wait for its pre-open.
@@ -404,10 +403,10 @@ impl FuseMounter {
                 digest,
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| MountError::Registry(e.to_string()))?;
             estargz::Layer::open(Arc::new(blob), &opts)
                 .await
-                .map_err(|e| format!("layer {}: {e}", layer.layer_digest))
+                .map_err(|e| MountError::opening(&layer.layer_digest, e))
         };
         let (opened, preopened) =
             preopen::use_or_open(claimed, &opts, &layer.layer_digest, fresh).await?;
@@ -422,12 +421,12 @@ impl FuseMounter {
         layer: &RemoteLayer,
         reference: &registry::Reference,
         digest: &registry::Digest,
-    ) -> Result<estargz::OpenOptions, String> {
+    ) -> Result<estargz::OpenOptions, MountError> {
         let mut opts = estargz::OpenOptions::default();
         if let Some(toc) = &layer.toc_digest {
             opts.expected_toc_digest = Some(
                 toc.parse()
-                    .map_err(|e| format!("toc.digest label {toc:?}: {e}"))?,
+                    .map_err(|e| MountError::Labels(format!("toc.digest label {toc:?}: {e}")))?,
             );
             return Ok(opts);
         }
@@ -435,18 +434,20 @@ impl FuseMounter {
         let get = |key: &str| annotations.get(key).map(|v| v.parse::<estargz::Digest>());
         if let Some(toc) = get(estargz::TOC_DIGEST_ANNOTATION) {
             opts.expected_toc_digest =
-                Some(toc.map_err(|e| format!("toc.digest annotation: {e}"))?);
+                Some(toc.map_err(|e| MountError::Layer(format!("toc.digest annotation: {e}")))?);
         } else if let Some(sum) = get(estargz::MANIFEST_CHECKSUM_ANNOTATION)
             .or_else(|| get(estargz::LEGACY_MANIFEST_CHECKSUM_ANNOTATION))
         {
             opts.expected_manifest_checksum =
-                Some(sum.map_err(|e| format!("manifest-checksum annotation: {e}"))?);
+                Some(sum.map_err(|e| {
+                    MountError::Layer(format!("manifest-checksum annotation: {e}"))
+                })?);
         } else if !(layer.skip_verify && self.allow_no_verification) {
-            return Err(
+            return Err(MountError::Layer(
                 "the image publishes no TOC digest for this layer, so it cannot be verified \
                         (not eStargz / zstd:chunked, or converted without annotations)"
                     .to_string(),
-            );
+            ));
         }
         Ok(opts)
     }
@@ -456,22 +457,22 @@ impl FuseMounter {
         layer: &RemoteLayer,
         reference: &registry::Reference,
         digest: &registry::Digest,
-    ) -> Result<std::collections::BTreeMap<String, String>, String> {
+    ) -> Result<std::collections::BTreeMap<String, String>, MountError> {
         let manifest = match &layer.manifest_digest {
             Some(manifest_digest) => {
                 let fetched = self
                     .client
                     .fetch_manifest(&reference.repository, manifest_digest)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| MountError::Registry(e.to_string()))?;
                 serde_json::from_slice::<registry::ImageManifest>(&fetched.bytes)
-                    .map_err(|e| format!("manifest {manifest_digest}: {e}"))?
+                    .map_err(|e| MountError::Layer(format!("manifest {manifest_digest}: {e}")))?
             }
             None => {
                 self.client
                     .resolve(reference)
                     .await
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| MountError::Registry(e.to_string()))?
                     .manifest
             }
         };
@@ -479,7 +480,9 @@ impl FuseMounter {
             .layers
             .iter()
             .find(|d| d.digest == *digest)
-            .ok_or_else(|| format!("the image's manifest does not list layer {digest}"))?;
+            .ok_or_else(|| {
+                MountError::Layer(format!("the image's manifest does not list layer {digest}"))
+            })?;
         Ok(descriptor.annotations.clone().unwrap_or_default())
     }
 }
@@ -571,8 +574,8 @@ impl RemoteMounter for FuseMounter {
                 Ok::<_, fusefs::Error>((mounted, handed_over))
             })
             .await
-            .map_err(|e| format!("mount task: {e}"))?
-            .map_err(|e| format!("FUSE mount at {}: {e}", mountpoint.display()))?;
+            .map_err(|e| MountError::Mount(format!("mount task: {e}")))?
+            .map_err(|e| MountError::Mount(format!("FUSE at {}: {e}", mountpoint.display())))?;
             self.insert(mountpoint, mounted, layer, handed_over);
             self.count_preopened(&info);
             Ok(info)

@@ -187,10 +187,17 @@ impl LazySnapshotter {
                 tracing::info!(snapshot = %snapshot.name, layer = %layer.layer_digest, "remote snapshot restored");
                 Ok(())
             }
-            Ok(Err(why)) => Err(Error::Unavailable(format!(
-                "layer {} of snapshot {:?} cannot be served: {why}",
-                layer.layer_digest, snapshot.name
-            ))),
+            Ok(Err(why)) => {
+                let message = format!(
+                    "layer {} of snapshot {:?} cannot be served: {why}",
+                    layer.layer_digest, snapshot.name
+                );
+                Err(if why.is_transient() {
+                    Error::Unavailable(message)
+                } else {
+                    Error::FailedPrecondition(message)
+                })
+            }
             Err(_) => {
                 remote.mounter.unmount(&snapshot.mountpoint);
                 Err(Error::Unavailable(format!(

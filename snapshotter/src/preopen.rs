@@ -15,9 +15,11 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, watch};
 
+use crate::remote::MountError;
+
 /// What a pre-open ends with; the error is only ever logged at debug (a sibling that is
 /// not lazy-pullable fails here, and that is normal).
-pub type Outcome = Result<Arc<estargz::Layer>, String>;
+pub type Outcome = Result<Arc<estargz::Layer>, MountError>;
 
 /// A layer blob in one repository: pre-opens are shared only where the same registry
 /// would serve the same bytes.
@@ -111,7 +113,7 @@ impl Preopener {
     /// claimed the entry while it was queued.
     pub fn start<F>(&self, key: LayerKey, open: F) -> bool
     where
-        F: Future<Output = Result<estargz::Layer, String>> + Send + 'static,
+        F: Future<Output = Result<estargz::Layer, MountError>> + Send + 'static,
     {
         let (tx, rx) = watch::channel(Phase::Queued);
         let id = {
@@ -231,9 +233,9 @@ pub async fn use_or_open<Fresh>(
     opts: &estargz::OpenOptions,
     layer_digest: &str,
     fresh: Fresh,
-) -> Result<(Arc<estargz::Layer>, bool), String>
+) -> Result<(Arc<estargz::Layer>, bool), MountError>
 where
-    Fresh: Future<Output = Result<estargz::Layer, String>>,
+    Fresh: Future<Output = Result<estargz::Layer, MountError>>,
 {
     match claimed {
         Some(Ok(layer)) => match accept(&layer, opts) {
@@ -295,10 +297,10 @@ mod tests {
         (out, written)
     }
 
-    async fn open(blob: Vec<u8>, opts: estargz::OpenOptions) -> Result<estargz::Layer, String> {
+    async fn open(blob: Vec<u8>, opts: estargz::OpenOptions) -> Result<estargz::Layer, MountError> {
         estargz::Layer::open(Arc::new(estargz::VecBlob::new(blob)), &opts)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| MountError::opening("test", e))
     }
 
     fn expecting_toc(digest: estargz::Digest) -> estargz::OpenOptions {
@@ -371,7 +373,7 @@ mod tests {
         })
         .await
         .unwrap_err();
-        assert!(err.contains("digest"), "{err}");
+        assert!(err.to_string().contains("digest"), "{err}");
 
         // A matching pre-open is used without fetching anything.
         let matching = Arc::new(open(blob_b, Default::default()).await.unwrap());
@@ -386,7 +388,7 @@ mod tests {
         // A failed pre-open (not lazy-pullable, registry error) falls back too.
         let (blob_c, c) = estargz_blob(b"c\n");
         let (layer, was_preopened) = use_or_open(
-            Some(Err("no footer".into())),
+            Some(Err(MountError::Layer("no footer".into()))),
             &expecting_toc(c.toc_digest),
             "sha256:c",
             open(blob_c, expecting_toc(c.toc_digest)),
@@ -442,7 +444,7 @@ mod tests {
         assert!(pre.start(key("sha256:first"), async move {
             started.fetch_add(1, Ordering::SeqCst);
             let _ = held.await;
-            Err("done".to_string())
+            Err(MountError::Layer("done".to_string()))
         }));
         // The first holds the only permit, so the second stays queued.
         while first_started.load(Ordering::SeqCst) == 0 {
@@ -452,13 +454,16 @@ mod tests {
         let counted = Arc::clone(&fetched);
         assert!(pre.start(key("sha256:second"), async move {
             counted.fetch_add(1, Ordering::SeqCst);
-            Err("fetched".to_string())
+            Err(MountError::Layer("fetched".to_string()))
         }));
         let (outcome, _opening) = pre.claim(&key("sha256:second")).await;
         assert!(outcome.is_none(), "a queued pre-open is not waited for");
         hold.send(()).unwrap();
         let (outcome, _opening) = pre.claim(&key("sha256:first")).await;
-        assert_eq!(outcome.unwrap().unwrap_err(), "done");
+        assert_eq!(
+            outcome.unwrap().unwrap_err(),
+            MountError::Layer("done".into())
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(fetched.load(Ordering::SeqCst), 0);
     }

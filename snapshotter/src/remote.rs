@@ -120,7 +120,45 @@ pub struct MountedInfo {
     pub preopened: bool,
 }
 
-pub type MountFuture<'a> = Pin<Box<dyn Future<Output = Result<MountedInfo, String>> + Send + 'a>>;
+/// Why a layer was not mounted lazily. Prepare falls back to a full pull on any of them
+/// (the log line says which); a restore of an existing snapshot reports the first two as
+/// "unavailable" (worth retrying) and the last two as a failed precondition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MountError {
+    /// The registry did not serve the layer, its TOC or its manifest (network, auth, 404).
+    #[error("registry: {0}")]
+    Registry(String),
+    /// Mounting failed on this host (FUSE, taking over a held connection).
+    #[error("mount: {0}")]
+    Mount(String),
+    /// The labels do not name a layer that can be fetched (bad reference or digest).
+    #[error("labels: {0}")]
+    Labels(String),
+    /// The layer is not one to mount lazily: no eStargz / zstd:chunked TOC, one that does
+    /// not verify against what the image publishes, or one outside lazysnapd's bounds.
+    #[error("layer: {0}")]
+    Layer(String),
+}
+
+impl MountError {
+    /// Opening a layer failed: reading its bytes is the registry's part, the rest the layer's.
+    pub fn opening(layer_digest: &str, e: estargz::Error) -> MountError {
+        match e {
+            estargz::Error::Blob(_) | estargz::Error::Io { .. } => {
+                MountError::Registry(format!("layer {layer_digest}: {e}"))
+            }
+            other => MountError::Layer(format!("layer {layer_digest}: {other}")),
+        }
+    }
+
+    /// Whether trying again later may succeed (the layer itself was fine).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, MountError::Registry(_) | MountError::Mount(_))
+    }
+}
+
+pub type MountFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<MountedInfo, MountError>> + Send + 'a>>;
 
 /// Mounts lazily pulled layers; implemented with FUSE by the daemon, with fakes in tests.
 pub trait RemoteMounter: Send + Sync {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use snapshotter::Snapshotter;
 use snapshotter::lazy_snapshotter::LazySnapshotter;
 use snapshotter::proto::snapshots as pb;
-use snapshotter::remote::{self, MountFuture, MountedInfo, RemoteLayer, RemoteMounter};
+use snapshotter::remote::{self, MountError, MountFuture, MountedInfo, RemoteLayer, RemoteMounter};
 use snapshotter::service::SnapshotService;
 use tonic::Code;
 
@@ -37,7 +37,7 @@ impl RemoteMounter for FakeMounter {
                 std::future::pending::<()>().await;
             }
             if self.fail.load(Ordering::SeqCst) {
-                return Err("registry unreachable".to_string());
+                return Err(MountError::Registry("unreachable".to_string()));
             }
             self.mounts.fetch_add(1, Ordering::SeqCst);
             std::fs::write(mountpoint.join("served-layer"), &layer.layer_digest).unwrap();
