@@ -144,12 +144,11 @@ pub async fn run(
         }
         None => None,
     };
-    let mut lazy = LazySnapshotter::new(snapshotter);
+    let lazy = LazySnapshotter::with_lazy_pulling(
+        snapshotter,
+        Duration::from_secs(config.lazy.mount_timeout_sec),
+    );
     if let Some(mounter) = &mounter {
-        lazy = lazy.with_remote(
-            mounter.clone(),
-            Duration::from_secs(config.lazy.mount_timeout_sec),
-        );
         // Remount lazily pulled layers in the background: a registry that is down must
         // not keep the daemon from serving (those layers are restored on first use).
         let restoring = lazy.clone();

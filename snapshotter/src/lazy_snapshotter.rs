@@ -59,19 +59,15 @@ impl RestoreLocks {
 }
 
 impl LazySnapshotter {
-    pub fn new(core: Arc<Snapshotter>) -> Self {
-        Self { core, remote: None }
-    }
-
-    /// Turns lazy pulling on: Prepares that carry remote-snapshot labels are mounted by
-    /// `mounter` (the same one the core was opened with).
-    pub fn with_remote(mut self, mounter: Arc<dyn RemoteMounter>, mount_timeout: Duration) -> Self {
-        self.remote = Some(Remote {
-            mounter,
+    /// Lazy pulling, when the core was opened with a mounter: Prepares that carry
+    /// remote-snapshot labels are mounted by it, or fall back after `mount_timeout`.
+    pub fn with_lazy_pulling(core: Arc<Snapshotter>, mount_timeout: Duration) -> Self {
+        let remote = core.mounter().map(|mounter| Remote {
+            mounter: Arc::clone(mounter),
             mount_timeout,
             restoring: Arc::default(),
         });
-        self
+        Self { core, remote }
     }
 
     pub fn core(&self) -> &Arc<Snapshotter> {

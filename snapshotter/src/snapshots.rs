@@ -51,6 +51,11 @@ impl Snapshotter {
         })
     }
 
+    /// The mounter of lazily pulled layers it was opened with, if any.
+    pub fn mounter(&self) -> Option<&Arc<dyn RemoteMounter>> {
+        self.mounter.as_ref()
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -80,7 +80,7 @@ impl Server {
         timeout: Duration,
     ) -> Server {
         let snapshotter = Arc::new(Snapshotter::open_with(root, Some(mounter.clone())).unwrap());
-        let lazy = LazySnapshotter::new(snapshotter).with_remote(mounter, timeout);
+        let lazy = LazySnapshotter::with_lazy_pulling(snapshotter, timeout);
         let service = SnapshotService::new(lazy.clone());
         let listener = tokio::net::UnixListener::bind(socket).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
