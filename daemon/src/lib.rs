@@ -2,6 +2,7 @@
 
 pub mod authority;
 pub mod config;
+pub mod containerd;
 pub mod cri;
 pub mod keychain;
 pub mod listener;
