@@ -1,4 +1,4 @@
-//! Blob reads: size, single and multi-range GETs, whole-blob fetches, and the
+//! Blob reads: size, range GETs, whole-blob fetches, and the
 //! [`estargz::BlobReader`] for a remote blob.
 
 use std::sync::Mutex;
@@ -20,9 +20,6 @@ use crate::reference::Repository;
 /// When a server ignores `Range` and sends the whole blob, we still use its answer if
 /// what we need ends within this many bytes; otherwise the body is dropped at once.
 pub const RANGELESS_PREFIX_LIMIT: u64 = 1 << 20;
-
-/// Bytes of headers and delimiters allowed per part of a multipart answer.
-const MULTIPART_PART_OVERHEAD: u64 = 512;
 
 impl Client {
     /// The size of a blob: `HEAD`, or when that fails, `GET Range: bytes=0-0` and the total
@@ -323,109 +320,6 @@ pub fn parse_content_range(value: &str) -> Option<ContentRange> {
     Some(ContentRange { start, end, total })
 }
 
-/// The boundary of a `multipart/byteranges` Content-Type, if it is one.
-pub fn multipart_boundary(content_type: &str) -> Option<String> {
-    let mut parts = content_type.split(';');
-    let kind = parts.next()?.trim();
-    if !kind.eq_ignore_ascii_case("multipart/byteranges") {
-        return None;
-    }
-    parts.find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        k.trim()
-            .eq_ignore_ascii_case("boundary")
-            .then(|| v.trim().trim_matches('"').to_string())
-            .filter(|b| !b.is_empty())
-    })
-}
-
-/// One part of a multipart answer: where it starts in the blob and its bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Part {
-    pub start: u64,
-    pub data: Bytes,
-}
-
-/// Parses a `multipart/byteranges` body. Each part's length comes from its Content-Range,
-/// never from searching the boundary (blob bytes may contain it), and must be followed by
-/// the next delimiter.
-pub fn parse_multipart(
-    body: &Bytes,
-    boundary: &str,
-    blob_size: u64,
-) -> std::result::Result<Vec<Part>, String> {
-    let delimiter = format!("--{boundary}");
-    let d = delimiter.as_bytes();
-    let mut pos = find(body, d, 0).ok_or("no multipart delimiter")?;
-    let mut parts = Vec::new();
-    loop {
-        pos += d.len();
-        if body[pos..].starts_with(b"--") {
-            return Ok(parts);
-        }
-        // Transport padding, then CRLF.
-        let eol = find(body, b"\n", pos).ok_or("unterminated delimiter line")?;
-        if !body[pos..eol]
-            .iter()
-            .all(|b| matches!(b, b' ' | b'\t' | b'\r'))
-        {
-            return Err("junk after a delimiter".into());
-        }
-        pos = eol + 1;
-        let mut range = None;
-        loop {
-            let eol = find(body, b"\n", pos).ok_or("unterminated part headers")?;
-            let line = &body[pos..eol];
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            pos = eol + 1;
-            if line.is_empty() {
-                break;
-            }
-            let line = std::str::from_utf8(line).map_err(|_| "part header is not text")?;
-            if let Some((name, value)) = line.split_once(':')
-                && name.trim().eq_ignore_ascii_case("content-range")
-            {
-                range = Some(
-                    parse_content_range(value)
-                        .ok_or_else(|| format!("bad part Content-Range {value:?}"))?,
-                );
-            }
-        }
-        let range = range.ok_or("part without Content-Range")?;
-        if range.total.is_some_and(|t| t != blob_size) {
-            return Err(format!(
-                "part says the blob has {:?} bytes, not {blob_size}",
-                range.total
-            ));
-        }
-        let len = usize::try_from(range.end - range.start + 1).map_err(|_| "part too large")?;
-        let end = pos
-            .checked_add(len)
-            .filter(|&e| e <= body.len())
-            .ok_or("part shorter than its Content-Range")?;
-        parts.push(Part {
-            start: range.start,
-            data: body.slice(pos..end),
-        });
-        pos = end;
-        // Exactly CRLF then the next delimiter: any slack would hide a length mismatch.
-        if !body[pos..].starts_with(b"\r\n") || !body[pos + 2..].starts_with(d) {
-            return Err("part length differs from its Content-Range".into());
-        }
-        pos += 2;
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    if from > hay.len() || needle.is_empty() {
-        return None;
-    }
-    hay[from..]
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .map(|i| i + from)
-}
-
 /// A blob in a registry, read with range requests. Implements [`BlobReader`].
 pub struct RemoteBlob {
     client: Client,
@@ -452,12 +346,6 @@ impl std::fmt::Debug for RemoteBlob {
             .field("size", &self.size)
             .finish_non_exhaustive()
     }
-}
-
-enum MultiAnswer {
-    Parts(Vec<Part>),
-    /// The server does not do multi-range; ask for ranges one by one.
-    Unsupported,
 }
 
 impl RemoteBlob {
@@ -704,170 +592,6 @@ impl RemoteBlob {
             _ => Err(status_error(resp, target, "range read").await),
         }
     }
-
-    /// Reads several ranges, with one multi-range request when the server supports it.
-    /// Returns one `Bytes` per requested `(offset, len)`, in the order given.
-    pub async fn read_ranges(&self, ranges: &[(u64, u64)]) -> Result<Vec<Bytes>> {
-        let mut clamped = Vec::with_capacity(ranges.len());
-        for &(offset, len) in ranges {
-            clamped.push(self.clamp(offset, len)?);
-        }
-        let mut wanted: Vec<(u64, u64)> = clamped.iter().flatten().copied().collect();
-        wanted.sort_unstable();
-        wanted.dedup();
-        let mut parts: Vec<Part> = Vec::new();
-        if wanted.len() > 1 && !self.client.http().single_range_only {
-            let endpoints = self.client.endpoints(&self.repo.registry, true)?;
-            let answer = on_endpoints!(self.client, endpoints, |ep| self.multi_once(ep, &wanted))?;
-            if let MultiAnswer::Parts(p) = answer {
-                parts = p;
-            }
-        }
-        let mut out = Vec::with_capacity(ranges.len());
-        for range in clamped {
-            let Some((offset, len)) = range else {
-                out.push(Bytes::new());
-                continue;
-            };
-            let found = parts.iter().find_map(|p| {
-                let p_end = p.start + p.data.len() as u64;
-                (p.start <= offset && offset + len <= p_end).then(|| {
-                    p.data
-                        .slice((offset - p.start) as usize..(offset - p.start + len) as usize)
-                })
-            });
-            match found {
-                Some(data) => out.push(data),
-                None => {
-                    let data = self.read(offset, len).await?;
-                    parts.push(Part {
-                        start: offset,
-                        data: data.clone(),
-                    });
-                    out.push(data);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    async fn multi_once(&self, ep: &Endpoint, wanted: &[(u64, u64)]) -> Result<MultiAnswer> {
-        let host_key = ep.host.clone();
-        if lock(&self.client.inner.no_multi_range).contains(&host_key) {
-            return Ok(MultiAnswer::Unsupported);
-        }
-        let target = self.target(&ep.host);
-        let spec: Vec<String> = wanted
-            .iter()
-            .map(|(o, l)| format!("{o}-{}", o + l - 1))
-            .collect();
-        let mut headers = HeaderMap::new();
-        let value = HeaderValue::from_str(&format!("bytes={}", spec.join(",")))
-            .map_err(|_| Error::bad(&target, "range header"))?;
-        headers.insert(header::RANGE, value);
-        let (url, scopes, ep_used) = match self.cached_location() {
-            Some(loc) => (loc.url.to_string(), None, loc.endpoint),
-            None => (
-                blob_url(ep, &self.repo, &self.digest),
-                Some(&self.scopes[..]),
-                ep.clone(),
-            ),
-        };
-        let sent = match self
-            .client
-            .send(
-                &ep_used,
-                &target,
-                Req {
-                    method: Method::GET,
-                    url,
-                    headers,
-                    body: None,
-                    scopes,
-                    follow_redirects: true,
-                },
-            )
-            .await
-        {
-            Ok(sent) => sent,
-            Err(e) if scopes.is_none() => {
-                *lock(&self.location) = None;
-                return Err(e);
-            }
-            Err(e) => return Err(e),
-        };
-        if let Some(url) = sent.redirected.clone() {
-            self.remember_location(ep, url);
-        }
-        let resp = sent.resp;
-        let mark_unsupported = || {
-            lock(&self.client.inner.no_multi_range).insert(host_key.clone());
-        };
-        match resp.status() {
-            StatusCode::PARTIAL_CONTENT => {
-                let content_type = resp
-                    .headers()
-                    .get(header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
-                let total: u64 = wanted.iter().map(|(_, l)| l).sum();
-                let cap = total + MULTIPART_PART_OVERHEAD * (wanted.len() as u64 + 1);
-                if let Some(boundary) = multipart_boundary(&content_type) {
-                    let body = read_capped(resp, &target, cap).await?;
-                    return match parse_multipart(&body, &boundary, self.size) {
-                        Ok(parts) => Ok(MultiAnswer::Parts(parts)),
-                        Err(e) => {
-                            // A server that frames multipart answers badly gets single ranges.
-                            tracing::warn!(target = %target, error = %e, "bad multipart/byteranges answer");
-                            mark_unsupported();
-                            Ok(MultiAnswer::Unsupported)
-                        }
-                    };
-                }
-                // One range back: the server merged ours or answered only the first.
-                let got = resp
-                    .headers()
-                    .get(header::CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(parse_content_range)
-                    .ok_or_else(|| Error::bad(&target, "206 without a valid Content-Range"))?;
-                if got.total.is_some_and(|t| t != self.size) {
-                    return Err(Error::bad(
-                        &target,
-                        "Content-Range disagrees with the blob size",
-                    ));
-                }
-                let len = got.end - got.start + 1;
-                if len > cap {
-                    mark_unsupported();
-                    return Ok(MultiAnswer::Unsupported);
-                }
-                let data = read_exact(resp, &target, len).await?;
-                let covers_all = wanted
-                    .iter()
-                    .all(|(o, l)| got.start <= *o && o + l <= got.end + 1);
-                if !covers_all {
-                    mark_unsupported();
-                }
-                Ok(MultiAnswer::Parts(vec![Part {
-                    start: got.start,
-                    data,
-                }]))
-            }
-            // Whole body (Range ignored) or refused (GCS answers 400): single ranges from now on.
-            StatusCode::OK
-            | StatusCode::BAD_REQUEST
-            | StatusCode::RANGE_NOT_SATISFIABLE
-            | StatusCode::NOT_IMPLEMENTED => {
-                tracing::debug!(host = %host_key, status = resp.status().as_u16(), "no multi-range support");
-                drop(resp);
-                mark_unsupported();
-                Ok(MultiAnswer::Unsupported)
-            }
-            _ => Err(status_error(resp, &target, "multi-range read").await),
-        }
-    }
 }
 
 /// What a range read does with the body: collect it, or hand it over as it arrives.
@@ -951,30 +675,6 @@ async fn read_prefix(mut resp: reqwest::Response, target: &Target, need: u64) ->
     Ok(buf.freeze())
 }
 
-async fn read_capped(mut resp: reqwest::Response, target: &Target, cap: u64) -> Result<Bytes> {
-    if content_length(resp.headers()).is_some_and(|l| l > cap) {
-        return Err(Error::bad(
-            target,
-            format!("multipart answer larger than the {cap} bytes expected"),
-        ));
-    }
-    let mut buf = BytesMut::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| Error::transport(target, "reading the response body", e))?
-    {
-        if (buf.len() + chunk.len()) as u64 > cap {
-            return Err(Error::bad(
-                target,
-                format!("multipart answer larger than the {cap} bytes expected"),
-            ));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.freeze())
-}
-
 impl BlobReader for RemoteBlob {
     fn size(&self) -> BlobFuture<'_, u64> {
         let size = self.size;
@@ -1032,85 +732,5 @@ mod tests {
         ] {
             assert_eq!(parse_content_range(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn boundary_from_content_type() {
-        assert_eq!(
-            multipart_boundary("multipart/byteranges; boundary=abc").as_deref(),
-            Some("abc")
-        );
-        assert_eq!(
-            multipart_boundary("Multipart/Byteranges;boundary=\"q r\"").as_deref(),
-            Some("q r")
-        );
-        assert_eq!(multipart_boundary("application/octet-stream"), None);
-        assert_eq!(multipart_boundary("multipart/byteranges"), None);
-    }
-
-    fn multipart(boundary: &str, parts: &[(u64, &[u8])], size: u64) -> Bytes {
-        let mut body = Vec::new();
-        body.extend_from_slice(b"preamble\r\n");
-        for (start, data) in parts {
-            body.extend_from_slice(
-                format!(
-                    "--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {}-{}/{size}\r\n\r\n",
-                    start,
-                    start + data.len() as u64 - 1
-                )
-                .as_bytes(),
-            );
-            body.extend_from_slice(data);
-            body.extend_from_slice(b"\r\n");
-        }
-        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-        Bytes::from(body)
-    }
-
-    #[test]
-    fn parses_multipart_even_when_data_contains_the_boundary() {
-        let tricky: &[u8] = b"xx\r\n--BOUND\r\nContent-Range: bytes 0-0/9\r\n\r\n";
-        let body = multipart("BOUND", &[(0, b"abc"), (100, tricky)], 1000);
-        let parts = parse_multipart(&body, "BOUND", 1000).unwrap();
-        assert_eq!(parts.len(), 2);
-        assert_eq!(
-            parts[0],
-            Part {
-                start: 0,
-                data: Bytes::from_static(b"abc")
-            }
-        );
-        assert_eq!(parts[1].start, 100);
-        assert_eq!(&parts[1].data[..], tricky);
-    }
-
-    #[test]
-    fn rejects_inconsistent_multipart() {
-        let good = multipart("B", &[(0, b"abcd")], 10);
-        assert!(parse_multipart(&good, "B", 10).is_ok());
-        // Wrong blob size.
-        assert!(parse_multipart(&good, "B", 11).is_err());
-        // Part longer than its Content-Range says.
-        let long = Bytes::from(
-            String::from_utf8(good.to_vec())
-                .unwrap()
-                .replace("bytes 0-3/10", "bytes 0-2/10"),
-        );
-        assert!(
-            parse_multipart(&long, "B", 10)
-                .unwrap_err()
-                .contains("differs")
-        );
-        // Truncated body.
-        let cut = good.slice(..good.len() - 12);
-        assert!(parse_multipart(&cut, "B", 10).is_err());
-        // No Content-Range.
-        let bare = Bytes::from_static(b"--B\r\n\r\nabcd\r\n--B--");
-        assert!(
-            parse_multipart(&bare, "B", 10)
-                .unwrap_err()
-                .contains("Content-Range")
-        );
-        assert!(parse_multipart(&Bytes::from_static(b"nothing"), "B", 10).is_err());
     }
 }

@@ -35,8 +35,6 @@ pub(crate) struct Inner {
     endpoints: Mutex<HashMap<(String, bool), Endpoints>>,
     http_clients: Mutex<HashMap<(Vec<std::path::PathBuf>, u64), reqwest::Client>>,
     limiters: Mutex<HashMap<String, Arc<Semaphore>>>,
-    /// Hosts known to answer multi-range requests badly (or not at all).
-    pub(crate) no_multi_range: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Mirrors in order, then the registry itself.
@@ -163,7 +161,6 @@ impl Client {
                 endpoints: Mutex::new(HashMap::new()),
                 http_clients: Mutex::new(HashMap::new()),
                 limiters: Mutex::new(HashMap::new()),
-                no_multi_range: Mutex::new(Default::default()),
             }),
         })
     }
@@ -191,7 +188,6 @@ impl Client {
                 endpoints: Mutex::new(HashMap::new()),
                 http_clients: Mutex::new(HashMap::new()),
                 limiters: Mutex::new(HashMap::new()),
-                no_multi_range: Mutex::new(Default::default()),
             },
         };
         Self {

@@ -97,8 +97,6 @@ pub struct HttpConfig {
     pub max_redirects: usize,
     /// How long a blob's redirected (storage) URL is reused, seconds. Default 300.
     pub redirect_ttl_sec: u64,
-    /// Never send multi-range requests (stargz-snapshotter's `force_single_range_mode`).
-    pub single_range_only: bool,
     /// CA certificates (PEM files) trusted for every registry, besides the system's.
     pub ca: Vec<PathBuf>,
     /// Platform picked from image indexes, `os/arch[/variant]`. Default: this machine's.
@@ -119,7 +117,6 @@ impl Default for HttpConfig {
             max_retry_time_sec: 120,
             max_redirects: 5,
             redirect_ttl_sec: 300,
-            single_range_only: false,
             ca: Vec::new(),
             platform: None,
         }
@@ -252,7 +249,7 @@ insecure = true
         let json = serde_json::json!({
             "resolver": {"host": {"127.0.0.1:5000": {"ca": ["/tmp/ca.pem"], "plain_http": false,
                 "max_concurrent_requests": 4}}},
-            "http": {"max_retries": 2, "platform": "linux/arm64/v8", "single_range_only": true}
+            "http": {"max_retries": 2, "platform": "linux/arm64/v8"}
         });
         let config: RegistryConfig = serde_json::from_value(json).unwrap();
         let h = config.host("127.0.0.1:5000").unwrap();

@@ -18,10 +18,7 @@ pub use auth::{
     Anonymous, Challenge, CredentialFuture, CredentialProvider, Credentials, DockerConfig,
     StaticCredentials, parse_challenges,
 };
-pub use blob::{
-    ContentRange, Part, RANGELESS_PREFIX_LIMIT, RemoteBlob, multipart_boundary,
-    parse_content_range, parse_multipart,
-};
+pub use blob::{ContentRange, RANGELESS_PREFIX_LIMIT, RemoteBlob, parse_content_range};
 pub use client::Client;
 pub use config::{
     HostConfig, HttpConfig, MirrorConfig, RegistryConfig, ResolverConfig, is_loopback,

@@ -673,18 +673,9 @@ fn verify(
             "curl returned wrong bytes for {offset}+{len}"
         );
     }
-    // Multi-range reads go through another code path (multipart parsing): check it too.
-    let multi = rt.block_on(blob.read_ranges(&checked[..checked.len().min(4)]))?;
-    for (bytes, &(offset, len)) in multi.iter().zip(checked) {
-        ensure!(
-            sha256_hex(bytes) == expected(offset, len),
-            "our multi-range read returned wrong bytes for {offset}+{len}"
-        );
-    }
     Ok(format!(
-        "sha256 of the first {} ranges matched the local blob for every client \
-         (and of 4 of them through one multi-range `read_ranges`); every timed response \
-         was checked for status and length",
+        "sha256 of the first {} ranges matched the local blob for every client; every \
+         timed response was checked for status and length",
         checked.len()
     ))
 }
