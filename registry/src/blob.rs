@@ -11,7 +11,7 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::client::{Client, Endpoint, Req, lock, on_endpoints, read_exact, status_error};
+use crate::client::{Client, Endpoint, Req, lock, read_exact, status_error};
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result, Target};
 use crate::manifest::pull_scope;
@@ -27,8 +27,10 @@ impl Client {
     pub async fn blob_size(&self, repo: &Repository, digest: &Digest) -> Result<u64> {
         let scopes = pull_scope(repo);
         let endpoints = self.endpoints(&repo.registry, true)?;
-        on_endpoints!(self, endpoints, |ep| self
-            .blob_size_at(ep, repo, digest, &scopes))
+        self.on_endpoints(&endpoints, |ep| {
+            self.blob_size_at(ep, repo, digest, &scopes)
+        })
+        .await
     }
 
     async fn blob_size_at(
@@ -133,12 +135,24 @@ impl Client {
     ) -> Result<u64> {
         let scopes = pull_scope(repo);
         let endpoints = self.endpoints(&repo.registry, true)?;
-        let mut state = Download {
+        let state = Download {
             hasher: Hasher::new(digest.algorithm()),
             written: 0,
         };
-        on_endpoints!(self, endpoints, |ep| self
-            .download_at(ep, repo, digest, &scopes, &mut state, out))
+        // Each attempt resumes where the last stopped: they share the download's state
+        // (one attempt at a time, so the lock is never contended).
+        let shared = tokio::sync::Mutex::new((state, out));
+        let shared = &shared;
+        self.on_endpoints(&endpoints, |ep| {
+            let scopes = &scopes;
+            async move {
+                let mut guard = shared.lock().await;
+                let (state, out) = &mut *guard;
+                self.download_at(ep, repo, digest, scopes, state, *out)
+                    .await
+            }
+        })
+        .await
     }
 
     async fn download_at<W: AsyncWrite + Unpin + Send>(
@@ -444,8 +458,11 @@ impl RemoteBlob {
             }
         }
         let endpoints = self.client.endpoints(&self.repo.registry, true)?;
-        on_endpoints!(self.client, endpoints, |ep| self
-            .range_via_registry(ep, offset, len, body))
+        self.client
+            .on_endpoints(&endpoints, |ep| {
+                self.range_via_registry(ep, offset, len, body)
+            })
+            .await
     }
 
     async fn range_via_registry(

@@ -86,43 +86,6 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// Runs `$attempt` (an expression using `$ep`) against each endpoint in turn, retrying
-/// transient failures per the endpoint's policy; the first success wins, else the last
-/// endpoint's (the origin's) error is returned.
-macro_rules! on_endpoints {
-    ($client:expr, $endpoints:expr, |$ep:ident| $attempt:expr) => {{
-        let endpoints = $endpoints;
-        let mut outcome = Err($crate::error::Error::Config("no endpoint".into()));
-        for $ep in endpoints.iter() {
-            let mut retry = $client.retry_policy($ep.is_mirror);
-            let result = loop {
-                match $attempt.await {
-                    Ok(v) => break Ok(v),
-                    Err(e) => {
-                        if let Err(e) = retry.wait(e).await {
-                            break Err(e);
-                        }
-                    }
-                }
-            };
-            match result {
-                Ok(v) => {
-                    outcome = Ok(v);
-                    break;
-                }
-                Err(e) => {
-                    if $ep.is_mirror {
-                        tracing::warn!(mirror = %$ep.host, error = %e, "mirror failed, trying the next host");
-                    }
-                    outcome = Err(e);
-                }
-            }
-        }
-        outcome
-    }};
-}
-pub(crate) use on_endpoints;
-
 /// Loads every CA file the per-registry settings name, so a bad path fails at start
 /// (or reload) rather than on the first request.
 fn check_resolver_cas(resolver: &ResolverConfig) -> Result<()> {
@@ -252,6 +215,42 @@ impl Client {
     }
 
     /// Mirrors (when `with_mirrors`) then the registry itself.
+    /// Runs `attempt` against each endpoint in turn (mirrors first), retrying on each as
+    /// its retry policy allows: the first success wins, else the last endpoint's error.
+    pub(crate) async fn on_endpoints<'e, T, Attempt>(
+        &self,
+        endpoints: &'e [Endpoint],
+        mut attempt: impl FnMut(&'e Endpoint) -> Attempt,
+    ) -> Result<T>
+    where
+        Attempt: std::future::Future<Output = Result<T>>,
+    {
+        let mut outcome = Err(Error::Config("no endpoint".into()));
+        for ep in endpoints {
+            let mut retry = self.retry_policy(ep.is_mirror);
+            let result = loop {
+                match attempt(ep).await {
+                    Ok(v) => break Ok(v),
+                    Err(e) => {
+                        if let Err(e) = retry.wait(e).await {
+                            break Err(e);
+                        }
+                    }
+                }
+            };
+            match result {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    if ep.is_mirror {
+                        tracing::warn!(mirror = %ep.host, error = %e, "mirror failed, trying the next host");
+                    }
+                    outcome = Err(e);
+                }
+            }
+        }
+        outcome
+    }
+
     pub(crate) fn endpoints(&self, registry: &str, with_mirrors: bool) -> Result<Endpoints> {
         let key = (registry.to_string(), with_mirrors);
         if let Some(found) = lock(&self.inner.endpoints).get(&key) {

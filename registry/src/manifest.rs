@@ -8,7 +8,7 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use crate::client::{Client, Req, on_endpoints, read_limited, status_error};
+use crate::client::{Client, Req, read_limited, status_error};
 use crate::digest::Digest;
 use crate::error::{Error, Result, Target};
 use crate::reference::{Reference, Repository};
@@ -250,13 +250,10 @@ impl Client {
         let expected: Option<Digest> = object.parse().ok();
         let scopes = pull_scope(repo);
         let endpoints = self.endpoints(&repo.registry, true)?;
-        on_endpoints!(self, endpoints, |ep| self.fetch_manifest_at(
-            ep,
-            repo,
-            object,
-            expected.as_ref(),
-            &scopes
-        ))
+        self.on_endpoints(&endpoints, |ep| {
+            self.fetch_manifest_at(ep, repo, object, expected.as_ref(), &scopes)
+        })
+        .await
     }
 
     async fn fetch_manifest_at(

@@ -7,7 +7,7 @@ use estargz::BlobReader;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 
-use crate::client::{Client, Endpoint, Req, on_endpoints, status_error};
+use crate::client::{Client, Endpoint, Req, status_error};
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result, Target};
 use crate::reference::Repository;
@@ -35,8 +35,10 @@ impl Client {
     pub async fn blob_exists(&self, repo: &Repository, digest: &Digest) -> Result<Option<u64>> {
         let scopes = push_scopes(repo, None);
         let endpoints = self.endpoints(&repo.registry, false)?;
-        on_endpoints!(self, endpoints, |ep| self
-            .blob_exists_at(ep, repo, digest, &scopes))
+        self.on_endpoints(&endpoints, |ep| {
+            self.blob_exists_at(ep, repo, digest, &scopes)
+        })
+        .await
     }
 
     async fn blob_exists_at(
@@ -104,8 +106,10 @@ impl Client {
         }
         let scopes = push_scopes(repo, None);
         let endpoints = self.endpoints(&repo.registry, false)?;
-        on_endpoints!(self, endpoints, |ep| self
-            .upload_monolithic(ep, repo, digest, &data, &scopes))?;
+        self.on_endpoints(&endpoints, |ep| {
+            self.upload_monolithic(ep, repo, digest, &data, &scopes)
+        })
+        .await?;
         Ok(PushOutcome::Uploaded)
     }
 
@@ -119,8 +123,10 @@ impl Client {
     ) -> Result<bool> {
         let scopes = push_scopes(repo, Some(from));
         let endpoints = self.endpoints(&repo.registry, false)?;
-        on_endpoints!(self, endpoints, |ep| self
-            .mount_at(ep, repo, from, digest, &scopes))
+        self.on_endpoints(&endpoints, |ep| {
+            self.mount_at(ep, repo, from, digest, &scopes)
+        })
+        .await
     }
 
     async fn mount_at(
@@ -273,8 +279,10 @@ impl Client {
         }
         let scopes = push_scopes(repo, None);
         let endpoints = self.endpoints(&repo.registry, false)?;
-        on_endpoints!(self, endpoints, |ep| self
-            .upload_chunked(ep, repo, digest, source, chunk_size, &scopes))?;
+        self.on_endpoints(&endpoints, |ep| {
+            self.upload_chunked(ep, repo, digest, source, chunk_size, &scopes)
+        })
+        .await?;
         Ok(PushOutcome::Uploaded)
     }
 
@@ -394,15 +402,18 @@ impl Client {
             .map_err(|_| Error::Config(format!("invalid media type {media_type:?}")))?;
         let scopes = push_scopes(repo, None);
         let endpoints = self.endpoints(&repo.registry, false)?;
-        on_endpoints!(self, endpoints, |ep| self.put_manifest_at(
-            ep,
-            repo,
-            tag_or_digest,
-            &content_type,
-            &bytes,
-            &digest,
-            &scopes
-        ))?;
+        self.on_endpoints(&endpoints, |ep| {
+            self.put_manifest_at(
+                ep,
+                repo,
+                tag_or_digest,
+                &content_type,
+                &bytes,
+                &digest,
+                &scopes,
+            )
+        })
+        .await?;
         Ok(digest)
     }
 
