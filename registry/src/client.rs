@@ -16,7 +16,7 @@ use crate::auth::{
 };
 use crate::config::{HttpConfig, RegistryConfig, ResolverConfig, is_loopback};
 use crate::error::{Error, Result, Target};
-use crate::manifest::Platform;
+use crate::platform::Platform;
 use crate::reference::api_host;
 
 /// A registry client: cheap to clone, shares connections, tokens and caches.

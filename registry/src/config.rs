@@ -162,7 +162,7 @@ impl RegistryConfig {
             );
         }
         if let Some(p) = &h.platform {
-            crate::manifest::Platform::parse(p).map_err(|e| format!("http.platform: {e}"))?;
+            crate::platform::Platform::parse(p).map_err(|e| format!("http.platform: {e}"))?;
         }
         for (name, host) in &self.resolver.host {
             if host.max_concurrent_requests == Some(0) {

@@ -11,6 +11,7 @@ mod config;
 mod digest;
 mod error;
 mod manifest;
+mod platform;
 mod push;
 mod reference;
 
@@ -27,7 +28,8 @@ pub use digest::{Algorithm, Digest, DigestParseError};
 pub use error::{Error, Result, Target};
 pub use manifest::{
     DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Descriptor, FetchedManifest, ImageIndex, ImageManifest,
-    MAX_MANIFEST_SIZE, Manifest, OCI_INDEX, OCI_MANIFEST, Platform, ResolvedImage, choose_platform,
+    MAX_MANIFEST_SIZE, Manifest, OCI_INDEX, OCI_MANIFEST, ResolvedImage, choose_platform,
 };
+pub use platform::Platform;
 pub use push::PushOutcome;
 pub use reference::{DOCKER_HUB, DOCKER_HUB_API, Reference, ReferenceError, Repository, api_host};
