@@ -131,12 +131,9 @@ fn lazily_mounted(s: &Setup) -> usize {
 }
 
 fn fuse_mounts(s: &Setup) -> usize {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let root = s.daemon.root.to_str().unwrap().to_string();
-    text.lines()
-        .filter(|l| {
-            l.contains(&root) && l.split(" - ").nth(1).is_some_and(|r| r.starts_with("fuse"))
-        })
+    fusefs::mountinfo::mounts()
+        .iter()
+        .filter(|m| m.fs_type.starts_with("fuse") && m.mount_point.starts_with(&s.daemon.root))
         .count()
 }
 

@@ -801,40 +801,12 @@ fn start(
 /// The `major:minor` of the FUSE mount at `path`, from mountinfo: a stat would ask
 /// the filesystem, which nobody may be serving yet.
 pub fn mount_device(path: &Path) -> Option<String> {
-    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = path.to_str()?;
-    table
-        .lines()
+    crate::mountinfo::mounts()
+        .into_iter()
         .rev()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let fields: Vec<&str> = left.split(' ').collect();
-            let fstype = right.split(' ').next()?;
-            (fstype.starts_with("fuse") && unescape(fields.get(4)?) == want)
-                .then(|| fields.get(2).map(|s| s.to_string()))?
-        })
         // The topmost of stacked mounts (listed last) is the one path lookups reach.
-        .next()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+        .find(|m| m.fs_type.starts_with("fuse") && m.mount_point == path)
+        .map(|m| m.device)
 }
 
 impl MountedLayer {

@@ -27,6 +27,7 @@ mod histogram;
 mod kernel;
 mod link;
 mod lru;
+pub mod mountinfo;
 mod stats;
 #[cfg(test)]
 mod tests;

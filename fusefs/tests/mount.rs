@@ -362,13 +362,18 @@ fn mounted_layers_match_the_tree_gnu_tar_extracts() {
         );
         let st = nix::sys::statvfs::statvfs(&mp).unwrap();
         assert!(st.blocks() > 0 && st.files() as usize >= want.len());
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let line = mounts
-            .lines()
-            .find(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap()))
+        let mount = fusefs::mountinfo::mounts()
+            .into_iter()
+            .find(|m| m.mount_point == mp)
             .unwrap();
-        assert!(line.contains(" fuse.lazysnap lazysnap "), "{line}");
-        assert!(line.contains("default_permissions") && line.contains("allow_other"));
+        assert_eq!(
+            (mount.fs_type.as_str(), mount.source.as_str()),
+            ("fuse.lazysnap", "lazysnap")
+        );
+        assert!(
+            mount.options.contains("default_permissions") && mount.options.contains("allow_other"),
+            "{mount:?}"
+        );
 
         // Many threads reading one big file at once all see the right bytes.
         let big = std::fs::read(reference.join("usr/lib/f7")).unwrap();

@@ -577,15 +577,10 @@ impl Drop for Containerd {
 
 /// Mount points of cgroup (v1 and v2) hierarchies.
 fn cgroup_mounts() -> Vec<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let fstype = right.split(' ').next()?;
-            let mount = left.split(' ').nth(4)?;
-            (fstype == "cgroup" || fstype == "cgroup2")
-                .then(|| PathBuf::from(snapshotter::fsutil::unescape_mountinfo(mount)))
-        })
+    fusefs::mountinfo::mounts()
+        .into_iter()
+        .filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2")
+        .map(|m| m.mount_point)
         .collect()
 }
 

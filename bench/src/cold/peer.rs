@@ -102,19 +102,9 @@ impl StargzPeer {
 
     /// FUSE mounts of this peer's layers now (mount points under its root).
     pub fn fuse_mounts(&self) -> usize {
-        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let root = self.root.to_string_lossy();
-        text.lines()
-            .filter(|l| {
-                let Some((left, right)) = l.split_once(" - ") else {
-                    return false;
-                };
-                right.starts_with("fuse")
-                    && left
-                        .split(' ')
-                        .nth(4)
-                        .is_some_and(|m| m.starts_with(root.as_ref()))
-            })
+        fusefs::mountinfo::mounts()
+            .iter()
+            .filter(|m| m.fs_type.starts_with("fuse") && m.mount_point.starts_with(&self.root))
             .count()
     }
 }
