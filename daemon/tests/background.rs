@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{containerd_for, convert, rpull_lazily, start_lazysnapd};
 use testkit::image::{Entry, ImageBuilder, busybox_entries, noise};
@@ -40,19 +40,11 @@ async fn an_idle_node_makes_lazily_pulled_layers_wholly_local() {
     convert(&plain, &converted, &["--estargz"]);
     rpull_lazily(&converted, &containerd).await;
 
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        let status = daemon::observe::fetch_status(&daemon.root).await.unwrap();
+    let status = wait_for_status(&daemon.root, "layers not local in time", |status| {
         assert_eq!(status.layers.len(), 2, "{status:?}");
-        if status.layers.iter().all(|l| l.local_bytes == l.total_bytes) {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "layers not local in time: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+        status.layers.iter().all(|l| l.local_bytes == l.total_bytes)
+    })
+    .await;
     for layer in &status.layers {
         // Each chunk fetched once: no more than the content plus gzip's framing (the
         // noise does not compress).
@@ -104,7 +96,7 @@ async fn removing_an_image_shrinks_the_cache_to_what_the_rest_use() {
         references.push(converted);
     }
     // Both images wholly local (the background fetch on the default config).
-    let full = wait_for(&daemon.root, "three layers local", |s| {
+    let full = wait_for_status(&daemon.root, "three layers local", |s| {
         s.layers.len() == 3 && s.layers.iter().all(|l| l.local_bytes == l.total_bytes)
     })
     .await;
@@ -115,7 +107,7 @@ async fn removing_an_image_shrinks_the_cache_to_what_the_rest_use() {
     containerd
         .ctr(["images", "rm", "--sync", references[1].as_str()])
         .unwrap();
-    let after = wait_for(&daemon.root, "the removed image's layer swept", |s| {
+    let after = wait_for_status(&daemon.root, "the removed image's layer swept", |s| {
         s.layers.len() == 2 && s.cache_swept > 0
     })
     .await;
@@ -144,18 +136,20 @@ async fn removing_an_image_shrinks_the_cache_to_what_the_rest_use() {
 }
 
 /// Polls lazysnapd's status until `done` holds (two minutes at most).
-async fn wait_for(
+async fn wait_for_status(
     root: &std::path::Path,
     what: &str,
     done: impl Fn(&daemon::observe::Status) -> bool,
 ) -> daemon::observe::Status {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
+    let mut last = None;
+    let found = testkit::wait_for(Duration::from_secs(120), async || {
         let status = daemon::observe::fetch_status(root).await.unwrap();
         if done(&status) {
-            return status;
+            return Some(status);
         }
-        assert!(Instant::now() < deadline, "{what}: {status:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        last = Some(status);
+        None
+    })
+    .await;
+    found.unwrap_or_else(|| panic!("{what}: {last:?}"))
 }

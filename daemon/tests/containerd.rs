@@ -169,13 +169,11 @@ async fn containerd_pulls_and_runs_images_through_lazysnapd() {
         .unwrap();
     // containerd's garbage collector removes the snapshots; wait for it rather than sleep.
     let mut remaining = usize::MAX;
-    for _ in 0..300 {
+    testkit::wait_for(Duration::from_secs(30), async || {
         remaining = snapshot_count(&daemon.address).await;
-        if remaining == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (remaining == 0).then_some(())
+    })
+    .await;
     assert_eq!(remaining, 0, "snapshots left after removing the image");
     let mut c = snapshotter::client::connect(&daemon.address).await.unwrap();
     c.cleanup(pb::CleanupRequest::default()).await.unwrap();

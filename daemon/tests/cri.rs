@@ -54,22 +54,6 @@ async fn layers_of(reference: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// Polls the async `check` (with backoff) until it yields a value or `limit` passes.
-async fn poll<T>(limit: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> Option<T> {
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut pause = Duration::from_millis(10);
-    loop {
-        if let Some(value) = check().await {
-            return Some(value);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(200));
-    }
-}
-
 /// Fields drop in this order: containerd (its drop kills what CRI left), then lazysnapd
 /// (nothing uses its mounts any more), the registry, and last the temp dir.
 struct Setup {
@@ -176,7 +160,7 @@ fn setup(name: &str) -> Option<(Setup, String)> {
 /// after containerd's own API is up.
 async fn cri_client(s: &Setup) -> CriClient {
     let mut last = String::new();
-    let client = poll(Duration::from_secs(30), async || {
+    let client = testkit::wait_for(Duration::from_secs(30), async || {
         let mut client = match CriClient::connect(s.containerd.address()).await {
             Ok(client) => client,
             Err(e) => {
@@ -370,7 +354,7 @@ async fn cri_pulls_estargz_lazily_and_runs_a_pod() {
             s.containerd.log()
         )
     });
-    let exited = poll(Duration::from_secs(60), async || {
+    let exited = testkit::wait_for(Duration::from_secs(60), async || {
         let status = cri.container_status(&container).await.ok()?;
         (status.state == CONTAINER_EXITED).then_some(status)
     })
@@ -384,7 +368,7 @@ async fn cri_pulls_estargz_lazily_and_runs_a_pod() {
     let container_log = logs.join("app/0.log");
     assert_eq!(Path::new(&exited.log_path), container_log);
     // CRI log lines: `<RFC 3339 time> stdout F <line>`; the file may trail the exit a bit.
-    let printed = poll(Duration::from_secs(10), async || {
+    let printed = testkit::wait_for(Duration::from_secs(10), async || {
         let text = std::fs::read_to_string(&container_log).ok()?;
         text.lines()
             .any(|l| l.ends_with(" stdout F served-lazily"))

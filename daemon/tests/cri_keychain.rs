@@ -95,22 +95,6 @@ fn make_certs(dir: &Path) {
         .arg(p("ext.cnf")));
 }
 
-/// Polls the async `check` (with backoff) until it yields a value or `limit` passes.
-async fn poll<T>(limit: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> Option<T> {
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut pause = Duration::from_millis(10);
-    loop {
-        if let Some(value) = check().await {
-            return Some(value);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(200));
-    }
-}
-
 /// Fields drop in this order: lazysnapd's CRI clients first (in the test), then
 /// containerd, lazysnapd, the registries and last the temp dir.
 struct Setup {
@@ -238,7 +222,7 @@ fn setup(name: &str) -> Option<Setup> {
 /// plugin says "not initialized" for a while after start).
 async fn cri_client(s: &Setup) -> CriClient {
     let mut last = String::new();
-    let client = poll(Duration::from_secs(30), async || {
+    let client = testkit::wait_for(Duration::from_secs(30), async || {
         let mut client = match CriClient::connect(&s.daemon.address).await {
             Ok(client) => client,
             Err(e) => {

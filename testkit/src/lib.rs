@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 /// True when running as root. Tests that need root, FUSE or mounts call this first and
 /// skip with a clear message otherwise (CI runs as root, so there they always run).
 pub fn is_root() -> bool {
-    // SAFETY-free: geteuid has no preconditions; libc is only used through this call.
+    // geteuid(2) cannot fail; its one unsafe call is wrapped below.
     nix_geteuid() == 0
 }
 
@@ -61,6 +61,26 @@ pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// The async form of [`wait_until`]: polls `check` until it yields a value or `timeout`
+/// passes (then None).
+pub async fn wait_for<T>(
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
