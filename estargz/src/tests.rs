@@ -19,7 +19,8 @@ fn block_on<F: Future>(f: F) -> F::Output {
     }
 }
 
-/// Deterministic bytes that do not compress.
+/// Deterministic bytes that do not compress (testkit's `noise` has the same shape;
+/// estargz's own tests cannot use testkit, which is built on estargz).
 fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)

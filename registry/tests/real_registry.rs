@@ -8,19 +8,8 @@ use registry::{
     Client, DOCKER_MANIFEST_LIST, Descriptor, Digest, Error, ImageIndex, ImageManifest, OCI_INDEX,
     OCI_MANIFEST, Platform, PushOutcome, Reference, RegistryConfig, RemoteBlob, Repository,
 };
+use testkit::image::noise;
 use testkit::registry::Registry;
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn descriptor(media_type: &str, data: &[u8], platform: Option<&str>) -> Descriptor {
     Descriptor {
@@ -84,7 +73,7 @@ async fn push_pull_and_range_reads_against_docker_registry() {
     let client = Client::new(RegistryConfig::default()).expect("client");
     let repo = Repository::new(reg.host.clone(), "lazysnap/app");
 
-    let layer = pseudo_random(3 << 20, 7);
+    let layer = noise(3 << 20, 7);
     let manifest_bytes = push_image(&client, &repo, &layer, "v1").await;
     let layer_digest = Digest::sha256_of(&layer);
 
@@ -151,7 +140,7 @@ async fn push_pull_and_range_reads_against_docker_registry() {
     assert_eq!(err.kind, BlobErrorKind::OutOfRange);
 
     // Chunked upload and cross-repository mount.
-    let other = pseudo_random(300_000, 99);
+    let other = noise(300_000, 99);
     let other_digest = Digest::sha256_of(&other);
     let outcome = client
         .push_blob_chunked(
@@ -203,7 +192,7 @@ async fn push_pull_and_range_reads_against_docker_registry() {
         Some(other.len() as u64)
     );
     // A mount that cannot happen (the source lacks the blob) falls back to an upload.
-    let fresh = pseudo_random(1000, 5);
+    let fresh = noise(1000, 5);
     let fresh_digest = Digest::sha256_of(&fresh);
     let uploaded = client
         .push_blob(

@@ -360,14 +360,5 @@ pub fn serve_blob(req: &Request, blob: &[u8], multipart: bool) -> Reply {
     }
 }
 
-pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+/// Test data: testkit's one generator of incompressible bytes.
+pub use testkit::image::noise as pseudo_random;
