@@ -21,7 +21,7 @@ use testkit::image::noise;
 use testkit::image::{Entry, ImageBuilder, busybox_layer};
 use testkit::lazysnapd::Lazysnapd;
 use testkit::registry::bytes_served;
-use testkit::registry::{Registry, RegistryOptions};
+use testkit::registry::Registry;
 
 const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
 const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
@@ -116,28 +116,19 @@ fn setup(name: &str) -> Option<Setup> {
     let d = dir.path();
     make_certs(d);
     let password = format!("kc-{}-Vb3w", std::process::id());
-    let out = Command::new(testkit::require_program("htpasswd", "apache2-utils").unwrap())
-        .args(["-Bbn", USER, &password])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    std::fs::write(d.join("htpasswd"), &out.stdout).unwrap();
 
     // `lazysnap convert` cannot be told about a private CA, and loopback registries are
     // plain HTTP to it: it writes to a public plain-HTTP registry whose storage the
     // private TLS one serves too.
     let public = Registry::start(&d.join("public")).unwrap();
-    std::fs::create_dir_all(d.join("private")).unwrap();
-    std::os::unix::fs::symlink(d.join("public/data"), d.join("private/data")).unwrap();
-    let private = Registry::start_with(
-        &d.join("private"),
-        &RegistryOptions {
-            htpasswd: Some(d.join("htpasswd")),
-            tls: Some((d.join("server.pem"), d.join("server.key"))),
-            ..RegistryOptions::default()
-        },
-    )
-    .unwrap();
+    let private = public
+        .private_twin(
+            &d.join("private"),
+            USER,
+            &password,
+            Some((d.join("server.pem"), d.join("server.key"))),
+        )
+        .unwrap();
     let image = ImageBuilder::new()
         .layer(busybox_layer().unwrap())
         .entries(&[

@@ -10,7 +10,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::{LAZYSNAPD, convert};
@@ -18,7 +17,7 @@ use testkit::containerd::{Containerd, ContainerdOptions, Release, mounts_under};
 use testkit::docker::Dockerd;
 use testkit::image::{Entry, ImageBuilder, busybox_layer, noise};
 use testkit::lazysnapd::Lazysnapd;
-use testkit::registry::{Registry, RegistryOptions, bytes_served};
+use testkit::registry::{Registry, bytes_served};
 
 /// The file no container reads: it must stay in the registry.
 const BIG: usize = 24 << 20;
@@ -43,24 +42,11 @@ fn setup(name: &str) -> Option<Setup> {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let password = format!("dk-{}-Qx7p", std::process::id());
-    let out = Command::new(testkit::require_program("htpasswd", "apache2-utils").unwrap())
-        .args(["-Bbn", USER, &password])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    std::fs::write(d.join("htpasswd"), &out.stdout).unwrap();
     let public = Registry::start(&d.join("public")).unwrap();
-    // The private registry serves the public one's storage, behind a password.
-    std::fs::create_dir_all(d.join("private")).unwrap();
-    std::os::unix::fs::symlink(d.join("public/data"), d.join("private/data")).unwrap();
-    let private = Registry::start_with(
-        &d.join("private"),
-        &RegistryOptions {
-            htpasswd: Some(d.join("htpasswd")),
-            ..RegistryOptions::default()
-        },
-    )
-    .unwrap();
+    // The same images behind a password.
+    let private = public
+        .private_twin(&d.join("private"), USER, &password, None)
+        .unwrap();
 
     // lazysnapd's docker config is the one the docker CLI logs in to, as for a user
     // running both as root (/root/.docker/config.json).

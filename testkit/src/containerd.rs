@@ -430,29 +430,42 @@ fn path_str(p: &Path) -> anyhow::Result<String> {
         .with_context(|| format!("temp path {} is not UTF-8", p.display()))
 }
 
+/// What both config versions start with: where containerd keeps its state and listens,
+/// and the plugins it must not load.
+fn config_head(
+    version: u32,
+    root: &Path,
+    socket: &Path,
+    disabled: &[&str],
+) -> anyhow::Result<String> {
+    let disabled: Vec<String> = disabled.iter().map(|p| toml_string(p)).collect();
+    Ok(format!(
+        "version = {version}\n\
+         root = {root}\n\
+         state = {state}\n\
+         disabled_plugins = [{disabled}]\n\n\
+         [grpc]\n  address = {socket}\n\n\
+         [ttrpc]\n  address = {ttrpc}\n",
+        root = toml_string(&path_str(&root.join("root"))?),
+        state = toml_string(&path_str(&root.join("state"))?),
+        disabled = disabled.join(", "),
+        socket = toml_string(&path_str(socket)?),
+        ttrpc = toml_string(&format!("{}.ttrpc", path_str(socket)?)),
+    ))
+}
+
 /// containerd 1.6's config (version 2).
 fn config_v2(root: &Path, socket: &Path, options: &ContainerdOptions) -> anyhow::Result<String> {
     let mut disabled: Vec<&str> = ALWAYS_DISABLED.to_vec();
     if !options.keep_cri {
         disabled.push(CRI_PLUGIN);
     }
-    let disabled: Vec<String> = disabled.iter().map(|p| toml_string(p)).collect();
-    let mut config = format!(
-        "version = 2\n\
-         root = {root}\n\
-         state = {state}\n\
-         disabled_plugins = [{disabled}]\n\n\
-         [grpc]\n  address = {socket}\n\n\
-         [ttrpc]\n  address = {ttrpc}\n\n\
-         # The opt plugin would otherwise create /opt/containerd.\n\
+    let mut config = config_head(2, root, socket, &disabled)?;
+    config.push_str(&format!(
+        "\n# The opt plugin would otherwise create /opt/containerd.\n\
          [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {opt}\n",
-        root = toml_string(&path_str(&root.join("root"))?),
-        state = toml_string(&path_str(&root.join("state"))?),
-        disabled = disabled.join(", "),
-        socket = toml_string(&path_str(socket)?),
-        ttrpc = toml_string(&format!("{}.ttrpc", path_str(socket)?)),
         opt = toml_string(&path_str(&root.join("opt"))?),
-    );
+    ));
     for proxy in &options.proxy_snapshotters {
         config.push_str(&format!(
             "\n[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = {address}\n",
@@ -486,20 +499,7 @@ fn config_v3(root: &Path, socket: &Path, options: &ContainerdOptions) -> anyhow:
         disabled.push(CRI_PLUGIN);
         disabled.extend(CRI_PLUGINS_V2);
     }
-    let disabled: Vec<String> = disabled.iter().map(|p| toml_string(p)).collect();
-    let mut config = format!(
-        "version = 3\n\
-         root = {root}\n\
-         state = {state}\n\
-         disabled_plugins = [{disabled}]\n\n\
-         [grpc]\n  address = {socket}\n\n\
-         [ttrpc]\n  address = {ttrpc}\n",
-        root = toml_string(&path_str(&root.join("root"))?),
-        state = toml_string(&path_str(&root.join("state"))?),
-        disabled = disabled.join(", "),
-        socket = toml_string(&path_str(socket)?),
-        ttrpc = toml_string(&format!("{}.ttrpc", path_str(socket)?)),
-    );
+    let mut config = config_head(3, root, socket, &disabled)?;
     let transfer = toml_string("io.containerd.transfer.v1.local");
     let mut snapshotters = vec!["overlayfs".to_string()];
     snapshotters.extend(options.proxy_snapshotters.iter().map(|p| p.name.clone()));

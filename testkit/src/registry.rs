@@ -89,6 +89,36 @@ impl Registry {
         })
     }
 
+    /// A second registry serving this one's storage behind basic auth for `user` (and
+    /// TLS with `tls`'s certificate and key, if given): what is pushed to this one, a
+    /// client needs the password to pull there. Its state goes under `dir`.
+    pub fn private_twin(
+        &self,
+        dir: &Path,
+        user: &str,
+        password: &str,
+        tls: Option<(PathBuf, PathBuf)>,
+    ) -> anyhow::Result<Registry> {
+        let htpasswd = crate::require_program("htpasswd", "apache2-utils")?;
+        let out = Command::new(htpasswd)
+            .args(["-Bbn", user, password])
+            .output()?;
+        if !out.status.success() {
+            anyhow::bail!("htpasswd failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("htpasswd"), &out.stdout)?;
+        std::os::unix::fs::symlink(self.dir.join("data"), dir.join("data"))?;
+        Registry::start_with(
+            dir,
+            &RegistryOptions {
+                htpasswd: Some(dir.join("htpasswd")),
+                tls,
+                ..RegistryOptions::default()
+            },
+        )
+    }
+
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }
