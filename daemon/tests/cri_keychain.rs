@@ -20,8 +20,8 @@ use testkit::containerd::{
 use testkit::image::noise;
 use testkit::image::{Entry, ImageBuilder, busybox_layer};
 use testkit::lazysnapd::Lazysnapd;
-use testkit::registry::bytes_served;
 use testkit::registry::Registry;
+use testkit::registry::bytes_served;
 
 const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
 const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
