@@ -48,7 +48,15 @@ fetch_sid_runtimes() {
   fi
   local codename mirror
   codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
-  mirror=$(apt-cache policy | awk -v s="$codename/main" '$3 == s && $2 ~ /^https?:/ {print $2; exit}')
+  sources_mirror() {
+    apt-cache policy | awk -v s="$codename/main" '$3 == s && $2 ~ /^https?:/ {print $2; exit}'
+  }
+  mirror=$(sources_mirror)
+  if [ -z "$mirror" ]; then
+    # apt knows its sources only once it has read them (images often ship without lists).
+    apt-get -o DPkg::Lock::Timeout=900 update -q >/dev/null
+    mirror=$(sources_mirror)
+  fi
   if [ -z "$mirror" ]; then
     echo "fetch_sid_runtimes: apt's sources name no Debian mirror for $codename" >&2
     return 1
