@@ -8,8 +8,9 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should stop right there
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use daemon::cri::{
@@ -21,14 +22,12 @@ use daemon::cri::{
 use testkit::containerd::{
     Containerd, ContainerdOptions, CriSettings, Release, cri_config, mounts_under,
 };
-use testkit::image::noise;
-use testkit::image::{Entry, ImageBuilder, busybox_layer};
+use testkit::image::{ImageBuilder, busybox_layer};
 use testkit::lazysnapd::Lazysnapd;
 use testkit::registry::Registry;
 use testkit::registry::bytes_served;
 
-const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
-const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
+use common::{LAZYSNAPD, layers_of, push_busybox_app};
 
 /// Size of the file the container never reads; it must stay in the registry.
 const BIG: usize = 24 << 20;
@@ -41,18 +40,6 @@ const HOST_PATHS: &[&str] = &[
     "/var/lib/containerd",
     "/var/log/pods",
 ];
-
-/// The (digest, compressed size) of each layer of `reference`, from the registry.
-async fn layers_of(reference: &str) -> Vec<(String, u64)> {
-    let client = registry::Client::new(registry::RegistryConfig::default()).unwrap();
-    let resolved = client.resolve(&reference.parse().unwrap()).await.unwrap();
-    resolved
-        .manifest
-        .layers
-        .iter()
-        .map(|l| (l.digest.to_string(), l.size))
-        .collect()
-}
 
 /// Fields drop in this order: containerd (its drop kills what CRI left), then lazysnapd
 /// (nothing uses its mounts any more), the registry, and last the temp dir.
@@ -74,40 +61,6 @@ fn push_pause_image(registry: &Registry) -> String {
     registry.push("cri/pause", "1", &image).unwrap()
 }
 
-/// busybox plus a layer with a small file the command reads and a big one it does not,
-/// converted to eStargz by `lazysnap convert`; returns the converted reference.
-fn push_estargz_app_image(registry: &Registry) -> String {
-    let image = ImageBuilder::new()
-        .layer(busybox_layer().unwrap())
-        .entries(&[
-            Entry::dir("app"),
-            Entry::file("app/motd", "served-lazily\n"),
-            Entry::file("app/big.bin", noise(BIG, 7)),
-        ])
-        .unwrap()
-        .cmd(&["/bin/cat", "/app/motd"])
-        .build()
-        .unwrap();
-    let plain = registry.push("cri/app", "plain", &image).unwrap();
-    let converted = format!("{}/cri/app:estargz", registry.host);
-    let out = Command::new(LAZYSNAP)
-        .args([
-            "convert",
-            "--no-progress-bars",
-            "--estargz",
-            &plain,
-            &converted,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "convert failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    converted
-}
-
 fn setup(name: &str) -> Option<(Setup, String)> {
     if testkit::skip_unless_root(name) {
         return None;
@@ -115,7 +68,7 @@ fn setup(name: &str) -> Option<(Setup, String)> {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(&dir.path().join("registry")).unwrap();
     let pause = push_pause_image(&registry);
-    let app = push_estargz_app_image(&registry);
+    let (_, app) = push_busybox_app(&registry, "cri/app", BIG, 7);
     // No background fetch: what the registry serves is what the pull and container read.
     let config = dir.path().join("lazysnapd.toml");
     std::fs::write(&config, "[lazy]\nbackground_fetch = false\n").unwrap();

@@ -12,10 +12,9 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{LAZYSNAPD, convert};
+use common::{LAZYSNAPD, layers_of, push_busybox_app};
 use testkit::containerd::{Containerd, ContainerdOptions, Release, mounts_under};
 use testkit::docker::Dockerd;
-use testkit::image::{Entry, ImageBuilder, busybox_layer, noise};
 use testkit::lazysnapd::Lazysnapd;
 use testkit::registry::{Registry, bytes_served};
 
@@ -80,38 +79,6 @@ fn setup(name: &str) -> Option<Setup> {
     })
 }
 
-/// busybox and a layer with a file the command prints and a big one nobody reads;
-/// pushed plain (gzip) and converted to eStargz. Returns (plain, eStargz) references.
-fn push_app(registry: &Registry, repo: &str) -> (String, String) {
-    let image = ImageBuilder::new()
-        .layer(busybox_layer().unwrap())
-        .entries(&[
-            Entry::dir("app"),
-            Entry::file("app/motd", "served-lazily\n"),
-            Entry::file("app/big.bin", noise(BIG, 5)),
-        ])
-        .unwrap()
-        .cmd(&["/bin/cat", "/app/motd"])
-        .build()
-        .unwrap();
-    let plain = registry.push(repo, "plain", &image).unwrap();
-    let estargz = format!("{}/{repo}:estargz", registry.host);
-    convert(&plain, &estargz, &["--estargz"]);
-    (plain, estargz)
-}
-
-/// (digest, compressed size) of each layer, from the registry.
-async fn layers_of(reference: &str) -> Vec<(String, u64)> {
-    let client = registry::Client::new(registry::RegistryConfig::default()).unwrap();
-    let resolved = client.resolve(&reference.parse().unwrap()).await.unwrap();
-    resolved
-        .manifest
-        .layers
-        .iter()
-        .map(|l| (l.digest.to_string(), l.size))
-        .collect()
-}
-
 fn lazily_mounted(s: &Setup) -> usize {
     s.daemon.log().matches("layer mounted lazily").count()
 }
@@ -171,7 +138,7 @@ async fn docker_pulls_estargz_lazily_runs_builds_and_commits() {
     let Some(s) = setup("docker_pulls_estargz_lazily_runs_builds_and_commits") else {
         return;
     };
-    let (_, image) = push_app(&s.public, "docker/app");
+    let (_, image) = push_busybox_app(&s.public, "docker/app", BIG, 5);
 
     let started = std::time::Instant::now();
     let pulled = s.dockerd.docker(["pull", &image]).unwrap();
@@ -281,7 +248,7 @@ async fn docker_falls_back_for_gzip_and_uses_docker_login_credentials() {
     let Some(s) = setup("docker_falls_back_for_gzip_and_uses_docker_login_credentials") else {
         return;
     };
-    let (plain, _) = push_app(&s.public, "docker/app");
+    let (plain, _) = push_busybox_app(&s.public, "docker/app", BIG, 5);
 
     // A plain gzip image: downloaded and unpacked, no lazy mount, runs.
     s.dockerd.docker(["pull", &plain]).unwrap();

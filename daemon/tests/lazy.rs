@@ -10,7 +10,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{LAZYSNAP, convert, rpull_options, start_lazysnapd};
+use common::{LAZYSNAP, convert, layers_of, rpull_options, start_lazysnapd};
 use daemon::rpull::{LayerOutcome, rpull};
 use testkit::containerd::{Containerd, ContainerdOptions, mounts_under};
 use testkit::image::noise;
@@ -84,18 +84,6 @@ fn push_app_image(registry: &Registry, repo: &str) -> String {
         .build()
         .unwrap();
     registry.push(repo, "plain", &image).unwrap()
-}
-
-/// The (digest, compressed size) of each layer of `reference`, from the registry.
-async fn layers_of(reference: &str) -> Vec<(String, u64)> {
-    let client = registry::Client::new(registry::RegistryConfig::default()).unwrap();
-    let resolved = client.resolve(&reference.parse().unwrap()).await.unwrap();
-    resolved
-        .manifest
-        .layers
-        .iter()
-        .map(|l| (l.digest.to_string(), l.size))
-        .collect()
 }
 
 async fn lazy_pull_and_run(s: &Setup, reference: &str) {

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::process::{ChildGuard, run_with_timeout, send_signal};
+use crate::process::{ChildGuard, run_with_timeout, send_signal, stdout_of};
 
 /// Unix socket paths are limited to 108 bytes (sun_path); stay well below.
 const MAX_SOCKET_PATH: usize = 100;
@@ -384,15 +384,7 @@ impl Containerd {
         }
         cmd.args(args);
         let what = format!("{cmd:?}");
-        let output = run_with_timeout(cmd, timeout)?;
-        if !output.status.success() {
-            anyhow::bail!(
-                "{what} failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        stdout_of(&what, run_with_timeout(cmd, timeout)?)
     }
 
     /// Mount points under this containerd's temp dir, deepest first.
@@ -473,11 +465,22 @@ fn config_v2(root: &Path, socket: &Path, options: &ContainerdOptions) -> anyhow:
             address = toml_string(&path_str(&proxy.address)?),
         ));
     }
-    if options.keep_cri && !options.extra_config.contains(CRI_PLUGIN) {
+    config_tail(config, root, CRI_PLUGIN, options)
+}
+
+/// What both config versions end with: CRI's CNI dirs in the temp dir (unless the
+/// caller's text configures `cni_plugin`, the plugin that owns them), then that text.
+fn config_tail(
+    mut config: String,
+    root: &Path,
+    cni_plugin: &str,
+    options: &ContainerdOptions,
+) -> anyhow::Result<String> {
+    if options.keep_cri && !options.extra_config.contains(cni_plugin) {
         // CRI otherwise creates and watches /etc/cni/net.d on the host.
         config.push_str(&format!(
-            "\n[plugins.{cri}.cni]\n  conf_dir = {conf}\n  bin_dir = {bin}\n",
-            cri = toml_string(CRI_PLUGIN),
+            "\n[plugins.{plugin}.cni]\n  conf_dir = {conf}\n  bin_dir = {bin}\n",
+            plugin = toml_string(cni_plugin),
             conf = toml_string(&path_str(&root.join("cni/net.d"))?),
             bin = toml_string(&path_str(&root.join("cni/bin"))?),
         ));
@@ -518,23 +521,7 @@ fn config_v3(root: &Path, socket: &Path, options: &ContainerdOptions) -> anyhow:
             address = toml_string(&path_str(&proxy.address)?),
         ));
     }
-    let runtime = toml_string("io.containerd.cri.v1.runtime");
-    if options.keep_cri
-        && !options
-            .extra_config
-            .contains("io.containerd.cri.v1.runtime")
-    {
-        config.push_str(&format!(
-            "\n[plugins.{runtime}.cni]\n  conf_dir = {conf}\n  bin_dir = {bin}\n",
-            conf = toml_string(&path_str(&root.join("cni/net.d"))?),
-            bin = toml_string(&path_str(&root.join("cni/bin"))?),
-        ));
-    }
-    if !options.extra_config.is_empty() {
-        config.push('\n');
-        config.push_str(&options.extra_config);
-    }
-    Ok(config)
+    config_tail(config, root, "io.containerd.cri.v1.runtime", options)
 }
 
 impl Drop for Containerd {

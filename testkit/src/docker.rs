@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::containerd::{Containerd, mounts_under, runtimes_dir, unmount_detach};
-use crate::process::{ChildGuard, run_with_timeout};
+use crate::process::{ChildGuard, run_with_timeout, stdout_of};
 
 /// How long a `docker` command may take unless the caller says otherwise.
 pub const DEFAULT_DOCKER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -143,7 +143,7 @@ impl Dockerd {
             stdin.write_all(input)?;
         }
         let output = child.wait_with_output()?;
-        Self::result(what, output)
+        stdout_of(&what, output)
     }
 
     pub fn docker_timeout<I, S>(&self, args: I, timeout: Duration) -> anyhow::Result<String>
@@ -154,7 +154,7 @@ impl Dockerd {
         let cmd = self.command(args);
         let what = format!("{cmd:?}");
         let output = run_with_timeout(cmd, timeout)?;
-        Self::result(what, output)
+        stdout_of(&what, output)
     }
 
     fn command<I, S>(&self, args: I) -> Command
@@ -169,17 +169,6 @@ impl Dockerd {
             .env("DOCKER_BUILDKIT", "0")
             .args(args);
         cmd
-    }
-
-    fn result(what: String, output: std::process::Output) -> anyhow::Result<String> {
-        if !output.status.success() {
-            anyhow::bail!(
-                "{what} failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 }
 

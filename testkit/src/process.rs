@@ -149,3 +149,16 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> anyhow::Result<O
         stderr,
     })
 }
+
+/// `output`'s stdout when the command succeeded; otherwise an error naming the command
+/// (`what`), its exit status and its stderr.
+pub fn stdout_of(what: &str, output: Output) -> anyhow::Result<String> {
+    if !output.status.success() {
+        anyhow::bail!(
+            "{what} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}

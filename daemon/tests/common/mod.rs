@@ -10,7 +10,9 @@ use std::process::Command;
 
 use daemon::rpull::{LayerOutcome, RpullOptions, RpullReport, rpull};
 use testkit::containerd::{Containerd, ContainerdOptions};
+use testkit::image::{Entry, ImageBuilder, busybox_layer, noise};
 use testkit::lazysnapd::Lazysnapd;
+use testkit::registry::Registry;
 
 pub const LAZYSNAPD: &str = env!("CARGO_BIN_EXE_lazysnapd");
 pub const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
@@ -71,4 +73,42 @@ pub async fn rpull_lazily(reference: &str, containerd: &Containerd) -> RpullRepo
         "not every layer of {reference} was mounted lazily: {report:?}"
     );
     report
+}
+
+/// The (digest, compressed size) of each layer of `reference`, from the registry.
+pub async fn layers_of(reference: &str) -> Vec<(String, u64)> {
+    let client = registry::Client::new(registry::RegistryConfig::default()).unwrap();
+    let resolved = client.resolve(&reference.parse().unwrap()).await.unwrap();
+    resolved
+        .manifest
+        .layers
+        .iter()
+        .map(|l| (l.digest.to_string(), l.size))
+        .collect()
+}
+
+/// busybox and a layer with `/app/motd` (the command prints it) and `/app/big.bin`
+/// (`big` bytes of noise nobody reads), pushed plain as `REPO:plain` and converted to
+/// eStargz as `REPO:estargz` by `lazysnap convert`; returns both references.
+pub fn push_busybox_app(
+    registry: &Registry,
+    repo: &str,
+    big: usize,
+    seed: u64,
+) -> (String, String) {
+    let image = ImageBuilder::new()
+        .layer(busybox_layer().unwrap())
+        .entries(&[
+            Entry::dir("app"),
+            Entry::file("app/motd", "served-lazily\n"),
+            Entry::file("app/big.bin", noise(big, seed)),
+        ])
+        .unwrap()
+        .cmd(&["/bin/cat", "/app/motd"])
+        .build()
+        .unwrap();
+    let plain = registry.push(repo, "plain", &image).unwrap();
+    let estargz = format!("{}/{repo}:estargz", registry.host);
+    convert(&plain, &estargz, &["--estargz"]);
+    (plain, estargz)
 }
