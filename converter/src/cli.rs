@@ -145,7 +145,7 @@ impl ConvertArgs {
         let platforms = self
             .platform
             .iter()
-            .map(|p| Platform::parse(p))
+            .map(|p| Platform::parse(p).map_err(Error::BadOption))
             .collect::<Result<Vec<_>>>()?;
         Ok(ConvertOptions {
             writer,

@@ -67,7 +67,8 @@ pub enum Error {
     #[error("config {digest}: {reason}")]
     BadConfig { digest: Digest, reason: String },
 
-    #[error("bad digest {0:?}: expected sha256:<64 lowercase hex digits>")]
+    /// A digest that does not parse (the message says why).
+    #[error("{0}")]
     BadDigest(String),
 
     #[error("OCI layout {path}: {reason}")]
@@ -93,12 +94,8 @@ pub enum Error {
     #[error("invalid option: {0}")]
     BadOption(String),
 
-    #[cfg(feature = "registry")]
     #[error(transparent)]
     Registry(#[from] registry::Error),
-
-    #[error("{0} needs registry support, which this build of the converter lacks")]
-    NoRegistrySupport(String),
 
     #[error("internal error: {0}")]
     Internal(String),

@@ -16,7 +16,6 @@ use crate::oci::{
     MAX_METADATA_SIZE, Manifest, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Object, Platform,
 };
 use crate::progress::Progress;
-#[cfg(feature = "registry")]
 use crate::remote::Remote;
 
 /// Largest image config accepted (configs with long histories can be big).
@@ -111,13 +110,11 @@ pub struct Summary {
 
 enum Src {
     Layout(Layout, Option<String>),
-    #[cfg(feature = "registry")]
     Remote(Remote),
 }
 
 enum Dst {
     Layout(Layout, Option<String>),
-    #[cfg(feature = "registry")]
     Remote(Remote, String),
 }
 
@@ -144,16 +141,10 @@ impl Src {
     async fn open(loc: &Location, opts: &ConvertOptions) -> Result<Self> {
         match loc {
             Location::Layout { dir, tag } => Ok(Src::Layout(Layout::open(dir)?, tag.clone())),
-            #[cfg(feature = "registry")]
             Location::Registry(r) => {
                 let reference = crate::remote::parse_reference(r)?;
                 let client = crate::remote::client_for(&reference, opts.plain_http)?;
                 Ok(Src::Remote(Remote { client, reference }))
-            }
-            #[cfg(not(feature = "registry"))]
-            Location::Registry(r) => {
-                let _ = opts;
-                Err(Error::NoRegistrySupport(r.clone()))
             }
         }
     }
@@ -164,7 +155,6 @@ impl Src {
                 Some(t) => format!("oci:{}:{t}", l.root().display()),
                 None => format!("oci:{}", l.root().display()),
             },
-            #[cfg(feature = "registry")]
             Src::Remote(r) => r.reference.to_string(),
         }
     }
@@ -177,7 +167,6 @@ impl Src {
                 let bytes = l.read_blob(&desc, "manifest", MAX_METADATA_SIZE)?;
                 Ok((desc, bytes))
             }
-            #[cfg(feature = "registry")]
             Src::Remote(r) => {
                 let (bytes, media_type, digest) = r.fetch_object(&r.reference.object()).await?;
                 let desc = Descriptor::new(&media_type, digest, bytes.len() as u64);
@@ -190,9 +179,8 @@ impl Src {
     async fn object(&self, desc: &Descriptor) -> Result<Vec<u8>> {
         match self {
             Src::Layout(l, _) => l.read_blob(desc, "manifest", MAX_METADATA_SIZE),
-            #[cfg(feature = "registry")]
             Src::Remote(r) => {
-                let (bytes, _, digest) = r.fetch_object(desc.digest.as_str()).await?;
+                let (bytes, _, digest) = r.fetch_object(&desc.digest.to_string()).await?;
                 if digest != desc.digest {
                     return Err(Error::DigestMismatch {
                         what: "manifest",
@@ -208,7 +196,6 @@ impl Src {
     async fn small(&self, desc: &Descriptor, what: &'static str, limit: u64) -> Result<Vec<u8>> {
         match self {
             Src::Layout(l, _) => l.read_blob(desc, what, limit),
-            #[cfg(feature = "registry")]
             Src::Remote(r) => {
                 if desc.size > limit {
                     return Err(Error::TooLarge {
@@ -230,7 +217,6 @@ impl Src {
                 file: l.open_blob(desc, what)?,
                 _temp: None,
             }),
-            #[cfg(feature = "registry")]
             Src::Remote(r) => {
                 let tmp = tempfile::NamedTempFile::new()
                     .map_err(|e| Error::io("creating a temp file", e))?;
@@ -248,7 +234,6 @@ impl Dst {
     async fn open(loc: &Location, opts: &ConvertOptions) -> Result<Self> {
         match loc {
             Location::Layout { dir, tag } => Ok(Dst::Layout(Layout::create(dir)?, tag.clone())),
-            #[cfg(feature = "registry")]
             Location::Registry(r) => {
                 let reference = crate::remote::parse_reference(r)?;
                 if reference.digest.is_some() {
@@ -261,18 +246,12 @@ impl Dst {
                 let client = crate::remote::client_for(&reference, opts.plain_http)?;
                 Ok(Dst::Remote(Remote { client, reference }, tag))
             }
-            #[cfg(not(feature = "registry"))]
-            Location::Registry(r) => {
-                let _ = opts;
-                Err(Error::NoRegistrySupport(r.clone()))
-            }
         }
     }
 
     async fn has(&self, digest: &Digest) -> Result<bool> {
         match self {
             Dst::Layout(l, _) => Ok(l.has_blob(digest)),
-            #[cfg(feature = "registry")]
             Dst::Remote(r, _) => r.has_blob(digest).await,
         }
     }
@@ -287,17 +266,14 @@ impl Dst {
                 let file = l.open_blob(desc, what)?;
                 dst.copy_blob_from(&file, desc, what)
             }
-            #[cfg(feature = "registry")]
             (Dst::Layout(dst, _), Src::Remote(r)) => {
                 let tmp = dst.temp_blob()?;
                 r.fetch_to(desc, reopen(&tmp)?).await?;
                 dst.commit_blob(tmp, &desc.digest)
             }
-            #[cfg(feature = "registry")]
             (Dst::Remote(dst, _), Src::Layout(l, _)) => {
                 dst.push_file(&desc.digest, l.open_blob(desc, what)?).await
             }
-            #[cfg(feature = "registry")]
             (Dst::Remote(dst, _), Src::Remote(r)) => {
                 if dst.mount_from(r, &desc.digest).await? {
                     return Ok(());
@@ -312,7 +288,6 @@ impl Dst {
     fn temp(&self) -> Result<tempfile::NamedTempFile> {
         match self {
             Dst::Layout(l, _) => l.temp_blob(),
-            #[cfg(feature = "registry")]
             Dst::Remote(..) => {
                 tempfile::NamedTempFile::new().map_err(|e| Error::io("creating a temp file", e))
             }
@@ -322,7 +297,6 @@ impl Dst {
     async fn put_temp(&self, tmp: tempfile::NamedTempFile, digest: &Digest) -> Result<()> {
         match self {
             Dst::Layout(l, _) => l.commit_blob(tmp, digest),
-            #[cfg(feature = "registry")]
             Dst::Remote(r, _) => r.push_file(digest, reopen(&tmp)?).await,
         }
     }
@@ -331,9 +305,8 @@ impl Dst {
     async fn put_blob(&self, data: Vec<u8>) -> Result<Digest> {
         match self {
             Dst::Layout(l, _) => l.write_blob(&data),
-            #[cfg(feature = "registry")]
             Dst::Remote(r, _) => {
-                let digest = Digest::of(&data);
+                let digest = Digest::sha256_of(&data);
                 r.push_bytes(&digest, data.into()).await?;
                 Ok(digest)
             }
@@ -341,14 +314,12 @@ impl Dst {
     }
 
     /// Stores a manifest that an index will list (by digest).
-    #[cfg_attr(not(feature = "registry"), allow(unused_variables))]
     async fn put_child(&self, bytes: &[u8], media_type: &str) -> Result<()> {
         match self {
             Dst::Layout(l, _) => l.write_blob(bytes).map(|_| ()),
-            #[cfg(feature = "registry")]
             Dst::Remote(r, _) => {
-                let digest = Digest::of(bytes);
-                r.push_manifest(digest.as_str(), media_type, bytes.to_vec().into())
+                let digest = Digest::sha256_of(bytes);
+                r.push_manifest(&digest.to_string(), media_type, bytes.to_vec().into())
                     .await
             }
         }
@@ -364,7 +335,6 @@ impl Dst {
                 desc.platform = None;
                 l.set_ref(desc, tag.as_deref())
             }
-            #[cfg(feature = "registry")]
             Dst::Remote(r, tag) => {
                 r.push_manifest(tag, &root.media_type, bytes.to_vec().into())
                     .await
@@ -521,7 +491,7 @@ impl Converter<'_> {
         let out_bytes = oci::to_json(&new_index)?;
         let mut out = desc.clone();
         out.media_type = media_type;
-        out.digest = Digest::of(&out_bytes);
+        out.digest = Digest::sha256_of(&out_bytes);
         out.size = out_bytes.len() as u64;
         Ok((out, out_bytes))
     }
@@ -628,7 +598,7 @@ impl Converter<'_> {
         let out_bytes = oci::to_json(&m)?;
         let mut out = desc.clone();
         out.media_type = media_type;
-        out.digest = Digest::of(&out_bytes);
+        out.digest = Digest::sha256_of(&out_bytes);
         out.size = out_bytes.len() as u64;
         Ok((out, out_bytes))
     }
@@ -724,14 +694,14 @@ impl Converter<'_> {
     fn kept(&self, desc: &Descriptor, diff_id: &str) -> Result<LayerResult> {
         Ok(LayerResult {
             desc: desc.clone(),
-            diff_id: Digest::parse(diff_id)?,
+            diff_id: oci::parse_digest(diff_id)?,
             converted: false,
         })
     }
 }
 
 fn short(d: &Digest) -> String {
-    format!("sha256:{}", &d.hex()[..12])
+    format!("{}:{}", d.algorithm().name(), &d.hex()[..12])
 }
 
 pub fn format_name(f: OutputFormat) -> &'static str {

@@ -11,7 +11,7 @@ use estargz::{Format, OutputFormat, WriterOptions};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
-use crate::oci::{Descriptor, Digest, LAYER_GZIP, LAYER_ZSTD};
+use crate::oci::{Descriptor, Digest, Hasher, LAYER_GZIP, LAYER_ZSTD};
 use crate::progress::Task;
 
 /// Annotations that describe a layer's format; dropped from a descriptor whose blob
@@ -80,7 +80,7 @@ pub struct LayerResult {
 /// Reads the source blob, hashing and counting what goes through, reporting progress.
 struct Verifying<'a> {
     inner: BufReader<&'a File>,
-    hasher: Sha256,
+    hasher: Hasher,
     count: u64,
     task: &'a Task,
 }
@@ -103,7 +103,7 @@ impl Verifying<'_> {
             context: "reading the layer blob".into(),
             source: e,
         })?;
-        let actual = Digest::from_hasher(self.hasher);
+        let actual = self.hasher.finish();
         if actual != desc.digest {
             return Err(Error::DigestMismatch {
                 what: "layer",
@@ -164,7 +164,7 @@ fn rewind(file: &File, desc: &Descriptor) -> Result<()> {
 
 fn check_diff_id(desc: &Descriptor, expected: Option<&str>, actual: &Digest) -> Result<()> {
     match expected {
-        Some(e) if e != actual.as_str() => Err(Error::DiffIdMismatch {
+        Some(e) if e != actual.to_string() => Err(Error::DiffIdMismatch {
             digest: desc.digest.clone(),
             expected: e.to_string(),
             actual: actual.clone(),
@@ -219,7 +219,7 @@ pub fn annotate_existing(
     };
     let mut raw = Verifying {
         inner: BufReader::with_capacity(1 << 20, file),
-        hasher: Sha256::new(),
+        hasher: Hasher::new(desc.digest.algorithm()),
         count: 0,
         task,
     };
@@ -232,7 +232,7 @@ pub fn annotate_existing(
         };
         std::io::copy(&mut h, &mut std::io::sink())
             .map_err(|e| layer_err("decompressing the layer", e))?;
-        (Digest::from_hasher(h.hasher), h.count)
+        (Digest::from_sha256(h.hasher), h.count)
     };
     raw.finish(desc)?;
     check_diff_id(desc, expected_diff_id, &diff_id)?;
@@ -350,7 +350,7 @@ pub fn convert(
     };
     let mut raw = Verifying {
         inner: BufReader::with_capacity(1 << 20, file),
-        hasher: Sha256::new(),
+        hasher: Hasher::new(desc.digest.algorithm()),
         count: 0,
         task,
     };
@@ -376,7 +376,7 @@ pub fn convert(
                 // covers every byte.
                 std::io::copy(&mut input, &mut std::io::sink())
                     .map_err(|e| layer_err("decompressing the layer", e))?;
-                Ok((o, Digest::from_hasher(input.hasher)))
+                Ok((o, Digest::from_sha256(input.hasher)))
             }
             Err(e) => Err(e),
         }

@@ -1,4 +1,4 @@
-//! OCI image layout directories (`oci-layout`, `index.json`, `blobs/sha256/<hex>`).
+//! OCI image layout directories (`oci-layout`, `index.json`, `blobs/<algorithm>/<hex>`).
 //!
 //! Blobs are written to a temp file in the blobs directory and renamed into place, so
 //! a blob file, once it has its digest for a name, is complete. `index.json` is written
@@ -9,10 +9,8 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest as _, Sha256};
-
 use crate::error::{Error, Result};
-use crate::oci::{Descriptor, Digest, Index, OCI_INDEX, REF_NAME_ANNOTATION};
+use crate::oci::{Descriptor, Digest, Hasher, Index, OCI_INDEX, REF_NAME_ANNOTATION};
 
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -54,7 +52,10 @@ impl Layout {
     }
 
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.root.join("blobs").join("sha256").join(digest.hex())
+        self.root
+            .join("blobs")
+            .join(digest.algorithm().name())
+            .join(digest.hex())
     }
 
     pub fn has_blob(&self, digest: &Digest) -> bool {
@@ -168,7 +169,7 @@ impl Layout {
         file.take(limit + 1)
             .read_to_end(&mut data)
             .map_err(|e| Error::io(format!("reading {what} {}", desc.digest), e))?;
-        let actual = Digest::of(&data);
+        let actual = desc.digest.compute_like(&data);
         if actual != desc.digest {
             return Err(Error::DigestMismatch {
                 what,
@@ -194,6 +195,11 @@ impl Layout {
             .sync_all()
             .map_err(|e| Error::io("syncing a blob", e))?;
         let path = self.blob_path(digest);
+        if let Some(dir) = path.parent().filter(|d| !d.is_dir()) {
+            // Blobs of another algorithm than sha256 (the directory `create` makes).
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        }
         tmp.persist(&path)
             .map_err(|e| Error::io(format!("renaming a blob to {}", path.display()), e.error))?;
         Ok(())
@@ -201,7 +207,7 @@ impl Layout {
 
     /// Writes a small blob (manifest, config, index) unless it is there already.
     pub fn write_blob(&self, data: &[u8]) -> Result<Digest> {
-        let digest = Digest::of(data);
+        let digest = Digest::sha256_of(data);
         if !self.has_blob(&digest) {
             let mut tmp = self.temp_blob()?;
             tmp.write_all(data)
@@ -224,13 +230,13 @@ impl Layout {
         let mut tmp = self.temp_blob()?;
         let mut hashing = HashWriter {
             inner: tmp.as_file_mut(),
-            hasher: Sha256::new(),
+            hasher: Hasher::new(desc.digest.algorithm()),
             count: 0,
         };
         std::io::copy(&mut file, &mut hashing)
             .map_err(|e| Error::io(format!("copying {what} {}", desc.digest), e))?;
         let (hasher, count) = (hashing.hasher, hashing.count);
-        let actual = Digest::from_hasher(hasher);
+        let actual = hasher.finish();
         if actual != desc.digest {
             return Err(Error::DigestMismatch {
                 what,
@@ -275,7 +281,7 @@ impl Layout {
 
 struct HashWriter<W> {
     inner: W,
-    hasher: Sha256,
+    hasher: Hasher,
     count: u64,
 }
 
@@ -349,6 +355,33 @@ mod tests {
     }
 
     #[test]
+    fn sha512_blobs_live_under_their_algorithm_and_are_verified() {
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (src, dst) = (
+            Layout::create(src.path()).unwrap(),
+            Layout::create(dst.path()).unwrap(),
+        );
+        let data = b"a blob named by its sha512";
+        let sha512: Digest = format!("sha512:{}", "0".repeat(128)).parse().unwrap();
+        let digest = sha512.compute_like(data);
+        let desc = Descriptor::new("x", digest.clone(), data.len() as u64);
+        let path = src.blob_path(&digest);
+        assert!(path.ends_with(format!("blobs/sha512/{}", digest.hex())));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, data).unwrap();
+        assert_eq!(src.read_blob(&desc, "config", 100).unwrap(), data);
+        dst.copy_blob_from(&src.open_blob(&desc, "config").unwrap(), &desc, "config")
+            .unwrap();
+        assert_eq!(std::fs::read(dst.blob_path(&digest)).unwrap(), data);
+        std::fs::write(&path, b"a blob named by its sha512!").unwrap();
+        let wrong = Descriptor::new("x", digest, data.len() as u64 + 1);
+        assert!(matches!(
+            src.read_blob(&wrong, "config", 100),
+            Err(Error::DigestMismatch { .. })
+        ));
+    }
+
+    #[test]
     fn blobs_are_verified() {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::create(dir.path()).unwrap();
@@ -365,7 +398,7 @@ mod tests {
             layout.read_blob(&desc, "config", 100),
             Err(Error::SizeMismatch { .. })
         ));
-        let missing = Descriptor::new("x", Digest::of(b"nope"), 4);
+        let missing = Descriptor::new("x", Digest::sha256_of(b"nope"), 4);
         assert!(matches!(
             layout.open_blob(&missing, "layer"),
             Err(Error::MissingBlob { .. })

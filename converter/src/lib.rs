@@ -13,7 +13,6 @@ pub mod layer;
 mod layout;
 pub mod oci;
 mod progress;
-#[cfg(feature = "registry")]
 mod remote;
 
 pub use error::{Error, Result};

@@ -2,10 +2,8 @@
 //! know in `other`, so a conversion never drops content it does not understand.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
 
@@ -47,67 +45,14 @@ pub fn layer_compression(media_type: &str) -> Option<LayerCompression> {
     }
 }
 
-/// A sha256 digest as written in descriptors: `sha256:<64 lowercase hex>`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Digest(String);
+/// The content digest and platform types are the registry client's: one of each across the
+/// workspace, and a converted image is pushed with the same types it was read with.
+pub use registry::{Digest, Hasher, Platform};
 
-impl Digest {
-    pub fn parse(s: &str) -> Result<Self> {
-        let hex = s
-            .strip_prefix("sha256:")
-            .ok_or_else(|| Error::BadDigest(s.to_string()))?;
-        if hex.len() != 64
-            || !hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            return Err(Error::BadDigest(s.to_string()));
-        }
-        Ok(Digest(s.to_string()))
-    }
-
-    pub fn of(data: &[u8]) -> Self {
-        Self::from_hasher(Sha256::new_with_prefix(data))
-    }
-
-    pub fn from_hasher(h: Sha256) -> Self {
-        Digest(format!("sha256:{:x}", h.finalize()))
-    }
-
-    /// The 64 hex digits (the file name in an OCI layout).
-    pub fn hex(&self) -> &str {
-        &self.0["sha256:".len()..]
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl TryFrom<String> for Digest {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Self> {
-        Digest::parse(&s)
-    }
-}
-
-impl From<Digest> for String {
-    fn from(d: Digest) -> String {
-        d.0
-    }
-}
-
-impl From<estargz::Digest> for Digest {
-    fn from(d: estargz::Digest) -> Self {
-        Digest(d.to_string())
-    }
+/// Parses a digest written in a manifest, config or layout.
+pub fn parse_digest(s: &str) -> Result<Digest> {
+    s.parse()
+        .map_err(|e: registry::DigestParseError| Error::BadDigest(e.to_string()))
 }
 
 pub type Extra = BTreeMap<String, serde_json::Value>;
@@ -140,72 +85,6 @@ impl Descriptor {
 
     pub fn annotation(&self, key: &str) -> Option<&str> {
         self.annotations.as_ref()?.get(key).map(String::as_str)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Platform {
-    pub architecture: String,
-    pub os: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub variant: Option<String>,
-    #[serde(flatten)]
-    pub other: BTreeMap<String, serde_json::Value>,
-}
-
-impl Platform {
-    /// `os/arch[/variant]`.
-    pub fn parse(s: &str) -> Result<Self> {
-        let parts: Vec<&str> = s.split('/').collect();
-        if !(2..=3).contains(&parts.len()) || parts.iter().any(|p| p.is_empty()) {
-            return Err(Error::BadOption(format!(
-                "platform {s:?} is not os/arch[/variant]"
-            )));
-        }
-        Ok(Platform {
-            os: parts[0].to_string(),
-            architecture: parts[1].to_string(),
-            variant: parts.get(2).map(|v| v.to_string()),
-            other: BTreeMap::new(),
-        })
-    }
-
-    /// This machine's platform, in OCI's names.
-    pub fn host() -> Self {
-        let (arch, variant) = match std::env::consts::ARCH {
-            "x86_64" => ("amd64", None),
-            "x86" => ("386", None),
-            "aarch64" => ("arm64", Some("v8")),
-            "arm" => ("arm", Some("v7")),
-            "powerpc64" if cfg!(target_endian = "little") => ("ppc64le", None),
-            other => (other, None),
-        };
-        Platform {
-            os: std::env::consts::OS.to_string(),
-            architecture: arch.to_string(),
-            variant: variant.map(str::to_string),
-            other: BTreeMap::new(),
-        }
-    }
-
-    /// Whether an image for `candidate` satisfies a request for `self`; a missing
-    /// variant on either side matches (arm64 and v8 are the same thing).
-    pub fn matches(&self, candidate: &Platform) -> bool {
-        self.os == candidate.os
-            && self.architecture == candidate.architecture
-            && (self.variant.is_none()
-                || candidate.variant.is_none()
-                || self.variant == candidate.variant)
-    }
-}
-
-impl fmt::Display for Platform {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.os, self.architecture)?;
-        if let Some(v) = &self.variant {
-            write!(f, "/{v}")?;
-        }
-        Ok(())
     }
 }
 
@@ -285,23 +164,13 @@ pub fn parse_object(bytes: &[u8], media_type: &str, digest: &Digest) -> Result<O
     }
 }
 
-/// The manifest of `index` for `platform`: an exact variant first, then a compatible one.
+/// The image manifest of `index` to run on `platform` ([`registry::platform::choose`]).
 pub fn choose_platform<'a>(index: &'a Index, platform: &Platform) -> Option<&'a Descriptor> {
-    let candidates: Vec<&Descriptor> = index
+    let images = index
         .manifests
         .iter()
-        .filter(|d| is_manifest_type(&d.media_type))
-        .filter(|d| d.platform.as_ref().is_some_and(|p| platform.matches(p)))
-        .collect();
-    candidates
-        .iter()
-        .find(|d| {
-            d.platform
-                .as_ref()
-                .is_some_and(|p| p.variant == platform.variant)
-        })
-        .or_else(|| candidates.first())
-        .copied()
+        .filter(|d| is_manifest_type(&d.media_type));
+    registry::platform::choose(platform, images.map(|d| (d, d.platform.as_ref())))
 }
 
 /// Serialises a manifest, index or config the way registries expect (compact JSON).
@@ -317,7 +186,7 @@ mod tests {
     #[test]
     fn unknown_fields_survive_a_round_trip() {
         let json = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","artifactType":"x","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":2,"urls":["u"]},"layers":[],"subject":{"k":1}}"#;
-        let d = Digest::of(json);
+        let d = Digest::sha256_of(json);
         let Object::Manifest(m) = parse_object(json, "", &d).unwrap() else {
             panic!("not a manifest")
         };
@@ -328,25 +197,10 @@ mod tests {
 
     #[test]
     fn digests_are_checked() {
-        assert!(Digest::parse("sha256:abc").is_err());
-        assert!(Digest::parse(&format!("sha256:{}", "A".repeat(64))).is_err());
-        assert!(Digest::parse(&format!("md5:{}", "a".repeat(64))).is_err());
-        let d = Digest::parse(&format!("sha256:{}", "a".repeat(64))).unwrap();
+        assert!(parse_digest("sha256:abc").is_err());
+        assert!(parse_digest(&format!("sha256:{}", "A".repeat(64))).is_err());
+        assert!(parse_digest(&format!("md5:{}", "a".repeat(64))).is_err());
+        let d = parse_digest(&format!("sha256:{}", "a".repeat(64))).unwrap();
         assert_eq!(d.hex(), "a".repeat(64));
-        assert_eq!(
-            Digest::of(b"").as_str(),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
-    }
-
-    #[test]
-    fn platforms_match_with_optional_variants() {
-        let arm = Platform::parse("linux/arm64").unwrap();
-        let v8 = Platform::parse("linux/arm64/v8").unwrap();
-        assert!(arm.matches(&v8) && v8.matches(&arm));
-        assert!(!Platform::parse("linux/amd64").unwrap().matches(&v8));
-        assert!(Platform::parse("linux").is_err());
-        assert!(Platform::parse("linux//v7").is_err());
-        assert_eq!(v8.to_string(), "linux/arm64/v8");
     }
 }

@@ -52,12 +52,6 @@ pub fn parse_reference(input: &str) -> Result<registry::Reference> {
         })
 }
 
-fn reg_digest(d: &Digest) -> Result<registry::Digest> {
-    d.as_str()
-        .parse()
-        .map_err(|_| Error::BadDigest(d.to_string()))
-}
-
 impl Remote {
     fn repo(&self) -> &registry::Repository {
         &self.reference.repository
@@ -66,15 +60,14 @@ impl Remote {
     /// The manifest or index `object` (tag or digest): bytes, media type, digest.
     pub async fn fetch_object(&self, object: &str) -> Result<(Bytes, String, Digest)> {
         let m = self.client.fetch_manifest(self.repo(), object).await?;
-        let digest = Digest::parse(&m.digest.to_string())?;
-        Ok((m.bytes, m.media_type, digest))
+        Ok((m.bytes, m.media_type, m.digest))
     }
 
     /// A small blob (config), whole, digest-checked by the registry crate.
     pub async fn fetch_small(&self, desc: &Descriptor, limit: u64) -> Result<Bytes> {
         Ok(self
             .client
-            .fetch_blob(self.repo(), &reg_digest(&desc.digest)?, limit)
+            .fetch_blob(self.repo(), &desc.digest, limit)
             .await?)
     }
 
@@ -83,7 +76,7 @@ impl Remote {
         let mut f = tokio::fs::File::from_std(out);
         let size = self
             .client
-            .fetch_blob_to(self.repo(), &reg_digest(&desc.digest)?, &mut f)
+            .fetch_blob_to(self.repo(), &desc.digest, &mut f)
             .await?;
         tokio::io::AsyncWriteExt::flush(&mut f)
             .await
@@ -102,7 +95,7 @@ impl Remote {
     pub async fn has_blob(&self, digest: &Digest) -> Result<bool> {
         Ok(self
             .client
-            .blob_exists(self.repo(), &reg_digest(digest)?)
+            .blob_exists(self.repo(), digest)
             .await?
             .is_some())
     }
@@ -117,7 +110,7 @@ impl Remote {
         }
         Ok(self
             .client
-            .mount_blob(self.repo(), from.repo(), &reg_digest(digest)?)
+            .mount_blob(self.repo(), from.repo(), digest)
             .await?)
     }
 
@@ -129,14 +122,14 @@ impl Remote {
             .len();
         let blob = FileBlob { file, size };
         self.client
-            .push_blob_chunked(self.repo(), &reg_digest(digest)?, &blob, PUSH_CHUNK)
+            .push_blob_chunked(self.repo(), digest, &blob, PUSH_CHUNK)
             .await?;
         Ok(())
     }
 
     pub async fn push_bytes(&self, digest: &Digest, data: Bytes) -> Result<()> {
         self.client
-            .push_blob(self.repo(), &reg_digest(digest)?, data, None)
+            .push_blob(self.repo(), digest, data, None)
             .await?;
         Ok(())
     }

@@ -41,12 +41,12 @@ async fn convert(src: &str, dst: &str, format: OutputFormat) -> converter::Summa
 fn manifest_in_containerd(c: &Containerd, reference: &str) -> Manifest {
     let digest = image_digest(c, reference).unwrap();
     let bytes = content_get(c, &digest).unwrap();
-    let d = converter::oci::Digest::parse(&digest).unwrap();
+    let d = converter::oci::parse_digest(&digest).unwrap();
     match parse_object(&bytes, "", &d).unwrap() {
         Object::Manifest(m) => *m,
         Object::Index(i) => {
             let child: &Descriptor = &i.manifests[0];
-            let bytes = content_get(c, child.digest.as_str()).unwrap();
+            let bytes = content_get(c, &child.digest.to_string()).unwrap();
             match parse_object(&bytes, &child.media_type, &child.digest).unwrap() {
                 Object::Manifest(m) => *m,
                 Object::Index(_) => panic!("nested index"),
@@ -122,7 +122,8 @@ async fn converted_images_run_on_plain_containerd() {
         for l in &m.layers {
             let mut args = vec!["image", "get-toc-digest"];
             args.extend(flag);
-            args.push(l.digest.as_str());
+            let digest = l.digest.to_string();
+            args.push(&digest);
             let got = ctr_remote(&containerd, &args).unwrap();
             assert_eq!(
                 got.trim(),
@@ -173,8 +174,8 @@ async fn ctr_remote_layers_read_back_with_our_reader() {
         let m = manifest_in_containerd(&containerd, &dst);
         assert_eq!(m.layers.len(), tars.len());
         for (l, tar) in m.layers.iter().zip(&tars) {
-            let blob = content_get(&containerd, l.digest.as_str()).unwrap();
-            assert_eq!(converter::oci::Digest::of(&blob), l.digest);
+            let blob = content_get(&containerd, &l.digest.to_string()).unwrap();
+            assert_eq!(converter::oci::Digest::sha256_of(&blob), l.digest);
             let toc = l.annotation(estargz::TOC_DIGEST_ANNOTATION);
             assert!(
                 toc.is_some(),

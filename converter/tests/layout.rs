@@ -79,9 +79,12 @@ async fn check_converted(dir: &Path, tag: &str, image: &Image, format: OutputFor
     for (i, (l, tar)) in m.layers.iter().zip(&tars).enumerate() {
         let data = blob(dir, &l.digest);
         assert_eq!(data.len() as u64, l.size);
-        assert_eq!(Digest::of(&data), l.digest);
+        assert_eq!(Digest::sha256_of(&data), l.digest);
         let plain = gunzip_or_unzstd(&data);
-        assert_eq!(diff_ids[i].as_str().unwrap(), Digest::of(&plain).as_str());
+        assert_eq!(
+            diff_ids[i].as_str().unwrap(),
+            Digest::sha256_of(&plain).to_string()
+        );
         let ann = l.annotations.clone().unwrap_or_default();
         let toc = match format {
             OutputFormat::Estargz => {
@@ -166,7 +169,7 @@ async fn estargz_layers_read_back_equal_and_extract_identically() {
             .arg(&blob_path)
             .arg("stargz.index.json"));
         assert_eq!(
-            Digest::of(&toc_json).as_str(),
+            &Digest::sha256_of(&toc_json).to_string(),
             l.annotation(estargz::TOC_DIGEST_ANNOTATION).unwrap()
         );
         // GNU tar and the tar crate extract our blob to the original tree.
@@ -261,7 +264,7 @@ trait StdinFile {
 
 impl StdinFile for Command {
     fn stdin_file(&mut self, data: &[u8], dir: &Path) -> &mut Self {
-        let path = dir.join(format!("stdin-{}", Digest::of(data).hex()));
+        let path = dir.join(format!("stdin-{}", Digest::sha256_of(data).hex()));
         std::fs::write(&path, data).unwrap();
         self.stdin(std::fs::File::open(&path).unwrap())
     }
@@ -543,8 +546,12 @@ async fn bad_layers_give_clear_errors_and_no_destination() {
     let mut gz = gzip(&tar).unwrap();
     let mid = gz.len() / 2;
     gz[mid..mid + 16].fill(0xff);
-    let bad = Digest::of(&gz);
-    let err = convert_fails(&image_with_layer(gz, &Digest::of(&tar).to_string()), |_| {}).await;
+    let bad = Digest::sha256_of(&gz);
+    let err = convert_fails(
+        &image_with_layer(gz, &Digest::sha256_of(&tar).to_string()),
+        |_| {},
+    )
+    .await;
     let msg = err.to_string();
     assert!(msg.starts_with(&format!("layer {bad}")), "{msg}");
     assert!(matches!(err, Error::Layer { .. }), "{msg}");
@@ -553,8 +560,12 @@ async fn bad_layers_give_clear_errors_and_no_destination() {
     let tar = tar_with_raw_name("file", &vec![7u8; 100_000]);
     let cut = &tar[..60_000];
     let gz = gzip(cut).unwrap();
-    let bad = Digest::of(&gz);
-    let err = convert_fails(&image_with_layer(gz, &Digest::of(cut).to_string()), |_| {}).await;
+    let bad = Digest::sha256_of(&gz);
+    let err = convert_fails(
+        &image_with_layer(gz, &Digest::sha256_of(cut).to_string()),
+        |_| {},
+    )
+    .await;
     let msg = err.to_string();
     assert!(
         msg.starts_with(&format!("layer {bad}")) && msg.contains("truncated"),
@@ -564,8 +575,12 @@ async fn bad_layers_give_clear_errors_and_no_destination() {
     // A `..` entry name.
     let tar = tar_with_raw_name("../escape", b"x");
     let gz = gzip(&tar).unwrap();
-    let bad = Digest::of(&gz);
-    let err = convert_fails(&image_with_layer(gz, &Digest::of(&tar).to_string()), |_| {}).await;
+    let bad = Digest::sha256_of(&gz);
+    let err = convert_fails(
+        &image_with_layer(gz, &Digest::sha256_of(&tar).to_string()),
+        |_| {},
+    )
+    .await;
     let msg = err.to_string();
     assert!(
         msg.starts_with(&format!("layer {bad}")) && msg.contains(".."),
@@ -575,9 +590,9 @@ async fn bad_layers_give_clear_errors_and_no_destination() {
     // A DiffID in the config that the layer does not have.
     let tar = tar_with_raw_name("file", b"x");
     let gz = gzip(&tar).unwrap();
-    let bad = Digest::of(&gz);
+    let bad = Digest::sha256_of(&gz);
     let err = convert_fails(
-        &image_with_layer(gz, &Digest::of(b"other").to_string()),
+        &image_with_layer(gz, &Digest::sha256_of(b"other").to_string()),
         |_| {},
     )
     .await;
@@ -591,7 +606,7 @@ async fn bad_layers_give_clear_errors_and_no_destination() {
 async fn missing_and_tampered_blobs_give_clear_errors() {
     let image = test_image();
     let victim = image.layers[1].blob.clone();
-    let victim_digest = Digest::parse(&victim.digest).unwrap();
+    let victim_digest = converter::oci::parse_digest(&victim.digest).unwrap();
     let path_of = |src: &Path| src.join("blobs/sha256").join(victim.hex());
 
     let err = convert_fails(&image, |src| std::fs::remove_file(path_of(src)).unwrap()).await;

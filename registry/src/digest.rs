@@ -51,6 +51,14 @@ impl Digest {
         }
     }
 
+    /// The digest a sha256 hasher has taken in (data hashed as it streams past).
+    pub fn from_sha256(hasher: Sha256) -> Self {
+        Self {
+            algorithm: Algorithm::Sha256,
+            hex: hex(&hasher.finalize()),
+        }
+    }
+
     /// The digest of `data` computed with this digest's algorithm.
     pub fn compute_like(&self, data: &[u8]) -> Self {
         let hex = match self.algorithm {
@@ -77,33 +85,31 @@ impl Digest {
     }
 }
 
-/// Incremental hashing for data that arrives in pieces (uploads, streamed blobs).
-pub(crate) enum Hasher {
+/// Incremental hashing for data that arrives in pieces (uploads, streamed blobs), with
+/// the algorithm of the digest it is to be checked against.
+pub enum Hasher {
     Sha256(Sha256),
     Sha512(Sha512),
 }
 
 impl Hasher {
-    pub(crate) fn new(algorithm: Algorithm) -> Self {
+    pub fn new(algorithm: Algorithm) -> Self {
         match algorithm {
             Algorithm::Sha256 => Hasher::Sha256(Sha256::new()),
             Algorithm::Sha512 => Hasher::Sha512(Sha512::new()),
         }
     }
 
-    pub(crate) fn update(&mut self, data: &[u8]) {
+    pub fn update(&mut self, data: &[u8]) {
         match self {
             Hasher::Sha256(h) => h.update(data),
             Hasher::Sha512(h) => h.update(data),
         }
     }
 
-    pub(crate) fn finish(self) -> Digest {
+    pub fn finish(self) -> Digest {
         match self {
-            Hasher::Sha256(h) => Digest {
-                algorithm: Algorithm::Sha256,
-                hex: hex(&h.finalize()),
-            },
+            Hasher::Sha256(h) => Digest::from_sha256(h),
             Hasher::Sha512(h) => Digest {
                 algorithm: Algorithm::Sha512,
                 hex: hex(&h.finalize()),
@@ -149,6 +155,16 @@ impl FromStr for Digest {
             algorithm,
             hex: hex.to_string(),
         })
+    }
+}
+
+/// A chunk or TOC digest of the layer formats (always sha256) as a content digest.
+impl From<estargz::Digest> for Digest {
+    fn from(d: estargz::Digest) -> Self {
+        Self {
+            algorithm: Algorithm::Sha256,
+            hex: d.hex(),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ mod config;
 mod digest;
 mod error;
 mod manifest;
-mod platform;
+pub mod platform;
 mod push;
 mod reference;
 
@@ -24,7 +24,7 @@ pub use client::Client;
 pub use config::{
     HostConfig, HttpConfig, MirrorConfig, RegistryConfig, ResolverConfig, is_loopback,
 };
-pub use digest::{Algorithm, Digest, DigestParseError};
+pub use digest::{Algorithm, Digest, DigestParseError, Hasher};
 pub use error::{Error, Result, Target};
 pub use manifest::{
     DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Descriptor, FetchedManifest, ImageIndex, ImageManifest,

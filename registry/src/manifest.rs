@@ -294,25 +294,13 @@ impl Client {
     }
 }
 
-/// The first image manifest of the index that runs on `platform`.
+/// The image manifest of the index to run on `platform` ([`crate::platform::choose`]).
 pub fn choose_platform<'a>(index: &'a ImageIndex, platform: &Platform) -> Option<&'a Descriptor> {
     let images = index
         .manifests
         .iter()
         .filter(|d| d.media_type == OCI_MANIFEST || d.media_type == DOCKER_MANIFEST);
-    // Exact variant first, then a compatible one.
-    let candidates: Vec<&Descriptor> = images
-        .filter(|d| d.platform.as_ref().is_some_and(|p| platform.matches(p)))
-        .collect();
-    candidates
-        .iter()
-        .find(|d| {
-            d.platform
-                .as_ref()
-                .is_some_and(|p| p.variant == platform.variant)
-        })
-        .or_else(|| candidates.first())
-        .copied()
+    crate::platform::choose(platform, images.map(|d| (d, d.platform.as_ref())))
 }
 
 #[cfg(test)]
