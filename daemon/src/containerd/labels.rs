@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, HashMap};
 
 use registry::{Descriptor, Digest};
-use sha2::Digest as _;
 
 // The remote-snapshot labels: one definition, shared with the snapshotter that reads them.
 pub use snapshotter::remote::{
@@ -36,18 +35,11 @@ pub fn chain_ids(diff_ids: &[Digest]) -> Vec<String> {
     for diff_id in diff_ids {
         let next = match out.last() {
             None => diff_id.to_string(),
-            Some(parent) => {
-                let hash = sha2::Sha256::digest(format!("{parent} {diff_id}").as_bytes());
-                format!("sha256:{}", hex(&hash))
-            }
+            Some(parent) => Digest::sha256_of(format!("{parent} {diff_id}").as_bytes()).to_string(),
         };
         out.push(next);
     }
     out
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `key`'s value: as many of `values`, comma-joined, as containerd's label size limit allows
@@ -195,11 +187,16 @@ mod tests {
             .unwrap();
         let ids = chain_ids(&[a.clone(), b.clone(), a.clone()]);
         assert_eq!(ids[0], a.to_string());
-        // The separator is one space and the digests keep their algorithm prefix.
-        let expected = sha2::Sha256::digest(format!("{a} {b}").as_bytes());
-        assert_eq!(ids[1], format!("sha256:{}", hex(&expected)));
-        let expected = sha2::Sha256::digest(format!("{} {a}", ids[1]).as_bytes());
-        assert_eq!(ids[2], format!("sha256:{}", hex(&expected)));
+        // sha256 of "<parent> <diff ID>", digests with their algorithm prefix (computed
+        // with Python's hashlib).
+        assert_eq!(
+            ids[1],
+            "sha256:2d9bc6338eefe844132ff6948a906611df3af30fa0f320f219131aef8b73f648"
+        );
+        assert_eq!(
+            ids[2],
+            "sha256:5d8ae71ad8fe6ade965055541628cfef0071352ca8f346e3ebc39def159af167"
+        );
         assert_eq!(chain_ids(&[]), Vec::<String>::new());
     }
 
