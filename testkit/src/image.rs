@@ -434,17 +434,6 @@ pub fn busybox_layer() -> anyhow::Result<Layer> {
     Layer::from_entries(&busybox_entries()?)
 }
 
-/// The GOARCH name of the host, which `ctr image pull` matches against by default.
-fn host_architecture() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        other => other,
-    }
-}
-
 /// Builds an [`Image`]: layers bottom first, then the config's process settings.
 #[derive(Clone, Debug)]
 pub struct ImageBuilder {
@@ -474,7 +463,7 @@ impl ImageBuilder {
     pub fn new() -> Self {
         Self {
             layers: Vec::new(),
-            architecture: host_architecture().to_string(),
+            architecture: registry::Platform::host().architecture,
             os: "linux".to_string(),
             env: vec![DEFAULT_PATH_ENV.to_string()],
             cmd: None,
