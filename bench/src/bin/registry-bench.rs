@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use bench::layergen::Rng;
 use bytes::Bytes;
 use clap::Parser;
 use http_body_util::{BodyExt, Empty};
@@ -170,40 +171,23 @@ impl From<&Run> for Figures {
     }
 }
 
-/// A small, seeded PRNG (splitmix64): the benchmark must draw the same blob and ranges
-/// every time, and needs no cryptographic quality.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
+/// Seeded bytes: the benchmark must draw the same blob and ranges every time.
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut rng = SplitMix(seed);
-    let mut data = Vec::with_capacity(len + 8);
-    while data.len() < len {
-        data.extend_from_slice(&rng.next().to_le_bytes());
-    }
-    data.truncate(len);
+    let mut data = Vec::with_capacity(len);
+    Rng::new(seed).fill(&mut data, len);
     data
 }
 
 fn random_ranges(args: &Args, size: u64) -> Vec<(u64, u64)> {
     // A different stream from the blob's, so ranges do not correlate with contents.
-    let mut rng = SplitMix(args.seed ^ 0x9e37_5eed_0f2a_9e50);
+    let mut rng = Rng::new(args.seed ^ 0x9e37_5eed_0f2a_9e50);
     let len = args.range_size;
     (0..args.requests)
         .map(|_| {
             let offset = if args.unaligned {
-                rng.next() % (size - len + 1)
+                rng.next_u64() % (size - len + 1)
             } else {
-                (rng.next() % (size / len)) * len
+                (rng.next_u64() % (size / len)) * len
             };
             (offset, len)
         })
