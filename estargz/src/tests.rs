@@ -19,26 +19,12 @@ fn block_on<F: Future>(f: F) -> F::Output {
     }
 }
 
-/// Deterministic bytes that do not compress (testkit's `noise` has the same shape;
-/// estargz's own tests cannot use testkit, which is built on estargz).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn large_file() -> Vec<u8> {
     // Noise, a run of zeros spanning whole chunks, noise again; not a multiple of the
     // chunk size.
-    let mut v = noise(700_000, 1);
+    let mut v = testkit::image::noise(700_000, 1);
     v.extend(std::iter::repeat_n(0u8, 600_000));
-    v.extend(noise(300_001, 2));
+    v.extend(testkit::image::noise(300_001, 2));
     v
 }
 
@@ -808,7 +794,7 @@ fn a_name_component_over_255_bytes_is_refused() {
 #[test]
 fn a_wrong_chunk_byte_is_never_returned() {
     let mut b = ::tar::Builder::new(Vec::new());
-    let data = noise(300_000, 9);
+    let data = testkit::image::noise(300_000, 9);
     let mut h = header(::tar::EntryType::Regular, 0o644);
     h.set_size(data.len() as u64);
     b.append_data(&mut h, "f", &data[..]).unwrap();
