@@ -393,7 +393,12 @@ fn mounted_layers_match_the_tree_gnu_tar_extracts() {
         }
         env.rt.block_on(mounted.prefetch_done());
 
-        mounted.unmount().unwrap();
+        // Once in several CI runs the kernel still counted a user of the mount right
+        // after the readers closed their files (EBUSY); a user that goes away must not
+        // fail the test, one that stays still does.
+        assert!(testkit::wait_until(Duration::from_secs(5), || mounted
+            .unmount()
+            .is_ok()));
         assert!(!is_mounted(&mp));
     }
 }
