@@ -16,7 +16,10 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use nix::sys::socket::{SockType, UnixAddr, getsockname, getsockopt, sockopt};
+use nix::sys::socket::{
+    AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, getsockname, getsockopt, socket,
+    sockopt,
+};
 use serde::{Deserialize, Serialize};
 use snapshotter::holder::{HolderClient, LISTENER_KEY};
 use tokio::net::UnixListener;
@@ -213,11 +216,24 @@ fn bind_socket(address: &Path) -> anyhow::Result<UnixListener> {
         std::fs::remove_file(address)
             .with_context(|| format!("removing stale socket {}", address.display()))?;
     }
-    let listener = UnixListener::bind(address)
-        .with_context(|| format!("binding socket {}", address.display()))?;
+    // Bind, set the mode, then listen: until listen(2) a connect is refused, so no
+    // client reaches the socket while it still has the umask's mode.
+    let socket = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .context("creating a unix socket")?;
+    let binding = || format!("binding socket {}", address.display());
+    let unix_address = UnixAddr::new(address).with_context(binding)?;
+    bind(socket.as_raw_fd(), &unix_address).with_context(binding)?;
     std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("setting the mode of {}", address.display()))?;
-    Ok(listener)
+    nix::sys::socket::listen(&socket, Backlog::MAXCONN)
+        .with_context(|| format!("listening on {}", address.display()))?;
+    UnixListener::from_std(std::os::unix::net::UnixListener::from(socket))
+        .with_context(|| format!("registering {}", address.display()))
 }
 
 /// Removes the socket file when the daemon stops, however it stops.
@@ -239,6 +255,8 @@ mod tests {
         let address = dir.path().join("s.sock");
         let listener = bind_socket(&address).unwrap();
         assert_eq!(listening_path(listener.as_fd()).unwrap(), address);
+        let mode = std::fs::metadata(&address).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o660, "{mode:o}");
         let kept = HeldListener::of(&address).unwrap();
         // A socket file replaced at the same path is another socket.
         drop(listener);
