@@ -88,7 +88,8 @@ pub struct LazyConfig {
     /// are unmounted on SIGTERM and die with a crash. Default true.
     pub handover: bool,
     /// Serve files that were read whole from a local copy through FUSE passthrough
-    /// (kernel 6.9+), at local-disk speed. Default true.
+    /// (kernel 6.9+), at local-disk speed; every open then reaches the daemon. Default
+    /// false: the kernel opens files without asking and keeps their page cache.
     pub passthrough: bool,
     /// The kernel's read-ahead on each lazily mounted layer, in KiB: also the window it
     /// reads around a page fault in a mapped library, so it bounds what one fault makes

@@ -18,7 +18,6 @@ use common::{LAZYSNAPD, containerd_for, convert, rpull_lazily, start_lazysnapd};
 use sha2::Digest;
 use testkit::containerd::mounts_under;
 use testkit::image::{Entry, ImageBuilder, busybox_entries, noise};
-use testkit::lazysnapd::Lazysnapd;
 use testkit::process::send_signal;
 use testkit::registry::Registry;
 
@@ -207,7 +206,11 @@ async fn running_containers_keep_reading_through_restarts_crashes_and_upgrades()
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(&dir.path().join("registry")).unwrap();
     // No background fetch: every file read first during a gap needs the registry.
-    let mut daemon = start_lazysnapd(dir.path(), "[lazy]\nbackground_fetch = false\n");
+    // Passthrough on: a file served through it is held open across the handovers.
+    let mut daemon = start_lazysnapd(
+        dir.path(),
+        "[lazy]\nbackground_fetch = false\npassthrough = true\n",
+    );
     let containerd = containerd_for(&daemon);
 
     let plain = push_image(&registry);
@@ -498,7 +501,7 @@ async fn without_the_holder_the_layers_are_remounted() {
     }
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(&dir.path().join("registry")).unwrap();
-    let mut daemon = Lazysnapd::start(Path::new(LAZYSNAPD), &dir.path().join("ls")).unwrap();
+    let mut daemon = start_lazysnapd(dir.path(), "[lazy]\npassthrough = true\n");
     let containerd = containerd_for(&daemon);
     let image = ImageBuilder::new()
         .entries(&busybox_entries().unwrap())
@@ -574,7 +577,7 @@ async fn passthrough_files_open_again_after_a_handover() {
     }
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(&dir.path().join("registry")).unwrap();
-    let mut daemon = Lazysnapd::start(Path::new(LAZYSNAPD), &dir.path().join("ls")).unwrap();
+    let mut daemon = start_lazysnapd(dir.path(), "[lazy]\npassthrough = true\n");
     let containerd = containerd_for(&daemon);
     let image = ImageBuilder::new()
         .entries(&busybox_entries().unwrap())

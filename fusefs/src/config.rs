@@ -57,7 +57,11 @@ pub struct FsConfig {
     /// Serve files that are wholly on disk through FUSE passthrough (kernel 6.9+): the
     /// kernel then reads a local copy directly, at local-disk speed. A file of at least
     /// `passthrough_min_bytes` whose chunks are all on disk is copied into one such file
-    /// when it is closed. Default true; without kernel support it is simply not used.
+    /// when it is closed. Without kernel support it is simply not used. Default false:
+    /// passthrough needs every open to reach the daemon (an OPEN and a RELEASE per
+    /// open), while without it the kernel opens files itself and keeps their page cache,
+    /// which is faster for a warm container that opens many files (`lazysnap-bench
+    /// --warm`, bench/results/warm.md).
     pub passthrough: bool,
     /// Smallest file served through passthrough. Default 1 MiB (below that a read is a
     /// single FUSE round trip anyway, and each such file would be stored twice).
@@ -98,7 +102,7 @@ impl Default for FsConfig {
             readahead_initial: 4 << 20,
             readahead_max: 64 << 20,
             readahead_requests: 4,
-            passthrough: true,
+            passthrough: false,
             passthrough_min_bytes: 1 << 20,
             fuse_threads: 4,
             max_read: 1 << 20,

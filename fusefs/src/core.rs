@@ -154,6 +154,9 @@ pub struct LayerFs {
     dir_nlink: Vec<u32>,
     /// Sum of regular file sizes, for statfs.
     content_bytes: u64,
+    /// Whether any entry has an extended attribute (the opaque marker counts): a layer
+    /// without tells the kernel so once, and is never asked again.
+    has_xattrs: bool,
     /// Files opened so far, each once, in first-open order: what `lazysnap optimize`
     /// learns a container's reads from, with no tracing inside the container.
     access: Mutex<AccessLog>,
@@ -274,8 +277,10 @@ impl LayerFs {
         let index = layer.index();
         let mut dir_nlink = vec![0u32; index.len()];
         let mut content_bytes = 0u64;
+        let mut has_xattrs = false;
         for (id, nlink) in dir_nlink.iter_mut().enumerate() {
             let e = index.entry(NodeId(id as u32));
+            has_xattrs = has_xattrs || e.xattrs().next().is_some() || e.name() == OPAQUE_MARKER;
             match e.kind() {
                 EntryKind::Dir => {
                     let subdirs = e
@@ -308,9 +313,15 @@ impl LayerFs {
             layer,
             dir_nlink,
             content_bytes,
+            has_xattrs,
             access: Mutex::default(),
             scheduled: Mutex::new(Some(scheduled)),
         })
+    }
+
+    /// Whether any entry has an extended attribute (an opaque directory has one).
+    pub fn has_xattrs(&self) -> bool {
+        self.has_xattrs
     }
 
     /// Any filesystem request: a container that lists directories or reads cached files
@@ -625,14 +636,6 @@ impl LayerFs {
         self.fetcher.writes_settled().await;
     }
 
-    pub fn opendir(&self, ino: u64, flags: i32) -> Result<u64> {
-        let e = self.dir(ino)?;
-        if flags & libc::O_ACCMODE != libc::O_RDONLY {
-            return Err(Error::ReadOnly);
-        }
-        Ok(e.id().0 as u64 + 1)
-    }
-
     /// Every operation that would change the layer.
     pub fn write_op(&self) -> Error {
         Error::ReadOnly
@@ -652,6 +655,9 @@ impl LayerFs {
             return Ok(ReadStart::Ready(Bytes::new()));
         }
         if let Ok(mut log) = self.access.lock() {
+            // Opens reach the daemon only with passthrough: the first read is the
+            // first access the log can see.
+            log.record(e.id());
             log.read(e.id(), offset..end);
         }
         let wants: Vec<_> = self

@@ -310,6 +310,10 @@ impl Session {
                     Err(e) => self.err(u, errno(&e)),
                 }
             }
+            // Without passthrough an open has nothing to hand the kernel that it does
+            // not know: ENOSYS once, and it opens every file of this connection without
+            // asking (no OPEN, no RELEASE), keeping the page cache across opens.
+            op::OPEN if !self.answers_opens() => self.err(u, libc::ENOSYS),
             op::OPEN => {
                 let _t = self.latency.start(Op::Open);
                 let flags = a.u32().unwrap_or(0) as i32;
@@ -319,20 +323,11 @@ impl Session {
                 }
             }
             op::READ => self.read(u, ino, &mut a),
+            // Likewise for directories: the kernel then opens them itself and caches
+            // their listings (it defaults to FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR).
             op::OPENDIR => {
                 let _t = self.latency.start(Op::Opendir);
-                let flags = a.u32().unwrap_or(0) as i32;
-                match self.fs.opendir(ino, flags) {
-                    Ok(fh) => self.ok(
-                        u,
-                        &kernel::open_out(
-                            fh,
-                            kernel::FOPEN_KEEP_CACHE | kernel::FOPEN_CACHE_DIR,
-                            0,
-                        ),
-                    ),
-                    Err(e) => self.err(u, errno(&e)),
-                }
+                self.err(u, libc::ENOSYS)
             }
             op::READDIR | op::READDIRPLUS => self.readdir(u, ino, h.opcode, &mut a),
             op::RELEASE => {
@@ -347,6 +342,10 @@ impl Session {
                 let _t = self.latency.start(Op::Statfs);
                 self.ok(u, &kernel::statfs_out(&self.fs.statfs()));
             }
+            // A layer without extended attributes says so once (the kernel then answers
+            // EOPNOTSUPP itself): overlayfs asks each lower directory for its opaque
+            // marker, and exec asks for capabilities.
+            op::GETXATTR | op::LISTXATTR if !self.fs.has_xattrs() => self.err(u, libc::ENOSYS),
             op::GETXATTR => {
                 let _t = self.latency.start(Op::Getxattr);
                 let size = a.u32().unwrap_or(0);
@@ -443,6 +442,14 @@ impl Session {
         if let Some(tx) = self.lock_init().take() {
             let _ = tx.send(());
         }
+    }
+
+    /// Whether OPEN is answered: only where passthrough was negotiated, whose backing
+    /// ids an open hands out (by this process, or by the one it took over from).
+    fn answers_opens(&self) -> bool {
+        self.negotiated
+            .get()
+            .is_some_and(|n| n.flags & init::PASSTHROUGH != 0)
     }
 
     fn passthrough(&self) -> MutexGuard<'_, Passthrough> {

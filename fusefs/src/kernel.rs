@@ -73,7 +73,6 @@ pub mod init {
 }
 
 pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;
-pub const FOPEN_CACHE_DIR: u32 = 1 << 3;
 pub const FOPEN_PASSTHROUGH: u32 = 1 << 7;
 
 const NOTIFY_RESEND: i32 = 7;

@@ -526,6 +526,7 @@ fn a_file_read_whole_is_then_served_by_kernel_passthrough_even_under_overlayfs()
     let config = FsConfig {
         prefetch: false,
         background_fetch: false,
+        passthrough: true,
         ..FsConfig::default()
     };
     let mut m = env.mount(blob, "pt-mnt", config);
@@ -577,6 +578,89 @@ fn a_file_read_whole_is_then_served_by_kernel_passthrough_even_under_overlayfs()
         served(&m),
         before,
         "the kernel read the local copy without asking the daemon"
+    );
+    m.unmount().unwrap();
+    assert!(testkit::containerd::mounts_under(work).is_empty());
+}
+
+/// Requests of one opcode the mount has served so far.
+fn served_ops(m: &MountedLayer, op: &str) -> u64 {
+    m.stats()
+        .op_latency
+        .iter()
+        .find(|h| h.op == op)
+        .map_or(0, |h| h.count)
+}
+
+#[test]
+fn a_warm_tree_is_opened_listed_and_read_without_asking_the_daemon() {
+    if testkit::skip_unless_root("a_warm_tree_is_opened_listed_and_read_without_asking_the_daemon")
+    {
+        return;
+    }
+    let env = env();
+    let _cleanup = Cleanup(env.dir.path().to_path_buf());
+    let work = env.dir.path();
+    let blob = layer_from(work, "warm", |d| {
+        for i in 0..20 {
+            std::fs::create_dir_all(d.join(format!("d{i}"))).unwrap();
+            std::fs::write(d.join(format!("d{i}/f")), format!("file {i}")).unwrap();
+        }
+    });
+    let mut m = env.mount(blob, "warm-mnt", FsConfig::default());
+    let mp = m.mountpoint().to_path_buf();
+    let walk_and_read = || {
+        let mut seen = 0;
+        for dir in std::fs::read_dir(&mp).unwrap() {
+            let dir = dir.unwrap().path();
+            for f in std::fs::read_dir(&dir).unwrap() {
+                let f = f.unwrap().path();
+                let i: usize = dir.file_name().unwrap().to_str().unwrap()[1..]
+                    .parse()
+                    .unwrap();
+                assert_eq!(std::fs::read_to_string(&f).unwrap(), format!("file {i}"));
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 20);
+    };
+    walk_and_read();
+    let first = [
+        "open",
+        "opendir",
+        "read",
+        "readdir",
+        "readdirplus",
+        "getxattr",
+    ]
+    .map(|op| served_ops(&m, op));
+    // The kernel was told once that opens need no daemon (and this layer has no
+    // extended attributes): a layer served so takes at most one of each.
+    assert!(first[0] <= 1 && first[1] <= 1, "open, opendir: {first:?}");
+    assert_eq!(
+        xattr::get(mp.join("d1/f"), "user.x").map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EOPNOTSUPP)),
+        "no extended attributes in this layer"
+    );
+    walk_and_read();
+    walk_and_read();
+    let again = [
+        "open",
+        "opendir",
+        "read",
+        "readdir",
+        "readdirplus",
+        "getxattr",
+    ]
+    .map(|op| served_ops(&m, op));
+    assert_eq!(
+        (again[0], again[1], again[2], again[3] + again[4]),
+        (first[0], first[1], first[2], first[3] + first[4]),
+        "opens, listings and reads of a warm tree all come from the kernel's caches"
+    );
+    assert!(
+        again[5] <= first[5] + 1,
+        "getxattr: {first:?} then {again:?}"
     );
     m.unmount().unwrap();
     assert!(testkit::containerd::mounts_under(work).is_empty());
