@@ -12,6 +12,10 @@ impl Samples {
         self.0.push(d);
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     fn sorted(&self) -> Vec<Duration> {
         let mut v = self.0.clone();
         v.sort();

@@ -62,6 +62,15 @@ impl ImageKind {
         }
     }
 
+    /// The tree the warm mode's data and metadata passes read, for images that have
+    /// GNU tar, find and date (the Debian-based ones); `None` for the busybox ones.
+    pub fn warm_tree(self) -> Option<&'static str> {
+        match self {
+            ImageKind::Python => Some("/usr"),
+            ImageKind::SmallFiles | ImageKind::RandomPart | ImageKind::ReadAll => None,
+        }
+    }
+
     fn env(self) -> Vec<String> {
         vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()]
     }
