@@ -102,6 +102,10 @@ pub struct LazyConfig {
     /// background, so their Prepares need not wait for the registry (each is still
     /// verified against its own TOC digest). Default true.
     pub preopen_siblings: bool,
+    /// The longest one range request may take, in seconds: a read of a chunk that is
+    /// not local waits at most this long when its registry is away, then fails (EIO).
+    /// Default 15 (see `fusefs::FsConfig::fetch_timeout`).
+    pub fetch_timeout_sec: u64,
 }
 
 impl Default for LazyConfig {
@@ -121,6 +125,7 @@ impl Default for LazyConfig {
             kernel_readahead_kb: fs.kernel_readahead / 1024,
             neighbour_fetch_kb: fs.neighbour_fetch_bytes >> 10,
             preopen_siblings: true,
+            fetch_timeout_sec: fs.fetch_timeout.as_secs(),
         }
     }
 }
@@ -137,6 +142,7 @@ impl LazyConfig {
             passthrough: self.passthrough,
             kernel_readahead: self.kernel_readahead_kb.saturating_mul(1024),
             neighbour_fetch_bytes: self.neighbour_fetch_kb << 10,
+            fetch_timeout: std::time::Duration::from_secs(self.fetch_timeout_sec),
             ..fusefs::FsConfig::default()
         }
     }
@@ -273,6 +279,10 @@ insecure = true
         )
         .unwrap();
         assert_eq!(c.lazy.mount_timeout_sec, 5);
+        assert_eq!(
+            c.lazy.fs_config().fetch_timeout,
+            fusefs::FsConfig::default().fetch_timeout
+        );
         assert!(!c.lazy.fs_config().background_fetch);
         assert_eq!(c.cache.memory_bytes, 1 << 20);
         assert_eq!(
@@ -305,6 +315,16 @@ insecure = true
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn the_fetch_timeout_is_set_in_seconds_and_never_zero() {
+        let c = Config::parse("[lazy]\nfetch_timeout_sec = 3\n").unwrap();
+        assert_eq!(
+            c.lazy.fs_config().fetch_timeout,
+            std::time::Duration::from_secs(3)
+        );
+        assert!(Config::parse("[lazy]\nfetch_timeout_sec = 0\n").is_err());
     }
 
     #[test]

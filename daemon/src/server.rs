@@ -268,6 +268,10 @@ fn lazy_mounter(
     if config.lazy.preopen_siblings {
         mounter = mounter.with_sibling_preopen();
     }
+    let tocs = config.root.join(TOC_STORE);
+    let store = snapshotter::tocstore::TocStore::open(&tocs)
+        .with_context(|| format!("opening the kept layer metadata in {}", tocs.display()))?;
+    mounter = mounter.with_toc_store(store);
     if config.lazy.handover {
         mounter = mounter
             .with_holder(holder(&config.root))
@@ -282,6 +286,9 @@ fn lazy_mounter(
 
 /// The fd holder's socket, under the root (mode 0700) so only root reaches it.
 pub const HOLDER_SOCKET: &str = "fdholder.sock";
+/// Verified footers and TOCs of lazily pulled layers, by layer digest, next to the
+/// chunk cache: restores need no registry.
+pub const TOC_STORE: &str = "tocs";
 /// CRI keychain credentials kept for handover (mode 0600, in the 0700 root).
 pub const CRI_CREDENTIALS: &str = "cri-credentials.json";
 

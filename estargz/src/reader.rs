@@ -180,6 +180,18 @@ impl std::fmt::Debug for Layer {
 impl Layer {
     /// Reads the footer and the TOC (two range reads) and builds the index.
     pub async fn open(blob: Arc<dyn BlobReader>, opts: &OpenOptions) -> Result<Layer> {
+        Layer::open_keeping_toc(blob, opts)
+            .await
+            .map(|(layer, _)| layer)
+    }
+
+    /// [`Layer::open`], also handing back the compressed TOC bytes it read, for a
+    /// caller that keeps them (with [`Layer::footer`] and [`Layer::blob_size`], what
+    /// [`Layer::from_parts`] needs to open the layer again without reading the blob).
+    pub async fn open_keeping_toc(
+        blob: Arc<dyn BlobReader>,
+        opts: &OpenOptions,
+    ) -> Result<(Layer, Bytes)> {
         let blob_size = blob.size().await?;
         let tail_len = blob_size.min(MAX_FOOTER_FETCH);
         let tail = read_exact(&*blob, blob_size - tail_len, tail_len).await?;
@@ -192,7 +204,8 @@ impl Layer {
         }
         let compressed = read_exact(&*blob, footer.toc_offset, footer.toc_compressed_size).await?;
         let parsed = parse_toc(&footer, &compressed, opts)?;
-        Layer::from_parts(blob, blob_size, footer, &parsed)
+        let layer = Layer::from_parts(blob, blob_size, footer, &parsed)?;
+        Ok((layer, compressed))
     }
 
     /// Builds a layer from a footer and TOC obtained elsewhere (a local cache of a TOC

@@ -33,7 +33,15 @@ pub struct FsConfig {
     /// with it until they end (with 4 MiB, the python image's first line came 0.7 s
     /// later).
     pub prefetch_request_bytes: u64,
-    /// Deadline of one range request. Default 60 s.
+    /// Deadline of one range request: a FUSE read of a chunk that is not local waits at
+    /// most this long when the registry is away (down, unreachable, not answering), then
+    /// fails with EIO; the next read tries again. Default 15 s: well under what
+    /// containerd and the kubelet wait for a container (the kubelet's runtime requests
+    /// time out after 2 min), so a container reading a layer whose registry is gone gets
+    /// an I/O error it can report instead of hanging until they give up; and long
+    /// enough for a 16 MiB range (`max_range_bytes`) over a link of about 10 Mbit/s. A
+    /// registry that refuses connections fails sooner, after the registry client's few
+    /// quick retries (1 to 1.5 s).
     pub fetch_timeout: Duration,
     /// Largest coalesced on-demand range request (compressed). Default 16 MiB.
     pub max_range_bytes: u64,
@@ -95,7 +103,7 @@ impl Default for FsConfig {
             background_request_bytes: 1 << 20,
             background_quiet: Duration::from_secs(2),
             prefetch_request_bytes: 1 << 20,
-            fetch_timeout: Duration::from_secs(60),
+            fetch_timeout: Duration::from_secs(15),
             max_range_bytes: 16 << 20,
             coalesce_gap: 32 << 10,
             neighbour_fetch_bytes: 1 << 20,

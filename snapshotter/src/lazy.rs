@@ -1,6 +1,10 @@
 //! The real `RemoteMounter`: finds a layer in its registry, checks its TOC against the
 //! digest the image published, and serves it with FUSE.
 //!
+//! What was verified is kept on disk ([`TocStore`]): a restore (after a restart, a
+//! reboot) opens the layer from it without the registry, which is then asked only for
+//! chunks that are not in the cache.
+//!
 //! With an fd holder, every connection it mounts is also handed to the holder, and a
 //! connection the holder kept from an earlier daemon is taken over (served again
 //! without unmounting) instead of remounted, so running containers never notice.
@@ -15,8 +19,9 @@ use serde_json::json;
 
 use crate::fsutil;
 use crate::holder::HolderClient;
-use crate::preopen::{self, LayerKey, Preopener};
+use crate::preopen::{self, LayerKey, Opened, Preopener};
 use crate::remote::{MountError, MountFuture, MountedInfo, RemoteLayer, RemoteMounter};
+use crate::tocstore::TocStore;
 
 pub struct FuseMounter {
     client: registry::Client,
@@ -39,6 +44,117 @@ pub struct FuseMounter {
     preopener: Option<Preopener>,
     /// Mounts that used a pre-opened TOC, since start.
     preopened_mounts: AtomicU64,
+    /// Verified layer metadata kept on disk, so restores need no registry; None: every
+    /// layer is opened from its registry.
+    store: Option<TocStore>,
+}
+
+/// The chunk cache's sweep leaves the kept metadata of layers it did not list as
+/// mounted if it was written after the listing: a layer is kept only once it is mounted,
+/// so such a file is of a layer mounted since. This much earlier counts as after, for
+/// file times come from the kernel's coarse clock (a tick behind at most).
+const KEPT_METADATA_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The blob of a layer opened from its kept metadata. Its size is kept too, so it is
+/// opened without asking the registry anything: the registry is first reached (and
+/// authenticated with) on the first read that misses the chunk cache. A read the
+/// registry does not serve fails (the FUSE read gets EIO) after the registry client's
+/// retries, bounded by `fetch_timeout`, with a log line naming the layer and the
+/// registry's error; the next read (after [`FAILURE_HOLD`]) tries again, so reads work
+/// again once the registry is back.
+struct KeptBlob {
+    layer_digest: String,
+    image_ref: String,
+    size: u64,
+    /// The registry's blob ([`registry::RemoteBlob`]).
+    remote: Arc<dyn estargz::BlobReader>,
+    /// The last failure, for [`FAILURE_HOLD`].
+    failed: Mutex<Option<(std::time::Instant, estargz::BlobError)>>,
+}
+
+/// Reads of a layer restored from its kept metadata that start this soon after one of
+/// its reads failed at the registry fail at once, with that error: the kernel follows a
+/// failed read-ahead with a read of the page itself at once, and without this a read(2)
+/// would wait for the registry twice. Reads after it try the registry again.
+pub const FAILURE_HOLD: std::time::Duration = std::time::Duration::from_millis(250);
+
+impl KeptBlob {
+    fn new(
+        layer_digest: String,
+        image_ref: String,
+        size: u64,
+        remote: Arc<dyn estargz::BlobReader>,
+    ) -> KeptBlob {
+        KeptBlob {
+            layer_digest,
+            image_ref,
+            size,
+            remote,
+            failed: Mutex::new(None),
+        }
+    }
+
+    fn failed(&self) -> MutexGuard<'_, Option<(std::time::Instant, estargz::BlobError)>> {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The error of a failure just now, if there was one.
+    fn held_failure(&self) -> Option<estargz::BlobError> {
+        match &*self.failed() {
+            Some((at, e)) if at.elapsed() < FAILURE_HOLD => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    fn outcome<T>(
+        &self,
+        offset: u64,
+        len: u64,
+        read: Result<T, estargz::BlobError>,
+    ) -> Result<T, estargz::BlobError> {
+        match &read {
+            Ok(_) => *self.failed() = None,
+            Err(e) => {
+                tracing::warn!(layer = %self.layer_digest, image = %self.image_ref, offset, len,
+                    error = %e, "the registry did not serve a read of a layer restored from its \
+                    kept metadata: the read fails (EIO), the next one tries again");
+                *self.failed() = Some((std::time::Instant::now(), e.clone()));
+            }
+        }
+        read
+    }
+}
+
+impl estargz::BlobReader for KeptBlob {
+    fn size(&self) -> estargz::BlobFuture<'_, u64> {
+        let size = self.size;
+        Box::pin(async move { Ok(size) })
+    }
+
+    fn read_at(&self, offset: u64, len: u64) -> estargz::BlobFuture<'_, bytes::Bytes> {
+        Box::pin(async move {
+            if let Some(e) = self.held_failure() {
+                return Err(e);
+            }
+            let read = self.remote.read_at(offset, len).await;
+            self.outcome(offset, len, read)
+        })
+    }
+
+    fn read_at_streaming<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        on_data: &'a (dyn Fn(bytes::Bytes) + Send + Sync),
+    ) -> estargz::BlobFuture<'a, ()> {
+        Box::pin(async move {
+            if let Some(e) = self.held_failure() {
+                return Err(e);
+            }
+            let read = self.remote.read_at_streaming(offset, len, on_data).await;
+            self.outcome(offset, len, read)
+        })
+    }
 }
 
 /// A layer this process serves, and where it came from.
@@ -122,7 +238,15 @@ impl FuseMounter {
             held: Mutex::new(HashMap::new()),
             preopener: None,
             preopened_mounts: AtomicU64::new(0),
+            store: None,
         }
+    }
+
+    /// Keeps the metadata (footer, TOC) of every layer opened from a registry and
+    /// verified in `store`, and restores snapshots from it without the registry.
+    pub fn with_toc_store(mut self, store: TocStore) -> FuseMounter {
+        self.store = Some(store);
+        self
     }
 
     /// The cache, runtime and registry host's link a layer's filesystem uses.
@@ -351,7 +475,7 @@ impl FuseMounter {
                 let blob = registry::RemoteBlob::open(client, repo, digest)
                     .await
                     .map_err(|e| MountError::Registry(e.to_string()))?;
-                estargz::Layer::open(Arc::new(blob), &estargz::OpenOptions::default())
+                Opened::open(Arc::new(blob), &estargz::OpenOptions::default())
                     .await
                     .map_err(|e| MountError::opening(&sibling, e))
             };
@@ -363,12 +487,13 @@ impl FuseMounter {
     }
 
     /// Opens the layer's blob and TOC, verified against what the image published: a
-    /// pre-opened TOC when it verifies, else fetched now. The guard marks the layer as
+    /// pre-opened TOC when it verifies, else fetched now. Also returns whether it was
+    /// pre-opened, what it was verified against, and a guard that marks the layer as
     /// being opened until the mount is done.
     async fn open_layer(
         &self,
         layer: &RemoteLayer,
-    ) -> Result<(Arc<estargz::Layer>, bool, Option<preopen::Opening>), MountError> {
+    ) -> Result<(Opened, bool, estargz::OpenOptions, Option<preopen::Opening>), MountError> {
         let reference: registry::Reference = layer.image_ref.parse().map_err(|e| {
             MountError::Labels(format!("image reference {:?}: {e}", layer.image_ref))
         })?;
@@ -404,13 +529,82 @@ impl FuseMounter {
             )
             .await
             .map_err(|e| MountError::Registry(e.to_string()))?;
-            estargz::Layer::open(Arc::new(blob), &opts)
+            Opened::open(Arc::new(blob), &opts)
                 .await
                 .map_err(|e| MountError::opening(&layer.layer_digest, e))
         };
         let (opened, preopened) =
             preopen::use_or_open(claimed, &opts, &layer.layer_digest, fresh).await?;
-        Ok((opened, preopened, opening))
+        Ok((opened, preopened, opts, opening))
+    }
+
+    /// Keeps the verified metadata of a layer just opened from its registry, so that
+    /// the next restore needs no registry (off the async threads: it fsyncs). A layer
+    /// mounted without verification (skip-verify) is not kept.
+    fn keep_metadata(&self, layer: &RemoteLayer, opened: Opened, opts: estargz::OpenOptions) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        if opts.expected_toc_digest.is_none() && opts.expected_manifest_checksum.is_none() {
+            return;
+        }
+        let digest = layer.layer_digest.clone();
+        self.handle.spawn_blocking(move || {
+            match store.save(&digest, &opened.layer, &opened.toc, &opts) {
+                Ok(path) => tracing::debug!(layer = %digest, path = %path.display(),
+                    "kept the layer's verified metadata: it is restored without the registry"),
+                Err(e) => tracing::warn!(layer = %digest, error = %e,
+                    "cannot keep the layer's verified metadata: restoring it will need the registry"),
+            }
+        });
+    }
+
+    /// The layer opened from its kept metadata, with no network at all; None when
+    /// nothing is kept, or what is kept does not verify (it is then deleted, and the
+    /// caller opens the layer from its registry).
+    async fn open_kept(
+        &self,
+        layer: &RemoteLayer,
+    ) -> Result<Option<Arc<estargz::Layer>>, MountError> {
+        let Some(store) = self.store.clone() else {
+            return Ok(None);
+        };
+        let reference: registry::Reference = layer.image_ref.parse().map_err(|e| {
+            MountError::Labels(format!("image reference {:?}: {e}", layer.image_ref))
+        })?;
+        let digest: registry::Digest = layer.layer_digest.parse().map_err(|e| {
+            MountError::Labels(format!("layer digest {:?}: {e}", layer.layer_digest))
+        })?;
+        let label = match &layer.toc_digest {
+            Some(toc) => Some(
+                toc.parse::<estargz::Digest>()
+                    .map_err(|e| MountError::Labels(format!("toc.digest label {toc:?}: {e}")))?,
+            ),
+            None => None,
+        };
+        let (client, layer_digest) = (self.client.clone(), layer.layer_digest.clone());
+        let image_ref = layer.image_ref.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            store.load(&layer_digest, label, |size| {
+                let remote = registry::RemoteBlob::new(client, reference.repository, digest, size);
+                Arc::new(KeptBlob::new(
+                    layer_digest.clone(),
+                    image_ref,
+                    size,
+                    Arc::new(remote),
+                )) as Arc<dyn estargz::BlobReader>
+            })
+        })
+        .await
+        .map_err(|e| MountError::Mount(format!("reading kept metadata: {e}")))?;
+        match loaded {
+            Ok(kept) => Ok(kept.map(Arc::new)),
+            Err(why) => {
+                tracing::warn!(layer = %layer.layer_digest,
+                    "kept metadata refused and deleted; opening the layer from its registry: {why}");
+                Ok(None)
+            }
+        }
     }
 
     /// What the TOC must hash to. eStargz layers carry `toc.digest` as a label;
@@ -518,67 +712,99 @@ impl FuseMounter {
     }
 }
 
+impl FuseMounter {
+    /// Serves an opened layer at `mountpoint`: takes over the connection the fd holder
+    /// kept for it, or else mounts it.
+    async fn serve_layer(
+        &self,
+        layer: &RemoteLayer,
+        opened: Arc<estargz::Layer>,
+        mountpoint: &Path,
+        preopened: bool,
+    ) -> Result<MountedInfo, MountError> {
+        let index = opened.index();
+        let info = MountedInfo {
+            size: (0..index.len())
+                .map(|i| index.entry(estargz::NodeId(i as u32)).size())
+                .sum(),
+            entries: index.len() as u64,
+            preopened,
+        };
+        match self.take_over(layer, &opened, mountpoint).await {
+            Ok(Some(mounted)) => {
+                self.insert(mountpoint, mounted, layer, true);
+                self.count_preopened(&info);
+                return Ok(info);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(path = %mountpoint.display(), error = %e,
+                "cannot take over the held FUSE connection; remounting (running containers lose it)"),
+        }
+        // A FUSE mount left behind by a daemon that died is dead (ENOTCONN): detach it.
+        for stale in fsutil::mounts_under(mountpoint) {
+            let _ = fsutil::unmount_detach(&stale);
+        }
+        let (backing, config, path) = (
+            self.backing(layer),
+            self.config.clone(),
+            mountpoint.to_path_buf(),
+        );
+        let holder = self.holder.clone();
+        let layer_meta = layer.clone();
+        // Mounting waits for the kernel's handshake, and the holder is a blocking
+        // socket: keep both off the async threads.
+        let (mounted, handed_over) = tokio::task::spawn_blocking(move || {
+            let mounted = fusefs::mount(opened, &path, &backing, config)?;
+            let handed_over = holder.is_some_and(|holder| {
+                let Some((fd, handover)) = mounted.handover() else {
+                    return false;
+                };
+                let meta = handover_meta(&handover, &layer_meta);
+                match holder.put(&path.to_string_lossy(), &meta, fd.as_fd()) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e,
+                            "the fd holder did not take the connection: containers on this layer will not survive a restart");
+                        false
+                    }
+                }
+            });
+            Ok::<_, fusefs::Error>((mounted, handed_over))
+        })
+        .await
+        .map_err(|e| MountError::Mount(format!("mount task: {e}")))?
+        .map_err(|e| MountError::Mount(format!("FUSE at {}: {e}", mountpoint.display())))?;
+        self.insert(mountpoint, mounted, layer, handed_over);
+        self.count_preopened(&info);
+        Ok(info)
+    }
+}
+
 impl RemoteMounter for FuseMounter {
     fn mount<'a>(&'a self, layer: &'a RemoteLayer, mountpoint: &'a Path) -> MountFuture<'a> {
         Box::pin(async move {
             // `_opening` lasts until the layer is served (or the mount fails), so no
             // pre-open of it starts meanwhile.
-            let (opened, preopened, _opening) = self.open_layer(layer).await?;
-            let index = opened.index();
-            let info = MountedInfo {
-                size: (0..index.len())
-                    .map(|i| index.entry(estargz::NodeId(i as u32)).size())
-                    .sum(),
-                entries: index.len() as u64,
-                preopened,
-            };
-            match self.take_over(layer, &opened, mountpoint).await {
-                Ok(Some(mounted)) => {
-                    self.insert(mountpoint, mounted, layer, true);
-                    self.count_preopened(&info);
-                    return Ok(info);
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(path = %mountpoint.display(), error = %e,
-                    "cannot take over the held FUSE connection; remounting (running containers lose it)"),
-            }
-            // A FUSE mount left behind by a daemon that died is dead (ENOTCONN): detach it.
-            for stale in fsutil::mounts_under(mountpoint) {
-                let _ = fsutil::unmount_detach(&stale);
-            }
-            let (backing, config, path) = (
-                self.backing(layer),
-                self.config.clone(),
-                mountpoint.to_path_buf(),
-            );
-            let holder = self.holder.clone();
-            let layer_meta = layer.clone();
-            // Mounting waits for the kernel's handshake, and the holder is a blocking
-            // socket: keep both off the async threads.
-            let (mounted, handed_over) = tokio::task::spawn_blocking(move || {
-                let mounted = fusefs::mount(opened, &path, &backing, config)?;
-                let handed_over = holder.is_some_and(|holder| {
-                    let Some((fd, handover)) = mounted.handover() else {
-                        return false;
-                    };
-                    let meta = handover_meta(&handover, &layer_meta);
-                    match holder.put(&path.to_string_lossy(), &meta, fd.as_fd()) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            tracing::warn!(path = %path.display(), error = %e,
-                                "the fd holder did not take the connection: containers on this layer will not survive a restart");
-                            false
-                        }
-                    }
-                });
-                Ok::<_, fusefs::Error>((mounted, handed_over))
-            })
-            .await
-            .map_err(|e| MountError::Mount(format!("mount task: {e}")))?
-            .map_err(|e| MountError::Mount(format!("FUSE at {}: {e}", mountpoint.display())))?;
-            self.insert(mountpoint, mounted, layer, handed_over);
-            self.count_preopened(&info);
+            let (opened, preopened, opts, _opening) = self.open_layer(layer).await?;
+            let info = self
+                .serve_layer(layer, Arc::clone(&opened.layer), mountpoint, preopened)
+                .await?;
+            self.keep_metadata(layer, opened, opts);
             Ok(info)
+        })
+    }
+
+    /// From the layer's kept metadata when it verifies, with no network: its chunks
+    /// come from the cache, and from the registry only when a read misses it.
+    fn restore<'a>(&'a self, layer: &'a RemoteLayer, mountpoint: &'a Path) -> MountFuture<'a> {
+        Box::pin(async move {
+            if let Some(kept) = self.open_kept(layer).await? {
+                let info = self.serve_layer(layer, kept, mountpoint, false).await?;
+                tracing::info!(layer = %layer.layer_digest, path = %mountpoint.display(),
+                    "layer opened from its kept metadata, without the registry");
+                return Ok(info);
+            }
+            self.mount(layer, mountpoint).await
         })
     }
 
@@ -605,20 +831,35 @@ impl RemoteMounter for FuseMounter {
     /// Only when every remaining lazy snapshot is mounted: one not yet restored (after
     /// a restart) would lose its cached chunks, though it still uses them.
     fn release_unused(&self, remaining: Vec<PathBuf>) {
-        let layers: Vec<_> = {
+        // Kept metadata written from now on may be of a layer mounted after this listing.
+        let listed_at = std::time::SystemTime::now() - KEPT_METADATA_GRACE;
+        let (layers, digests): (Vec<_>, HashSet<String>) = {
             let mounts = self.mounts();
             if let Some(missing) = remaining.iter().find(|m| !mounts.contains_key(*m)) {
                 tracing::debug!(mountpoint = %missing.display(),
                     "cache sweep put off: a lazy snapshot's layer is not mounted yet");
                 return;
             }
-            mounts
-                .values()
-                .map(|s| Arc::clone(s.mounted.fs()))
-                .collect()
+            (
+                mounts
+                    .values()
+                    .map(|s| Arc::clone(s.mounted.fs()))
+                    .collect(),
+                mounts.values().map(|s| s.layer_digest.clone()).collect(),
+            )
         };
         let cache = self.cache.clone();
+        let store = self.store.clone();
         self.handle.spawn_blocking(move || {
+            if let Some(store) = store {
+                let removed = store.retain(&digests, listed_at);
+                if removed > 0 {
+                    tracing::info!(
+                        removed,
+                        "kept layer metadata: removed what no lazily pulled snapshot uses"
+                    );
+                }
+            }
             let mut live = std::collections::HashSet::new();
             for fs in &layers {
                 fs.add_live_cache_keys(&mut live);
@@ -633,5 +874,74 @@ impl RemoteMounter for FuseMounter {
                 );
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A blob whose reads fail while `down` is set, counting the reads that reach it.
+    struct Registry {
+        down: std::sync::atomic::AtomicBool,
+        reads: AtomicUsize,
+    }
+
+    impl estargz::BlobReader for Registry {
+        fn size(&self) -> estargz::BlobFuture<'_, u64> {
+            Box::pin(async { Ok(100) })
+        }
+        fn read_at(&self, _: u64, len: u64) -> estargz::BlobFuture<'_, bytes::Bytes> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let down = self.down.load(Ordering::SeqCst);
+            Box::pin(async move {
+                if down {
+                    return Err(estargz::BlobError::new(
+                        estargz::BlobErrorKind::Transient,
+                        "connection refused",
+                    ));
+                }
+                Ok(bytes::Bytes::from(vec![7u8; len as usize]))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kept_layers_blob_fails_while_its_registry_is_down_and_tries_again_after() {
+        let registry = Arc::new(Registry {
+            down: true.into(),
+            reads: AtomicUsize::new(0),
+        });
+        let blob = KeptBlob::new(
+            "sha256:layer".into(),
+            "127.0.0.1:5000/app:1".into(),
+            100,
+            Arc::clone(&registry) as Arc<dyn estargz::BlobReader>,
+        );
+        use estargz::BlobReader as _;
+        // Its size is known: the registry is not asked.
+        assert_eq!(blob.size().await.unwrap(), 100);
+        assert_eq!(registry.reads.load(Ordering::SeqCst), 0);
+        let err = blob.read_at(0, 10).await.unwrap_err();
+        assert!(err.message.contains("connection refused"), "{err}");
+        assert_eq!(registry.reads.load(Ordering::SeqCst), 1);
+        // The kernel's immediate second try fails at once, without the registry.
+        let delivered = Mutex::new(0);
+        let on_data = |b: bytes::Bytes| *delivered.lock().unwrap() += b.len();
+        assert!(blob.read_at_streaming(0, 10, &on_data).await.is_err());
+        assert_eq!(registry.reads.load(Ordering::SeqCst), 1);
+        // Later reads try again, and work once the registry is back.
+        tokio::time::sleep(FAILURE_HOLD + std::time::Duration::from_millis(50)).await;
+        assert!(blob.read_at(0, 10).await.is_err());
+        assert_eq!(registry.reads.load(Ordering::SeqCst), 2);
+        registry.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(FAILURE_HOLD + std::time::Duration::from_millis(50)).await;
+        blob.read_at_streaming(0, 10, &on_data).await.unwrap();
+        assert_eq!(*delivered.lock().unwrap(), 10);
+        assert_eq!(&blob.read_at(5, 3).await.unwrap()[..], &[7, 7, 7]);
+        assert_eq!(registry.reads.load(Ordering::SeqCst), 4);
     }
 }

@@ -175,7 +175,7 @@ impl LazySnapshotter {
         };
         match tokio::time::timeout(
             remote.mount_timeout,
-            remote.mounter.mount(&layer, &snapshot.mountpoint),
+            remote.mounter.restore(&layer, &snapshot.mountpoint),
         )
         .await
         {

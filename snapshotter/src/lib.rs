@@ -13,6 +13,7 @@ pub mod remote;
 pub mod service;
 mod snapshots;
 mod store;
+pub mod tocstore;
 mod types;
 
 pub use error::{Error, Result};

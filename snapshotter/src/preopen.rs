@@ -19,7 +19,38 @@ use crate::remote::MountError;
 
 /// What a pre-open ends with; the error is only ever logged at debug (a sibling that is
 /// not lazy-pullable fails here, and that is normal).
-pub type Outcome = Result<Arc<estargz::Layer>, MountError>;
+pub type Outcome = Result<Opened, MountError>;
+
+/// A layer opened from its blob, with the compressed TOC bytes it was built from (kept,
+/// once the TOC is verified, in the local store of layer metadata).
+#[derive(Clone)]
+pub struct Opened {
+    pub layer: Arc<estargz::Layer>,
+    pub toc: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("layer", &self.layer)
+            .field("toc_bytes", &self.toc.len())
+            .finish()
+    }
+}
+
+impl Opened {
+    /// Reads the footer and the TOC of `blob`, checked as `opts` asks.
+    pub async fn open(
+        blob: Arc<dyn estargz::BlobReader>,
+        opts: &estargz::OpenOptions,
+    ) -> estargz::Result<Opened> {
+        let (layer, toc) = estargz::Layer::open_keeping_toc(blob, opts).await?;
+        Ok(Opened {
+            layer: Arc::new(layer),
+            toc: Arc::from(&toc[..]),
+        })
+    }
+}
 
 /// A layer blob in one repository: pre-opens are shared only where the same registry
 /// would serve the same bytes.
@@ -113,7 +144,7 @@ impl Preopener {
     /// claimed the entry while it was queued.
     pub fn start<F>(&self, key: LayerKey, open: F) -> bool
     where
-        F: Future<Output = Result<estargz::Layer, MountError>> + Send + 'static,
+        F: Future<Output = Outcome> + Send + 'static,
     {
         let (tx, rx) = watch::channel(Phase::Queued);
         let id = {
@@ -143,7 +174,7 @@ impl Preopener {
                 }
                 tx.send_replace(Phase::Fetching);
             }
-            let outcome = open.await.map(Arc::new);
+            let outcome = open.await;
             if let Err(e) = &outcome {
                 tracing::debug!(layer = %key.digest, repository = %key.repository, error = %e,
                     "pre-opening a sibling layer failed (fine if it is not lazy-pullable)");
@@ -233,13 +264,13 @@ pub async fn use_or_open<Fresh>(
     opts: &estargz::OpenOptions,
     layer_digest: &str,
     fresh: Fresh,
-) -> Result<(Arc<estargz::Layer>, bool), MountError>
+) -> Result<(Opened, bool), MountError>
 where
-    Fresh: Future<Output = Result<estargz::Layer, MountError>>,
+    Fresh: Future<Output = Outcome>,
 {
     match claimed {
-        Some(Ok(layer)) => match accept(&layer, opts) {
-            Ok(()) => return Ok((layer, true)),
+        Some(Ok(opened)) => match accept(&opened.layer, opts) {
+            Ok(()) => return Ok((opened, true)),
             Err(why) => {
                 tracing::debug!(layer = %layer_digest, "not using the pre-opened TOC, fetching it again: {why}")
             }
@@ -249,11 +280,11 @@ where
         }
         None => {}
     }
-    Ok((Arc::new(fresh.await?), false))
+    Ok((fresh.await?, false))
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
@@ -283,7 +314,7 @@ mod tests {
     }
 
     /// An eStargz blob holding one file, and its TOC digests.
-    fn estargz_blob(content: &[u8]) -> (Vec<u8>, estargz::WriteOutput) {
+    pub(crate) fn estargz_blob(content: &[u8]) -> (Vec<u8>, estargz::WriteOutput) {
         let mut out = Vec::new();
         let written = estargz::convert(
             &tar_with("file.txt", content)[..],
@@ -297,8 +328,8 @@ mod tests {
         (out, written)
     }
 
-    async fn open(blob: Vec<u8>, opts: estargz::OpenOptions) -> Result<estargz::Layer, MountError> {
-        estargz::Layer::open(Arc::new(estargz::VecBlob::new(blob)), &opts)
+    async fn open(blob: Vec<u8>, opts: estargz::OpenOptions) -> Outcome {
+        Opened::open(Arc::new(estargz::VecBlob::new(blob)), &opts)
             .await
             .map_err(|e| MountError::opening("test", e))
     }
@@ -325,7 +356,7 @@ mod tests {
     async fn a_preopened_layer_is_used_only_when_its_toc_matches() {
         let (blob_a, a) = estargz_blob(b"sibling a\n");
         let (_, b) = estargz_blob(b"sibling b\n");
-        let layer = Arc::new(open(blob_a, Default::default()).await.unwrap());
+        let layer = open(blob_a, Default::default()).await.unwrap().layer;
 
         assert!(accept(&layer, &expecting_toc(a.toc_digest)).is_ok());
         assert!(accept(&layer, &expecting_toc(b.toc_digest)).is_err());
@@ -350,13 +381,13 @@ mod tests {
     async fn a_mismatching_preopen_is_refetched_and_verified() {
         let (blob_a, _) = estargz_blob(b"what the registry served before\n");
         let (blob_b, b) = estargz_blob(b"what the label vouches for\n");
-        let preopened = Arc::new(open(blob_a.clone(), Default::default()).await.unwrap());
+        let preopened = open(blob_a.clone(), Default::default()).await.unwrap();
         let opts = expecting_toc(b.toc_digest);
 
         // The pre-opened TOC is not B's: a fresh, verified open is used instead.
         let fresh_opens = AtomicUsize::new(0);
         let (layer, was_preopened) =
-            use_or_open(Some(Ok(Arc::clone(&preopened))), &opts, "sha256:b", async {
+            use_or_open(Some(Ok(preopened.clone())), &opts, "sha256:b", async {
                 fresh_opens.fetch_add(1, Ordering::SeqCst);
                 open(blob_b.clone(), opts.clone()).await
             })
@@ -364,7 +395,7 @@ mod tests {
             .unwrap();
         assert!(!was_preopened);
         assert_eq!(fresh_opens.load(Ordering::SeqCst), 1);
-        assert_eq!(layer.toc_digest(), b.toc_digest);
+        assert_eq!(layer.layer.toc_digest(), b.toc_digest);
 
         // If the registry still serves the wrong TOC, the fresh open's verification fails:
         // the unverified TOC is never served.
@@ -376,14 +407,14 @@ mod tests {
         assert!(err.to_string().contains("digest"), "{err}");
 
         // A matching pre-open is used without fetching anything.
-        let matching = Arc::new(open(blob_b, Default::default()).await.unwrap());
+        let matching = open(blob_b, Default::default()).await.unwrap();
         let (layer, was_preopened) = use_or_open(Some(Ok(matching)), &opts, "sha256:b", async {
             panic!("fetched although the pre-opened TOC matched")
         })
         .await
         .unwrap();
         assert!(was_preopened);
-        assert_eq!(layer.toc_digest(), b.toc_digest);
+        assert_eq!(layer.layer.toc_digest(), b.toc_digest);
 
         // A failed pre-open (not lazy-pullable, registry error) falls back too.
         let (blob_c, c) = estargz_blob(b"c\n");
@@ -396,7 +427,7 @@ mod tests {
         .await
         .unwrap();
         assert!(!was_preopened);
-        assert_eq!(layer.toc_digest(), c.toc_digest);
+        assert_eq!(layer.layer.toc_digest(), c.toc_digest);
     }
 
     #[tokio::test]
@@ -426,7 +457,10 @@ mod tests {
         }
         release.send(()).unwrap();
         let (outcome, opening) = claim.await;
-        assert_eq!(outcome.unwrap().unwrap().toc_digest(), written.toc_digest);
+        assert_eq!(
+            outcome.unwrap().unwrap().layer.toc_digest(),
+            written.toc_digest
+        );
         assert_eq!(opens.load(Ordering::SeqCst), 1);
         // Claimed entries leave the table; while the Prepare opens it, it stays known.
         assert_eq!(pre.pending(), 0);

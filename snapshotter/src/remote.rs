@@ -165,6 +165,12 @@ pub trait RemoteMounter: Send + Sync {
     /// Mounts `layer` read-only at `mountpoint` (an empty directory); resolves only when
     /// the layer is verified and served. The error says why, for the fallback's log line.
     fn mount<'a>(&'a self, layer: &'a RemoteLayer, mountpoint: &'a Path) -> MountFuture<'a>;
+    /// Mounts again the layer of an existing snapshot (after a restart, on first use):
+    /// as `mount`, but what was verified when it was first mounted may be used again
+    /// without asking the registry.
+    fn restore<'a>(&'a self, layer: &'a RemoteLayer, mountpoint: &'a Path) -> MountFuture<'a> {
+        self.mount(layer, mountpoint)
+    }
     /// Unmounts whatever this mounter serves at `mountpoint`; idempotent.
     fn unmount(&self, mountpoint: &Path);
     /// Whether this process currently serves `mountpoint`.

@@ -162,6 +162,9 @@ pub struct Containerd {
     release: Release,
     /// `ctr` with its absolute path, found at start.
     ctr: PathBuf,
+    /// The command it was started with, for [`Containerd::start_again`].
+    binary: PathBuf,
+    path_env: Option<std::ffi::OsString>,
     socket: PathBuf,
     namespace: String,
     process: Option<ChildGuard>,
@@ -233,26 +236,28 @@ impl Containerd {
         let config_path = root.join("config.toml");
         std::fs::write(&config_path, config)?;
 
-        let mut cmd = Command::new(binary);
-        cmd.arg("--config").arg(&config_path);
-        if let Some(dir) = &bin_dir {
-            // Its own shim first.
-            let path = std::env::var_os("PATH").unwrap_or_default();
-            let mut dirs = vec![dir.clone()];
-            dirs.extend(std::env::split_paths(&path));
-            cmd.env("PATH", std::env::join_paths(dirs)?);
-        }
-        let process = ChildGuard::spawn("containerd", cmd, &root.join("containerd.log"))?;
+        let path_env = match &bin_dir {
+            Some(dir) => {
+                // Its own shim first.
+                let path = std::env::var_os("PATH").unwrap_or_default();
+                let mut dirs = vec![dir.clone()];
+                dirs.extend(std::env::split_paths(&path));
+                Some(std::env::join_paths(dirs)?)
+            }
+            None => None,
+        };
         let namespace = options.namespace.clone().unwrap_or_else(unique_namespace);
         let mut containerd = Self {
             release,
             ctr,
+            binary,
+            path_env,
             socket,
             namespace,
-            process: Some(process),
+            process: None,
             dir,
         };
-        containerd.wait_ready(Duration::from_secs(30))?;
+        containerd.spawn()?;
         // The server, not only the binary we started, is the release asked for.
         let version = containerd.ctr_raw(None, ["version"], Duration::from_secs(10))?;
         let server = version.split("Server:").nth(1).unwrap_or_default();
@@ -267,6 +272,52 @@ impl Containerd {
 
     pub fn release(&self) -> Release {
         self.release
+    }
+
+    /// Starts the containerd process on this instance's config and waits until it answers.
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--config").arg(self.dir.path().join("config.toml"));
+        if let Some(path) = &self.path_env {
+            cmd.env("PATH", path);
+        }
+        let log = self.dir.path().join("containerd.log");
+        self.process = Some(ChildGuard::spawn("containerd", cmd, &log)?);
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    /// Stops containerd (SIGTERM) and leaves its root and state on disk, for
+    /// [`Containerd::start_again`]. Tasks still running are not touched (their shims
+    /// outlive containerd, as with `systemctl restart containerd`).
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let mut process = self
+            .process
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("containerd is not running"))?;
+        process.signal_and_wait(libc::SIGTERM, Duration::from_secs(30))?;
+        Ok(())
+    }
+
+    /// Starts containerd again after [`Containerd::stop`], on the same config, root and
+    /// socket. With `reboot`, its state directory (a tmpfs under /run on a real host) is
+    /// emptied first, as a reboot leaves it; it must then have no tasks.
+    pub fn start_again(&mut self, reboot: bool) -> anyhow::Result<()> {
+        if self.process.is_some() {
+            anyhow::bail!("containerd is already running");
+        }
+        if reboot {
+            let state = self.dir.path().join("state");
+            if !mounts_under(&state).is_empty() {
+                anyhow::bail!(
+                    "containerd's state still has mounts: {:?}",
+                    mounts_under(&state)
+                );
+            }
+            if state.exists() {
+                std::fs::remove_dir_all(&state)?;
+            }
+        }
+        self.spawn()
     }
 
     /// Polls `ctr version` (which needs the gRPC server to answer) until it succeeds.

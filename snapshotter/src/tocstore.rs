@@ -1,0 +1,475 @@
+//! Verified layer metadata on local disk: what opening a lazily pulled layer needs
+//! (the blob's size, its footer and its compressed TOC), kept once the TOC was fetched
+//! from the registry and verified against what the image publishes. A restart, with or
+//! without the fd holder, even a reboot, then restores the layer's snapshot without
+//! asking the registry anything: with the chunk cache, a wholly local layer needs no
+//! registry at all.
+//!
+//! One file a layer, named after the layer's digest, under `ROOT/tocs`: written to a
+//! temp file, fsynced and renamed into place. Each use reads it back and checks it
+//! again, first its own checksum, then the TOC against the digest the snapshot's labels
+//! name (or else the expectation it was verified against when stored); a file that does
+//! not pass is deleted, and the layer is opened from the registry as if it had never
+//! been stored. Files of layers no lazy snapshot uses any more go with the chunk cache's
+//! sweep ([`TocStore::retain`]).
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use estargz::{BlobReader, Digest, Footer, Format, Layer, OpenOptions};
+use serde_json::{Value, json};
+
+/// The first word of every file; the version follows it.
+const MAGIC: &str = "lazysnap-layer-metadata";
+const VERSION: u64 = 1;
+/// The header line is small; this bounds what a damaged file makes us read.
+const MAX_HEADER_BYTES: usize = 64 << 10;
+
+/// The directory of verified layer metadata. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TocStore {
+    dir: PathBuf,
+}
+
+impl TocStore {
+    /// Uses (and creates, mode 0700) `dir`.
+    pub fn open(dir: impl Into<PathBuf>) -> std::io::Result<TocStore> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = dir.into();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        Ok(TocStore { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file of `layer_digest` (`ALGORITHM:HEX`), None for anything else: a digest
+    /// from a label never names a path outside the store.
+    fn path_of(&self, layer_digest: &str) -> Option<PathBuf> {
+        let (algorithm, hex) = layer_digest.split_once(':')?;
+        let good = |s: &str, extra: fn(u8) -> bool| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() && extra(b))
+        };
+        (good(algorithm, |_| true) && good(hex, |b| b <= b'f'))
+            .then(|| self.dir.join(format!("{algorithm}-{hex}")))
+    }
+
+    /// Keeps `layer`'s metadata under `layer_digest`: its blob size, its footer and
+    /// `toc`, the compressed TOC bytes it was opened from, with the expectation (`opts`)
+    /// the TOC was verified against. A layer opened without one (skip-verify) is not
+    /// kept: every restore would have to trust the file blindly.
+    pub fn save(
+        &self,
+        layer_digest: &str,
+        layer: &Layer,
+        toc: &[u8],
+        opts: &OpenOptions,
+    ) -> std::io::Result<PathBuf> {
+        let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
+        let path = self
+            .path_of(layer_digest)
+            .ok_or_else(|| invalid(format!("layer digest {layer_digest:?}")))?;
+        if opts.expected_toc_digest.is_none() && opts.expected_manifest_checksum.is_none() {
+            return Err(invalid(format!(
+                "layer {layer_digest} was not verified: nothing to keep"
+            )));
+        }
+        if Digest::of(toc) != layer.manifest_checksum() {
+            return Err(invalid(format!(
+                "the TOC bytes given for layer {layer_digest} are not the layer's"
+            )));
+        }
+        let header = json!({
+            "layer_digest": layer_digest,
+            "blob_size": layer.blob_size(),
+            "footer": footer_json(layer.footer()),
+            "expected_toc_digest": opts.expected_toc_digest.map(|d| d.to_string()),
+            "expected_manifest_checksum": opts.expected_manifest_checksum.map(|d| d.to_string()),
+            "toc_digest": layer.toc_digest().to_string(),
+        });
+        let mut body = header.to_string().into_bytes();
+        body.push(b'\n');
+        body.extend_from_slice(toc);
+        let mut file = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(&self.dir)?;
+        writeln!(file, "{MAGIC} {VERSION} {}", Digest::of(&body).hex())?;
+        file.write_all(&body)?;
+        file.as_file().sync_all()?;
+        file.persist(&path).map_err(|e| e.error)?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        Ok(path)
+    }
+
+    /// Opens `layer_digest` from its kept metadata, with `blob` (given the blob's size)
+    /// to read chunks from; nothing of the blob is read here. The TOC must verify against
+    /// `label_toc_digest` when given (the snapshot's `toc.digest` label), and against the
+    /// expectation it was kept with. Ok(None): nothing kept. Err: the file did not pass
+    /// (said why) and is deleted.
+    pub fn load(
+        &self,
+        layer_digest: &str,
+        label_toc_digest: Option<Digest>,
+        blob: impl FnOnce(u64) -> Arc<dyn BlobReader>,
+    ) -> Result<Option<Layer>, String> {
+        let Some(path) = self.path_of(layer_digest) else {
+            return Ok(None);
+        };
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(format!("reading {}: {e}", path.display()));
+            }
+        };
+        let checked = check(&bytes, layer_digest, label_toc_digest).and_then(|stored| {
+            Layer::from_parts(
+                blob(stored.blob_size),
+                stored.blob_size,
+                stored.footer,
+                &stored.parsed,
+            )
+            .map_err(|e| format!("the kept TOC does not index: {e}"))
+        });
+        match checked {
+            Ok(layer) => Ok(Some(layer)),
+            Err(why) => {
+                let _ = std::fs::remove_file(&path);
+                Err(format!("{}: {why}", path.display()))
+            }
+        }
+    }
+
+    /// Whether anything is kept for `layer_digest`.
+    pub fn contains(&self, layer_digest: &str) -> bool {
+        self.path_of(layer_digest).is_some_and(|p| p.is_file())
+    }
+
+    /// Deletes what is kept for every layer not in `keep` that was written before
+    /// `written_before` (a layer mounted after the caller listed `keep` may have just
+    /// been kept), and leftover temp files as old. Returns how many files went.
+    pub fn retain(&self, keep: &HashSet<String>, written_before: SystemTime) -> usize {
+        let keep: HashSet<PathBuf> = keep.iter().filter_map(|d| self.path_of(d)).collect();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if keep.contains(&path) {
+                continue;
+            }
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t < written_before);
+            if old && std::fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+/// What a file holds once it passed every check.
+struct Stored {
+    blob_size: u64,
+    footer: Footer,
+    parsed: estargz::ParsedToc,
+}
+
+/// Checks a file's bytes: magic and version, its checksum, the header, and the TOC
+/// against the expectation (the label's TOC digest when given).
+fn check(bytes: &[u8], layer_digest: &str, label: Option<Digest>) -> Result<Stored, String> {
+    let first_end = bytes
+        .iter()
+        .take(256)
+        .position(|&b| b == b'\n')
+        .ok_or("no first line")?;
+    let first = std::str::from_utf8(&bytes[..first_end]).map_err(|_| "first line not UTF-8")?;
+    let body = &bytes[first_end + 1..];
+    let mut words = first.split(' ');
+    if words.next() != Some(MAGIC) {
+        return Err("not a layer metadata file".into());
+    }
+    if words.next() != Some(VERSION.to_string().as_str()) {
+        return Err(format!("not version {VERSION}"));
+    }
+    if words.next() != Some(Digest::of(body).hex().as_str()) || words.next().is_some() {
+        return Err("checksum mismatch (damaged file)".into());
+    }
+    let header_end = body
+        .iter()
+        .take(MAX_HEADER_BYTES)
+        .position(|&b| b == b'\n')
+        .ok_or("no header line")?;
+    let header: Value =
+        serde_json::from_slice(&body[..header_end]).map_err(|e| format!("header: {e}"))?;
+    let toc = &body[header_end + 1..];
+    if header["layer_digest"].as_str() != Some(layer_digest) {
+        return Err(format!(
+            "kept for layer {}, not {layer_digest}",
+            header["layer_digest"]
+        ));
+    }
+    let blob_size = header["blob_size"].as_u64().ok_or("no blob_size")?;
+    let footer = parse_footer_json(&header["footer"]).ok_or("bad footer")?;
+    let toc_end = footer
+        .toc_offset
+        .checked_add(footer.toc_compressed_size)
+        .ok_or("bad footer")?;
+    if footer.payload_end > footer.toc_offset || toc_end > blob_size {
+        return Err("the footer does not fit the blob".into());
+    }
+    let digest = |key: &str| -> Result<Option<Digest>, String> {
+        match &header[key] {
+            Value::Null => Ok(None),
+            Value::String(s) => s.parse().map(Some).map_err(|e| format!("{key}: {e}")),
+            other => Err(format!("{key}: {other}")),
+        }
+    };
+    let opts = OpenOptions {
+        expected_toc_digest: label.or(digest("expected_toc_digest")?),
+        expected_manifest_checksum: digest("expected_manifest_checksum")?,
+        ..OpenOptions::default()
+    };
+    if opts.expected_toc_digest.is_none() && opts.expected_manifest_checksum.is_none() {
+        return Err("kept without an expectation to verify against".into());
+    }
+    let parsed = estargz::parse_toc(&footer, toc, &opts).map_err(|e| format!("TOC: {e}"))?;
+    Ok(Stored {
+        blob_size,
+        footer,
+        parsed,
+    })
+}
+
+fn format_name(format: Format) -> &'static str {
+    match format {
+        Format::Estargz => "estargz",
+        Format::LegacyStargz => "legacy-stargz",
+        Format::ZstdChunked => "zstd-chunked",
+        Format::StargzZstdChunked => "stargz-zstd-chunked",
+    }
+}
+
+fn footer_json(f: &Footer) -> Value {
+    json!({
+        "format": format_name(f.format),
+        "toc_offset": f.toc_offset,
+        "toc_compressed_size": f.toc_compressed_size,
+        "toc_uncompressed_size": f.toc_uncompressed_size,
+        "payload_end": f.payload_end,
+        "tar_split": f.tar_split.map(|(a, b, c)| [a, b, c]),
+        "footer_size": f.footer_size,
+    })
+}
+
+fn parse_footer_json(v: &Value) -> Option<Footer> {
+    let format = [
+        Format::Estargz,
+        Format::LegacyStargz,
+        Format::ZstdChunked,
+        Format::StargzZstdChunked,
+    ]
+    .into_iter()
+    .find(|f| v["format"].as_str() == Some(format_name(*f)))?;
+    let optional = |key: &str| match &v[key] {
+        Value::Null => Some(None),
+        other => other.as_u64().map(Some),
+    };
+    let tar_split = match &v["tar_split"] {
+        Value::Null => None,
+        Value::Array(a) if a.len() == 3 => Some((a[0].as_u64()?, a[1].as_u64()?, a[2].as_u64()?)),
+        _ => return None,
+    };
+    Some(Footer {
+        format,
+        toc_offset: v["toc_offset"].as_u64()?,
+        toc_compressed_size: v["toc_compressed_size"].as_u64()?,
+        toc_uncompressed_size: optional("toc_uncompressed_size")?,
+        payload_end: v["payload_end"].as_u64()?,
+        tar_split,
+        footer_size: v["footer_size"].as_u64()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::preopen::tests::estargz_blob;
+
+    /// A layer opened (and verified) from an in-memory eStargz blob, with its TOC bytes.
+    async fn opened(content: &[u8]) -> (Vec<u8>, Layer, Vec<u8>, OpenOptions) {
+        let (blob, written) = estargz_blob(content);
+        let opts = OpenOptions {
+            expected_toc_digest: Some(written.toc_digest),
+            ..OpenOptions::default()
+        };
+        let (layer, toc) =
+            Layer::open_keeping_toc(Arc::new(estargz::VecBlob::new(blob.clone())), &opts)
+                .await
+                .unwrap();
+        (blob, layer, toc.to_vec(), opts)
+    }
+
+    const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    /// A blob of the right size holding only zeros: opening a layer on it succeeds
+    /// only if nothing (footer, TOC) is read from it.
+    fn zeros(size: u64) -> Arc<dyn BlobReader> {
+        Arc::new(estargz::VecBlob::new(vec![0u8; size as usize]))
+    }
+
+    #[tokio::test]
+    async fn a_kept_layer_opens_again_without_its_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TocStore::open(dir.path().join("tocs")).unwrap();
+        let (blob, layer, toc, opts) = opened(b"kept across restarts\n").await;
+        assert!(
+            store
+                .load(DIGEST, None, |_| unreachable!())
+                .unwrap()
+                .is_none()
+        );
+        store.save(DIGEST, &layer, &toc, &opts).unwrap();
+        assert!(store.contains(DIGEST));
+
+        // Verified against the expectation it was kept with, and against a label.
+        let mut sizes = Vec::new();
+        let again = store
+            .load(DIGEST, None, |size| {
+                sizes.push(size);
+                zeros(size)
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(sizes, vec![blob.len() as u64]);
+        assert_eq!(again.toc_digest(), layer.toc_digest());
+        assert_eq!(again.manifest_checksum(), layer.manifest_checksum());
+        assert_eq!(again.footer(), layer.footer());
+        assert_eq!(again.blob_size(), layer.blob_size());
+        assert_eq!(again.index().len(), layer.index().len());
+        let labelled = store.load(DIGEST, Some(layer.toc_digest()), zeros).unwrap();
+        assert!(labelled.is_some());
+
+        // The layer reads the same through a real blob.
+        let real = store
+            .load(DIGEST, None, |_| Arc::new(estargz::VecBlob::new(blob)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            real.read_file_range("file.txt", 0, 100).await.unwrap(),
+            b"kept across restarts\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_damaged_or_mismatching_file_is_refused_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TocStore::open(dir.path().join("tocs")).unwrap();
+        let (_, layer, toc, opts) = opened(b"some layer\n").await;
+        let path = store.save(DIGEST, &layer, &toc, &opts).unwrap();
+        let good = std::fs::read(&path).unwrap();
+
+        // One flipped byte anywhere: refused, deleted.
+        for at in [good.len() / 2, good.len() - 1, 30] {
+            let mut bad = good.clone();
+            bad[at] ^= 0x40;
+            std::fs::write(&path, &bad).unwrap();
+            let err = store.load(DIGEST, None, |_| unreachable!()).unwrap_err();
+            assert!(err.contains("checksum") || err.contains("version"), "{err}");
+            assert!(!path.exists(), "a damaged file was kept");
+            assert!(
+                store
+                    .load(DIGEST, None, |_| unreachable!())
+                    .unwrap()
+                    .is_none()
+            );
+        }
+        // Truncated (a crash mid-write cannot leave this, a full disk elsewhere might).
+        std::fs::write(&path, &good[..good.len() - 10]).unwrap();
+        assert!(store.load(DIGEST, None, |_| unreachable!()).is_err());
+        assert!(!path.exists());
+
+        // Intact, but the snapshot's label names another TOC: refused, deleted.
+        std::fs::write(&path, &good).unwrap();
+        let (_, other, _, _) = opened(b"another layer\n").await;
+        let err = store
+            .load(DIGEST, Some(other.toc_digest()), |_| unreachable!())
+            .unwrap_err();
+        assert!(err.contains("TOC"), "{err}");
+        assert!(!path.exists());
+
+        // Kept for another digest (renamed by hand): refused.
+        std::fs::write(&path, &good).unwrap();
+        let elsewhere = DIGEST.replace("0123", "4567");
+        std::fs::rename(&path, store.path_of(&elsewhere).unwrap()).unwrap();
+        assert!(store.load(&elsewhere, None, |_| unreachable!()).is_err());
+        assert!(!store.contains(&elsewhere));
+    }
+
+    #[tokio::test]
+    async fn unverified_layers_and_odd_digests_are_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TocStore::open(dir.path().join("tocs")).unwrap();
+        let (_, layer, toc, _) = opened(b"x\n").await;
+        assert!(
+            store
+                .save(DIGEST, &layer, &toc, &OpenOptions::default())
+                .is_err()
+        );
+        let opts = OpenOptions {
+            expected_toc_digest: Some(layer.toc_digest()),
+            ..OpenOptions::default()
+        };
+        // TOC bytes that are not the layer's.
+        assert!(store.save(DIGEST, &layer, b"nonsense", &opts).is_err());
+        for digest in [
+            "sha256:../../etc/passwd",
+            "sha256:",
+            "nodigest",
+            "SHA256:ab",
+            "a/b:cd",
+        ] {
+            assert!(store.save(digest, &layer, &toc, &opts).is_err(), "{digest}");
+            assert!(
+                store
+                    .load(digest, None, |_| unreachable!())
+                    .unwrap()
+                    .is_none()
+            );
+        }
+        assert_eq!(std::fs::read_dir(store.dir()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn retain_keeps_what_is_used_and_what_is_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TocStore::open(dir.path().join("tocs")).unwrap();
+        let (_, layer, toc, opts) = opened(b"x\n").await;
+        let (a, b) = (DIGEST.to_string(), DIGEST.replace("0123", "4567"));
+        store.save(&a, &layer, &toc, &opts).unwrap();
+        store.save(&b, &layer, &toc, &opts).unwrap();
+        // Both written after this point in time: neither goes.
+        let past = SystemTime::now() - std::time::Duration::from_secs(60);
+        assert_eq!(store.retain(&HashSet::new(), past), 0);
+        let later = SystemTime::now() + std::time::Duration::from_secs(60);
+        assert_eq!(store.retain(&HashSet::from([a.clone()]), later), 1);
+        assert!(store.contains(&a));
+        assert!(!store.contains(&b));
+    }
+}
