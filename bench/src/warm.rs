@@ -32,11 +32,11 @@ impl Pass {
         }
     }
 
-    /// What the pass does, for the report.
+    /// What the pass does, for the report (pipes escaped for a Markdown table).
     pub fn describe(self, tree: &str) -> String {
         match self {
-            Pass::Data => format!("`tar -cf - {tree} | wc -c`"),
-            Pass::Metadata => format!("`find {tree} -xdev -printf '%s\\n' | wc -l`"),
+            Pass::Data => format!("`tar -cf - {tree} \\| wc -c`"),
+            Pass::Metadata => format!("`find {tree} -xdev -printf '%s\\n' \\| wc -l`"),
             Pass::Startup => "the image's command, ten times".to_string(),
         }
     }
