@@ -701,6 +701,7 @@ fn a_miss_also_fetches_the_next_files_in_the_blob_beside_the_demand() {
 fn files_read_whole_get_a_verified_local_copy_for_passthrough() {
     let (blob, src) = sample_blob(OutputFormat::ZstdChunked);
     let config = FsConfig {
+        passthrough: true,
         passthrough_min_bytes: 2 * CHUNK,
         ..quiet_config()
     };
