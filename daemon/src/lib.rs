@@ -4,6 +4,7 @@ pub mod authority;
 pub mod config;
 pub mod containerd;
 pub mod cri;
+pub mod fetch;
 pub mod keychain;
 pub mod listener;
 pub mod observe;

@@ -39,6 +39,7 @@ pub use core::{
     StatFs, XattrReply,
 };
 pub use error::{Error, Result};
+pub use fetch::FetchedNow;
 pub use fuse::{Handover, MountedLayer, RequestSink, adopt, mount, mount_device};
 pub use histogram::OpHistogram;
 pub use link::{Link, Links};

@@ -22,9 +22,12 @@ enum Command {
     /// read from lazysnapd's access log, and convert SRC to DST with those files
     /// prioritized in read order. DST must be a registry reference.
     Optimize(daemon::optimize::OptimizeArgs),
-    /// Show what lazysnapd serves: snapshots, cache, and how much of each lazily mounted
-    /// layer is local.
+    /// Show what lazysnapd serves: snapshots, cache, how much of each lazily mounted
+    /// layer and image is local, and which images can run without their registry.
     Status(StatusArgs),
+    /// Make images wholly local now (every chunk of their lazily mounted layers fetched,
+    /// verified and cached at full speed), so they run without their registry.
+    Fetch(daemon::fetch::FetchArgs),
 }
 
 #[derive(clap::Args)]
@@ -145,6 +148,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             println!("{}", done.digest);
         }
+        Command::Fetch(args) => {
+            let start = std::time::Instant::now();
+            let done = runtime.block_on(daemon::fetch::fetch(&args))?;
+            for image in &done {
+                println!("{}", daemon::fetch::summary(image, start.elapsed()));
+            }
+        }
         Command::Status(args) => {
             let status = runtime.block_on(daemon::observe::fetch_status(&args.root))?;
             if args.json {
@@ -184,24 +194,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if !status.layers.is_empty() {
                 println!(
-                    "{:<20} {:>7} {:>10} {:>10} {:>10}  IMAGE",
-                    "LAYER", "LOCAL", "SIZE", "FETCHED", "REQUESTS"
+                    "{:<20} {:>7} {:>10} {:>10} {:>10} {:>4}  IMAGE",
+                    "LAYER", "LOCAL", "SIZE", "FETCHED", "REQUESTS", "META"
                 );
             }
             for l in &status.layers {
-                let percent = if l.total_bytes == 0 {
-                    100.0
-                } else {
-                    l.local_bytes as f64 * 100.0 / l.total_bytes as f64
-                };
                 println!(
-                    "{:<20} {:>6.1}% {:>10} {:>10} {:>10}  {}",
+                    "{:<20} {:>6.1}% {:>10} {:>10} {:>10} {:>4}  {}",
                     l.layer.chars().take(19).collect::<String>(),
-                    percent,
+                    daemon::observe::percent(l.local_bytes, l.total_bytes),
                     human(l.total_bytes),
                     human(l.fetched_bytes),
                     l.range_requests,
+                    if l.metadata_stored { "kept" } else { "no" },
                     l.image
+                );
+            }
+            if !status.images.is_empty() {
+                println!();
+                println!(
+                    "{:>7} {:>10} {:>10} {:>6}  {:<7}  IMAGE",
+                    "LOCAL", "LOCAL", "SIZE", "LAYERS", "OFFLINE"
+                );
+            }
+            for i in &status.images {
+                println!(
+                    "{:>6.1}% {:>10} {:>10} {:>6}  {:<7}  {}",
+                    i.percent_local(),
+                    human(i.local_bytes),
+                    human(i.total_bytes),
+                    i.layers.len(),
+                    if i.offline_ready { "ready" } else { "no" },
+                    i.image
                 );
             }
         }

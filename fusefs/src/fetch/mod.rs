@@ -5,11 +5,13 @@
 //! - [`schedule`]: what is fetched without a reader waiting (neighbours of a miss,
 //!   prefetch, the background fetch of the whole layer), in the link's order of
 //!   precedence ([`crate::link`]);
-//! - [`whole`]: whole-file copies for FUSE passthrough.
+//! - [`whole`]: whole-file copies for FUSE passthrough;
+//! - [`now`]: the whole layer made local at once, when asked (`lazysnap fetch`).
 //!
 //! This file holds the fetcher itself and its one entry for reads.
 
 mod inflight;
+mod now;
 mod readahead;
 mod schedule;
 mod stream;
@@ -35,9 +37,11 @@ use readahead::Sequential;
 use schedule::Neighbours;
 use whole::Assembling;
 
+pub use now::FetchedNow;
+
 /// Why a range is fetched: for the debug log of range requests, the link's order of
-/// precedence, and whether its chunks are kept in memory (all but the background
-/// fetch's, so the memory cache keeps what readers use).
+/// precedence, and whether its chunks are kept in memory (all but those of the
+/// background fetch and of a fetch made now, so the memory cache keeps what readers use).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Purpose {
     Demand,
@@ -45,11 +49,13 @@ pub(crate) enum Purpose {
     ReadAhead,
     Prefetch,
     Background,
+    /// The whole layer at once, asked for ([`now`]).
+    Now,
 }
 
 impl Purpose {
     fn keep_in_memory(self) -> bool {
-        self != Purpose::Background
+        !matches!(self, Purpose::Background | Purpose::Now)
     }
 
     /// How a request of this purpose counts on the link (the background, not at all:
@@ -57,7 +63,8 @@ impl Purpose {
     fn class(self) -> Option<Class> {
         match self {
             Purpose::Demand | Purpose::Neighbour | Purpose::ReadAhead => Some(Class::Demand),
-            Purpose::Prefetch => Some(Class::Prefetch),
+            // Asked for now: it holds the background back as a prefetch does.
+            Purpose::Prefetch | Purpose::Now => Some(Class::Prefetch),
             Purpose::Background => None,
         }
     }
