@@ -102,6 +102,11 @@ pub struct LazyConfig {
     /// background, so their Prepares need not wait for the registry (each is still
     /// verified against its own TOC digest). Default true.
     pub preopen_siblings: bool,
+    /// Once every byte of a lazily pulled layer is local, copy its tree into a plain
+    /// directory beside its mount; containers created after that read the copy through
+    /// overlayfs alone, as after a full pull (running containers keep the FUSE mount).
+    /// Costs the layer's size again on disk. Default true.
+    pub native_copies: bool,
     /// The longest one range request may take, in seconds: a read of a chunk that is
     /// not local waits at most this long when its registry is away, then fails (EIO).
     /// Default 15 (see `fusefs::FsConfig::fetch_timeout`).
@@ -125,6 +130,7 @@ impl Default for LazyConfig {
             kernel_readahead_kb: fs.kernel_readahead / 1024,
             neighbour_fetch_kb: fs.neighbour_fetch_bytes >> 10,
             preopen_siblings: true,
+            native_copies: true,
             fetch_timeout_sec: fs.fetch_timeout.as_secs(),
         }
     }

@@ -268,6 +268,9 @@ fn lazy_mounter(
     if config.lazy.preopen_siblings {
         mounter = mounter.with_sibling_preopen();
     }
+    if config.lazy.native_copies {
+        mounter = mounter.with_native_copies();
+    }
     let tocs = config.root.join(TOC_STORE);
     let store = snapshotter::tocstore::TocStore::open(&tocs)
         .with_context(|| format!("opening the kept layer metadata in {}", tocs.display()))?;

@@ -87,7 +87,10 @@ async fn a_wholly_local_image_runs_after_a_reboot_without_its_registry() {
     let registry = Registry::start(&dir.path().join("registry")).unwrap();
     let host = registry.host.clone();
     // The background fetch makes the layers wholly local; quickly, once the pull is over.
-    let mut daemon = start_lazysnapd(dir.path(), "[lazy]\nbackground_quiet_ms = 100\n");
+    let mut daemon = start_lazysnapd(
+        dir.path(),
+        "[lazy]\n# Reads go through FUSE and the chunk cache, not native copies.\nnative_copies = false\nbackground_quiet_ms = 100\n",
+    );
     let mut containerd = containerd_for(&daemon);
 
     let base = busybox_entries().unwrap();

@@ -47,6 +47,9 @@ pub struct FuseMounter {
     /// Verified layer metadata kept on disk, so restores need no registry; None: every
     /// layer is opened from its registry.
     store: Option<TocStore>,
+    /// Copy each layer into a plain directory once it is wholly local, for the
+    /// containers created after that ([`crate::native`]).
+    native_copies: bool,
 }
 
 /// The chunk cache's sweep leaves the kept metadata of layers it did not list as
@@ -319,7 +322,15 @@ impl FuseMounter {
             preopener: None,
             preopened_mounts: AtomicU64::new(0),
             store: None,
+            native_copies: false,
         }
+    }
+
+    /// Copies each mounted layer into a plain directory beside its mount once every
+    /// byte of it is local; later containers are given the copy ([`crate::native`]).
+    pub fn with_native_copies(mut self) -> FuseMounter {
+        self.native_copies = true;
+        self
     }
 
     /// Keeps the metadata (footer, TOC) of every layer opened from a registry and
@@ -852,8 +863,16 @@ impl FuseMounter {
             image_layers: layer.image_layers.clone(),
             handed_over,
         };
+        let fs = Arc::downgrade(served.mounted.fs());
         if let Some(mut previous) = self.mounts().insert(mountpoint.to_path_buf(), served) {
             let _ = previous.mounted.unmount();
+        }
+        if self.native_copies && crate::native::native_of(mountpoint).is_none() {
+            self.handle.spawn(copy_when_local(
+                fs,
+                mountpoint.to_path_buf(),
+                layer.layer_digest.clone(),
+            ));
         }
     }
 
@@ -1026,6 +1045,40 @@ impl RemoteMounter for FuseMounter {
                 );
             }
         });
+    }
+}
+
+/// How often a mounted layer is checked for being wholly local.
+const LOCAL_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Waits until every byte of the layer is local (however it got there: reads, prefetch,
+/// background fetch, `lazysnap fetch`), then makes its native copy. Ends without one
+/// when the layer is unmounted first.
+async fn copy_when_local(
+    fs: std::sync::Weak<fusefs::LayerFs>,
+    mountpoint: PathBuf,
+    digest: String,
+) {
+    loop {
+        tokio::time::sleep(LOCAL_POLL).await;
+        let Some(layer) = fs.upgrade() else { return };
+        let stats = layer.stats();
+        drop(layer);
+        if stats.local_bytes < stats.total_bytes {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let path = mountpoint.clone();
+        match tokio::task::spawn_blocking(move || crate::native::make_native_copy(&path)).await {
+            Ok(Ok(copied)) => tracing::info!(layer = %digest, path = %mountpoint.display(),
+                entries = copied.entries, bytes = copied.bytes,
+                seconds = started.elapsed().as_secs_f64(),
+                "layer wholly local: native copy made; containers created from now on read it"),
+            Ok(Err(e)) => tracing::warn!(layer = %digest, path = %mountpoint.display(), error = %e,
+                "no native copy of a wholly local layer; containers keep reading through FUSE"),
+            Err(e) => tracing::warn!(layer = %digest, error = %e, "native copy task"),
+        }
+        return;
     }
 }
 

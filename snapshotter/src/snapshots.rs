@@ -181,6 +181,12 @@ impl Snapshotter {
     fn mounts_for(&self, conn: &rusqlite::Connection, row: &Row) -> Result<Vec<Mount>> {
         let ancestors = store::ancestors(conn, row)?;
         let path = |id: i64| self.fs_dir(id).to_string_lossy().into_owned();
+        // A lazily pulled layer that has a native copy is read from it: containers
+        // created now need no FUSE (running ones keep theirs).
+        let lower_path = |id: i64| match crate::native::native_of(&self.fs_dir(id)) {
+            Some(native) => native.to_string_lossy().into_owned(),
+            None => path(id),
+        };
         if ancestors.is_empty() {
             let mode = if row.kind == Kind::View { "ro" } else { "rw" };
             return Ok(vec![Mount {
@@ -192,7 +198,7 @@ impl Snapshotter {
         if row.kind != Kind::Active && ancestors.len() == 1 {
             return Ok(vec![Mount {
                 kind: "bind".into(),
-                source: path(ancestors[0]),
+                source: lower_path(ancestors[0]),
                 options: vec!["ro".into(), "rbind".into()],
             }]);
         }
@@ -204,7 +210,7 @@ impl Snapshotter {
             options.push(format!("workdir={}", self.work_dir(row.id).display()));
             options.push(format!("upperdir={}", path(row.id)));
         }
-        let lower: Vec<String> = ancestors.iter().map(|&id| path(id)).collect();
+        let lower: Vec<String> = ancestors.iter().map(|&id| lower_path(id)).collect();
         options.push(format!("lowerdir={}", lower.join(":")));
         Ok(vec![Mount {
             kind: "overlay".into(),

@@ -1,0 +1,241 @@
+//! Native copies of wholly local lazy layers.
+//!
+//! Once every byte of a lazily mounted layer is in the chunk cache, lazysnapd copies the
+//! layer's tree, as its FUSE mount shows it (overlayfs's own conventions: whiteouts as 0/0
+//! character devices, opaque directories by `trusted.overlay.opaque`), into a plain
+//! directory beside the mount, `snapshots/<id>/native`. Containers created after that get
+//! the copy as their lower directory instead of the FUSE mount (see
+//! `Snapshots::mounts`), so they read at the speed of the full pull with no daemon in the
+//! path, and their page cache is the copy's, written by lazysnapd, rather than pages that
+//! belong to whichever container read them first. Containers already running keep the
+//! FUSE mount. The copy is made under `native.partial` and renamed when complete and
+//! synced: a `native` directory is always whole.
+//!
+//! Every byte copied is read through the FUSE mount, so it was verified against its chunk
+//! digest like any other read.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// The name of a remote snapshot's native copy, beside its FUSE mountpoint `fs`.
+pub const NATIVE_DIR: &str = "native";
+const PARTIAL_DIR: &str = "native.partial";
+
+/// What a copy wrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Copied {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// The native copy of the layer mounted at `mountpoint` (`snapshots/<id>/fs`), when one
+/// is complete.
+pub fn native_of(mountpoint: &Path) -> Option<PathBuf> {
+    let dir = mountpoint.parent()?.join(NATIVE_DIR);
+    dir.is_dir().then_some(dir)
+}
+
+/// Copies the tree at `mountpoint` to `native` beside it. Fails, leaving no `native`,
+/// on any error (the partial copy is removed); succeeds at once if a copy exists.
+pub fn make_native_copy(mountpoint: &Path) -> io::Result<Copied> {
+    let parent = mountpoint
+        .parent()
+        .ok_or_else(|| io::Error::other("mountpoint without a parent"))?;
+    let done = parent.join(NATIVE_DIR);
+    if done.is_dir() {
+        return Ok(Copied::default());
+    }
+    let partial = parent.join(PARTIAL_DIR);
+    if partial.exists() {
+        fs::remove_dir_all(&partial)?;
+    }
+    let result = copy_tree(mountpoint, &partial).and_then(|copied| {
+        // Every file's data and metadata on disk before the name says it is whole.
+        File::open(&partial).and_then(|d| {
+            nix::unistd::syncfs(&d).map_err(io::Error::from)?;
+            Ok(())
+        })?;
+        fs::rename(&partial, &done)?;
+        File::open(parent)?.sync_all()?;
+        Ok(copied)
+    });
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&partial);
+    }
+    result
+}
+
+/// Copies `src` (a directory) to `dst` (which must not exist): every entry with its mode,
+/// owner, extended attributes and times; hard links stay hard links; sockets are skipped
+/// (a layer cannot carry their state).
+pub fn copy_tree(src: &Path, dst: &Path) -> io::Result<Copied> {
+    let mut copier = Copier {
+        links: HashMap::new(),
+        copied: Copied::default(),
+    };
+    copier.dir(src, dst)?;
+    Ok(copier.copied)
+}
+
+struct Copier {
+    /// Files with more than one link, by (device, inode), and where the first went.
+    links: HashMap<(u64, u64), PathBuf>,
+    copied: Copied,
+}
+
+impl Copier {
+    fn dir(&mut self, src: &Path, dst: &Path) -> io::Result<()> {
+        let meta = fs::symlink_metadata(src)?;
+        fs::create_dir(dst)?;
+        for entry in fs::read_dir(src)? {
+            let entry = entry?;
+            let (from, to) = (entry.path(), dst.join(entry.file_name()));
+            let m = fs::symlink_metadata(&from)?;
+            let kind = m.file_type();
+            if kind.is_dir() {
+                self.dir(&from, &to)?;
+                continue;
+            }
+            if kind.is_socket() {
+                continue;
+            }
+            if m.nlink() > 1
+                && let Some(first) = self.links.get(&(m.dev(), m.ino()))
+            {
+                fs::hard_link(first, &to)?;
+                self.copied.entries += 1;
+                continue;
+            }
+            if kind.is_file() {
+                let mut input = File::open(&from)?;
+                let mut output = File::create(&to)?;
+                self.copied.bytes += io::copy(&mut input, &mut output)?;
+            } else if kind.is_symlink() {
+                std::os::unix::fs::symlink(fs::read_link(&from)?, &to)?;
+            } else {
+                use nix::sys::stat::{Mode, SFlag};
+                let sflag = if kind.is_char_device() {
+                    SFlag::S_IFCHR
+                } else if kind.is_block_device() {
+                    SFlag::S_IFBLK
+                } else {
+                    SFlag::S_IFIFO
+                };
+                nix::sys::stat::mknod(
+                    &to,
+                    sflag,
+                    Mode::from_bits_truncate(m.mode() & 0o7777),
+                    m.rdev(),
+                )?;
+            }
+            finish(&from, &to, &m)?;
+            if m.nlink() > 1 {
+                self.links.insert((m.dev(), m.ino()), to);
+            }
+            self.copied.entries += 1;
+        }
+        // Last: creating the children changed the directory's times.
+        finish(src, dst, &meta)?;
+        self.copied.entries += 1;
+        Ok(())
+    }
+}
+
+/// Owner, mode (after the owner: chown clears set-id bits), extended attributes, times.
+fn finish(src: &Path, dst: &Path, m: &fs::Metadata) -> io::Result<()> {
+    std::os::unix::fs::lchown(dst, Some(m.uid()), Some(m.gid()))?;
+    let symlink = m.file_type().is_symlink();
+    if !symlink {
+        fs::set_permissions(dst, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+    }
+    copy_xattrs(src, dst)?;
+    let time = |secs: i64, nsecs: i64| nix::sys::time::TimeSpec::new(secs, nsecs);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        dst,
+        &time(m.atime(), m.atime_nsec()),
+        &time(m.mtime(), m.mtime_nsec()),
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )?;
+    Ok(())
+}
+
+fn copy_xattrs(src: &Path, dst: &Path) -> io::Result<()> {
+    let names = match xattr::list(src) {
+        Ok(names) => names,
+        // A layer without extended attributes says so for the whole mount.
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for name in names {
+        if let Some(value) = xattr::get(src, &name)? {
+            xattr::set(dst, &name, &value)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tree_is_copied_with_links_modes_times_and_special_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("fs");
+        fs::create_dir_all(src.join("a/b")).unwrap();
+        fs::write(src.join("a/file"), b"hello").unwrap();
+        fs::hard_link(src.join("a/file"), src.join("a/b/link")).unwrap();
+        std::os::unix::fs::symlink("../file", src.join("a/b/sym")).unwrap();
+        fs::set_permissions(src.join("a/file"), fs::Permissions::from_mode(0o4751)).unwrap();
+        nix::unistd::mkfifo(
+            &src.join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let old = nix::sys::time::TimeSpec::new(1_000_000, 5);
+        for p in ["a/b/sym", "a/b", "a"] {
+            nix::sys::stat::utimensat(
+                nix::fcntl::AT_FDCWD,
+                &src.join(p),
+                &old,
+                &old,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            )
+            .unwrap();
+        }
+
+        let copied = make_native_copy(&src).unwrap();
+        let native = native_of(&src).expect("the copy is complete");
+        assert_eq!(native, dir.path().join(NATIVE_DIR));
+        assert!(!dir.path().join(PARTIAL_DIR).exists());
+        assert_eq!(copied.bytes, 5, "the hard link is not copied twice");
+        assert_eq!(copied.entries, 7);
+        let m = |p: &str| fs::symlink_metadata(native.join(p)).unwrap();
+        assert_eq!(fs::read(native.join("a/b/link")).unwrap(), b"hello");
+        assert_eq!(m("a/file").ino(), m("a/b/link").ino());
+        assert_eq!(m("a/file").mode() & 0o7777, 0o4751);
+        assert_eq!(
+            fs::read_link(native.join("a/b/sym")).unwrap(),
+            Path::new("../file")
+        );
+        assert!(m("fifo").file_type().is_fifo());
+        for p in ["a/b/sym", "a/b", "a"] {
+            assert_eq!((m(p).mtime(), m(p).mtime_nsec()), (1_000_000, 5), "{p}");
+        }
+        // A second call finds it done.
+        assert_eq!(make_native_copy(&src).unwrap(), Copied::default());
+    }
+
+    #[test]
+    fn a_failed_copy_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("fs");
+        assert!(make_native_copy(&src).is_err(), "no source tree");
+        assert!(native_of(&src).is_none());
+        assert!(!dir.path().join(PARTIAL_DIR).exists());
+    }
+}
