@@ -147,7 +147,8 @@ impl Bench {
         Ok(())
     }
 
-    /// Waits until `lazysnap status` says every mounted layer is wholly local.
+    /// Waits until `lazysnap status` says every mounted layer is wholly local (and its
+    /// native copy is made).
     fn wait_wholly_local(&self, root: &Path) -> anyhow::Result<()> {
         let deadline = Instant::now() + LOCAL_TIMEOUT;
         loop {
@@ -167,10 +168,51 @@ impl Bench {
                 })
                 .sum();
             if !layers.is_empty() && missing == 0 {
-                return Ok(());
+                return self.wait_native_copies(root, layers.len(), deadline);
             }
             if Instant::now() > deadline {
                 bail!("lazysnapd's layers are still {missing} bytes short of wholly local");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Bench {
+    /// Unless the bench turned them off, waits until lazysnapd has made the native copy
+    /// of each of the `layers` mounted layers (`snapshots/<id>/native`), which the
+    /// containers created after that read.
+    fn wait_native_copies(
+        &self,
+        root: &Path,
+        layers: usize,
+        deadline: Instant,
+    ) -> anyhow::Result<()> {
+        if self
+            .args
+            .lazy_option
+            .iter()
+            .any(|o| o.replace(' ', "") == "native_copies=false")
+        {
+            return Ok(());
+        }
+        let copies = || {
+            std::fs::read_dir(root.join("snapshots")).map_or(0, |d| {
+                d.flatten()
+                    .filter(|e| e.path().join("native").is_dir())
+                    .count()
+            })
+        };
+        loop {
+            check_interrupted()?;
+            if copies() >= layers {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "lazysnapd made {} native copies of {layers} layers in time",
+                    copies()
+                );
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -258,7 +300,7 @@ pub(crate) fn run(bench: &Bench) -> anyhow::Result<()> {
     let heading = format!(
         "# Warm passes: overlayfs full pull vs lazysnap vs stargz-snapshotter\n\n\
          Each image wholly local in each mode first (pulled, then every file read by a \
-         container; for lazysnap, `lazysnap status` showing every layer local), then each \
+         container; for lazysnap, `lazysnap status` showing every layer local and its native copy made), then each \
          pass in a new container, twice in a row, timed inside the container (`date +%s%N`). \
          Both snapshotters on their default config; lazy form `{}`; registry on loopback. \
          {} repetitions, the modes in rotating order; medians (min–max) in seconds. \
