@@ -42,6 +42,10 @@ pub struct LayerStatus {
     /// it without the registry.
     #[serde(default)]
     pub metadata_stored: bool,
+    /// A native copy of the layer is made (`[lazy] native_copies`): containers created
+    /// now read it through overlayfs alone.
+    #[serde(default)]
+    pub native_copy: bool,
 }
 
 /// One image's lazily mounted layers together (those mounted under its reference, and
@@ -169,6 +173,7 @@ fn layer_status(l: &MountedLayerStatus) -> LayerStatus {
         prefetch_done: l.stats.prefetch_done,
         background_done: l.stats.background_done,
         metadata_stored: l.metadata_stored,
+        native_copy: l.native_copy,
     }
 }
 
@@ -406,7 +411,7 @@ fn render_metrics(status: &Status, mounted: &[MountedLayerStatus]) -> String {
         vec![(String::new(), status.preopened_mounts)],
     );
     type Field = fn(&LayerStatus) -> u64;
-    let per_layer: [(&str, &str, &str, Field); 11] = [
+    let per_layer: [(&str, &str, &str, Field); 12] = [
         (
             "lazysnap_fetched_bytes_total",
             "counter",
@@ -472,6 +477,12 @@ fn render_metrics(status: &Status, mounted: &[MountedLayerStatus]) -> String {
             "gauge",
             "1 when the layer's verified metadata is kept in ROOT/tocs (restores need no registry).",
             |l| u64::from(l.metadata_stored),
+        ),
+        (
+            "lazysnap_layer_native_copy",
+            "gauge",
+            "1 when a native copy of the layer is made: new containers read it, not FUSE.",
+            |l| u64::from(l.native_copy),
         ),
     ];
     for (name, kind, help, field) in per_layer {
@@ -830,6 +841,7 @@ x_seconds_count{op=\"lookup\"} 4
             image_ref: image.into(),
             image_layers: listed.iter().map(|s| s.to_string()).collect(),
             metadata_stored: kept,
+            native_copy: local == total,
             stats: fusefs::Stats {
                 local_bytes: local,
                 total_bytes: total,
@@ -953,6 +965,8 @@ x_seconds_count{op=\"lookup\"} 4
             "# TYPE lazysnap_layer_metadata_stored gauge",
             "lazysnap_layer_metadata_stored{layer=\"sha256:base\",mountpoint=\"/root/snapshots/sha256:base/fs\"} 1",
             "lazysnap_layer_metadata_stored{layer=\"sha256:b\",mountpoint=\"/root/snapshots/sha256:b/fs\"} 0",
+            "# TYPE lazysnap_layer_native_copy gauge",
+            "lazysnap_layer_native_copy{layer=\"sha256:base\",mountpoint=\"/root/snapshots/sha256:base/fs\"} 1",
             "lazysnap_mounted_layers 4",
         ] {
             assert!(

@@ -3,6 +3,7 @@
 //! get the copies as overlayfs lower directories instead of the FUSE mounts. They see the
 //! same tree (whiteouts, opaque directories, hard links, modes and owners included) and
 //! read the same bytes; a container started before the copy keeps its FUSE mounts.
+//! (`lazysnap fetch` makes the image local here; the background fetch does it too.)
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should stop right there
 
@@ -55,8 +56,9 @@ async fn containers_created_once_an_image_is_local_read_native_copies_of_its_lay
     }
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(&dir.path().join("registry")).unwrap();
-    // The background fetch makes the layers wholly local soon after the pull.
-    let daemon = start_lazysnapd(dir.path(), "[lazy]\nbackground_quiet_ms = 100\n");
+    // No background fetch: the layers become wholly local when `lazysnap fetch` says so,
+    // after a container has started on the FUSE mounts.
+    let daemon = start_lazysnapd(dir.path(), "[lazy]\nbackground_fetch = false\n");
     let containerd = containerd_for(&daemon);
 
     let mut base = busybox_entries().unwrap();
@@ -124,6 +126,15 @@ async fn containers_created_once_an_image_is_local_read_native_copies_of_its_lay
         lowerdirs_of(early)
     );
 
+    assert_eq!(native_copies(&daemon.root), 0, "not local yet");
+    let fetched = std::process::Command::new(common::LAZYSNAP)
+        .arg("fetch")
+        .arg("--root")
+        .arg(&daemon.root)
+        .args(["--no-progress", &converted])
+        .output()
+        .unwrap();
+    assert!(fetched.status.success(), "{fetched:?}");
     assert!(
         testkit::wait_until(Duration::from_secs(120), || native_copies(&daemon.root)
             == 2),
@@ -134,6 +145,11 @@ async fn containers_created_once_an_image_is_local_read_native_copies_of_its_lay
         daemon.log().contains("native copy made"),
         "{}",
         daemon.log()
+    );
+    let status = daemon::observe::fetch_status(&daemon.root).await.unwrap();
+    assert!(
+        status.layers.len() == 2 && status.layers.iter().all(|l| l.native_copy),
+        "{status:?}"
     );
 
     let after = containerd

@@ -217,6 +217,8 @@ pub struct MountedLayerStatus {
     pub image_layers: Vec<String>,
     /// Its verified metadata is kept ([`TocStore`]): a restore needs no registry.
     pub metadata_stored: bool,
+    /// A native copy of it is made: containers created now read that, not FUSE.
+    pub native_copy: bool,
     pub stats: fusefs::Stats,
 }
 
@@ -451,6 +453,7 @@ impl FuseMounter {
                     .store
                     .as_ref()
                     .is_some_and(|s| s.contains(&served.layer_digest)),
+                native_copy: crate::native::native_of(path).is_some(),
                 stats: served.mounted.stats(),
             })
             .collect();

@@ -8,8 +8,9 @@
 //! `Snapshots::mounts`), so they read at the speed of the full pull with no daemon in the
 //! path, and their page cache is the copy's, written by lazysnapd, rather than pages that
 //! belong to whichever container read them first. Containers already running keep the
-//! FUSE mount. The copy is made under `native.partial` and renamed when complete and
-//! synced: a `native` directory is always whole.
+//! FUSE mount. The copy is made in `ROOT/native-staging/<id>` and renamed into place when
+//! complete and synced: a `native` directory is always whole, and a snapshot removed
+//! while its copy is being made is not held up by it.
 //!
 //! Every byte copied is read through the FUSE mount, so it was verified against its chunk
 //! digest like any other read.
@@ -22,7 +23,8 @@ use std::path::{Path, PathBuf};
 
 /// The name of a remote snapshot's native copy, beside its FUSE mountpoint `fs`.
 pub const NATIVE_DIR: &str = "native";
-const PARTIAL_DIR: &str = "native.partial";
+/// Copies in the making, under the root, by snapshot directory name.
+const STAGING_DIR: &str = "native-staging";
 
 /// What a copy wrote.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -41,17 +43,25 @@ pub fn native_of(mountpoint: &Path) -> Option<PathBuf> {
 /// Copies the tree at `mountpoint` to `native` beside it. Fails, leaving no `native`,
 /// on any error (the partial copy is removed); succeeds at once if a copy exists.
 pub fn make_native_copy(mountpoint: &Path) -> io::Result<Copied> {
-    let parent = mountpoint
-        .parent()
-        .ok_or_else(|| io::Error::other("mountpoint without a parent"))?;
+    let no_layout = || io::Error::other("not a snapshot's mountpoint (ROOT/snapshots/ID/fs)");
+    let parent = mountpoint.parent().ok_or_else(no_layout)?;
+    let snapshots = parent.parent().ok_or_else(no_layout)?;
+    let root = snapshots.parent().ok_or_else(no_layout)?;
+    let id = parent.file_name().ok_or_else(no_layout)?;
     let done = parent.join(NATIVE_DIR);
     if done.is_dir() {
         return Ok(Copied::default());
     }
-    let partial = parent.join(PARTIAL_DIR);
-    if partial.exists() {
-        fs::remove_dir_all(&partial)?;
+    let staging = root.join(STAGING_DIR);
+    fs::create_dir_all(&staging)?;
+    // Leftovers: this snapshot's from an interrupted copy, and those of snapshots
+    // removed meanwhile.
+    for entry in fs::read_dir(&staging)?.flatten() {
+        if entry.file_name() == id || !snapshots.join(entry.file_name()).exists() {
+            fs::remove_dir_all(entry.path())?;
+        }
     }
+    let partial = staging.join(id);
     let result = copy_tree(mountpoint, &partial).and_then(|copied| {
         // Every file's data and metadata on disk before the name says it is whole.
         File::open(&partial).and_then(|d| {
@@ -185,8 +195,11 @@ mod tests {
     #[test]
     fn a_tree_is_copied_with_links_modes_times_and_special_files() {
         let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("fs");
+        let snapshot = dir.path().join("snapshots/7");
+        let src = snapshot.join("fs");
         fs::create_dir_all(src.join("a/b")).unwrap();
+        // A leftover of a removed snapshot's copy.
+        fs::create_dir_all(dir.path().join("native-staging/3/x")).unwrap();
         fs::write(src.join("a/file"), b"hello").unwrap();
         fs::hard_link(src.join("a/file"), src.join("a/b/link")).unwrap();
         std::os::unix::fs::symlink("../file", src.join("a/b/sym")).unwrap();
@@ -210,8 +223,11 @@ mod tests {
 
         let copied = make_native_copy(&src).unwrap();
         let native = native_of(&src).expect("the copy is complete");
-        assert_eq!(native, dir.path().join(NATIVE_DIR));
-        assert!(!dir.path().join(PARTIAL_DIR).exists());
+        assert_eq!(native, snapshot.join(NATIVE_DIR));
+        assert_eq!(
+            fs::read_dir(dir.path().join(STAGING_DIR)).unwrap().count(),
+            0
+        );
         assert_eq!(copied.bytes, 5, "the hard link is not copied twice");
         assert_eq!(copied.entries, 7);
         let m = |p: &str| fs::symlink_metadata(native.join(p)).unwrap();
@@ -233,9 +249,13 @@ mod tests {
     #[test]
     fn a_failed_copy_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("fs");
+        let src = dir.path().join("snapshots/4/fs");
+        fs::create_dir_all(src.parent().unwrap()).unwrap();
         assert!(make_native_copy(&src).is_err(), "no source tree");
         assert!(native_of(&src).is_none());
-        assert!(!dir.path().join(PARTIAL_DIR).exists());
+        assert_eq!(
+            fs::read_dir(dir.path().join(STAGING_DIR)).unwrap().count(),
+            0
+        );
     }
 }

@@ -194,19 +194,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if !status.layers.is_empty() {
                 println!(
-                    "{:<20} {:>7} {:>10} {:>10} {:>10} {:>4}  IMAGE",
-                    "LAYER", "LOCAL", "SIZE", "FETCHED", "REQUESTS", "META"
+                    "{:<20} {:>7} {:>10} {:>10} {:>10} {:>4} {:>6}  IMAGE",
+                    "LAYER", "LOCAL", "SIZE", "FETCHED", "REQUESTS", "META", "NATIVE"
                 );
             }
             for l in &status.layers {
                 println!(
-                    "{:<20} {:>6.1}% {:>10} {:>10} {:>10} {:>4}  {}",
+                    "{:<20} {:>6.1}% {:>10} {:>10} {:>10} {:>4} {:>6}  {}",
                     l.layer.chars().take(19).collect::<String>(),
                     daemon::observe::percent(l.local_bytes, l.total_bytes),
                     human(l.total_bytes),
                     human(l.fetched_bytes),
                     l.range_requests,
                     if l.metadata_stored { "kept" } else { "no" },
+                    if l.native_copy { "made" } else { "no" },
                     l.image
                 );
             }
