@@ -304,7 +304,7 @@ pub(crate) fn run(bench: &Bench) -> anyhow::Result<()> {
          pass in a new container, twice in a row, timed inside the container (`date +%s%N`). \
          Both snapshotters on their default config; lazy form `{}`; registry on loopback. \
          {} repetitions, the modes in rotating order; medians (min–max) in seconds. \
-         `lazysnap-bench` kernel {}. Made by:\n\n```sh\n{}\n```",
+         Kernel {}. Made by:\n\n```sh\n{}\n```",
         args.warm_form.tag(),
         args.reps,
         kernel_release(),
