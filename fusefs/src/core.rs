@@ -154,9 +154,6 @@ pub struct LayerFs {
     dir_nlink: Vec<u32>,
     /// Sum of regular file sizes, for statfs.
     content_bytes: u64,
-    /// Whether any entry has an extended attribute (the opaque marker counts): a layer
-    /// without tells the kernel so once, and is never asked again.
-    has_xattrs: bool,
     /// Files opened so far, each once, in first-open order: what `lazysnap optimize`
     /// learns a container's reads from, with no tracing inside the container.
     access: Mutex<AccessLog>,
@@ -277,10 +274,8 @@ impl LayerFs {
         let index = layer.index();
         let mut dir_nlink = vec![0u32; index.len()];
         let mut content_bytes = 0u64;
-        let mut has_xattrs = false;
         for (id, nlink) in dir_nlink.iter_mut().enumerate() {
             let e = index.entry(NodeId(id as u32));
-            has_xattrs = has_xattrs || e.xattrs().next().is_some() || e.name() == OPAQUE_MARKER;
             match e.kind() {
                 EntryKind::Dir => {
                     let subdirs = e
@@ -313,15 +308,9 @@ impl LayerFs {
             layer,
             dir_nlink,
             content_bytes,
-            has_xattrs,
             access: Mutex::default(),
             scheduled: Mutex::new(Some(scheduled)),
         })
-    }
-
-    /// Whether any entry has an extended attribute (an opaque directory has one).
-    pub fn has_xattrs(&self) -> bool {
-        self.has_xattrs
     }
 
     /// Any filesystem request: a container that lists directories or reads cached files

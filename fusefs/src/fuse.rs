@@ -342,10 +342,10 @@ impl Session {
                 let _t = self.latency.start(Op::Statfs);
                 self.ok(u, &kernel::statfs_out(&self.fs.statfs()));
             }
-            // A layer without extended attributes says so once (the kernel then answers
-            // EOPNOTSUPP itself): overlayfs asks each lower directory for its opaque
-            // marker, and exec asks for capabilities.
-            op::GETXATTR | op::LISTXATTR if !self.fs.has_xattrs() => self.err(u, libc::ENOSYS),
+            // Always answered, even for a layer without extended attributes: ENOSYS would
+            // spare the requests (the kernel would answer EOPNOTSUPP itself), but
+            // containerd's diff (docker build, commit) fails on EOPNOTSUPP from a lower
+            // layer, where it expects ENODATA.
             op::GETXATTR => {
                 let _t = self.latency.start(Op::Getxattr);
                 let size = a.u32().unwrap_or(0);

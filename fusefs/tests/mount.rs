@@ -634,13 +634,13 @@ fn a_warm_tree_is_opened_listed_and_read_without_asking_the_daemon() {
         "getxattr",
     ]
     .map(|op| served_ops(&m, op));
-    // The kernel was told once that opens need no daemon (and this layer has no
-    // extended attributes): a layer served so takes at most one of each.
+    // The kernel was told once that opens need no daemon: a layer served so takes at
+    // most one OPEN and one OPENDIR.
     assert!(first[0] <= 1 && first[1] <= 1, "open, opendir: {first:?}");
     assert_eq!(
         xattr::get(mp.join("d1/f"), "user.x").map_err(|e| e.raw_os_error()),
-        Err(Some(libc::EOPNOTSUPP)),
-        "no extended attributes in this layer"
+        Ok(None),
+        "no extended attribute here, and not EOPNOTSUPP either (containerd's diff fails on it)"
     );
     walk_and_read();
     walk_and_read();
@@ -657,10 +657,6 @@ fn a_warm_tree_is_opened_listed_and_read_without_asking_the_daemon() {
         (again[0], again[1], again[2], again[3] + again[4]),
         (first[0], first[1], first[2], first[3] + first[4]),
         "opens, listings and reads of a warm tree all come from the kernel's caches"
-    );
-    assert!(
-        again[5] <= first[5] + 1,
-        "getxattr: {first:?} then {again:?}"
     );
     m.unmount().unwrap();
     assert!(testkit::containerd::mounts_under(work).is_empty());
