@@ -253,6 +253,36 @@ impl Observer {
         self.mounter.iter().flat_map(|m| m.status()).collect()
     }
 
+    /// By layer digest, the digests of the mounted layers below it in its snapshot
+    /// chain: an image whose base layer was pulled (and mounted) under another image's
+    /// name still counts it.
+    fn lower_layers(
+        &self,
+        mounted: &[MountedLayerStatus],
+    ) -> std::collections::HashMap<String, Vec<String>> {
+        let digest_at: std::collections::HashMap<&std::path::Path, &str> = mounted
+            .iter()
+            .map(|m| (m.mountpoint.as_path(), m.layer_digest.as_str()))
+            .collect();
+        let mut out = std::collections::HashMap::new();
+        for snapshot in self.snapshotter.remote_snapshots().unwrap_or_default() {
+            let Some(digest) = digest_at.get(snapshot.mountpoint.as_path()) else {
+                continue;
+            };
+            let chain = self
+                .snapshotter
+                .remote_chain(&snapshot.name)
+                .unwrap_or_default();
+            let lower: Vec<String> = chain
+                .iter()
+                .filter(|s| s.mountpoint != snapshot.mountpoint)
+                .filter_map(|s| digest_at.get(s.mountpoint.as_path()).map(|d| d.to_string()))
+                .collect();
+            out.insert(digest.to_string(), lower);
+        }
+        out
+    }
+
     /// The status given the mounted layers' (so metrics take the layers' stats once).
     fn status_of(&self, mounted: &[MountedLayerStatus]) -> Status {
         let mut snapshots = std::collections::BTreeMap::new();
@@ -260,7 +290,18 @@ impl Observer {
             *snapshots.entry(info.kind.as_str().to_string()).or_insert(0) += 1;
         }
         let layers: Vec<LayerStatus> = mounted.iter().map(layer_status).collect();
-        let images = images_of(mounted, &layers);
+        let lower = self.lower_layers(mounted);
+        let with_chains: Vec<MountedLayerStatus> = mounted
+            .iter()
+            .map(|m| MountedLayerStatus {
+                image_layers: snapshotter::lazy::with_lower(
+                    &m.image_layers,
+                    lower.get(&m.layer_digest),
+                ),
+                ..m.clone()
+            })
+            .collect();
+        let images = images_of(&with_chains, &layers);
         let writes = self
             .cache
             .as_ref()
@@ -293,7 +334,8 @@ impl Observer {
             answer.error = Some("lazy pulling is off in this lazysnapd".into());
             return ("404 Not Found", answer);
         };
-        match mounter.fetch_image(image).await {
+        let lower = self.lower_layers(&self.mounted_layers());
+        match mounter.fetch_image(image, &lower).await {
             Ok(done) => {
                 answer.layers = done.layers;
                 answer.chunks = done.chunks;

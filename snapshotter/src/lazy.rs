@@ -258,6 +258,17 @@ pub fn layers_by_image<'a>(
         .collect()
 }
 
+/// An image's layer list (its labels') with the layers below in its snapshot chain.
+pub fn with_lower(listed: &[String], lower: Option<&Vec<String>>) -> Vec<String> {
+    let mut out = listed.to_vec();
+    for d in lower.into_iter().flatten() {
+        if !out.contains(d) {
+            out.push(d.clone());
+        }
+    }
+    out
+}
+
 /// Why an image could not be made local.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FetchImageError {
@@ -466,16 +477,28 @@ impl FuseMounter {
     /// written to disk, at full speed (no quiet wait, no rate limit: see
     /// [`fusefs::LayerFs::fetch_all_now`]), the layers side by side. Fails when the image
     /// has no such layer, or with every layer whose fetch failed.
-    pub async fn fetch_image(&self, image_ref: &str) -> Result<ImageFetched, FetchImageError> {
+    ///
+    /// `lower_layers` gives, by layer digest, the digests of the lazily mounted layers
+    /// below it in its snapshot chain: a base layer shared with an image pulled earlier
+    /// is mounted under that image's name, and only the chain says it is this one's too.
+    pub async fn fetch_image(
+        &self,
+        image_ref: &str,
+        lower_layers: &HashMap<String, Vec<String>>,
+    ) -> Result<ImageFetched, FetchImageError> {
         let layers: Vec<(String, Arc<fusefs::LayerFs>)> = {
             let mounts = self.mounts();
             let mut served: Vec<&Served> = mounts.values().collect();
             served.sort_by(|a, b| a.layer_digest.cmp(&b.layer_digest));
-            let groups = layers_by_image(served.iter().map(|s| {
+            let listed: Vec<Vec<String>> = served
+                .iter()
+                .map(|s| with_lower(&s.image_layers, lower_layers.get(&s.layer_digest)))
+                .collect();
+            let groups = layers_by_image(served.iter().zip(&listed).map(|(s, listed)| {
                 (
                     s.image_ref.as_str(),
                     s.layer_digest.as_str(),
-                    s.image_layers.as_slice(),
+                    listed.as_slice(),
                 )
             }));
             let Some((_, members)) = groups.into_iter().find(|(image, _)| image == image_ref)
@@ -1091,6 +1114,17 @@ mod tests {
 
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn an_images_layers_gain_those_below_in_its_snapshot_chain_once() {
+        let listed = vec!["sha256:top".to_string(), "sha256:mid".to_string()];
+        let lower = vec!["sha256:mid".to_string(), "sha256:base".to_string()];
+        assert_eq!(
+            with_lower(&listed, Some(&lower)),
+            ["sha256:top", "sha256:mid", "sha256:base"]
+        );
+        assert_eq!(with_lower(&listed, None), listed);
+    }
 
     #[test]
     fn layers_are_grouped_by_image_with_the_layers_they_share() {
