@@ -3,6 +3,10 @@
 //!
 //! - `python`: Debian bookworm (debootstrap, minbase) with python3, numpy, scipy and
 //!   pandas from Debian's archive, split into four layers; imports pandas and scipy.
+//! - `node`: the same base with nodejs, node-typescript, node-lodash, node-marked,
+//!   node-js-yaml and node-acorn, in four layers; requires them and uses each once.
+//! - `jre`: the same base with default-jre-headless (OpenJDK 17) and clojure, in three
+//!   layers; starts Clojure and loads a few of its namespaces.
 //! - `small-files`: busybox and 100,000 small files; reads one and lists them all.
 //! - `random-part`: busybox and one 1 GiB file of random bytes; reads 32 MiB of it.
 //! - `read-all`: busybox and one 1 GiB file of random bytes, read completely (the shape
@@ -24,6 +28,8 @@ const BUILDER_VERSION: u32 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ImageKind {
     Python,
+    Node,
+    Jre,
     SmallFiles,
     RandomPart,
     ReadAll,
@@ -33,6 +39,8 @@ impl ImageKind {
     pub fn name(self) -> &'static str {
         match self {
             ImageKind::Python => "python",
+            ImageKind::Node => "node",
+            ImageKind::Jre => "jre",
             ImageKind::SmallFiles => "small-files",
             ImageKind::RandomPart => "random-part",
             ImageKind::ReadAll => "read-all",
@@ -52,6 +60,35 @@ impl ImageKind {
                  print('pandas', pandas.__version__, 'scipy', scipy.__version__)"
                     .into(),
             ],
+            // First line when node runs; the exit after loading typescript (a 10 MB
+            // script), lodash, marked, js-yaml and acorn and using each once.
+            ImageKind::Node => vec![
+                "/usr/bin/node".into(),
+                "-e".into(),
+                "console.log('node', process.version); \
+                 const ts = require('typescript'), _ = require('lodash'), \
+                 { marked } = require('marked'), yaml = require('js-yaml'), \
+                 acorn = require('acorn'); \
+                 const js = ts.transpileModule('const f = (x: number): number => x * 2;', \
+                 { compilerOptions: { module: ts.ModuleKind.CommonJS } }).outputText; \
+                 const ast = acorn.parse(js, { ecmaVersion: 2020 }); \
+                 const html = marked.parse('# ' + _.capitalize('hello')).trim(); \
+                 const doc = yaml.load(yaml.dump({ nodes: ast.body.length, html })); \
+                 console.log('typescript', ts.version, 'lodash', _.VERSION, \
+                 'nodes', doc.nodes, doc.html)"
+                    .into(),
+            ],
+            // First line when Clojure's core is loaded (JVM started, its modules file and
+            // libjvm read); the exit after loading more namespaces and a little work.
+            ImageKind::Jre => vec![
+                "/usr/bin/clojure".into(),
+                "-e".into(),
+                "(println \"clojure\" (clojure-version) \"java\" (System/getProperty \"java.version\")) \
+                 (require 'clojure.pprint 'clojure.set 'clojure.spec.alpha 'clojure.data 'clojure.string) \
+                 (let [f (frequencies (map #(mod % 7) (range 100000)))] \
+                 (println \"done\" (clojure.string/join \",\" (map f (range 7)))))"
+                    .into(),
+            ],
             ImageKind::SmallFiles => {
                 sh("echo start; cat /data/d042/f042042 | wc -c; ls -lR /data | wc -l")
             }
@@ -66,7 +103,7 @@ impl ImageKind {
     /// GNU tar, find and date (the Debian-based ones); `None` for the busybox ones.
     pub fn warm_tree(self) -> Option<&'static str> {
         match self {
-            ImageKind::Python => Some("/usr"),
+            ImageKind::Python | ImageKind::Node | ImageKind::Jre => Some("/usr"),
             ImageKind::SmallFiles | ImageKind::RandomPart | ImageKind::ReadAll => None,
         }
     }
@@ -76,7 +113,7 @@ impl ImageKind {
     }
 }
 
-/// Where Debian comes from, for the python image.
+/// Where Debian comes from, for the Debian-based images.
 #[derive(Clone, Debug)]
 pub struct DebianSource {
     pub mirror: String,
@@ -84,6 +121,45 @@ pub struct DebianSource {
 }
 
 const PYTHON_PACKAGES: &str = "python3,python3-numpy,python3-scipy,python3-pandas";
+// No node-express: its dependencies need virtual packages whose providers form
+// cycles that debootstrap's configure step cannot order.
+const NODE_PACKAGES: &str =
+    "nodejs,node-typescript,node-lodash,node-marked,node-js-yaml,node-acorn";
+const JRE_PACKAGES: &str = "default-jre-headless,clojure";
+
+impl ImageKind {
+    /// The packages debootstrap adds to bookworm's minbase, for the Debian-based images.
+    fn debian_packages(self) -> Option<&'static str> {
+        match self {
+            ImageKind::Python => Some(PYTHON_PACKAGES),
+            ImageKind::Node => Some(NODE_PACKAGES),
+            ImageKind::Jre => Some(JRE_PACKAGES),
+            ImageKind::SmallFiles | ImageKind::RandomPart | ImageKind::ReadAll => None,
+        }
+    }
+
+    /// Whether the image is built with debootstrap (the bench needs it installed).
+    pub fn needs_debootstrap(self) -> bool {
+        self.debian_packages().is_some()
+    }
+
+    /// A file the debootstrapped tree has once the packages are in.
+    fn debian_marker(self) -> &'static str {
+        match self {
+            ImageKind::Node => "usr/bin/node",
+            ImageKind::Jre => "usr/bin/java",
+            _ => "usr/bin/python3",
+        }
+    }
+
+    /// How many layers the Debian-based image is split into.
+    fn debian_layer_count(self) -> usize {
+        match self {
+            ImageKind::Jre => 3,
+            _ => 4,
+        }
+    }
+}
 
 /// Everything the image's bytes depend on, hashed to name its cache directory.
 fn recipe(kind: ImageKind, debian: &DebianSource) -> String {
@@ -92,23 +168,30 @@ fn recipe(kind: ImageKind, debian: &DebianSource) -> String {
         kind.name(),
         kind.cmd()
     );
-    if kind == ImageKind::Python {
-        r.push_str(&debootstrap_line(debian));
+    if let Some(packages) = kind.debian_packages() {
+        r.push_str(&debootstrap_line(packages, debian));
         r.push_str("\nmtimes: .py kept, others clamped\n");
+        if kind != ImageKind::Python {
+            // The python recipe predates this line (its hash, and so its cache, stays).
+            r.push_str(&format!(
+                "layers: {} by path, lazysnap-bench's layer_of\n",
+                kind.debian_layer_count()
+            ));
+        }
     }
     r
 }
 
-fn debootstrap_line(debian: &DebianSource) -> String {
+fn debootstrap_line(packages: &str, debian: &DebianSource) -> String {
     format!(
-        "debootstrap --variant=minbase --include={PYTHON_PACKAGES} {} {}",
+        "debootstrap --variant=minbase --include={packages} {} {}",
         debian.suite, debian.mirror
     )
 }
 
 /// The debootstrapped tree, shared by every recipe that packs it (named by its command).
-fn rootfs_dir(cache: &Path, debian: &DebianSource) -> PathBuf {
-    let h = Sha256::digest(debootstrap_line(debian).as_bytes());
+fn rootfs_dir(cache: &Path, packages: &str, debian: &DebianSource) -> PathBuf {
+    let h = Sha256::digest(debootstrap_line(packages, debian).as_bytes());
     cache.join(format!("debian-rootfs-{}", &format!("{h:x}")[..16]))
 }
 
@@ -144,7 +227,9 @@ pub fn build_plain(
         dir.display()
     ));
     let layers = match kind {
-        ImageKind::Python => python_layers(&rootfs_dir(cache, debian), &partial, debian, say)?,
+        ImageKind::Python | ImageKind::Node | ImageKind::Jre => {
+            debian_layers(kind, cache, &partial, debian, say)?
+        }
         ImageKind::SmallFiles => vec![busybox_layer(&partial)?, small_files_layer(&partial)?],
         ImageKind::RandomPart => vec![
             busybox_layer(&partial)?,
@@ -260,8 +345,21 @@ fn random_layer(
     layer.finish()
 }
 
-/// Which of the four python layers a path belongs to: a base system, the interpreter
-/// and its small pure-python dependencies, numpy with pandas, and scipy.
+/// Which layer of a Debian-based image a path belongs to (0 is the base system), as a
+/// Dockerfile installing the runtime, then the libraries, would split it.
+///
+/// - python: the interpreter and its small pure-python dependencies, numpy with pandas,
+///   and scipy;
+/// - node: the runtime (node and libnode), the node packages, and typescript;
+/// - jre: the JVM (`/usr/lib/jvm`), and the jars (clojure and its dependencies).
+fn layer_of(kind: ImageKind, rel: &str) -> usize {
+    match kind {
+        ImageKind::Node => node_layer_of(rel),
+        ImageKind::Jre => jre_layer_of(rel),
+        _ => python_layer_of(rel),
+    }
+}
+
 fn python_layer_of(rel: &str) -> usize {
     const DIST: &str = "usr/lib/python3/dist-packages/";
     if let Some(pkg) = rel.strip_prefix(DIST) {
@@ -282,6 +380,43 @@ fn python_layer_of(rel: &str) -> usize {
     0
 }
 
+fn node_layer_of(rel: &str) -> usize {
+    if let Some(pkg) = rel.strip_prefix("usr/share/nodejs/") {
+        return if pkg.starts_with("typescript") { 3 } else { 2 };
+    }
+    if rel.starts_with("usr/share/doc/node-typescript") {
+        return 3;
+    }
+    if rel.starts_with("usr/lib/nodejs/") || rel.starts_with("usr/share/doc/node-") {
+        return 2;
+    }
+    if rel.starts_with("usr/bin/node")
+        || rel.starts_with("usr/bin/tsc")
+        || rel.starts_with("usr/bin/tsserver")
+        || rel.starts_with("usr/lib/x86_64-linux-gnu/libnode")
+        || rel.starts_with("usr/lib/x86_64-linux-gnu/nodejs/")
+        || rel.starts_with("usr/include/node/")
+        || rel.starts_with("usr/share/doc/nodejs")
+        || rel.starts_with("usr/share/doc/libnode")
+    {
+        return 1;
+    }
+    0
+}
+
+fn jre_layer_of(rel: &str) -> usize {
+    if rel.starts_with("usr/lib/jvm/")
+        || rel.starts_with("usr/share/doc/openjdk-")
+        || rel.starts_with("usr/lib/debug/usr/lib/jvm/")
+    {
+        return 1;
+    }
+    if rel.starts_with("usr/share/java/") || rel.starts_with("usr/share/maven-repo/") {
+        return 2;
+    }
+    0
+}
+
 /// Entries never put in an image: the host-specific or transient parts of a debootstrap.
 fn skipped(rel: &str) -> bool {
     [
@@ -298,24 +433,29 @@ fn skipped(rel: &str) -> bool {
     .any(|p| rel.starts_with(p))
 }
 
-fn python_layers(
-    rootfs: &Path,
+/// Debootstraps `kind`'s packages (once; the tree is cached) and splits the tree into
+/// the image's layers by [`layer_of`].
+fn debian_layers(
+    kind: ImageKind,
+    cache: &Path,
     layout: &Path,
     debian: &DebianSource,
     say: &dyn Fn(&str),
 ) -> anyhow::Result<Vec<LayerFile>> {
-    if !rootfs.join("usr/bin/python3").exists() {
+    let packages = kind.debian_packages().context("not a Debian-based image")?;
+    let rootfs = &rootfs_dir(cache, packages, debian);
+    if !rootfs.join(kind.debian_marker()).exists() {
         testkit::require_program("debootstrap", "debootstrap")?;
         let partial = rootfs.with_extension("partial");
         if partial.exists() {
             std::fs::remove_dir_all(&partial)?;
         }
         say(&format!(
-            "debootstrap {} with {PYTHON_PACKAGES} from {} (several minutes)",
+            "debootstrap {} with {packages} from {} (several minutes)",
             debian.suite, debian.mirror
         ));
         let out = Command::new("debootstrap")
-            .args(["--variant=minbase", &format!("--include={PYTHON_PACKAGES}")])
+            .args(["--variant=minbase", &format!("--include={packages}")])
             .arg(&debian.suite)
             .arg(&partial)
             .arg(&debian.mirror)
@@ -333,13 +473,18 @@ fn python_layers(
     walk(rootfs, "", &mut paths)?;
     paths.sort();
     let mut layers = Vec::new();
-    for index in 0..4 {
-        say(&format!("python image: writing layer {}/4", index + 1));
+    let count = kind.debian_layer_count();
+    for index in 0..count {
+        say(&format!(
+            "{} image: writing layer {}/{count}",
+            kind.name(),
+            index + 1
+        ));
         let mut layer = LayerBuilder::new(layout, 6)?;
         // Each layer carries the directories above its files, as `docker build` would.
         let mut wanted_dirs = std::collections::BTreeSet::new();
         for (rel, is_dir) in &paths {
-            if !is_dir && python_layer_of(rel) == index {
+            if !is_dir && layer_of(kind, rel) == index {
                 let mut p = rel.as_str();
                 while let Some((parent, _)) = p.rsplit_once('/') {
                     wanted_dirs.insert(parent.to_string());
@@ -349,9 +494,9 @@ fn python_layers(
         }
         for (rel, is_dir) in &paths {
             let take = if *is_dir {
-                (index == 0 && python_layer_of(rel) == 0) || wanted_dirs.contains(rel)
+                (index == 0 && layer_of(kind, rel) == 0) || wanted_dirs.contains(rel)
             } else {
-                python_layer_of(rel) == index
+                layer_of(kind, rel) == index
             };
             if take {
                 layer.copy_from(rootfs, rel)?;
@@ -393,4 +538,60 @@ fn walk(root: &Path, rel: &str, out: &mut Vec<(String, bool)>) -> anyhow::Result
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn debian() -> DebianSource {
+        DebianSource {
+            mirror: "http://deb.debian.org/debian".into(),
+            suite: "bookworm".into(),
+        }
+    }
+
+    #[test]
+    fn the_python_recipe_and_its_cache_stay_as_they_were() {
+        // The hash names the cached image and the debootstrapped tree: unchanged, the
+        // python image built before node and jre existed is used as it is.
+        assert_eq!(
+            recipe_hash(ImageKind::Python, &debian()),
+            "a60e74deb58cdffd"
+        );
+        assert!(
+            rootfs_dir(Path::new("/c"), PYTHON_PACKAGES, &debian())
+                .ends_with("debian-rootfs-4766bb5482d21bd0")
+        );
+        let node = recipe(ImageKind::Node, &debian());
+        assert!(node.contains("--include=nodejs,node-typescript"), "{node}");
+        assert!(node.contains("layers: 4 by path"), "{node}");
+        assert_ne!(
+            recipe_hash(ImageKind::Node, &debian()),
+            recipe_hash(ImageKind::Jre, &debian())
+        );
+    }
+
+    #[test]
+    fn debian_images_split_by_path() {
+        use ImageKind::{Jre, Node, Python};
+        for (kind, path, layer) in [
+            (Python, "usr/lib/python3/dist-packages/scipy/x.so", 3),
+            (Python, "usr/bin/python3.11", 1),
+            (Node, "usr/bin/node", 1),
+            (Node, "usr/lib/x86_64-linux-gnu/libnode.so.108", 1),
+            (Node, "usr/share/nodejs/lodash/lodash.js", 2),
+            (Node, "usr/share/nodejs/typescript/lib/typescript.js", 3),
+            (Node, "usr/lib/x86_64-linux-gnu/libicuuc.so.72", 0),
+            (Jre, "usr/lib/jvm/java-17-openjdk-amd64/lib/modules", 1),
+            (Jre, "usr/share/java/clojure-1.11.1.jar", 2),
+            (Jre, "etc/java-17-openjdk/security/java.security", 0),
+            (Jre, "usr/bin/java", 0),
+        ] {
+            assert_eq!(layer_of(kind, path), layer, "{} {path}", kind.name());
+            assert!(layer < kind.debian_layer_count());
+        }
+        assert_eq!(Node.warm_tree(), Some("/usr"));
+        assert_eq!(Jre.warm_tree(), Some("/usr"));
+    }
 }

@@ -1,7 +1,9 @@
 //! lazysnap-bench's parts: image recipes ([`images`]), OCI layouts and their push
 //! ([`oci`]), the emulated link ([`link`]), the stargz-snapshotter peer ([`peer`]), one
-//! measured cold start ([`measure`]) and the reports ([`report`]).
+//! measured cold start ([`measure`]), the floor a perfect lazy snapshotter would reach
+//! ([`floor`]) and the reports ([`report`]).
 
+pub mod floor;
 pub mod images;
 pub mod link;
 pub mod oci;

@@ -1,11 +1,13 @@
 //! What a run of lazysnap-bench writes: every run as CSV, medians (with min-max) as a
 //! Markdown table with the ratios the issue's targets are stated in (to the full pull and
 //! lazysnap / stargz-snapshotter), a summary table of the three side by side, and an SVG
-//! chart of cold-start time per image, form and mode, stacked by phase.
+//! chart of cold-start time per image, form and mode, stacked by phase. Where lazysnap ran
+//! a form, its access log gives the floor ([`super::floor`]): each run's time against it.
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use super::floor::{self, FloorBytes, LinkRate};
 use crate::stats::Samples;
 
 /// One measured cold start.
@@ -33,6 +35,9 @@ pub struct Run {
     /// Layers mounted lazily, of all (`None` for the full pull).
     pub lazy_layers: Option<(usize, usize)>,
     pub last_line: String,
+    /// lazysnap's runs: what a perfect lazy snapshotter would have fetched for this run
+    /// (from lazysnapd's access log and the form's TOCs); `None` for the other modes.
+    pub floor: Option<FloorBytes>,
 }
 
 /// The modes: the full pull onto overlayfs, and the two lazy snapshotters.
@@ -47,16 +52,28 @@ impl Run {
     }
 }
 
-pub const CSV_HEADER: &str = "image,form,mode,rep,pull_s,create_s,first_line_s,run_s,total_s,bytes_served,image_bytes,range_requests,lazy_layers,layers,last_line";
+pub const CSV_HEADER: &str = "image,form,mode,rep,pull_s,create_s,first_line_s,run_s,total_s,bytes_served,image_bytes,range_requests,lazy_layers,layers,last_line,floor_read_bytes,floor_bytes,floor_s,vs_floor";
 
-pub fn csv_line(r: &Run) -> String {
+/// One run as a CSV line. `floor_s` is the floor of the run's image and form (the median
+/// over lazysnap's runs of it): the last columns are empty without one. The run's own
+/// floor bytes (lazysnap's runs only): the chunks its reads touched, and all counted.
+pub fn csv_line(r: &Run, floor_s: Option<f64>) -> String {
     let (lazy, layers) = r
         .lazy_layers
         .map_or((String::new(), String::new()), |(l, n)| {
             (l.to_string(), n.to_string())
         });
+    let (read, counted) = r.floor.map_or((String::new(), String::new()), |f| {
+        (f.chunks.to_string(), f.total().to_string())
+    });
+    let (floor_s, vs) = floor_s.map_or((String::new(), String::new()), |f| {
+        (
+            format!("{f:.3}"),
+            format!("{:.3}", r.total().as_secs_f64() / f.max(1e-9)),
+        )
+    });
     format!(
-        "{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},\"{}\"",
+        "{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},\"{}\",{read},{counted},{floor_s},{vs}",
         r.image,
         r.form,
         r.mode,
@@ -75,14 +92,40 @@ pub fn csv_line(r: &Run) -> String {
     )
 }
 
-pub fn csv(runs: &[Run]) -> String {
+/// Every run, with the floor of its image and form where lazysnap's runs of it give one.
+pub fn csv(runs: &[Run], link: Option<&LinkRate>) -> String {
+    let groups = groups(runs);
     let mut out = String::from(CSV_HEADER);
     out.push('\n');
     for r in runs {
-        out.push_str(&csv_line(r));
+        let f = link.and_then(|l| floor_secs(&groups, &r.image, &r.form, l));
+        out.push_str(&csv_line(r, f));
         out.push('\n');
     }
     out
+}
+
+/// The floor's bytes of an image and form: the median over lazysnap's runs of it.
+fn floor_bytes_of(groups: &[Group], image: &str, form: &str) -> Option<u64> {
+    let g = groups
+        .iter()
+        .find(|g| g.image == image && g.form == form && g.mode == LAZYSNAP)?;
+    median(&g.floor_bytes)
+}
+
+/// The floor in seconds of an image and form on `link` (see [`super::floor`]).
+pub fn floor_secs(groups: &[Group], image: &str, form: &str, link: &LinkRate) -> Option<f64> {
+    floor_bytes_of(groups, image, form).map(|b| floor::floor_secs(b, link))
+}
+
+fn median(v: &[u64]) -> Option<u64> {
+    let mut b = v.to_vec();
+    b.sort_unstable();
+    match b.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(b[n / 2]),
+        n => Some((b[n / 2 - 1] + b[n / 2]) / 2),
+    }
 }
 
 /// The runs of one image in one form and mode, summarised.
@@ -99,17 +142,13 @@ pub struct Group {
     pub image_bytes: u64,
     /// Per run: layers mounted lazily, of all.
     pub lazy_layers: Vec<(usize, usize)>,
+    /// Per lazysnap run: the floor's bytes ([`FloorBytes::total`]).
+    pub floor_bytes: Vec<u64>,
 }
 
 impl Group {
     pub fn median_bytes(&self) -> u64 {
-        let mut b = self.bytes.clone();
-        b.sort_unstable();
-        match b.len() {
-            0 => 0,
-            n if n % 2 == 1 => b[n / 2],
-            n => (b[n / 2 - 1] + b[n / 2]) / 2,
-        }
+        median(&self.bytes).unwrap_or(0)
     }
 
     /// "4/4", or "0/4 (full pull)" when the snapshotter mounted none lazily (the fewest
@@ -151,6 +190,7 @@ pub fn groups(runs: &[Run]) -> Vec<Group> {
                     bytes: Vec::new(),
                     image_bytes: r.image_bytes,
                     lazy_layers: Vec::new(),
+                    floor_bytes: Vec::new(),
                 });
                 out.len() - 1
             }
@@ -163,6 +203,7 @@ pub fn groups(runs: &[Run]) -> Vec<Group> {
         g.total.push(r.total());
         g.bytes.push(r.bytes_served);
         g.lazy_layers.extend(r.lazy_layers);
+        g.floor_bytes.extend(r.floor.map(|f| f.total()));
     }
     out
 }
@@ -211,16 +252,21 @@ fn mb(bytes: u64) -> String {
 /// seconds; the cold start against the same image's overlayfs full pull and, for
 /// lazysnap, against stargz-snapshotter on the same form; bytes served as a share of the
 /// gzip image's size. The second: per image and lazy form, the three side by side with
-/// lazysnap / stargz-snapshotter for time and bytes.
-pub fn markdown(runs: &[Run], heading: &str) -> String {
+/// lazysnap / stargz-snapshotter for time and bytes. Both have the floor of the image and
+/// form (from lazysnap's runs of it, on `link`) and each cold start against it.
+pub fn markdown(runs: &[Run], heading: &str, link: Option<&LinkRate>) -> String {
     let groups = groups(runs);
     let mut out = String::new();
     let _ = writeln!(out, "{heading}\n");
+    let floor_of = |g: &Group| link.and_then(|l| floor_secs(&groups, &g.image, &g.form, l));
     let _ = writeln!(
         out,
-        "| image | form | mode | lazy layers | pull s | create s | first line s | run to exit s | cold start s | vs full pull | lazysnap / stargz-snapshotter | MB served | % of gzip image |"
+        "| image | form | mode | lazy layers | pull s | create s | first line s | run to exit s | cold start s | vs full pull | lazysnap / stargz-snapshotter | MB served | % of gzip image | floor s | vs floor |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for g in &groups {
         let base = groups
             .iter()
@@ -233,9 +279,12 @@ pub fn markdown(runs: &[Run], heading: &str) -> String {
             _ => "-".to_string(),
         };
         let gzip_bytes = base.map_or(g.image_bytes, |b| b.image_bytes);
+        let (floor_cell, vs_floor) = floor_of(g).map_or(("-".to_string(), "-".to_string()), |f| {
+            (format!("{f:.2}"), vs_floor(g, f))
+        });
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1}% |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1}% | {floor_cell} | {vs_floor} |",
             g.image,
             g.form,
             g.mode,
@@ -256,13 +305,36 @@ pub fn markdown(runs: &[Run], heading: &str) -> String {
         );
     }
     out.push('\n');
-    out.push_str(&summary(&groups));
+    out.push_str(&summary(&groups, link));
     out
 }
 
+/// The median cold start of `g` over the floor `f`, as "3.10x".
+fn vs_floor(g: &Group, f: f64) -> String {
+    format!("{:.2}x", g.total.median().as_secs_f64() / f.max(1e-9))
+}
+
+/// What the floor is, with the link it was measured on.
+fn floor_note(link: &LinkRate) -> String {
+    format!(
+        "The floor is the cold start a perfect lazy snapshotter would need on this link: \
+         {} round trips of {:.1} ms (manifest; config and every TOC at once; every chunk the \
+         workload reads, at once) plus the bytes it cannot avoid at {:.2} MB/s (both \
+         measured over the link at the start of the run): manifest, config, every layer's \
+         compressed TOC, and the compressed chunks the workload's reads touch (lazysnapd's \
+         access log mapped through the form's TOCs; the median over lazysnap's runs, applied \
+         to both snapshotters). Container create, start and the workload's own CPU time \
+         count as zero, so no real run reaches 1.00x.",
+        floor::ROUND_TRIPS,
+        link.rtt.as_secs_f64() * 1e3,
+        link.bytes_per_s / 1e6
+    )
+}
+
 /// Per image and lazy form: full pull, stargz-snapshotter and lazysnap (median cold
-/// start in seconds, MB served), and lazysnap / stargz-snapshotter.
-fn summary(groups: &[Group]) -> String {
+/// start in seconds, MB served), lazysnap / stargz-snapshotter, and the floor (seconds,
+/// MB counted) with each snapshotter against it.
+fn summary(groups: &[Group], link: Option<&LinkRate>) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -270,11 +342,14 @@ fn summary(groups: &[Group]) -> String {
          Median cold start in seconds (MB served). A \"full pull\" note on a lazy mode: it \
          mounted no layer lazily and downloaded the image instead.\n"
     );
+    if let Some(link) = link {
+        let _ = writeln!(out, "{}\n", floor_note(link));
+    }
     let _ = writeln!(
         out,
-        "| image | form | full pull | stargz-snapshotter | lazysnap | lazysnap / stargz-snapshotter, time | bytes |"
+        "| image | form | full pull | stargz-snapshotter | lazysnap | lazysnap / stargz-snapshotter, time | bytes | floor s (MB) | lazysnap / floor | stargz-snapshotter / floor |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
     let cell = |g: Option<&Group>| {
         g.map_or("-".to_string(), |g| {
             format!(
@@ -299,9 +374,21 @@ fn summary(groups: &[Group]) -> String {
             (Some(o), Some(p)) => (time_ratio(o, p), bytes_ratio(o, p)),
             _ => ("-".to_string(), "-".to_string()),
         };
+        let floor = link.and_then(|l| {
+            let bytes = floor_bytes_of(groups, &g.image, &g.form)?;
+            Some((floor::floor_secs(bytes, l), bytes))
+        });
+        let (floor_cell, ours_floor, theirs_floor) = match floor {
+            Some((f, bytes)) => (
+                format!("{f:.2} ({})", mb(bytes)),
+                ours.map_or("-".to_string(), |o| vs_floor(o, f)),
+                theirs.map_or("-".to_string(), |p| vs_floor(p, f)),
+            ),
+            None => ("-".to_string(), "-".to_string(), "-".to_string()),
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {t} | {b} |",
+            "| {} | {} | {} | {} | {} | {t} | {b} | {floor_cell} | {ours_floor} | {theirs_floor} |",
             g.image,
             g.form,
             cell(base),
@@ -499,6 +586,7 @@ mod tests {
             range_requests: 0,
             lazy_layers,
             last_line: "ok".into(),
+            floor: None,
         }
     }
 
@@ -508,13 +596,13 @@ mod tests {
             run("gzip", "overlayfs", 10_000, 1000),
             run("esgz", "lazysnap", 2_000, 100),
         ];
-        let md = markdown(&runs, "# t");
+        let md = markdown(&runs, "# t", None);
         assert!(md.contains("| img | esgz | lazysnap | 2/2 |"), "{md}");
         assert!(md.contains("0.20x"), "{md}");
         assert!(md.contains("10.0% |"), "{md}");
         let chart = svg(&runs, "t");
         assert!(chart.starts_with("<svg") && chart.contains("0.20x"));
-        assert_eq!(csv(&runs).lines().count(), 3);
+        assert_eq!(csv(&runs, None).lines().count(), 3);
     }
 
     #[test]
@@ -528,7 +616,7 @@ mod tests {
             run("zstd", LAZYSNAP, 3_000, 150),
             fallback,
         ];
-        let md = markdown(&runs, "# t");
+        let md = markdown(&runs, "# t", None);
         // Rows are per mode, not merged per form.
         assert!(
             md.contains("| img | esgz | stargz-snapshotter | 2/2 |"),
@@ -538,7 +626,7 @@ mod tests {
         assert!(md.contains("0.50x (bytes 0.25x)"), "{md}");
         assert!(
             md.contains(
-                "| img | esgz | 10.00 (0.0 MB) | 4.00 (0.0 MB) | 2.00 (0.0 MB) | 0.50x | 0.25x |"
+                "| img | esgz | 10.00 (0.0 MB) | 4.00 (0.0 MB) | 2.00 (0.0 MB) | 0.50x | 0.25x | - | - | - |"
             ),
             "{md}"
         );
@@ -551,7 +639,59 @@ mod tests {
             chart.contains("zstd (stargz-snapshotter, full pull)"),
             "{chart}"
         );
-        let csv = csv(&runs);
-        assert!(csv.lines().nth(2).unwrap().contains(",2,2,\"ok\""), "{csv}");
+        let csv = csv(&runs, None);
+        assert!(
+            csv.lines().nth(2).unwrap().ends_with(",2,2,\"ok\",,,,"),
+            "{csv}"
+        );
+    }
+
+    fn with_floor(mut r: Run, chunks: u64) -> Run {
+        r.floor = Some(FloorBytes {
+            meta: 0,
+            tocs: 0,
+            chunks,
+            chunk_count: 1,
+            unmatched_files: 0,
+        });
+        r
+    }
+
+    #[test]
+    fn the_floor_comes_from_lazysnaps_median_and_applies_to_both() {
+        // 12.5 MB/s, no round trip: 12.5, 25 and 50 MB give 1, 2 and 4 s; median 2 s.
+        let link = LinkRate {
+            bytes_per_s: 12_500_000.0,
+            rtt: Duration::ZERO,
+        };
+        let mut runs = vec![run("gzip", OVERLAYFS, 10_000, 1000)];
+        for (rep, chunks) in [(1, 25_000_000), (2, 12_500_000), (3, 50_000_000)] {
+            let mut r = with_floor(run("esgz", LAZYSNAP, 3_000, 100), chunks);
+            r.rep = rep;
+            runs.push(r);
+            let mut p = run("esgz", STARGZ, 5_000, 400);
+            p.rep = rep;
+            runs.push(p);
+        }
+        // The first table: floor and each mode against it; none for the full pull.
+        let md = markdown(&runs, "# t", Some(&link));
+        assert!(md.contains("| 2.00 | 1.50x |"), "{md}");
+        assert!(md.contains("| 2.00 | 2.50x |"), "{md}");
+        assert!(md.contains("100.0% | - | - |"), "{md}");
+        // The summary: floor with its MB, lazysnap / floor, stargz-snapshotter / floor.
+        assert!(
+            md.contains("| 0.60x | 0.25x | 2.00 (25.0) | 1.50x | 2.50x |"),
+            "{md}"
+        );
+        assert!(md.contains("3 round trips of 0.0 ms"), "{md}");
+        let csv = csv(&runs, Some(&link));
+        let lines: Vec<&str> = csv.lines().collect();
+        assert!(lines[0].ends_with(",floor_read_bytes,floor_bytes,floor_s,vs_floor"));
+        assert!(lines[1].ends_with("\"ok\",,,,"), "{csv}");
+        assert!(
+            lines[2].ends_with(",25000000,25000000,2.000,1.500"),
+            "{csv}"
+        );
+        assert!(lines[3].ends_with("\"ok\",,,2.000,2.500"), "{csv}");
     }
 }

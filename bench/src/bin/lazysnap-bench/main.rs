@@ -10,12 +10,14 @@
 //! stargz-snapshotter's `ctr-remote`. Each lazy form is run by lazysnap and by the peer, alternately within
 //! each repetition.
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bench::cold::floor::{self, FloorBytes, LinkRate};
 use bench::cold::images::{self, DebianSource, ImageKind};
 use bench::cold::link::{self, Link};
 use bench::cold::peer::{self, StargzPeer};
@@ -282,7 +284,7 @@ fn preflight(args: &Args) -> anyhow::Result<()> {
             }
         }
     }
-    if args.images.contains(&ImageKind::Python) {
+    if args.images.iter().any(|k| k.needs_debootstrap()) {
         testkit::require_program("debootstrap", "debootstrap")?;
     }
     if args
@@ -668,6 +670,95 @@ impl Bench {
         })
     }
 
+    /// lazysnapd's access log (`GET /accessed` on ROOT/status.sock).
+    fn accessed(&self, root: &Path) -> anyhow::Result<String> {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--unix-socket"])
+            .arg(root.join("status.sock"))
+            .arg("http://lazysnapd/accessed");
+        cold::run(cmd, Duration::from_secs(30))
+    }
+
+    /// The floor's bytes of a lazysnap run of `kind` in `form`: its access log mapped
+    /// through the TOCs of the layout the bench pushed.
+    fn floor_bytes(&self, kind: ImageKind, form: Form, root: &Path) -> anyhow::Result<FloorBytes> {
+        let layout = images::image_dir(&self.args.cache, kind, &self.debian()).join(form.tag());
+        let (tocs, meta) = floor::layout_tocs(&layout)?;
+        let accessed = floor::parse_accessed(&self.accessed(root)?)?;
+        let b = floor::floor_bytes(&tocs, meta, &accessed);
+        if self.native_copies(root) > 0 {
+            // The copy reads the layer through FUSE, and the access log records it.
+            say(
+                "floor: a layer got its native copy during the run, so its access log \
+                 may count the copy's reads too (the floor is then too high)",
+            );
+        }
+        say(&format!(
+            "floor: the reads touched {} compressed ranges, {:.1} MB; TOCs {:.1} MB; \
+             manifest and config {} bytes{}",
+            b.chunk_count,
+            b.chunks as f64 / 1e6,
+            b.tocs as f64 / 1e6,
+            b.meta,
+            if b.unmatched_files > 0 {
+                format!(
+                    "; {} files of the access log not in the TOCs",
+                    b.unmatched_files
+                )
+            } else {
+                String::new()
+            }
+        ));
+        Ok(b)
+    }
+
+    /// Measures the link with the biggest layer the registry has of the images and forms
+    /// of the run.
+    fn measure_link(&self) -> anyhow::Result<LinkRate> {
+        let mut best: Option<(ImageKind, String, u64)> = None;
+        for (&kind, &form) in self
+            .args
+            .images
+            .iter()
+            .flat_map(|k| self.args.forms.iter().map(move |f| (k, f)))
+        {
+            let dir = images::image_dir(&self.args.cache, kind, &self.debian());
+            let layout = dir.join(if form == Form::Gzip {
+                "plain"
+            } else {
+                form.tag()
+            });
+            let (manifest, _, _) = oci::read_manifest(&layout)?;
+            for layer in manifest["layers"].as_array().into_iter().flatten() {
+                let (Some(digest), Some(size)) = (layer["digest"].as_str(), layer["size"].as_u64())
+                else {
+                    continue;
+                };
+                if best.as_ref().is_none_or(|b| size > b.2) {
+                    best = Some((kind, digest.to_string(), size));
+                }
+            }
+        }
+        let (kind, digest, size) = best.context("no layer to measure the link with")?;
+        let base = format!("http://{}/v2/lsbench/{}", self.registry_host, kind.name());
+        floor::measure_link(&base, &digest, size)
+    }
+
+    /// Layers lazysnapd has made a native copy of (`lazysnap status`).
+    fn native_copies(&self, root: &Path) -> usize {
+        let mut cmd = Command::new(&self.lazysnap);
+        cmd.arg("status").arg("--root").arg(root).arg("--json");
+        let Ok(out) = cold::run(cmd, Duration::from_secs(30)) else {
+            return 0;
+        };
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        status["layers"].as_array().map_or(0, |ls| {
+            ls.iter()
+                .filter(|l| l["native_copy"].as_bool() == Some(true))
+                .count()
+        })
+    }
+
     /// Saves lazysnapd's log and access log of a run under `dir/NAME.{log,accessed.json}`,
     /// or the peer's log under `dir/NAME.log`.
     fn keep_logs(&self, dir: &Path, own: &OwnNode, name: &str) -> anyhow::Result<()> {
@@ -680,11 +771,7 @@ impl Bench {
             return Ok(());
         };
         std::fs::write(dir.join(format!("{name}.log")), lazysnapd.log())?;
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--unix-socket"])
-            .arg(own.root.join("status.sock"))
-            .arg("http://lazysnapd/accessed");
-        let accessed = cold::run(cmd, Duration::from_secs(30))?;
+        let accessed = self.accessed(&own.root)?;
         std::fs::write(dir.join(format!("{name}.accessed.json")), accessed)?;
         Ok(())
     }
@@ -744,6 +831,18 @@ impl Bench {
                 peer.fuse_mounts()
             ));
         }
+        let floor = match &node {
+            Node::Own(own) if own.lazysnapd.is_some() && form != Form::Gzip => {
+                match self.floor_bytes(kind, form, &own.root) {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        say(&format!("no floor for this run: {e:#}"));
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let mode_name = mode.map_or(report::OVERLAYFS, Mode::name);
         if let (Some(dir), Node::Own(own), Some(_)) = (&self.args.keep_logs, &node, mode) {
             self.keep_logs(
@@ -770,6 +869,7 @@ impl Bench {
             range_requests,
             lazy_layers: timing.lazy_layers,
             last_line: timing.last_line,
+            floor,
         })
     }
 }
@@ -833,7 +933,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             sizes.push(((kind, form), bench.prepare(kind, form)?));
         }
     }
-    let conditions = match &link {
+    let mut conditions = match &link {
         Some(link) => {
             let rate = (args.rate_mbit > 0.0).then_some(args.rate_mbit);
             link.shape(rate, Duration::from_secs_f64(args.delay_ms / 1000.0))?;
@@ -846,6 +946,29 @@ fn run(args: Args) -> anyhow::Result<()> {
         None => "no emulated link (registry reached directly)".to_string(),
     };
     say(&conditions);
+    // The floor's link: measured once, as the runs will see it.
+    let link_rate = match bench.measure_link() {
+        Ok(l) => {
+            say(&format!(
+                "the link measured: {:.2} MB/s, round trip {:.1} ms",
+                l.bytes_per_s / 1e6,
+                l.rtt.as_secs_f64() * 1e3
+            ));
+            let _ = write!(
+                conditions,
+                " (measured: {:.2} MB/s, {:.1} ms round trip)",
+                l.bytes_per_s / 1e6,
+                l.rtt.as_secs_f64() * 1e3
+            );
+            Some(l)
+        }
+        Err(e) => {
+            say(&format!(
+                "the link could not be measured, so no floor: {e:#}"
+            ));
+            None
+        }
+    };
 
     let reps_of = |kind: ImageKind| match kind {
         ImageKind::RandomPart | ImageKind::ReadAll => args.big_reps.unwrap_or(args.reps),
@@ -860,7 +983,6 @@ fn run(args: Args) -> anyhow::Result<()> {
     let total: usize = args.images.iter().map(|&k| reps_of(k)).sum::<usize>() * per_rep;
     let mut runs: Vec<Run> = Vec::new();
     let began = Instant::now();
-    let mut csv = report::CSV_HEADER.to_string() + "\n";
     let out = args.out();
     let out_csv = out.with_extension("csv");
     if let Some(parent) = out_csv.parent() {
@@ -930,11 +1052,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                     )),
                     r.last_line
                 ));
-                csv.push_str(&report::csv_line(&r));
-                csv.push('\n');
-                // Written after every run, so an interrupted bench keeps what it measured.
-                std::fs::write(&out_csv, &csv)?;
                 runs.push(r);
+                // Written after every run, so an interrupted bench keeps what it measured.
+                std::fs::write(&out_csv, report::csv(&runs, link_rate.as_ref()))?;
             }
         }
     }
@@ -954,7 +1074,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         },
         command.join(" ")
     );
-    std::fs::write(out.with_extension("md"), report::markdown(&runs, &heading))?;
+    std::fs::write(
+        out.with_extension("md"),
+        report::markdown(&runs, &heading, link_rate.as_ref()),
+    )?;
     std::fs::write(
         out.with_extension("svg"),
         report::svg(
