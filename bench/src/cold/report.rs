@@ -318,8 +318,9 @@ fn vs_floor(g: &Group, f: f64) -> String {
 fn floor_note(link: &LinkRate) -> String {
     format!(
         "The floor is the cold start a perfect lazy snapshotter would need on this link: \
-         {} round trips of {:.1} ms (manifest; config and every TOC at once; every chunk the \
-         workload reads, at once) plus the bytes it cannot avoid at {:.2} MB/s (both \
+         {} round trips of {:.1} ms (a one-byte GET's request to first byte: the link and the \
+         registry; manifest, then config and every TOC at once, then every chunk the \
+         workload reads at once) plus the bytes it cannot avoid at {:.2} MB/s (both \
          measured over the link at the start of the run): manifest, config, every layer's \
          compressed TOC, and the compressed chunks the workload's reads touch (lazysnapd's \
          access log mapped through the form's TOCs; the median over lazysnap's runs, applied \
