@@ -104,7 +104,7 @@ pub struct FetchAnswer {
     pub failed_layers: Vec<(String, String)>,
 }
 
-/// The files one mounted layer has had opened, in first-open order (`GET /accessed`).
+/// The files one mounted layer has had read by containers, in first-read order (`GET /accessed`).
 #[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct LayerAccess {
     pub layer: String,

@@ -70,6 +70,8 @@ async fn containers_created_once_an_image_is_local_read_native_copies_of_its_lay
     let app = vec![
         Entry::dir("app"),
         Entry::file("app/big.bin", noise(5 << 20, 41)),
+        // Read by no container: only the native copy reads it.
+        Entry::file("app/unread.bin", noise(300 << 10, 42)),
         Entry::file_mode("app/tool", "#!/bin/sh\necho tool\n", 0o4755),
         Entry::hardlink("app/tool-link", "app/tool"),
         Entry::symlink("app/latest", "big.bin"),
@@ -150,6 +152,17 @@ async fn containers_created_once_an_image_is_local_read_native_copies_of_its_lay
     assert!(
         status.layers.len() == 2 && status.layers.iter().all(|l| l.native_copy),
         "{status:?}"
+    );
+    // The copy's own reads stay out of the access log `lazysnap optimize` learns from.
+    let accessed = daemon::observe::fetch_accessed(&daemon.root).await.unwrap();
+    let read: Vec<&str> = accessed
+        .iter()
+        .flat_map(|l| l.files.iter().map(|f| f.path.as_str()))
+        .collect();
+    assert!(read.iter().any(|p| p.ends_with("app/big.bin")), "{read:?}");
+    assert!(
+        !read.iter().any(|p| p.ends_with("app/unread.bin")),
+        "{read:?}"
     );
 
     let after = containerd

@@ -633,6 +633,19 @@ impl LayerFs {
     /// Starts a read: answers at once from the cache, or says what must be fetched.
     /// Never waits for the network, so a FUSE thread may call it.
     pub fn read_start(&self, ino: u64, offset: u64, len: u32) -> Result<ReadStart> {
+        self.read_start_logged(ino, offset, len, true)
+    }
+
+    /// [`LayerFs::read_start`], kept out of the access log when `log_access` is false:
+    /// reads lazysnapd makes itself (a native copy) say nothing of what a container
+    /// reads, which is what `lazysnap optimize` learns from the log.
+    pub fn read_start_logged(
+        &self,
+        ino: u64,
+        offset: u64,
+        len: u32,
+        log_access: bool,
+    ) -> Result<ReadStart> {
         let e = self.entry(ino)?;
         match e.kind() {
             EntryKind::Reg => {}
@@ -643,7 +656,7 @@ impl LayerFs {
         if offset >= end {
             return Ok(ReadStart::Ready(Bytes::new()));
         }
-        if let Ok(mut log) = self.access.lock() {
+        if log_access && let Ok(mut log) = self.access.lock() {
             // Opens reach the daemon only with passthrough: the first read is the
             // first access the log can see.
             log.record(e.id());

@@ -322,7 +322,7 @@ impl Session {
                     Err(e) => self.err(u, errno(&e)),
                 }
             }
-            op::READ => self.read(u, ino, &mut a),
+            op::READ => self.read(u, ino, h.pid, &mut a),
             // Likewise for directories: the kernel then opens them itself and caches
             // their listings (it defaults to FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR).
             op::OPENDIR => {
@@ -542,12 +542,14 @@ impl Session {
         }
     }
 
-    fn read(self: &Arc<Self>, u: u64, ino: u64, a: &mut Args<'_>) {
+    fn read(self: &Arc<Self>, u: u64, ino: u64, pid: u32, a: &mut Args<'_>) {
         let timer = self.latency.start(Op::Read);
         let Some(r) = kernel::read_in(a) else {
             return self.err(u, libc::EINVAL);
         };
-        match self.fs.read_start(ino, r.offset, r.size) {
+        // Reads by this process's own threads (a native copy) stay out of the access log.
+        let log_access = !is_own_thread(pid);
+        match self.fs.read_start_logged(ino, r.offset, r.size, log_access) {
             Ok(ReadStart::Ready(data)) => self.ok(u, &data),
             Ok(ReadStart::Fetch(pending)) => {
                 let fut = self.fs.read_fetch(pending);
@@ -599,6 +601,11 @@ impl Session {
         }
         self.ok(u, &out);
     }
+}
+
+/// Whether thread `pid` (as FUSE names the requester) is one of this process's.
+fn is_own_thread(pid: u32) -> bool {
+    pid != 0 && Path::new("/proc/self/task").join(pid.to_string()).exists()
 }
 
 /// A layer mounted with FUSE. Unmounted by [`MountedLayer::unmount`], left to a

@@ -84,6 +84,8 @@ pub struct InHeader {
     pub opcode: u32,
     pub unique: u64,
     pub nodeid: u64,
+    /// The thread that made the request (for reads the kernel makes ahead, the reader's).
+    pub pid: u32,
 }
 
 /// Splits a request into its header and its argument bytes; None if malformed.
@@ -93,8 +95,11 @@ pub fn parse(buf: &[u8]) -> Option<(InHeader, Args<'_>)> {
     let opcode = a.u32()?;
     let unique = a.u64()?;
     let nodeid = a.u64()?;
-    // uid, gid, pid, total_extlen + padding: permission checks are the kernel's.
-    a.skip(16)?;
+    // uid, gid: permission checks are the kernel's.
+    a.skip(8)?;
+    let pid = a.u32()?;
+    // total_extlen + padding.
+    a.skip(4)?;
     let body = buf.get(IN_HEADER_LEN..len as usize)?;
     Some((
         InHeader {
@@ -102,6 +107,7 @@ pub fn parse(buf: &[u8]) -> Option<(InHeader, Args<'_>)> {
             opcode,
             unique,
             nodeid,
+            pid,
         },
         Args(body),
     ))
