@@ -686,13 +686,6 @@ impl Bench {
         let (tocs, meta) = floor::layout_tocs(&layout)?;
         let accessed = floor::parse_accessed(&self.accessed(root)?)?;
         let b = floor::floor_bytes(&tocs, meta, &accessed);
-        if self.native_copies(root) > 0 {
-            // The copy reads the layer through FUSE, and the access log records it.
-            say(
-                "floor: a layer got its native copy during the run, so its access log \
-                 may count the copy's reads too (the floor is then too high)",
-            );
-        }
         say(&format!(
             "floor: the reads touched {} compressed ranges, {:.1} MB; TOCs {:.1} MB; \
              manifest and config {} bytes{}",
@@ -742,21 +735,6 @@ impl Bench {
         let (kind, digest, size) = best.context("no layer to measure the link with")?;
         let base = format!("http://{}/v2/lsbench/{}", self.registry_host, kind.name());
         floor::measure_link(&base, &digest, size)
-    }
-
-    /// Layers lazysnapd has made a native copy of (`lazysnap status`).
-    fn native_copies(&self, root: &Path) -> usize {
-        let mut cmd = Command::new(&self.lazysnap);
-        cmd.arg("status").arg("--root").arg(root).arg("--json");
-        let Ok(out) = cold::run(cmd, Duration::from_secs(30)) else {
-            return 0;
-        };
-        let status: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-        status["layers"].as_array().map_or(0, |ls| {
-            ls.iter()
-                .filter(|l| l["native_copy"].as_bool() == Some(true))
-                .count()
-        })
     }
 
     /// Saves lazysnapd's log and access log of a run under `dir/NAME.{log,accessed.json}`,
