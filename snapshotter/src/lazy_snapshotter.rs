@@ -216,7 +216,16 @@ impl LazySnapshotter {
         let key = key.to_string();
         let chain = self.run("mounts", move |s| s.remote_chain(&key)).await?;
         for snapshot in &chain {
-            self.serve(remote, snapshot).await?;
+            match self.serve(remote, snapshot).await {
+                Ok(()) => {}
+                // New containers read a layer's native copy, not its FUSE mount: a
+                // layer that has one needs no registry, no kept metadata, no mount.
+                Err(e) if crate::native::native_of(&snapshot.mountpoint).is_some() => {
+                    tracing::warn!(snapshot = %snapshot.name, error = %e,
+                        "lazy layer not served again; containers read its native copy");
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }

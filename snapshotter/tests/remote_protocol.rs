@@ -374,3 +374,60 @@ async fn a_restore_that_hangs_holds_up_only_its_own_snapshot() {
     stuck.abort();
     server.stop().await;
 }
+
+/// After a restart whose restore of a layer fails (registry down, nothing kept), a layer
+/// with a native copy still serves new containers: their lower directory is the copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_layer_with_a_native_copy_needs_no_restore_for_new_containers() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let socket = dir.path().join("s.sock");
+    let mounter = Arc::new(FakeMounter::default());
+    let server = Server::start(&root, &socket, mounter.clone(), Duration::from_secs(5)).await;
+    let mut c = snapshotter::client::connect(&socket).await.unwrap();
+    let err = c
+        .prepare(prepare(
+            "extract chain-n",
+            "",
+            layer_labels("chain-n", "sha256:ln"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    drop(c);
+    server.stop().await;
+    let fs = mounter
+        .mounted
+        .lock()
+        .unwrap()
+        .iter()
+        .next()
+        .cloned()
+        .unwrap();
+
+    let over = |c: &mut snapshotter::client::Client, key: &'static str| {
+        let mut c = c.clone();
+        async move { c.prepare(prepare(key, "chain-n", HashMap::new())).await }
+    };
+    // Restores fail: without a native copy, no container on the layer.
+    let mounter = Arc::new(FakeMounter::default());
+    mounter.fail.store(true, Ordering::SeqCst);
+    let server = Server::start(&root, &socket, mounter.clone(), Duration::from_secs(5)).await;
+    let mut c = snapshotter::client::connect(&socket).await.unwrap();
+    assert!(over(&mut c, "container-1").await.is_err());
+    // With one, the container's lower directory is the copy.
+    let native = fs.parent().unwrap().join(snapshotter::native::NATIVE_DIR);
+    std::fs::create_dir(&native).unwrap();
+    let mounts = over(&mut c, "container-2")
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    let options = mounts[0].options.join(",");
+    assert!(
+        options.contains(&format!("lowerdir={}", native.display())),
+        "{options}"
+    );
+    drop(c);
+    server.stop().await;
+}
