@@ -13,8 +13,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{LAZYSNAP, containerd_for, convert, rpull_lazily, start_lazysnapd};
-use testkit::image::{Entry, ImageBuilder, busybox_entries, noise, sha256_digest};
+use common::{LAZYSNAP, containerd_for, convert, file_digests, rpull_lazily, start_lazysnapd};
+use testkit::image::{Entry, ImageBuilder, busybox_entries, noise};
 use testkit::registry::Registry;
 
 fn lazysnap(root: &Path, args: &[&str]) -> Output {
@@ -53,18 +53,6 @@ fn image(status: &daemon::observe::Status, name: &str) -> daemon::observe::Image
         .find(|i| i.image == name)
         .cloned()
         .unwrap_or_else(|| panic!("{name} not in {status:?}"))
-}
-
-fn file_digests(entries: &[Entry], into: &mut BTreeMap<String, String>) {
-    for entry in entries {
-        if let Entry::File { path, content, .. } = entry {
-            let digest = sha256_digest(content);
-            into.insert(
-                format!("/{path}"),
-                digest.trim_start_matches("sha256:").to_string(),
-            );
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

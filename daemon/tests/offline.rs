@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{containerd_for, convert, rpull_lazily, start_lazysnapd};
+use common::{containerd_for, convert, file_digests, rpull_lazily, start_lazysnapd};
 use testkit::containerd::mounts_under;
 use testkit::image::{Entry, ImageBuilder, busybox_entries, noise, sha256_digest};
 use testkit::registry::{Registry, RegistryOptions};
@@ -58,19 +58,6 @@ fn kept_name(layer_digest: &str) -> String {
 
 fn registry_is_down(host: &str) -> bool {
     std::net::TcpStream::connect(host).is_err()
-}
-
-/// The regular files of `entries`, by absolute path, with their sha256 (hex).
-fn file_digests(entries: &[Entry], into: &mut BTreeMap<String, String>) {
-    for entry in entries {
-        if let Entry::File { path, content, .. } = entry {
-            let digest = sha256_digest(content);
-            into.insert(
-                format!("/{path}"),
-                digest.trim_start_matches("sha256:").to_string(),
-            );
-        }
-    }
 }
 
 /// Wholly local, then everything restarted as after a reboot (containerd too, the fd

@@ -5,12 +5,13 @@
 // Each test binary compiles this module and uses its own part of it.
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
 use daemon::rpull::{LayerOutcome, RpullOptions, RpullReport, rpull};
 use testkit::containerd::{Containerd, ContainerdOptions};
-use testkit::image::{Entry, ImageBuilder, busybox_layer, noise};
+use testkit::image::{Entry, ImageBuilder, busybox_layer, noise, sha256_digest};
 use testkit::lazysnapd::Lazysnapd;
 use testkit::registry::Registry;
 
@@ -111,4 +112,18 @@ pub fn push_busybox_app(
     let estargz = format!("{}/{repo}:estargz", registry.host);
     convert(&plain, &estargz, &["--estargz"]);
     (plain, estargz)
+}
+
+/// The regular files of `entries`, by absolute path, with their sha256 (hex): what a
+/// container's `sha256sum` of those paths prints.
+pub fn file_digests(entries: &[Entry], into: &mut BTreeMap<String, String>) {
+    for entry in entries {
+        if let Entry::File { path, content, .. } = entry {
+            let digest = sha256_digest(content);
+            into.insert(
+                format!("/{path}"),
+                digest.trim_start_matches("sha256:").to_string(),
+            );
+        }
+    }
 }
