@@ -159,6 +159,20 @@ pub struct LayerFs {
     access: Mutex<AccessLog>,
     /// Prefetch and background fetch, started with the filesystem.
     scheduled: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// lazysnapd's own readers of this layer through its mount (a native copy), whose
+    /// reads stay out of the access log; while there are none, reads need no check.
+    own_readers: std::sync::atomic::AtomicUsize,
+}
+
+/// lazysnapd reads a layer through its own mount while this lives ([`LayerFs::own_reads`]).
+pub struct OwnReads(Arc<LayerFs>);
+
+impl Drop for OwnReads {
+    fn drop(&mut self) {
+        self.0
+            .own_readers
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Drop for LayerFs {
@@ -310,7 +324,21 @@ impl LayerFs {
             content_bytes,
             access: Mutex::default(),
             scheduled: Mutex::new(Some(scheduled)),
+            own_readers: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Says that lazysnapd itself will read this layer through its mount until the
+    /// guard drops: the FUSE edge then keeps its own threads' reads out of the access log.
+    pub fn own_reads(self: &Arc<Self>) -> OwnReads {
+        self.own_readers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        OwnReads(Arc::clone(self))
+    }
+
+    /// Whether lazysnapd is reading this layer through its mount now.
+    pub fn has_own_readers(&self) -> bool {
+        self.own_readers.load(std::sync::atomic::Ordering::Relaxed) > 0
     }
 
     /// Any filesystem request: a container that lists directories or reads cached files

@@ -547,8 +547,9 @@ impl Session {
         let Some(r) = kernel::read_in(a) else {
             return self.err(u, libc::EINVAL);
         };
-        // Reads by this process's own threads (a native copy) stay out of the access log.
-        let log_access = !is_own_thread(pid);
+        // Reads by this process's own threads (a native copy) stay out of the access
+        // log; only while such a reader is announced is the requester looked up.
+        let log_access = !(self.fs.has_own_readers() && is_own_thread(pid));
         match self.fs.read_start_logged(ino, r.offset, r.size, log_access) {
             Ok(ReadStart::Ready(data)) => self.ok(u, &data),
             Ok(ReadStart::Fetch(pending)) => {

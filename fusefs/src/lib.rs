@@ -35,8 +35,8 @@ mod tests;
 pub use cache::{CacheConfig, CacheWriteStats, SharedCache};
 pub use config::FsConfig;
 pub use core::{
-    Attr, Backing, DirEntry, FileAccess, FileKind, LayerFs, OPAQUE_XATTR, PendingRead, ReadStart,
-    StatFs, XattrReply,
+    Attr, Backing, DirEntry, FileAccess, FileKind, LayerFs, OPAQUE_XATTR, OwnReads, PendingRead,
+    ReadStart, StatFs, XattrReply,
 };
 pub use error::{Error, Result};
 pub use fetch::FetchedNow;

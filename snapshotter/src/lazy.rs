@@ -1089,10 +1089,12 @@ async fn copy_when_local(
         tokio::time::sleep(LOCAL_POLL).await;
         let Some(layer) = fs.upgrade() else { return };
         let stats = layer.stats();
-        drop(layer);
         if stats.local_bytes < stats.total_bytes {
             continue;
         }
+        // The copy reads through the mount; those reads are not a container's.
+        let _own = layer.own_reads();
+        drop(layer);
         let started = std::time::Instant::now();
         let path = mountpoint.clone();
         match tokio::task::spawn_blocking(move || crate::native::make_native_copy(&path)).await {
