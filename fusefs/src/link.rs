@@ -28,6 +28,8 @@ pub(crate) enum Class {
 struct Activity {
     demand: usize,
     prefetch: usize,
+    /// Compressed bytes of the prefetch requests in flight.
+    prefetch_bytes: u64,
     /// When demand or prefetch last stopped (or a layer was mounted).
     last: Instant,
     /// When a layer of the host was last mounted.
@@ -63,6 +65,8 @@ struct Inner {
     background: Arc<tokio::sync::Mutex<Instant>>,
     /// Prefetch requests in flight for the whole host, at most.
     prefetch_slots: Arc<PrefetchSlots>,
+    /// Prefetch bytes that may be in flight beside a waiting reader's request.
+    shared_with_reader: u64,
     /// Bytes the host has delivered so far, and samples of that count over the last
     /// [`RATE_WINDOW`], for the rate the link carries.
     delivered: AtomicU64,
@@ -84,19 +88,24 @@ impl std::fmt::Debug for Link {
     }
 }
 
-/// Counts one request (or waiting reader) of a class on the link while alive.
+/// Counts one request (or waiting reader) of a class, and its bytes, on the link while
+/// alive.
 pub(crate) struct Busy {
     link: Link,
     class: Class,
+    bytes: u64,
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let class = self.class;
+        let (class, bytes) = (self.class, self.bytes);
         self.link.0.activity.send_modify(|a| {
             match class {
                 Class::Demand => a.demand = a.demand.saturating_sub(1),
-                Class::Prefetch => a.prefetch = a.prefetch.saturating_sub(1),
+                Class::Prefetch => {
+                    a.prefetch = a.prefetch.saturating_sub(1);
+                    a.prefetch_bytes = a.prefetch_bytes.saturating_sub(bytes);
+                }
             }
             a.last = Instant::now();
         });
@@ -231,13 +240,20 @@ impl PrefetchSlots {
 impl Link {
     /// `quiet`: how long demand and prefetch must have been idle before a background
     /// request goes out; `rate`: the host's background budget in bytes per second;
-    /// `prefetch_requests`: prefetch requests in flight for the host at most.
-    pub fn new(quiet: Duration, rate: Option<u64>, prefetch_requests: usize) -> Link {
+    /// `prefetch_requests`: prefetch requests in flight for the host at most;
+    /// `shared_with_reader`: prefetch bytes in flight at most while a reader waits.
+    pub fn new(
+        quiet: Duration,
+        rate: Option<u64>,
+        prefetch_requests: usize,
+        shared_with_reader: u64,
+    ) -> Link {
         let now = Instant::now();
         Link(Arc::new(Inner {
             activity: watch::channel(Activity {
                 demand: 0,
                 prefetch: 0,
+                prefetch_bytes: 0,
                 last: now,
                 mounted: now,
             })
@@ -254,6 +270,7 @@ impl Link {
                     seq: 0,
                 }),
             }),
+            shared_with_reader,
             delivered: AtomicU64::new(0),
             samples: Mutex::new(std::collections::VecDeque::new()),
         }))
@@ -265,17 +282,23 @@ impl Link {
             config.background_quiet,
             config.background_rate_limit,
             config.readahead_requests,
+            config.prefetch_request_bytes,
         )
     }
 
-    pub(crate) fn busy(&self, class: Class) -> Busy {
+    /// Counts a request of `class` for `bytes` (compressed) until the result is dropped.
+    pub(crate) fn busy(&self, class: Class, bytes: u64) -> Busy {
         self.0.activity.send_modify(|a| match class {
             Class::Demand => a.demand += 1,
-            Class::Prefetch => a.prefetch += 1,
+            Class::Prefetch => {
+                a.prefetch += 1;
+                a.prefetch_bytes += bytes;
+            }
         });
         Busy {
             link: self.clone(),
             class,
+            bytes,
         }
     }
 
@@ -353,16 +376,28 @@ impl Link {
         (span >= RATE_WINDOW / 10).then(|| (b1 - b0) as f64 / span.as_secs_f64())
     }
 
-    /// Waits for a prefetch request's turn: a free slot of the host's (waiting layers
-    /// get them by `front`'s lead), and, while a reader waits for the network, no other
-    /// prefetch request in flight, so that at most one shares the link with the
-    /// reader's.
-    pub(crate) async fn prefetch_turn(&self, front: &Arc<PrefetchFront>) -> PrefetchTurn {
+    /// Waits for the turn of a prefetch request for `bytes`: a free slot of the host's
+    /// (waiting layers get them by `front`'s lead), and, while a reader waits for the
+    /// network, room beside the prefetch bytes in flight within `shared_with_reader`
+    /// (one request always may go), so that the reader shares the link with at most
+    /// that much. Counting bytes, not requests, lets small pieces (marked chunks lie
+    /// apart) go together instead of each waiting for the one before: one at a time,
+    /// each cost a round trip of idle link.
+    pub(crate) async fn prefetch_turn(
+        &self,
+        front: &Arc<PrefetchFront>,
+        bytes: u64,
+    ) -> PrefetchTurn {
         let slot = self.0.prefetch_slots.acquire(Arc::clone(front)).await;
         let mut rx = self.0.activity.subscribe();
+        let room = self.0.shared_with_reader;
         loop {
             let a = *rx.borrow_and_update();
-            if a.demand == 0 || a.prefetch == 0 || rx.changed().await.is_err() {
+            if a.demand == 0
+                || a.prefetch == 0
+                || a.prefetch_bytes.saturating_add(bytes) <= room
+                || rx.changed().await.is_err()
+            {
                 break;
             }
         }
@@ -396,6 +431,7 @@ pub struct Links {
     quiet: Duration,
     rate: Option<u64>,
     prefetch_requests: usize,
+    shared_with_reader: u64,
     by_host: Mutex<HashMap<String, Link>>,
 }
 
@@ -405,6 +441,7 @@ impl Links {
             quiet: config.background_quiet,
             rate: config.background_rate_limit,
             prefetch_requests: config.readahead_requests,
+            shared_with_reader: config.prefetch_request_bytes,
             by_host: Mutex::new(HashMap::new()),
         }
     }
@@ -413,7 +450,14 @@ impl Links {
     pub fn for_host(&self, host: &str) -> Link {
         let mut map = self.by_host.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(host.to_string())
-            .or_insert_with(|| Link::new(self.quiet, self.rate, self.prefetch_requests))
+            .or_insert_with(|| {
+                Link::new(
+                    self.quiet,
+                    self.rate,
+                    self.prefetch_requests,
+                    self.shared_with_reader,
+                )
+            })
             .clone()
     }
 }
@@ -422,6 +466,8 @@ impl Links {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    const MIB: u64 = 1 << 20;
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
@@ -434,9 +480,9 @@ mod tests {
     #[test]
     fn the_background_waits_for_demand_and_prefetch_and_then_the_quiet_period() {
         rt().block_on(async {
-            let link = Link::new(Duration::from_secs(2), None, 4);
-            let demand = link.busy(Class::Demand);
-            let prefetch = link.busy(Class::Prefetch);
+            let link = Link::new(Duration::from_secs(2), None, 4, MIB);
+            let demand = link.busy(Class::Demand, 0);
+            let prefetch = link.busy(Class::Prefetch, MIB);
             let started = tokio::time::Instant::now();
             let l = link.clone();
             let turn = tokio::spawn(async move {
@@ -487,26 +533,39 @@ mod tests {
     }
 
     #[test]
-    fn while_a_reader_waits_only_one_prefetch_request_shares_the_link() {
+    fn while_a_reader_waits_prefetch_shares_the_link_with_one_pieces_worth_of_bytes() {
         rt().block_on(async {
-            let link = Link::new(Duration::ZERO, None, 4);
-            let first = link.prefetch_turn(&front()).await;
-            let in_flight = link.busy(Class::Prefetch);
+            let link = Link::new(Duration::ZERO, None, 4, MIB);
+            let first = link.prefetch_turn(&front(), MIB).await;
+            let in_flight = link.busy(Class::Prefetch, MIB);
             // No reader: a second prefetch request may go.
-            drop(link.prefetch_turn(&front()).await);
-            let reader = link.busy(Class::Demand);
+            drop(link.prefetch_turn(&front(), MIB).await);
+            let reader = link.busy(Class::Demand, 0);
             let l = link.clone();
-            let second = tokio::spawn(async move { drop(l.prefetch_turn(&front()).await) });
+            let second = tokio::spawn(async move { drop(l.prefetch_turn(&front(), MIB).await) });
             tokio::time::sleep(Duration::from_secs(1)).await;
             assert!(!second.is_finished());
             drop(in_flight);
             drop(first);
             second.await.unwrap();
+            // Small pieces go together while their bytes fit in one piece's worth.
+            let small = MIB / 4;
+            let mut held = Vec::new();
+            for _ in 0..3 {
+                let turn = link.prefetch_turn(&front(), small).await;
+                held.push((turn, link.busy(Class::Prefetch, small)));
+            }
+            let l = link.clone();
+            let fourth = tokio::spawn(async move { drop(l.prefetch_turn(&front(), MIB).await) });
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(!fourth.is_finished(), "3/4 MiB in flight and 1 MiB more");
+            drop(held);
+            fourth.await.unwrap();
             drop(reader);
             // The host's slots bound prefetch requests of all its layers.
             let turns: Vec<_> = take_turns(&link, 4).await;
             let l = link.clone();
-            let fifth = tokio::spawn(async move { drop(l.prefetch_turn(&front()).await) });
+            let fifth = tokio::spawn(async move { drop(l.prefetch_turn(&front(), MIB).await) });
             tokio::time::sleep(Duration::from_secs(1)).await;
             assert!(!fifth.is_finished());
             drop(turns);
@@ -521,8 +580,8 @@ mod tests {
     #[test]
     fn a_freed_prefetch_slot_goes_to_the_layer_whose_reader_is_closest_behind() {
         rt().block_on(async {
-            let link = Link::new(Duration::ZERO, None, 1);
-            let held = link.prefetch_turn(&front()).await;
+            let link = Link::new(Duration::ZERO, None, 1, MIB);
+            let held = link.prefetch_turn(&front(), MIB).await;
             // Three layers wait; their prefetches stand 8, 1 and 4 MB ahead of their
             // containers' reads.
             let (tx, mut order) = tokio::sync::mpsc::unbounded_channel();
@@ -532,7 +591,7 @@ mod tests {
                 f.read_up_to(read << 20);
                 let (l, tx) = (link.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let turn = l.prefetch_turn(&f).await;
+                    let turn = l.prefetch_turn(&f, MIB).await;
                     tx.send(name).unwrap();
                     drop(turn);
                 });
@@ -550,27 +609,27 @@ mod tests {
     #[test]
     fn a_waiter_that_gives_up_passes_its_slot_on() {
         rt().block_on(async {
-            let link = Link::new(Duration::ZERO, None, 1);
-            let held = link.prefetch_turn(&front()).await;
+            let link = Link::new(Duration::ZERO, None, 1, MIB);
+            let held = link.prefetch_turn(&front(), MIB).await;
             let l = link.clone();
-            let gave_up = tokio::spawn(async move { drop(l.prefetch_turn(&front()).await) });
+            let gave_up = tokio::spawn(async move { drop(l.prefetch_turn(&front(), MIB).await) });
             tokio::time::sleep(Duration::from_millis(10)).await;
             let l = link.clone();
-            let patient = tokio::spawn(async move { drop(l.prefetch_turn(&front()).await) });
+            let patient = tokio::spawn(async move { drop(l.prefetch_turn(&front(), MIB).await) });
             tokio::time::sleep(Duration::from_millis(10)).await;
             gave_up.abort();
             let _ = gave_up.await;
             drop(held);
             patient.await.unwrap();
             // And the slot came back.
-            drop(link.prefetch_turn(&front()).await);
+            drop(link.prefetch_turn(&front(), MIB).await);
         });
     }
 
     async fn take_turns(link: &Link, n: usize) -> Vec<PrefetchTurn> {
         let mut out = Vec::new();
         for _ in 0..n {
-            out.push(link.prefetch_turn(&front()).await);
+            out.push(link.prefetch_turn(&front(), MIB).await);
         }
         out
     }
@@ -578,7 +637,7 @@ mod tests {
     #[test]
     fn filesystem_use_holds_the_background_back_while_containers_start() {
         rt().block_on(async {
-            let link = Link::new(Duration::from_secs(2), None, 4);
+            let link = Link::new(Duration::from_secs(2), None, 4, MIB);
             link.mounted();
             let started = tokio::time::Instant::now();
             let l = link.clone();
@@ -606,7 +665,7 @@ mod tests {
     #[test]
     fn the_rate_is_what_was_delivered_over_the_last_second() {
         rt().block_on(async {
-            let link = Link::new(Duration::ZERO, None, 4);
+            let link = Link::new(Duration::ZERO, None, 4, MIB);
             assert_eq!(link.rate(), None);
             // 1 MB every 100 ms for 3 s, then 4 MB every 100 ms.
             for _ in 0..30 {
@@ -627,7 +686,7 @@ mod tests {
     #[test]
     fn a_mount_restarts_the_quiet_period() {
         rt().block_on(async {
-            let link = Link::new(Duration::from_secs(3), None, 4);
+            let link = Link::new(Duration::from_secs(3), None, 4, MIB);
             tokio::time::sleep(Duration::from_secs(2)).await;
             link.mounted();
             let started = tokio::time::Instant::now();

@@ -207,7 +207,10 @@ impl Fetcher {
         let mut tasks = Vec::with_capacity(pieces.len());
         for (span, piece) in pieces {
             self.front.prefetching_from(span.start);
-            let turn = self.link.prefetch_turn(&self.front).await;
+            let turn = self
+                .link
+                .prefetch_turn(&self.front, span.end - span.start)
+                .await;
             // Claimed only now: a reader that wanted one of these chunks meanwhile
             // fetched it itself instead of waiting behind the pieces before this one.
             let mut leads = Vec::new();
@@ -226,7 +229,7 @@ impl Fetcher {
                 continue;
             };
             // Counted from now, so the next turn sees this one in flight.
-            let busy = self.link.busy(Class::Prefetch);
+            let busy = self.link.busy(Class::Prefetch, end - first);
             let this = Arc::clone(self);
             tasks.push(self.handle.spawn(async move {
                 this.fetch_range(first..end, leads, Purpose::Prefetch).await;

@@ -56,17 +56,21 @@ impl Arriving {
 
 impl Fetcher {
     /// One range request for `leads` (all inside `range`), counted on the link as its
-    /// purpose says. Inflation runs off the async workers (4 MiB take milliseconds).
+    /// purpose says (a prefetch piece is counted by the prefetch from its turn on).
+    /// Inflation runs off the async workers (4 MiB take milliseconds).
     pub(crate) async fn fetch_range(
         self: Arc<Self>,
         range: Range<u64>,
         leads: Vec<Lead>,
         purpose: Purpose,
     ) {
-        let _busy = purpose.class().map(|class| self.link.busy(class));
+        let len = range.end - range.start;
+        let _busy = purpose
+            .class()
+            .filter(|_| purpose != Purpose::Prefetch)
+            .map(|class| self.link.busy(class, len));
         Counters::add(&self.counters.range_requests, 1);
         let keep = purpose.keep_in_memory();
-        let len = range.end - range.start;
         let started = Instant::now();
         let mut leads = leads;
         leads.sort_by_key(|l| (l.chunk.comp_offset, l.chunk.inner_offset));
