@@ -1,11 +1,12 @@
 //! lazysnap-bench's parts: image recipes ([`images`]), OCI layouts and their push
 //! ([`oci`]), the emulated link ([`link`]), the stargz-snapshotter peer ([`peer`]), one
 //! measured cold start ([`measure`]), the floor a perfect lazy snapshotter would reach
-//! ([`floor`]) and the reports ([`report`]).
+//! ([`floor`]), the daemons' memory ([`memory`]) and the reports ([`report`]).
 
 pub mod floor;
 pub mod images;
 pub mod link;
+pub mod memory;
 pub mod oci;
 pub mod peer;
 pub mod report;

@@ -100,6 +100,10 @@ impl StargzPeer {
         std::fs::read_to_string(self.dir.join("stargz.log")).unwrap_or_default()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.process.as_ref().map_or(0, ChildGuard::pid)
+    }
+
     /// FUSE mounts of this peer's layers now (mount points under its root).
     pub fn fuse_mounts(&self) -> usize {
         fusefs::mountinfo::mounts()

@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::floor::{self, FloorBytes, LinkRate};
+use super::memory::Memory;
 use crate::stats::Samples;
 
 /// One measured cold start.
@@ -38,6 +39,9 @@ pub struct Run {
     /// lazysnap's runs: what a perfect lazy snapshotter would have fetched for this run
     /// (from lazysnapd's access log and the form's TOCs); `None` for the other modes.
     pub floor: Option<FloorBytes>,
+    /// The lazy snapshotter daemon's memory right after the container's exit (lazysnapd
+    /// with its fd holder; the peer); `None` for the full pull.
+    pub daemon_memory: Option<Memory>,
 }
 
 /// The modes: the full pull onto overlayfs, and the two lazy snapshotters.
@@ -52,7 +56,7 @@ impl Run {
     }
 }
 
-pub const CSV_HEADER: &str = "image,form,mode,rep,pull_s,create_s,first_line_s,run_s,total_s,bytes_served,image_bytes,range_requests,lazy_layers,layers,last_line,floor_read_bytes,floor_bytes,floor_s,vs_floor";
+pub const CSV_HEADER: &str = "image,form,mode,rep,pull_s,create_s,first_line_s,run_s,total_s,bytes_served,image_bytes,range_requests,lazy_layers,layers,last_line,floor_read_bytes,floor_bytes,floor_s,vs_floor,daemon_rss_bytes,daemon_peak_bytes";
 
 /// One run as a CSV line. `floor_s` is the floor of the run's image and form (the median
 /// over lazysnap's runs of it): the last columns are empty without one. The run's own
@@ -72,8 +76,11 @@ pub fn csv_line(r: &Run, floor_s: Option<f64>) -> String {
             format!("{:.3}", r.total().as_secs_f64() / f.max(1e-9)),
         )
     });
+    let (rss, peak) = r.daemon_memory.map_or((String::new(), String::new()), |m| {
+        (m.rss.to_string(), m.peak.to_string())
+    });
     format!(
-        "{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},\"{}\",{read},{counted},{floor_s},{vs}",
+        "{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},\"{}\",{read},{counted},{floor_s},{vs},{rss},{peak}",
         r.image,
         r.form,
         r.mode,
@@ -144,11 +151,23 @@ pub struct Group {
     pub lazy_layers: Vec<(usize, usize)>,
     /// Per lazysnap run: the floor's bytes ([`FloorBytes::total`]).
     pub floor_bytes: Vec<u64>,
+    /// Per lazy run: the daemon's resident and peak memory, bytes.
+    pub daemon_rss: Vec<u64>,
+    pub daemon_peak: Vec<u64>,
 }
 
 impl Group {
     pub fn median_bytes(&self) -> u64 {
         median(&self.bytes).unwrap_or(0)
+    }
+
+    /// "41 (57)": the daemon's median resident memory after the exit, and its median
+    /// peak, in MB; "-" without.
+    fn memory_summary(&self) -> String {
+        match (median(&self.daemon_rss), median(&self.daemon_peak)) {
+            (Some(rss), Some(peak)) => format!("{} ({})", mb0(rss), mb0(peak)),
+            _ => "-".to_string(),
+        }
     }
 
     /// "4/4", or "0/4 (full pull)" when the snapshotter mounted none lazily (the fewest
@@ -191,6 +210,8 @@ pub fn groups(runs: &[Run]) -> Vec<Group> {
                     image_bytes: r.image_bytes,
                     lazy_layers: Vec::new(),
                     floor_bytes: Vec::new(),
+                    daemon_rss: Vec::new(),
+                    daemon_peak: Vec::new(),
                 });
                 out.len() - 1
             }
@@ -204,6 +225,8 @@ pub fn groups(runs: &[Run]) -> Vec<Group> {
         g.bytes.push(r.bytes_served);
         g.lazy_layers.extend(r.lazy_layers);
         g.floor_bytes.extend(r.floor.map(|f| f.total()));
+        g.daemon_rss.extend(r.daemon_memory.map(|m| m.rss));
+        g.daemon_peak.extend(r.daemon_memory.map(|m| m.peak));
     }
     out
 }
@@ -248,6 +271,10 @@ fn mb(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / 1e6)
 }
 
+fn mb0(bytes: u64) -> String {
+    format!("{:.0}", bytes as f64 / 1e6)
+}
+
 /// The Markdown tables. The first: every image, form and mode, medians (min-max) in
 /// seconds; the cold start against the same image's overlayfs full pull and, for
 /// lazysnap, against stargz-snapshotter on the same form; bytes served as a share of the
@@ -261,11 +288,11 @@ pub fn markdown(runs: &[Run], heading: &str, link: Option<&LinkRate>) -> String 
     let floor_of = |g: &Group| link.and_then(|l| floor_secs(&groups, &g.image, &g.form, l));
     let _ = writeln!(
         out,
-        "| image | form | mode | lazy layers | pull s | create s | first line s | run to exit s | cold start s | vs full pull | lazysnap / stargz-snapshotter | MB served | % of gzip image | floor s | vs floor |"
+        "| image | form | mode | lazy layers | pull s | create s | first line s | run to exit s | cold start s | vs full pull | lazysnap / stargz-snapshotter | MB served | % of gzip image | floor s | vs floor | daemon RSS MB (peak) |"
     );
     let _ = writeln!(
         out,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for g in &groups {
         let base = groups
@@ -284,7 +311,7 @@ pub fn markdown(runs: &[Run], heading: &str, link: Option<&LinkRate>) -> String 
         });
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1}% | {floor_cell} | {vs_floor} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1}% | {floor_cell} | {vs_floor} | {} |",
             g.image,
             g.form,
             g.mode,
@@ -301,7 +328,8 @@ pub fn markdown(runs: &[Run], heading: &str, link: Option<&LinkRate>) -> String 
             ratio,
             vs_peer,
             mb(g.median_bytes()),
-            100.0 * g.median_bytes() as f64 / gzip_bytes.max(1) as f64
+            100.0 * g.median_bytes() as f64 / gzip_bytes.max(1) as f64,
+            g.memory_summary()
         );
     }
     out.push('\n');
@@ -352,9 +380,12 @@ fn summary(groups: &[Group], link: Option<&LinkRate>) -> String {
     }
     let _ = writeln!(
         out,
-        "| image | form | full pull | stargz-snapshotter | lazysnap | lazysnap / stargz-snapshotter, time | bytes | floor s (MB) | lazysnap / floor | stargz-snapshotter / floor | floor + local run s | lazysnap / it | stargz-snapshotter / it |"
+        "| image | form | full pull | stargz-snapshotter | lazysnap | lazysnap / stargz-snapshotter, time | bytes | floor s (MB) | lazysnap / floor | stargz-snapshotter / floor | floor + local run s | lazysnap / it | stargz-snapshotter / it | daemon RSS MB after the exit: lazysnap / stargz-snapshotter |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     let cell = |g: Option<&Group>| {
         g.map_or("-".to_string(), |g| {
             format!(
@@ -402,9 +433,19 @@ fn summary(groups: &[Group], link: Option<&LinkRate>) -> String {
             }
             _ => dash(),
         };
+        let rss = |g: Option<&Group>| g.and_then(|g| median(&g.daemon_rss));
+        let memory = match (rss(ours), rss(theirs)) {
+            (Some(o), Some(p)) => format!(
+                "{} / {} ({:.2}x)",
+                mb0(o),
+                mb0(p),
+                o as f64 / p.max(1) as f64
+            ),
+            _ => "-".to_string(),
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {t} | {b} | {floor_cell} | {ours_floor} | {theirs_floor} | {with_run} | {ours_with_run} | {theirs_with_run} |",
+            "| {} | {} | {} | {} | {} | {t} | {b} | {floor_cell} | {ours_floor} | {theirs_floor} | {with_run} | {ours_with_run} | {theirs_with_run} | {memory} |",
             g.image,
             g.form,
             cell(base),
@@ -603,6 +644,7 @@ mod tests {
             lazy_layers,
             last_line: "ok".into(),
             floor: None,
+            daemon_memory: None,
         }
     }
 
@@ -625,10 +667,14 @@ mod tests {
     fn lazysnap_is_set_against_stargz_snapshotter_on_the_same_form() {
         let mut fallback = run("zstd", STARGZ, 8_000, 1000);
         fallback.lazy_layers = Some((0, 2));
+        let with_memory = |mut r: Run, rss: u64, peak: u64| {
+            r.daemon_memory = Some(Memory { rss, peak });
+            r
+        };
         let runs = [
             run("gzip", OVERLAYFS, 10_000, 1000),
-            run("esgz", LAZYSNAP, 2_000, 100),
-            run("esgz", STARGZ, 4_000, 400),
+            with_memory(run("esgz", LAZYSNAP, 2_000, 100), 40_000_000, 45_000_000),
+            with_memory(run("esgz", STARGZ, 4_000, 400), 50_000_000, 61_000_000),
             run("zstd", LAZYSNAP, 3_000, 150),
             fallback,
         ];
@@ -642,8 +688,13 @@ mod tests {
         assert!(md.contains("0.50x (bytes 0.25x)"), "{md}");
         assert!(
             md.contains(
-                "| img | esgz | 10.00 (0.0 MB) | 4.00 (0.0 MB) | 2.00 (0.0 MB) | 0.50x | 0.25x | - | - | - | - | - | - |"
+                "| img | esgz | 10.00 (0.0 MB) | 4.00 (0.0 MB) | 2.00 (0.0 MB) | 0.50x | 0.25x | - | - | - | - | - | - | 40 / 50 (0.80x) |"
             ),
+            "{md}"
+        );
+        // Each daemon's memory after the exit, with its peak.
+        assert!(
+            md.contains("| 40 (45) |") && md.contains("| 50 (61) |"),
             "{md}"
         );
         // A peer that mounted nothing lazily is reported as the full pull it did.
@@ -657,7 +708,10 @@ mod tests {
         );
         let csv = csv(&runs, None);
         assert!(
-            csv.lines().nth(2).unwrap().ends_with(",2,2,\"ok\",,,,"),
+            csv.lines()
+                .nth(2)
+                .unwrap()
+                .ends_with(",2,2,\"ok\",,,,,40000000,45000000"),
             "{csv}"
         );
     }
@@ -693,7 +747,7 @@ mod tests {
         let md = markdown(&runs, "# t", Some(&link));
         assert!(md.contains("| 2.00 | 1.50x |"), "{md}");
         assert!(md.contains("| 2.00 | 2.50x |"), "{md}");
-        assert!(md.contains("100.0% | - | - |"), "{md}");
+        assert!(md.contains("100.0% | - | - | - |"), "{md}");
         // The summary: floor with its MB, lazysnap / floor, stargz-snapshotter / floor;
         // then the floor plus the full pull's create and run (0 + 5 s), each against it.
         assert!(
@@ -703,12 +757,14 @@ mod tests {
         assert!(md.contains("3 round trips of 0.0 ms"), "{md}");
         let csv = csv(&runs, Some(&link));
         let lines: Vec<&str> = csv.lines().collect();
-        assert!(lines[0].ends_with(",floor_read_bytes,floor_bytes,floor_s,vs_floor"));
-        assert!(lines[1].ends_with("\"ok\",,,,"), "{csv}");
+        assert!(lines[0].ends_with(
+            ",floor_read_bytes,floor_bytes,floor_s,vs_floor,daemon_rss_bytes,daemon_peak_bytes"
+        ));
+        assert!(lines[1].ends_with("\"ok\",,,,,,"), "{csv}");
         assert!(
-            lines[2].ends_with(",25000000,25000000,2.000,1.500"),
+            lines[2].ends_with(",25000000,25000000,2.000,1.500,,"),
             "{csv}"
         );
-        assert!(lines[3].ends_with("\"ok\",,,2.000,2.500"), "{csv}");
+        assert!(lines[3].ends_with("\"ok\",,,2.000,2.500,,"), "{csv}");
     }
 }

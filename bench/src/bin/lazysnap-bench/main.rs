@@ -20,6 +20,7 @@ use anyhow::{Context, bail};
 use bench::cold::floor::{self, FloorBytes, LinkRate};
 use bench::cold::images::{self, DebianSource, ImageKind};
 use bench::cold::link::{self, Link};
+use bench::cold::memory;
 use bench::cold::peer::{self, StargzPeer};
 use bench::cold::report::{self, Run};
 use bench::cold::{self, Ctr, Target, check_interrupted, oci};
@@ -354,6 +355,18 @@ struct OwnNode {
     /// The daemon's root (lazysnapd's, or the peer's), else the temp dir.
     root: PathBuf,
     _dir: tempfile::TempDir,
+}
+
+impl OwnNode {
+    /// The lazy snapshotter daemon's pid, if this node has one.
+    fn daemon_pid(&self) -> Option<u32> {
+        let pid = match (&self.lazysnapd, &self.peer) {
+            (Some(daemon), _) => daemon.pid(),
+            (None, Some(peer)) => peer.pid(),
+            (None, None) => 0,
+        };
+        (pid != 0).then_some(pid)
+    }
 }
 
 struct Bench {
@@ -788,6 +801,10 @@ impl Bench {
             timeout: Duration::from_secs(self.args.timeout),
         };
         let timing = cold::measure(&target, &format!("lsbench-{}-{}", kind.name(), rep))?;
+        let daemon_memory = match &node {
+            Node::Own(own) => own.daemon_pid().and_then(memory::of_tree),
+            Node::External => None,
+        };
         // The registry logs a request when its response has been sent; give it a moment.
         std::thread::sleep(Duration::from_millis(300));
         let log = self
@@ -848,6 +865,7 @@ impl Bench {
             lazy_layers: timing.lazy_layers,
             last_line: timing.last_line,
             floor,
+            daemon_memory,
         })
     }
 }
