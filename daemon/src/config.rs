@@ -98,6 +98,10 @@ pub struct LazyConfig {
     /// On a miss, also fetch this many KiB of the files that follow in the layer (0:
     /// off). Default 1024.
     pub neighbour_fetch_kb: u64,
+    /// When a container starts reading a dynamically linked program or library, fetch
+    /// the libraries it needs (found in the image's layers) at once, each whole up to
+    /// this many KiB compressed, else its first chunk (0: off). Default 2048.
+    pub library_fetch_kb: u64,
     /// When a layer is mounted, fetch the TOCs of the image's other layers in the
     /// background, so their Prepares need not wait for the registry (each is still
     /// verified against its own TOC digest). Default true.
@@ -129,6 +133,7 @@ impl Default for LazyConfig {
             passthrough: fs.passthrough,
             kernel_readahead_kb: fs.kernel_readahead / 1024,
             neighbour_fetch_kb: fs.neighbour_fetch_bytes >> 10,
+            library_fetch_kb: fs.library_fetch_bytes >> 10,
             preopen_siblings: true,
             native_copies: true,
             fetch_timeout_sec: fs.fetch_timeout.as_secs(),
@@ -148,6 +153,7 @@ impl LazyConfig {
             passthrough: self.passthrough,
             kernel_readahead: self.kernel_readahead_kb.saturating_mul(1024),
             neighbour_fetch_bytes: self.neighbour_fetch_kb << 10,
+            library_fetch_bytes: self.library_fetch_kb << 10,
             fetch_timeout: std::time::Duration::from_secs(self.fetch_timeout_sec),
             ..fusefs::FsConfig::default()
         }
@@ -157,7 +163,7 @@ impl LazyConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheSettings {
-    /// Decompressed chunks kept in memory. Default 268435456 (256 MiB).
+    /// Decompressed chunks kept in memory. Default 33554432 (32 MiB).
     pub memory_bytes: u64,
     /// Decompressed chunks kept on disk; 0 disables the disk cache. Default 10 GiB.
     pub disk_bytes: u64,

@@ -55,6 +55,12 @@ pub struct FsConfig {
     /// the neighbour bytes are then read (a file read at random), down to a sixteenth,
     /// and grows back. 0 turns it off. Default 1 MiB.
     pub neighbour_fetch_bytes: u64,
+    /// When a container starts reading a dynamically linked ELF object (a program or
+    /// library), the libraries it needs are looked up in the image's layers and fetched
+    /// at once instead of one after another as the dynamic linker opens them: each
+    /// whole if it is at most this many compressed bytes, else its first chunk (the
+    /// rest as the program touches it). 0 turns it off. Default 2 MiB.
+    pub library_fetch_bytes: u64,
     /// First read-ahead window of a sequential reader (file bytes). Default 4 MiB.
     pub readahead_initial: u64,
     /// The window doubles on every sequential refill up to this. Default 64 MiB.
@@ -107,6 +113,7 @@ impl Default for FsConfig {
             max_range_bytes: 16 << 20,
             coalesce_gap: 32 << 10,
             neighbour_fetch_bytes: 1 << 20,
+            library_fetch_bytes: 2 << 20,
             readahead_initial: 4 << 20,
             readahead_max: 64 << 20,
             readahead_requests: 4,

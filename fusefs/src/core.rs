@@ -355,6 +355,18 @@ impl LayerFs {
         }
     }
 
+    /// Who finds, among the image's layers, the libraries this layer's programs need
+    /// (see [`crate::Libraries`]); without one, none are fetched ahead.
+    pub fn set_libraries(&self, finder: Arc<dyn crate::Libraries>) {
+        self.fetcher.set_libraries(finder);
+    }
+
+    /// `path` (relative to the root) is a library a program is about to load: fetch it
+    /// if it is here.
+    pub fn fetch_library(&self, path: &str) -> crate::LibraryLookup {
+        self.fetcher.fetch_library(path)
+    }
+
     pub fn layer(&self) -> &Arc<Layer> {
         &self.layer
     }
@@ -690,6 +702,10 @@ impl LayerFs {
             log.record(e.id());
             log.read(e.id(), offset..end);
         }
+        if log_access && offset == 0 {
+            // A program (or the kernel loading one) reads its start first.
+            self.fetcher.examine_soon(e.id());
+        }
         let wants: Vec<_> = self
             .layer
             .chunks_for_range(e.id(), offset, end - offset)
@@ -725,7 +741,12 @@ impl LayerFs {
 }
 
 /// The bytes `offset..end` of a file from its chunks (whole chunks, in order).
-fn assemble(wants: &[(NodeId, estargz::Chunk)], chunks: &[Bytes], offset: u64, end: u64) -> Bytes {
+pub(crate) fn assemble(
+    wants: &[(NodeId, estargz::Chunk)],
+    chunks: &[Bytes],
+    offset: u64,
+    end: u64,
+) -> Bytes {
     let piece = |c: &estargz::Chunk, data: &Bytes| {
         let lo = offset.saturating_sub(c.file_offset).min(data.len() as u64) as usize;
         let hi = (end - c.file_offset).min(data.len() as u64) as usize;

@@ -13,3 +13,22 @@ pub(crate) fn return_free_pages() {
         libc::malloc_trim(0);
     }
 }
+
+/// Allocations at least this big get mappings of their own, unmapped when freed.
+const MMAP_THRESHOLD: i32 = 128 << 10;
+
+/// Keeps freed big buffers out of the resident set. Range bodies and inflated chunks
+/// (hundreds of KiB to 64 MiB) come and go all the time; glibc maps big ones on their
+/// own, but raises that threshold after each such free (up to 32 MiB), after which
+/// buffers below it come from the heap and their pages stay resident once freed: after
+/// reading a 1 GiB file lazysnapd kept about 200 MB of freed buffers. Fixing the
+/// threshold (at glibc's own starting value) keeps the resident set to what is in use.
+/// Called once, at the daemon's start.
+pub fn unmap_big_frees() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: mallopt only sets an allocator parameter; called before other threads run.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
+}

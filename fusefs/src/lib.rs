@@ -19,10 +19,11 @@
 mod cache;
 mod config;
 mod core;
+mod elf;
 mod error;
 mod fetch;
 mod fuse;
-mod heap;
+pub mod heap;
 mod histogram;
 mod kernel;
 mod link;
@@ -39,7 +40,7 @@ pub use core::{
     ReadStart, StatFs, XattrReply,
 };
 pub use error::{Error, Result};
-pub use fetch::FetchedNow;
+pub use fetch::{FetchedNow, Libraries, LibraryLookup};
 pub use fuse::{Handover, MountedLayer, RequestSink, adopt, mount, mount_device};
 pub use histogram::OpHistogram;
 pub use link::{Link, Links};

@@ -19,6 +19,7 @@ use serde_json::json;
 
 use crate::fsutil;
 use crate::holder::HolderClient;
+use crate::libraries::LibraryFinder;
 use crate::preopen::{self, LayerKey, Opened, Preopener};
 use crate::remote::{MountError, MountFuture, MountedInfo, RemoteLayer, RemoteMounter};
 use crate::tocstore::TocStore;
@@ -34,7 +35,8 @@ pub struct FuseMounter {
     /// Mount a layer whose TOC cannot be verified when the client asked for it
     /// (`stargz.skipverify`); off by default, as in stargz-snapshotter.
     allow_no_verification: bool,
-    mounts: Mutex<HashMap<PathBuf, Served>>,
+    /// Shared with each layer's library finder, which looks up the image's layers.
+    mounts: Arc<Mutex<HashMap<PathBuf, Served>>>,
     holder: Option<HolderClient>,
     /// Connections the holder kept from an earlier daemon, until their snapshot is
     /// served again (taken over) or removed.
@@ -258,6 +260,32 @@ pub fn layers_by_image<'a>(
         .collect()
 }
 
+/// The mounted layer `digest` first, then the other mounted layers of its image (by
+/// image name, or by the layer lists of their labels), those that list fewer layers
+/// first: nearer the top.
+fn image_layers_of(mounts: &HashMap<PathBuf, Served>, digest: &str) -> Vec<Arc<fusefs::LayerFs>> {
+    let Some(me) = mounts.values().find(|s| s.layer_digest == digest) else {
+        return Vec::new();
+    };
+    let mut others: Vec<&Served> = mounts
+        .values()
+        .filter(|s| s.layer_digest != digest)
+        .filter(|s| {
+            s.image_ref == me.image_ref
+                || s.image_layers.iter().any(|d| d == digest)
+                || me.image_layers.contains(&s.layer_digest)
+        })
+        .collect();
+    others.sort_by(|a, b| {
+        (a.image_layers.len(), &a.layer_digest).cmp(&(b.image_layers.len(), &b.layer_digest))
+    });
+    others.dedup_by(|a, b| a.layer_digest == b.layer_digest);
+    std::iter::once(me)
+        .chain(others)
+        .map(|s| Arc::clone(s.mounted.fs()))
+        .collect()
+}
+
 /// An image's layer list (its labels') with the layers below in its snapshot chain.
 pub fn with_lower(listed: &[String], lower: Option<&Vec<String>>) -> Vec<String> {
     let mut out = listed.to_vec();
@@ -329,7 +357,7 @@ impl FuseMounter {
             config,
             handle,
             allow_no_verification,
-            mounts: Mutex::new(HashMap::new()),
+            mounts: Arc::new(Mutex::new(HashMap::new())),
             holder: None,
             held: Mutex::new(HashMap::new()),
             preopener: None,
@@ -889,6 +917,14 @@ impl FuseMounter {
             image_layers: layer.image_layers.clone(),
             handed_over,
         };
+        let table = Arc::downgrade(&self.mounts);
+        let digest = layer.layer_digest.clone();
+        let finder = LibraryFinder::new(move || {
+            table.upgrade().map_or_else(Vec::new, |mounts| {
+                image_layers_of(&mounts.lock().unwrap_or_else(|p| p.into_inner()), &digest)
+            })
+        });
+        served.mounted.fs().set_libraries(Arc::new(finder));
         let fs = Arc::downgrade(served.mounted.fs());
         if let Some(mut previous) = self.mounts().insert(mountpoint.to_path_buf(), served) {
             let _ = previous.mounted.unmount();

@@ -7,6 +7,7 @@ pub mod fsutil;
 pub mod holder;
 pub mod lazy;
 pub mod lazy_snapshotter;
+pub mod libraries;
 pub mod native;
 pub mod preopen;
 pub mod proto;

@@ -50,6 +50,7 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
+    fusefs::heap::unmap_big_frees();
     let config = match load_config(&args) {
         Ok(config) => config,
         Err(e) => {

@@ -6,11 +6,13 @@
 //!   prefetch, the background fetch of the whole layer), in the link's order of
 //!   precedence ([`crate::link`]);
 //! - [`whole`]: whole-file copies for FUSE passthrough;
-//! - [`now`]: the whole layer made local at once, when asked (`lazysnap fetch`).
+//! - [`now`]: the whole layer made local at once, when asked (`lazysnap fetch`);
+//! - [`libraries`]: the libraries a program is about to load, fetched at once.
 //!
 //! This file holds the fetcher itself and its one entry for reads.
 
 mod inflight;
+mod libraries;
 mod now;
 mod readahead;
 mod schedule;
@@ -37,6 +39,7 @@ use readahead::Sequential;
 use schedule::Neighbours;
 use whole::Assembling;
 
+pub use libraries::{Libraries, LibraryLookup};
 pub use now::FetchedNow;
 
 /// Why a range is fetched: for the debug log of range requests, the link's order of
@@ -51,6 +54,8 @@ pub(crate) enum Purpose {
     Background,
     /// The whole layer at once, asked for ([`now`]).
     Now,
+    /// A library a program is about to load ([`libraries`]).
+    Library,
 }
 
 impl Purpose {
@@ -62,7 +67,9 @@ impl Purpose {
     /// it waits for its turn instead).
     fn class(self) -> Option<Class> {
         match self {
-            Purpose::Demand | Purpose::Neighbour | Purpose::ReadAhead => Some(Class::Demand),
+            Purpose::Demand | Purpose::Neighbour | Purpose::ReadAhead | Purpose::Library => {
+                Some(Class::Demand)
+            }
             // Asked for now: it holds the background back as a prefetch does.
             Purpose::Prefetch | Purpose::Now => Some(Class::Prefetch),
             Purpose::Background => None,
@@ -100,6 +107,8 @@ pub(crate) struct Fetcher {
     /// Disk writes under way (fetched chunks, whole copies), so callers can wait for the
     /// cache to settle.
     writes: watch::Sender<usize>,
+    /// Files read as ELF objects for their libraries.
+    examined: libraries::Examined,
 }
 
 /// Counts one unit of work on a watched counter while alive.
@@ -191,6 +200,7 @@ impl Fetcher {
             prefetch_done: watch::channel(false).0,
             background_done: watch::channel(false).0,
             writes: watch::channel(0).0,
+            examined: libraries::Examined::default(),
         }
     }
 
@@ -266,7 +276,8 @@ impl Fetcher {
         self.link.note_op();
     }
 
-    /// The network part of a read: fetches the chunks' neighbours beside it, and waits
+    /// The network part of a read: fetches the chunks' neighbours beside it (unless the
+    /// file was fetched as a library: see [`Fetcher::is_library`]), and waits
     /// for the chunks. Its own requests count as demand on the link; waiting for a
     /// prefetch piece that holds its chunk does not, so that piece's neighbours in the
     /// prefetch are not held back for the reader's sake.
@@ -274,7 +285,9 @@ impl Fetcher {
         self: &Arc<Self>,
         wants: &[(NodeId, Chunk)],
     ) -> Result<Vec<Bytes>> {
-        self.fetch_neighbours(wants);
+        if !wants.iter().all(|(node, _)| self.is_library(*node)) {
+            self.fetch_neighbours(wants);
+        }
         self.chunks(wants, Purpose::Demand).await
     }
 

@@ -87,13 +87,21 @@ impl Fetcher {
             // the first window, at most the configured maximum): enough to keep the
             // link busy, larger requests for a reader that goes on and on (a model
             // loaded whole), and little fetched in vain when a reader stops (32 MiB of
-            // a 1 GiB file read over a slow link). On a fast link the maximum rules.
-            let cap = self.link.rate().map_or(self.config.readahead_max, |rate| {
+            // a 1 GiB file read over a slow link). On a fast link the maximum rules,
+            // and half the memory cache: chunks fetched ahead wait there for the
+            // reader, and a window the cache cannot hold would push them out to disk
+            // before they are read (each then loaded and hashed again).
+            let max = self
+                .config
+                .readahead_max
+                .min(self.cache.memory_capacity() / 2)
+                .max(self.config.readahead_initial);
+            let cap = self.link.rate().map_or(max, |rate| {
                 let by_rate = (rate * AHEAD_SECONDS) as u64;
                 let by_run = st.next.saturating_sub(st.start) / 8;
                 by_rate
                     .max(by_run)
-                    .clamp(self.config.readahead_initial, self.config.readahead_max)
+                    .clamp(self.config.readahead_initial, max)
             });
             if st.window == 0 {
                 st.window = self.config.readahead_initial;

@@ -132,6 +132,7 @@ impl Fetcher {
                 tracing::error!(layer = %self.name, error = %e, "chunk inflation task failed");
             }
         }
+        crate::heap::return_free_pages();
     }
 
     /// Inflates, verifies and caches `leads`, whose bytes are in `data` (which starts at

@@ -7,6 +7,7 @@
 mod cache_tests;
 mod core_tests;
 mod fetch_tests;
+mod libraries_tests;
 mod link_tests;
 
 use std::collections::BTreeMap;

@@ -196,6 +196,10 @@ struct Args {
     /// values), e.g. `--lazy-option kernel_readahead_kb=128`.
     #[arg(long, value_name = "KEY=VALUE")]
     lazy_option: Vec<String>,
+    /// Extra `[cache]` settings for that lazysnapd, as KEY=VALUE, e.g. `--cache-option
+    /// memory_bytes=33554432`.
+    #[arg(long, value_name = "KEY=VALUE")]
+    cache_option: Vec<String>,
     /// Keep, per lazy run, lazysnapd's debug log (every range request with its purpose and
     /// time) and its access log (files opened, bytes read) in this directory.
     #[arg(long, value_name = "DIR")]
@@ -433,7 +437,7 @@ impl Bench {
         std::fs::write(
             &config,
             format!(
-                "log_level = \"{}\"\n[lazy]\n{}{}\
+                "log_level = \"{}\"\n[lazy]\n{}{}[cache]\n{}\
                  [resolver.host.\"{}\"]\nplain_http = true\n",
                 if self.args.keep_logs.is_some() {
                     "debug"
@@ -447,6 +451,11 @@ impl Bench {
                 },
                 self.args
                     .lazy_option
+                    .iter()
+                    .map(|o| format!("{o}\n"))
+                    .collect::<String>(),
+                self.args
+                    .cache_option
                     .iter()
                     .map(|o| format!("{o}\n"))
                     .collect::<String>(),

@@ -1,0 +1,257 @@
+//! The libraries a program is about to load, fetched before the dynamic linker asks for
+//! them one after another ([`crate::elf`]). When a container first reads a file from
+//! its start and the file is a dynamically linked ELF object, its interpreter and
+//! needed libraries are looked up (in this layer and the image's other layers, by
+//! whoever mounted them: [`Libraries`]) and each found one is fetched now and read the
+//! same way, so a program's whole library tree is on its way within a few round trips
+//! instead of one round trip per library.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use estargz::{EntryKind, NodeId};
+
+use super::{Fetcher, Purpose, lock};
+use crate::elf;
+
+/// Finds the libraries an object of a layer needs among the image's layers, and has
+/// each fetched there ([`crate::LayerFs::fetch_library`]). Set per mounted layer by
+/// the mounter, who knows the image's layers.
+pub trait Libraries: Send + Sync {
+    /// For each library an ELF object of this layer needs, the paths (relative to the
+    /// root) the dynamic linker would try, in its order. Called from the fetcher's
+    /// runtime: it must not wait.
+    fn wanted(&self, wanted: Vec<Vec<String>>);
+}
+
+/// What a layer says of a path asked for as a library.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LibraryLookup {
+    /// A regular file here: fetching (or fetched, or read before).
+    Here,
+    /// A symbolic link here to this path (relative to the root), maybe in another layer.
+    Elsewhere(String),
+    /// Not in this layer.
+    Absent,
+}
+
+/// Which files have been read as ELF objects, which were fetched as libraries, and who
+/// finds their libraries.
+#[derive(Default)]
+pub(crate) struct Examined {
+    seen: Mutex<HashSet<NodeId>>,
+    libraries: Mutex<HashSet<NodeId>>,
+    finder: OnceLock<Arc<dyn Libraries>>,
+}
+
+/// Symbolic links followed within a layer at most, looking up a library.
+const MAX_LINKS: usize = 8;
+
+/// Where a path leads in one layer.
+enum Walk {
+    File(NodeId),
+    /// Through a symbolic link: the path to look up instead.
+    Link(String),
+    Absent,
+}
+
+impl Fetcher {
+    pub(crate) fn set_libraries(&self, finder: Arc<dyn Libraries>) {
+        let _ = self.examined.finder.set(finder);
+    }
+
+    fn library_fetch_on(&self) -> bool {
+        self.config.library_fetch_bytes > 0 && self.examined.finder.get().is_some()
+    }
+
+    /// True the first time `node` is asked about.
+    fn first_look(&self, node: NodeId) -> bool {
+        lock(&self.examined.seen).insert(node)
+    }
+
+    /// Whether `node` was fetched as a library: the dynamic linker reads such a file for
+    /// itself, and what it needs next is fetched by name, so its misses are no reason
+    /// to guess at the files beside it.
+    pub(crate) fn is_library(&self, node: NodeId) -> bool {
+        self.library_fetch_on() && lock(&self.examined.libraries).contains(&node)
+    }
+
+    /// A container read `node` from its start: if it is an ELF object, have its
+    /// libraries fetched. Cheap after the first time.
+    pub(crate) fn examine_soon(self: &Arc<Self>, node: NodeId) {
+        if self.library_fetch_on() && self.first_look(node) {
+            let this = Arc::clone(self);
+            self.handle.spawn(async move { this.examine(node).await });
+        }
+    }
+
+    /// `path` was asked for as a library: if it is a regular file here, fetch it (whole
+    /// when it is at most `library_fetch_bytes` compressed, else its first chunk; the
+    /// dynamic section is fetched when it is read) and read it for its own libraries.
+    pub(crate) fn fetch_library(self: &Arc<Self>, path: &str) -> LibraryLookup {
+        let mut path = path.to_string();
+        let mut followed = false;
+        for _ in 0..MAX_LINKS {
+            match self.walk(&path) {
+                Walk::File(node) => {
+                    if self.library_fetch_on() {
+                        lock(&self.examined.libraries).insert(node);
+                    }
+                    if self.library_fetch_on() && self.first_look(node) {
+                        self.fetch_start_of(node);
+                        let this = Arc::clone(self);
+                        self.handle.spawn(async move { this.examine(node).await });
+                    }
+                    return LibraryLookup::Here;
+                }
+                Walk::Link(next) => {
+                    path = next;
+                    followed = true;
+                }
+                // A link may lead into a layer below (or above) this one.
+                Walk::Absent if followed => return LibraryLookup::Elsewhere(path),
+                Walk::Absent => return LibraryLookup::Absent,
+            }
+        }
+        LibraryLookup::Absent
+    }
+
+    /// Looks `path` up in this layer, stopping at the first symbolic link on the way
+    /// (a merged-/usr image's `lib` is one).
+    fn walk(&self, path: &str) -> Walk {
+        let index = self.layer.index();
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        let mut at = index.root().id();
+        for (i, part) in parts.iter().enumerate() {
+            let Some(id) = index.child(at, part) else {
+                return Walk::Absent;
+            };
+            let e = index.entry(index.resolve(id));
+            match e.kind() {
+                EntryKind::Symlink => {
+                    let target = e.symlink_target().unwrap_or_default();
+                    let Some(mut next) = elf::resolve(&parts[..i].join("/"), target) else {
+                        return Walk::Absent;
+                    };
+                    for rest in &parts[i + 1..] {
+                        next.push('/');
+                        next.push_str(rest);
+                    }
+                    return Walk::Link(next);
+                }
+                EntryKind::Dir if i + 1 < parts.len() => at = e.id(),
+                EntryKind::Reg if i + 1 == parts.len() => return Walk::File(e.id()),
+                _ => return Walk::Absent,
+            }
+        }
+        Walk::Absent
+    }
+
+    /// Starts the fetch of `node`'s chunks that are neither local nor on their way: all
+    /// of them if the file is small, else the first.
+    fn fetch_start_of(self: &Arc<Self>, node: NodeId) {
+        let index = self.layer.index();
+        let chunks = index.entry(node).chunks();
+        let compressed: u64 = chunks.iter().map(|c| c.comp_len()).sum();
+        let take = if compressed <= self.config.library_fetch_bytes {
+            chunks.len()
+        } else {
+            1
+        };
+        let mut leads = Vec::new();
+        for c in chunks.iter().take(take).filter(|c| !c.zeros) {
+            if self.cache.contains(&c.digest) {
+                continue;
+            }
+            if let super::inflight::Joined::Lead(lead, _) =
+                self.inflight.join_or_lead(&self.cache, node, c)
+            {
+                leads.push(lead);
+            }
+        }
+        self.spawn_ranges(leads, self.config.coalesce_gap, Purpose::Library);
+    }
+
+    /// Bytes `offset..offset + len` of `node` (cut at its end), fetched as a library's
+    /// if not local; `None` on any failure (this only guides fetching).
+    async fn bytes_of(self: &Arc<Self>, node: NodeId, offset: u64, len: u64) -> Option<Bytes> {
+        let size = self.layer.index().entry(node).size();
+        let end = offset.checked_add(len)?.min(size);
+        if offset >= end {
+            return None;
+        }
+        let wants: Vec<_> = self
+            .layer
+            .chunks_for_range(node, offset, end - offset)
+            .iter()
+            .map(|c| (node, *c))
+            .collect();
+        let chunks = self.chunks(&wants, Purpose::Library).await.ok()?;
+        Some(crate::core::assemble(&wants, &chunks, offset, end))
+    }
+
+    /// The string at `at` of the string table at `table` (`size` bytes) of `node`.
+    async fn string_at(
+        self: &Arc<Self>,
+        node: NodeId,
+        table: u64,
+        size: u64,
+        at: u64,
+    ) -> Option<String> {
+        if at >= size {
+            return None;
+        }
+        let len = (size - at).min(elf::MAX_STRING);
+        elf::c_string(&self.bytes_of(node, table.checked_add(at)?, len).await?)
+    }
+
+    /// Reads `node` as an ELF object (its head, dynamic section and string table) and
+    /// passes the libraries it needs to the finder.
+    async fn examine(self: Arc<Self>, node: NodeId) {
+        let Some(finder) = self.examined.finder.get().cloned() else {
+            return;
+        };
+        let Some(head) = self.bytes_of(node, 0, elf::HEAD_BYTES).await else {
+            return;
+        };
+        let Some(layout) = elf::layout(&head) else {
+            return;
+        };
+        let mut wanted = Vec::new();
+        if let Some((offset, len)) = layout.interp
+            && let Some(bytes) = self.bytes_of(node, offset, len).await
+            && let Some(interp) = elf::interp_path(&bytes)
+        {
+            wanted.push(vec![interp]);
+        }
+        if let Some((offset, len)) = layout.dynamic
+            && let Some(section) = self.bytes_of(node, offset, len).await
+        {
+            let dynamic = elf::dynamic(&section);
+            if let Some((table, size)) = dynamic.strtab(&layout) {
+                let mut needed = Vec::new();
+                for &at in dynamic.needed() {
+                    if let Some(name) = self.string_at(node, table, size, at).await {
+                        needed.push(name);
+                    }
+                }
+                let search = match dynamic.search() {
+                    Some(at) => self.string_at(node, table, size, at).await,
+                    None => None,
+                };
+                let path = self.path(node);
+                wanted.extend(elf::candidates(
+                    &path,
+                    layout.machine,
+                    &needed,
+                    search.as_deref(),
+                ));
+            }
+        }
+        if !wanted.is_empty() {
+            tracing::debug!(layer = %self.name, file = %self.path(node), libraries = wanted.len(), "fetching the libraries an ELF object needs");
+            finder.wanted(wanted);
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! A program's libraries are fetched when it is first read, before the dynamic linker
+//! asks for them: a layer laid out like a merged-/usr Debian image, made of this
+//! machine's own `/bin/ls` and the libraries it needs.
+
+use super::*;
+use crate::{Libraries, LibraryLookup};
+
+/// The finder of a one-layer image: every path is looked up in the layer itself,
+/// following links as the mounter does.
+struct OneLayer(std::sync::Weak<LayerFs>);
+
+impl Libraries for OneLayer {
+    fn wanted(&self, wanted: Vec<Vec<String>>) {
+        let Some(fs) = self.0.upgrade() else {
+            return;
+        };
+        for paths in wanted {
+            for path in paths {
+                match fs.fetch_library(&path) {
+                    LibraryLookup::Here => break,
+                    LibraryLookup::Elsewhere(next) => {
+                        if fs.fetch_library(&next) == LibraryLookup::Here {
+                            break;
+                        }
+                    }
+                    LibraryLookup::Absent => {}
+                }
+            }
+        }
+    }
+}
+
+const LIBS: &str = "usr/lib/x86_64-linux-gnu";
+
+/// `usr/bin/ls` with its libraries from this machine, `lib` and the interpreter as the
+/// links Debian has, and a library nobody needs.
+fn ls_image() -> Option<(Vec<u8>, Vec<&'static str>)> {
+    let needed = [
+        "libc.so.6",
+        "libselinux.so.1",
+        "libpcre2-8.so.0",
+        "ld-linux-x86-64.so.2",
+    ];
+    let mut b = tar::Builder::new(Vec::new());
+    let add = |b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]| {
+        let mut h = header(tar::EntryType::Regular, 0o755, data.len() as u64);
+        b.append_data(&mut h, path, data).unwrap();
+    };
+    let link = |b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str| {
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+        b.append_link(&mut h, path, target).unwrap();
+    };
+    add(&mut b, "usr/bin/ls", &std::fs::read("/usr/bin/ls").ok()?);
+    for lib in needed {
+        // The real file behind the soname's link.
+        let real = std::fs::canonicalize(format!("/{LIBS}/{lib}")).ok()?;
+        let name = real.file_name()?.to_str()?.to_string();
+        add(
+            &mut b,
+            &format!("{LIBS}/{name}"),
+            &std::fs::read(&real).ok()?,
+        );
+        if name != lib {
+            link(&mut b, &format!("{LIBS}/{lib}"), &name);
+        }
+    }
+    add(
+        &mut b,
+        &format!("{LIBS}/libunneeded.so.1"),
+        &pattern(300_000, 7),
+    );
+    link(&mut b, "lib", "usr/lib");
+    link(
+        &mut b,
+        "lib64/ld-linux-x86-64.so.2",
+        "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+    );
+    let tar = b.into_inner().unwrap();
+    Some((
+        convert(&tar, OutputFormat::Estargz, &[]),
+        vec![
+            "libc.so.6",
+            "libselinux.so.1",
+            "libpcre2-8.so.0",
+            "ld-linux-x86-64.so.2",
+        ],
+    ))
+}
+
+/// Whether every chunk of the file at `path` (links followed) is in the cache.
+fn local(f: &Fixture, path: &str) -> bool {
+    let index = f.fs.layer().index();
+    let mut path = path.to_string();
+    for _ in 0..4 {
+        let id = index.resolve(index.lookup(&path).unwrap());
+        let e = index.entry(id);
+        if let Some(target) = e.symlink_target() {
+            let dir = path.rsplit_once('/').map_or("", |(d, _)| d).to_string();
+            path = crate::elf::resolve(&dir, target).unwrap();
+            continue;
+        }
+        return e.chunks().iter().all(|c| f.cache.contains(&c.digest));
+    }
+    false
+}
+
+fn ls_fixture(library_fetch_bytes: u64) -> Option<(Fixture, Vec<&'static str>)> {
+    if !cfg!(target_arch = "x86_64") {
+        return None;
+    }
+    let (blob, needed) = ls_image()?;
+    let config = FsConfig {
+        library_fetch_bytes,
+        ..quiet_config()
+    };
+    let f = fixture_with(FaultBlob::new(blob), config, 1 << 30);
+    f.fs.set_libraries(Arc::new(OneLayer(Arc::downgrade(&f.fs))));
+    Some((f, needed))
+}
+
+#[test]
+fn reading_a_program_fetches_its_libraries_and_their_interpreter() {
+    let Some((f, needed)) = ls_fixture(64 << 20) else {
+        return;
+    };
+    // What the kernel reads first when it executes the program.
+    f.read("usr/bin/ls", 0, 4096).unwrap();
+    let all_local = || needed.iter().all(|lib| local(&f, &format!("{LIBS}/{lib}")));
+    for _ in 0..500 {
+        if all_local() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for lib in &needed {
+        assert!(local(&f, &format!("{LIBS}/{lib}")), "{lib} was not fetched");
+    }
+    assert!(!local(&f, &format!("{LIBS}/libunneeded.so.1")));
+    // Fetching guided by the program is not the container's reading: the access log
+    // has the program alone.
+    let accessed: Vec<String> = f.fs.accessed().into_iter().map(|a| a.path).collect();
+    assert_eq!(accessed, vec!["usr/bin/ls".to_string()]);
+}
+
+#[test]
+fn with_library_fetch_off_a_program_read_fetches_only_itself() {
+    let Some((f, _)) = ls_fixture(0) else {
+        return;
+    };
+    f.read("usr/bin/ls", 0, 4096).unwrap();
+    let requests = f.blob.request_count();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(f.blob.request_count(), requests);
+    assert!(!local(&f, &format!("{LIBS}/libc.so.6")));
+}
