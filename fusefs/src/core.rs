@@ -123,6 +123,9 @@ pub struct PendingRead {
     wants: Vec<(NodeId, estargz::Chunk)>,
     offset: u64,
     end: u64,
+    /// A container's read of the file's start: the file may be a program whose
+    /// libraries are worth fetching now (see [`crate::Libraries`]).
+    examine: bool,
 }
 
 /// What a layer's filesystem draws on besides its own blob: the daemon's chunk cache,
@@ -702,10 +705,8 @@ impl LayerFs {
             log.record(e.id());
             log.read(e.id(), offset..end);
         }
-        if log_access && offset == 0 {
-            // A program (or the kernel loading one) reads its start first.
-            self.fetcher.examine_soon(e.id());
-        }
+        // A program (or the kernel loading one) reads its start first.
+        let examine = log_access && offset == 0;
         let wants: Vec<_> = self
             .layer
             .chunks_for_range(e.id(), offset, end - offset)
@@ -714,9 +715,18 @@ impl LayerFs {
             .collect();
         match self.fetcher.read(e.id(), (offset, end, e.size()), &wants)? {
             fetch::ReadStart::Ready(chunks) => {
-                Ok(ReadStart::Ready(assemble(&wants, &chunks, offset, end)))
+                let bytes = assemble(&wants, &chunks, offset, end);
+                if examine {
+                    self.fetcher.examine_soon(e.id(), &bytes);
+                }
+                Ok(ReadStart::Ready(bytes))
             }
-            fetch::ReadStart::Fetch => Ok(ReadStart::Fetch(PendingRead { wants, offset, end })),
+            fetch::ReadStart::Fetch => Ok(ReadStart::Fetch(PendingRead {
+                wants,
+                offset,
+                end,
+                examine,
+            })),
         }
     }
 
@@ -725,9 +735,18 @@ impl LayerFs {
     pub fn read_fetch(&self, pending: PendingRead) -> impl Future<Output = Result<Bytes>> + use<> {
         let fetcher = Arc::clone(&self.fetcher);
         async move {
-            let PendingRead { wants, offset, end } = pending;
+            let PendingRead {
+                wants,
+                offset,
+                end,
+                examine,
+            } = pending;
             let chunks = fetcher.fetch_for_read(&wants).await?;
-            Ok(assemble(&wants, &chunks, offset, end))
+            let bytes = assemble(&wants, &chunks, offset, end);
+            if examine && let Some((node, _)) = wants.first() {
+                fetcher.examine_soon(*node, &bytes);
+            }
+            Ok(bytes)
         }
     }
 

@@ -63,6 +63,11 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
+/// Whether `head` starts like an ELF object (any class).
+pub fn is_elf(head: &[u8]) -> bool {
+    head.starts_with(b"\x7fELF")
+}
+
 /// The layout of the object whose first bytes are `head`, if it is a 64-bit
 /// little-endian ELF object whose program headers lie within `head`.
 pub fn layout(head: &[u8]) -> Option<Layout> {
@@ -316,6 +321,7 @@ mod tests {
             assert!(interp.is_none());
         }
         assert!(layout(b"#!/bin/sh\necho hi\n").is_none());
+        assert!(!is_elf(b"#!/bin/sh") && is_elf(b"\x7fELF\x02"));
         assert!(layout(b"\x7fELF\x01\x01").is_none(), "32-bit is not read");
     }
 

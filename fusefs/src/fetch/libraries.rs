@@ -77,10 +77,10 @@ impl Fetcher {
         self.library_fetch_on() && lock(&self.examined.libraries).contains(&node)
     }
 
-    /// A container read `node` from its start: if it is an ELF object, have its
-    /// libraries fetched. Cheap after the first time.
-    pub(crate) fn examine_soon(self: &Arc<Self>, node: NodeId) {
-        if self.library_fetch_on() && self.first_look(node) {
+    /// A container read `node` from its start, `head`: if it is an ELF object, have its
+    /// libraries fetched (once). Other files cost a look at four bytes.
+    pub(crate) fn examine_soon(self: &Arc<Self>, node: NodeId, head: &[u8]) {
+        if elf::is_elf(head) && self.library_fetch_on() && self.first_look(node) {
             let this = Arc::clone(self);
             self.handle.spawn(async move { this.examine(node).await });
         }
@@ -97,11 +97,11 @@ impl Fetcher {
                 Walk::File(node) => {
                     if self.library_fetch_on() {
                         lock(&self.examined.libraries).insert(node);
-                    }
-                    if self.library_fetch_on() && self.first_look(node) {
-                        self.fetch_start_of(node);
-                        let this = Arc::clone(self);
-                        self.handle.spawn(async move { this.examine(node).await });
+                        if self.first_look(node) {
+                            self.fetch_start_of(node);
+                            let this = Arc::clone(self);
+                            self.handle.spawn(async move { this.examine(node).await });
+                        }
                     }
                     return LibraryLookup::Here;
                 }
