@@ -14,6 +14,9 @@ use crate::index::Chunk;
 /// Largest buffer reserved up front for a read, whatever sizes the TOC claims.
 pub(crate) const PREALLOC_LIMIT: u64 = 16 << 20;
 
+/// Bytes inflated and hashed at a time (they stay in the CPU cache in between).
+const STEP: usize = 64 << 10;
+
 /// A decoder for exactly one gzip member or one zstd frame.
 pub(crate) fn member_reader<'a>(
     format: Format,
@@ -28,8 +31,10 @@ pub(crate) fn member_reader<'a>(
             .single_frame();
         Ok(Box::new(d))
     } else {
-        // GzDecoder (not MultiGzDecoder) stops at the end of the first member.
-        Ok(Box::new(flate2::read::GzDecoder::new(compressed)))
+        // GzDecoder (not MultiGzDecoder) stops at the end of the first member; the
+        // bufread one inflates straight from the slice (the read one copies it into a
+        // buffer of its own first).
+        Ok(Box::new(flate2::bufread::GzDecoder::new(compressed)))
     }
 }
 
@@ -59,19 +64,51 @@ pub fn decompress_chunk_window(
     compressed: &[u8],
     window: Range<u64>,
 ) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    decompress_chunk_window_into(format, path, chunk, compressed, window, &mut out)?;
+    Ok(out)
+}
+
+/// [`decompress_chunk_window`] appended to `out`, so that a caller can reuse big
+/// buffers instead of mapping fresh ones for every chunk, and choose where in them the
+/// bytes start. On an error `out` is as it was.
+pub fn decompress_chunk_window_into(
+    format: Format,
+    path: &str,
+    chunk: &Chunk,
+    compressed: &[u8],
+    window: Range<u64>,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let before = out.len();
+    let result = inflate_window(format, path, chunk, compressed, window, out);
+    if result.is_err() {
+        out.truncate(before);
+    }
+    result
+}
+
+fn inflate_window(
+    format: Format,
+    path: &str,
+    chunk: &Chunk,
+    compressed: &[u8],
+    window: Range<u64>,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let window = window.start.min(chunk.size)..window.end.min(chunk.size);
     let what = || format!("chunk of {path:?} at file offset {}", chunk.file_offset);
     let window_len = window.end.saturating_sub(window.start);
     // Sizes come from the TOC: reserve a bounded amount and let real data grow the rest.
-    let mut out = Vec::with_capacity(window_len.min(PREALLOC_LIMIT) as usize);
+    out.reserve(window_len.min(PREALLOC_LIMIT) as usize);
     let mut hasher = Sha256::new();
     if chunk.zeros {
         // zstd:chunked holes: no need to fetch or inflate; still check the digest so a
         // lying TOC cannot make us return zeros for real data.
         let actual = Digest::of_zeros(chunk.size);
         check(path, chunk, actual)?;
-        out.resize(window_len as usize, 0);
-        return Ok(out);
+        out.resize(out.len() + window_len as usize, 0);
+        return Ok(());
     }
     let need = chunk.comp_len() as usize;
     if compressed.len() < need {
@@ -81,11 +118,17 @@ pub fn decompress_chunk_window(
         });
     }
     let mut r = member_reader(format, &compressed[..need])?;
-    let mut buf = vec![0u8; 64 << 10];
+    let whole = window.start == 0 && window.end == chunk.size;
+    // Skipped bytes and partial windows pass through this; a whole chunk does not.
+    let mut buf = if whole && chunk.inner_offset == 0 {
+        Vec::new()
+    } else {
+        vec![0u8; STEP]
+    };
     // Skip the bytes of other payloads that share the member.
     let mut skip = chunk.inner_offset as u64;
     while skip > 0 {
-        let step = skip.min(buf.len() as u64) as usize;
+        let step = skip.min(STEP as u64) as usize;
         let n = read_some(&mut *r, &mut buf[..step], &what)?;
         if n == 0 {
             return Err(Error::Decompress {
@@ -95,10 +138,9 @@ pub fn decompress_chunk_window(
         }
         skip -= n as u64;
     }
-    let whole = window.start == 0 && window.end == chunk.size;
     let mut pos = 0u64;
     while pos < chunk.size {
-        let want = (chunk.size - pos).min(buf.len() as u64) as usize;
+        let want = (chunk.size - pos).min(STEP as u64) as usize;
         if whole {
             // The whole chunk: inflate straight into the output (one copy less), each
             // piece hashed while it is still in the CPU cache.
@@ -131,8 +173,7 @@ pub fn decompress_chunk_window(
         }
         pos = b;
     }
-    check(path, chunk, Digest::from_hasher(hasher))?;
-    Ok(out)
+    check(path, chunk, Digest::from_hasher(hasher))
 }
 
 /// Decompresses and verifies a whole chunk.
@@ -143,6 +184,17 @@ pub fn decompress_chunk(
     compressed: &[u8],
 ) -> Result<Vec<u8>> {
     decompress_chunk_window(format, path, chunk, compressed, 0..chunk.size)
+}
+
+/// [`decompress_chunk`] appended to `out` (see [`decompress_chunk_window_into`]).
+pub fn decompress_chunk_into(
+    format: Format,
+    path: &str,
+    chunk: &Chunk,
+    compressed: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    decompress_chunk_window_into(format, path, chunk, compressed, 0..chunk.size, out)
 }
 
 fn check(path: &str, chunk: &Chunk, actual: Digest) -> Result<()> {

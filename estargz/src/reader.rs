@@ -276,6 +276,18 @@ impl Layer {
         crate::chunk::decompress_chunk(self.footer.format, &path, chunk, compressed)
     }
 
+    /// [`Layer::decompress_chunk`] appended to `out` (a reused buffer).
+    pub fn decompress_chunk_into(
+        &self,
+        id: NodeId,
+        chunk: &Chunk,
+        compressed: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let path = self.index.path_of(id);
+        crate::chunk::decompress_chunk_into(self.footer.format, &path, chunk, compressed, out)
+    }
+
     /// Reads `len` bytes at `offset` of the file at `path` (fewer at the end of the
     /// file), fetching only the chunks involved and verifying each one.
     pub async fn read_file_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
