@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use estargz::Digest;
 
+use crate::buffers::BIG_BUFFERS;
 use crate::error::{Error, Result};
 use crate::lru::Lru;
 
@@ -96,7 +97,22 @@ struct Inner {
     skipped_full: AtomicU64,
     evicted_for_space: AtomicU64,
     swept: AtomicU64,
+    /// When the memory tier was last used, in milliseconds of [`since_start`].
+    memory_used_at: AtomicU64,
 }
+
+/// Milliseconds since the first call: a clock that fits an atomic.
+fn since_start() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// How long the memory tier must go unused before it is emptied (see
+/// [`SharedCache::release_memory_when_idle`]).
+const MEMORY_IDLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl std::fmt::Debug for SharedCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -177,6 +193,7 @@ impl SharedCache {
                 skipped_full: AtomicU64::new(0),
                 evicted_for_space: AtomicU64::new(0),
                 swept: AtomicU64::new(0),
+                memory_used_at: AtomicU64::new(since_start()),
             }),
         })
     }
@@ -205,7 +222,60 @@ impl SharedCache {
     }
 
     pub(crate) fn get_memory(&self, digest: &Digest) -> Option<Bytes> {
+        self.note_memory_use();
         lock(&self.inner.memory).get(digest)
+    }
+
+    fn note_memory_use(&self) {
+        self.inner
+            .memory_used_at
+            .store(since_start(), Ordering::Relaxed);
+    }
+
+    /// Empties the memory tier of chunks that are on disk once it has gone unused for
+    /// `idle`; returns the bytes let go. The tier bridges a chunk's fetch and its last
+    /// read; a container that reads the chunk again later finds it in its mount's page
+    /// cache or on disk, so an idle daemon need not keep the tier's tens of MB resident.
+    pub fn release_idle_memory(&self, idle: std::time::Duration) -> u64 {
+        let used_at = self.inner.memory_used_at.load(Ordering::Relaxed);
+        if !self.inner.disk_enabled
+            || since_start().saturating_sub(used_at) < idle.as_millis() as u64
+        {
+            return 0;
+        }
+        let held = lock(&self.inner.memory).entries();
+        let on_disk: Vec<Digest> = {
+            let disk = lock(&self.inner.disk);
+            held.iter()
+                .map(|(digest, _)| *digest)
+                .filter(|digest| disk.peek(digest) == Some(Stored::Chunk))
+                .collect()
+        };
+        let mut released = 0;
+        let dropped: Vec<Bytes> = {
+            let mut memory = lock(&self.inner.memory);
+            on_disk.iter().filter_map(|d| memory.remove(d)).collect()
+        };
+        drop(held);
+        for data in dropped {
+            released += data.len() as u64;
+        }
+        if released > 0 {
+            crate::buffers::BIG_BUFFERS.release();
+            crate::heap::return_free_pages();
+        }
+        released
+    }
+
+    /// Runs [`SharedCache::release_idle_memory`] every second, for the daemon's life.
+    pub async fn release_memory_when_idle(self) {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let released = self.release_idle_memory(MEMORY_IDLE);
+            if released > 0 {
+                tracing::debug!(bytes = released, "memory tier idle: emptied");
+            }
+        }
     }
 
     /// True when the chunk is in memory (a read of it costs no I/O).
@@ -442,6 +512,7 @@ impl SharedCache {
     }
 
     pub(crate) fn put_memory(&self, digest: Digest, data: Bytes) {
+        self.note_memory_use();
         let size = data.len() as u64;
         lock(&self.inner.memory).insert(digest, data, size);
     }
@@ -513,52 +584,13 @@ pub(crate) fn expect_len(digest: &Digest, size: u64, data: Bytes) -> Result<Byte
 }
 
 /// Alignment O_DIRECT asks of buffers, offsets and lengths (a page covers every disk).
-const DIRECT_ALIGN: usize = 4096;
-
-/// Aligned staging buffers for O_DIRECT writes, reused: a fresh 4 MiB buffer per chunk
-/// would be page faults and zeroing. Shared by the threads that write (the runtime's
-/// blocking pool, which grows to dozens of threads while a container starts): one
-/// buffer kept per thread held about 60 MB of lazysnapd's resident set after a JVM's
-/// cold start. A few are kept, the rest freed.
-struct BufferPool {
-    free: Mutex<Vec<Vec<u8>>>,
-}
-
-/// Buffers the pool keeps: about as many as writes run at once on this machine's cores.
-const KEPT_WRITE_BUFFERS: usize = 2;
-
-/// The smallest buffer made: a 4 MiB chunk (what converters write) and its alignment.
-const USUAL_WRITE: usize = (4 << 20) + 2 * DIRECT_ALIGN;
-
-static WRITE_BUFFERS: BufferPool = BufferPool {
-    free: Mutex::new(Vec::new()),
-};
-
-impl BufferPool {
-    /// A buffer of at least `len` bytes.
-    fn take(&self, len: usize) -> Vec<u8> {
-        let reused = {
-            let mut free = lock(&self.free);
-            let at = free.iter().position(|b| b.len() >= len);
-            at.map(|i| free.swap_remove(i))
-        };
-        // At least a usual chunk's size, so that a kept buffer serves the next write.
-        reused.unwrap_or_else(|| vec![0u8; len.max(USUAL_WRITE)])
-    }
-
-    fn give_back(&self, buf: Vec<u8>) {
-        let mut free = lock(&self.free);
-        if free.len() < KEPT_WRITE_BUFFERS {
-            free.push(buf);
-        }
-    }
-}
+pub(crate) const DIRECT_ALIGN: usize = 4096;
 
 /// Writes `data` to a new file with O_DIRECT: a fetched chunk is read back through its
 /// mount's page cache, so copying it into the page cache of its chunk file too would
 /// only cost CPU (a third of a cold read's, measured) and evict other pages. Falls back
 /// to a buffered write where O_DIRECT is refused (tmpfs).
-fn write_uncached(path: &Path, data: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_uncached(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let direct = std::fs::OpenOptions::new()
@@ -571,15 +603,26 @@ fn write_uncached(path: &Path, data: &[u8]) -> std::io::Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return std::fs::write(path, data),
         Err(e) => return Err(e),
     };
-    let padded = data.len().div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-    let mut buf = WRITE_BUFFERS.take(padded + DIRECT_ALIGN);
-    let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-    let aligned = &mut buf[start..start + padded];
-    aligned[..data.len()].copy_from_slice(data);
-    aligned[data.len()..].fill(0);
-    let written = file.write_all(aligned);
-    WRITE_BUFFERS.give_back(buf);
-    written?;
+    // A big chunk is inflated to start on a block boundary (see fetch::stream): its
+    // whole blocks go to disk from where they are. The rest goes through a zero-padded
+    // copy.
+    let direct = if data.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
+        data.len() - data.len() % DIRECT_ALIGN
+    } else {
+        0
+    };
+    file.write_all(&data[..direct])?;
+    let rest = &data[direct..];
+    if !rest.is_empty() {
+        let padded = rest.len().div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        let mut buf = BIG_BUFFERS.take(padded + DIRECT_ALIGN);
+        buf.resize(padded + DIRECT_ALIGN, 0);
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        buf[start..start + rest.len()].copy_from_slice(rest);
+        let written = file.write_all(&buf[start..start + padded]);
+        BIG_BUFFERS.give_back(buf);
+        written?;
+    }
     // The padding was only there for O_DIRECT.
     file.set_len(data.len() as u64)
 }

@@ -15,20 +15,29 @@ pub(crate) fn return_free_pages() {
 }
 
 /// Allocations at least this big get mappings of their own, unmapped when freed.
-const MMAP_THRESHOLD: i32 = 128 << 10;
+pub(crate) const MMAP_THRESHOLD: usize = 1 << 20;
+
+/// Free memory at the top of a heap that glibc keeps mapped. Setting the mmap threshold
+/// also fixes this one, at 128 KiB: a reader's body buffers (a few hundred KiB, come and
+/// go) were handed back and faulted in again all the time. [`return_free_pages`] hands
+/// it back once no body is arriving.
+const TRIM_THRESHOLD: usize = 8 << 20;
 
 /// Keeps freed big buffers out of the resident set. Range bodies and inflated chunks
 /// (hundreds of KiB to 64 MiB) come and go all the time; glibc maps big ones on their
 /// own, but raises that threshold after each such free (up to 32 MiB), after which
 /// buffers below it come from the heap and their pages stay resident once freed: after
-/// reading a 1 GiB file lazysnapd kept about 200 MB of freed buffers. Fixing the
-/// threshold (at glibc's own starting value) keeps the resident set to what is in use.
+/// reading a 1 GiB file lazysnapd kept about 200 MB of freed buffers. The threshold is
+/// fixed instead: smaller buffers come from the heap (whose free pages go back when no
+/// body is arriving), bigger ones are mapped, and those that recur are kept in a
+/// bounded pool ([`crate::buffers`]).
 /// Called once, at the daemon's start.
 pub fn unmap_big_frees() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[allow(unsafe_code)]
     // SAFETY: mallopt only sets an allocator parameter; called before other threads run.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as i32);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as i32);
     }
 }

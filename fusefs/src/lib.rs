@@ -16,6 +16,7 @@
 //! background, in small requests, only while the registry host's [`Link`] is quiet:
 //! demand reads first, then prefetch, then background.
 
+mod buffers;
 mod cache;
 mod config;
 mod core;

@@ -4,14 +4,71 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
 use super::inflight::Lead;
 use super::{Counted, Fetcher, Purpose, lock};
+use crate::buffers::{self, BIG_BUFFERS};
+use crate::cache::DIRECT_ALIGN;
 use crate::stats::Counters;
+
+/// The most a chunk's buffer is given up front; a bigger chunk grows it as it inflates.
+const MAX_RESERVE: u64 = 16 << 20;
+
+/// Chunks from this size on are aligned for O_DIRECT (smaller ones are copied: the
+/// copy is cheap, the alignment would waste memory).
+const BIG_CHUNK: usize = 256 << 10;
+
+/// Range requests of the whole process whose bodies are arriving, and how many ever
+/// started (so that an idle spell can tell it was not interrupted).
+static RANGES_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+static RANGES_STARTED: AtomicUsize = AtomicUsize::new(0);
+
+/// How long no body must arrive anywhere before kept buffers and free heap pages go
+/// back to the kernel: longer than a sequential reader's gaps between requests, short
+/// against a container's life.
+const IDLE_RELEASE: Duration = Duration::from_millis(200);
+
+/// One of [`RANGES_IN_FLIGHT`], also when its request is given up (a dropped future).
+struct InFlight;
+
+impl InFlight {
+    fn new() -> Self {
+        RANGES_STARTED.fetch_add(1, Ordering::Relaxed);
+        RANGES_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if RANGES_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed) != 1 {
+            return;
+        }
+        let started = RANGES_STARTED.load(Ordering::Relaxed);
+        let release = move || {
+            let idle = RANGES_IN_FLIGHT.load(Ordering::Relaxed) == 0
+                && RANGES_STARTED.load(Ordering::Relaxed) == started;
+            if idle {
+                BIG_BUFFERS.release();
+                crate::heap::return_free_pages();
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    tokio::time::sleep(IDLE_RELEASE).await;
+                    release();
+                });
+            }
+            Err(_) => release(),
+        }
+    }
+}
 
 /// The body of one range request as it arrives, and the chunks still waiting for it.
 struct Arriving {
@@ -70,14 +127,15 @@ impl Fetcher {
             .filter(|_| purpose != Purpose::Prefetch)
             .map(|class| self.link.busy(class, len));
         Counters::add(&self.counters.range_requests, 1);
+        let _in_flight = InFlight::new();
         let keep = purpose.keep_in_memory();
         let started = Instant::now();
         let mut leads = leads;
         leads.sort_by_key(|l| (l.chunk.comp_offset, l.chunk.inner_offset));
         let arriving = Mutex::new(Arriving {
             base: range.start,
-            // One allocation for the whole body; segments split off it share it.
-            buf: BytesMut::with_capacity(len.min(64 << 20) as usize),
+            // One buffer for the whole body; segments split off it share it.
+            buf: buffers::take_mut(&BIG_BUFFERS, len.min(64 << 20) as usize),
             received: 0,
             leads: leads.into(),
             jobs: Vec::new(),
@@ -100,6 +158,7 @@ impl Fetcher {
         tracing::debug!(layer = %self.name, start = range.start, len, ?purpose,
             ms = started.elapsed().as_millis() as u64, "range fetched");
         let Arriving {
+            mut buf,
             received,
             leads: rest,
             jobs,
@@ -132,7 +191,9 @@ impl Fetcher {
                 tracing::error!(layer = %self.name, error = %e, "chunk inflation task failed");
             }
         }
-        crate::heap::return_free_pages();
+        // The jobs are done with their segments: the body's buffer is ours alone again.
+        buf.clear();
+        BIG_BUFFERS.give_back(buf.into());
     }
 
     /// Inflates, verifies and caches `leads`, whose bytes are in `data` (which starts at
@@ -178,15 +239,31 @@ impl Fetcher {
         let c = &lead.chunk;
         let rel = (c.comp_offset - start) as usize;
         let bytes = data.get(rel..).unwrap_or(&[]);
-        match self.layer.decompress_chunk(lead.node, c, bytes) {
-            Ok(v) => {
-                let b = Bytes::from(v);
+        // A hostile TOC's size reserves no more than a real chunk's.
+        let size = c.size.min(MAX_RESERVE) as usize;
+        // A big chunk starts on a disk block, so that the disk cache can write it with
+        // O_DIRECT from here instead of from a copy.
+        let aligned = size >= BIG_CHUNK;
+        let mut out = BIG_BUFFERS.take(if aligned { size + DIRECT_ALIGN } else { size });
+        let lead_in = if aligned {
+            out.as_ptr().align_offset(DIRECT_ALIGN)
+        } else {
+            0
+        };
+        out.resize(lead_in, 0);
+        match self
+            .layer
+            .decompress_chunk_into(lead.node, c, bytes, &mut out)
+        {
+            Ok(()) => {
+                let b = buffers::into_bytes(&BIG_BUFFERS, out).slice(lead_in..);
                 if keep {
                     self.cache.put_memory(c.digest, b.clone());
                 }
                 Ok(b)
             }
             Err(e) => {
+                BIG_BUFFERS.give_back(out);
                 Counters::add(&self.counters.verification_failures, 1);
                 tracing::warn!(layer = %self.name, path = %self.path(lead.node),
                     error = %e, "chunk failed verification");

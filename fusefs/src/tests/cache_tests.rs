@@ -141,3 +141,64 @@ fn on_a_small_filesystem_the_cache_stays_below_its_fill_limit_and_reads_go_on() 
     assert!(stats.no_space_errors > 0, "{stats:?}");
     assert_eq!(stats.no_space_errors, stats.write_errors, "{stats:?}");
 }
+
+#[test]
+fn chunk_files_hold_their_bytes_whether_or_not_the_bytes_start_on_a_block() {
+    use crate::cache::{DIRECT_ALIGN, write_uncached};
+    let dir = tempfile::tempdir().unwrap();
+    let mut backing = vec![0u8; 5 * DIRECT_ALIGN];
+    let lead_in = backing.as_ptr().align_offset(DIRECT_ALIGN);
+    for (i, b) in backing.iter_mut().enumerate() {
+        *b = (i * 7 % 251) as u8;
+    }
+    for (n, (skip, len)) in [
+        (0, 3 * DIRECT_ALIGN + 100),
+        (0, 2 * DIRECT_ALIGN),
+        (0, 100),
+        (1, 3 * DIRECT_ALIGN + 100),
+        (0, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let data = &backing[lead_in + skip..lead_in + skip + len];
+        let path = dir.path().join(format!("chunk-{n}"));
+        write_uncached(&path, data).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), data, "{skip}+{len}");
+    }
+}
+
+#[test]
+fn an_idle_memory_tier_lets_go_of_what_is_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = SharedCache::open(CacheConfig::new(dir.path())).unwrap();
+    let (on_disk, only_in_memory) = (vec![1u8; 5000], vec![2u8; 7000]);
+    let (a, b) = (
+        estargz::Digest::of(&on_disk),
+        estargz::Digest::of(&only_in_memory),
+    );
+    cache.put_memory(a, Bytes::from(on_disk.clone()));
+    cache.put_disk(a, &on_disk);
+    cache.put_memory(b, Bytes::from(only_in_memory));
+    // In use a moment ago: kept.
+    assert_eq!(cache.release_idle_memory(Duration::from_secs(3600)), 0);
+    assert_eq!(cache.memory_bytes_used(), 12_000);
+    // Idle: what the disk holds goes; what it does not is kept.
+    assert_eq!(cache.release_idle_memory(Duration::ZERO), 5000);
+    assert_eq!(cache.memory_bytes_used(), 7000);
+    assert_eq!(
+        cache.get(&a, 5000).unwrap().unwrap(),
+        on_disk,
+        "read back from disk"
+    );
+
+    // Without a disk tier the memory tier is all there is: never emptied.
+    let memory_only = SharedCache::open(CacheConfig {
+        disk_bytes: 0,
+        ..CacheConfig::new(dir.path().join("m"))
+    })
+    .unwrap();
+    memory_only.put_memory(a, Bytes::from(on_disk));
+    assert_eq!(memory_only.release_idle_memory(Duration::ZERO), 0);
+    assert_eq!(memory_only.memory_bytes_used(), 5000);
+}
