@@ -1114,18 +1114,24 @@ impl RemoteMounter for FuseMounter {
 const LOCAL_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Waits until every byte of the layer is local (however it got there: reads, prefetch,
-/// background fetch, `lazysnap fetch`), then makes its native copy. Ends without one
+/// background fetch, `lazysnap fetch`) and nothing has read it for a poll, then makes
+/// its native copy. Ends without one
 /// when the layer is unmounted first.
 async fn copy_when_local(
     fs: std::sync::Weak<fusefs::LayerFs>,
     mountpoint: PathBuf,
     digest: String,
 ) {
+    let mut reads_before = None;
     loop {
         tokio::time::sleep(LOCAL_POLL).await;
         let Some(layer) = fs.upgrade() else { return };
         let stats = layer.stats();
-        if stats.local_bytes < stats.total_bytes {
+        let reads = stats.cache_hits + stats.cache_misses;
+        // Copying a big layer takes seconds of CPU and disk: not while a container is
+        // still reading it (the one that just made it local, as a rule).
+        let quiet = reads_before.replace(reads) == Some(reads);
+        if stats.local_bytes < stats.total_bytes || !quiet {
             continue;
         }
         // The copy reads through the mount; those reads are not a container's.
