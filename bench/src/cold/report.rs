@@ -42,6 +42,8 @@ pub struct Run {
     /// The lazy snapshotter daemon's memory right after the container's exit (lazysnapd
     /// with its fd holder; the peer); `None` for the full pull.
     pub daemon_memory: Option<Memory>,
+    /// The daemon's resident memory a few seconds after the exit, with nothing to do.
+    pub daemon_settled_rss: Option<u64>,
 }
 
 /// The modes: the full pull onto overlayfs, and the two lazy snapshotters.
@@ -56,7 +58,7 @@ impl Run {
     }
 }
 
-pub const CSV_HEADER: &str = "image,form,mode,rep,pull_s,create_s,first_line_s,run_s,total_s,bytes_served,image_bytes,range_requests,lazy_layers,layers,last_line,floor_read_bytes,floor_bytes,floor_s,vs_floor,daemon_rss_bytes,daemon_peak_bytes";
+pub const CSV_HEADER: &str = "image,form,mode,rep,pull_s,create_s,first_line_s,run_s,total_s,bytes_served,image_bytes,range_requests,lazy_layers,layers,last_line,floor_read_bytes,floor_bytes,floor_s,vs_floor,daemon_rss_bytes,daemon_peak_bytes,daemon_settled_rss_bytes";
 
 /// One run as a CSV line. `floor_s` is the floor of the run's image and form (the median
 /// over lazysnap's runs of it): the last columns are empty without one. The run's own
@@ -79,8 +81,11 @@ pub fn csv_line(r: &Run, floor_s: Option<f64>) -> String {
     let (rss, peak) = r.daemon_memory.map_or((String::new(), String::new()), |m| {
         (m.rss.to_string(), m.peak.to_string())
     });
+    let settled = r
+        .daemon_settled_rss
+        .map_or(String::new(), |b| b.to_string());
     format!(
-        "{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},\"{}\",{read},{counted},{floor_s},{vs},{rss},{peak}",
+        "{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},\"{}\",{read},{counted},{floor_s},{vs},{rss},{peak},{settled}",
         r.image,
         r.form,
         r.mode,
@@ -154,6 +159,8 @@ pub struct Group {
     /// Per lazy run: the daemon's resident and peak memory, bytes.
     pub daemon_rss: Vec<u64>,
     pub daemon_peak: Vec<u64>,
+    /// Per lazy run: the daemon's resident memory a few seconds later, bytes.
+    pub daemon_settled: Vec<u64>,
 }
 
 impl Group {
@@ -161,11 +168,13 @@ impl Group {
         median(&self.bytes).unwrap_or(0)
     }
 
-    /// "41 (57)": the daemon's median resident memory after the exit, and its median
-    /// peak, in MB; "-" without.
+    /// "41 (57); 30": the daemon's median resident memory after the exit, its median
+    /// peak, and its median resident memory a few seconds later, in MB; "-" without.
     fn memory_summary(&self) -> String {
+        let settled =
+            median(&self.daemon_settled).map_or(String::new(), |s| format!("; {}", mb0(s)));
         match (median(&self.daemon_rss), median(&self.daemon_peak)) {
-            (Some(rss), Some(peak)) => format!("{} ({})", mb0(rss), mb0(peak)),
+            (Some(rss), Some(peak)) => format!("{} ({}){settled}", mb0(rss), mb0(peak)),
             _ => "-".to_string(),
         }
     }
@@ -211,6 +220,7 @@ pub fn groups(runs: &[Run]) -> Vec<Group> {
                     lazy_layers: Vec::new(),
                     floor_bytes: Vec::new(),
                     daemon_rss: Vec::new(),
+                    daemon_settled: Vec::new(),
                     daemon_peak: Vec::new(),
                 });
                 out.len() - 1
@@ -227,6 +237,7 @@ pub fn groups(runs: &[Run]) -> Vec<Group> {
         g.floor_bytes.extend(r.floor.map(|f| f.total()));
         g.daemon_rss.extend(r.daemon_memory.map(|m| m.rss));
         g.daemon_peak.extend(r.daemon_memory.map(|m| m.peak));
+        g.daemon_settled.extend(r.daemon_settled_rss);
     }
     out
 }
@@ -288,7 +299,7 @@ pub fn markdown(runs: &[Run], heading: &str, link: Option<&LinkRate>) -> String 
     let floor_of = |g: &Group| link.and_then(|l| floor_secs(&groups, &g.image, &g.form, l));
     let _ = writeln!(
         out,
-        "| image | form | mode | lazy layers | pull s | create s | first line s | run to exit s | cold start s | vs full pull | lazysnap / stargz-snapshotter | MB served | % of gzip image | floor s | vs floor | daemon RSS MB (peak) |"
+        "| image | form | mode | lazy layers | pull s | create s | first line s | run to exit s | cold start s | vs full pull | lazysnap / stargz-snapshotter | MB served | % of gzip image | floor s | vs floor | daemon RSS MB after the exit (peak); 3 s later |"
     );
     let _ = writeln!(
         out,
@@ -380,11 +391,11 @@ fn summary(groups: &[Group], link: Option<&LinkRate>) -> String {
     }
     let _ = writeln!(
         out,
-        "| image | form | full pull | stargz-snapshotter | lazysnap | lazysnap / stargz-snapshotter, time | bytes | floor s (MB) | lazysnap / floor | stargz-snapshotter / floor | floor + local run s | lazysnap / it | stargz-snapshotter / it | daemon RSS MB after the exit: lazysnap / stargz-snapshotter |"
+        "| image | form | full pull | stargz-snapshotter | lazysnap | lazysnap / stargz-snapshotter, time | bytes | floor s (MB) | lazysnap / floor | stargz-snapshotter / floor | floor + local run s | lazysnap / it | stargz-snapshotter / it | daemon RSS MB after the exit: lazysnap / stargz-snapshotter | 3 s later |"
     );
     let _ = writeln!(
         out,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     let cell = |g: Option<&Group>| {
         g.map_or("-".to_string(), |g| {
@@ -433,19 +444,21 @@ fn summary(groups: &[Group], link: Option<&LinkRate>) -> String {
             }
             _ => dash(),
         };
-        let rss = |g: Option<&Group>| g.and_then(|g| median(&g.daemon_rss));
-        let memory = match (rss(ours), rss(theirs)) {
-            (Some(o), Some(p)) => format!(
-                "{} / {} ({:.2}x)",
-                mb0(o),
-                mb0(p),
-                o as f64 / p.max(1) as f64
-            ),
-            _ => "-".to_string(),
-        };
+        let side_by_side =
+            |pick: fn(&Group) -> Option<u64>| match (ours.and_then(pick), theirs.and_then(pick)) {
+                (Some(o), Some(p)) => format!(
+                    "{} / {} ({:.2}x)",
+                    mb0(o),
+                    mb0(p),
+                    o as f64 / p.max(1) as f64
+                ),
+                _ => "-".to_string(),
+            };
+        let memory = side_by_side(|g| median(&g.daemon_rss));
+        let settled = side_by_side(|g| median(&g.daemon_settled));
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {t} | {b} | {floor_cell} | {ours_floor} | {theirs_floor} | {with_run} | {ours_with_run} | {theirs_with_run} | {memory} |",
+            "| {} | {} | {} | {} | {} | {t} | {b} | {floor_cell} | {ours_floor} | {theirs_floor} | {with_run} | {ours_with_run} | {theirs_with_run} | {memory} | {settled} |",
             g.image,
             g.form,
             cell(base),
@@ -645,6 +658,7 @@ mod tests {
             last_line: "ok".into(),
             floor: None,
             daemon_memory: None,
+            daemon_settled_rss: None,
         }
     }
 
@@ -669,6 +683,7 @@ mod tests {
         fallback.lazy_layers = Some((0, 2));
         let with_memory = |mut r: Run, rss: u64, peak: u64| {
             r.daemon_memory = Some(Memory { rss, peak });
+            r.daemon_settled_rss = Some(rss / 2);
             r
         };
         let runs = [
@@ -688,13 +703,13 @@ mod tests {
         assert!(md.contains("0.50x (bytes 0.25x)"), "{md}");
         assert!(
             md.contains(
-                "| img | esgz | 10.00 (0.0 MB) | 4.00 (0.0 MB) | 2.00 (0.0 MB) | 0.50x | 0.25x | - | - | - | - | - | - | 40 / 50 (0.80x) |"
+                "| img | esgz | 10.00 (0.0 MB) | 4.00 (0.0 MB) | 2.00 (0.0 MB) | 0.50x | 0.25x | - | - | - | - | - | - | 40 / 50 (0.80x) | 20 / 25 (0.80x) |"
             ),
             "{md}"
         );
-        // Each daemon's memory after the exit, with its peak.
+        // Each daemon's memory after the exit, with its peak, and a few seconds later.
         assert!(
-            md.contains("| 40 (45) |") && md.contains("| 50 (61) |"),
+            md.contains("| 40 (45); 20 |") && md.contains("| 50 (61); 25 |"),
             "{md}"
         );
         // A peer that mounted nothing lazily is reported as the full pull it did.
@@ -711,7 +726,7 @@ mod tests {
             csv.lines()
                 .nth(2)
                 .unwrap()
-                .ends_with(",2,2,\"ok\",,,,,40000000,45000000"),
+                .ends_with(",2,2,\"ok\",,,,,40000000,45000000,20000000"),
             "{csv}"
         );
     }
@@ -758,13 +773,13 @@ mod tests {
         let csv = csv(&runs, Some(&link));
         let lines: Vec<&str> = csv.lines().collect();
         assert!(lines[0].ends_with(
-            ",floor_read_bytes,floor_bytes,floor_s,vs_floor,daemon_rss_bytes,daemon_peak_bytes"
+            ",floor_read_bytes,floor_bytes,floor_s,vs_floor,daemon_rss_bytes,daemon_peak_bytes,daemon_settled_rss_bytes"
         ));
-        assert!(lines[1].ends_with("\"ok\",,,,,,"), "{csv}");
+        assert!(lines[1].ends_with("\"ok\",,,,,,,"), "{csv}");
         assert!(
-            lines[2].ends_with(",25000000,25000000,2.000,1.500,,"),
+            lines[2].ends_with(",25000000,25000000,2.000,1.500,,,"),
             "{csv}"
         );
-        assert!(lines[3].ends_with("\"ok\",,,2.000,2.500,,"), "{csv}");
+        assert!(lines[3].ends_with("\"ok\",,,2.000,2.500,,,"), "{csv}");
     }
 }

@@ -810,10 +810,12 @@ impl Bench {
             timeout: Duration::from_secs(self.args.timeout),
         };
         let timing = cold::measure(&target, &format!("lsbench-{}-{}", kind.name(), rep))?;
-        let daemon_memory = match &node {
+        let exited = Instant::now();
+        let daemon_memory_now = || match &node {
             Node::Own(own) => own.daemon_pid().and_then(memory::of_tree),
             Node::External => None,
         };
+        let daemon_memory = daemon_memory_now();
         // The registry logs a request when its response has been sent; give it a moment.
         std::thread::sleep(Duration::from_millis(300));
         let log = self
@@ -847,6 +849,11 @@ impl Bench {
             }
             _ => None,
         };
+        // What the daemon keeps once it has nothing to do (the container is gone).
+        let daemon_settled_rss = daemon_memory.and_then(|_| {
+            std::thread::sleep(SETTLE.saturating_sub(exited.elapsed()));
+            daemon_memory_now().map(|m| m.rss)
+        });
         let mode_name = mode.map_or(report::OVERLAYFS, Mode::name);
         if let (Some(dir), Node::Own(own), Some(_)) = (&self.args.keep_logs, &node, mode) {
             self.keep_logs(
@@ -875,9 +882,13 @@ impl Bench {
             last_line: timing.last_line,
             floor,
             daemon_memory,
+            daemon_settled_rss,
         })
     }
 }
+
+/// How long after a container's exit the daemon's memory is read a second time.
+const SETTLE: Duration = Duration::from_secs(3);
 
 fn run(args: Args) -> anyhow::Result<()> {
     preflight(&args)?;
