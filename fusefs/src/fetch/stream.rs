@@ -28,8 +28,7 @@ const BIG_CHUNK: usize = 256 << 10;
 static RANGES_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 static RANGES_STARTED: AtomicUsize = AtomicUsize::new(0);
 
-/// How long no body must arrive anywhere before kept buffers and free heap pages go
-/// back to the kernel: longer than a sequential reader's gaps between requests, short
+/// How long no body must arrive anywhere before kept buffers go back to the kernel: longer than a sequential reader's gaps between requests, short
 /// against a container's life.
 const IDLE_RELEASE: Duration = Duration::from_millis(200);
 
@@ -55,7 +54,6 @@ impl Drop for InFlight {
                 && RANGES_STARTED.load(Ordering::Relaxed) == started;
             if idle {
                 BIG_BUFFERS.release();
-                crate::heap::return_free_pages();
             }
         };
         match tokio::runtime::Handle::try_current() {
@@ -194,6 +192,7 @@ impl Fetcher {
         // The jobs are done with their segments: the body's buffer is ours alone again.
         buf.clear();
         BIG_BUFFERS.give_back(buf.into());
+        crate::heap::return_free_pages();
     }
 
     /// Inflates, verifies and caches `leads`, whose bytes are in `data` (which starts at
