@@ -99,6 +99,9 @@ struct Inner {
     swept: AtomicU64,
     /// When the memory tier was last used, in milliseconds of [`since_start`].
     memory_used_at: AtomicU64,
+    /// Chunks read through whose disk write has not finished: they leave the memory
+    /// tier once it has.
+    read_through: Mutex<std::collections::HashSet<Digest>>,
 }
 
 /// Milliseconds since the first call: a clock that fits an atomic.
@@ -109,6 +112,10 @@ fn since_start() -> u64 {
         .elapsed()
         .as_millis() as u64
 }
+
+/// Read-through chunks waiting for their disk writes, at most (they are written within
+/// moments; a bound keeps a failing disk from growing the set).
+const MAX_READ_THROUGH: usize = 4096;
 
 /// How long the memory tier must go unused before it is emptied (see
 /// [`SharedCache::release_memory_when_idle`]).
@@ -194,6 +201,7 @@ impl SharedCache {
                 evicted_for_space: AtomicU64::new(0),
                 swept: AtomicU64::new(0),
                 memory_used_at: AtomicU64::new(since_start()),
+                read_through: Mutex::new(std::collections::HashSet::new()),
             }),
         })
     }
@@ -265,6 +273,25 @@ impl SharedCache {
             crate::heap::return_free_pages();
         }
         released
+    }
+
+    /// Every byte of the chunk has been read (see `fetch::served`): it leaves the memory
+    /// tier, now if the disk holds it, else once its disk write is done. A chunk the disk
+    /// will not take stays, as the only copy.
+    pub(crate) fn read_through(&self, digest: Digest) {
+        if !self.inner.disk_enabled || !lock(&self.inner.memory).contains(&digest) {
+            return;
+        }
+        if lock(&self.inner.disk).peek(&digest) == Some(Stored::Chunk) {
+            let dropped = lock(&self.inner.memory).remove(&digest);
+            drop(dropped);
+            return;
+        }
+        let mut pending = lock(&self.inner.read_through);
+        if pending.len() >= MAX_READ_THROUGH {
+            pending.clear();
+        }
+        pending.insert(digest);
     }
 
     /// Runs [`SharedCache::release_idle_memory`] every second, for the daemon's life.
@@ -536,6 +563,10 @@ impl SharedCache {
             return;
         }
         self.index(digest, Stored::Chunk, data.len() as u64);
+        if lock(&self.inner.read_through).remove(&digest) {
+            let dropped = lock(&self.inner.memory).remove(&digest);
+            drop(dropped);
+        }
     }
 
     fn write_file(&self, digest: &Digest, data: &[u8]) -> std::io::Result<()> {

@@ -716,6 +716,7 @@ impl LayerFs {
         match self.fetcher.read(e.id(), (offset, end, e.size()), &wants)? {
             fetch::ReadStart::Ready(chunks) => {
                 let bytes = assemble(&wants, &chunks, offset, end);
+                self.fetcher.note_served(&wants, offset, end);
                 if examine {
                     self.fetcher.examine_soon(e.id(), &bytes);
                 }
@@ -743,6 +744,7 @@ impl LayerFs {
             } = pending;
             let chunks = fetcher.fetch_for_read(&wants).await?;
             let bytes = assemble(&wants, &chunks, offset, end);
+            fetcher.note_served(&wants, offset, end);
             if examine && let Some((node, _)) = wants.first() {
                 fetcher.examine_soon(*node, &bytes);
             }

@@ -16,6 +16,7 @@ mod libraries;
 mod now;
 mod readahead;
 mod schedule;
+mod served;
 mod stream;
 mod whole;
 
@@ -109,6 +110,7 @@ pub(crate) struct Fetcher {
     writes: watch::Sender<usize>,
     /// Files read as ELF objects for their libraries.
     examined: libraries::Examined,
+    served: served::Served,
 }
 
 /// Counts one unit of work on a watched counter while alive.
@@ -201,6 +203,7 @@ impl Fetcher {
             background_done: watch::channel(false).0,
             writes: watch::channel(0).0,
             examined: libraries::Examined::default(),
+            served: served::Served::default(),
         }
     }
 

@@ -608,8 +608,9 @@ fn sequential_readers_over_the_disk_cache_get_chunks_loaded_ahead_into_memory() 
         off += got.len() as u64;
     }
     // The next chunks were never read, yet they arrive in memory (loaded and verified
-    // on blocking threads), so the reader's next requests are memory hits.
-    let ahead = &chunks[1..4];
+    // on blocking threads), so the reader's next requests are memory hits. (The two
+    // read to their ends have left memory again.)
+    let ahead = &chunks[2..4];
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !ahead.iter().all(|c| f.cache.in_memory(&c.digest)) {
         assert!(std::time::Instant::now() < deadline, "no disk read-ahead");
@@ -859,4 +860,53 @@ fn a_toc_giving_a_cached_chunk_another_length_gets_eio_not_short_data() {
         honest.read_all("opaque/kept").unwrap(),
         src.files["opaque/kept"]
     );
+}
+
+#[test]
+fn a_chunk_read_to_its_last_byte_leaves_the_memory_tier_and_reads_back_from_disk() {
+    let (f, src) = fixture(OutputFormat::Estargz);
+    let ino = f.ino("data/big");
+    let first =
+        f.fs.layer()
+            .chunks_for_range(estargz::NodeId(ino as u32 - 1), 0, 1)[0];
+    let want = &src.files["data/big"];
+    let quarter = CHUNK / 4;
+    for i in 0..3 {
+        let got = f.read("data/big", i * quarter, quarter as u32).unwrap();
+        assert_eq!(
+            &got[..],
+            &want[(i * quarter) as usize..((i + 1) * quarter) as usize]
+        );
+        assert!(f.cache.in_memory(&first.digest), "read in part: kept");
+    }
+    f.read("data/big", 3 * quarter, quarter as u32).unwrap();
+    assert!(!f.cache.in_memory(&first.digest), "read through: let go");
+    assert!(f.cache.contains(&first.digest), "still on disk");
+    // Read again (as after the kernel dropped its pages): from disk, not fetched again.
+    let fetches_of_first = || {
+        let requests = f.blob.requests.lock().unwrap();
+        requests
+            .iter()
+            .filter(|&&(offset, len)| {
+                offset <= first.comp_offset && first.comp_offset < offset + len
+            })
+            .count()
+    };
+    let before = fetches_of_first();
+    let again = f.read("data/big", 100, 1000).unwrap();
+    assert_eq!(&again[..], &want[100..1100]);
+    assert_eq!(fetches_of_first(), before);
+}
+
+#[test]
+fn a_chunk_read_through_before_its_disk_write_leaves_memory_once_written() {
+    let (f, _) = fixture(OutputFormat::Estargz);
+    let digest = estargz::Digest::of(b"not yet written");
+    let data = bytes::Bytes::from_static(b"not yet written");
+    f.cache.put_memory(digest, data.clone());
+    f.cache.read_through(digest);
+    assert!(f.cache.in_memory(&digest), "the only copy: kept");
+    f.cache.put_disk(digest, &data);
+    assert!(!f.cache.in_memory(&digest));
+    assert!(f.cache.contains(&digest));
 }
