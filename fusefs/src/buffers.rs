@@ -23,6 +23,9 @@ pub(crate) struct BufferPool {
 /// Range bodies and inflated chunks, shared by every layer of the process.
 pub(crate) static BIG_BUFFERS: BufferPool = BufferPool::new(16 << 20);
 
+/// A pool that keeps nothing: buffers from it are freed when done with, as usual.
+pub(crate) static UNPOOLED: BufferPool = BufferPool::new(0);
+
 impl BufferPool {
     pub(crate) const fn new(max_bytes: usize) -> Self {
         Self {

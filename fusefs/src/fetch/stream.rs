@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::inflight::Lead;
 use super::{Counted, Fetcher, Purpose, lock};
-use crate::buffers::{self, BIG_BUFFERS};
+use crate::buffers::{self, BIG_BUFFERS, UNPOOLED};
 use crate::cache::DIRECT_ALIGN;
 use crate::stats::Counters;
 
@@ -23,13 +23,14 @@ const MAX_RESERVE: u64 = 16 << 20;
 /// copy is cheap, the alignment would waste memory).
 const BIG_CHUNK: usize = 256 << 10;
 
-/// Range requests of the whole process whose bodies are arriving, and how many ever
-/// started (so that an idle spell can tell it was not interrupted).
+/// Range requests of the whole process whose bodies are arriving in pooled buffers, and
+/// how many ever started (so that an idle spell can tell it was not interrupted).
 static RANGES_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 static RANGES_STARTED: AtomicUsize = AtomicUsize::new(0);
 
-/// How long no body must arrive anywhere before kept buffers go back to the kernel: longer than a sequential reader's gaps between requests, short
-/// against a container's life.
+/// How long no pooled body must arrive anywhere before kept buffers go back to the
+/// kernel: longer than a sequential reader's gaps between requests, short against a
+/// container's life.
 const IDLE_RELEASE: Duration = Duration::from_millis(200);
 
 /// One of [`RANGES_IN_FLIGHT`], also when its request is given up (a dropped future).
@@ -125,15 +126,19 @@ impl Fetcher {
             .filter(|_| purpose != Purpose::Prefetch)
             .map(|class| self.link.busy(class, len));
         Counters::add(&self.counters.range_requests, 1);
-        let _in_flight = InFlight::new();
         let keep = purpose.keep_in_memory();
+        // Only what a container waits for, or soon will, reuses buffers: the background
+        // fetch goes on after the container's exit and has no hurry, and a pool kept
+        // busy by it would stay resident all that time.
+        let pool = if keep { &BIG_BUFFERS } else { &UNPOOLED };
+        let _in_flight = keep.then(InFlight::new);
         let started = Instant::now();
         let mut leads = leads;
         leads.sort_by_key(|l| (l.chunk.comp_offset, l.chunk.inner_offset));
         let arriving = Mutex::new(Arriving {
             base: range.start,
             // One buffer for the whole body; segments split off it share it.
-            buf: buffers::take_mut(&BIG_BUFFERS, len.min(64 << 20) as usize),
+            buf: buffers::take_mut(pool, len.min(64 << 20) as usize),
             received: 0,
             leads: leads.into(),
             jobs: Vec::new(),
@@ -191,7 +196,7 @@ impl Fetcher {
         }
         // The jobs are done with their segments: the body's buffer is ours alone again.
         buf.clear();
-        BIG_BUFFERS.give_back(buf.into());
+        pool.give_back(buf.into());
         crate::heap::return_free_pages();
     }
 
@@ -243,7 +248,8 @@ impl Fetcher {
         // A big chunk starts on a disk block, so that the disk cache can write it with
         // O_DIRECT from here instead of from a copy.
         let aligned = size >= BIG_CHUNK;
-        let mut out = BIG_BUFFERS.take(if aligned { size + DIRECT_ALIGN } else { size });
+        let pool = if keep { &BIG_BUFFERS } else { &UNPOOLED };
+        let mut out = pool.take(if aligned { size + DIRECT_ALIGN } else { size });
         let lead_in = if aligned {
             out.as_ptr().align_offset(DIRECT_ALIGN)
         } else {
@@ -255,14 +261,14 @@ impl Fetcher {
             .decompress_chunk_into(lead.node, c, bytes, &mut out)
         {
             Ok(()) => {
-                let b = buffers::into_bytes(&BIG_BUFFERS, out).slice(lead_in..);
+                let b = buffers::into_bytes(pool, out).slice(lead_in..);
                 if keep {
                     self.cache.put_memory(c.digest, b.clone());
                 }
                 Ok(b)
             }
             Err(e) => {
-                BIG_BUFFERS.give_back(out);
+                pool.give_back(out);
                 Counters::add(&self.counters.verification_failures, 1);
                 tracing::warn!(layer = %self.name, path = %self.path(lead.node),
                     error = %e, "chunk failed verification");
