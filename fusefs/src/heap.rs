@@ -24,7 +24,7 @@ pub(crate) const MMAP_THRESHOLD: usize = 128 << 10;
 /// reading a 1 GiB file lazysnapd kept about 200 MB of freed buffers. The threshold is
 /// fixed instead (at glibc's own starting value): smaller buffers come from the heap,
 /// bigger ones are mapped, and those that recur are kept in a bounded pool
-/// ([`crate::buffers`]). A threshold of 1 MiB (with glibc's trim threshold raised to
+/// (`buffers.rs`). A threshold of 1 MiB (with glibc's trim threshold raised to
 /// 8 MiB) saved the page faults of the HTTP stack's read buffers but kept about 10 MB
 /// more resident after a cold start, in the heaps of the many threads.
 /// Called once, at the daemon's start.

@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::inflight::Lead;
 use super::{Counted, Fetcher, Purpose, lock};
-use crate::buffers::{self, BIG_BUFFERS, UNPOOLED};
+use crate::buffers::{self, BIG_BUFFERS, BufferPool, UNPOOLED};
 use crate::cache::DIRECT_ALIGN;
 use crate::stats::Counters;
 
@@ -32,6 +32,14 @@ static RANGES_STARTED: AtomicUsize = AtomicUsize::new(0);
 /// kernel: longer than a sequential reader's gaps between requests, short against a
 /// container's life.
 const IDLE_RELEASE: Duration = Duration::from_millis(200);
+
+/// Where a range's buffers come from. Only what a container waits for, or soon will
+/// (`keep`: kept in memory), reuses buffers: the background fetch goes on after the
+/// container's exit and has no hurry, and a pool kept busy by it would stay resident
+/// all that time.
+fn pool_for(keep: bool) -> &'static BufferPool {
+    if keep { &BIG_BUFFERS } else { &UNPOOLED }
+}
 
 /// One of [`RANGES_IN_FLIGHT`], also when its request is given up (a dropped future).
 struct InFlight;
@@ -127,10 +135,7 @@ impl Fetcher {
             .map(|class| self.link.busy(class, len));
         Counters::add(&self.counters.range_requests, 1);
         let keep = purpose.keep_in_memory();
-        // Only what a container waits for, or soon will, reuses buffers: the background
-        // fetch goes on after the container's exit and has no hurry, and a pool kept
-        // busy by it would stay resident all that time.
-        let pool = if keep { &BIG_BUFFERS } else { &UNPOOLED };
+        let pool = pool_for(keep);
         let _in_flight = keep.then(InFlight::new);
         let started = Instant::now();
         let mut leads = leads;
@@ -248,7 +253,7 @@ impl Fetcher {
         // A big chunk starts on a disk block, so that the disk cache can write it with
         // O_DIRECT from here instead of from a copy.
         let aligned = size >= BIG_CHUNK;
-        let pool = if keep { &BIG_BUFFERS } else { &UNPOOLED };
+        let pool = pool_for(keep);
         let mut out = pool.take(if aligned { size + DIRECT_ALIGN } else { size });
         let lead_in = if aligned {
             out.as_ptr().align_offset(DIRECT_ALIGN)
