@@ -65,29 +65,11 @@ pub fn decompress_chunk_window(
     window: Range<u64>,
 ) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    decompress_chunk_window_into(format, path, chunk, compressed, window, &mut out)?;
+    inflate_window(format, path, chunk, compressed, window, &mut out)?;
     Ok(out)
 }
 
-/// [`decompress_chunk_window`] appended to `out`, so that a caller can reuse big
-/// buffers instead of mapping fresh ones for every chunk, and choose where in them the
-/// bytes start. On an error `out` is as it was.
-pub fn decompress_chunk_window_into(
-    format: Format,
-    path: &str,
-    chunk: &Chunk,
-    compressed: &[u8],
-    window: Range<u64>,
-    out: &mut Vec<u8>,
-) -> Result<()> {
-    let before = out.len();
-    let result = inflate_window(format, path, chunk, compressed, window, out);
-    if result.is_err() {
-        out.truncate(before);
-    }
-    result
-}
-
+/// Inflates and verifies the `window` of `chunk`, appended to `out`.
 fn inflate_window(
     format: Format,
     path: &str,
@@ -186,7 +168,9 @@ pub fn decompress_chunk(
     decompress_chunk_window(format, path, chunk, compressed, 0..chunk.size)
 }
 
-/// [`decompress_chunk`] appended to `out` (see [`decompress_chunk_window_into`]).
+/// [`decompress_chunk`] appended to `out`, so that a caller can reuse big buffers
+/// instead of mapping fresh ones for every chunk, and choose where in them the bytes
+/// start. On an error `out` is as it was.
 pub fn decompress_chunk_into(
     format: Format,
     path: &str,
@@ -194,7 +178,12 @@ pub fn decompress_chunk_into(
     compressed: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    decompress_chunk_window_into(format, path, chunk, compressed, 0..chunk.size, out)
+    let before = out.len();
+    let result = inflate_window(format, path, chunk, compressed, 0..chunk.size, out);
+    if result.is_err() {
+        out.truncate(before);
+    }
+    result
 }
 
 fn check(path: &str, chunk: &Chunk, actual: Digest) -> Result<()> {

@@ -18,9 +18,7 @@ mod toc;
 mod writer;
 
 pub use blob::{BlobError, BlobErrorKind, BlobFuture, BlobReader, VecBlob};
-pub use chunk::{
-    decompress_chunk, decompress_chunk_into, decompress_chunk_window, decompress_chunk_window_into,
-};
+pub use chunk::{decompress_chunk, decompress_chunk_into, decompress_chunk_window};
 pub use digest::Digest;
 pub use error::{Error, Result};
 pub use footer::{
