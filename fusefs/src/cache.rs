@@ -235,9 +235,17 @@ impl SharedCache {
     }
 
     fn note_memory_use(&self) {
-        self.inner
-            .memory_used_at
-            .store(since_start(), Ordering::Relaxed);
+        // Every read passes here, from several threads: write only when the clock moved.
+        let now = since_start();
+        if self.inner.memory_used_at.load(Ordering::Relaxed) != now {
+            self.inner.memory_used_at.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes the chunk out of the memory tier; its buffer is freed (or goes back to its
+    /// pool) after the lock is let go.
+    fn drop_from_memory(&self, digest: &Digest) -> Option<Bytes> {
+        lock(&self.inner.memory).remove(digest)
     }
 
     /// Empties the memory tier of chunks that are on disk once it has gone unused for
@@ -251,25 +259,24 @@ impl SharedCache {
         {
             return 0;
         }
-        let held = lock(&self.inner.memory).entries();
+        let held: Vec<Digest> = lock(&self.inner.memory)
+            .entries()
+            .into_iter()
+            .map(|(digest, _)| digest)
+            .collect();
         let on_disk: Vec<Digest> = {
             let disk = lock(&self.inner.disk);
-            held.iter()
-                .map(|(digest, _)| *digest)
+            held.into_iter()
                 .filter(|digest| disk.peek(digest) == Some(Stored::Chunk))
                 .collect()
         };
-        let mut released = 0;
-        let dropped: Vec<Bytes> = {
-            let mut memory = lock(&self.inner.memory);
-            on_disk.iter().filter_map(|d| memory.remove(d)).collect()
-        };
-        drop(held);
-        for data in dropped {
-            released += data.len() as u64;
-        }
+        let released: u64 = on_disk
+            .iter()
+            .filter_map(|digest| self.drop_from_memory(digest))
+            .map(|data| data.len() as u64)
+            .sum();
         if released > 0 {
-            crate::buffers::BIG_BUFFERS.release();
+            BIG_BUFFERS.release();
             crate::heap::return_free_pages();
         }
         released
@@ -283,8 +290,7 @@ impl SharedCache {
             return;
         }
         if lock(&self.inner.disk).peek(&digest) == Some(Stored::Chunk) {
-            let dropped = lock(&self.inner.memory).remove(&digest);
-            drop(dropped);
+            self.drop_from_memory(&digest);
             return;
         }
         let mut pending = lock(&self.inner.read_through);
@@ -564,8 +570,7 @@ impl SharedCache {
         }
         self.index(digest, Stored::Chunk, data.len() as u64);
         if lock(&self.inner.read_through).remove(&digest) {
-            let dropped = lock(&self.inner.memory).remove(&digest);
-            drop(dropped);
+            self.drop_from_memory(&digest);
         }
     }
 
