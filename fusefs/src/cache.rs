@@ -230,8 +230,13 @@ impl SharedCache {
     }
 
     pub(crate) fn get_memory(&self, digest: &Digest) -> Option<Bytes> {
-        self.note_memory_use();
-        lock(&self.inner.memory).get(digest)
+        let hit = lock(&self.inner.memory).get(digest);
+        // Only a hit uses the tier: the background fetch asks for every chunk it is
+        // about to fetch, and must not keep an idle tier resident for minutes.
+        if hit.is_some() {
+            self.note_memory_use();
+        }
+        hit
     }
 
     fn note_memory_use(&self) {

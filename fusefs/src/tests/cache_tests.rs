@@ -202,3 +202,24 @@ fn an_idle_memory_tier_lets_go_of_what_is_on_disk() {
     assert_eq!(memory_only.release_idle_memory(Duration::ZERO), 0);
     assert_eq!(memory_only.memory_bytes_used(), 5000);
 }
+
+#[test]
+fn only_a_hit_keeps_the_memory_tier_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = SharedCache::open(CacheConfig::new(dir.path())).unwrap();
+    let data = vec![3u8; 4000];
+    let digest = estargz::Digest::of(&data);
+    let absent = estargz::Digest::of(b"never stored");
+    cache.put_memory(digest, Bytes::from(data.clone()));
+    cache.put_disk(digest, &data);
+    let (pause, idle) = (Duration::from_millis(300), Duration::from_millis(250));
+
+    std::thread::sleep(pause);
+    assert!(cache.get_memory(&digest).is_some());
+    assert_eq!(cache.release_idle_memory(idle), 0, "just read: kept");
+
+    // The background fetch asks for chunks that are not there: no use of the tier.
+    std::thread::sleep(pause);
+    assert!(cache.get_memory(&absent).is_none());
+    assert_eq!(cache.release_idle_memory(idle), 4000, "only missed: let go");
+}
