@@ -30,6 +30,9 @@ pub enum Error {
     #[error("bad TOC: {0}")]
     BadToc(String),
 
+    #[error("parsing the TOC was stopped: it ran past its time")]
+    Cancelled,
+
     #[error("TOC digest mismatch: expected {expected}, got {actual}")]
     TocDigestMismatch { expected: String, actual: String },
 

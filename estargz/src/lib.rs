@@ -4,6 +4,7 @@
 //! `Read`/`Write` (converting).
 
 mod blob;
+mod cancel;
 mod chunk;
 mod digest;
 mod error;
@@ -18,6 +19,7 @@ mod toc;
 mod writer;
 
 pub use blob::{BlobError, BlobErrorKind, BlobFuture, BlobReader, VecBlob};
+pub use cancel::{Cancel, CancelOnDrop};
 pub use chunk::{decompress_chunk, decompress_chunk_into, decompress_chunk_window};
 pub use digest::Digest;
 pub use error::{Error, Result};
@@ -26,8 +28,14 @@ pub use footer::{
     STARGZ_ZSTD_FOOTER_SIZE, ZSTD_CHUNKED_FOOTER_SIZE, estargz_footer, legacy_stargz_footer,
     parse_footer, stargz_zstd_footer, zstd_chunked_footer,
 };
-pub use index::{Chunk, EntryKind, EntryRef, Index, MAX_CHUNK_SIZE, NodeId, normalize_path};
-pub use reader::{Layer, OpenOptions, ParsedToc, parse_toc};
+pub use index::{
+    BYTES_PER_IMPLIED_DIR, Chunk, EntryKind, EntryRef, Index, MAX_CHUNK_SIZE, MAX_PATH_LEN, NodeId,
+    PARSE_MEMORY_FACTOR, normalize_path,
+};
+pub use reader::{
+    FetchedToc, Layer, OpenOptions, ParsedToc, TocJson, fetch_toc, parse_toc, read_toc_json,
+    toc_json_size,
+};
 pub use toc::{
     LANDMARK_CONTENTS, MAX_TOC_SIZE, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME,
     Timestamp, Toc, TocEntry,

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::blob::{BlobError, BlobErrorKind, BlobReader};
+use crate::cancel::Cancel;
 use crate::chunk::{decompress_chunk_window, member_reader};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::footer::{Footer, Format, MAX_FOOTER_FETCH, parse_footer};
-use crate::index::{Chunk, EntryKind, Index, NodeId};
+use crate::index::{Chunk, EntryKind, Index, NodeId, PARSE_MEMORY_FACTOR};
 use crate::tar::TarReader;
 use crate::toc::{MAX_TOC_SIZE, TOC_TAR_NAME, Toc};
 
@@ -24,6 +25,8 @@ pub struct OpenOptions {
     pub expected_manifest_checksum: Option<Digest>,
     /// Largest TOC accepted, compressed and uncompressed.
     pub max_toc_size: u64,
+    /// Stops the parse when set (its time ran out).
+    pub cancel: Cancel,
 }
 
 impl Default for OpenOptions {
@@ -32,6 +35,7 @@ impl Default for OpenOptions {
             expected_toc_digest: None,
             expected_manifest_checksum: None,
             max_toc_size: MAX_TOC_SIZE,
+            cancel: Cancel::default(),
         }
     }
 }
@@ -46,9 +50,36 @@ pub struct ParsedToc {
     pub manifest_checksum: Digest,
 }
 
-/// Decompresses and parses the TOC bytes located by `footer`, checking the digests that
-/// `opts` asks for.
-pub fn parse_toc(footer: &Footer, compressed: &[u8], opts: &OpenOptions) -> Result<ParsedToc> {
+/// A TOC's JSON, decompressed and checked against the digests asked for.
+#[derive(Debug, Clone)]
+pub struct TocJson {
+    pub json: Vec<u8>,
+    /// sha256 of the uncompressed TOC JSON.
+    pub toc_digest: Digest,
+    /// sha256 of the compressed TOC bytes as stored in the blob.
+    pub manifest_checksum: Digest,
+}
+
+/// Inflated this much at a time, looking at the cancel flag in between.
+const INFLATE_STEP: usize = 1 << 20;
+
+/// The size of the TOC's JSON, from the footer (zstd) or the TOC's tar header (gzip),
+/// without inflating the JSON: what a caller budgets memory by before parsing.
+pub fn toc_json_size(footer: &Footer, compressed: &[u8]) -> Result<u64> {
+    if footer.format.is_zstd() {
+        return Ok(footer.toc_uncompressed_size.unwrap_or(0));
+    }
+    let mut tr = TarReader::new(member_reader(footer.format, compressed)?);
+    let h = tr
+        .next_header()
+        .map_err(|e| Error::bad_toc(format!("TOC tar header: {e}")))?
+        .ok_or_else(|| Error::bad_toc("TOC member holds no tar entry"))?;
+    Ok(h.size)
+}
+
+/// Decompresses the TOC bytes located by `footer` and checks the digests that `opts`
+/// asks for; stops when `opts.cancel` is set.
+pub fn read_toc_json(footer: &Footer, compressed: &[u8], opts: &OpenOptions) -> Result<TocJson> {
     if footer.toc_compressed_size > opts.max_toc_size {
         return Err(Error::TocTooLarge {
             size: footer.toc_compressed_size,
@@ -79,15 +110,23 @@ pub fn parse_toc(footer: &Footer, compressed: &[u8], opts: &OpenOptions) -> Resu
                 limit: opts.max_toc_size,
             });
         }
-        let mut json = Vec::new();
-        let r = member_reader(footer.format, compressed)?;
         // One byte more than announced shows a lying footer without inflating a bomb.
-        r.take(ulen + 1)
-            .read_to_end(&mut json)
-            .map_err(|e| Error::Decompress {
-                what: "zstd TOC".into(),
-                reason: e.to_string(),
-            })?;
+        let mut r = member_reader(footer.format, compressed)?.take(ulen + 1);
+        let mut json = Vec::with_capacity(ulen as usize);
+        loop {
+            opts.cancel.check()?;
+            let before = json.len();
+            (&mut r)
+                .take(INFLATE_STEP as u64)
+                .read_to_end(&mut json)
+                .map_err(|e| Error::Decompress {
+                    what: "zstd TOC".into(),
+                    reason: e.to_string(),
+                })?;
+            if json.len() == before {
+                break;
+            }
+        }
         if json.len() as u64 != ulen {
             return Err(Error::bad_toc(format!(
                 "TOC inflates to {} bytes or more, the footer says {ulen}",
@@ -116,8 +155,10 @@ pub fn parse_toc(footer: &Footer, compressed: &[u8], opts: &OpenOptions) -> Resu
         let mut json = vec![0u8; h.size as usize];
         let mut got = 0;
         while got < json.len() {
+            opts.cancel.check()?;
+            let end = json.len().min(got + INFLATE_STEP);
             let n = tr
-                .read_data(&mut json[got..])
+                .read_data(&mut json[got..end])
                 .map_err(|e| Error::bad_toc(format!("TOC JSON: {e}")))?;
             if n == 0 {
                 break;
@@ -135,12 +176,66 @@ pub fn parse_toc(footer: &Footer, compressed: &[u8], opts: &OpenOptions) -> Resu
             actual: toc_digest.to_string(),
         });
     }
+    Ok(TocJson {
+        json,
+        toc_digest,
+        manifest_checksum,
+    })
+}
+
+/// Decompresses and parses the TOC bytes located by `footer`, checking the digests that
+/// `opts` asks for (the whole [`Toc`], for tools; mounting builds its index from the
+/// JSON with [`Index::from_json`] instead).
+pub fn parse_toc(footer: &Footer, compressed: &[u8], opts: &OpenOptions) -> Result<ParsedToc> {
+    let TocJson {
+        json,
+        toc_digest,
+        manifest_checksum,
+    } = read_toc_json(footer, compressed, opts)?;
     let toc: Toc =
         serde_json::from_slice(&json).map_err(|e| Error::bad_toc(format!("TOC JSON: {e}")))?;
     Ok(ParsedToc {
         toc,
         toc_digest,
         manifest_checksum,
+    })
+}
+
+/// A layer's footer and compressed TOC, read from its blob by [`fetch_toc`]: the
+/// network part of opening a layer, before the CPU part ([`Layer::build`]).
+#[derive(Debug, Clone)]
+pub struct FetchedToc {
+    pub blob_size: u64,
+    pub footer: Footer,
+    pub compressed: Bytes,
+}
+
+impl FetchedToc {
+    /// The most memory building the layer's index from this TOC takes: the compressed
+    /// bytes, the JSON, and [`PARSE_MEMORY_FACTOR`] times the JSON.
+    pub fn parse_memory_bound(&self) -> Result<u64> {
+        let json = toc_json_size(&self.footer, &self.compressed)?;
+        Ok(self.compressed.len() as u64 + json.saturating_mul(1 + PARSE_MEMORY_FACTOR))
+    }
+}
+
+/// Reads the footer and the compressed TOC of `blob` (two range reads).
+pub async fn fetch_toc(blob: &dyn BlobReader, opts: &OpenOptions) -> Result<FetchedToc> {
+    let blob_size = blob.size().await?;
+    let tail_len = blob_size.min(MAX_FOOTER_FETCH);
+    let tail = read_exact(blob, blob_size - tail_len, tail_len).await?;
+    let footer = parse_footer(&tail, blob_size)?;
+    if footer.toc_compressed_size > opts.max_toc_size {
+        return Err(Error::TocTooLarge {
+            size: footer.toc_compressed_size,
+            limit: opts.max_toc_size,
+        });
+    }
+    let compressed = read_exact(blob, footer.toc_offset, footer.toc_compressed_size).await?;
+    Ok(FetchedToc {
+        blob_size,
+        footer,
+        compressed,
     })
 }
 
@@ -187,29 +282,48 @@ impl Layer {
 
     /// [`Layer::open`], also handing back the compressed TOC bytes it read, for a
     /// caller that keeps them (with [`Layer::footer`] and [`Layer::blob_size`], what
-    /// [`Layer::from_parts`] needs to open the layer again without reading the blob).
+    /// [`Layer::from_json`] needs to open the layer again without reading the blob).
     pub async fn open_keeping_toc(
         blob: Arc<dyn BlobReader>,
         opts: &OpenOptions,
     ) -> Result<(Layer, Bytes)> {
-        let blob_size = blob.size().await?;
-        let tail_len = blob_size.min(MAX_FOOTER_FETCH);
-        let tail = read_exact(&*blob, blob_size - tail_len, tail_len).await?;
-        let footer = parse_footer(&tail, blob_size)?;
-        if footer.toc_compressed_size > opts.max_toc_size {
-            return Err(Error::TocTooLarge {
-                size: footer.toc_compressed_size,
-                limit: opts.max_toc_size,
-            });
-        }
-        let compressed = read_exact(&*blob, footer.toc_offset, footer.toc_compressed_size).await?;
-        let parsed = parse_toc(&footer, &compressed, opts)?;
-        let layer = Layer::from_parts(blob, blob_size, footer, &parsed)?;
-        Ok((layer, compressed))
+        let fetched = fetch_toc(&*blob, opts).await?;
+        let layer = Layer::build(blob, &fetched, opts)?;
+        Ok((layer, fetched.compressed))
     }
 
-    /// Builds a layer from a footer and TOC obtained elsewhere (a local cache of a TOC
-    /// fetched and verified earlier), without reading the blob.
+    /// The CPU part of opening a layer: inflates, checks and indexes the TOC that
+    /// [`fetch_toc`] read; stops when `opts.cancel` is set. Run it off async threads.
+    pub fn build(
+        blob: Arc<dyn BlobReader>,
+        fetched: &FetchedToc,
+        opts: &OpenOptions,
+    ) -> Result<Layer> {
+        let toc = read_toc_json(&fetched.footer, &fetched.compressed, opts)?;
+        Layer::from_json(blob, fetched.blob_size, fetched.footer, &toc, &opts.cancel)
+    }
+
+    /// Builds a layer from a footer and TOC JSON obtained elsewhere (a local copy of a
+    /// TOC fetched and verified earlier), without reading the blob.
+    pub fn from_json(
+        blob: Arc<dyn BlobReader>,
+        blob_size: u64,
+        footer: Footer,
+        toc: &TocJson,
+        cancel: &Cancel,
+    ) -> Result<Layer> {
+        let index = Index::from_json(&toc.json, footer.payload_end, footer.format, cancel)?;
+        Ok(Layer {
+            blob,
+            blob_size,
+            footer,
+            index,
+            toc_digest: toc.toc_digest,
+            manifest_checksum: toc.manifest_checksum,
+        })
+    }
+
+    /// Builds a layer from a footer and a parsed TOC, without reading the blob.
     pub fn from_parts(
         blob: Arc<dyn BlobReader>,
         blob_size: u64,

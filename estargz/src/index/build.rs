@@ -1,0 +1,1286 @@
+//! Building an [`Index`] from TOC entries as they are parsed, one at a time: no entry is
+//! kept as parsed, no path is kept whole, and the work is linear in the TOC's size, so
+//! that a hostile TOC costs memory and time in proportion to its bytes (see
+//! [`PARSE_MEMORY_FACTOR`]), and a parse can be stopped ([`Cancel`]).
+
+use std::hash::BuildHasher;
+
+use base64::Engine as _;
+use hashbrown::HashTable;
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+use super::{Chunk, EntryKind, Index, MAX_CHUNK_SIZE, Node, NodeId, Xattr, normalize_path};
+use crate::cancel::Cancel;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::footer::Format;
+use crate::toc::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, Timestamp, Toc, TocEntry};
+
+/// Longest path an entry may have, in bytes: the kernel's `PATH_MAX` (4096) with its NUL.
+/// No open inside a container can reach a file below it, and the limit bounds the
+/// directories one entry can imply.
+pub const MAX_PATH_LEN: usize = 4095;
+
+/// A TOC may imply (name as parents without entries of their own) at most one
+/// directory per this many bytes of its JSON: tar writers list directories, so real
+/// layers imply few, and a crafted one cannot turn a short name into many nodes.
+pub const BYTES_PER_IMPLIED_DIR: u64 = 64;
+
+/// Building an index takes at most this many times the TOC JSON's size, besides the
+/// JSON itself and the compressed TOC (measured worst case: entries of ~30 bytes, each
+/// a node; see the README's "Hostile images").
+pub const PARSE_MEMORY_FACTOR: u64 = 8;
+
+/// How many entries or nodes go by between two looks at the [`Cancel`] flag.
+const CANCEL_EVERY: usize = 4096;
+
+/// A chunk before its compressed end is known.
+#[derive(Clone, Copy)]
+struct RawChunk {
+    offset: u64,
+    /// zstd:chunked: where the frame ends (0: not said).
+    explicit_end: u64,
+    file_offset: u64,
+    size: u64,
+    digest: Digest,
+    inner: u32,
+    zeros: bool,
+    prefetch: bool,
+}
+
+/// The regular file whose `chunk` entries may follow.
+struct OpenFile {
+    node: u32,
+    path: String,
+    size: u64,
+    first_chunk: usize,
+    /// The `reg` entry's own digest: the chunk digest of a one-chunk zstd:chunked file.
+    file_digest: Option<Digest>,
+    end_offset: u64,
+    /// The last chunk said "to the end of the file" (chunkSize 0): none may follow.
+    open_ended: bool,
+    /// The first chunk came without a chunkDigest (only right for a one-chunk file).
+    first_undigested: bool,
+}
+
+/// Collects nodes as entries arrive; [`Builder::finish`] orders them into an [`Index`].
+pub(super) struct Builder<'c> {
+    format: Format,
+    cancel: &'c Cancel,
+    /// Every node so far, in arrival order; 0 is the root. While building, `parent` is an
+    /// arrival index, `name_off`/`name_len` point into `names`, and `a`/`b` hold, for a
+    /// file, its range in `raw_chunks` and, for a hardlink, its target in `links`.
+    nodes: Vec<Node>,
+    names: Vec<u8>,
+    links: Vec<u8>,
+    /// (parent, name) → arrival index.
+    table: HashTable<u32>,
+    hasher: std::hash::RandomState,
+    raw_chunks: Vec<RawChunk>,
+    /// The final index's strings and xattrs; link targets and xattrs go straight there.
+    strings: Vec<u8>,
+    xattrs: Vec<Xattr>,
+    file: Option<OpenFile>,
+    implied: u64,
+    max_implied: u64,
+    seen: usize,
+    prefetch_landmark: Option<u32>,
+    no_prefetch_landmark: bool,
+}
+
+fn nonneg_u32(v: i64, path: &str, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::bad_entry(path, format!("{what} {v} out of range")))
+}
+
+fn nonneg_u64(v: i64, path: &str, what: &str) -> Result<u64> {
+    u64::try_from(v).map_err(|_| Error::bad_entry(path, format!("negative {what} {v}")))
+}
+
+fn push_bytes(table: &mut Vec<u8>, s: &[u8], path: &str) -> Result<(u32, u32)> {
+    let off = u32::try_from(table.len())
+        .map_err(|_| Error::bad_entry(path, "string table over 4 GiB"))?;
+    let len = u32::try_from(s.len()).map_err(|_| Error::bad_entry(path, "string over 4 GiB"))?;
+    table.extend_from_slice(s);
+    Ok((off, len))
+}
+
+fn new_dir(parent: u32, name_off: u32, name_len: u16) -> Node {
+    Node {
+        size: 0,
+        mtime_secs: 0,
+        name_off,
+        parent,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime_nanos: 0,
+        a: 0,
+        b: 0,
+        xattr_first: 0,
+        name_len,
+        xattr_count: 0,
+        nlink: 1,
+        kind: EntryKind::Dir,
+    }
+}
+
+impl<'c> Builder<'c> {
+    /// `json_len` is the TOC's size, which bounds the directories it may imply (None:
+    /// not bounded, for TOCs this program wrote).
+    pub(super) fn new(format: Format, json_len: Option<u64>, cancel: &'c Cancel) -> Self {
+        let max_implied = json_len.map_or(u64::MAX, |len| {
+            (len / BYTES_PER_IMPLIED_DIR).max(CANCEL_EVERY as u64)
+        });
+        Builder {
+            format,
+            cancel,
+            nodes: vec![new_dir(0, 0, 0)],
+            names: Vec::new(),
+            links: Vec::new(),
+            table: HashTable::new(),
+            hasher: std::hash::RandomState::new(),
+            raw_chunks: Vec::new(),
+            strings: Vec::new(),
+            xattrs: Vec::new(),
+            file: None,
+            implied: 0,
+            max_implied,
+            seen: 0,
+            prefetch_landmark: None,
+            no_prefetch_landmark: false,
+        }
+    }
+
+    fn name_of(&self, i: u32) -> &[u8] {
+        let n = &self.nodes[i as usize];
+        &self.names[n.name_off as usize..n.name_off as usize + n.name_len as usize]
+    }
+
+    fn find(&self, parent: u32, name: &[u8]) -> Option<u32> {
+        let hash = self.hasher.hash_one((parent, name));
+        self.table
+            .find(hash, |&i| {
+                self.nodes[i as usize].parent == parent && self.name_of(i) == name
+            })
+            .copied()
+    }
+
+    /// A new node under `parent` named `name`, with `node`'s attributes.
+    fn insert(&mut self, parent: u32, name: &str, mut node: Node, path: &str) -> Result<u32> {
+        let id = u32::try_from(self.nodes.len()).map_err(|_| Error::bad_toc("too many entries"))?;
+        let (off, len) = push_bytes(&mut self.names, name.as_bytes(), path)?;
+        node.parent = parent;
+        node.name_off = off;
+        node.name_len =
+            u16::try_from(len).map_err(|_| Error::bad_entry(path, "name component too long"))?;
+        self.nodes.push(node);
+        let hash = self.hasher.hash_one((parent, name.as_bytes()));
+        let (nodes, names) = (&self.nodes, &self.names);
+        self.table.insert_unique(hash, id, |&i| {
+            let n = &nodes[i as usize];
+            let name = &names[n.name_off as usize..n.name_off as usize + n.name_len as usize];
+            self.hasher.hash_one((n.parent, name))
+        });
+        Ok(id)
+    }
+
+    /// The node of `path`'s parent directory, made (implied) where the TOC has none.
+    fn parent_of(&mut self, path: &str) -> Result<(u32, usize)> {
+        let mut parent = 0u32;
+        let Some(last_slash) = path.rfind('/') else {
+            return Ok((0, 0));
+        };
+        let mut start = 0;
+        for comp in path[..last_slash].split('/') {
+            parent = match self.find(parent, comp.as_bytes()) {
+                Some(i) => i,
+                None => {
+                    self.implied += 1;
+                    if self.implied > self.max_implied {
+                        return Err(Error::bad_toc(format!(
+                            "it implies over {} directories that have no entry of their own \
+                             (at most one per {BYTES_PER_IMPLIED_DIR} bytes of TOC)",
+                            self.max_implied
+                        )));
+                    }
+                    self.insert(parent, comp, new_dir(0, 0, 0), &path[..start + comp.len()])?
+                }
+            };
+            start += comp.len() + 1;
+        }
+        Ok((parent, last_slash + 1))
+    }
+
+    /// Takes one TOC entry, in TOC order.
+    pub(super) fn push(&mut self, e: &TocEntry) -> Result<()> {
+        self.seen += 1;
+        if self.seen.is_multiple_of(CANCEL_EVERY) {
+            self.cancel.check()?;
+        }
+        if e.kind == "chunk" {
+            return self.push_chunk_entry(e);
+        }
+        self.close_file()?;
+        let kind = EntryKind::from_toc(&e.kind)
+            .ok_or_else(|| Error::bad_entry(&e.name, format!("unknown type {:?}", e.kind)))?;
+        let path = normalize_path(&e.name)?;
+        let node = self.node_of(kind, e, &path)?;
+        let id = if path.is_empty() {
+            if kind != EntryKind::Dir {
+                return Err(Error::bad_entry(&e.name, "root is not a directory"));
+            }
+            self.nodes[0] = Node {
+                parent: 0,
+                name_off: 0,
+                name_len: 0,
+                ..node
+            };
+            0
+        } else {
+            let (parent, base_at) = self.parent_of(&path)?;
+            let base = &path[base_at..];
+            match self.find(parent, base.as_bytes()) {
+                // A later entry for the same path replaces the earlier one (or the
+                // directory an earlier entry implied).
+                Some(i) => {
+                    let old = self.nodes[i as usize];
+                    self.nodes[i as usize] = Node {
+                        parent: old.parent,
+                        name_off: old.name_off,
+                        name_len: old.name_len,
+                        ..node
+                    };
+                    i
+                }
+                None => self.insert(parent, base, node, &path)?,
+            }
+        };
+        if id != 0 && self.nodes[id as usize].parent == 0 {
+            let base = path.as_str();
+            if base == PREFETCH_LANDMARK {
+                self.prefetch_landmark = Some(id);
+            } else if base == NO_PREFETCH_LANDMARK {
+                self.no_prefetch_landmark = true;
+            }
+        }
+        if kind == EntryKind::Reg {
+            self.open_file(id, e, path)?;
+        }
+        Ok(())
+    }
+
+    /// The node an entry describes (parent and name are set by the caller).
+    fn node_of(&mut self, kind: EntryKind, e: &TocEntry, path: &str) -> Result<Node> {
+        let mut node = new_dir(0, 0, 0);
+        node.kind = kind;
+        node.mode = (nonneg_u64(e.mode, path, "mode")? & 0o7777) as u32;
+        node.uid = nonneg_u32(e.uid, path, "uid")?;
+        node.gid = nonneg_u32(e.gid, path, "gid")?;
+        if !e.modtime.is_empty() {
+            let t = Timestamp::parse_rfc3339(&e.modtime)
+                .map_err(|_| Error::bad_entry(path, format!("bad modtime {:?}", e.modtime)))?;
+            node.mtime_secs = t.secs;
+            node.mtime_nanos = t.nanos;
+        }
+        match kind {
+            EntryKind::Reg => node.size = nonneg_u64(e.size, path, "size")?,
+            EntryKind::Symlink => {
+                if e.link_name.is_empty() {
+                    return Err(Error::bad_entry(path, "symlink without linkName"));
+                }
+                (node.a, node.b) = push_bytes(&mut self.strings, e.link_name.as_bytes(), path)?;
+            }
+            EntryKind::Hardlink => {
+                if e.link_name.is_empty() {
+                    return Err(Error::bad_entry(path, "hardlink without linkName"));
+                }
+                (node.a, node.b) = push_bytes(&mut self.links, e.link_name.as_bytes(), path)?;
+            }
+            EntryKind::Char | EntryKind::Block => {
+                node.a = nonneg_u32(e.dev_major, path, "devMajor")?;
+                node.b = nonneg_u32(e.dev_minor, path, "devMinor")?;
+            }
+            EntryKind::Dir | EntryKind::Fifo => {}
+        }
+        node.xattr_count =
+            u16::try_from(e.xattrs.len()).map_err(|_| Error::bad_entry(path, "too many xattrs"))?;
+        node.xattr_first = u32::try_from(self.xattrs.len())
+            .map_err(|_| Error::bad_entry(path, "too many xattrs"))?;
+        for (k, v) in &e.xattrs {
+            let value = base64::engine::general_purpose::STANDARD
+                .decode(v)
+                .map_err(|_| Error::bad_entry(path, format!("xattr {k:?} is not base64")))?;
+            let (off, key_len) = push_bytes(&mut self.strings, k.as_bytes(), path)?;
+            let (_, val_len) = push_bytes(&mut self.strings, &value, path)?;
+            self.xattrs.push(Xattr {
+                off,
+                key_len,
+                val_len,
+            });
+        }
+        Ok(node)
+    }
+
+    fn open_file(&mut self, node: u32, e: &TocEntry, path: String) -> Result<()> {
+        let size = self.nodes[node as usize].size;
+        let file_digest = if e.digest.is_empty() {
+            None
+        } else {
+            e.digest.parse().ok()
+        };
+        let end_offset = nonneg_u64(e.end_offset, &path, "endOffset")?;
+        self.file = Some(OpenFile {
+            node,
+            path,
+            size,
+            first_chunk: self.raw_chunks.len(),
+            file_digest,
+            end_offset,
+            open_ended: false,
+            first_undigested: false,
+        });
+        if size == 0 {
+            return Ok(());
+        }
+        self.push_chunk(e)
+    }
+
+    fn push_chunk_entry(&mut self, e: &TocEntry) -> Result<()> {
+        let Some(file) = &self.file else {
+            return Err(Error::bad_entry(&e.name, "chunk entry without its file"));
+        };
+        if normalize_path(&e.name)? != file.path {
+            return Err(Error::bad_entry(&e.name, "chunk entry without its file"));
+        }
+        if file.size == 0 {
+            return Err(Error::bad_entry(&file.path, "empty file with chunks"));
+        }
+        self.push_chunk(e)
+    }
+
+    /// One chunk of the open file, checked against the ones before it.
+    fn push_chunk(&mut self, e: &TocEntry) -> Result<()> {
+        let Some(file) = self.file.as_mut() else {
+            return Err(Error::bad_entry(&e.name, "chunk entry without its file"));
+        };
+        let path = file.path.as_str();
+        let previous = self.raw_chunks[file.first_chunk..].last().copied();
+        if file.open_ended || (previous.is_some() && file.first_undigested) {
+            return Err(Error::bad_entry(
+                path,
+                if file.open_ended {
+                    format!("chunk sizes do not add up to the file size {}", file.size)
+                } else {
+                    "chunk without chunkDigest".to_string()
+                },
+            ));
+        }
+        let offset = nonneg_u64(e.offset, path, "offset")?;
+        if offset == 0 {
+            return Err(Error::bad_entry(path, "chunk without an offset"));
+        }
+        let expect_off = previous.map_or(0, |p| p.file_offset + p.size);
+        let file_offset = nonneg_u64(e.chunk_offset, path, "chunkOffset")?;
+        if file_offset != expect_off {
+            return Err(Error::bad_entry(
+                path,
+                format!("chunk at file offset {file_offset}, expected {expect_off}"),
+            ));
+        }
+        let declared = nonneg_u64(e.chunk_size, path, "chunkSize")?;
+        let rest = file.size - file_offset;
+        // eStargz writes chunkSize 0 for "to the end of the file": only the last may.
+        let size = if declared == 0 {
+            file.open_ended = true;
+            rest
+        } else {
+            declared
+        };
+        if size == 0 || size > rest {
+            return Err(Error::bad_entry(
+                path,
+                format!("chunk sizes do not add up to the file size {}", file.size),
+            ));
+        }
+        let digest = if e.chunk_digest.is_empty() {
+            // zstd:chunked omits chunk fields for single-chunk files: the file digest is
+            // the chunk digest (checked once the file is known to have one chunk).
+            if previous.is_some() {
+                return Err(Error::bad_entry(path, "chunk without chunkDigest"));
+            }
+            file.first_undigested = true;
+            Digest::default()
+        } else {
+            e.chunk_digest.parse().map_err(|_| {
+                Error::bad_entry(path, format!("bad chunkDigest {:?}", e.chunk_digest))
+            })?
+        };
+        let inner = u32::try_from(e.inner_offset)
+            .map_err(|_| Error::bad_entry(path, format!("innerOffset {}", e.inner_offset)))?;
+        let zeros = match e.chunk_type.as_str() {
+            "" => false,
+            "zeros" => true,
+            other => {
+                return Err(Error::bad_entry(
+                    path,
+                    format!("unknown chunkType {other:?}"),
+                ));
+            }
+        };
+        if let Some(prev) = previous
+            && (offset < prev.offset || (offset == prev.offset && inner <= prev.inner))
+        {
+            return Err(Error::bad_entry(path, "chunk offsets go backwards"));
+        }
+        self.raw_chunks.push(RawChunk {
+            offset,
+            explicit_end: 0,
+            file_offset,
+            size,
+            digest,
+            inner,
+            zeros,
+            prefetch: e.prefetch,
+        });
+        Ok(())
+    }
+
+    /// The open file's chunks are all in: check that they tile it, and say where
+    /// zstd:chunked frames end.
+    fn close_file(&mut self) -> Result<()> {
+        let Some(file) = self.file.take() else {
+            return Ok(());
+        };
+        let path = file.path.as_str();
+        let chunks = &mut self.raw_chunks[file.first_chunk..];
+        let covered = chunks.last().map_or(0, |c| c.file_offset + c.size);
+        if covered != file.size {
+            return Err(Error::bad_entry(
+                path,
+                format!("chunks cover {covered} bytes of a {}-byte file", file.size),
+            ));
+        }
+        if file.first_undigested {
+            chunks[0].digest = file
+                .file_digest
+                .ok_or_else(|| Error::bad_entry(path, "chunk without chunkDigest"))?;
+        }
+        // zstd:chunked says where each frame ends: the next chunk's frame, or endOffset.
+        if self.format.is_zstd() {
+            let n = chunks.len();
+            for i in 0..n {
+                chunks[i].explicit_end = if i + 1 < n {
+                    Some(chunks[i + 1].offset)
+                        .filter(|&e| e > chunks[i].offset)
+                        .unwrap_or(0)
+                } else {
+                    file.end_offset
+                };
+            }
+        }
+        let count = u32::try_from(chunks.len()).map_err(|_| Error::bad_toc("too many chunks"))?;
+        let node = &mut self.nodes[file.node as usize];
+        node.a = u32::try_from(file.first_chunk).map_err(|_| Error::bad_toc("too many chunks"))?;
+        node.b = count;
+        Ok(())
+    }
+
+    fn check_cancel(&self, i: usize) -> Result<()> {
+        if i.is_multiple_of(CANCEL_EVERY) {
+            self.cancel.check()?;
+        }
+        Ok(())
+    }
+
+    /// A node's path, for error messages.
+    fn path_of(&self, mut i: u32) -> String {
+        let mut parts = Vec::new();
+        while i != 0 && parts.len() < self.nodes.len() {
+            parts.push(String::from_utf8_lossy(self.name_of(i)).into_owned());
+            i = self.nodes[i as usize].parent;
+        }
+        parts.reverse();
+        parts.join("/")
+    }
+
+    /// Orders the nodes as the index keeps them (the root, then every directory's
+    /// children sorted by name, directories in the order of their paths as strings),
+    /// and places chunks and hardlinks.
+    pub(super) fn finish(mut self, payload_end: u64) -> Result<Index> {
+        self.close_file()?;
+        drop(std::mem::take(&mut self.table));
+        // What the parse grew by doubling is given back before the index is made beside it.
+        self.nodes.shrink_to_fit();
+        self.raw_chunks.shrink_to_fit();
+        self.names.shrink_to_fit();
+        let n = self.nodes.len();
+        // Children lists by arrival index: counts, then offsets, then fill.
+        let mut first = vec![0u32; n + 1];
+        for (i, node) in self.nodes.iter().enumerate().skip(1) {
+            self.check_cancel(i)?;
+            first[node.parent as usize + 1] += 1;
+        }
+        for i in 0..n {
+            first[i + 1] += first[i];
+        }
+        let mut children = vec![0u32; n.saturating_sub(1)];
+        let mut fill = first.clone();
+        for (i, node) in self.nodes.iter().enumerate().skip(1) {
+            let p = node.parent as usize;
+            if self.nodes[p].kind != EntryKind::Dir {
+                return Err(Error::bad_entry(
+                    &self.path_of(i as u32),
+                    "parent is not a directory",
+                ));
+            }
+            children[fill[p] as usize] = i as u32;
+            fill[p] += 1;
+        }
+        drop(fill);
+        let kids = |d: u32| first[d as usize] as usize..first[d as usize + 1] as usize;
+        for d in 0..n {
+            self.check_cancel(d)?;
+            let range = kids(d as u32);
+            if range.len() > 1 {
+                let (nodes, names) = (&self.nodes, &self.names);
+                let name = |i: u32| {
+                    let n = &nodes[i as usize];
+                    &names[n.name_off as usize..n.name_off as usize + n.name_len as usize]
+                };
+                children[range].sort_unstable_by(|&x, &y| name(x).cmp(name(y)));
+            }
+        }
+        // Directories in the order of their paths as strings: a directory's own path
+        // sorts by its name, its descendants' by its name and a '/' (so "a", "a-b",
+        // "a-b/c", "a/c": '-' sorts before '/').
+        enum Step {
+            Group(u32),
+            Below(u32),
+        }
+        let has_children = |d: u32| !kids(d).is_empty();
+        let mut order: Vec<u32> = Vec::with_capacity(n);
+        let mut dir_first = vec![0u32; n];
+        order.push(0);
+        let mut stack = vec![Step::Below(0), Step::Group(0)];
+        let mut items: Vec<(u32, bool)> = Vec::new();
+        let mut steps = 0usize;
+        while let Some(step) = stack.pop() {
+            steps += 1;
+            self.check_cancel(steps)?;
+            match step {
+                Step::Group(d) => {
+                    dir_first[d as usize] = order.len() as u32;
+                    order.extend_from_slice(&children[kids(d)]);
+                }
+                Step::Below(d) => {
+                    items.clear();
+                    for &c in &children[kids(d)] {
+                        if self.nodes[c as usize].kind == EntryKind::Dir && has_children(c) {
+                            items.push((c, false));
+                            items.push((c, true));
+                        }
+                    }
+                    let key = |&(c, below): &(u32, bool)| {
+                        self.name_of(c)
+                            .iter()
+                            .chain(below.then_some(&b'/'))
+                            .copied()
+                    };
+                    items.sort_by(|x, y| key(x).cmp(key(y)));
+                    stack.extend(items.iter().rev().map(|&(c, below)| {
+                        if below {
+                            Step::Below(c)
+                        } else {
+                            Step::Group(c)
+                        }
+                    }));
+                }
+            }
+        }
+        drop(stack);
+        let mut final_id = vec![0u32; n];
+        for (pos, &i) in order.iter().enumerate() {
+            final_id[i as usize] = pos as u32;
+        }
+        // The index's nodes, names and chunks, in final order.
+        let mut idx = Index {
+            nodes: Vec::with_capacity(n),
+            chunks: Vec::new(),
+            xattrs: std::mem::take(&mut self.xattrs),
+            strings: std::mem::take(&mut self.strings),
+            prefetch_landmark: self.prefetch_landmark.map(|i| NodeId(final_id[i as usize])),
+            no_prefetch_landmark: self.no_prefetch_landmark,
+        };
+        let mut starts: Vec<u64> = Vec::new();
+        let mut hardlinks: Vec<u32> = Vec::new();
+        for (pos, &i) in order.iter().enumerate() {
+            self.check_cancel(pos)?;
+            let mut node = self.nodes[i as usize];
+            let name = self.name_of(i);
+            let (off, _) = push_bytes(&mut idx.strings, name, "")?;
+            node.name_off = off;
+            node.parent = final_id[node.parent as usize];
+            match node.kind {
+                EntryKind::Dir => {
+                    node.a = dir_first[i as usize];
+                    node.b = kids(i).len() as u32;
+                }
+                EntryKind::Reg => {
+                    let raw = &self.raw_chunks[node.a as usize..(node.a + node.b) as usize];
+                    starts.extend(raw.iter().map(|c| c.offset));
+                }
+                EntryKind::Hardlink => hardlinks.push(pos as u32),
+                _ => {}
+            }
+            idx.nodes.push(node);
+        }
+        drop((order, final_id, dir_first, children, first));
+        drop(std::mem::take(&mut self.names));
+        self.place_chunks(&mut idx, starts, payload_end)?;
+        self.link_hardlinks(&mut idx, &hardlinks)?;
+        idx.nodes.shrink_to_fit();
+        idx.chunks.shrink_to_fit();
+        idx.xattrs.shrink_to_fit();
+        idx.strings.shrink_to_fit();
+        Ok(idx)
+    }
+
+    /// Every file's chunks into the index, with their compressed ends.
+    fn place_chunks(&self, idx: &mut Index, mut starts: Vec<u64>, payload_end: u64) -> Result<()> {
+        // Every distinct member start, to find where a member ends when the TOC does not
+        // say (eStargz: the next larger offset, or the TOC).
+        starts.sort_unstable();
+        starts.dedup();
+        let next_start = |off: u64| -> u64 {
+            let i = starts.partition_point(|&s| s <= off);
+            starts.get(i).copied().unwrap_or(payload_end)
+        };
+        let total: usize = idx
+            .nodes
+            .iter()
+            .filter(|n| n.kind == EntryKind::Reg)
+            .map(|n| n.b as usize)
+            .sum();
+        idx.chunks.reserve_exact(total);
+        for id in 0..idx.nodes.len() {
+            self.check_cancel(id)?;
+            let node = idx.nodes[id];
+            if node.kind != EntryKind::Reg {
+                continue;
+            }
+            let raw = &self.raw_chunks[node.a as usize..(node.a + node.b) as usize];
+            let first =
+                u32::try_from(idx.chunks.len()).map_err(|_| Error::bad_toc("too many chunks"))?;
+            for c in raw {
+                if c.offset >= payload_end {
+                    return Err(Error::bad_entry(
+                        &idx.path_of(NodeId(id as u32)),
+                        format!(
+                            "chunk offset {} is not before the TOC at {payload_end}",
+                            c.offset
+                        ),
+                    ));
+                }
+                let natural = next_start(c.offset);
+                let end = match c.explicit_end {
+                    0 => natural,
+                    e if e > natural => {
+                        return Err(Error::bad_entry(
+                            &idx.path_of(NodeId(id as u32)),
+                            format!(
+                                "chunk range {}..{e} overlaps the member at {natural}",
+                                c.offset
+                            ),
+                        ));
+                    }
+                    e if e <= c.offset => {
+                        return Err(Error::bad_entry(
+                            &idx.path_of(NodeId(id as u32)),
+                            format!("chunk range {}..{e} is empty or reversed", c.offset),
+                        ));
+                    }
+                    e => e,
+                };
+                if c.size > MAX_CHUNK_SIZE {
+                    return Err(Error::bad_entry(
+                        &idx.path_of(NodeId(id as u32)),
+                        format!(
+                            "a chunk of {} bytes: lazy mounts take chunks of at most \
+                             {MAX_CHUNK_SIZE} bytes (converters write 4 MiB)",
+                            c.size
+                        ),
+                    ));
+                }
+                idx.chunks.push(Chunk {
+                    comp_offset: c.offset,
+                    comp_end: end,
+                    file_offset: c.file_offset,
+                    size: c.size,
+                    digest: c.digest,
+                    inner_offset: c.inner,
+                    zeros: c.zeros,
+                    prefetch: c.prefetch,
+                });
+            }
+            idx.nodes[id].a = first;
+        }
+        // Chunks that share a member must not claim the same decompressed bytes.
+        let mut by_member: Vec<(u64, u64, u64)> = idx
+            .chunks
+            .iter()
+            .map(|c| (c.comp_offset, c.inner_offset as u64, c.size))
+            .collect();
+        by_member.sort_unstable();
+        for w in by_member.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            if a.0 == b.0 && a.1 + a.2 > b.1 {
+                return Err(Error::bad_toc(format!(
+                    "chunks overlap inside the member at {}",
+                    a.0
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Hardlinks point at the node of their (non-directory) target.
+    fn link_hardlinks(&self, idx: &mut Index, hardlinks: &[u32]) -> Result<()> {
+        let target_of = |idx: &Index, id: u32| -> Result<NodeId> {
+            let n = idx.nodes[id as usize];
+            let bytes = &self.links[n.a as usize..(n.a + n.b) as usize];
+            let text = std::str::from_utf8(bytes).unwrap_or("");
+            idx.lookup(text).ok_or_else(|| {
+                Error::bad_entry(
+                    &idx.path_of(NodeId(id)),
+                    format!("hardlink target {text:?} missing"),
+                )
+            })
+        };
+        // Resolve every target before any node's `a` changes meaning.
+        let mut resolved = Vec::with_capacity(hardlinks.len());
+        for (i, &id) in hardlinks.iter().enumerate() {
+            self.check_cancel(i)?;
+            resolved.push(target_of(idx, id)?);
+        }
+        let first_target = |id: u32| resolved[hardlinks.binary_search(&id).unwrap_or(0)];
+        let mut finals = Vec::with_capacity(hardlinks.len());
+        for (i, &id) in hardlinks.iter().enumerate() {
+            self.check_cancel(i)?;
+            let mut t = first_target(id);
+            let mut hops = 0;
+            while idx.nodes[t.0 as usize].kind == EntryKind::Hardlink {
+                if hops >= 64 {
+                    return Err(Error::bad_entry(
+                        &idx.path_of(NodeId(id)),
+                        "hardlink chain does not end",
+                    ));
+                }
+                t = first_target(t.0);
+                hops += 1;
+            }
+            let target = idx.nodes[t.0 as usize];
+            if target.kind == EntryKind::Dir {
+                return Err(Error::bad_entry(
+                    &idx.path_of(NodeId(id)),
+                    "hardlink to a directory",
+                ));
+            }
+            let tn = &mut idx.nodes[t.0 as usize];
+            tn.nlink = tn.nlink.saturating_add(1);
+            finals.push(t);
+        }
+        // Only now: until every chain was followed, `a` held the link's target text.
+        for (&id, &t) in hardlinks.iter().zip(&finals) {
+            let target = idx.nodes[t.0 as usize];
+            let n = &mut idx.nodes[id as usize];
+            n.a = t.0;
+            n.size = target.size;
+        }
+        for &id in hardlinks {
+            let t = idx.nodes[id as usize].a as usize;
+            idx.nodes[id as usize].nlink = idx.nodes[t].nlink;
+        }
+        Ok(())
+    }
+}
+
+impl Index {
+    /// Builds the index from a parsed TOC. `payload_end` is where file payloads end in
+    /// the blob (the TOC's offset); every chunk must lie before it.
+    pub fn from_toc(toc: &Toc, payload_end: u64, format: Format) -> Result<Index> {
+        if toc.version != 1 {
+            return Err(Error::bad_toc(format!(
+                "version {}, only 1 is known",
+                toc.version
+            )));
+        }
+        let cancel = Cancel::default();
+        let mut builder = Builder::new(format, None, &cancel);
+        for e in &toc.entries {
+            builder.push(e)?;
+        }
+        builder.finish(payload_end)
+    }
+
+    /// Builds the index straight from the TOC's JSON, an entry at a time (no [`Toc`] is
+    /// made): memory and time in proportion to the JSON's size, stopped when `cancel`
+    /// is set.
+    pub fn from_json(
+        json: &[u8],
+        payload_end: u64,
+        format: Format,
+        cancel: &Cancel,
+    ) -> Result<Index> {
+        let mut builder = Builder::new(format, Some(json.len() as u64), cancel);
+        let mut failed = None;
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let parsed = TocSeed {
+            builder: &mut builder,
+            failed: &mut failed,
+        }
+        .deserialize(&mut de)
+        .and_then(|version| de.end().map(|()| version));
+        let version = match (parsed, failed) {
+            (_, Some(e)) => return Err(e),
+            (Err(e), None) => return Err(Error::bad_toc(format!("TOC JSON: {e}"))),
+            (Ok(v), None) => v,
+        };
+        if version != 1 {
+            return Err(Error::bad_toc(format!(
+                "version {version}, only 1 is known"
+            )));
+        }
+        builder.finish(payload_end)
+    }
+}
+
+/// The TOC document, its entries handed to the builder as they are parsed.
+struct TocSeed<'a, 'c> {
+    builder: &'a mut Builder<'c>,
+    /// The builder's own error, which serde can only carry as text.
+    failed: &'a mut Option<Error>,
+}
+
+impl<'de> DeserializeSeed<'de> for TocSeed<'_, '_> {
+    type Value = i64;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> std::result::Result<i64, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TocSeed<'_, '_> {
+    type Value = i64;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a TOC object")
+    }
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> std::result::Result<i64, M::Error> {
+        let (mut version, mut entries) = (None, false);
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "version" if version.is_none() => version = Some(map.next_value::<i64>()?),
+                "entries" if !entries => {
+                    entries = true;
+                    map.next_value_seed(EntriesSeed {
+                        builder: &mut *self.builder,
+                        failed: &mut *self.failed,
+                    })?;
+                }
+                "version" | "entries" => {
+                    return Err(de::Error::custom(format!("duplicate field `{key}`")));
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        version.ok_or_else(|| de::Error::missing_field("version"))
+    }
+}
+
+struct EntriesSeed<'a, 'c> {
+    builder: &'a mut Builder<'c>,
+    failed: &'a mut Option<Error>,
+}
+
+impl<'de> DeserializeSeed<'de> for EntriesSeed<'_, '_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EntriesSeed<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a list of TOC entries")
+    }
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> std::result::Result<(), S::Error> {
+        while let Some(entry) = seq.next_element::<TocEntry>()? {
+            if let Err(e) = self.builder.push(&entry) {
+                let text = e.to_string();
+                *self.failed = Some(e);
+                return Err(de::Error::custom(text));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(name: &str, size: i64, offset: i64, digest: &Digest) -> TocEntry {
+        TocEntry {
+            name: name.into(),
+            kind: "reg".into(),
+            size,
+            offset,
+            chunk_digest: digest.to_string(),
+            digest: digest.to_string(),
+            mode: 0o644,
+            ..Default::default()
+        }
+    }
+
+    fn toc(entries: Vec<TocEntry>) -> Toc {
+        Toc {
+            version: 1,
+            entries,
+            tar_split_digest: String::new(),
+        }
+    }
+
+    #[test]
+    fn normalizes_and_rejects_unsafe_names() {
+        assert_eq!(normalize_path("./a//b/./c/").unwrap(), "a/b/c");
+        assert_eq!(normalize_path("./").unwrap(), "");
+        assert!(normalize_path("a/../../etc").is_err());
+        assert!(normalize_path("/etc/passwd").is_err());
+        assert!(normalize_path("..").is_err());
+        let longest = "n".repeat(255);
+        assert_eq!(
+            normalize_path(&format!("d/{longest}")).unwrap(),
+            format!("d/{longest}")
+        );
+        let err = normalize_path(&format!("d/{longest}x/f")).unwrap_err();
+        assert!(err.to_string().contains("256 bytes"), "{err}");
+        assert!(normalize_path("a\0b").is_err());
+    }
+
+    #[test]
+    fn builds_tree_with_implicit_dirs_hardlinks_and_lookup() {
+        let d = Digest::of(b"x");
+        let mut link = TocEntry {
+            name: "c/hl".into(),
+            kind: "hardlink".into(),
+            link_name: "a/b/f".into(),
+            ..Default::default()
+        };
+        let t = toc(vec![
+            reg("a/b/f", 1, 100, &d),
+            TocEntry {
+                name: "a/".into(),
+                kind: "dir".into(),
+                mode: 0o700,
+                ..Default::default()
+            },
+            link.clone(),
+            TocEntry {
+                name: "c/sym".into(),
+                kind: "symlink".into(),
+                link_name: "../a".into(),
+                ..Default::default()
+            },
+            TocEntry {
+                name: "dev/null".into(),
+                kind: "char".into(),
+                dev_major: 1,
+                dev_minor: 3,
+                ..Default::default()
+            },
+        ]);
+        let idx = Index::from_toc(&t, 1000, Format::Estargz).unwrap();
+        let f = idx.lookup("a/b/f").unwrap();
+        assert_eq!(idx.entry(f).size(), 1);
+        assert_eq!(idx.entry(f).nlink(), 2);
+        assert_eq!(idx.path_of(f), "a/b/f");
+        assert_eq!(idx.entry(idx.lookup("a").unwrap()).mode(), 0o700);
+        // Implicit "a/b" and "c" directories exist.
+        assert_eq!(
+            idx.entry(idx.lookup("/a/b").unwrap_or(NodeId(999))).kind(),
+            EntryKind::Dir
+        );
+        let hl = idx.lookup("c/hl").unwrap();
+        assert_eq!(idx.resolve(hl), f);
+        assert_eq!(
+            idx.entry(idx.lookup("c/sym").unwrap()).symlink_target(),
+            Some("../a")
+        );
+        assert_eq!(
+            idx.entry(idx.lookup("dev/null").unwrap()).device(),
+            Some((1, 3))
+        );
+        let names: Vec<&str> = idx.root().children().map(|c| idx.entry(c).name()).collect();
+        assert_eq!(names, ["a", "c", "dev"]);
+        assert!(idx.lookup("a/nope").is_none());
+        assert!(idx.lookup("../a").is_none());
+        // The chunk runs to the TOC since nothing follows it.
+        assert_eq!(idx.entry(f).chunks()[0].comp_end, 1000);
+
+        link.link_name = "missing".into();
+        let t = toc(vec![link]);
+        assert!(Index::from_toc(&t, 1000, Format::Estargz).is_err());
+    }
+
+    #[test]
+    fn rejects_bad_chunk_tables() {
+        let d = Digest::of(b"x");
+        let chunk = |off: i64, coff: i64, size: i64| TocEntry {
+            name: "f".into(),
+            kind: "chunk".into(),
+            offset: off,
+            chunk_offset: coff,
+            chunk_size: size,
+            chunk_digest: d.to_string(),
+            ..Default::default()
+        };
+        let first = |size: i64| {
+            let mut r = reg("f", 10, 100, &d);
+            r.chunk_size = size;
+            r
+        };
+        let ok = toc(vec![first(4), chunk(200, 4, 0)]);
+        let idx = Index::from_toc(&ok, 1000, Format::Estargz).unwrap();
+        let biggest = toc(vec![reg("f", MAX_CHUNK_SIZE as i64, 100, &d)]);
+        Index::from_toc(&biggest, 1000, Format::Estargz).unwrap();
+        let cs = idx.entry(idx.lookup("f").unwrap()).chunks();
+        assert_eq!((cs[0].comp_end, cs[1].size), (200, 6));
+
+        for (what, t, end) in [
+            (
+                "sizes do not add up",
+                toc(vec![first(4), chunk(200, 4, 3)]),
+                1000,
+            ),
+            ("gap", toc(vec![first(4), chunk(200, 5, 0)]), 1000),
+            ("out of blob", toc(vec![first(4), chunk(2000, 4, 0)]), 1000),
+            ("backwards", toc(vec![first(4), chunk(50, 4, 0)]), 1000),
+            ("orphan chunk", toc(vec![chunk(200, 4, 0)]), 1000),
+            ("negative size", toc(vec![reg("f", -1, 100, &d)]), 1000),
+            ("no offset", toc(vec![reg("f", 3, 0, &d)]), 1000),
+            ("dotdot", toc(vec![reg("../f", 1, 100, &d)]), 1000),
+            ("absolute", toc(vec![reg("/f", 1, 100, &d)]), 1000),
+            (
+                "one chunk over the bound",
+                toc(vec![reg("f", MAX_CHUNK_SIZE as i64 + 1, 100, &d)]),
+                1000,
+            ),
+        ] {
+            assert!(Index::from_toc(&t, end, Format::Estargz).is_err(), "{what}");
+        }
+        // zstd:chunked endOffset past the next file's frame overlaps it.
+        let mut a = reg("a", 1, 100, &d);
+        a.end_offset = 250;
+        let b = reg("b", 1, 200, &d);
+        let t = toc(vec![a, b]);
+        assert!(Index::from_toc(&t, 1000, Format::ZstdChunked).is_err());
+        // Two files claiming the same bytes of one member overlap.
+        let t = toc(vec![reg("a", 5, 100, &d), reg("b", 5, 100, &d)]);
+        assert!(Index::from_toc(&t, 1000, Format::Estargz).is_err());
+        // Bad version.
+        let mut t = toc(vec![]);
+        t.version = 2;
+        assert!(Index::from_toc(&t, 1000, Format::Estargz).is_err());
+    }
+
+    #[test]
+    fn hundred_thousand_entries_stay_under_200_bytes_each() {
+        let n = 100_000;
+        let mut entries = Vec::with_capacity(n);
+        for d in 0..100 {
+            entries.push(TocEntry {
+                name: format!("usr/share/dir{d:03}/"),
+                kind: "dir".into(),
+                mode: 0o755,
+                modtime: "2024-01-01T00:00:00Z".into(),
+                ..Default::default()
+            });
+        }
+        for i in 0..n - 100 {
+            let dg = Digest::of(&(i as u64).to_le_bytes());
+            let mut e = reg(
+                &format!("usr/share/dir{:03}/file-{i:06}.txt", i % 100),
+                1000,
+                100 + i as i64 * 600,
+                &dg,
+            );
+            e.modtime = "2024-01-01T00:00:00Z".into();
+            entries.push(e);
+        }
+        let t = toc(entries);
+        let idx = Index::from_toc(&t, 100 + n as u64 * 600, Format::Estargz).unwrap();
+        let per_entry = idx.bytes_per_entry();
+        assert_eq!(per_entry, idx.heap_bytes() as f64 / idx.len() as f64);
+        eprintln!("index: {} entries, {per_entry:.1} bytes/entry", idx.len());
+        assert!(per_entry < 200.0, "{per_entry} bytes per entry");
+        let f = idx.lookup("usr/share/dir007/file-000507.txt").unwrap();
+        assert_eq!(idx.entry(f).size(), 1000);
+        assert_eq!(
+            idx.entry(idx.lookup("usr/share/dir007").unwrap())
+                .children()
+                .count(),
+            999
+        );
+    }
+
+    fn dir(name: &str) -> TocEntry {
+        TocEntry {
+            name: name.into(),
+            kind: "dir".into(),
+            ..Default::default()
+        }
+    }
+
+    fn fifo(name: &str) -> TocEntry {
+        TocEntry {
+            name: name.into(),
+            kind: "fifo".into(),
+            ..Default::default()
+        }
+    }
+
+    fn json_of(t: &Toc) -> Vec<u8> {
+        serde_json::to_vec(t).unwrap()
+    }
+
+    #[test]
+    fn nodes_are_ordered_by_parent_path_then_name_as_strings() {
+        // '-' and '.' sort before '/': "a-b/c" comes before "a/c" although "a" < "a-b".
+        let names = [
+            "a/c", "a-b/c", "a", "a.b/x", "b", "a/b/c", "x/y/z", "a-b", "a/b", "a/b/d/e", "a0/q",
+        ];
+        let mut entries: Vec<TocEntry> = names.iter().map(|n| fifo(n)).collect();
+        for d in ["a", "a-b", "a/b"] {
+            let i = names.iter().position(|n| *n == d).unwrap();
+            entries[i] = dir(d);
+        }
+        let t = toc(entries);
+        let idx = Index::from_toc(&t, 1000, Format::Estargz).unwrap();
+        let by_json =
+            Index::from_json(&json_of(&t), 1000, Format::Estargz, &Cancel::new()).unwrap();
+        let paths: Vec<String> = (0..idx.len())
+            .map(|i| idx.path_of(NodeId(i as u32)))
+            .collect();
+        let json_paths: Vec<String> = (0..by_json.len())
+            .map(|i| by_json.path_of(NodeId(i as u32)))
+            .collect();
+        assert_eq!(paths, json_paths);
+        // The order as defined: the root, then (parent path, name) as strings.
+        let mut expected = paths.clone();
+        let split = |p: &str| match p.rfind('/') {
+            Some(i) => (p[..i].to_string(), p[i + 1..].to_string()),
+            None => (String::new(), p.to_string()),
+        };
+        expected[1..].sort_by_key(|p| split(p));
+        assert_eq!(paths[0], "");
+        assert_eq!(paths, expected);
+        for p in ["a/b/d", "x", "x/y", "a.b", "a0"] {
+            assert!(paths.iter().any(|q| q == p), "implied {p}");
+        }
+        for (i, p) in paths.iter().enumerate() {
+            assert_eq!(idx.lookup(p), Some(NodeId(i as u32)), "{p}");
+        }
+    }
+
+    #[test]
+    fn a_later_entry_replaces_an_earlier_one_and_its_chunks() {
+        let (d1, d2) = (Digest::of(b"1"), Digest::of(b"2"));
+        let t = toc(vec![
+            TocEntry {
+                chunk_size: 5,
+                ..reg("f", 10, 100, &d1)
+            },
+            TocEntry {
+                name: "f".into(),
+                kind: "chunk".into(),
+                offset: 900,
+                chunk_offset: 5,
+                chunk_size: 5,
+                chunk_digest: d1.to_string(),
+                ..Default::default()
+            },
+            reg("f", 3, 300, &d2),
+            reg("g", 4, 400, &d2),
+        ]);
+        let idx = Index::from_json(&json_of(&t), 1000, Format::Estargz, &Cancel::new()).unwrap();
+        let f = idx.entry(idx.lookup("f").unwrap());
+        assert_eq!(f.size(), 3);
+        assert_eq!(f.chunks().len(), 1);
+        // The replaced file's member at 900 no longer ends anyone's member: f's ends at g's.
+        assert_eq!(
+            (f.chunks()[0].comp_offset, f.chunks()[0].comp_end),
+            (300, 400)
+        );
+        assert_eq!(
+            idx.entry(idx.lookup("g").unwrap()).chunks()[0].comp_end,
+            1000
+        );
+    }
+
+    #[test]
+    fn paths_over_path_max_are_refused_and_up_to_it_kept() {
+        let longest = vec!["d"; MAX_PATH_LEN / 2 + 1].join("/");
+        assert_eq!(longest.len(), MAX_PATH_LEN);
+        let ok = toc(vec![fifo(&longest)]);
+        let idx = Index::from_json(&json_of(&ok), 1000, Format::Estargz, &Cancel::new()).unwrap();
+        assert_eq!(idx.len(), 2 + MAX_PATH_LEN / 2);
+        let over = toc(vec![fifo(&format!("{longest}/ee"))]);
+        let err =
+            Index::from_json(&json_of(&over), 1000, Format::Estargz, &Cancel::new()).unwrap_err();
+        assert!(err.to_string().contains("PATH_MAX"), "{err}");
+        assert!(
+            err.to_string().len() < 400,
+            "the message shows a shortened path: {err}"
+        );
+    }
+
+    #[test]
+    fn a_cancelled_build_stops_with_cancelled() {
+        let t = toc((0..10_000).map(|i| fifo(&format!("f{i}"))).collect());
+        let cancel = Cancel::new();
+        cancel.cancel();
+        let err = Index::from_json(&json_of(&t), 1000, Format::Estargz, &cancel).unwrap_err();
+        assert!(matches!(err, Error::Cancelled), "{err}");
+        let dropped = Cancel::new();
+        drop(dropped.on_drop());
+        assert!(dropped.is_cancelled());
+    }
+
+    #[test]
+    fn json_faults_are_bad_tocs() {
+        for (json, says) in [
+            (&br#"{"entries":[]}"#[..], "version"),
+            (br#"{"version":2,"entries":[]}"#, "version 2"),
+            (br#"{"version":1,"entries":[{"name":"a"}]}"#, "type"),
+            (br#"{"version":1,"version":1}"#, "duplicate"),
+            (br#"{"version":1,"entries":[]} x"#, "trailing"),
+            (
+                br#"{"version":1,"entries":[{"name":"a","type":"what"}]}"#,
+                "unknown type",
+            ),
+        ] {
+            let err = Index::from_json(json, 1000, Format::Estargz, &Cancel::new()).unwrap_err();
+            assert!(err.to_string().contains(says), "{err} lacks {says:?}");
+        }
+        // Unknown fields are ignored, as Go's encoding/json does.
+        let idx = Index::from_json(
+            br#"{"version":1,"x":[1,{"y":2}],"entries":[{"name":"a","type":"dir","z":0}]}"#,
+            1000,
+            Format::Estargz,
+            &Cancel::new(),
+        )
+        .unwrap();
+        assert_eq!(idx.len(), 2);
+    }
+}
