@@ -115,6 +115,11 @@ pub struct LazyConfig {
     /// not local waits at most this long when its registry is away, then fails (EIO).
     /// Default 15 (see `fusefs::FsConfig::fetch_timeout`).
     pub fetch_timeout_sec: u64,
+    /// Memory, in MB, that parses of layers' metadata (TOCs) may take together; each
+    /// reserves its bound (compressed TOC + 9 x the JSON) before it starts, waits while
+    /// others hold the rest, and a layer whose bound exceeds the whole falls back.
+    /// Default 1536 (one TOC at the 150 MiB cap).
+    pub parse_memory_mb: u64,
 }
 
 impl Default for LazyConfig {
@@ -137,6 +142,7 @@ impl Default for LazyConfig {
             preopen_siblings: true,
             native_copies: true,
             fetch_timeout_sec: fs.fetch_timeout.as_secs(),
+            parse_memory_mb: snapshotter::parse_gate::DEFAULT_PARSE_MEMORY >> 20,
         }
     }
 }
@@ -238,6 +244,13 @@ impl Config {
             .fs_config()
             .validate()
             .map_err(|e| anyhow::anyhow!("[lazy]: {e}"))?;
+        if self.lazy.parse_memory_mb == 0 || self.lazy.parse_memory_mb > 1 << 30 {
+            anyhow::bail!(
+                "[lazy] parse_memory_mb must be 1 to {} MB, not {}",
+                1u64 << 30,
+                self.lazy.parse_memory_mb
+            );
+        }
         Ok(())
     }
 
@@ -337,6 +350,9 @@ insecure = true
             std::time::Duration::from_secs(3)
         );
         assert!(Config::parse("[lazy]\nfetch_timeout_sec = 0\n").is_err());
+        assert!(Config::parse("[lazy]\nparse_memory_mb = 0\n").is_err());
+        let c = Config::parse("[lazy]\nparse_memory_mb = 64\n").unwrap();
+        assert_eq!(c.lazy.parse_memory_mb, 64);
     }
 
     #[test]

@@ -265,7 +265,11 @@ fn lazy_mounter(
         config.lazy.fs_config(),
         tokio::runtime::Handle::current(),
         config.lazy.allow_no_verification,
-    );
+    )
+    .with_parse_gate(snapshotter::parse_gate::ParseGate::new(
+        config.lazy.parse_memory_mb << 20,
+        Duration::from_secs(config.lazy.mount_timeout_sec),
+    ));
     if config.lazy.preopen_siblings {
         mounter = mounter.with_sibling_preopen();
     }

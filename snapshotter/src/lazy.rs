@@ -20,6 +20,7 @@ use serde_json::json;
 use crate::fsutil;
 use crate::holder::HolderClient;
 use crate::libraries::LibraryFinder;
+use crate::parse_gate::ParseGate;
 use crate::preopen::{self, LayerKey, Opened, Preopener};
 use crate::remote::{MountError, MountFuture, MountedInfo, RemoteLayer, RemoteMounter};
 use crate::tocstore::TocStore;
@@ -44,6 +45,8 @@ pub struct FuseMounter {
     /// Fetches the TOCs of an image's other layers while its earlier layers mount; None
     /// when `[lazy] preopen_siblings = false`.
     preopener: Option<Preopener>,
+    /// Every TOC parse (mounts, pre-opens, restores) runs through it.
+    parse_gate: ParseGate,
     /// Mounts that used a pre-opened TOC, since start.
     preopened_mounts: AtomicU64,
     /// Verified layer metadata kept on disk, so restores need no registry; None: every
@@ -361,6 +364,10 @@ impl FuseMounter {
             holder: None,
             held: Mutex::new(HashMap::new()),
             preopener: None,
+            parse_gate: ParseGate::new(
+                crate::parse_gate::DEFAULT_PARSE_MEMORY,
+                std::time::Duration::from_secs(30),
+            ),
             preopened_mounts: AtomicU64::new(0),
             store: None,
             native_copies: false,
@@ -371,6 +378,12 @@ impl FuseMounter {
     /// byte of it is local; later containers are given the copy ([`crate::native`]).
     pub fn with_native_copies(mut self) -> FuseMounter {
         self.native_copies = true;
+        self
+    }
+
+    /// Parses layers' metadata through `gate` (its memory budget and time limit).
+    pub fn with_parse_gate(mut self, gate: ParseGate) -> FuseMounter {
+        self.parse_gate = gate;
         self
     }
 
@@ -686,14 +699,18 @@ impl FuseMounter {
             };
             let (client, repo) = (self.client.clone(), reference.repository.clone());
             // No TOC digest is known yet: the sibling's own Prepare checks it (preopen::accept).
-            let sibling = sibling.clone();
+            let (sibling, gate) = (sibling.clone(), self.parse_gate.clone());
             let open = async move {
                 let blob = registry::RemoteBlob::open(client, repo, digest)
                     .await
                     .map_err(|e| MountError::Registry(e.to_string()))?;
-                Opened::open(Arc::new(blob), &estargz::OpenOptions::default())
-                    .await
-                    .map_err(|e| MountError::opening(&sibling, e))
+                Opened::open(
+                    Arc::new(blob),
+                    &estargz::OpenOptions::default(),
+                    &gate,
+                    &sibling,
+                )
+                .await
             };
             started += usize::from(preopener.start(key, open));
         }
@@ -745,9 +762,7 @@ impl FuseMounter {
             )
             .await
             .map_err(|e| MountError::Registry(e.to_string()))?;
-            Opened::open(Arc::new(blob), &opts)
-                .await
-                .map_err(|e| MountError::opening(&layer.layer_digest, e))
+            Opened::open(Arc::new(blob), &opts, &self.parse_gate, &layer.layer_digest).await
         };
         let (opened, preopened) =
             preopen::use_or_open(claimed, &opts, &layer.layer_digest, fresh).await?;
@@ -798,21 +813,31 @@ impl FuseMounter {
             ),
             None => None,
         };
+        let need = {
+            let (store, digest) = (store.clone(), layer.layer_digest.clone());
+            tokio::task::spawn_blocking(move || store.parse_memory_bound(&digest))
+                .await
+                .map_err(|e| MountError::Mount(format!("reading kept metadata: {e}")))?
+        };
         let (client, layer_digest) = (self.client.clone(), layer.layer_digest.clone());
         let image_ref = layer.image_ref.clone();
-        let loaded = tokio::task::spawn_blocking(move || {
-            store.load(&layer_digest, label, |size| {
-                let remote = registry::RemoteBlob::new(client, reference.repository, digest, size);
-                Arc::new(KeptBlob::new(
-                    layer_digest.clone(),
-                    image_ref,
-                    size,
-                    Arc::new(remote),
-                )) as Arc<dyn estargz::BlobReader>
+        let cancel = estargz::Cancel::new();
+        let stop = cancel.clone();
+        let loaded = self
+            .parse_gate
+            .run(&layer.layer_digest, need, cancel, move || {
+                store.load(&layer_digest, label, &stop, |size| {
+                    let remote =
+                        registry::RemoteBlob::new(client, reference.repository, digest, size);
+                    Arc::new(KeptBlob::new(
+                        layer_digest.clone(),
+                        image_ref,
+                        size,
+                        Arc::new(remote),
+                    )) as Arc<dyn estargz::BlobReader>
+                })
             })
-        })
-        .await
-        .map_err(|e| MountError::Mount(format!("reading kept metadata: {e}")))?;
+            .await?;
         match loaded {
             Ok(kept) => Ok(kept.map(Arc::new)),
             Err(why) => {

@@ -9,6 +9,7 @@ pub mod lazy;
 pub mod lazy_snapshotter;
 pub mod libraries;
 pub mod native;
+pub mod parse_gate;
 pub mod preopen;
 pub mod proto;
 pub mod remote;

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, watch};
 
+use crate::parse_gate::ParseGate;
 use crate::remote::MountError;
 
 /// What a pre-open ends with; the error is only ever logged at debug (a sibling that is
@@ -39,15 +40,36 @@ impl std::fmt::Debug for Opened {
 }
 
 impl Opened {
-    /// Reads the footer and the TOC of `blob`, checked as `opts` asks.
+    /// Reads the footer and the TOC of `blob` and builds its index through `gate` (off
+    /// the async threads, within the parse budget and time), checked as `opts` asks.
+    /// `layer` names the layer in errors.
     pub async fn open(
         blob: Arc<dyn estargz::BlobReader>,
         opts: &estargz::OpenOptions,
-    ) -> estargz::Result<Opened> {
-        let (layer, toc) = estargz::Layer::open_keeping_toc(blob, opts).await?;
+        gate: &ParseGate,
+        layer: &str,
+    ) -> Result<Opened, MountError> {
+        let fetched = estargz::fetch_toc(&*blob, opts)
+            .await
+            .map_err(|e| MountError::opening(layer, e))?;
+        let need = fetched
+            .parse_memory_bound()
+            .map_err(|e| MountError::opening(layer, e))?;
+        let cancel = estargz::Cancel::new();
+        let opts = estargz::OpenOptions {
+            cancel: cancel.clone(),
+            ..opts.clone()
+        };
+        let toc: Arc<[u8]> = Arc::from(&fetched.compressed[..]);
+        let built = gate
+            .run(layer, need, cancel, move || {
+                estargz::Layer::build(blob, &fetched, &opts)
+            })
+            .await?;
+        let layer = built.map_err(|e| MountError::opening(layer, e))?;
         Ok(Opened {
             layer: Arc::new(layer),
-            toc: Arc::from(&toc[..]),
+            toc,
         })
     }
 }
@@ -329,9 +351,8 @@ pub(crate) mod tests {
     }
 
     async fn open(blob: Vec<u8>, opts: estargz::OpenOptions) -> Outcome {
-        Opened::open(Arc::new(estargz::VecBlob::new(blob)), &opts)
-            .await
-            .map_err(|e| MountError::opening("test", e))
+        let gate = ParseGate::new(1 << 30, Duration::from_secs(30));
+        Opened::open(Arc::new(estargz::VecBlob::new(blob)), &opts, &gate, "test").await
     }
 
     fn expecting_toc(digest: estargz::Digest) -> estargz::OpenOptions {

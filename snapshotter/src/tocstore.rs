@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use estargz::{BlobReader, Digest, Footer, Format, Layer, OpenOptions};
+use estargz::{BlobReader, Cancel, Digest, Footer, Format, Layer, OpenOptions};
 use serde_json::{Value, json};
 
 /// The first word of every file; the version follows it.
@@ -116,10 +116,12 @@ impl TocStore {
     /// `label_toc_digest` when given (the snapshot's `toc.digest` label), and against the
     /// expectation it was kept with. Ok(None): nothing kept. Err: the file did not pass
     /// (said why) and is deleted.
+    /// A parse stops when `cancel` is set (then the file is kept).
     pub fn load(
         &self,
         layer_digest: &str,
         label_toc_digest: Option<Digest>,
+        cancel: &Cancel,
         blob: impl FnOnce(u64) -> Arc<dyn BlobReader>,
     ) -> Result<Option<Layer>, String> {
         let Some(path) = self.path_of(layer_digest) else {
@@ -133,22 +135,47 @@ impl TocStore {
                 return Err(format!("reading {}: {e}", path.display()));
             }
         };
-        let checked = check(&bytes, layer_digest, label_toc_digest).and_then(|stored| {
-            Layer::from_parts(
+        let checked = check(&bytes, layer_digest, label_toc_digest, cancel).and_then(|stored| {
+            Layer::from_json(
                 blob(stored.blob_size),
                 stored.blob_size,
                 stored.footer,
-                &stored.parsed,
+                &stored.toc,
+                cancel,
             )
             .map_err(|e| format!("the kept TOC does not index: {e}"))
         });
         match checked {
             Ok(layer) => Ok(Some(layer)),
+            Err(_) if cancel.is_cancelled() => Err("stopped: it ran past its time".into()),
             Err(why) => {
                 let _ = std::fs::remove_file(&path);
                 Err(format!("{}: {why}", path.display()))
             }
         }
+    }
+
+    /// The most memory [`TocStore::load`] may take for `layer_digest` (as
+    /// [`estargz::FetchedToc::parse_memory_bound`]), read from the kept file without
+    /// checking it; the file's size when it cannot be read that far (loading it then
+    /// fails early).
+    pub fn parse_memory_bound(&self, layer_digest: &str) -> u64 {
+        let Some(bytes) = self
+            .path_of(layer_digest)
+            .and_then(|p| std::fs::read(p).ok())
+        else {
+            return 0;
+        };
+        let bound = || -> Option<u64> {
+            let mut lines = bytes.splitn(3, |&b| b == b'\n');
+            let (_, header) = (lines.next()?, lines.next()?);
+            let toc = lines.next()?;
+            let header: Value = serde_json::from_slice(header).ok()?;
+            let footer = parse_footer_json(&header["footer"])?;
+            let json = estargz::toc_json_size(&footer, toc).ok()?;
+            Some(toc.len() as u64 + json.saturating_mul(1 + estargz::PARSE_MEMORY_FACTOR))
+        };
+        bound().unwrap_or(bytes.len() as u64)
     }
 
     /// Whether anything is kept for `layer_digest`.
@@ -186,12 +213,17 @@ impl TocStore {
 struct Stored {
     blob_size: u64,
     footer: Footer,
-    parsed: estargz::ParsedToc,
+    toc: estargz::TocJson,
 }
 
 /// Checks a file's bytes: magic and version, its checksum, the header, and the TOC
 /// against the expectation (the label's TOC digest when given).
-fn check(bytes: &[u8], layer_digest: &str, label: Option<Digest>) -> Result<Stored, String> {
+fn check(
+    bytes: &[u8],
+    layer_digest: &str,
+    label: Option<Digest>,
+    cancel: &Cancel,
+) -> Result<Stored, String> {
     let first_end = bytes
         .iter()
         .take(256)
@@ -242,16 +274,17 @@ fn check(bytes: &[u8], layer_digest: &str, label: Option<Digest>) -> Result<Stor
     let opts = OpenOptions {
         expected_toc_digest: label.or(digest("expected_toc_digest")?),
         expected_manifest_checksum: digest("expected_manifest_checksum")?,
+        cancel: cancel.clone(),
         ..OpenOptions::default()
     };
     if opts.expected_toc_digest.is_none() && opts.expected_manifest_checksum.is_none() {
         return Err("kept without an expectation to verify against".into());
     }
-    let parsed = estargz::parse_toc(&footer, toc, &opts).map_err(|e| format!("TOC: {e}"))?;
+    let toc = estargz::read_toc_json(&footer, toc, &opts).map_err(|e| format!("TOC: {e}"))?;
     Ok(Stored {
         blob_size,
         footer,
-        parsed,
+        toc,
     })
 }
 
@@ -341,7 +374,7 @@ mod tests {
         let (blob, layer, toc, opts) = opened(b"kept across restarts\n").await;
         assert!(
             store
-                .load(DIGEST, None, |_| unreachable!())
+                .load(DIGEST, None, &Cancel::new(), |_| unreachable!())
                 .unwrap()
                 .is_none()
         );
@@ -351,7 +384,7 @@ mod tests {
         // Verified against the expectation it was kept with, and against a label.
         let mut sizes = Vec::new();
         let again = store
-            .load(DIGEST, None, |size| {
+            .load(DIGEST, None, &Cancel::new(), |size| {
                 sizes.push(size);
                 zeros(size)
             })
@@ -363,12 +396,16 @@ mod tests {
         assert_eq!(again.footer(), layer.footer());
         assert_eq!(again.blob_size(), layer.blob_size());
         assert_eq!(again.index().len(), layer.index().len());
-        let labelled = store.load(DIGEST, Some(layer.toc_digest()), zeros).unwrap();
+        let labelled = store
+            .load(DIGEST, Some(layer.toc_digest()), &Cancel::new(), zeros)
+            .unwrap();
         assert!(labelled.is_some());
 
         // The layer reads the same through a real blob.
         let real = store
-            .load(DIGEST, None, |_| Arc::new(estargz::VecBlob::new(blob)))
+            .load(DIGEST, None, &Cancel::new(), |_| {
+                Arc::new(estargz::VecBlob::new(blob))
+            })
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -390,26 +427,37 @@ mod tests {
             let mut bad = good.clone();
             bad[at] ^= 0x40;
             std::fs::write(&path, &bad).unwrap();
-            let err = store.load(DIGEST, None, |_| unreachable!()).unwrap_err();
+            let err = store
+                .load(DIGEST, None, &Cancel::new(), |_| unreachable!())
+                .unwrap_err();
             assert!(err.contains("checksum") || err.contains("version"), "{err}");
             assert!(!path.exists(), "a damaged file was kept");
             assert!(
                 store
-                    .load(DIGEST, None, |_| unreachable!())
+                    .load(DIGEST, None, &Cancel::new(), |_| unreachable!())
                     .unwrap()
                     .is_none()
             );
         }
         // Truncated (a crash mid-write cannot leave this, a full disk elsewhere might).
         std::fs::write(&path, &good[..good.len() - 10]).unwrap();
-        assert!(store.load(DIGEST, None, |_| unreachable!()).is_err());
+        assert!(
+            store
+                .load(DIGEST, None, &Cancel::new(), |_| unreachable!())
+                .is_err()
+        );
         assert!(!path.exists());
 
         // Intact, but the snapshot's label names another TOC: refused, deleted.
         std::fs::write(&path, &good).unwrap();
         let (_, other, _, _) = opened(b"another layer\n").await;
         let err = store
-            .load(DIGEST, Some(other.toc_digest()), |_| unreachable!())
+            .load(
+                DIGEST,
+                Some(other.toc_digest()),
+                &Cancel::new(),
+                |_| unreachable!(),
+            )
             .unwrap_err();
         assert!(err.contains("TOC"), "{err}");
         assert!(!path.exists());
@@ -418,7 +466,11 @@ mod tests {
         std::fs::write(&path, &good).unwrap();
         let elsewhere = DIGEST.replace("0123", "4567");
         std::fs::rename(&path, store.path_of(&elsewhere).unwrap()).unwrap();
-        assert!(store.load(&elsewhere, None, |_| unreachable!()).is_err());
+        assert!(
+            store
+                .load(&elsewhere, None, &Cancel::new(), |_| unreachable!())
+                .is_err()
+        );
         assert!(!store.contains(&elsewhere));
     }
 
@@ -448,7 +500,7 @@ mod tests {
             assert!(store.save(digest, &layer, &toc, &opts).is_err(), "{digest}");
             assert!(
                 store
-                    .load(digest, None, |_| unreachable!())
+                    .load(digest, None, &Cancel::new(), |_| unreachable!())
                     .unwrap()
                     .is_none()
             );
