@@ -215,3 +215,61 @@ async fn containers_created_once_an_image_is_local_read_native_copies_of_its_lay
         "native copies left after the image went"
     );
 }
+
+/// lazysnapd stopped while it copies a layer natively: the copy reads through a FUSE
+/// mount lazysnapd is about to leave to the fd holder, and a read nobody answers would
+/// hold the exiting process forever. The copy stops, lazysnapd exits at once, and no
+/// partial copy is taken for a whole one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_during_a_native_copy_ends_it_and_exits_promptly() {
+    if testkit::skip_unless_root("a_stop_during_a_native_copy_ends_it_and_exits_promptly") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry")).unwrap();
+    let mut daemon = start_lazysnapd(dir.path(), "[lazy]\nbackground_fetch = false\n");
+    // A layer of 300,000 fifos and no payload: wholly local once mounted, and long to copy.
+    let mut json = br#"{"version":1,"entries":["#.to_vec();
+    for i in 0..300_000 {
+        if i > 0 {
+            json.push(b',');
+        }
+        json.extend_from_slice(
+            format!(r#"{{"name":"{:x}/{i:x}","type":"fifo"}}"#, i / 1000).as_bytes(),
+        );
+    }
+    json.extend_from_slice(b"]}");
+    let (blob, diff_id, toc) = testkit::image::estargz_of_toc(&json).unwrap();
+    let layer = common::push_estargz_blob(&registry, "native/fifos", blob, &diff_id, &toc);
+    let mut c = snapshotter::client::connect(&daemon.address).await.unwrap();
+    let prepared = c
+        .prepare(snapshotter::proto::snapshots::PrepareSnapshotRequest {
+            key: "fifos".into(),
+            labels: layer.labels,
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        matches!(&prepared, Err(s) if s.code() == tonic::Code::AlreadyExists),
+        "mounted lazily: {prepared:?}"
+    );
+    let staging = daemon.root.join("native-staging");
+    let copying = testkit::wait_until(Duration::from_secs(30), || {
+        std::fs::read_dir(&staging).is_ok_and(|mut d| d.next().is_some())
+    });
+    assert!(copying, "no native copy started");
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    daemon.stop().unwrap();
+    let took = started.elapsed();
+    eprintln!("stopped during a native copy in {took:?}");
+    assert!(
+        took < Duration::from_secs(12),
+        "lazysnapd took {took:?} to exit"
+    );
+    assert_eq!(
+        native_copies(&daemon.root),
+        0,
+        "a partial copy was taken for whole"
+    );
+}

@@ -61,8 +61,12 @@ fn digest(i: usize) -> String {
     format!("sha256:{i:064x}")
 }
 
+/// Each test holds it throughout: another test's allocations would count in its peak.
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn check(shape: &str, json: &[u8], must_build: bool) {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (peak, built) = build_peak(json);
     let factor = peak as f64 / json.len() as f64;
     eprintln!(
@@ -86,6 +90,7 @@ fn check(shape: &str, json: &[u8], must_build: bool) {
 
 #[test]
 fn the_smallest_entries_stay_within_the_bound() {
+    let _alone = alone();
     let n = 200_000;
     let json = toc_of((0..n).map(|i| format!(r#"{{"name":"{i:x}","type":"dir"}}"#)));
     check("tiny directories", &json, true);
@@ -93,6 +98,7 @@ fn the_smallest_entries_stay_within_the_bound() {
 
 #[test]
 fn one_chunk_files_stay_within_the_bound() {
+    let _alone = alone();
     let n = 100_000;
     let json = toc_of((0..n).map(|i| {
         format!(
@@ -106,6 +112,7 @@ fn one_chunk_files_stay_within_the_bound() {
 
 #[test]
 fn many_small_chunks_stay_within_the_bound() {
+    let _alone = alone();
     let n = 100_000;
     let json = toc_of(
         std::iter::once(format!(
@@ -125,6 +132,7 @@ fn many_small_chunks_stay_within_the_bound() {
 
 #[test]
 fn implied_directories_stay_within_the_bound() {
+    let _alone = alone();
     // Each entry names a fresh chain of one-letter directories: as many implied
     // directories per byte as a name can carry, until the builder refuses.
     let depth = 1000;
@@ -135,6 +143,7 @@ fn implied_directories_stay_within_the_bound() {
 
 #[test]
 fn xattrs_stay_within_the_bound() {
+    let _alone = alone();
     let n = 50_000;
     let json = toc_of((0..n).map(|i| {
         format!(r#"{{"name":"{i:x}","type":"fifo","xattrs":{{"a":"","b":"","c":"","d":""}}}}"#)
@@ -144,6 +153,7 @@ fn xattrs_stay_within_the_bound() {
 
 #[test]
 fn hardlinks_and_symlinks_stay_within_the_bound() {
+    let _alone = alone();
     let n = 100_000;
     let json = toc_of(
         std::iter::once(r#"{"name":"t","type":"fifo"}"#.to_string()).chain((0..n).map(|i| {

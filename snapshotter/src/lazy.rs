@@ -55,6 +55,8 @@ pub struct FuseMounter {
     /// Copy each layer into a plain directory once it is wholly local, for the
     /// containers created after that ([`crate::native`]).
     native_copies: bool,
+    /// Native copies in progress: stopped before the mounts are left or unmounted.
+    copies: Arc<crate::native::NativeCopies>,
 }
 
 /// The chunk cache's sweep leaves the kept metadata of layers it did not list as
@@ -371,6 +373,7 @@ impl FuseMounter {
             preopened_mounts: AtomicU64::new(0),
             store: None,
             native_copies: false,
+            copies: Arc::default(),
         }
     }
 
@@ -605,6 +608,7 @@ impl FuseMounter {
 
     /// Unmounts every layer: nothing is left mounted after exit.
     pub fn unmount_all(&self) {
+        self.stop_native_copies();
         let drained: Vec<_> = self.mounts().drain().collect();
         for (path, mut served) in drained {
             if let Err(e) = served.mounted.unmount() {
@@ -618,6 +622,7 @@ impl FuseMounter {
     /// requests left for the next daemon; the others are unmounted, as they would be
     /// dead without us.
     pub fn leave_all(&self) {
+        self.stop_native_copies();
         let drained: Vec<_> = self.mounts().drain().collect();
         let mut left = 0;
         for (path, mut served) in drained {
@@ -632,6 +637,17 @@ impl FuseMounter {
             layers = left,
             "lazily mounted layers left mounted for the next lazysnapd (the fd holder keeps them)"
         );
+    }
+
+    /// Stops the native copies: each reads through a mount this daemon is about to stop
+    /// serving, and would otherwise wait for an answer forever.
+    fn stop_native_copies(&self) {
+        if !self
+            .copies
+            .stop_and_wait(std::time::Duration::from_secs(10))
+        {
+            tracing::warn!("a native copy did not stop within 10 s; leaving the mounts anyway");
+        }
     }
 
     /// Takes over a connection the holder kept, if there is one for `mountpoint`.
@@ -959,6 +975,7 @@ impl FuseMounter {
                 fs,
                 mountpoint.to_path_buf(),
                 layer.layer_digest.clone(),
+                Arc::clone(&self.copies),
             ));
         }
     }
@@ -1146,6 +1163,7 @@ async fn copy_when_local(
     fs: std::sync::Weak<fusefs::LayerFs>,
     mountpoint: PathBuf,
     digest: String,
+    copies: Arc<crate::native::NativeCopies>,
 ) {
     let mut reads_before = None;
     loop {
@@ -1164,7 +1182,16 @@ async fn copy_when_local(
         drop(layer);
         let started = std::time::Instant::now();
         let path = mountpoint.clone();
-        match tokio::task::spawn_blocking(move || crate::native::make_native_copy(&path)).await {
+        let copy = move || {
+            let Some(_running) = copies.start() else {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "lazysnapd is leaving its mounts",
+                ));
+            };
+            crate::native::make_native_copy(&path, &copies)
+        };
+        match tokio::task::spawn_blocking(copy).await {
             Ok(Ok(copied)) => tracing::info!(layer = %digest, path = %mountpoint.display(),
                 entries = copied.entries, bytes = copied.bytes,
                 seconds = started.elapsed().as_secs_f64(),

@@ -20,6 +20,9 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 /// The name of a remote snapshot's native copy, beside its FUSE mountpoint `fs`.
 pub const NATIVE_DIR: &str = "native";
@@ -40,9 +43,60 @@ pub fn native_of(mountpoint: &Path) -> Option<PathBuf> {
     dir.is_dir().then_some(dir)
 }
 
+/// The native copies in progress, and the word to stop them. A copy reads through the
+/// daemon's own FUSE mount: once the daemon stops serving it (leaving it to the next
+/// one), a copy still reading would wait for an answer forever and hold the exiting
+/// process with it. So the daemon stops the copies and waits for them first.
+#[derive(Debug, Default)]
+pub struct NativeCopies {
+    stop: AtomicBool,
+    running: Mutex<usize>,
+    ended: Condvar,
+}
+
+/// Held by a copy while it runs.
+pub struct CopyRunning<'a>(&'a NativeCopies);
+
+impl Drop for CopyRunning<'_> {
+    fn drop(&mut self) {
+        let mut running = self.0.running.lock().unwrap_or_else(|p| p.into_inner());
+        *running -= 1;
+        self.0.ended.notify_all();
+    }
+}
+
+impl NativeCopies {
+    /// Registers a copy about to start; None once stopping.
+    pub fn start(&self) -> Option<CopyRunning<'_>> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if self.stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        *running += 1;
+        Some(CopyRunning(self))
+    }
+
+    /// Tells every copy to stop at its next entry and waits, at most `patience`, until
+    /// none runs; false if some still did.
+    pub fn stop_and_wait(&self, patience: Duration) -> bool {
+        self.stop.store(true, Ordering::SeqCst);
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let (running, _) = self
+            .ended
+            .wait_timeout_while(running, patience, |n| *n > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        *running == 0
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
 /// Copies the tree at `mountpoint` to `native` beside it. Fails, leaving no `native`,
-/// on any error (the partial copy is removed); succeeds at once if a copy exists.
-pub fn make_native_copy(mountpoint: &Path) -> io::Result<Copied> {
+/// on any error (the partial copy is removed), and when `copies` says stop; succeeds
+/// at once if a copy exists.
+pub fn make_native_copy(mountpoint: &Path, copies: &NativeCopies) -> io::Result<Copied> {
     let no_layout = || io::Error::other("not a snapshot's mountpoint (ROOT/snapshots/ID/fs)");
     let parent = mountpoint.parent().ok_or_else(no_layout)?;
     let snapshots = parent.parent().ok_or_else(no_layout)?;
@@ -62,7 +116,7 @@ pub fn make_native_copy(mountpoint: &Path) -> io::Result<Copied> {
         }
     }
     let partial = staging.join(id);
-    let result = copy_tree(mountpoint, &partial).and_then(|copied| {
+    let result = copy_tree_until(mountpoint, &partial, copies).and_then(|copied| {
         // Every file's data and metadata on disk before the name says it is whole.
         File::open(&partial).and_then(|d| {
             nix::unistd::syncfs(&d).map_err(io::Error::from)?;
@@ -82,25 +136,37 @@ pub fn make_native_copy(mountpoint: &Path) -> io::Result<Copied> {
 /// owner, extended attributes and times; hard links stay hard links; sockets are skipped
 /// (a layer cannot carry their state).
 pub fn copy_tree(src: &Path, dst: &Path) -> io::Result<Copied> {
+    copy_tree_until(src, dst, &NativeCopies::default())
+}
+
+fn copy_tree_until(src: &Path, dst: &Path, copies: &NativeCopies) -> io::Result<Copied> {
     let mut copier = Copier {
         links: HashMap::new(),
         copied: Copied::default(),
+        copies,
     };
     copier.dir(src, dst)?;
     Ok(copier.copied)
 }
 
-struct Copier {
+struct Copier<'a> {
     /// Files with more than one link, by (device, inode), and where the first went.
     links: HashMap<(u64, u64), PathBuf>,
     copied: Copied,
+    copies: &'a NativeCopies,
 }
 
-impl Copier {
+impl Copier<'_> {
     fn dir(&mut self, src: &Path, dst: &Path) -> io::Result<()> {
         let meta = fs::symlink_metadata(src)?;
         fs::create_dir(dst)?;
         for entry in fs::read_dir(src)? {
+            if self.copies.stopping() {
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "stopped: lazysnapd is leaving its mounts",
+                ));
+            }
             let entry = entry?;
             let (from, to) = (entry.path(), dst.join(entry.file_name()));
             let m = fs::symlink_metadata(&from)?;
@@ -221,7 +287,7 @@ mod tests {
             .unwrap();
         }
 
-        let copied = make_native_copy(&src).unwrap();
+        let copied = make_native_copy(&src, &NativeCopies::default()).unwrap();
         let native = native_of(&src).expect("the copy is complete");
         assert_eq!(native, snapshot.join(NATIVE_DIR));
         assert_eq!(
@@ -243,7 +309,10 @@ mod tests {
             assert_eq!((m(p).mtime(), m(p).mtime_nsec()), (1_000_000, 5), "{p}");
         }
         // A second call finds it done.
-        assert_eq!(make_native_copy(&src).unwrap(), Copied::default());
+        assert_eq!(
+            make_native_copy(&src, &NativeCopies::default()).unwrap(),
+            Copied::default()
+        );
     }
 
     #[test]
@@ -251,11 +320,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("snapshots/4/fs");
         fs::create_dir_all(src.parent().unwrap()).unwrap();
-        assert!(make_native_copy(&src).is_err(), "no source tree");
+        assert!(
+            make_native_copy(&src, &NativeCopies::default()).is_err(),
+            "no source tree"
+        );
         assert!(native_of(&src).is_none());
         assert_eq!(
             fs::read_dir(dir.path().join(STAGING_DIR)).unwrap().count(),
             0
         );
+    }
+
+    #[test]
+    fn a_copy_stops_when_told_and_no_new_one_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("snapshots/5/fs");
+        fs::create_dir_all(src.join("d")).unwrap();
+        fs::write(src.join("d/f"), b"x").unwrap();
+        let copies = NativeCopies::default();
+        let running = copies.start().unwrap();
+        // Waiting while one runs: not done within the patience given.
+        assert!(!copies.stop_and_wait(Duration::from_millis(50)));
+        let err = make_native_copy(&src, &copies).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Interrupted, "{err}");
+        assert!(native_of(&src).is_none());
+        drop(running);
+        assert!(copies.stop_and_wait(Duration::from_millis(50)));
+        assert!(copies.start().is_none(), "stopped for good");
     }
 }

@@ -274,6 +274,25 @@ pub fn one_chunk_estargz(name: &str, size: u64) -> anyhow::Result<(Vec<u8>, Stri
     ))
 }
 
+/// An eStargz layer made of nothing but the TOC `toc_json` (entries without payload:
+/// directories, fifos, symlinks), whatever it says: a hostile TOC's carrier. Returns the
+/// blob, its diff ID and the TOC digest that verifies it.
+pub fn estargz_of_toc(toc_json: &[u8]) -> anyhow::Result<(Vec<u8>, String, String)> {
+    let mut toc_tar = tar::Builder::new(Vec::new());
+    let mut th = header(tar::EntryType::Regular, 0o444, toc_json.len() as u64);
+    toc_tar.append_data(&mut th, "stargz.index.json", toc_json)?;
+    let toc_tar = toc_tar.into_inner()?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&toc_tar)?;
+    let mut blob = gz.finish()?;
+    blob.extend(estargz::estargz_footer(0));
+    Ok((
+        blob,
+        format!("sha256:{:x}", Sha256::digest(&toc_tar)),
+        sha256_digest(toc_json),
+    ))
+}
+
 /// A content-addressed blob and its media type.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Blob {

@@ -127,3 +127,37 @@ pub fn file_digests(entries: &[Entry], into: &mut BTreeMap<String, String>) {
         }
     }
 }
+
+/// A layer pushed as a one-layer image, and the labels a Prepare of it carries (as
+/// containerd's remote-snapshot handler sets them).
+pub struct PushedLayer {
+    pub labels: std::collections::HashMap<String, String>,
+    /// The committed snapshot's name (`containerd.io/snapshot.ref`).
+    pub target: String,
+}
+
+/// Pushes a hand-made eStargz `blob` (its diff ID and TOC digest as given) as the only
+/// layer of `REPO:esgz`.
+pub fn push_estargz_blob(
+    registry: &Registry,
+    repo: &str,
+    blob: Vec<u8>,
+    diff_id: &str,
+    toc: &str,
+) -> PushedLayer {
+    use snapshotter::remote;
+    let layer =
+        testkit::image::Layer::precompressed(blob, testkit::image::MEDIA_TYPE_LAYER_GZIP, diff_id)
+            .with_annotation(remote::LABEL_TOC_DIGEST, toc);
+    let digest = format!("sha256:{}", layer.blob.hex());
+    let image = ImageBuilder::new().layer(layer).build().unwrap();
+    let reference = registry.push(repo, "esgz", &image).unwrap();
+    let target = format!("chain-of-{digest}");
+    let labels = std::collections::HashMap::from([
+        (remote::LABEL_TARGET_REF.to_string(), target.clone()),
+        (remote::LABEL_STARGZ_REFERENCE.to_string(), reference),
+        (remote::LABEL_STARGZ_DIGEST.to_string(), digest),
+        (remote::LABEL_TOC_DIGEST.to_string(), toc.to_string()),
+    ]);
+    PushedLayer { labels, target }
+}

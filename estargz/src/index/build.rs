@@ -131,13 +131,16 @@ impl<'c> Builder<'c> {
         let max_implied = json_len.map_or(u64::MAX, |len| {
             (len / BYTES_PER_IMPLIED_DIR).max(CANCEL_EVERY as u64)
         });
+        // Room for as many nodes as the JSON can name (an entry takes 24 bytes or more,
+        // an implied directory 64): growing the table would hash every name again.
+        let slots = json_len.map_or(0, |len| len / 24 + len / BYTES_PER_IMPLIED_DIR);
         Builder {
             format,
             cancel,
             nodes: vec![new_dir(0, 0, 0)],
             names: Vec::new(),
             links: Vec::new(),
-            table: HashTable::new(),
+            table: HashTable::with_capacity(usize::try_from(slots).unwrap_or(0)),
             hasher: std::hash::RandomState::new(),
             raw_chunks: Vec::new(),
             strings: Vec::new(),
