@@ -561,3 +561,88 @@ async fn a_socket_passed_by_systemd_is_served_and_outlives_the_daemon() {
         .unwrap();
     assert!(out.status.success());
 }
+
+/// A child process killed, and waited for, when the test is done with it or fails.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The signals in a `/proc/PID/status` mask line (`SigBlk:` or `SigCgt:`), by number.
+fn signal_mask(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+/// SIGHUP, SIGTERM and SIGINT sent 0, 1 and 2 ms after lazysnapd's own code starts
+/// (it holds them back from its first instruction, before `main`) are handled, never
+/// fatal: HUP reloads and the daemon serves; TERM and INT stop it with exit status 0.
+/// (Between exec and that first instruction, the dynamic loader's 2-3 ms here, no
+/// program can handle a signal; see the README.)
+#[tokio::test(flavor = "multi_thread")]
+async fn signals_from_the_first_instruction_are_handled_not_fatal() {
+    for (signal, name) in [
+        (libc::SIGHUP, "SIGHUP"),
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGINT, "SIGINT"),
+    ] {
+        for delay_ms in [0, 1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = dir.path().join("config.toml");
+            std::fs::write(&config, "[lazy]\nhandover = false\n").unwrap();
+            let log = dir.path().join("log");
+            let socket = dir.path().join("s.sock");
+            let mut child = KilledOnDrop(
+                Command::new(BIN)
+                    .args(["--root", dir.path().join("root").to_str().unwrap()])
+                    .args(["--address", socket.to_str().unwrap()])
+                    .args(["--config", config.to_str().unwrap()])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap())
+                    .spawn()
+                    .unwrap(),
+            );
+            let child = &mut child.0;
+            let pid = child.id();
+            let hup = 1u64 << (libc::SIGHUP - 1);
+            // lazysnapd's first instruction holds the signals back (until its handlers
+            // are in place, milliseconds later): seen held back, its code has begun.
+            let held = (0..200_000).any(|_| signal_mask(pid, "SigBlk:") & hup != 0);
+            assert!(held, "the signals were never held back");
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            testkit::process::send_signal(pid, signal);
+            let what = format!("{name} {delay_ms} ms after start");
+            if signal == libc::SIGHUP {
+                let reloaded = testkit::wait_until(Duration::from_secs(10), || {
+                    std::fs::read_to_string(&log).is_ok_and(|l| l.contains("SIGHUP: reloading"))
+                });
+                assert!(
+                    reloaded,
+                    "{what}: {:?}; log:\n{}",
+                    child.try_wait(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                assert!(child.try_wait().unwrap().is_none(), "{what}: it exited");
+                assert!(testkit::wait_until(Duration::from_secs(10), || socket.exists()));
+                let mut c = snapshotter::client::connect(&socket).await.unwrap();
+                c.prepare(prepare("k", "")).await.unwrap();
+                testkit::process::send_signal(pid, libc::SIGTERM);
+            }
+            let status = child.wait().unwrap();
+            assert_eq!(
+                status.code(),
+                Some(0),
+                "{what}: {status:?}; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+    }
+}

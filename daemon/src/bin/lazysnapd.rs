@@ -38,8 +38,48 @@ struct Args {
     hold_fds: Option<PathBuf>,
 }
 
+/// The signals lazysnapd handles (see [`run`]); until their handlers are in place they
+/// are held back, so that one sent while the daemon starts is handled, not fatal.
+fn daemon_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::Signal;
+    let mut set = nix::sys::signal::SigSet::empty();
+    for s in [
+        Signal::SIGHUP,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
+        set.add(s);
+    }
+    set
+}
+
+extern "C" fn hold_signals_back() {
+    let _ = daemon_signals().thread_block();
+}
+
+/// Holds the daemon's signals back from lazysnapd's first instruction after the dynamic
+/// loader (an initializer runs before Rust's runtime and `main`): without it their
+/// default action, termination, ran for the first milliseconds after exec. Threads
+/// started later inherit the mask; [`let_signals_in`] opens it where handlers are set.
+#[allow(unsafe_code)] // placing a function pointer in .init_array is an unsafe attribute
+#[used]
+#[unsafe(link_section = ".init_array")]
+static HOLD_SIGNALS_BACK: extern "C" fn() = hold_signals_back;
+
+/// Lets the held-back signals in on this thread (pending ones arrive now).
+fn let_signals_in() {
+    let _ = daemon_signals().thread_unblock();
+}
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if args.hold_fds.is_some() || args.unmount_all {
+        // Neither handles these signals: their default actions are meant.
+        let_signals_in();
+    }
     if let Some(socket) = &args.hold_fds {
         // Before anything else: the holder holds fds and nothing more.
         return match snapshotter::holder::serve(socket) {
@@ -148,6 +188,10 @@ async fn run(args: Args, config: Config, log: LogFilter) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
     let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
+    // Every handler is in place (this runs on the main thread, which block_on lends to
+    // it): a signal held back since exec is handled now. Worker threads keep them
+    // blocked, so the kernel hands every one to this thread.
+    let_signals_in();
     let (events, received) = tokio::sync::mpsc::channel(4);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut log_level = config.log_level.clone();
