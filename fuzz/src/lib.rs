@@ -2,5 +2,6 @@
 //! `footer`, `toc`, `layer` and `tar` (estargz's footer, TOC, blob and tar parsing) and
 //! `fuse` (FUSE request decoding and handling). See README.md.
 
+pub mod alloc_count;
 pub mod seeds;
 pub mod targets;
