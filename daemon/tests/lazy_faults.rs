@@ -355,3 +355,157 @@ async fn a_layer_with_a_name_over_255_bytes_falls_back() {
     let labels = push_one_chunk_layer(&registry, "faults/long-name", &name, 10);
     assert_falls_back(&daemon, "long-name", labels, "a component of 256 bytes").await;
 }
+
+/// A TCP proxy to `target` that stops passing bytes, both ways and on every connection,
+/// while its flag is set: a registry that stalls mid-way, as a hung backend or a
+/// black-holed network does.
+struct StallingProxy {
+    host: String,
+    stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallingProxy {
+    async fn start(target: String) -> StallingProxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let stall = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stall.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (in_r, in_w) = inbound.into_split();
+                let (out_r, out_w) = outbound.into_split();
+                for (mut from, mut to, stall) in [
+                    (
+                        Box::new(in_r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                        Box::new(out_w) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                        flag.clone(),
+                    ),
+                    (Box::new(out_r), Box::new(in_w), flag.clone()),
+                ] {
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let Ok(n) = from.read(&mut buf).await else {
+                                return;
+                            };
+                            if n == 0 {
+                                let _ = to.shutdown().await;
+                                return;
+                            }
+                            while stall.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        StallingProxy { host, stall, task }
+    }
+
+    fn set_stalled(&self, stalled: bool) {
+        self.stall
+            .store(stalled, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A layer mounted lazily through a registry that then stalls: a read of a chunk that
+/// is not local fails with EIO after one `fetch_timeout_sec` (not one per request the
+/// kernel queues or retries), another read fails at once while the registry has just
+/// left one unanswered, and once it answers again (and the timeout has passed) the same
+/// file reads right.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_that_stalls_after_the_mount_gives_eio_in_one_timeout() {
+    if testkit::skip_unless_root("a_registry_that_stalls_after_the_mount_gives_eio_in_one_timeout")
+    {
+        return;
+    }
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry")).unwrap();
+    let proxy = StallingProxy::start(registry.host.clone()).await;
+    let config = dir.path().join("lazysnapd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[lazy]\nfetch_timeout_sec = {}\nbackground_fetch = false\nneighbour_fetch_kb = 0\n\
+             native_copies = false\npreopen_siblings = false\n",
+            TIMEOUT.as_secs()
+        ),
+    )
+    .unwrap();
+    let daemon = Lazysnapd::start_with_args(
+        Path::new(LAZYSNAPD),
+        &dir.path().join("ls"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
+    let (blob, diff_id, toc) = testkit::image::one_chunk_estargz("zeros.bin", 4 << 20).unwrap();
+    let layer =
+        testkit::image::Layer::precompressed(blob, testkit::image::MEDIA_TYPE_LAYER_GZIP, &diff_id)
+            .with_annotation(remote::LABEL_TOC_DIGEST, &toc);
+    let digest = format!("sha256:{}", layer.blob.hex());
+    let image = ImageBuilder::new().layer(layer).build().unwrap();
+    registry.push("stall/app", "esgz", &image).unwrap();
+    // The image as the proxy serves it.
+    let reference = format!("{}/stall/app:esgz", proxy.host);
+    let mut c = snapshotter::client::connect(&daemon.address).await.unwrap();
+    let prepared = c
+        .prepare(pb::PrepareSnapshotRequest {
+            key: "stall".into(),
+            labels: labels(&reference, &digest, Some(&toc)),
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        matches!(&prepared, Err(s) if s.code() == tonic::Code::AlreadyExists),
+        "mounted lazily: {prepared:?}"
+    );
+    let file = mounts_under(&daemon.root)[0].join("zeros.bin");
+    let timed_read = |path: std::path::PathBuf| async move {
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            (std::fs::read(&path), started.elapsed())
+        })
+        .await
+        .unwrap()
+    };
+
+    proxy.set_stalled(true);
+    let (read, took) = timed_read(file.clone()).await;
+    eprintln!("a read with the registry stalled: {took:?}, {read:?}");
+    assert_eq!(read.unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert!(took >= TIMEOUT, "failed before the timeout: {took:?}");
+    assert!(
+        took < TIMEOUT + Duration::from_millis(1500),
+        "waited {took:?}: more than one timeout of {TIMEOUT:?}"
+    );
+    let (read, took) = timed_read(file.clone()).await;
+    eprintln!("the next read: {took:?}");
+    assert_eq!(read.unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert!(took < Duration::from_secs(1), "waited {took:?} again");
+    let log = daemon.log();
+    assert!(log.contains("left a request unanswered"), "{log}");
+
+    proxy.set_stalled(false);
+    tokio::time::sleep(TIMEOUT).await;
+    let (read, took) = timed_read(file).await;
+    eprintln!("with the registry answering again: {took:?}");
+    let read = read.unwrap_or_else(|e| panic!("{e}; log:\n{}", daemon.log()));
+    assert!(read.len() == 4 << 20 && read.iter().all(|&b| b == 0));
+}

@@ -71,6 +71,9 @@ struct Inner {
     /// [`RATE_WINDOW`], for the rate the link carries.
     delivered: AtomicU64,
     samples: Mutex<std::collections::VecDeque<(Instant, u64)>>,
+    /// Milliseconds after `epoch` when a request the host did not answer in time ended
+    /// (0: none did).
+    stalled_ms: AtomicU64,
 }
 
 /// How far back the link's rate is measured.
@@ -272,6 +275,7 @@ impl Link {
             }),
             shared_with_reader,
             delivered: AtomicU64::new(0),
+            stalled_ms: AtomicU64::new(0),
             samples: Mutex::new(std::collections::VecDeque::new()),
         }))
     }
@@ -348,6 +352,27 @@ impl Link {
     }
 
     /// `bytes` of a response arrived.
+    /// A request to the host timed out: its reads fail at once for a while (see
+    /// [`Link::stalled_within`]) instead of each waiting out a timeout of its own.
+    pub(crate) fn stalled(&self) {
+        let ms = self.0.epoch.elapsed().as_millis() as u64;
+        self.0.stalled_ms.store(ms.max(1), Ordering::Relaxed);
+    }
+
+    /// How long ago a request to the host timed out, if within `window`.
+    pub(crate) fn stalled_within(&self, window: Duration) -> Option<Duration> {
+        let at = self.0.stalled_ms.load(Ordering::Relaxed);
+        if at == 0 {
+            return None;
+        }
+        let ago = self
+            .0
+            .epoch
+            .elapsed()
+            .saturating_sub(Duration::from_millis(at));
+        (ago < window).then_some(ago)
+    }
+
     pub(crate) fn delivered(&self, bytes: u64) {
         let total = self.0.delivered.fetch_add(bytes, Ordering::Relaxed) + bytes;
         let now = Instant::now();

@@ -129,6 +129,26 @@ impl Fetcher {
         purpose: Purpose,
     ) {
         let len = range.end - range.start;
+        // The host just left a request unanswered for a whole timeout: a reader's new
+        // request fails now, so that one read never waits out several timeouts in turn
+        // (the kernel retries a failed page, and queues reads behind busy ones). The
+        // background waits its turn instead, and tries again after the window.
+        if purpose != Purpose::Background
+            && let Some(ago) = self.link.stalled_within(self.config.fetch_timeout)
+        {
+            let reason: Arc<str> = Arc::from(format!(
+                "the registry left a request unanswered for {:?} {:.1} s ago; not asked \
+                 again for {:.1} s",
+                self.config.fetch_timeout,
+                ago.as_secs_f64(),
+                (self.config.fetch_timeout - ago).as_secs_f64()
+            ));
+            Counters::add(&self.counters.fetch_errors, 1);
+            for lead in leads {
+                self.inflight.finish(lead, Err(reason.clone()));
+            }
+            return;
+        }
         let _busy = purpose
             .class()
             .filter(|_| purpose != Purpose::Prefetch)
@@ -173,7 +193,12 @@ impl Fetcher {
             ..
         } = arriving.into_inner().unwrap_or_else(|p| p.into_inner());
         let failure = match outcome {
-            Err(_) => Some(format!("timed out after {:?}", self.config.fetch_timeout)),
+            Err(_) => {
+                if purpose != Purpose::Background {
+                    self.link.stalled();
+                }
+                Some(format!("timed out after {:?}", self.config.fetch_timeout))
+            }
             Ok(Err(e)) => Some(e.to_string()),
             Ok(Ok(())) if received != len => Some(format!("got {received} bytes, asked for {len}")),
             // Every chunk lies inside the range, so a complete body leaves none waiting.

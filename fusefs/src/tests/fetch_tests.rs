@@ -54,6 +54,46 @@ fn a_stalled_fetch_times_out_with_eio() {
     assert_eq!(f.fs.stats().fetch_errors, 1);
 }
 
+/// After a request the registry left unanswered, a reader's next request fails at
+/// once for the rest of that timeout (the kernel retries a failed page, and reads queue
+/// behind the stalled ones: each must not wait a timeout of its own), and one after the
+/// window asks the registry again and reads right once it answers.
+#[test]
+fn after_a_stall_reads_fail_at_once_until_the_timeout_has_passed_again() {
+    let (blob, src) = sample_blob(OutputFormat::Estargz);
+    let timeout = Duration::from_millis(400);
+    let config = FsConfig {
+        fetch_timeout: timeout,
+        ..quiet_config()
+    };
+    let f = fixture_with(FaultBlob::new(blob), config, 0);
+    f.blob.hold();
+    let started = std::time::Instant::now();
+    assert_eq!(f.read("bin/tool", 0, 10).unwrap_err().errno(), libc::EIO);
+    assert!(started.elapsed() >= timeout);
+    let asked = f.blob.request_count();
+    // Another file, another chunk: no request, no wait.
+    let again = std::time::Instant::now();
+    assert_eq!(f.read("data/big", 0, 10).unwrap_err().errno(), libc::EIO);
+    assert!(
+        again.elapsed() < timeout / 2,
+        "waited {:?}",
+        again.elapsed()
+    );
+    assert_eq!(
+        f.blob.request_count(),
+        asked,
+        "the stalled registry was asked again"
+    );
+    // The window passes and the registry answers: read right.
+    std::thread::sleep(timeout);
+    f.blob.release();
+    assert_eq!(
+        &f.read("data/big", 0, 10).unwrap()[..],
+        &src.files["data/big"][..10]
+    );
+}
+
 #[test]
 fn concurrent_identical_reads_fetch_once() {
     let (blob, src) = sample_blob(OutputFormat::ZstdChunked);
