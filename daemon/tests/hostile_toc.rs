@@ -44,16 +44,13 @@ struct Pushed {
     bound: u64,
 }
 
-fn push(registry: &Registry, repo: &str, blob: Vec<u8>, diff_id: &str, toc: &str) -> Pushed {
-    let footer = estargz::parse_footer(&blob[blob.len() - 51..], blob.len() as u64).unwrap();
-    let compressed = &blob[footer.toc_offset as usize..][..footer.toc_compressed_size as usize];
-    let bound = estargz::FetchedToc {
-        blob_size: blob.len() as u64,
-        footer,
-        compressed: compressed.to_vec().into(),
-    }
-    .parse_memory_bound()
-    .unwrap();
+async fn push(registry: &Registry, repo: &str, blob: Vec<u8>, diff_id: &str, toc: &str) -> Pushed {
+    let copy = estargz::VecBlob::new(blob.clone());
+    let bound = estargz::fetch_toc(&copy, &estargz::OpenOptions::default())
+        .await
+        .unwrap()
+        .parse_memory_bound()
+        .unwrap();
     let pushed = common::push_estargz_blob(registry, repo, blob, diff_id, toc);
     Pushed {
         labels: pushed.labels,
@@ -62,39 +59,19 @@ fn push(registry: &Registry, repo: &str, blob: Vec<u8>, diff_id: &str, toc: &str
     }
 }
 
-/// A TOC of fifos, 1,000 to a directory, as long as fits in `bytes`: about 35 bytes of
-/// JSON each, the most nodes per byte a real-looking TOC holds. `salt` makes each TOC
-/// distinct.
-fn fifo_toc(bytes: usize, salt: &str) -> Vec<u8> {
-    let mut json = Vec::with_capacity(bytes);
-    json.extend_from_slice(br#"{"version":1,"entries":["#);
-    for i in 0.. {
-        let entry = format!(r#"{{"name":"{salt}{:x}/{i:x}","type":"fifo"}}"#, i / 1000);
-        if json.len() + entry.len() + 3 > bytes {
-            break;
-        }
-        if i > 0 {
-            json.push(b',');
-        }
-        json.extend_from_slice(entry.as_bytes());
-    }
-    json.extend_from_slice(b"]}");
-    json
-}
-
 /// A TOC a few hundred bytes under the format's 150 MiB cap.
 fn toc_at_the_cap(salt: &str) -> Vec<u8> {
-    fifo_toc(estargz::MAX_TOC_SIZE as usize - 512, salt)
+    common::fifo_toc(estargz::MAX_TOC_SIZE as usize - 512, salt)
 }
 
-fn push_toc(registry: &Registry, repo: &str, json: &[u8]) -> Pushed {
+async fn push_toc(registry: &Registry, repo: &str, json: &[u8]) -> Pushed {
     let (blob, diff_id, toc) = testkit::image::estargz_of_toc(json).unwrap();
     eprintln!(
         "{repo}: a TOC of {} MB JSON, {} MB compressed",
         json.len() >> 20,
         blob.len() >> 20
     );
-    push(registry, repo, blob, &diff_id, &toc)
+    push(registry, repo, blob, &diff_id, &toc).await
 }
 
 fn status_kib(pid: u32, field: &str) -> u64 {
@@ -191,7 +168,7 @@ async fn tocs_at_the_cap_parse_beside_other_work_within_their_bound_and_time() {
 
     // Another layer, mounted first: 4 MiB of zeros as one chunk.
     let (blob, diff_id, toc) = testkit::image::one_chunk_estargz("data.bin", 4 << 20).unwrap();
-    let other = push(&registry, "hostile/other", blob, &diff_id, &toc);
+    let other = push(&registry, "hostile/other", blob, &diff_id, &toc).await;
     assert!(mounted_lazily(
         &prepare(&daemon, "other", other.labels.clone()).await
     ));
@@ -199,7 +176,7 @@ async fn tocs_at_the_cap_parse_beside_other_work_within_their_bound_and_time() {
     uncached_read(&data, 0);
 
     // 1. One TOC at the cap, while the other layer is read and the service asked.
-    let cap = push_toc(&registry, "hostile/cap-a", &toc_at_the_cap("a"));
+    let cap = push_toc(&registry, "hostile/cap-a", &toc_at_the_cap("a")).await;
     let before = rss(pid);
     let started = Instant::now();
     let parse = tokio::spawn({
@@ -260,8 +237,8 @@ async fn tocs_at_the_cap_parse_beside_other_work_within_their_bound_and_time() {
     // 2. Two at once: the second waits for the first's share (both need over half the
     // default 1536 MB budget), so the peak is one parse's, beside the first index.
     let (b, c2) = (
-        push_toc(&registry, "hostile/cap-b", &toc_at_the_cap("b")),
-        push_toc(&registry, "hostile/cap-c", &toc_at_the_cap("c")),
+        push_toc(&registry, "hostile/cap-b", &toc_at_the_cap("b")).await,
+        push_toc(&registry, "hostile/cap-c", &toc_at_the_cap("c")).await,
     );
     let before_two = rss(pid);
     let started = Instant::now();
@@ -335,7 +312,7 @@ async fn a_path_deeper_than_path_max_falls_back() {
     let daemon = start_daemon(dir.path(), 3);
     let deep = vec!["d"; 60_000].join("/");
     let json = format!(r#"{{"version":1,"entries":[{{"name":"{deep}/f","type":"fifo"}}]}}"#);
-    let layer = push_toc(&registry, "hostile/deep", json.as_bytes());
+    let layer = push_toc(&registry, "hostile/deep", json.as_bytes()).await;
     let before = peak_rss(daemon.pid());
     let started = Instant::now();
     let mounts = prepare(&daemon, "deep", layer.labels).await.unwrap();

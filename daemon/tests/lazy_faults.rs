@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should stop right there
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -456,19 +458,17 @@ async fn a_registry_that_stalls_after_the_mount_gives_eio_in_one_timeout() {
     )
     .unwrap();
     let (blob, diff_id, toc) = testkit::image::one_chunk_estargz("zeros.bin", 4 << 20).unwrap();
-    let layer =
-        testkit::image::Layer::precompressed(blob, testkit::image::MEDIA_TYPE_LAYER_GZIP, &diff_id)
-            .with_annotation(remote::LABEL_TOC_DIGEST, &toc);
-    let digest = format!("sha256:{}", layer.blob.hex());
-    let image = ImageBuilder::new().layer(layer).build().unwrap();
-    registry.push("stall/app", "esgz", &image).unwrap();
+    let mut layer = common::push_estargz_blob(&registry, "stall/app", blob, &diff_id, &toc);
     // The image as the proxy serves it.
-    let reference = format!("{}/stall/app:esgz", proxy.host);
+    layer.labels.insert(
+        remote::LABEL_STARGZ_REFERENCE.to_string(),
+        format!("{}/stall/app:esgz", proxy.host),
+    );
     let mut c = snapshotter::client::connect(&daemon.address).await.unwrap();
     let prepared = c
         .prepare(pb::PrepareSnapshotRequest {
             key: "stall".into(),
-            labels: labels(&reference, &digest, Some(&toc)),
+            labels: layer.labels,
             ..Default::default()
         })
         .await;

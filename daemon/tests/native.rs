@@ -228,17 +228,8 @@ async fn a_stop_during_a_native_copy_ends_it_and_exits_promptly() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(&dir.path().join("registry")).unwrap();
     let mut daemon = start_lazysnapd(dir.path(), "[lazy]\nbackground_fetch = false\n");
-    // A layer of 300,000 fifos and no payload: wholly local once mounted, and long to copy.
-    let mut json = br#"{"version":1,"entries":["#.to_vec();
-    for i in 0..300_000 {
-        if i > 0 {
-            json.push(b',');
-        }
-        json.extend_from_slice(
-            format!(r#"{{"name":"{:x}/{i:x}","type":"fifo"}}"#, i / 1000).as_bytes(),
-        );
-    }
-    json.extend_from_slice(b"]}");
+    // A layer of about 300,000 fifos and no payload: wholly local once mounted, and long to copy.
+    let json = common::fifo_toc(10 << 20, "");
     let (blob, diff_id, toc) = testkit::image::estargz_of_toc(&json).unwrap();
     let layer = common::push_estargz_blob(&registry, "native/fifos", blob, &diff_id, &toc);
     let mut c = snapshotter::client::connect(&daemon.address).await.unwrap();

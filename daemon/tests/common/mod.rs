@@ -161,3 +161,23 @@ pub fn push_estargz_blob(
     ]);
     PushedLayer { labels, target }
 }
+
+/// A TOC of fifos, 1,000 to a directory, as long as fits in `bytes`: about 35 bytes of
+/// JSON each, the most nodes per byte a real-looking TOC holds. `salt` makes each TOC
+/// distinct.
+pub fn fifo_toc(bytes: usize, salt: &str) -> Vec<u8> {
+    let mut json = Vec::with_capacity(bytes);
+    json.extend_from_slice(br#"{"version":1,"entries":["#);
+    for i in 0.. {
+        let entry = format!(r#"{{"name":"{salt}{:x}/{i:x}","type":"fifo"}}"#, i / 1000);
+        if json.len() + entry.len() + 3 > bytes {
+            break;
+        }
+        if i > 0 {
+            json.push(b',');
+        }
+        json.extend_from_slice(entry.as_bytes());
+    }
+    json.extend_from_slice(b"]}");
+    json
+}
