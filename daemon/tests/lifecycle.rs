@@ -636,7 +636,11 @@ async fn signals_from_the_first_instruction_are_handled_not_fatal() {
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
                 assert!(child.try_wait().unwrap().is_none(), "{what}: it exited");
-                assert!(testkit::wait_until(Duration::from_secs(10), || socket.exists()));
+                // The file appears at bind(2), before listen(2): wait for a connect that
+                // goes through, not for the file.
+                assert!(testkit::wait_until(Duration::from_secs(10), || {
+                    std::os::unix::net::UnixStream::connect(&socket).is_ok()
+                }));
                 let mut c = snapshotter::client::connect(&socket).await.unwrap();
                 c.prepare(prepare("k", "")).await.unwrap();
                 testkit::process::send_signal(pid, libc::SIGTERM);

@@ -80,7 +80,7 @@ pub struct FsConfig {
     /// Smallest file served through passthrough. Default 1 MiB (below that a read is a
     /// single FUSE round trip anyway, and each such file would be stored twice).
     pub passthrough_min_bytes: u64,
-    /// FUSE session threads (each with its own cloned /dev/fuse fd). Default 4.
+    /// FUSE session threads, all reading the one /dev/fuse fd. Default 4.
     pub fuse_threads: usize,
     /// Largest read the kernel is asked for. Default 1 MiB.
     pub max_read: u32,

@@ -518,47 +518,47 @@ impl LayerFs {
     pub fn readdir(&self, ino: u64, offset: u64) -> Result<impl Iterator<Item = DirEntry<'_>>> {
         let dir = self.dir(ino)?;
         let index = self.layer.index();
-        let count = dir.children().count() as u64;
-        let dir_attr = self.attr_of(dir);
-        let parent_attr = self.getattr(self.ino_of(dir.parent()))?;
-        Ok((offset..count + 2).filter_map(move |pos| {
-            let next = pos + 1;
-            match pos {
-                0 => Some(DirEntry {
-                    name: ".",
-                    offset: next,
-                    attr: dir_attr,
-                }),
-                1 => Some(DirEntry {
-                    name: "..",
-                    offset: next,
-                    attr: parent_attr,
-                }),
-                _ => {
-                    let id = dir.children().nth((pos - 2) as usize)?;
-                    let e = index.entry(id);
-                    if is_landmark(dir.id(), e.name()) {
-                        return None;
-                    }
-                    let name = match classify(e.name())? {
-                        false => e.name(),
-                        true => {
-                            let shown = &e.name()[WHITEOUT_PREFIX.len()..];
-                            // The layer's own NAME wins over its whiteout.
-                            if index.child(dir.id(), shown).is_some() {
-                                return None;
-                            }
-                            shown
-                        }
-                    };
-                    Some(DirEntry {
-                        name,
-                        offset: next,
-                        attr: self.attr_of(index.entry(index.resolve(id))),
-                    })
+        let dots = [
+            DirEntry {
+                name: ".",
+                offset: 1,
+                attr: self.attr_of(dir),
+            },
+            DirEntry {
+                name: "..",
+                offset: 2,
+                attr: self.getattr(self.ino_of(dir.parent()))?,
+            },
+        ];
+        let skip = usize::try_from(offset.saturating_sub(2)).unwrap_or(usize::MAX);
+        let first_child_offset = offset.max(2).saturating_add(1);
+        let children = dir
+            .children_from(skip)
+            .zip(first_child_offset..)
+            .filter_map(move |(id, next)| {
+                let e = index.entry(id);
+                if is_landmark(dir.id(), e.name()) {
+                    return None;
                 }
-            }
-        }))
+                let name = match classify(e.name())? {
+                    false => e.name(),
+                    true => {
+                        let shown = &e.name()[WHITEOUT_PREFIX.len()..];
+                        // The layer's own NAME wins over its whiteout.
+                        if index.child(dir.id(), shown).is_some() {
+                            return None;
+                        }
+                        shown
+                    }
+                };
+                Some(DirEntry {
+                    name,
+                    offset: next,
+                    attr: self.attr_of(index.entry(index.resolve(id))),
+                })
+            });
+        let dots_left = usize::try_from(offset).map_or(0, |o| 2usize.saturating_sub(o));
+        Ok(dots.into_iter().skip(2 - dots_left).chain(children))
     }
 
     pub fn readlink(&self, ino: u64) -> Result<&str> {

@@ -657,3 +657,46 @@ fn a_warm_tree_is_opened_listed_and_read_without_asking_the_daemon() {
     m.unmount().unwrap();
     assert!(testkit::containerd::mounts_under(work).is_empty());
 }
+
+#[test]
+fn a_long_listing_of_a_wide_directory_takes_no_request_per_name() {
+    if testkit::skip_unless_root("a_long_listing_of_a_wide_directory_takes_no_request_per_name") {
+        return;
+    }
+    const NAMES: usize = 20_000;
+    let env = env();
+    let _cleanup = Cleanup(env.dir.path().to_path_buf());
+    let mut toc =
+        String::from(r#"{"version":1,"entries":[{"name":"wide/","type":"dir","mode":493}"#);
+    for i in 0..NAMES {
+        toc.push_str(&format!(
+            r#",{{"name":"wide/f{i:05}","type":"reg","size":0,"mode":420}}"#
+        ));
+    }
+    toc.push_str("]}");
+    let (blob, _, _) = testkit::image::estargz_of_toc(toc.as_bytes()).unwrap();
+    let mut m = env.mount(blob, "wide-mnt", FsConfig::default());
+    let out = Command::new("ls")
+        .arg("-ln")
+        .arg(m.mountpoint().join("wide"))
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().skip(1).collect();
+    assert_eq!(lines.len(), NAMES, "a line per name after the total");
+    for (i, line) in lines.iter().enumerate() {
+        assert!(
+            line.starts_with("-rw-r--r-- 1 0 0 0 ") && line.ends_with(&format!(" f{i:05}")),
+            "{line}"
+        );
+    }
+    let (lookups, listings) = (served_ops(&m, "lookup"), served_ops(&m, "readdirplus"));
+    assert!(
+        lookups < 10,
+        "ls -l of {NAMES} names took {lookups} LOOKUPs: the attributes should come with \
+         the listing ({listings} READDIRPLUS)"
+    );
+    m.unmount().unwrap();
+}

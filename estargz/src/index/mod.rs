@@ -191,13 +191,19 @@ impl<'a> EntryRef<'a> {
             })
     }
     /// Children of a directory, sorted by name.
-    pub fn children(&self) -> impl Iterator<Item = NodeId> + 'a {
-        let range = if self.node.kind == EntryKind::Dir {
-            self.node.a..self.node.a + self.node.b
+    pub fn children(&self) -> impl ExactSizeIterator<Item = NodeId> + use<'a> {
+        self.children_from(0)
+    }
+    /// Children of a directory from the `skip`th on, found without walking the first
+    /// ones (a listing resumes in the middle of a million names).
+    pub fn children_from(&self, skip: usize) -> impl ExactSizeIterator<Item = NodeId> + use<'a> {
+        let (first, count) = if self.node.kind == EntryKind::Dir {
+            (self.node.a, self.node.b)
         } else {
-            0..0
+            (0, 0)
         };
-        range.map(NodeId)
+        let skip = u32::try_from(skip).unwrap_or(u32::MAX).min(count);
+        (first + skip..first + count).map(NodeId)
     }
 }
 
