@@ -92,15 +92,6 @@ fn peak_rss(pid: u32) -> u64 {
     status_kib(pid, "VmHWM:") << 10
 }
 
-/// User and system CPU time of `pid` so far.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
-}
-
 async fn prepare(
     daemon: &Lazysnapd,
     key: &str,
@@ -275,9 +266,9 @@ async fn tocs_at_the_cap_parse_beside_other_work_within_their_bound_and_time() {
     // Within a second the parse has seen the flag (it looks every MiB and every few
     // thousand entries); in the second after that, the daemon is idle.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let cpu_then = cpu_time(impatient.pid());
+    let cpu_then = testkit::process::cpu_time(impatient.pid());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let cpu_after = cpu_time(impatient.pid()) - cpu_then;
+    let cpu_after = testkit::process::cpu_time(impatient.pid()) - cpu_then;
     eprintln!(
         "a 2 s mount timeout: fell back after {took:?}; CPU one second later, over a second: {cpu_after:?}"
     );

@@ -420,6 +420,67 @@ impl StallingProxy {
     }
 }
 
+/// How long a range request may go unanswered in the stall tests.
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A one-file lazy layer (4 MiB of zeros, nothing of it local) served through a
+/// [`StallingProxy`], mounted by a lazysnapd whose fetch timeout is [`TIMEOUT`].
+struct StallingLayer {
+    daemon: Lazysnapd,
+    proxy: StallingProxy,
+    file: std::path::PathBuf,
+    _registry: Registry,
+}
+
+impl StallingLayer {
+    async fn mount(dir: &Path) -> StallingLayer {
+        let registry = Registry::start(&dir.join("registry")).unwrap();
+        let proxy = StallingProxy::start(registry.host.clone()).await;
+        let config = dir.join("lazysnapd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[lazy]\nfetch_timeout_sec = {}\nbackground_fetch = false\nneighbour_fetch_kb = 0\n\
+                 native_copies = false\npreopen_siblings = false\n",
+                TIMEOUT.as_secs()
+            ),
+        )
+        .unwrap();
+        let daemon = Lazysnapd::start_with_args(
+            Path::new(LAZYSNAPD),
+            &dir.join("ls"),
+            &["--config", config.to_str().unwrap()],
+        )
+        .unwrap();
+        let (blob, diff_id, toc) = testkit::image::one_chunk_estargz("zeros.bin", 4 << 20).unwrap();
+        let mut layer = common::push_estargz_blob(&registry, "stall/app", blob, &diff_id, &toc);
+        // The image as the proxy serves it.
+        layer.labels.insert(
+            remote::LABEL_STARGZ_REFERENCE.to_string(),
+            format!("{}/stall/app:esgz", proxy.host),
+        );
+        let mut c = snapshotter::client::connect(&daemon.address).await.unwrap();
+        let prepared = c
+            .prepare(pb::PrepareSnapshotRequest {
+                key: "stall".into(),
+                labels: layer.labels,
+                ..Default::default()
+            })
+            .await;
+        assert!(
+            matches!(&prepared, Err(s) if s.code() == tonic::Code::AlreadyExists),
+            "mounted lazily: {prepared:?}"
+        );
+        let file = mounts_under(&daemon.root)[0].join("zeros.bin");
+        StallingLayer {
+            daemon,
+            proxy,
+            file,
+            _registry: registry,
+        }
+    }
+}
+
 impl Drop for StallingProxy {
     fn drop(&mut self) {
         self.task.abort();
@@ -437,46 +498,9 @@ async fn a_registry_that_stalls_after_the_mount_gives_eio_in_one_timeout() {
     {
         return;
     }
-    const TIMEOUT: Duration = Duration::from_secs(3);
     let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::start(&dir.path().join("registry")).unwrap();
-    let proxy = StallingProxy::start(registry.host.clone()).await;
-    let config = dir.path().join("lazysnapd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[lazy]\nfetch_timeout_sec = {}\nbackground_fetch = false\nneighbour_fetch_kb = 0\n\
-             native_copies = false\npreopen_siblings = false\n",
-            TIMEOUT.as_secs()
-        ),
-    )
-    .unwrap();
-    let daemon = Lazysnapd::start_with_args(
-        Path::new(LAZYSNAPD),
-        &dir.path().join("ls"),
-        &["--config", config.to_str().unwrap()],
-    )
-    .unwrap();
-    let (blob, diff_id, toc) = testkit::image::one_chunk_estargz("zeros.bin", 4 << 20).unwrap();
-    let mut layer = common::push_estargz_blob(&registry, "stall/app", blob, &diff_id, &toc);
-    // The image as the proxy serves it.
-    layer.labels.insert(
-        remote::LABEL_STARGZ_REFERENCE.to_string(),
-        format!("{}/stall/app:esgz", proxy.host),
-    );
-    let mut c = snapshotter::client::connect(&daemon.address).await.unwrap();
-    let prepared = c
-        .prepare(pb::PrepareSnapshotRequest {
-            key: "stall".into(),
-            labels: layer.labels,
-            ..Default::default()
-        })
-        .await;
-    assert!(
-        matches!(&prepared, Err(s) if s.code() == tonic::Code::AlreadyExists),
-        "mounted lazily: {prepared:?}"
-    );
-    let file = mounts_under(&daemon.root)[0].join("zeros.bin");
+    let stalling = StallingLayer::mount(dir.path()).await;
+    let (proxy, daemon, file) = (&stalling.proxy, &stalling.daemon, stalling.file.clone());
     let timed_read = |path: std::path::PathBuf| async move {
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
@@ -507,5 +531,56 @@ async fn a_registry_that_stalls_after_the_mount_gives_eio_in_one_timeout() {
     let (read, took) = timed_read(file).await;
     eprintln!("with the registry answering again: {took:?}");
     let read = read.unwrap_or_else(|e| panic!("{e}; log:\n{}", daemon.log()));
+    assert!(read.len() == 4 << 20 && read.iter().all(|&b| b == 0));
+}
+
+/// A reader stuck on a stalled registry dies at once when killed, and what was being
+/// fetched for it ends within one `fetch_timeout_sec`: after that the daemon is idle,
+/// and once the registry answers the file reads right.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reader_killed_while_the_registry_stalls_dies_at_once() {
+    if testkit::skip_unless_root("a_reader_killed_while_the_registry_stalls_dies_at_once") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let stalling = StallingLayer::mount(dir.path()).await;
+    let (proxy, daemon) = (&stalling.proxy, &stalling.daemon);
+    proxy.set_stalled(true);
+    let mut reader = std::process::Command::new("cat")
+        .arg(&stalling.file)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        reader.try_wait().unwrap().is_none(),
+        "the read did not wait"
+    );
+    let killed = Instant::now();
+    reader.kill().unwrap();
+    let died = testkit::wait_until(Duration::from_secs(TIMEOUT.as_secs() * 2), || {
+        reader.try_wait().unwrap().is_some()
+    });
+    let took = killed.elapsed();
+    eprintln!("the killed reader was gone after {took:?}");
+    assert!(
+        died && took < Duration::from_secs(1),
+        "killed, gone after {took:?}"
+    );
+    // Its request ends by the timeout, counted from when it was made.
+    let ended = testkit::wait_until(TIMEOUT, || daemon.log().contains("range request failed"));
+    assert!(ended, "{}", daemon.log());
+    let before = testkit::process::cpu_time(daemon.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = testkit::process::cpu_time(daemon.pid()) - before;
+    assert!(
+        spent < Duration::from_millis(100),
+        "the daemon still worked {spent:?} in a second"
+    );
+
+    proxy.set_stalled(false);
+    tokio::time::sleep(TIMEOUT).await;
+    let read =
+        std::fs::read(&stalling.file).unwrap_or_else(|e| panic!("{e}; log:\n{}", daemon.log()));
     assert!(read.len() == 4 << 20 && read.iter().all(|&b| b == 0));
 }
