@@ -79,7 +79,7 @@ pub struct LazyConfig {
     /// The background fetch waits until no demand read or prefetch has used a registry
     /// host's link for this many milliseconds. Default 2000.
     pub background_quiet_ms: u64,
-    /// FUSE threads per mounted layer. Default 4.
+    /// FUSE threads per mounted layer. Default 16 (see `fusefs::FsConfig::fuse_threads`).
     pub fuse_threads: usize,
     /// Keep lazily mounted layers alive across restarts, crashes and upgrades: an fd
     /// holder process keeps their FUSE connections and the next lazysnapd takes them

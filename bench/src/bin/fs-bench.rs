@@ -1095,13 +1095,18 @@ impl Bench<'_> {
         let mut per_layer = Vec::new();
         let mut last = String::new();
         for i in 0..self.args.repeat {
-            let out = Command::new(exe)
+            let mut probe = Command::new(exe);
+            probe
                 .arg("--rss-child")
                 .arg(&small.estargz)
                 .arg("--rss-mounts")
                 .arg(self.args.rss_mounts.to_string())
                 .arg("--work-dir")
-                .arg(self.work.join(format!("rss{i}")))
+                .arg(self.work.join(format!("rss{i}")));
+            if let Some(n) = self.args.fuse_threads {
+                probe.arg("--fuse-threads").arg(n.to_string());
+            }
+            let out = probe
                 .stderr(Stdio::inherit())
                 .output()
                 .context("running the RSS probe")?;
@@ -1302,11 +1307,14 @@ fn rss_child(blob: &Path, args: &Args) -> anyhow::Result<()> {
             .context("opening the layer")?;
         let mp = work.join(format!("m{i}"));
         std::fs::create_dir_all(&mp)?;
-        let config = FsConfig {
+        let mut config = FsConfig {
             prefetch: false,
             background_fetch: false,
             ..FsConfig::default()
         };
+        if let Some(n) = args.fuse_threads {
+            config.fuse_threads = n;
+        }
         mounts.push(fusefs::mount(
             Arc::new(layer),
             &mp,
