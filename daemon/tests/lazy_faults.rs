@@ -459,18 +459,7 @@ impl StallingLayer {
             remote::LABEL_STARGZ_REFERENCE.to_string(),
             format!("{}/stall/app:esgz", proxy.host),
         );
-        let mut c = snapshotter::client::connect(&daemon.address).await.unwrap();
-        let prepared = c
-            .prepare(pb::PrepareSnapshotRequest {
-                key: "stall".into(),
-                labels: layer.labels,
-                ..Default::default()
-            })
-            .await;
-        assert!(
-            matches!(&prepared, Err(s) if s.code() == tonic::Code::AlreadyExists),
-            "mounted lazily: {prepared:?}"
-        );
+        common::prepare_lazily(&daemon, "stall", layer.labels).await;
         let file = mounts_under(&daemon.root)[0].join("zeros.bin");
         StallingLayer {
             daemon,

@@ -232,18 +232,7 @@ async fn a_stop_during_a_native_copy_ends_it_and_exits_promptly() {
     let json = common::fifo_toc(10 << 20, "");
     let (blob, diff_id, toc) = testkit::image::estargz_of_toc(&json).unwrap();
     let layer = common::push_estargz_blob(&registry, "native/fifos", blob, &diff_id, &toc);
-    let mut c = snapshotter::client::connect(&daemon.address).await.unwrap();
-    let prepared = c
-        .prepare(snapshotter::proto::snapshots::PrepareSnapshotRequest {
-            key: "fifos".into(),
-            labels: layer.labels,
-            ..Default::default()
-        })
-        .await;
-    assert!(
-        matches!(&prepared, Err(s) if s.code() == tonic::Code::AlreadyExists),
-        "mounted lazily: {prepared:?}"
-    );
+    common::prepare_lazily(&daemon, "fifos", layer.labels).await;
     let staging = daemon.root.join("native-staging");
     let copying = testkit::wait_until(Duration::from_secs(30), || {
         std::fs::read_dir(&staging).is_ok_and(|mut d| d.next().is_some())

@@ -162,6 +162,29 @@ pub fn push_estargz_blob(
     PushedLayer { labels, target }
 }
 
+/// Prepares snapshot `key` with `labels` (a layer's, as containerd sends them) and
+/// asserts that lazysnapd mounted it lazily (AlreadyExists: nothing for containerd to
+/// pull).
+pub async fn prepare_lazily(
+    daemon: &Lazysnapd,
+    key: &str,
+    labels: std::collections::HashMap<String, String>,
+) {
+    let mut c = snapshotter::client::connect(&daemon.address).await.unwrap();
+    let prepared = c
+        .prepare(snapshotter::proto::snapshots::PrepareSnapshotRequest {
+            key: key.into(),
+            labels,
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        matches!(&prepared, Err(s) if s.code() == tonic::Code::AlreadyExists),
+        "mounted lazily: {prepared:?}\nlog:\n{}",
+        daemon.log()
+    );
+}
+
 /// A TOC of fifos, 1,000 to a directory, as long as fits in `bytes`: about 35 bytes of
 /// JSON each, the most nodes per byte a real-looking TOC holds. `salt` makes each TOC
 /// distinct.
