@@ -1,0 +1,7 @@
+//! SOCI indexes for ordinary gzip layers (issue 24). So far: the inflater checkpoints that
+//! give random access into a gzip stream ([`gzip_checkpoints`]), on which zTOC spans rest.
+
+pub mod gzip_checkpoints;
+mod raw_inflater;
+
+pub use gzip_checkpoints::{Checkpoint, Error, WINDOW_SIZE, build_checkpoints, inflate_from};
