@@ -51,6 +51,21 @@ pub fn write_seeds(root: &Path) -> std::io::Result<()> {
     for (name, request) in fuse_requests() {
         write("fuse", name, &request)?;
     }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&tar)?;
+    let gz = gz.finish()?;
+    write("gzip_span", "gzip", &[&[1u8, 0][..], &gz].concat())?;
+    let points = soci::build_checkpoints(&gz[..], 256).map_err(std::io::Error::other)?;
+    let blob = soci::checkpoint_blob::encode(&soci::Checkpoints {
+        span_size: 256,
+        points,
+    });
+    write("gzip_span", "blob", &[&[0u8][..], &blob].concat())?;
+    write(
+        "gzip_span",
+        "made-up",
+        &[&[2u8, 3, 1, 2, 4][..], &gz[10..]].concat(),
+    )?;
     Ok(())
 }
 

@@ -35,7 +35,7 @@ fn label(prefix: &str, e: &estargz::Error) -> String {
     format!("{prefix}:{}", words.join(" "))
 }
 
-pub const TARGETS: &[&str] = &["footer", "toc", "layer", "tar", "fuse"];
+pub const TARGETS: &[&str] = &["footer", "toc", "layer", "tar", "fuse", "gzip_span"];
 
 pub fn run(target: &str, data: &[u8]) -> String {
     match target {
@@ -44,6 +44,7 @@ pub fn run(target: &str, data: &[u8]) -> String {
         "layer" => layer(data),
         "tar" => tar(data),
         "fuse" => fuse(data),
+        "gzip_span" => gzip_span(data),
         other => panic!("unknown target {other}"),
     }
 }
@@ -295,5 +296,85 @@ pub fn fuse(data: &[u8]) -> String {
     match data.get(4..8) {
         Some(op) => format!("op:{}", u32::from_ne_bytes([op[0], op[1], op[2], op[3]])),
         None => "short".into(),
+    }
+}
+
+/// SOCI's random access into gzip: the first byte picks what the rest is.
+/// - 0: a checkpoint blob, decoded; what decodes encodes back to the same checkpoints.
+/// - 1: a gzip stream (after a span byte), indexed; every checkpoint must read on exactly
+///   as flate2's own decoder reads the whole stream.
+/// - 2: a made-up checkpoint (bits, a short window) over arbitrary compressed bytes: an
+///   error or at most the bytes asked for, never a panic.
+pub fn gzip_span(data: &[u8]) -> String {
+    use std::io::Read;
+    let Some((&mode, rest)) = data.split_first() else {
+        return "empty".into();
+    };
+    match mode % 3 {
+        0 => match soci::checkpoint_blob::decode(rest) {
+            Ok(c) => {
+                let again = soci::checkpoint_blob::decode(&soci::checkpoint_blob::encode(&c));
+                assert_eq!(again.as_ref(), Ok(&c), "a decoded blob did not encode back");
+                format!("blob:ok:{}", c.points.len().min(4))
+            }
+            Err(e) => format!("blob:{}", e.to_string().split(' ').next().unwrap_or("")),
+        },
+        1 => {
+            let Some((&span, gz)) = rest.split_first() else {
+                return "gzip:short".into();
+            };
+            // Streams that inflate past 16 MiB are skipped: bombs cost time, not coverage.
+            let mut whole = Vec::new();
+            let limit = 16 << 20;
+            let decoded = flate2::read::GzDecoder::new(gz)
+                .take(limit + 1)
+                .read_to_end(&mut whole);
+            if whole.len() as u64 > limit {
+                return "gzip:big".into();
+            }
+            let points = match soci::build_checkpoints(gz, (u64::from(span) + 1) * 256) {
+                Ok(points) => points,
+                Err(e) => return format!("gzip:{}", e.to_string().split(' ').nth(3).unwrap_or("")),
+            };
+            // flate2 stops at the first member's end as the index does.
+            assert!(
+                decoded.is_ok(),
+                "indexed, but flate2 cannot inflate it: {decoded:?}"
+            );
+            for p in &points {
+                let at = p.uncompressed_offset as usize;
+                let len = (whole.len() - at).min(4096);
+                let got = soci::inflate_from(p, &gz[p.input_start() as usize..], 0, len)
+                    .expect("a checkpoint of a stream that inflates must read on");
+                assert_eq!(
+                    got,
+                    &whole[at..at + len],
+                    "checkpoint at {at} reads wrong bytes"
+                );
+            }
+            format!("gzip:ok:{}", points.len().min(4))
+        }
+        _ => {
+            if rest.len() < 4 {
+                return "made-up:short".into();
+            }
+            let window_len = usize::from(rest[1]) * 128;
+            let (window, compressed) = rest[4..].split_at(window_len.min(rest.len() - 4));
+            let point = soci::Checkpoint {
+                compressed_offset: 1,
+                uncompressed_offset: 0,
+                bits: rest[0] % 9,
+                window: window.to_vec(),
+            };
+            let skip = u64::from(rest[2]) * 64;
+            let len = usize::from(rest[3]) * 64;
+            match soci::inflate_from(&point, compressed, skip, len) {
+                Ok(out) => {
+                    assert_eq!(out.len(), len, "asked for {len}, got {}", out.len());
+                    "made-up:ok".into()
+                }
+                Err(e) => format!("made-up:{}", e.to_string().split(' ').nth(1).unwrap_or("")),
+            }
+        }
     }
 }

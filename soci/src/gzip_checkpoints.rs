@@ -94,7 +94,7 @@ pub fn build_checkpoints(mut gz: impl Read, span: u64) -> Result<Vec<Checkpoint>
             }
             let data_type = inflater.data_type();
             let at_boundary = data_type & 128 != 0 && data_type & 64 == 0;
-            if at_boundary && (points.is_empty() || total_out - last > span) {
+            if at_boundary && (total_out == 0 || total_out - last > span) {
                 let mut window = Vec::with_capacity(WINDOW_SIZE);
                 window.extend_from_slice(&ring[ring_pos..]);
                 window.extend_from_slice(&ring[..ring_pos]);
