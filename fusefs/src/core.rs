@@ -557,8 +557,10 @@ impl LayerFs {
                     attr: self.attr_of(index.entry(index.resolve(id))),
                 })
             });
-        let dots_left = usize::try_from(offset).map_or(0, |o| 2usize.saturating_sub(o));
-        Ok(dots.into_iter().skip(2 - dots_left).chain(children))
+        Ok(dots
+            .into_iter()
+            .skip(offset.min(2) as usize)
+            .chain(children))
     }
 
     pub fn readlink(&self, ino: u64) -> Result<&str> {
