@@ -3,7 +3,9 @@
 //! and their serialized form in a zTOC ([`checkpoint_blob`]).
 
 pub mod checkpoint_blob;
+mod flatbuffer;
 pub mod gzip_checkpoints;
+pub mod ztoc;
 mod raw_inflater;
 
 pub use checkpoint_blob::{BlobError, Checkpoints};
