@@ -57,7 +57,18 @@ impl Checkpoint {
 /// Inflates the whole single-member gzip stream `gz`, keeping a checkpoint at the
 /// start of the first block and then at the first block boundary past every `span`
 /// bytes of output since the last one.
-pub fn build_checkpoints(mut gz: impl Read, span: u64) -> Result<Vec<Checkpoint>, Error> {
+pub fn build_checkpoints(gz: impl Read, span: u64) -> Result<Vec<Checkpoint>, Error> {
+    build_checkpoints_passing_output(gz, span, |_| Ok(()))
+}
+
+/// [`build_checkpoints`], handing every inflated byte to `output` in order on the way
+/// (an index needs the tar headers too, and one inflate pass is half the work of two).
+/// An error from `output` ends the build.
+pub fn build_checkpoints_passing_output(
+    mut gz: impl Read,
+    span: u64,
+    mut output: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> Result<Vec<Checkpoint>, Error> {
     let mut inflater = RawInflater::new(31).map_err(|code| Error::Corrupt { offset: 0, code })?;
     let mut input = vec![0u8; 64 << 10];
     // The output lands in a ring of one window: all that a checkpoint keeps.
@@ -82,6 +93,7 @@ pub fn build_checkpoints(mut gz: impl Read, span: u64) -> Result<Vec<Checkpoint>
                     code,
                 })?;
             pos += step.consumed;
+            output(&ring[ring_pos..ring_pos + step.produced])?;
             ring_pos += step.produced;
             total_in += step.consumed as u64;
             total_out += step.produced as u64;

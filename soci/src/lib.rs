@@ -1,12 +1,16 @@
-//! SOCI indexes for ordinary gzip layers (issue 24). So far: the inflater checkpoints that
-//! give random access into a gzip stream ([`gzip_checkpoints`]), on which zTOC spans rest,
-//! and their serialized form in a zTOC ([`checkpoint_blob`]).
+//! SOCI indexes for ordinary gzip layers (issue 24): the inflater checkpoints that give
+//! random access into a gzip stream ([`gzip_checkpoints`]) and their serialized form
+//! ([`checkpoint_blob`]); the tar entries as soci records them ([`tar_toc`]); the zTOC
+//! that holds both ([`ztoc`]) and builds it from a layer ([`ztoc_builder`]).
 
 pub mod checkpoint_blob;
 mod flatbuffer;
+pub mod go_time;
 pub mod gzip_checkpoints;
-pub mod ztoc;
 mod raw_inflater;
+pub mod tar_toc;
+pub mod ztoc;
+pub mod ztoc_builder;
 
 pub use checkpoint_blob::{BlobError, Checkpoints};
 pub use gzip_checkpoints::{Checkpoint, Error, WINDOW_SIZE, build_checkpoints, inflate_from};
