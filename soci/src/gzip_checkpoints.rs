@@ -71,9 +71,12 @@ pub fn build_checkpoints_passing_output(
 ) -> Result<Vec<Checkpoint>, Error> {
     let mut inflater = RawInflater::new(31).map_err(|code| Error::Corrupt { offset: 0, code })?;
     let mut input = vec![0u8; 64 << 10];
-    // The output lands in a ring of one window: all that a checkpoint keeps.
+    // The last window of output, in a ring: all that a checkpoint keeps. zlib-rs may
+    // scribble past what it reports producing in the buffer it writes to, so it writes
+    // to a buffer of its own and the ring gets copies.
     let mut ring = vec![0u8; WINDOW_SIZE];
     let mut ring_pos = 0;
+    let mut out = vec![0u8; WINDOW_SIZE];
     let (mut total_in, mut total_out, mut last) = (0u64, 0u64, 0u64);
     let mut points = Vec::new();
     loop {
@@ -83,18 +86,19 @@ pub fn build_checkpoints_passing_output(
         }
         let mut pos = 0;
         while pos < n {
-            if ring_pos == WINDOW_SIZE {
-                ring_pos = 0;
-            }
             let step = inflater
-                .inflate(&input[pos..n], &mut ring[ring_pos..], true)
+                .inflate(&input[pos..n], &mut out, true)
                 .map_err(|code| Error::Corrupt {
                     offset: total_in,
                     code,
                 })?;
             pos += step.consumed;
-            output(&ring[ring_pos..ring_pos + step.produced])?;
-            ring_pos += step.produced;
+            let produced = &out[..step.produced];
+            output(produced)?;
+            let first = produced.len().min(WINDOW_SIZE - ring_pos);
+            ring[ring_pos..ring_pos + first].copy_from_slice(&produced[..first]);
+            ring[..produced.len() - first].copy_from_slice(&produced[first..]);
+            ring_pos = (ring_pos + produced.len()) % WINDOW_SIZE;
             total_in += step.consumed as u64;
             total_out += step.produced as u64;
             if step.step == Step::End {
@@ -118,7 +122,7 @@ pub fn build_checkpoints_passing_output(
                 });
                 last = total_out;
             }
-            if step.consumed == 0 && step.produced == 0 && ring_pos < WINDOW_SIZE {
+            if step.consumed == 0 && step.produced == 0 {
                 // Input and room, and no progress: zlib cannot go on from here.
                 return Err(Error::Corrupt {
                     offset: total_in,
@@ -257,6 +261,13 @@ mod tests {
             );
             for pair in points.windows(2) {
                 assert!(pair[1].uncompressed_offset - pair[0].uncompressed_offset > 64 << 10);
+            }
+            // The window is the output's last 32 KiB exactly (zlib-rs writes scratch
+            // past its output: a window inflated in place came out wrong at its start,
+            // which only far back-references would notice).
+            for p in &points[1..] {
+                let at = p.uncompressed_offset as usize;
+                assert!(p.window[..] == data[at - WINDOW_SIZE..at], "level {level}, at {at}");
             }
             for (i, cp) in points.iter().enumerate() {
                 let at = cp.uncompressed_offset as usize;

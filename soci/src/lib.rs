@@ -7,6 +7,7 @@ pub mod checkpoint_blob;
 mod flatbuffer;
 pub mod go_time;
 pub mod gzip_checkpoints;
+pub mod layout;
 mod raw_inflater;
 pub mod tar_toc;
 pub mod ztoc;
