@@ -66,7 +66,27 @@ pub fn write_seeds(root: &Path) -> std::io::Result<()> {
         "made-up",
         &[&[2u8, 3, 1, 2, 4][..], &gz[10..]].concat(),
     )?;
+    write("ztoc", "tar", &[&[1u8][..], &tar].concat())?;
+    let mut layer = tempfile_in_memory(&gz)?;
+    let z = soci::ztoc_builder::build_ztoc(&layer, 256, "lazysnap-fuzz")
+        .map_err(std::io::Error::other)?;
+    write("ztoc", "ztoc", &[&[0u8][..], &soci::ztoc::encode(&z)].concat())?;
+    layer.flush()?;
     Ok(())
+}
+
+/// An unnamed file holding `bytes`, for builders that read files.
+fn tempfile_in_memory(bytes: &[u8]) -> std::io::Result<std::fs::File> {
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!("lazysnap-fuzz-seed-{}", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    file.write_all(bytes)?;
+    Ok(file)
 }
 
 /// One FUSE request: the 40-byte header the kernel writes, then `args`.

@@ -35,7 +35,7 @@ fn label(prefix: &str, e: &estargz::Error) -> String {
     format!("{prefix}:{}", words.join(" "))
 }
 
-pub const TARGETS: &[&str] = &["footer", "toc", "layer", "tar", "fuse", "gzip_span"];
+pub const TARGETS: &[&str] = &["footer", "toc", "layer", "tar", "fuse", "gzip_span", "ztoc"];
 
 pub fn run(target: &str, data: &[u8]) -> String {
     match target {
@@ -45,6 +45,7 @@ pub fn run(target: &str, data: &[u8]) -> String {
         "tar" => tar(data),
         "fuse" => fuse(data),
         "gzip_span" => gzip_span(data),
+        "ztoc" => ztoc(data),
         other => panic!("unknown target {other}"),
     }
 }
@@ -377,4 +378,54 @@ pub fn gzip_span(data: &[u8]) -> String {
             }
         }
     }
+}
+
+/// SOCI's zTOC: the first byte picks what the rest is.
+/// - 0: a zTOC, decoded; what decodes encodes to bytes that decode the same, and what
+///   passes the layout check has pieces that tile each file inside its spans.
+/// - 1: an inflated tar stream, its entries read as soci records them: each entry's data
+///   starts after its header and lies inside the stream.
+pub fn ztoc(data: &[u8]) -> String {
+    let Some((&mode, rest)) = data.split_first() else {
+        return "empty".into();
+    };
+    if mode % 2 == 1 {
+        return match soci::tar_toc::read_tar_toc(rest) {
+            Ok((files, size)) => {
+                assert!(size <= rest.len() as u64, "archive size past the stream");
+                let mut end = 0i64;
+                for f in &files {
+                    assert!(f.uncompressed_offset >= end + 512, "data before its header");
+                    end = f.uncompressed_offset;
+                    if f.kind == "reg" {
+                        end += f.uncompressed_size;
+                        assert!(end as u64 <= size, "data past the archive");
+                    }
+                }
+                format!("tar:ok:{}", files.len().min(4))
+            }
+            Err(e) => format!("tar:{}", e.to_string().split(' ').take(3).collect::<Vec<_>>().join(" ")),
+        };
+    }
+    let z = match soci::ztoc::decode(rest) {
+        Ok(z) => z,
+        Err(e) => return format!("ztoc:{}", e.to_string().split(' ').take(3).collect::<Vec<_>>().join(" ")),
+    };
+    let again = soci::ztoc::decode(&soci::ztoc::encode(&z));
+    assert_eq!(again.as_ref(), Ok(&z), "a decoded zTOC did not encode back");
+    let layout = match soci::layout::Layout::check(z) {
+        Ok(layout) => layout,
+        Err(e) => return format!("layout:{}", e.to_string().split(' ').take(3).collect::<Vec<_>>().join(" ")),
+    };
+    for (i, f) in layout.files.iter().enumerate() {
+        let mut at = 0;
+        for p in layout.pieces(i) {
+            assert_eq!(p.file_offset, at, "pieces of {i} leave a gap");
+            let span = &layout.spans[p.span].uncompressed;
+            assert!(span.start + p.span_offset + p.len <= span.end, "piece past its span");
+            at += p.len;
+        }
+        assert_eq!(at as i64, f.uncompressed_size, "pieces of {i} do not add up");
+    }
+    format!("layout:ok:{}", layout.spans.len().min(4))
 }
