@@ -22,6 +22,13 @@ pub(crate) fn member_reader<'a>(
     format: Format,
     compressed: &'a [u8],
 ) -> Result<Box<dyn Read + 'a>> {
+    if format == Format::Soci {
+        // Spans are not members: the layer's span source inflates them.
+        return Err(Error::Decompress {
+            what: "SOCI span".into(),
+            reason: "inflated only through its layer's span source".into(),
+        });
+    }
     if format.is_zstd() {
         let d = zstd::stream::read::Decoder::with_buffer(compressed)
             .map_err(|e| Error::Decompress {

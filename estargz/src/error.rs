@@ -92,7 +92,7 @@ impl Error {
         Error::BadToc(reason.into())
     }
 
-    pub(crate) fn bad_entry(path: &str, reason: impl Into<String>) -> Self {
+    pub fn bad_entry(path: &str, reason: impl Into<String>) -> Self {
         Error::BadEntry {
             path: path.to_string(),
             reason: reason.into(),

@@ -30,11 +30,28 @@ pub enum Format {
     ZstdChunked,
     /// stargz-snapshotter's zstd:chunked, 40-byte `GnUlInUx` footer.
     StargzZstdChunked,
+    /// An ordinary gzip layer read through a SOCI zTOC: no footer (a layer of this format
+    /// has a made-up one: no TOC in the blob, payload to its end), and chunks are pieces
+    /// of spans that the layer's [`crate::SpanSource`] inflates.
+    Soci,
 }
 
 impl Format {
     pub fn is_zstd(self) -> bool {
         matches!(self, Format::ZstdChunked | Format::StargzZstdChunked)
+    }
+
+    /// The footer a SOCI layer of `blob_size` bytes stands behind: payload to the end.
+    pub fn soci_footer(blob_size: u64) -> Footer {
+        Footer {
+            format: Format::Soci,
+            toc_offset: blob_size,
+            toc_compressed_size: 0,
+            toc_uncompressed_size: None,
+            payload_end: blob_size,
+            tar_split: None,
+            footer_size: 0,
+        }
     }
 }
 

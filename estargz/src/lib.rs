@@ -11,6 +11,7 @@ mod error;
 mod footer;
 mod index;
 mod reader;
+mod span_source;
 mod tar;
 mod tarsplit;
 #[cfg(test)]
@@ -36,6 +37,7 @@ pub use reader::{
     FetchedToc, Layer, OpenOptions, ParsedToc, TocJson, fetch_toc, parse_toc, read_toc_json,
     toc_json_size,
 };
+pub use span_source::SpanSource;
 pub use toc::{
     LANDMARK_CONTENTS, MAX_TOC_SIZE, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME,
     Timestamp, Toc, TocEntry,

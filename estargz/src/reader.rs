@@ -12,6 +12,7 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::footer::{Footer, Format, MAX_FOOTER_FETCH, parse_footer};
 use crate::index::{Chunk, EntryKind, Index, NodeId, PARSE_MEMORY_FACTOR};
+use crate::span_source::SpanSource;
 use crate::tar::TarReader;
 use crate::toc::{MAX_TOC_SIZE, TOC_TAR_NAME, Toc};
 
@@ -265,6 +266,8 @@ pub struct Layer {
     index: Index,
     toc_digest: Digest,
     manifest_checksum: Digest,
+    /// A SOCI layer's spans; None for the formats whose chunks are members or frames.
+    spans: Option<Arc<dyn SpanSource>>,
 }
 
 impl std::fmt::Debug for Layer {
@@ -326,6 +329,7 @@ impl Layer {
             index,
             toc_digest: toc.toc_digest,
             manifest_checksum: toc.manifest_checksum,
+            spans: None,
         })
     }
 
@@ -344,7 +348,59 @@ impl Layer {
             index,
             toc_digest: parsed.toc_digest,
             manifest_checksum: parsed.manifest_checksum,
+            spans: None,
         })
+    }
+
+    /// A SOCI layer: an index built from its zTOC (chunks are span pieces) and the spans
+    /// to inflate them from. `ztoc_digest` names the layer where others give the TOC's.
+    pub fn from_spans(
+        blob: Arc<dyn BlobReader>,
+        blob_size: u64,
+        index: Index,
+        ztoc_digest: Digest,
+        spans: Arc<dyn SpanSource>,
+    ) -> Layer {
+        Layer {
+            blob,
+            blob_size,
+            footer: Format::soci_footer(blob_size),
+            index,
+            toc_digest: ztoc_digest,
+            manifest_checksum: ztoc_digest,
+            spans: Some(spans),
+        }
+    }
+
+    /// Verifies and inflates the whole span that starts at `comp_offset` (SOCI layers
+    /// only: the pieces of many files come out of one span, inflated once).
+    pub fn inflate_span(&self, comp_offset: u64, compressed: &[u8]) -> Result<Vec<u8>> {
+        match &self.spans {
+            Some(spans) => spans.inflate_span(comp_offset, compressed),
+            None => Err(Error::Decompress {
+                what: format!("span at {comp_offset}"),
+                reason: "not a SOCI layer".into(),
+            }),
+        }
+    }
+
+    /// One chunk of a SOCI layer: its span inflated, the piece cut out of it.
+    fn span_piece(&self, chunk: &Chunk, compressed: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        let len = compressed.len().min(chunk.comp_len() as usize);
+        let span = self.inflate_span(chunk.comp_offset, &compressed[..len])?;
+        let start = chunk.inner_offset as usize;
+        let piece = span
+            .get(start..start + chunk.size as usize)
+            .ok_or_else(|| Error::Decompress {
+                what: format!("span at {}", chunk.comp_offset),
+                reason: format!(
+                    "{} bytes, short of the piece at {start} of {} bytes",
+                    span.len(),
+                    chunk.size
+                ),
+            })?;
+        out.extend_from_slice(piece);
+        Ok(())
     }
 
     pub fn index(&self) -> &Index {
@@ -392,6 +448,11 @@ impl Layer {
         chunk: &Chunk,
         compressed: &[u8],
     ) -> Result<Vec<u8>> {
+        if self.spans.is_some() {
+            let mut out = Vec::new();
+            self.span_piece(chunk, compressed, &mut out)?;
+            return Ok(out);
+        }
         let path = self.index.path_of(id);
         crate::chunk::decompress_chunk(self.footer.format, &path, chunk, compressed)
     }
@@ -404,6 +465,9 @@ impl Layer {
         compressed: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<()> {
+        if self.spans.is_some() {
+            return self.span_piece(chunk, compressed, out);
+        }
         let path = self.index.path_of(id);
         crate::chunk::decompress_chunk_into(self.footer.format, &path, chunk, compressed, out)
     }
@@ -457,6 +521,14 @@ impl Layer {
             for c in &chunks[i..j] {
                 let rel = (c.comp_offset - start) as usize;
                 let window = offset.saturating_sub(c.file_offset)..end - c.file_offset;
+                if self.spans.is_some() {
+                    let mut piece = Vec::new();
+                    self.span_piece(c, &data[rel..], &mut piece)?;
+                    out.extend_from_slice(
+                        &piece[window.start as usize..window.end.min(c.size) as usize],
+                    );
+                    continue;
+                }
                 out.extend(decompress_chunk_window(
                     self.format(),
                     &path,

@@ -294,6 +294,7 @@ fn format_name(format: Format) -> &'static str {
         Format::LegacyStargz => "legacy-stargz",
         Format::ZstdChunked => "zstd-chunked",
         Format::StargzZstdChunked => "stargz-zstd-chunked",
+        Format::Soci => "soci",
     }
 }
 
@@ -315,6 +316,7 @@ fn parse_footer_json(v: &Value) -> Option<Footer> {
         Format::LegacyStargz,
         Format::ZstdChunked,
         Format::StargzZstdChunked,
+        Format::Soci,
     ]
     .into_iter()
     .find(|f| v["format"].as_str() == Some(format_name(*f)))?;

@@ -267,7 +267,10 @@ mod tests {
             // which only far back-references would notice).
             for p in &points[1..] {
                 let at = p.uncompressed_offset as usize;
-                assert!(p.window[..] == data[at - WINDOW_SIZE..at], "level {level}, at {at}");
+                assert!(
+                    p.window[..] == data[at - WINDOW_SIZE..at],
+                    "level {level}, at {at}"
+                );
             }
             for (i, cp) in points.iter().enumerate() {
                 let at = cp.uncompressed_offset as usize;

@@ -6,7 +6,11 @@
 //! header could end. A span's bytes are checked against its digest before they are
 //! inflated, and its inflated end against the next checkpoint's window.
 
-use sha2::{Digest, Sha256};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use estargz::{Cancel, Digest, Format, Index, SpanSource, TocEntry};
+use sha2::Digest as _;
+use sha2::Sha256;
 
 use crate::checkpoint_blob::{self, BlobError};
 use crate::gzip_checkpoints::{self, Checkpoint, WINDOW_SIZE};
@@ -182,6 +186,144 @@ impl Layout {
     }
 }
 
+impl Layout {
+    /// The span whose compressed range starts at `comp_offset`.
+    pub fn span_starting_at(&self, comp_offset: u64) -> Option<usize> {
+        self.spans
+            .binary_search_by_key(&comp_offset, |s| s.compressed.start)
+            .ok()
+    }
+
+    /// The layer's file tree as an estargz index whose chunks are span pieces: a piece's
+    /// compressed range is its span's, its inner offset where it starts in the span's
+    /// output, and its digest a name for the piece (the cache's key), made from the
+    /// zTOC's digest, the span and the piece's place in it. `source_len` (the zTOC's
+    /// size) bounds the directories the entries may imply.
+    pub fn index(
+        &self,
+        ztoc_digest: &Digest,
+        source_len: u64,
+        cancel: &Cancel,
+    ) -> Result<Index, estargz::Error> {
+        let mut failure = None;
+        let stream = (0..self.files.len()).flat_map(|i| match self.entries_of(i, ztoc_digest) {
+            Ok(entries) => entries,
+            Err(e) => {
+                failure.get_or_insert(e);
+                Vec::new()
+            }
+        });
+        let index = Index::from_entries(
+            stream,
+            self.compressed_size,
+            Format::Soci,
+            source_len,
+            cancel,
+        );
+        match failure {
+            Some(e) => Err(e),
+            None => index,
+        }
+    }
+
+    /// File `i` as TOC entries: one for the file and its first piece, one per further
+    /// piece.
+    fn entries_of(&self, i: usize, ztoc_digest: &Digest) -> Result<Vec<TocEntry>, estargz::Error> {
+        let f = &self.files[i];
+        let name = String::from_utf8(f.name.clone()).map_err(|_| {
+            estargz::Error::bad_entry(&String::from_utf8_lossy(&f.name), "name is not UTF-8")
+        })?;
+        let text = |b: &[u8], what: &str| {
+            String::from_utf8(b.to_vec())
+                .map_err(|_| estargz::Error::bad_entry(&name, format!("{what} is not UTF-8")))
+        };
+        let mut xattrs = std::collections::BTreeMap::new();
+        for (key, value) in &f.pax_records {
+            if let Some(attr) = key.strip_prefix(b"SCHILY.xattr.") {
+                xattrs.insert(text(attr, "xattr name")?, BASE64.encode(value));
+            }
+        }
+        let mut file = TocEntry {
+            name: name.clone(),
+            kind: f.kind.clone(),
+            size: if f.kind == "reg" {
+                f.uncompressed_size
+            } else {
+                0
+            },
+            modtime: f.mod_time.clone(),
+            link_name: text(&f.linkname, "link name")?,
+            mode: f.mode,
+            uid: i64::from(f.uid),
+            gid: i64::from(f.gid),
+            user_name: text(&f.uname, "user name")?,
+            group_name: text(&f.gname, "group name")?,
+            dev_major: f.devmajor,
+            dev_minor: f.devminor,
+            xattrs,
+            ..TocEntry::default()
+        };
+        if f.kind != "reg" {
+            return Ok(vec![file]);
+        }
+        let pieces = self.pieces(i);
+        let mut entries = Vec::with_capacity(pieces.len());
+        for (n, p) in pieces.iter().enumerate() {
+            let span = &self.spans[p.span];
+            let mut key = Vec::with_capacity(32 + 24);
+            key.extend_from_slice(&ztoc_digest.0);
+            key.extend_from_slice(&(p.span as u64).to_le_bytes());
+            key.extend_from_slice(&p.span_offset.to_le_bytes());
+            key.extend_from_slice(&p.len.to_le_bytes());
+            let chunk = TocEntry {
+                offset: span.compressed.start as i64,
+                end_offset: span.compressed.end as i64,
+                chunk_offset: p.file_offset as i64,
+                chunk_size: p.len as i64,
+                chunk_digest: Digest::of(&key).to_string(),
+                inner_offset: p.span_offset as i64,
+                ..TocEntry::default()
+            };
+            entries.push(if n == 0 {
+                TocEntry {
+                    offset: chunk.offset,
+                    end_offset: chunk.end_offset,
+                    chunk_offset: chunk.chunk_offset,
+                    chunk_size: chunk.chunk_size,
+                    chunk_digest: chunk.chunk_digest,
+                    inner_offset: chunk.inner_offset,
+                    ..std::mem::take(&mut file)
+                }
+            } else {
+                TocEntry {
+                    name: name.clone(),
+                    kind: "chunk".into(),
+                    ..chunk
+                }
+            });
+        }
+        if entries.is_empty() {
+            entries.push(file);
+        }
+        Ok(entries)
+    }
+}
+
+impl SpanSource for Layout {
+    fn inflate_span(&self, comp_offset: u64, compressed: &[u8]) -> estargz::Result<Vec<u8>> {
+        let span =
+            self.span_starting_at(comp_offset)
+                .ok_or_else(|| estargz::Error::Decompress {
+                    what: format!("span at {comp_offset}"),
+                    reason: "no span starts there".into(),
+                })?;
+        Layout::inflate_span(self, span, compressed).map_err(|e| estargz::Error::Decompress {
+            what: format!("span {span} at {comp_offset}"),
+            reason: e.to_string(),
+        })
+    }
+}
+
 fn lay_spans(
     points: Vec<Checkpoint>,
     digests: &[String],
@@ -210,7 +352,11 @@ fn lay_spans(
                 "the first span does not start the tar",
             ));
         }
-        if compressed.start >= compressed.end || compressed.end > compressed_size {
+        let after_previous = spans
+            .last()
+            .is_none_or(|previous| previous.compressed.start < compressed.start);
+        if !after_previous || compressed.start >= compressed.end || compressed.end > compressed_size
+        {
             return Err(LayoutError::Span(
                 i,
                 "compressed range empty, reversed or past the layer",

@@ -1,12 +1,14 @@
 //! SOCI indexes for ordinary gzip layers (issue 24): the inflater checkpoints that give
 //! random access into a gzip stream ([`gzip_checkpoints`]) and their serialized form
 //! ([`checkpoint_blob`]); the tar entries as soci records them ([`tar_toc`]); the zTOC
-//! that holds both ([`ztoc`]) and builds it from a layer ([`ztoc_builder`]).
+//! that holds both ([`ztoc`]) and builds it from a layer ([`ztoc_builder`]); a zTOC
+//! checked and laid out as spans and file pieces ([`layout`]), and a layer opened through
+//! it as an estargz layer whose chunks are span pieces ([`layer`]).
 
 pub mod checkpoint_blob;
 mod flatbuffer;
-pub mod go_time;
 pub mod gzip_checkpoints;
+pub mod layer;
 pub mod layout;
 mod raw_inflater;
 pub mod tar_toc;

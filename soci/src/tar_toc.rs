@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::io::{self, Read};
 
-use crate::go_time;
 use crate::ztoc::FileMetadata;
 
 const BLOCK: u64 = 512;
@@ -220,8 +219,18 @@ fn merge(
         other => return Err(TarError::Unsupported(char::from(other), at)),
     }
     .to_string();
-    f.mod_time = go_time::format_utc(secs, nanos);
+    f.mod_time = mod_time_text(secs, nanos);
     Ok(f)
+}
+
+/// A time as Go's `MarshalText` writes it in UTC: RFC 3339, fraction trimmed; nothing
+/// for years Go refuses to write (soci then stores "").
+fn mod_time_text(secs: i64, nanos: u32) -> String {
+    // 0000-01-01 and 10000-01-01 in seconds since the epoch.
+    if !(-62_167_219_200..253_402_300_800).contains(&secs) {
+        return String::new();
+    }
+    estargz::Timestamp { secs, nanos }.to_rfc3339()
 }
 
 /// A PAX time, `seconds[.fraction]`, as Go reads it (fraction cut to nanoseconds).
@@ -527,6 +536,18 @@ mod tests {
         let mut zero_then_header = vec![0u8; 512];
         zero_then_header.extend(header("f", b'0', 0, 0));
         assert!(read_tar_toc(&zero_then_header[..]).is_err());
+    }
+
+    #[test]
+    fn times_are_written_as_go_writes_them() {
+        assert_eq!(mod_time_text(0, 0), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            mod_time_text(1_714_557_600, 500_000_000),
+            "2024-05-01T10:00:00.5Z"
+        );
+        assert_eq!(mod_time_text(-1, 0), "1969-12-31T23:59:59Z");
+        assert_eq!(mod_time_text(-62_167_219_200, 0), "0000-01-01T00:00:00Z");
+        assert_eq!(mod_time_text(253_402_300_800, 0), "", "year 10000");
     }
 
     #[test]

@@ -435,9 +435,16 @@ impl<'c> Builder<'c> {
         {
             return Err(Error::bad_entry(path, "chunk offsets go backwards"));
         }
+        // A SOCI span piece says where its span ends: spans that start mid-byte begin
+        // a byte before the span in front of them ends, so no end can be inferred.
+        let explicit_end = if self.format == Format::Soci {
+            nonneg_u64(e.end_offset, path, "endOffset")?
+        } else {
+            0
+        };
         self.raw_chunks.push(RawChunk {
             offset,
-            explicit_end: 0,
+            explicit_end,
             file_offset,
             size,
             digest,
@@ -684,9 +691,19 @@ impl<'c> Builder<'c> {
                         ),
                     ));
                 }
-                let natural = next_start(c.offset);
+                let natural = match self.format {
+                    Format::Soci if c.explicit_end > payload_end => {
+                        return Err(Error::bad_entry(
+                            &idx.path_of(NodeId(id as u32)),
+                            format!("span ends at {}, past the blob", c.explicit_end),
+                        ));
+                    }
+                    // Its end is the span's, and must be given (0 fails as reversed).
+                    Format::Soci => c.explicit_end.max(c.offset + 1),
+                    _ => next_start(c.offset),
+                };
                 let end = match c.explicit_end {
-                    0 => natural,
+                    0 if self.format != Format::Soci => natural,
                     e if e > natural => {
                         return Err(Error::bad_entry(
                             &idx.path_of(NodeId(id as u32)),
@@ -821,6 +838,23 @@ impl Index {
         let mut builder = Builder::new(format, None, &cancel);
         for e in &toc.entries {
             builder.push(e)?;
+        }
+        builder.finish(payload_end)
+    }
+
+    /// Builds the index from entries in TOC order made elsewhere (a SOCI zTOC's),
+    /// `source_len` (the size they were read from) bounding the directories they may
+    /// imply as a TOC's size does.
+    pub fn from_entries(
+        entries: impl IntoIterator<Item = TocEntry>,
+        payload_end: u64,
+        format: Format,
+        source_len: u64,
+        cancel: &Cancel,
+    ) -> Result<Index> {
+        let mut builder = Builder::new(format, Some(source_len), cancel);
+        for e in entries {
+            builder.push(&e)?;
         }
         builder.finish(payload_end)
     }
