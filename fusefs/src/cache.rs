@@ -131,10 +131,20 @@ impl std::fmt::Debug for SharedCache {
     }
 }
 
+/// A named chunk file's content, if the digest after it is the content's.
+fn named_content(data: Bytes) -> Option<Bytes> {
+    let content_len = data.len().checked_sub(32)?;
+    let content = data.slice(..content_len);
+    (Digest::of(&content).0[..] == data[content_len..]).then_some(content)
+}
+
 /// What a disk cache entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stored {
+    /// A chunk under its content's digest.
     Chunk,
+    /// A chunk under a name (a SOCI span piece), its content's digest after it.
+    Named,
     File,
 }
 
@@ -142,8 +152,13 @@ impl Stored {
     fn dir(self) -> &'static str {
         match self {
             Stored::Chunk => "chunks",
+            Stored::Named => "named",
             Stored::File => "files",
         }
+    }
+
+    fn is_chunk(self) -> bool {
+        matches!(self, Stored::Chunk | Stored::Named)
     }
 }
 
@@ -166,12 +181,17 @@ impl SharedCache {
                 std::fs::remove_dir_all(&tmp)
                     .map_err(|e| Error::io(format!("cleaning {}", tmp.display()), e))?;
             }
-            for d in [dir.join("chunks"), dir.join("files"), tmp] {
+            for d in [
+                dir.join("chunks"),
+                dir.join("named"),
+                dir.join("files"),
+                tmp,
+            ] {
                 std::fs::create_dir_all(&d)
                     .map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
             }
             let mut found = Vec::new();
-            for kind in [Stored::Chunk, Stored::File] {
+            for kind in [Stored::Chunk, Stored::Named, Stored::File] {
                 found.extend(
                     scan(&dir.join(kind.dir()))?
                         .into_iter()
@@ -226,7 +246,9 @@ impl SharedCache {
     /// True when the chunk is in memory or on disk (without reading it).
     pub fn contains(&self, digest: &Digest) -> bool {
         lock(&self.inner.memory).contains(digest)
-            || lock(&self.inner.disk).peek(digest) == Some(Stored::Chunk)
+            || lock(&self.inner.disk)
+                .peek(digest)
+                .is_some_and(Stored::is_chunk)
     }
 
     pub(crate) fn get_memory(&self, digest: &Digest) -> Option<Bytes> {
@@ -272,7 +294,7 @@ impl SharedCache {
         let on_disk: Vec<Digest> = {
             let disk = lock(&self.inner.disk);
             held.into_iter()
-                .filter(|digest| disk.peek(digest) == Some(Stored::Chunk))
+                .filter(|digest| disk.peek(digest).is_some_and(Stored::is_chunk))
                 .collect()
         };
         let released: u64 = on_disk
@@ -294,7 +316,10 @@ impl SharedCache {
         if !self.inner.disk_enabled || !lock(&self.inner.memory).contains(&digest) {
             return;
         }
-        if lock(&self.inner.disk).peek(&digest) == Some(Stored::Chunk) {
+        if lock(&self.inner.disk)
+            .peek(&digest)
+            .is_some_and(Stored::is_chunk)
+        {
             self.drop_from_memory(&digest);
             return;
         }
@@ -328,7 +353,11 @@ impl SharedCache {
         if let Some(b) = self.get_memory(digest) {
             return expect_len(digest, size, b).map(Some);
         }
-        if !self.inner.disk_enabled || lock(&self.inner.disk).get(digest) != Some(Stored::Chunk) {
+        if !self.inner.disk_enabled
+            || !lock(&self.inner.disk)
+                .get(digest)
+                .is_some_and(Stored::is_chunk)
+        {
             return Ok(None);
         }
         let gate = Arc::clone(lock(&self.inner.loading).entry(*digest).or_default());
@@ -362,7 +391,11 @@ impl SharedCache {
         if let Some(b) = self.get_memory(digest) {
             return expect_len(digest, size, b).map(Some);
         }
-        if !self.inner.disk_enabled || lock(&self.inner.disk).get(digest) != Some(Stored::Chunk) {
+        if !self.inner.disk_enabled
+            || !lock(&self.inner.disk)
+                .get(digest)
+                .is_some_and(Stored::is_chunk)
+        {
             return Ok(None);
         }
         self.read_checked(digest)
@@ -373,7 +406,8 @@ impl SharedCache {
     /// A chunk file's bytes if their sha256 is right; a bad file is dropped. (A right
     /// file of another length than a TOC says is kept: the TOC is what is wrong.)
     fn read_checked(&self, digest: &Digest) -> Option<Bytes> {
-        let path = stored_path(&self.inner.dir, digest, Stored::Chunk);
+        let kind = lock(&self.inner.disk).peek(digest).unwrap_or(Stored::Chunk);
+        let path = stored_path(&self.inner.dir, digest, kind);
         let data = match read_uncached(&path) {
             Ok(d) => d,
             Err(e) => {
@@ -384,13 +418,16 @@ impl SharedCache {
                 return None;
             }
         };
-        if Digest::of(&data) != *digest {
+        let content = match kind {
+            Stored::Named => named_content(data),
+            _ => Some(data).filter(|data| Digest::of(data) == *digest),
+        };
+        if content.is_none() {
             tracing::warn!(path = %path.display(), "cached chunk is corrupt; dropping it");
             lock(&self.inner.disk).remove(digest);
-            remove_stored(&self.inner.dir, digest, Stored::Chunk);
-            return None;
+            remove_stored(&self.inner.dir, digest, kind);
         }
-        Some(data)
+        content
     }
 
     /// The whole file stored under `key`, opened for reading, or `None`.
@@ -558,6 +595,10 @@ impl SharedCache {
     /// Stores a verified chunk on disk (temp file, then rename). Errors are logged and
     /// swallowed: a cache that cannot write only costs refetches.
     pub(crate) fn put_disk(&self, digest: Digest, data: &[u8]) {
+        self.put_stored(digest, data, Stored::Chunk);
+    }
+
+    fn put_stored(&self, digest: Digest, data: &[u8], kind: Stored) {
         if !self.inner.disk_enabled {
             return;
         }
@@ -568,19 +609,28 @@ impl SharedCache {
             tracing::debug!(chunk = %digest, "the cache's filesystem is at its fill limit: chunk not kept on disk");
             return;
         }
-        if let Err(e) = self.write_file(&digest, data) {
+        if let Err(e) = self.write_file(&digest, data, kind) {
             self.count_write_error(&e);
             tracing::warn!(chunk = %digest, error = %e, "cannot write chunk to the disk cache");
             return;
         }
-        self.index(digest, Stored::Chunk, data.len() as u64);
+        self.index(digest, kind, data.len() as u64);
         if lock(&self.inner.read_through).remove(&digest) {
             self.drop_from_memory(&digest);
         }
     }
 
-    fn write_file(&self, digest: &Digest, data: &[u8]) -> std::io::Result<()> {
-        let final_path = stored_path(&self.inner.dir, digest, Stored::Chunk);
+    /// Stores a verified chunk whose key is a name, not its content's digest (a SOCI
+    /// span piece): the file carries its content's digest after it, checked on load.
+    pub(crate) fn put_disk_named(&self, key: Digest, data: &[u8]) {
+        let mut with_digest = Vec::with_capacity(data.len() + 32);
+        with_digest.extend_from_slice(data);
+        with_digest.extend_from_slice(&Digest::of(data).0);
+        self.put_stored(key, &with_digest, Stored::Named);
+    }
+
+    fn write_file(&self, digest: &Digest, data: &[u8], kind: Stored) -> std::io::Result<()> {
+        let final_path = stored_path(&self.inner.dir, digest, kind);
         if let Some(parent) = final_path.parent() {
             std::fs::create_dir_all(parent)?;
         }

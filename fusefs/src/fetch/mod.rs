@@ -111,6 +111,8 @@ pub(crate) struct Fetcher {
     /// Files read as ELF objects for their libraries.
     examined: libraries::Examined,
     served: served::Served,
+    /// A SOCI layer: chunks are pieces of spans, inflated a span at a time.
+    spans: bool,
 }
 
 /// Counts one unit of work on a watched counter while alive.
@@ -185,6 +187,7 @@ impl Fetcher {
         let prefetch_marked = index.has_prefetch_marks();
         let prefetch_end = index.prefetch_range().map_or(0, |r| r.end);
         Fetcher {
+            spans: layer.format() == estargz::Format::Soci,
             prefetch_marked,
             prefetch_end,
             front: Arc::default(),

@@ -143,21 +143,7 @@ impl Fetcher {
         let window = self.neighbours.window();
         let index = self.layer.index();
         let chunk = |&(node, k): &(NodeId, u32)| index.entry(node).chunks()[k as usize];
-        let table = self.neighbours.by_offset.get_or_init(|| {
-            let mut all: Vec<(NodeId, u32)> = Vec::new();
-            for id in 0..index.len() {
-                let e = index.entry(NodeId(id as u32));
-                if e.kind() == EntryKind::Reg && e.hardlink_target().is_none() {
-                    let real = e.chunks().iter().enumerate().filter(|(_, c)| !c.zeros);
-                    all.extend(real.map(|(k, _)| (e.id(), k as u32)));
-                }
-            }
-            all.sort_by_key(|at| {
-                let c = chunk(at);
-                (c.comp_offset, c.inner_offset)
-            });
-            all
-        });
+        let table = self.blob_order();
         let limit = end.saturating_add(window);
         let mut leads = Vec::new();
         let first = table.partition_point(|at| chunk(at).comp_offset < end);
@@ -175,6 +161,40 @@ impl Fetcher {
         }
         self.neighbours.fetching(leads.iter().map(|l| l.chunk));
         self.spawn_ranges(leads, self.config.coalesce_gap, Purpose::Neighbour);
+    }
+
+    /// Every chunk in blob order as (file, chunk of the file), built on first use.
+    fn blob_order(&self) -> &[(NodeId, u32)] {
+        let index = self.layer.index();
+        let chunk = |&(node, k): &(NodeId, u32)| index.entry(node).chunks()[k as usize];
+        self.neighbours.by_offset.get_or_init(|| {
+            let mut all: Vec<(NodeId, u32)> = Vec::new();
+            for id in 0..index.len() {
+                let e = index.entry(NodeId(id as u32));
+                if e.kind() == EntryKind::Reg && e.hardlink_target().is_none() {
+                    let real = e.chunks().iter().enumerate().filter(|(_, c)| !c.zeros);
+                    all.extend(real.map(|(k, _)| (e.id(), k as u32)));
+                }
+            }
+            all.sort_by_key(|at| {
+                let c = chunk(at);
+                (c.comp_offset, c.inner_offset)
+            });
+            all
+        })
+    }
+
+    /// The pieces of the SOCI span that starts at `comp_offset`.
+    pub(super) fn span_pieces(&self, comp_offset: u64) -> Vec<(NodeId, Chunk)> {
+        let index = self.layer.index();
+        let chunk = |&(node, k): &(NodeId, u32)| index.entry(node).chunks()[k as usize];
+        let table = self.blob_order();
+        let first = table.partition_point(|at| chunk(at).comp_offset < comp_offset);
+        table[first..]
+            .iter()
+            .take_while(|at| chunk(at).comp_offset == comp_offset)
+            .map(|at| (at.0, chunk(at)))
+            .collect()
     }
 
     /// Fetches what the layer says a container reads first: the chunks `lazysnap

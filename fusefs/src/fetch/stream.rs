@@ -248,7 +248,27 @@ impl Fetcher {
             // (background fetch) go to disk before their waiters hear of them, so a
             // reader never refetches a chunk that is on its way to disk.
             let mut to_disk = Vec::new();
-            for lead in leads {
+            let mut leads = leads.into_iter().peekable();
+            while let Some(lead) = leads.next() {
+                if this.spans {
+                    // The pieces of one span come out of one inflation of it.
+                    let mut group = vec![lead];
+                    while let Some(next) =
+                        leads.next_if(|l| l.chunk.comp_offset == group[0].chunk.comp_offset)
+                    {
+                        group.push(next);
+                    }
+                    let results = this.inflate_span(&group, &data[..], start, keep);
+                    for (lead, res) in group.into_iter().zip(results) {
+                        match &res {
+                            Ok(b) if keep => to_disk.push((lead.chunk.digest, b.clone())),
+                            Ok(b) => this.cache.put_disk_named(lead.chunk.digest, b),
+                            Err(_) => {}
+                        }
+                        this.inflight.finish(lead, res);
+                    }
+                    continue;
+                }
                 let res = this.inflate(&lead, &data[..], start, keep);
                 match &res {
                     Ok(b) if keep => to_disk.push((lead.chunk.digest, b.clone())),
@@ -258,9 +278,74 @@ impl Fetcher {
                 this.inflight.finish(lead, res);
             }
             for (digest, b) in to_disk {
-                this.cache.put_disk(digest, &b);
+                if this.spans {
+                    this.cache.put_disk_named(digest, &b);
+                } else {
+                    this.cache.put_disk(digest, &b);
+                }
             }
         })
+    }
+
+    /// The pieces `group` (all of one span, whose bytes are in `data` from blob offset
+    /// `start`) from one verified inflation of the span; the span's other pieces go to
+    /// the disk cache too, since their bytes are at hand.
+    fn inflate_span(
+        &self,
+        group: &[Lead],
+        data: &[u8],
+        start: u64,
+        keep: bool,
+    ) -> Vec<std::result::Result<Bytes, Arc<str>>> {
+        let first = &group[0].chunk;
+        let rel = (first.comp_offset - start) as usize;
+        let bytes = data
+            .get(rel..rel + first.comp_len() as usize)
+            .unwrap_or(&[]);
+        let span = match self.layer.inflate_span(first.comp_offset, bytes) {
+            Ok(span) => span,
+            Err(e) => {
+                Counters::add(&self.counters.verification_failures, 1);
+                tracing::warn!(layer = %self.name, offset = first.comp_offset,
+                    files = group.len(), error = %e, "span failed verification");
+                let reason: Arc<str> = Arc::from(e.to_string());
+                return group.iter().map(|_| Err(reason.clone())).collect();
+            }
+        };
+        let piece = |c: &estargz::Chunk| -> std::result::Result<&[u8], Arc<str>> {
+            let from = c.inner_offset as usize;
+            span.get(from..from + c.size as usize).ok_or_else(|| {
+                Arc::from(format!(
+                    "the span at {} inflates to {} bytes, short of a piece at {from} of {}",
+                    c.comp_offset,
+                    span.len(),
+                    c.size
+                ))
+            })
+        };
+        let pool = pool_for(keep);
+        let results = group
+            .iter()
+            .map(|lead| {
+                let bytes = piece(&lead.chunk)?;
+                let mut out = pool.take(bytes.len());
+                out.extend_from_slice(bytes);
+                let b = buffers::into_bytes(pool, out);
+                if keep {
+                    self.cache.put_memory(lead.chunk.digest, b.clone());
+                }
+                Ok(b)
+            })
+            .collect();
+        for (_, c) in self.span_pieces(first.comp_offset) {
+            if group.iter().all(|l| l.chunk.digest != c.digest)
+                && !self.cache.contains(&c.digest)
+                && let Ok(bytes) = piece(&c)
+            {
+                self.cache.put_disk_named(c.digest, bytes);
+            }
+        }
+        results
     }
 
     fn inflate(

@@ -223,3 +223,36 @@ fn only_a_hit_keeps_the_memory_tier_in_use() {
     assert!(cache.get_memory(&absent).is_none());
     assert_eq!(cache.release_idle_memory(idle), 4000, "only missed: let go");
 }
+
+#[test]
+fn named_chunks_read_back_checked_and_a_corrupt_one_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || {
+        SharedCache::open(CacheConfig {
+            dir: dir.path().join("cache"),
+            memory_bytes: 0,
+            disk_bytes: 1 << 20,
+            max_fill_percent: 100,
+        })
+        .unwrap()
+    };
+    let cache = open();
+    let data = pattern(10_000, 5);
+    // A name that is not the content's digest, as a SOCI span piece's is not.
+    let key = estargz::Digest::of(b"a piece's name");
+    cache.put_disk_named(key, &data);
+    assert_eq!(
+        &cache.get(&key, data.len() as u64).unwrap().unwrap()[..],
+        &data[..]
+    );
+    // Found again after a restart, and a flipped byte makes it a miss, not bad data.
+    let cache = open();
+    assert!(cache.contains(&key));
+    let path = dir.path().join("cache").join("named");
+    let file = walk(&path).into_iter().next().unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    assert!(cache.get(&key, data.len() as u64).unwrap().is_none());
+    assert!(!cache.contains(&key));
+}

@@ -9,6 +9,7 @@ mod core_tests;
 mod fetch_tests;
 mod libraries_tests;
 mod link_tests;
+mod soci_tests;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -136,6 +137,20 @@ impl BlobReader for FaultBlob {
             Ok(())
         })
     }
+}
+
+/// Every file under `dir`, recursively.
+pub(crate) fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// Deterministic incompressible-ish bytes.
@@ -314,7 +329,19 @@ pub(crate) fn fixture_on(
     let layer = rt
         .block_on(Layer::open(blob.clone(), &Default::default()))
         .unwrap();
-    // Opening the layer reads footer and TOC: count only what the filesystem fetches.
+    fixture_of(rt, blob, layer, config, cache, dir)
+}
+
+/// A fixture serving `layer` (read from `blob`) as `config` and `cache` say.
+pub(crate) fn fixture_of(
+    rt: tokio::runtime::Runtime,
+    blob: Arc<FaultBlob>,
+    layer: Layer,
+    config: FsConfig,
+    cache: CacheConfig,
+    dir: tempfile::TempDir,
+) -> Fixture {
+    // Opening the layer read footer and TOC: count only what the filesystem fetches.
     blob.requests.lock().unwrap().clear();
     blob.started.store(0, Ordering::SeqCst);
     let cache = SharedCache::open(cache).unwrap();
