@@ -2,21 +2,19 @@
 //! configs, manifests and indexes, write the destination with the reference last.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::PathBuf;
 use std::str::FromStr;
 
 use estargz::{OutputFormat, WriterOptions};
 
+use crate::endpoint::{Dst, Src, reopen};
 use crate::error::{Error, Result};
 use crate::layer::{self, LayerResult};
-use crate::layout::Layout;
 use crate::oci::{
     self, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Descriptor, Digest, Index,
-    MAX_METADATA_SIZE, Manifest, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Object, Platform,
+    Manifest, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Object, Platform,
 };
 use crate::progress::Progress;
-use crate::remote::Remote;
 
 /// Largest image config accepted (configs with long histories can be big).
 const MAX_CONFIG_SIZE: u64 = 64 << 20;
@@ -108,241 +106,6 @@ pub struct Summary {
     pub layers: Vec<LayerSummary>,
 }
 
-enum Src {
-    Layout(Layout, Option<String>),
-    Remote(Remote),
-}
-
-enum Dst {
-    Layout(Layout, Option<String>),
-    Remote(Remote, String),
-}
-
-/// A blob available as a local file; a downloaded one is deleted on drop.
-struct LocalBlob {
-    file: File,
-    _temp: Option<tempfile::NamedTempFile>,
-}
-
-impl LocalBlob {
-    fn try_clone(&self) -> Result<File> {
-        self.file
-            .try_clone()
-            .map_err(|e| Error::io("duplicating a file handle", e))
-    }
-}
-
-fn reopen(tmp: &tempfile::NamedTempFile) -> Result<File> {
-    tmp.reopen()
-        .map_err(|e| Error::io("reopening a temp file", e))
-}
-
-impl Src {
-    async fn open(loc: &Location, opts: &ConvertOptions) -> Result<Self> {
-        match loc {
-            Location::Layout { dir, tag } => Ok(Src::Layout(Layout::open(dir)?, tag.clone())),
-            Location::Registry(r) => {
-                let reference = crate::remote::parse_reference(r)?;
-                let client = crate::remote::client_for(&reference, opts.plain_http)?;
-                Ok(Src::Remote(Remote { client, reference }))
-            }
-        }
-    }
-
-    fn name(&self) -> String {
-        match self {
-            Src::Layout(l, tag) => match tag {
-                Some(t) => format!("oci:{}:{t}", l.root().display()),
-                None => format!("oci:{}", l.root().display()),
-            },
-            Src::Remote(r) => r.reference.to_string(),
-        }
-    }
-
-    /// The descriptor and bytes of what the source reference names.
-    async fn root(&self) -> Result<(Descriptor, Vec<u8>)> {
-        match self {
-            Src::Layout(l, tag) => {
-                let desc = l.resolve(tag.as_deref())?;
-                let bytes = l.read_blob(&desc, "manifest", MAX_METADATA_SIZE)?;
-                Ok((desc, bytes))
-            }
-            Src::Remote(r) => {
-                let (bytes, media_type, digest) = r.fetch_object(&r.reference.object()).await?;
-                let desc = Descriptor::new(&media_type, digest, bytes.len() as u64);
-                Ok((desc, bytes.to_vec()))
-            }
-        }
-    }
-
-    /// A manifest named by a descriptor of an index.
-    async fn object(&self, desc: &Descriptor) -> Result<Vec<u8>> {
-        match self {
-            Src::Layout(l, _) => l.read_blob(desc, "manifest", MAX_METADATA_SIZE),
-            Src::Remote(r) => {
-                let (bytes, _, digest) = r.fetch_object(&desc.digest.to_string()).await?;
-                if digest != desc.digest {
-                    return Err(Error::DigestMismatch {
-                        what: "manifest",
-                        digest: desc.digest.clone(),
-                        actual: digest,
-                    });
-                }
-                Ok(bytes.to_vec())
-            }
-        }
-    }
-
-    async fn small(&self, desc: &Descriptor, what: &'static str, limit: u64) -> Result<Vec<u8>> {
-        match self {
-            Src::Layout(l, _) => l.read_blob(desc, what, limit),
-            Src::Remote(r) => {
-                if desc.size > limit {
-                    return Err(Error::TooLarge {
-                        what,
-                        digest: desc.digest.clone(),
-                        size: desc.size,
-                        limit,
-                    });
-                }
-                Ok(r.fetch_small(desc, limit).await?.to_vec())
-            }
-        }
-    }
-
-    /// The blob as a local file: the layout's own file, or a downloaded temp file.
-    async fn local(&self, desc: &Descriptor, what: &'static str) -> Result<LocalBlob> {
-        match self {
-            Src::Layout(l, _) => Ok(LocalBlob {
-                file: l.open_blob(desc, what)?,
-                _temp: None,
-            }),
-            Src::Remote(r) => {
-                let tmp = tempfile::NamedTempFile::new()
-                    .map_err(|e| Error::io("creating a temp file", e))?;
-                let file = r.fetch_to(desc, reopen(&tmp)?).await?;
-                Ok(LocalBlob {
-                    file,
-                    _temp: Some(tmp),
-                })
-            }
-        }
-    }
-}
-
-impl Dst {
-    async fn open(loc: &Location, opts: &ConvertOptions) -> Result<Self> {
-        match loc {
-            Location::Layout { dir, tag } => Ok(Dst::Layout(Layout::create(dir)?, tag.clone())),
-            Location::Registry(r) => {
-                let reference = crate::remote::parse_reference(r)?;
-                if reference.digest.is_some() {
-                    return Err(Error::BadReference {
-                        input: r.clone(),
-                        reason: "a destination needs a tag, not a digest".into(),
-                    });
-                }
-                let tag = reference.tag.clone().unwrap_or_else(|| "latest".into());
-                let client = crate::remote::client_for(&reference, opts.plain_http)?;
-                Ok(Dst::Remote(Remote { client, reference }, tag))
-            }
-        }
-    }
-
-    async fn has(&self, digest: &Digest) -> Result<bool> {
-        match self {
-            Dst::Layout(l, _) => Ok(l.has_blob(digest)),
-            Dst::Remote(r, _) => r.has_blob(digest).await,
-        }
-    }
-
-    /// Makes the source's blob `desc` available in the destination, unchanged.
-    async fn copy_from(&self, src: &Src, desc: &Descriptor, what: &'static str) -> Result<()> {
-        if self.has(&desc.digest).await? {
-            return Ok(());
-        }
-        match (self, src) {
-            (Dst::Layout(dst, _), Src::Layout(l, _)) => {
-                let file = l.open_blob(desc, what)?;
-                dst.copy_blob_from(&file, desc, what)
-            }
-            (Dst::Layout(dst, _), Src::Remote(r)) => {
-                let tmp = dst.temp_blob()?;
-                r.fetch_to(desc, reopen(&tmp)?).await?;
-                dst.commit_blob(tmp, &desc.digest)
-            }
-            (Dst::Remote(dst, _), Src::Layout(l, _)) => {
-                dst.push_file(&desc.digest, l.open_blob(desc, what)?).await
-            }
-            (Dst::Remote(dst, _), Src::Remote(r)) => {
-                if dst.mount_from(r, &desc.digest).await? {
-                    return Ok(());
-                }
-                let local = src.local(desc, what).await?;
-                dst.push_file(&desc.digest, local.try_clone()?).await
-            }
-        }
-    }
-
-    /// A temp file to write a converted layer into.
-    fn temp(&self) -> Result<tempfile::NamedTempFile> {
-        match self {
-            Dst::Layout(l, _) => l.temp_blob(),
-            Dst::Remote(..) => {
-                tempfile::NamedTempFile::new().map_err(|e| Error::io("creating a temp file", e))
-            }
-        }
-    }
-
-    async fn put_temp(&self, tmp: tempfile::NamedTempFile, digest: &Digest) -> Result<()> {
-        match self {
-            Dst::Layout(l, _) => l.commit_blob(tmp, digest),
-            Dst::Remote(r, _) => r.push_file(digest, reopen(&tmp)?).await,
-        }
-    }
-
-    /// Stores a config blob.
-    async fn put_blob(&self, data: Vec<u8>) -> Result<Digest> {
-        match self {
-            Dst::Layout(l, _) => l.write_blob(&data),
-            Dst::Remote(r, _) => {
-                let digest = Digest::sha256_of(&data);
-                r.push_bytes(&digest, data.into()).await?;
-                Ok(digest)
-            }
-        }
-    }
-
-    /// Stores a manifest that an index will list (by digest).
-    async fn put_child(&self, bytes: &[u8], media_type: &str) -> Result<()> {
-        match self {
-            Dst::Layout(l, _) => l.write_blob(bytes).map(|_| ()),
-            Dst::Remote(r, _) => {
-                let digest = Digest::sha256_of(bytes);
-                r.push_manifest(&digest.to_string(), media_type, bytes.to_vec().into())
-                    .await
-            }
-        }
-    }
-
-    /// The last step: the reference now names `root`.
-    async fn finish(&self, root: &Descriptor, bytes: &[u8]) -> Result<()> {
-        match self {
-            Dst::Layout(l, tag) => {
-                l.write_blob(bytes)?;
-                let mut desc = root.clone();
-                // index.json lists the image itself; a platform belongs to index entries.
-                desc.platform = None;
-                l.set_ref(desc, tag.as_deref())
-            }
-            Dst::Remote(r, tag) => {
-                r.push_manifest(tag, &root.media_type, bytes.to_vec().into())
-                    .await
-            }
-        }
-    }
-}
-
 struct Converter<'a> {
     src: Src,
     dst: Dst,
@@ -367,8 +130,8 @@ pub async fn convert_image(
         ));
     }
     let mut c = Converter {
-        src: Src::open(src, opts).await?,
-        dst: Dst::open(dst, opts).await?,
+        src: Src::open(src, opts.plain_http).await?,
+        dst: Dst::open(dst, opts.plain_http).await?,
         opts,
         progress,
         done: HashMap::new(),

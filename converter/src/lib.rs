@@ -7,6 +7,7 @@
 //! the `lazysnap convert` command line.
 
 pub mod cli;
+mod endpoint;
 mod error;
 mod image;
 pub mod layer;

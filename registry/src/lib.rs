@@ -14,6 +14,7 @@ mod manifest;
 pub mod platform;
 mod push;
 mod reference;
+mod referrers;
 
 pub use auth::{
     Anonymous, Challenge, CredentialFuture, CredentialProvider, Credentials, DockerConfig,
