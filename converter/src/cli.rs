@@ -10,8 +10,10 @@ use crate::error::{Error, Result};
 use crate::image::{ConvertOptions, Location, Summary, convert_image};
 use crate::oci::Platform;
 use crate::progress::Progress;
+use crate::soci_index::{SociOptions, SociVersion, index_image};
 
-/// Converts an image to eStargz or zstd:chunked.
+/// Converts an image to eStargz or zstd:chunked, or indexes its gzip layers for SOCI
+/// (`--soci`, the layers untouched).
 ///
 /// SRC and DST are registry references (`host/repo:tag`) or OCI image layouts
 /// (`oci:DIR[:TAG]`).
@@ -62,6 +64,21 @@ pub struct ConvertArgs {
     /// Print plain progress lines even on a terminal.
     #[arg(long)]
     pub no_progress_bars: bool,
+    /// Keep the layers as they are and write a SOCI index for them instead (zTOCs of the
+    /// gzip layers), so lazysnapd (and soci-snapshotter) pull them lazily.
+    #[arg(long, conflicts_with_all = ["estargz", "zstdchunked", "prioritize", "all_platforms"])]
+    pub soci: bool,
+    /// SOCI index version: v2 annotates the image manifest (a new image digest) and
+    /// writes an index of both, as `soci convert` does; v1 leaves the image as it is
+    /// and is found through the registry's referrers.
+    #[arg(long, value_name = "VERSION", default_value = "v2", requires = "soci")]
+    pub soci_version: SociVersion,
+    /// Bytes of uncompressed tar between two checkpoints of a zTOC (default 4 MiB).
+    #[arg(long, value_name = "BYTES", requires = "soci")]
+    pub span_size: Option<u64>,
+    /// Layers smaller than this get no zTOC and are pulled whole (default 10 MiB).
+    #[arg(long, value_name = "BYTES", requires = "soci")]
+    pub min_layer_size: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -155,9 +172,27 @@ impl ConvertArgs {
         })
     }
 
+    /// How to index (`--soci`).
+    pub fn soci_options(&self) -> Result<SociOptions> {
+        let defaults = SociOptions::default();
+        let platform = match self.platform.as_slice() {
+            [] => None,
+            [one] => Some(Platform::parse(one).map_err(Error::BadOption)?),
+            _ => return Err(Error::BadOption("--soci indexes one platform".into())),
+        };
+        Ok(SociOptions {
+            version: self.soci_version,
+            span_size: self.span_size.unwrap_or(defaults.span_size),
+            min_layer_size: self.min_layer_size.unwrap_or(defaults.min_layer_size),
+            plain_http: self.plain_http,
+            platform,
+            threads: self.threads,
+            ..defaults
+        })
+    }
+
     /// Runs the conversion, with progress on stderr.
     pub async fn run(&self) -> Result<Summary> {
-        let opts = self.options()?;
         let src: Location = self.src.parse()?;
         let dst: Location = self.dst.parse()?;
         let progress = if self.no_progress_bars {
@@ -165,6 +200,10 @@ impl ConvertArgs {
         } else {
             Progress::auto()
         };
+        if self.soci {
+            return index_image(&src, &dst, &self.soci_options()?, &progress).await;
+        }
+        let opts = self.options()?;
         convert_image(&src, &dst, &opts, &progress).await
     }
 }

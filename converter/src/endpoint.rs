@@ -6,7 +6,7 @@ use std::fs::File;
 use crate::error::{Error, Result};
 use crate::image::Location;
 use crate::layout::Layout;
-use crate::oci::{Descriptor, Digest, MAX_METADATA_SIZE};
+use crate::oci::{self, Descriptor, Digest, MAX_METADATA_SIZE};
 use crate::remote::Remote;
 
 pub(crate) enum Src {
@@ -255,5 +255,44 @@ impl Dst {
                     .await
             }
         }
+    }
+
+    /// Lists `referrer` among the manifests that refer to `subject`: a registry with the
+    /// referrers API did so when the referrer was pushed; for one without, the index
+    /// under the tag schema's tag gains it.
+    pub(crate) async fn add_referrer(&self, subject: &Digest, referrer: Descriptor) -> Result<()> {
+        let Dst::Remote(r, _) = self else {
+            return Err(Error::BadOption(
+                "referrers are kept by registries, not OCI layouts".into(),
+            ));
+        };
+        let repo = &r.reference.repository;
+        if r.client.has_referrers_api(repo, subject).await? {
+            return Ok(());
+        }
+        let tag = registry::Client::referrers_tag_of(subject);
+        let mut index = match r.fetch_object(&tag).await {
+            Ok((bytes, media_type, digest)) => {
+                match oci::parse_object(&bytes, &media_type, &digest)? {
+                    oci::Object::Index(index) => index,
+                    oci::Object::Manifest(_) => {
+                        return Err(Error::BadOption(format!("the tag {tag} is not an index")));
+                    }
+                }
+            }
+            Err(Error::Registry(registry::Error::NotFound { .. })) => oci::Index {
+                schema_version: 2,
+                media_type: Some(oci::OCI_INDEX.into()),
+                manifests: Vec::new(),
+                annotations: None,
+                other: oci::Extra::new(),
+            },
+            Err(e) => return Err(e),
+        };
+        if index.manifests.iter().all(|d| d.digest != referrer.digest) {
+            index.manifests.push(referrer);
+        }
+        let bytes = oci::to_json(&index)?;
+        r.push_manifest(&tag, oci::OCI_INDEX, bytes.into()).await
     }
 }

@@ -84,6 +84,8 @@ pub enum LayerAction {
     Annotated,
     /// Not a layer the converter handles (foreign, artifact): copied as it is.
     Copied,
+    /// Left as it is, with a SOCI zTOC made for it.
+    Indexed,
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +106,8 @@ pub struct Summary {
     pub manifests: usize,
     /// Each distinct source layer, once.
     pub layers: Vec<LayerSummary>,
+    /// The SOCI index written (`--soci`), which `root` leads to.
+    pub soci_index: Option<Descriptor>,
 }
 
 struct Converter<'a> {
@@ -150,6 +154,7 @@ pub async fn convert_image(
         root,
         manifests: c.manifests,
         layers: c.layers,
+        soci_index: None,
     })
 }
 

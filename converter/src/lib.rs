@@ -15,6 +15,7 @@ mod layout;
 pub mod oci;
 mod progress;
 mod remote;
+pub mod soci_index;
 
 pub use error::{Error, Result};
 pub use estargz::{OutputFormat, WriterOptions};

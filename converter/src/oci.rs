@@ -169,7 +169,8 @@ pub fn choose_platform<'a>(index: &'a Index, platform: &Platform) -> Option<&'a 
     let images = index
         .manifests
         .iter()
-        .filter(|d| is_manifest_type(&d.media_type));
+        // Artifacts (a SOCI index) may name a platform too; they are not images.
+        .filter(|d| is_manifest_type(&d.media_type) && !d.other.contains_key("artifactType"));
     registry::platform::choose(platform, images.map(|d| (d, d.platform.as_ref())))
 }
 

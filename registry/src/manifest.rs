@@ -299,7 +299,10 @@ pub fn choose_platform<'a>(index: &'a ImageIndex, platform: &Platform) -> Option
     let images = index
         .manifests
         .iter()
-        .filter(|d| d.media_type == OCI_MANIFEST || d.media_type == DOCKER_MANIFEST);
+        // An artifact (a SOCI index, an attestation) may name a platform too; it is not
+        // an image to run.
+        .filter(|d| d.media_type == OCI_MANIFEST || d.media_type == DOCKER_MANIFEST)
+        .filter(|d| d.artifact_type.is_none());
     crate::platform::choose(platform, images.map(|d| (d, d.platform.as_ref())))
 }
 

@@ -36,6 +36,21 @@ impl Client {
             .collect())
     }
 
+    /// Whether the registry answers the referrers API (else its clients keep
+    /// referrers under the tag schema).
+    pub async fn has_referrers_api(&self, repo: &Repository, subject: &Digest) -> Result<bool> {
+        match self.referrers_api(repo, subject, None).await {
+            Ok(_) => Ok(true),
+            Err(Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The tag under which the tag schema keeps `subject`'s referrers.
+    pub fn referrers_tag_of(subject: &Digest) -> String {
+        format!("{}-{}", subject.algorithm().name(), subject.hex())
+    }
+
     async fn referrers_api(
         &self,
         repo: &Repository,
@@ -85,7 +100,7 @@ impl Client {
     /// The index tagged `<algorithm>-<hex>` of `subject`, as clients without the API
     /// keep referrers.
     async fn referrers_tag(&self, repo: &Repository, subject: &Digest) -> Result<ImageIndex> {
-        let tag = format!("{}-{}", subject.algorithm().name(), subject.hex());
+        let tag = Client::referrers_tag_of(subject);
         let fetched = self.fetch_manifest(repo, &tag).await?;
         let target = Target::new(repo.api_host(), &repo.name, &tag);
         match fetched.parse(&target)? {

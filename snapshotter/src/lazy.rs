@@ -57,6 +57,8 @@ pub struct FuseMounter {
     native_copies: bool,
     /// Native copies in progress: stopped before the mounts are left or unmounted.
     copies: Arc<crate::native::NativeCopies>,
+    /// The SOCI indexes of images whose plain gzip layers were asked for.
+    soci: crate::soci_index::SociIndexes,
 }
 
 /// The chunk cache's sweep leaves the kept metadata of layers it did not list as
@@ -374,6 +376,7 @@ impl FuseMounter {
             store: None,
             native_copies: false,
             copies: Arc::default(),
+            soci: Default::default(),
         }
     }
 
@@ -1058,6 +1061,28 @@ impl FuseMounter {
 impl RemoteMounter for FuseMounter {
     fn mount<'a>(&'a self, layer: &'a RemoteLayer, mountpoint: &'a Path) -> MountFuture<'a> {
         Box::pin(async move {
+            // A layer without a TOC label may be plain gzip with a SOCI index.
+            if layer.toc_digest.is_none() {
+                let through_index = crate::soci_index::open_through_index(
+                    &self.client,
+                    &self.soci,
+                    &self.parse_gate,
+                    layer,
+                )
+                .await?;
+                match through_index {
+                    Ok((opened, found)) => {
+                        tracing::info!(layer = %layer.layer_digest, index = %found.index_digest,
+                            ztoc = %found.ztoc.digest, found_by = ?found.found_by,
+                            "mounting the gzip layer through its SOCI index");
+                        return self
+                            .serve_layer(layer, Arc::new(opened), mountpoint, false)
+                            .await;
+                    }
+                    Err(why) => tracing::debug!(layer = %layer.layer_digest, %why,
+                        "not through a SOCI index"),
+                }
+            }
             // `_opening` lasts until the layer is served (or the mount fails), so no
             // pre-open of it starts meanwhile.
             let (opened, preopened, opts, _opening) = self.open_layer(layer).await?;

@@ -15,6 +15,7 @@ pub mod proto;
 pub mod remote;
 pub mod service;
 mod snapshots;
+pub mod soci_index;
 mod store;
 pub mod tocstore;
 mod types;

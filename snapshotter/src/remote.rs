@@ -26,6 +26,8 @@ pub const LABEL_CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-diges
 pub const LABEL_CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
 pub const LABEL_CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
 pub const LABEL_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// soci-snapshotter's label naming the SOCI index to read an image's gzip layers through.
+pub const LABEL_SOCI_INDEX_DIGEST: &str = "containerd.io/snapshot/remote/soci.index.digest";
 
 /// Everything needed to find and verify one lazily pulled layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +45,8 @@ pub struct RemoteLayer {
     /// Bytes to prefetch when the layer has no landmark (`stargz.prefetch`).
     pub prefetch_size: Option<u64>,
     pub skip_verify: bool,
+    /// The SOCI index to read the layer through, when the client names one.
+    pub soci_index_digest: Option<String>,
 }
 
 /// What the labels of one Prepare say about lazy pulling.
@@ -94,6 +98,10 @@ impl PrepareIntent {
                     .get(LABEL_STARGZ_PREFETCH)
                     .and_then(|v| v.parse().ok()),
                 skip_verify: labels.contains_key(LABEL_STARGZ_SKIP_VERIFY),
+                soci_index_digest: labels
+                    .get(LABEL_SOCI_INDEX_DIGEST)
+                    .filter(|v| !v.is_empty())
+                    .cloned(),
             }),
             _ if toc_digest.is_some() => PrepareIntent::LazyWithoutLabels {
                 target: target.clone(),

@@ -34,12 +34,29 @@ const HAND_OVER: usize = 256 << 10;
 /// The zTOC of the gzip-compressed tar `layer`, with a checkpoint after about every
 /// `span_size` bytes of tar, naming `build_tool` as its maker.
 pub fn build_ztoc(layer: &File, span_size: u64, build_tool: &str) -> Result<Ztoc, BuildError> {
+    build_ztoc_reporting(layer, span_size, build_tool, &|_| {})
+}
+
+/// [`build_ztoc`], telling `read` how many compressed bytes it has read as it goes.
+pub fn build_ztoc_reporting(
+    layer: &File,
+    span_size: u64,
+    build_tool: &str,
+    read: &(dyn Fn(u64) + Sync),
+) -> Result<Ztoc, BuildError> {
     let compressed_size = layer.metadata()?.len();
     let (points, (files, tar_size)) = std::thread::scope(|scope| {
         let (send, receive) = mpsc::sync_channel::<Vec<u8>>(4);
         let tar = scope.spawn(move || tar_toc::read_tar_toc(ChannelReader::new(receive)));
         let mut pending = Vec::with_capacity(HAND_OVER);
-        let gz = BufReader::with_capacity(256 << 10, Positional { file: layer, at: 0 });
+        let gz = BufReader::with_capacity(
+            256 << 10,
+            Positional {
+                file: layer,
+                at: 0,
+                read,
+            },
+        );
         let built = gzip_checkpoints::build_checkpoints_passing_output(gz, span_size, |out| {
             pending.extend_from_slice(out);
             if pending.len() >= HAND_OVER {
@@ -112,12 +129,14 @@ fn hex(bytes: &[u8]) -> String {
 struct Positional<'a> {
     file: &'a File,
     at: u64,
+    read: &'a (dyn Fn(u64) + Sync),
 }
 
 impl Read for Positional<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.file.read_at(buf, self.at)?;
         self.at += n as u64;
+        (self.read)(n as u64);
         Ok(n)
     }
 }

@@ -91,17 +91,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let summary = runtime
                 .block_on(args.run())
                 .with_context(|| format!("converting {} to {}", args.src, args.dst))?;
-            let converted = summary
-                .layers
-                .iter()
-                .filter(|l| l.action == converter::LayerAction::Converted)
-                .count();
+            let (verb, done) = match &summary.soci_index {
+                Some(_) => ("indexed", converter::LayerAction::Indexed),
+                None => ("converted", converter::LayerAction::Converted),
+            };
+            let count = summary.layers.iter().filter(|l| l.action == done).count();
             eprintln!(
-                "converted {converted} of {} layers in {} manifest(s) in {:.1}s",
+                "{verb} {count} of {} layers in {} manifest(s) in {:.1}s",
                 summary.layers.len(),
                 summary.manifests,
                 start.elapsed().as_secs_f64()
             );
+            if let Some(index) = &summary.soci_index {
+                eprintln!("SOCI index {}", index.digest);
+            }
             // The digest on stdout, for scripts.
             println!("{}", summary.root.digest);
         }

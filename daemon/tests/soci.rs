@@ -1,0 +1,298 @@
+//! Ordinary gzip images pulled lazily through SOCI indexes, with real parts: a plain
+//! image pushed to docker-registry, indexed by `lazysnap convert --soci` (v2: the image
+//! manifest annotated; v1: found through the referrers tag schema, which this registry
+//! needs), pulled through containerd, served by lazysnapd over FUSE, run by runc. Every
+//! file reads back as pushed; the registry serves the spans the command reads, not the
+//! layers. A SOCI
+//! index whose zTOC is not one gets its layer an ordinary pull, and the image still runs.
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on should stop right there
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{convert, file_digests, layers_of, rpull_options, start_lazysnapd};
+use daemon::rpull::{LayerOutcome, rpull};
+use testkit::containerd::{Containerd, ContainerdOptions};
+use testkit::image::{Entry, ImageBuilder, busybox_entries, noise};
+use testkit::lazysnapd::Lazysnapd;
+use testkit::registry::{Registry, bytes_served};
+
+struct Setup {
+    registry: Registry,
+    daemon: Lazysnapd,
+    containerd: Containerd,
+    _dir: tempfile::TempDir,
+}
+
+fn setup(name: &str) -> Option<Setup> {
+    if testkit::skip_unless_root(name) {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry")).unwrap();
+    // No background fetch: what the registry serves is what the container read.
+    let daemon = start_lazysnapd(dir.path(), "[lazy]\nbackground_fetch = false\n");
+    let containerd = Containerd::start_with(
+        &ContainerdOptions::default().proxy_snapshotter("lazysnap", &daemon.address),
+    )
+    .unwrap();
+    Some(Setup {
+        registry,
+        daemon,
+        containerd,
+        _dir: dir,
+    })
+}
+
+/// A plain two-layer image, each layer over soci's 10 MiB minimum: busybox with data no
+/// one reads, and an app layer with a small file the command prints and a big one.
+/// Returns its reference and the sha256 of every regular file by path.
+fn push_plain_image(registry: &Registry, repo: &str) -> (String, BTreeMap<String, String>) {
+    let mut base = busybox_entries().unwrap();
+    base.push(Entry::dir("usr"));
+    base.push(Entry::dir("usr/share"));
+    base.push(Entry::file("usr/share/base-data.bin", noise(12 << 20, 21)));
+    let app = [
+        Entry::dir("app"),
+        Entry::file("app/motd", "served-through-soci\n"),
+        Entry::file("app/big.bin", noise(16 << 20, 22)),
+        Entry::file("app/small.txt", "a small file beside the big one\n"),
+    ];
+    let mut digests = BTreeMap::new();
+    file_digests(&base, &mut digests);
+    file_digests(&app, &mut digests);
+    let image = ImageBuilder::new()
+        .entries(&base)
+        .unwrap()
+        .entries(&app)
+        .unwrap()
+        .cmd(&["/bin/cat", "/app/motd"])
+        .build()
+        .unwrap();
+    (registry.push(repo, "plain", &image).unwrap(), digests)
+}
+
+/// Pulls `reference` (every layer must be mounted lazily), runs its command, checks the
+/// registry served little of each layer, then reads every file back in a container.
+async fn pull_run_and_read_back(s: &Setup, reference: &str, files: &BTreeMap<String, String>) {
+    // Indexing downloaded the layers: count only what is served from here on.
+    let logged_before = s.registry.log().len();
+    let report = rpull(reference, &rpull_options(&s.containerd))
+        .await
+        .unwrap();
+    for layer in &report.layers {
+        assert_eq!(
+            layer.outcome,
+            LayerOutcome::Lazy,
+            "layer {} was not mounted lazily; lazysnapd log:\n{}",
+            layer.digest,
+            s.daemon.log()
+        );
+    }
+    assert!(
+        s.daemon.log().contains("through its SOCI index"),
+        "{}",
+        s.daemon.log()
+    );
+    let out = s
+        .containerd
+        .ctr([
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazysnap",
+            reference,
+            "soci-1",
+        ])
+        .unwrap();
+    assert!(
+        out.contains("served-through-soci"),
+        "the command printed {out:?}"
+    );
+    let log = s.registry.log();
+    let log = &log[logged_before..];
+    for (digest, size) in layers_of(reference).await {
+        let served = bytes_served(log, &digest);
+        eprintln!(
+            "layer {digest}: {served} of {size} compressed bytes served before the first output ({:.1}%)",
+            served as f64 * 100.0 / size as f64
+        );
+        // A read fetches its whole span (4 MiB of tar, here about as much compressed):
+        // at most two of a layer's four or so spans.
+        assert!(
+            served * 2 < size,
+            "layer {digest}: {served} of {size} bytes served"
+        );
+    }
+    let paths: Vec<&str> = files.keys().map(String::as_str).collect();
+    let mut args = vec![
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazysnap",
+        reference,
+        "soci-2",
+        "/bin/sha256sum",
+    ];
+    args.extend(&paths);
+    let out = s.containerd.ctr(args).unwrap();
+    let got: BTreeMap<String, String> = out
+        .lines()
+        .filter_map(|l| l.split_once("  "))
+        .map(|(sum, path)| (path.to_string(), sum.to_string()))
+        .collect();
+    assert_eq!(&got, files, "files read through the SOCI layers differ");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gzip_image_indexed_as_soci_v2_is_pulled_lazily_and_reads_back() {
+    let Some(s) = setup("a_gzip_image_indexed_as_soci_v2_is_pulled_lazily_and_reads_back") else {
+        return;
+    };
+    let (plain, files) = push_plain_image(&s.registry, "app/soci2");
+    let indexed = format!("{}/app/soci2:soci", s.registry.host);
+    convert(&plain, &indexed, &["--soci"]);
+    // The layers are the plain image's own: nothing was recompressed.
+    assert_eq!(layers_of(&indexed).await, layers_of(&plain).await);
+    pull_run_and_read_back(&s, &indexed, &files).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_soci_v1_index_is_found_through_referrers_and_the_image_keeps_its_digest() {
+    let Some(s) =
+        setup("a_soci_v1_index_is_found_through_referrers_and_the_image_keeps_its_digest")
+    else {
+        return;
+    };
+    let (plain, files) = push_plain_image(&s.registry, "app/soci1");
+    let client = registry::Client::new(registry::RegistryConfig::default()).unwrap();
+    let before = client
+        .resolve(&plain.parse().unwrap())
+        .await
+        .unwrap()
+        .digest;
+    convert(&plain, &plain, &["--soci", "--soci-version", "v1"]);
+    let after = client
+        .resolve(&plain.parse().unwrap())
+        .await
+        .unwrap()
+        .digest;
+    assert_eq!(before, after, "a v1 index leaves the image as it was");
+    // docker-registry 2.8 has no referrers API: the index is listed under the tag schema.
+    let reference: registry::Reference = plain.parse().unwrap();
+    let referrers = client
+        .referrers(
+            &reference.repository,
+            &after,
+            Some("application/vnd.amazon.soci.index.v1+json"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(referrers.len(), 1, "{referrers:?}");
+    pull_run_and_read_back(&s, &plain, &files).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_soci_index_whose_ztoc_is_not_one_gets_an_ordinary_pull() {
+    let Some(s) = setup("a_soci_index_whose_ztoc_is_not_one_gets_an_ordinary_pull") else {
+        return;
+    };
+    let (plain, files) = push_plain_image(&s.registry, "app/bad");
+    let client = registry::Client::new(registry::RegistryConfig::default()).unwrap();
+    let reference: registry::Reference = plain.parse().unwrap();
+    let repo = &reference.repository;
+    let image = client.resolve(&reference).await.unwrap();
+    // A v1 index naming, for the app layer, a zTOC that is bytes of noise.
+    let junk = bytes::Bytes::from(noise(50_000, 5));
+    let junk_digest = registry::Digest::sha256_of(&junk);
+    client
+        .push_blob(repo, &junk_digest, junk.clone(), None)
+        .await
+        .unwrap();
+    let empty = bytes::Bytes::from_static(b"{}");
+    let empty_digest = registry::Digest::sha256_of(&empty);
+    client
+        .push_blob(repo, &empty_digest, empty, None)
+        .await
+        .unwrap();
+    let app_layer = &image.manifest.layers[1];
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.amazon.soci.index.v1+json",
+                   "digest": empty_digest.to_string(), "size": 2},
+        "layers": [{"mediaType": "application/octet-stream",
+                    "digest": junk_digest.to_string(), "size": junk.len(),
+                    "annotations": {"com.amazon.soci.image-layer-digest": app_layer.digest.to_string()}}],
+        "subject": {"mediaType": image.media_type, "digest": image.digest.to_string(),
+                    "size": image.bytes.len()},
+    });
+    let index = bytes::Bytes::from(serde_json::to_vec(&index).unwrap());
+    let index_digest = registry::Digest::sha256_of(&index);
+    client
+        .push_manifest(
+            repo,
+            &index_digest.to_string(),
+            "application/vnd.oci.image.manifest.v1+json",
+            index.clone(),
+        )
+        .await
+        .unwrap();
+    let listing = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": index_digest.to_string(), "size": index.len(),
+                       "artifactType": "application/vnd.amazon.soci.index.v1+json"}],
+    });
+    let tag = registry::Client::referrers_tag_of(&image.digest);
+    client
+        .push_manifest(
+            repo,
+            &tag,
+            "application/vnd.oci.image.index.v1+json",
+            serde_json::to_vec(&listing).unwrap().into(),
+        )
+        .await
+        .unwrap();
+
+    let report = rpull(&plain, &rpull_options(&s.containerd)).await.unwrap();
+    let outcome = |digest: &registry::Digest| {
+        report
+            .layers
+            .iter()
+            .find(|l| l.digest == digest.to_string())
+            .map(|l| l.outcome)
+    };
+    assert_eq!(
+        outcome(&app_layer.digest),
+        Some(LayerOutcome::Downloaded),
+        "{report:?}"
+    );
+    let log = s.daemon.log();
+    assert!(
+        log.contains(&format!("zTOC {junk_digest}")),
+        "no log line names the zTOC:\n{log}"
+    );
+    // The base layer has no zTOC in that index: not lazy either, and pulled whole.
+    assert_eq!(
+        outcome(&image.manifest.layers[0].digest),
+        Some(LayerOutcome::Downloaded)
+    );
+    let out = s
+        .containerd
+        .ctr([
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazysnap",
+            plain.as_str(),
+            "bad-1",
+            "/bin/sha256sum",
+            "/app/big.bin",
+        ])
+        .unwrap();
+    assert!(out.contains(&files["/app/big.bin"]), "{out}");
+}
