@@ -46,32 +46,46 @@ fn setup(name: &str) -> Option<Setup> {
     })
 }
 
-/// A plain two-layer image, each layer over soci's 10 MiB minimum: busybox with data no
-/// one reads, and an app layer with a small file the command prints and a big one.
-/// Returns its reference and the sha256 of every regular file by path.
-fn push_plain_image(registry: &Registry, repo: &str) -> (String, BTreeMap<String, String>) {
+/// A plain two-layer image's layers, each over soci's 10 MiB minimum: busybox with data
+/// no one reads, and an app layer with a small file the command prints and a big one.
+fn plain_layers() -> [Vec<Entry>; 2] {
     let mut base = busybox_entries().unwrap();
     base.push(Entry::dir("usr"));
     base.push(Entry::dir("usr/share"));
     base.push(Entry::file("usr/share/base-data.bin", noise(12 << 20, 21)));
-    let app = [
+    let app = vec![
         Entry::dir("app"),
         Entry::file("app/motd", "served-through-soci\n"),
         Entry::file("app/big.bin", noise(16 << 20, 22)),
         Entry::file("app/small.txt", "a small file beside the big one\n"),
     ];
-    let mut digests = BTreeMap::new();
-    file_digests(&base, &mut digests);
-    file_digests(&app, &mut digests);
-    let image = ImageBuilder::new()
+    [base, app]
+}
+
+/// The image of [`plain_layers`] (the same bytes every time: nothing in it varies).
+fn plain_image() -> testkit::image::Image {
+    let [base, app] = plain_layers();
+    ImageBuilder::new()
         .entries(&base)
         .unwrap()
         .entries(&app)
         .unwrap()
         .cmd(&["/bin/cat", "/app/motd"])
         .build()
-        .unwrap();
-    (registry.push(repo, "plain", &image).unwrap(), digests)
+        .unwrap()
+}
+
+/// Pushes [`plain_image`] as `REPO:plain`; returns its reference and the sha256 of every
+/// regular file by path.
+fn push_plain_image(registry: &Registry, repo: &str) -> (String, BTreeMap<String, String>) {
+    let mut digests = BTreeMap::new();
+    for layer in plain_layers() {
+        file_digests(&layer, &mut digests);
+    }
+    (
+        registry.push(repo, "plain", &plain_image()).unwrap(),
+        digests,
+    )
 }
 
 /// Pulls `reference` (every layer must be mounted lazily), runs its command, checks the
@@ -295,4 +309,90 @@ async fn a_soci_index_whose_ztoc_is_not_one_gets_an_ordinary_pull() {
         ])
         .unwrap();
     assert!(out.contains(&files["/app/big.bin"]), "{out}");
+}
+
+/// An image indexed by soci's own code (its `soci` package's `Convert`, built outside
+/// this repository as a test peer; LAZYSNAP_SOCI_REF names the binary, whose
+/// `index-build LAYOUT MANIFEST_DIGEST OUTDIR` writes every blob and manifest it makes as
+/// OUTDIR/sha256:<hex>) mounts lazily and reads back. Unset, the test says so and passes.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_indexed_by_socis_own_code_mounts_lazily_and_reads_back() {
+    let Some(peer) = std::env::var_os("LAZYSNAP_SOCI_REF") else {
+        eprintln!("skipped: LAZYSNAP_SOCI_REF does not name soci's reference binary");
+        return;
+    };
+    let Some(s) = setup("an_image_indexed_by_socis_own_code_mounts_lazily_and_reads_back") else {
+        return;
+    };
+    let (_, files) = push_plain_image(&s.registry, "app/ref");
+    let image = plain_image();
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    image.write_oci_layout(&layout, Some("plain")).unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let digest = image.manifest_descriptor()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let run = std::process::Command::new(peer)
+        .arg("index-build")
+        .arg(&layout)
+        .arg(&digest)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "soci: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // Blobs first, then manifests by digest, the OCI index last under a tag.
+    let client = registry::Client::new(registry::RegistryConfig::default()).unwrap();
+    let reference: registry::Reference = format!("{}/app/ref:soci-ref", s.registry.host)
+        .parse()
+        .unwrap();
+    let repo = &reference.repository;
+    let mut manifests = Vec::new();
+    let mut top = None;
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = bytes::Bytes::from(std::fs::read(&path).unwrap());
+        let digest = registry::Digest::sha256_of(&bytes);
+        let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["mediaType"].as_str().map(str::to_string));
+        match media_type.as_deref() {
+            Some("application/vnd.oci.image.index.v1+json") => top = Some(bytes),
+            Some(m) if m.ends_with("manifest.v1+json") => {
+                manifests.push((digest, m.to_string(), bytes))
+            }
+            _ => {
+                client.push_blob(repo, &digest, bytes, None).await.unwrap();
+            }
+        }
+    }
+    for blob in image.blobs() {
+        let digest: registry::Digest = format!("sha256:{}", blob.hex()).parse().unwrap();
+        client
+            .push_blob(repo, &digest, blob.data.clone().into(), None)
+            .await
+            .unwrap();
+    }
+    for (digest, media_type, bytes) in manifests {
+        client
+            .push_manifest(repo, &digest.to_string(), &media_type, bytes)
+            .await
+            .unwrap();
+    }
+    client
+        .push_manifest(
+            repo,
+            "soci-ref",
+            "application/vnd.oci.image.index.v1+json",
+            top.unwrap(),
+        )
+        .await
+        .unwrap();
+    pull_run_and_read_back(&s, &reference.to_string(), &files).await;
 }
