@@ -46,6 +46,10 @@ pub struct LayerStatus {
     /// now read it through overlayfs alone.
     #[serde(default)]
     pub native_copy: bool,
+    /// How the layer is read lazily: `eStargz`, `zstd:chunked` or `SOCI` (a layer
+    /// pulled in full is an ordinary snapshot, not listed).
+    #[serde(default)]
+    pub format: String,
 }
 
 /// One image's lazily mounted layers together (those mounted under its reference, and
@@ -174,6 +178,7 @@ fn layer_status(l: &MountedLayerStatus) -> LayerStatus {
         background_done: l.stats.background_done,
         metadata_stored: l.metadata_stored,
         native_copy: l.native_copy,
+        format: l.format.to_string(),
     }
 }
 
@@ -884,6 +889,7 @@ x_seconds_count{op=\"lookup\"} 4
             image_layers: listed.iter().map(|s| s.to_string()).collect(),
             metadata_stored: kept,
             native_copy: local == total,
+            format: "eStargz",
             stats: fusefs::Stats {
                 local_bytes: local,
                 total_bytes: total,

@@ -110,6 +110,10 @@ async fn pull_run_and_read_back(s: &Setup, reference: &str, files: &BTreeMap<Str
         "{}",
         s.daemon.log()
     );
+    // Status says how each layer is read.
+    let status = daemon::observe::fetch_status(&s.daemon.root).await.unwrap();
+    let formats: Vec<&str> = status.layers.iter().map(|l| l.format.as_str()).collect();
+    assert!(!formats.is_empty() && formats.iter().all(|f| *f == "SOCI"), "{formats:?}");
     let out = s
         .containerd
         .ctr([

@@ -228,7 +228,19 @@ pub struct MountedLayerStatus {
     pub metadata_stored: bool,
     /// A native copy of it is made: containers created now read that, not FUSE.
     pub native_copy: bool,
+    /// How it is read: `eStargz`, `zstd:chunked` or `SOCI`.
+    pub format: &'static str,
     pub stats: fusefs::Stats,
+}
+
+/// A lazily mounted layer's format as status shows it.
+pub fn format_name(format: estargz::Format) -> &'static str {
+    match format {
+        estargz::Format::Estargz => "eStargz",
+        estargz::Format::LegacyStargz => "stargz",
+        estargz::Format::ZstdChunked | estargz::Format::StargzZstdChunked => "zstd:chunked",
+        estargz::Format::Soci => "SOCI",
+    }
 }
 
 /// The mounted layers of each image, by image reference (sorted), as indices into the
@@ -512,6 +524,7 @@ impl FuseMounter {
                     .as_ref()
                     .is_some_and(|s| s.contains(&served.layer_digest)),
                 native_copy: crate::native::native_of(path).is_some(),
+                format: format_name(served.mounted.fs().layer().format()),
                 stats: served.mounted.stats(),
             })
             .collect();

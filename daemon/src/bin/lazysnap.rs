@@ -197,14 +197,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if !status.layers.is_empty() {
                 println!(
-                    "{:<20} {:>7} {:>10} {:>10} {:>10} {:>4} {:>6}  IMAGE",
-                    "LAYER", "LOCAL", "SIZE", "FETCHED", "REQUESTS", "META", "NATIVE"
+                    "{:<20} {:<12} {:>7} {:>10} {:>10} {:>10} {:>4} {:>6}  IMAGE",
+                    "LAYER", "FORMAT", "LOCAL", "SIZE", "FETCHED", "REQUESTS", "META", "NATIVE"
                 );
             }
             for l in &status.layers {
                 println!(
-                    "{:<20} {:>6.1}% {:>10} {:>10} {:>10} {:>4} {:>6}  {}",
+                    "{:<20} {:<12} {:>6.1}% {:>10} {:>10} {:>10} {:>4} {:>6}  {}",
                     l.layer.chars().take(19).collect::<String>(),
+                    l.format,
                     daemon::observe::percent(l.local_bytes, l.total_bytes),
                     human(l.total_bytes),
                     human(l.fetched_bytes),
