@@ -279,7 +279,9 @@ fn lazy_mounter(
     let tocs = config.root.join(TOC_STORE);
     let store = snapshotter::tocstore::TocStore::open(&tocs)
         .with_context(|| format!("opening the kept layer metadata in {}", tocs.display()))?;
-    mounter = mounter.with_toc_store(store);
+    mounter = mounter
+        .with_toc_store(store)
+        .with_local_layers(config.root.join(LOCAL_LAYERS));
     if config.lazy.handover {
         mounter = mounter
             .with_holder(holder(&config.root))
@@ -297,6 +299,8 @@ pub const HOLDER_SOCKET: &str = "fdholder.sock";
 /// Verified footers and TOCs of lazily pulled layers, by layer digest, next to the
 /// chunk cache: restores need no registry.
 pub const TOC_STORE: &str = "tocs";
+/// Whole copies of the layers SOCI indexes have no zTOC for, while they are mounted.
+pub const LOCAL_LAYERS: &str = "local-layers";
 /// CRI keychain credentials kept for handover (mode 0600, in the 0700 root).
 pub const CRI_CREDENTIALS: &str = "cri-credentials.json";
 

@@ -4,7 +4,8 @@
 //! needs), pulled through containerd, served by lazysnapd over FUSE, run by runc. Every
 //! file reads back as pushed; the registry serves the spans the command reads, not the
 //! layers. A SOCI
-//! index whose zTOC is not one gets its layer an ordinary pull, and the image still runs.
+//! index whose zTOC is not one gets its layer an ordinary pull, and the image still runs;
+//! a layer the index has no zTOC for is fetched whole and indexed by lazysnapd.
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should stop right there
 
@@ -46,9 +47,10 @@ fn setup(name: &str) -> Option<Setup> {
     })
 }
 
-/// A plain two-layer image's layers, each over soci's 10 MiB minimum: busybox with data
-/// no one reads, and an app layer with a small file the command prints and a big one.
-fn plain_layers() -> [Vec<Entry>; 2] {
+/// A plain image's layers: two over soci's 10 MiB minimum (busybox with data no one
+/// reads; an app layer with a small file the command prints and a big one), and a small
+/// one soci gives no zTOC.
+fn plain_layers() -> [Vec<Entry>; 3] {
     let mut base = busybox_entries().unwrap();
     base.push(Entry::dir("usr"));
     base.push(Entry::dir("usr/share"));
@@ -59,16 +61,22 @@ fn plain_layers() -> [Vec<Entry>; 2] {
         Entry::file("app/big.bin", noise(16 << 20, 22)),
         Entry::file("app/small.txt", "a small file beside the big one\n"),
     ];
-    [base, app]
+    let small = vec![
+        Entry::dir("etc"),
+        Entry::file("etc/small-layer.conf", noise(100_000, 23)),
+    ];
+    [base, app, small]
 }
 
 /// The image of [`plain_layers`] (the same bytes every time: nothing in it varies).
 fn plain_image() -> testkit::image::Image {
-    let [base, app] = plain_layers();
+    let [base, app, small] = plain_layers();
     ImageBuilder::new()
         .entries(&base)
         .unwrap()
         .entries(&app)
+        .unwrap()
+        .entries(&small)
         .unwrap()
         .cmd(&["/bin/cat", "/app/motd"])
         .build()
@@ -106,14 +114,17 @@ async fn pull_run_and_read_back(s: &Setup, reference: &str, files: &BTreeMap<Str
         );
     }
     assert!(
-        s.daemon.log().contains("through its SOCI index"),
+        s.daemon.log().contains("through its SOCI index sha256:"),
         "{}",
         s.daemon.log()
     );
     // Status says how each layer is read.
     let status = daemon::observe::fetch_status(&s.daemon.root).await.unwrap();
     let formats: Vec<&str> = status.layers.iter().map(|l| l.format.as_str()).collect();
-    assert!(!formats.is_empty() && formats.iter().all(|f| *f == "SOCI"), "{formats:?}");
+    assert!(
+        !formats.is_empty() && formats.iter().all(|f| *f == "SOCI"),
+        "{formats:?}"
+    );
     let out = s
         .containerd
         .ctr([
@@ -131,7 +142,16 @@ async fn pull_run_and_read_back(s: &Setup, reference: &str, files: &BTreeMap<Str
     );
     let log = s.registry.log();
     let log = &log[logged_before..];
+    // The small layer has no zTOC: lazysnapd fetched it whole and indexed it itself.
+    assert!(
+        s.daemon.log().contains("fetched whole"),
+        "{}",
+        s.daemon.log()
+    );
     for (digest, size) in layers_of(reference).await {
+        if size < 10 << 20 {
+            continue;
+        }
         let served = bytes_served(log, &digest);
         eprintln!(
             "layer {digest}: {served} of {size} compressed bytes served before the first output ({:.1}%)",
@@ -175,6 +195,17 @@ async fn a_gzip_image_indexed_as_soci_v2_is_pulled_lazily_and_reads_back() {
     // The layers are the plain image's own: nothing was recompressed.
     assert_eq!(layers_of(&indexed).await, layers_of(&plain).await);
     pull_run_and_read_back(&s, &indexed, &files).await;
+    // The local copy of the small layer goes when the layer is unmounted.
+    let local = s.daemon.root.join("local-layers");
+    let copies = || std::fs::read_dir(&local).map_or(0, |d| d.count());
+    assert_eq!(copies(), 1);
+    s.containerd
+        .ctr(["image", "rm", "--sync", indexed.as_str()])
+        .unwrap();
+    assert!(
+        testkit::wait_until(std::time::Duration::from_secs(30), || copies() == 0),
+        "the local copy outlived its layer"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -294,10 +325,11 @@ async fn a_soci_index_whose_ztoc_is_not_one_gets_an_ordinary_pull() {
         log.contains(&format!("zTOC {junk_digest}")),
         "no log line names the zTOC:\n{log}"
     );
-    // The base layer has no zTOC in that index: not lazy either, and pulled whole.
+    // The base layer has no zTOC in that index: lazysnapd fetches it whole and indexes
+    // it itself, so it is mounted lazily all the same.
     assert_eq!(
         outcome(&image.manifest.layers[0].digest),
-        Some(LayerOutcome::Downloaded)
+        Some(LayerOutcome::Lazy)
     );
     let out = s
         .containerd

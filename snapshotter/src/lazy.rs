@@ -59,6 +59,8 @@ pub struct FuseMounter {
     copies: Arc<crate::native::NativeCopies>,
     /// The SOCI indexes of images whose plain gzip layers were asked for.
     soci: crate::soci_index::SociIndexes,
+    /// Where the layers of SOCI-indexed images that have no zTOC are kept while mounted.
+    local_layers: PathBuf,
 }
 
 /// The chunk cache's sweep leaves the kept metadata of layers it did not list as
@@ -389,7 +391,16 @@ impl FuseMounter {
             native_copies: false,
             copies: Arc::default(),
             soci: Default::default(),
+            local_layers: std::env::temp_dir(),
         }
+    }
+
+    /// Keeps the local copies of layers that SOCI indexes have no zTOC for in `dir`
+    /// (emptied now: copies outlive no daemon).
+    pub fn with_local_layers(mut self, dir: PathBuf) -> FuseMounter {
+        let _ = std::fs::remove_dir_all(&dir);
+        self.local_layers = dir;
+        self
     }
 
     /// Copies each mounted layer into a plain directory beside its mount once every
@@ -1081,13 +1092,13 @@ impl RemoteMounter for FuseMounter {
                     &self.soci,
                     &self.parse_gate,
                     layer,
+                    &self.local_layers,
                 )
                 .await?;
                 match through_index {
-                    Ok((opened, found)) => {
-                        tracing::info!(layer = %layer.layer_digest, index = %found.index_digest,
-                            ztoc = %found.ztoc.digest, found_by = ?found.found_by,
-                            "mounting the gzip layer through its SOCI index");
+                    Ok((opened, how)) => {
+                        tracing::info!(layer = %layer.layer_digest,
+                            "mounting the gzip layer lazily, {how}");
                         return self
                             .serve_layer(layer, Arc::new(opened), mountpoint, false)
                             .await;

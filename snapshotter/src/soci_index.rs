@@ -6,6 +6,7 @@
 //! remembered, so its other layers make no more requests.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use registry::{Client, Descriptor, Digest, ImageManifest, Reference};
@@ -52,6 +53,29 @@ enum Lookup {
     None(String),
 }
 
+/// Why a layer is not read through a zTOC of its image's index.
+#[derive(Debug, Clone)]
+pub enum NoZtoc {
+    /// The image has no SOCI index, or the layer has a TOC of its own.
+    NoIndex(String),
+    /// The image's index has no zTOC for this layer (soci skips small ones).
+    NotInIndex { index: Digest, layer: Descriptor },
+}
+
+impl std::fmt::Display for NoZtoc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoZtoc::NoIndex(why) => f.write_str(why),
+            NoZtoc::NotInIndex { index, layer } => write!(
+                f,
+                "the SOCI index {index} has no zTOC for layer {} (soci indexes no layer \
+                 under its minimum size)",
+                layer.digest
+            ),
+        }
+    }
+}
+
 /// The SOCI indexes of the images whose layers were mounted, by (repository, manifest
 /// digest or reference, index label).
 #[derive(Default)]
@@ -67,7 +91,7 @@ impl SociIndexes {
         client: &Client,
         layer: &RemoteLayer,
         reference: &Reference,
-    ) -> Result<Result<ZtocRef, String>, MountError> {
+    ) -> Result<Result<ZtocRef, NoZtoc>, MountError> {
         let key = (
             reference.repository.to_string(),
             layer
@@ -102,7 +126,7 @@ impl SociIndexes {
                 index,
                 image,
             } => (digest, found_by, index, image),
-            Lookup::None(why) => return Ok(Err(why.clone())),
+            Lookup::None(why) => return Ok(Err(NoZtoc::NoIndex(why.clone()))),
         };
         let wanted: Digest = layer.layer_digest.parse().map_err(|e| {
             MountError::Labels(format!("layer digest {:?}: {e}", layer.layer_digest))
@@ -125,10 +149,10 @@ impl SociIndexes {
                 ztoc: ztoc.clone(),
                 layer: in_image.clone(),
             }),
-            None => Err(format!(
-                "the SOCI index {digest} has no zTOC for this layer (soci indexes no \
-                 layer under its minimum size)"
-            )),
+            None => Err(NoZtoc::NotInIndex {
+                index: digest.clone(),
+                layer: in_image.clone(),
+            }),
         })
     }
 }
@@ -227,14 +251,22 @@ pub async fn open_through_index(
     indexes: &SociIndexes,
     gate: &crate::parse_gate::ParseGate,
     layer: &RemoteLayer,
-) -> Result<Result<(estargz::Layer, ZtocRef), String>, MountError> {
+    local_dir: &Path,
+) -> Result<Result<(estargz::Layer, String), String>, MountError> {
     let reference: Reference = layer
         .image_ref
         .parse()
         .map_err(|e| MountError::Labels(format!("image reference {:?}: {e}", layer.image_ref)))?;
     let found = match indexes.ztoc_for(client, layer, &reference).await? {
         Ok(found) => found,
-        Err(why) => return Ok(Err(why)),
+        Err(NoZtoc::NotInIndex { index, layer: desc })
+            if desc.size <= MAX_WHOLE_LAYER && desc.media_type.ends_with("gzip") =>
+        {
+            return open_whole(client, gate, layer, &reference, index, desc, local_dir)
+                .await
+                .map(Ok);
+        }
+        Err(why) => return Ok(Err(why.to_string())),
     };
     let bad = |why: String| {
         MountError::Layer(format!(
@@ -274,5 +306,103 @@ pub async fn open_through_index(
         })
         .await?
         .map_err(|e| bad(e.to_string()))?;
-    Ok(Ok((opened, found)))
+    let how = format!(
+        "through its SOCI index {} (found by {:?}), zTOC {}",
+        found.index_digest, found.found_by, found.ztoc.digest
+    );
+    Ok(Ok((opened, how)))
+}
+
+/// The most of a layer without a zTOC that is fetched whole to be indexed here.
+pub const MAX_WHOLE_LAYER: u64 = 256 << 20;
+
+/// A layer of a SOCI-indexed image that the index has no zTOC for: fetched whole into
+/// `local_dir` (checked against its digest as it arrives), indexed here, and served
+/// from that copy, which goes when the layer does. The image still mounts lazily, and
+/// containerd downloads nothing.
+async fn open_whole(
+    client: &Client,
+    gate: &crate::parse_gate::ParseGate,
+    layer: &RemoteLayer,
+    reference: &Reference,
+    index: Digest,
+    desc: Descriptor,
+    local_dir: &Path,
+) -> Result<(estargz::Layer, String), MountError> {
+    let io = |what: &str, e: std::io::Error| MountError::Mount(format!("{what}: {e}"));
+    std::fs::create_dir_all(local_dir)
+        .map_err(|e| io("creating the local layers' directory", e))?;
+    let copy = tempfile::Builder::new()
+        .prefix("layer-")
+        .tempfile_in(local_dir)
+        .map_err(|e| io("creating a local copy", e))?;
+    let mut out = tokio::fs::File::from_std(copy.reopen().map_err(|e| io("opening the copy", e))?);
+    let size = client
+        .fetch_blob_to(&reference.repository, &desc.digest, &mut out)
+        .await
+        .map_err(|e| MountError::Registry(e.to_string()))?;
+    tokio::io::AsyncWriteExt::flush(&mut out)
+        .await
+        .map_err(|e| io("writing the copy", e))?;
+    drop(out);
+    let cancel = estargz::Cancel::new();
+    let stop = cancel.clone();
+    let digest = layer.layer_digest.clone();
+    let opened = gate
+        .run(&layer.layer_digest, size, cancel, move || {
+            let file = copy.reopen().map_err(|e| e.to_string())?;
+            let ztoc = soci::ztoc_builder::build_ztoc(
+                &file,
+                soci::ztoc_builder::DEFAULT_SPAN_SIZE,
+                "lazysnapd",
+            )
+            .map_err(|e| e.to_string())?;
+            let bytes = soci::ztoc::encode(&ztoc);
+            let blob = Arc::new(LocalCopy { copy, file, size });
+            soci::layer::open_layer(blob, size, &bytes, &estargz::Digest::of(&bytes), &stop)
+                .map_err(|e| e.to_string())
+        })
+        .await?
+        .map_err(|e| MountError::Layer(format!("layer {digest}, fetched whole: {e}")))?;
+    let how = format!(
+        "fetched whole ({size} bytes, digest checked) and indexed here: the SOCI index \
+         {index} has no zTOC for it"
+    );
+    Ok((opened, how))
+}
+
+/// A layer's local copy as the blob it is read from; the file goes with it.
+struct LocalCopy {
+    copy: tempfile::NamedTempFile,
+    file: std::fs::File,
+    size: u64,
+}
+
+impl estargz::BlobReader for LocalCopy {
+    fn size(&self) -> estargz::BlobFuture<'_, u64> {
+        let size = self.size;
+        Box::pin(async move { Ok(size) })
+    }
+
+    fn read_at(&self, offset: u64, len: u64) -> estargz::BlobFuture<'_, bytes::Bytes> {
+        use std::os::unix::fs::FileExt as _;
+        // A span (a few MB) from a local file, likely in the page cache: read in place.
+        let result = (|| {
+            if offset > self.size {
+                return Err(estargz::BlobError::new(
+                    estargz::BlobErrorKind::OutOfRange,
+                    format!(
+                        "read at {offset} past the end of {}",
+                        self.copy.path().display()
+                    ),
+                ));
+            }
+            let mut buf = vec![0u8; len.min(self.size - offset) as usize];
+            self.file.read_exact_at(&mut buf, offset).map_err(|e| {
+                estargz::BlobError::new(estargz::BlobErrorKind::Fatal, e.to_string())
+            })?;
+            Ok(bytes::Bytes::from(buf))
+        })();
+        Box::pin(async move { result })
+    }
 }
