@@ -59,7 +59,7 @@ pub enum NoZtoc {
     /// The image has no SOCI index, or the layer has a TOC of its own.
     NoIndex(String),
     /// The image's index has no zTOC for this layer (soci skips small ones).
-    NotInIndex { index: Digest, layer: Descriptor },
+    NotInIndex { index: Digest, layer: Box<Descriptor> },
 }
 
 impl std::fmt::Display for NoZtoc {
@@ -151,7 +151,7 @@ impl SociIndexes {
             }),
             None => Err(NoZtoc::NotInIndex {
                 index: digest.clone(),
-                layer: in_image.clone(),
+                layer: Box::new(in_image.clone()),
             }),
         })
     }
@@ -262,7 +262,7 @@ pub async fn open_through_index(
         Err(NoZtoc::NotInIndex { index, layer: desc })
             if desc.size <= MAX_WHOLE_LAYER && desc.media_type.ends_with("gzip") =>
         {
-            return open_whole(client, gate, layer, &reference, index, desc, local_dir)
+            return open_whole(client, gate, layer, &reference, index, *desc, local_dir)
                 .await
                 .map(Ok);
         }
