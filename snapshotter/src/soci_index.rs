@@ -59,7 +59,10 @@ pub enum NoZtoc {
     /// The image has no SOCI index, or the layer has a TOC of its own.
     NoIndex(String),
     /// The image's index has no zTOC for this layer (soci skips small ones).
-    NotInIndex { index: Digest, layer: Box<Descriptor> },
+    NotInIndex {
+        index: Digest,
+        layer: Box<Descriptor>,
+    },
 }
 
 impl std::fmt::Display for NoZtoc {

@@ -19,6 +19,7 @@ pub const MTIME: u64 = 1_747_699_200;
 
 pub const LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 
 /// Counts and hashes what passes through it.
@@ -256,6 +257,27 @@ pub fn write_layout(
 
 /// The layout's image manifest (the first in `index.json`), with its media type.
 pub fn read_manifest(layout: &Path) -> anyhow::Result<(Value, Vec<u8>, String)> {
+    let (root, bytes, media_type) = read_root(layout)?;
+    if media_type != OCI_INDEX {
+        return Ok((root, bytes, media_type));
+    }
+    // An index (a SOCI v2 image): its image manifest, not the artifacts beside it.
+    let desc = root["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d.get("artifactType").is_none())
+        .context("an index without an image manifest")?;
+    let digest = desc["digest"]
+        .as_str()
+        .context("a manifest without a digest")?;
+    let media_type = desc["mediaType"].as_str().unwrap_or(MANIFEST).to_string();
+    let bytes = std::fs::read(blob_path(layout, digest))?;
+    Ok((serde_json::from_slice(&bytes)?, bytes, media_type))
+}
+
+/// What the layout's index.json names: JSON, bytes and media type.
+fn read_root(layout: &Path) -> anyhow::Result<(Value, Vec<u8>, String)> {
     let index: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
     let desc = &index["manifests"][0];
     let digest = desc["digest"]
@@ -282,7 +304,34 @@ pub fn compressed_size(layout: &Path) -> anyhow::Result<u64> {
 /// Pushes the layout's image to `host/repo:tag` over plain HTTP (blobs the registry has
 /// already are skipped), with curl uploading from the files.
 pub fn push_layout(layout: &Path, host: &str, repo: &str, tag: &str) -> anyhow::Result<()> {
-    let (manifest, bytes, media_type) = read_manifest(layout)?;
+    let (root, bytes, media_type) = read_root(layout)?;
+    if media_type != OCI_INDEX {
+        return push_manifest(layout, host, repo, tag, &root, &bytes, &media_type);
+    }
+    // Each manifest of the index (an image, a SOCI index) by digest, then the index.
+    for desc in root["manifests"].as_array().into_iter().flatten() {
+        let digest = desc["digest"]
+            .as_str()
+            .context("a manifest without a digest")?;
+        let child_type = desc["mediaType"].as_str().unwrap_or(MANIFEST);
+        let child_bytes = std::fs::read(blob_path(layout, digest))?;
+        let child: Value = serde_json::from_slice(&child_bytes)?;
+        push_manifest(layout, host, repo, digest, &child, &child_bytes, child_type)?;
+    }
+    put_manifest(host, repo, tag, &bytes, &media_type)
+}
+
+/// Pushes a manifest's config and layers (those the registry lacks), then the manifest
+/// under `reference` (a tag or its digest).
+fn push_manifest(
+    layout: &Path,
+    host: &str,
+    repo: &str,
+    reference: &str,
+    manifest: &Value,
+    bytes: &[u8],
+    media_type: &str,
+) -> anyhow::Result<()> {
     let mut digests = vec![
         manifest["config"]["digest"]
             .as_str()
@@ -330,8 +379,19 @@ pub fn push_layout(layout: &Path, host: &str, repo: &str, tag: &str) -> anyhow::
             bail!("registry {host}: uploading {digest} answered {code}");
         }
     }
+    put_manifest(host, repo, reference, bytes, media_type)
+}
+
+/// PUTs manifest or index `bytes` as `host/repo:reference`.
+fn put_manifest(
+    host: &str,
+    repo: &str,
+    reference: &str,
+    bytes: &[u8],
+    media_type: &str,
+) -> anyhow::Result<()> {
     let manifest_file = tempfile::NamedTempFile::new()?;
-    std::fs::write(manifest_file.path(), &bytes)?;
+    std::fs::write(manifest_file.path(), bytes)?;
     let path = manifest_file.path().to_str().context("non-UTF-8 path")?;
     let (code, _) = curl(&[
         "-X",
@@ -340,10 +400,10 @@ pub fn push_layout(layout: &Path, host: &str, repo: &str, tag: &str) -> anyhow::
         &format!("Content-Type: {media_type}"),
         "--upload-file",
         path,
-        &format!("{base}/manifests/{tag}"),
+        &format!("http://{host}/v2/{repo}/manifests/{reference}"),
     ])?;
     if code != 201 {
-        bail!("registry {host}: putting the manifest {repo}:{tag} answered {code}");
+        bail!("registry {host}: putting the manifest {repo}:{reference} answered {code}");
     }
     Ok(())
 }

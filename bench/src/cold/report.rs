@@ -345,6 +345,7 @@ pub fn markdown(runs: &[Run], heading: &str, link: Option<&LinkRate>) -> String 
     }
     out.push('\n');
     out.push_str(&summary(&groups, link));
+    out.push_str(&soci_summary(&groups));
     out
 }
 
@@ -464,6 +465,56 @@ fn summary(groups: &[Group], link: Option<&LinkRate>) -> String {
             cell(base),
             cell(theirs),
             cell(ours)
+        );
+    }
+    out
+}
+
+/// The SOCI forms (the gzip image with an index, pulled lazily by lazysnap) against the
+/// full pull of the same image and lazysnap's own eStargz form of it; empty without them.
+fn soci_summary(groups: &[Group]) -> String {
+    let soci: Vec<&Group> = groups
+        .iter()
+        .filter(|g| g.form.starts_with("gzip-soci") && g.mode == LAZYSNAP)
+        .collect();
+    if soci.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\n## SOCI: the gzip image indexed, pulled lazily by lazysnap\n\n\
+         Median cold start in seconds (MB served); `gzip-soci` is indexed by `lazysnap \
+         convert --soci`, `gzip-soci-ref` by soci's own code.\n\n\
+         | image | form | SOCI | full pull | SOCI / full pull | lazysnap eStargz | SOCI / eStargz | bytes SOCI / eStargz |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    let cell = |g: Option<&Group>| {
+        g.map_or("-".to_string(), |g| {
+            format!(
+                "{:.2} ({} MB)",
+                g.total.median().as_secs_f64(),
+                mb(g.median_bytes())
+            )
+        })
+    };
+    for g in soci {
+        let full = groups
+            .iter()
+            .find(|b| b.image == g.image && b.mode == OVERLAYFS);
+        let esgz = groups
+            .iter()
+            .find(|b| b.image == g.image && b.form == "esgz" && b.mode == LAZYSNAP);
+        let ratio = |b: Option<&Group>| b.map_or("-".to_string(), |b| time_ratio(g, b));
+        let bytes = esgz.map_or("-".to_string(), |e| bytes_ratio(g, e));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {bytes} |",
+            g.image,
+            g.form,
+            cell(Some(g)),
+            cell(full),
+            ratio(full),
+            cell(esgz),
+            ratio(esgz)
         );
     }
     out
@@ -660,6 +711,25 @@ mod tests {
             daemon_memory: None,
             daemon_settled_rss: None,
         }
+    }
+
+    #[test]
+    fn soci_forms_are_set_against_the_full_pull_and_estargz() {
+        let runs = vec![
+            run("gzip", OVERLAYFS, 10_000, 1000),
+            run("esgz", LAZYSNAP, 2_000, 100),
+            run("gzip-soci", LAZYSNAP, 3_000, 200),
+        ];
+        let md = markdown(&runs, "# t", None);
+        let row = md
+            .lines()
+            .find(|l| l.starts_with("| img | gzip-soci | 3.00"))
+            .unwrap_or_else(|| panic!("{md}"));
+        assert!(
+            row.contains("| 1.50x |") && row.contains("| 2.00x |"),
+            "{row}"
+        );
+        assert!(!markdown(&runs[..2], "# t", None).contains("## SOCI"));
     }
 
     #[test]

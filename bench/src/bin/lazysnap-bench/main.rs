@@ -51,6 +51,11 @@ enum Form {
     /// zstd:chunked converted by `ctr-remote image convert --zstdchunked --oci`
     /// (stargz-snapshotter's own footer, which both snapshotters mount lazily).
     ZstdCtr,
+    /// The gzip image itself with a SOCI index by `lazysnap convert --soci` (v2), pulled
+    /// lazily by lazysnap (stargz-snapshotter reads no SOCI index: not run with it).
+    GzipSoci,
+    /// The gzip image with a SOCI index made by soci's own code (`--soci-ref`).
+    GzipSociRef,
 }
 
 impl Form {
@@ -63,7 +68,14 @@ impl Form {
             Form::EsgzCtr => "esgz-ctr",
             Form::EsgzCtrOpt => "esgz-ctr-opt",
             Form::ZstdCtr => "zstd-ctr",
+            Form::GzipSoci => "gzip-soci",
+            Form::GzipSociRef => "gzip-soci-ref",
         }
+    }
+
+    /// Forms only lazysnap pulls lazily (the peer would pull them in full).
+    fn lazysnap_only(self) -> bool {
+        matches!(self, Form::GzipSoci | Form::GzipSociRef)
     }
 }
 
@@ -117,6 +129,10 @@ struct Args {
         default_value = "lazysnap,stargz-snapshotter"
     )]
     modes: Vec<Mode>,
+    /// soci's own code built as a test peer with an `index-build LAYOUT MANIFEST_DIGEST
+    /// OUTDIR` command (see soci/tests/peer.rs), for the `gzip-soci-ref` form.
+    #[arg(long, value_name = "PATH")]
+    soci_ref: Option<PathBuf>,
     /// The peer daemon (bench/peer/build.sh builds it). Default: lazysnap-bench-stargz next
     /// to this program, built there with bench/peer/build.sh when missing.
     #[arg(long, value_name = "PATH")]
@@ -549,11 +565,70 @@ impl Bench {
                 Form::EsgzCtr | Form::EsgzCtrOpt | Form::ZstdCtr => {
                     self.ctr_remote(kind, form, &layout)?
                 }
+                Form::GzipSoci => self.convert(&["--soci"], &plain_oci, &dst)?,
+                Form::GzipSociRef => self.soci_ref(&plain, &layout)?,
                 Form::Gzip => unreachable!("handled above"),
             }
         }
         oci::push_layout(&layout, &self.registry_host, &repo, form.tag())?;
         oci::compressed_size(&layout)
+    }
+
+    /// Indexes the plain image with soci's own code (`--soci-ref`): a layout of the plain
+    /// image's blobs and what soci made, its index.json naming soci's OCI index.
+    fn soci_ref(&self, plain: &Path, layout: &Path) -> anyhow::Result<()> {
+        use sha2::Digest as _;
+        let peer = self
+            .args
+            .soci_ref
+            .clone()
+            .or_else(|| std::env::var_os("LAZYSNAP_SOCI_REF").map(PathBuf::from))
+            .context("the gzip-soci-ref form needs --soci-ref (or LAZYSNAP_SOCI_REF)")?;
+        let (_, manifest, _) = oci::read_manifest(plain)?;
+        let digest = format!("sha256:{:x}", sha2::Sha256::digest(&manifest));
+        let partial = layout.with_extension("partial");
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial)?;
+        }
+        let made = partial.join("made");
+        std::fs::create_dir_all(&made)?;
+        let mut cmd = Command::new(peer);
+        cmd.arg("index-build").arg(plain).arg(&digest).arg(&made);
+        let out = cold::run(cmd, Duration::from_secs(3600))?;
+        let top = out
+            .lines()
+            .find_map(|l| l.strip_prefix("oci_index: "))
+            .and_then(|l| l.split_whitespace().next())
+            .context("soci printed no oci_index line")?
+            .to_string();
+        let blobs = partial.join("blobs").join("sha256");
+        std::fs::create_dir_all(&blobs)?;
+        for entry in std::fs::read_dir(plain.join("blobs").join("sha256"))? {
+            let entry = entry?;
+            std::fs::hard_link(entry.path(), blobs.join(entry.file_name()))?;
+        }
+        for entry in std::fs::read_dir(&made)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let hex = name
+                .strip_prefix("sha256:")
+                .context("soci wrote a blob not named by digest")?;
+            std::fs::rename(entry.path(), blobs.join(hex))?;
+        }
+        std::fs::remove_dir(&made)?;
+        let size = std::fs::metadata(blobs.join(top.trim_start_matches("sha256:")))?.len();
+        std::fs::write(
+            partial.join("oci-layout"),
+            br#"{"imageLayoutVersion":"1.0.0"}"#,
+        )?;
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json",
+                           "digest": top, "size": size}],
+        });
+        std::fs::write(partial.join("index.json"), serde_json::to_vec(&index)?)?;
+        std::fs::rename(&partial, layout)?;
+        Ok(())
     }
 
     /// Runs `lazysnap optimize` on the gzip image once (on a fresh node) and keeps the list
@@ -991,10 +1066,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         _ => args.reps,
     };
     // Per repetition of an image: gzip once (the full pull), each lazy form once per mode.
+    let lazysnap_runs = args.modes.iter().filter(|&&m| m == Mode::Lazysnap).count();
     let per_rep: usize = args
         .forms
         .iter()
-        .map(|&f| if f == Form::Gzip { 1 } else { args.modes.len() })
+        .map(|&f| match f {
+            Form::Gzip => 1,
+            f if f.lazysnap_only() => lazysnap_runs,
+            _ => args.modes.len(),
+        })
         .sum();
     let total: usize = args.images.iter().map(|&k| reps_of(k)).sum::<usize>() * per_rep;
     let mut runs: Vec<Run> = Vec::new();
@@ -1012,12 +1092,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             if rep % 2 == 0 {
                 modes.reverse();
             }
-            let runs_of = |form: Form| {
-                if form == Form::Gzip {
-                    vec![None]
-                } else {
-                    modes.clone()
-                }
+            let runs_of = |form: Form| match form {
+                Form::Gzip => vec![None],
+                f if f.lazysnap_only() => vec![Some(Mode::Lazysnap)]
+                    .into_iter()
+                    .filter(|m| modes.contains(m))
+                    .collect(),
+                _ => modes.clone(),
             };
             for (form, mode) in args
                 .forms
