@@ -79,6 +79,10 @@ pub struct ConvertArgs {
     /// Layers smaller than this get no zTOC and are pulled whole (default 10 MiB).
     #[arg(long, value_name = "BYTES", requires = "soci")]
     pub min_layer_size: Option<u64>,
+    /// A `--prioritize` list (what `lazysnap optimize` records): the spans holding the
+    /// ranges it names go into a prefetch artifact per layer, as soci writes them.
+    #[arg(long, value_name = "FILE", requires = "soci")]
+    pub soci_prefetch: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -187,6 +191,10 @@ impl ConvertArgs {
             plain_http: self.plain_http,
             platform,
             threads: self.threads,
+            prefetch: match &self.soci_prefetch {
+                Some(path) => Some(read_prioritized(path)?),
+                None => None,
+            },
             ..defaults
         })
     }

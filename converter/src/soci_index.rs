@@ -8,10 +8,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
+use crate::cli::PrioritizedList;
 use crate::endpoint::{Dst, Src};
 use crate::error::{Error, Result};
 use crate::image::{LayerAction, LayerSummary, Location, Summary};
@@ -53,6 +53,9 @@ pub struct SociOptions {
     pub platform: Option<Platform>,
     /// zTOCs built at once (default: one per core).
     pub threads: usize,
+    /// What the image's command read (`lazysnap optimize`): each layer's spans holding
+    /// it go into a prefetch artifact.
+    pub prefetch: Option<PrioritizedList>,
 }
 
 impl Default for SociOptions {
@@ -65,6 +68,7 @@ impl Default for SociOptions {
             plain_http: false,
             platform: None,
             threads: 0,
+            prefetch: None,
         }
     }
 }
@@ -301,14 +305,11 @@ async fn build_ztocs(
             .map_err(|e| Error::Internal(format!("zTOC builds: {e}")))?;
         let (span, tool) = (opts.span_size, opts.build_tool.clone());
         let digest = desc.digest.clone();
+        let prefetch = opts.prefetch.clone();
         builds.spawn_blocking(move || {
             let _permit = permit;
             let _local = local;
-            let read = AtomicU64::new(0);
-            let report = |n: u64| {
-                read.fetch_add(n, Ordering::Relaxed);
-                task.inc(n);
-            };
+            let report = |n: u64| task.inc(n);
             let built = soci::ztoc_builder::build_ztoc_reporting(&file, span, &tool, &report)
                 .map_err(|e| Error::Internal(format!("zTOC of layer {digest}: {e}")));
             task.finish(if built.is_ok() {
@@ -316,7 +317,14 @@ async fn build_ztocs(
             } else {
                 "failed"
             });
-            (i, built.map(|z| soci::ztoc::encode(&z)))
+            let built = built.and_then(|z| {
+                let artifact = match &prefetch {
+                    Some(list) => prefetch_artifact(&z, list)?,
+                    None => None,
+                };
+                Ok((soci::ztoc::encode(&z), artifact))
+            });
+            (i, built)
         });
     }
     let mut built = Vec::new();
@@ -325,10 +333,26 @@ async fn build_ztocs(
         built.push((i, bytes?));
     }
     built.sort_by_key(|(i, _)| *i);
-    for (i, bytes) in built {
+    for (i, (bytes, artifact)) in built {
         let layer = &manifest.layers[i];
         let size = bytes.len() as u64;
         let digest = dst.put_blob(bytes).await?;
+        let artifact = match artifact {
+            Some(artifact) => {
+                let len = artifact.len() as u64;
+                let mut desc = Descriptor::new(
+                    soci::prefetch_artifact::MEDIA_TYPE,
+                    dst.put_blob(artifact).await?,
+                    len,
+                );
+                desc.annotations = Some(BTreeMap::from([(
+                    ANNOTATION_LAYER_DIGEST.into(),
+                    layer.digest.to_string(),
+                )]));
+                Some(desc)
+            }
+            None => None,
+        };
         let mut ztoc = Descriptor::new(ZTOC_MEDIA_TYPE, digest.clone(), size);
         ztoc.annotations = Some(BTreeMap::from([
             (ANNOTATION_LAYER_DIGEST.into(), layer.digest.to_string()),
@@ -336,6 +360,7 @@ async fn build_ztocs(
             (ANNOTATION_SPAN_SIZE.into(), opts.span_size.to_string()),
         ]));
         ztocs.push(ztoc);
+        ztocs.extend(artifact);
         layers.push(LayerSummary {
             source: layer.digest.clone(),
             source_size: layer.size,
@@ -345,4 +370,33 @@ async fn build_ztocs(
         });
     }
     Ok((ztocs, layers))
+}
+
+/// The prefetch artifact of a layer (its zTOC `ztoc`): the spans holding the byte
+/// ranges `list` names of the layer's files; None when the list names none of them.
+fn prefetch_artifact(ztoc: &soci::ztoc::Ztoc, list: &PrioritizedList) -> Result<Option<Vec<u8>>> {
+    let layout = soci::layout::Layout::check(ztoc.clone())
+        .map_err(|e| Error::Internal(format!("a zTOC just built: {e}")))?;
+    let mut spans = Vec::new();
+    for (i, f) in layout.files.iter().enumerate() {
+        let name = String::from_utf8_lossy(&f.name);
+        let path = name.trim_start_matches("./").trim_start_matches('/');
+        let Some(ranges) = list
+            .ranges
+            .get(path)
+            .or_else(|| list.ranges.get(&format!("/{path}")))
+        else {
+            continue;
+        };
+        for p in layout.pieces(i) {
+            let piece = p.file_offset..p.file_offset + p.len;
+            if ranges
+                .iter()
+                .any(|r| r.start < piece.end && piece.start < r.end)
+            {
+                spans.push(p.span as u32);
+            }
+        }
+    }
+    Ok((!spans.is_empty()).then(|| soci::prefetch_artifact::encode(&spans)))
 }

@@ -220,7 +220,12 @@ pub fn optimize(
     }
     std::fs::write(&list, text).with_context(|| format!("writing {}", list.display()))?;
     let mut again = args.convert.clone();
-    again.prioritize = Some(list.clone());
+    if again.soci {
+        // The layers stay as they are: what was read becomes prefetch artifacts.
+        again.soci_prefetch = Some(list.clone());
+    } else {
+        again.prioritize = Some(list.clone());
+    }
     let summary = runtime.block_on(again.run());
     if args.record.is_none() {
         let _ = std::fs::remove_file(&list);

@@ -138,7 +138,8 @@ async fn pull_run_and_read_back(s: &Setup, reference: &str, files: &BTreeMap<Str
         .unwrap();
     assert!(
         out.contains("served-through-soci"),
-        "the command printed {out:?}"
+        "the command printed {out:?}; lazysnapd log:\n{}",
+        s.daemon.log()
     );
     let log = s.registry.log();
     let log = &log[logged_before..];
@@ -431,4 +432,159 @@ async fn an_image_indexed_by_socis_own_code_mounts_lazily_and_reads_back() {
         .await
         .unwrap();
     pull_run_and_read_back(&s, &reference.to_string(), &files).await;
+}
+
+/// `lazysnap optimize --soci`: the command's reads become a prefetch artifact per layer
+/// in the SOCI index (the layers untouched), and a fresh node prefetches those spans: the
+/// container's reads then need nothing more from the registry.
+#[tokio::test(flavor = "multi_thread")]
+async fn optimize_with_soci_writes_prefetch_artifacts_that_a_fresh_node_prefetches() {
+    let Some(first) = setup("optimize_with_soci_writes_prefetch_artifacts") else {
+        return;
+    };
+    const MIB: usize = 1 << 20;
+    let cmd = "cat /app/small; dd if=/app/big bs=4096 skip=1536 count=64 2>/dev/null | sha256sum";
+    let big = noise(16 * MIB, 31);
+    let image = ImageBuilder::new()
+        .entries(&busybox_entries().unwrap())
+        .unwrap()
+        .entries(&[
+            Entry::dir("app"),
+            Entry::file("app/small", "hello from small\n"),
+            Entry::file("app/big", big.clone()),
+            Entry::file("app/unread", noise(4 * MIB, 32)),
+        ])
+        .unwrap()
+        .cmd(&["/bin/sh", "-c", cmd])
+        .build()
+        .unwrap();
+    let src = first.registry.push("app/sociopt", "plain", &image).unwrap();
+    let dst = format!("{}/app/sociopt:optimized", first.registry.host);
+    let out = std::process::Command::new(common::LAZYSNAP)
+        .arg("optimize")
+        .arg("--address")
+        .arg(first.containerd.address())
+        .args(["--namespace", first.containerd.namespace()])
+        .args(["--snapshotter", "lazysnap"])
+        .arg("--root")
+        .arg(&first.daemon.root)
+        .args(["--soci", "--no-progress-bars", &src, &dst])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "optimize failed: {}\nlazysnapd log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        first.daemon.log()
+    );
+
+    // The index lists a prefetch artifact for the app layer: some of its spans, not all.
+    let client = registry::Client::new(registry::RegistryConfig::default()).unwrap();
+    let reference: registry::Reference = dst.parse().unwrap();
+    let repo = &reference.repository;
+    let top = client.fetch_manifest(repo, "optimized").await.unwrap();
+    let top: serde_json::Value = serde_json::from_slice(&top.bytes).unwrap();
+    let index_digest = top["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["artifactType"] == "application/vnd.amazon.soci.index.v2+json")
+        .and_then(|m| m["digest"].as_str())
+        .unwrap()
+        .to_string();
+    let index = client.fetch_manifest(repo, &index_digest).await.unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&index.bytes).unwrap();
+    let artifacts: Vec<&serde_json::Value> = index["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["mediaType"] == soci::prefetch_artifact::MEDIA_TYPE)
+        .collect();
+    assert!(!artifacts.is_empty(), "{index}");
+    let app_layer = client.resolve(&reference).await.unwrap().manifest.layers[1]
+        .digest
+        .to_string();
+    let app = artifacts
+        .iter()
+        .find(|a| a["annotations"]["com.amazon.soci.image-layer-digest"] == app_layer.as_str())
+        .unwrap_or_else(|| panic!("no prefetch artifact for the app layer: {index}"));
+    let digest: registry::Digest = app["digest"].as_str().unwrap().parse().unwrap();
+    let spans =
+        soci::prefetch_artifact::decode(&client.fetch_blob(repo, &digest, 1 << 20).await.unwrap())
+            .unwrap();
+    let listed: u32 = spans.iter().map(|r| r.end() - r.start() + 1).sum();
+    assert!((1..=3).contains(&listed), "{spans:?}");
+    // A fresh node (the same registry) prefetches them; the command's reads then fetch
+    // nothing more.
+    let Setup {
+        registry,
+        daemon,
+        containerd,
+        _dir,
+    } = first;
+    drop((containerd, daemon));
+    let node_dir = tempfile::tempdir().unwrap();
+    let daemon = start_lazysnapd(node_dir.path(), "[lazy]\nbackground_fetch = false\n");
+    let containerd = Containerd::start_with(
+        &ContainerdOptions::default().proxy_snapshotter("lazysnap", &daemon.address),
+    )
+    .unwrap();
+    let second = Setup {
+        registry,
+        daemon,
+        containerd,
+        _dir,
+    };
+    let report = rpull(&dst, &rpull_options(&second.containerd))
+        .await
+        .unwrap();
+    assert!(
+        report
+            .layers
+            .iter()
+            .all(|l| l.outcome == LayerOutcome::Lazy),
+        "{report:?}"
+    );
+    let root = second.daemon.root.clone();
+    let prefetched = tokio::task::spawn_blocking(move || {
+        testkit::wait_until(std::time::Duration::from_secs(30), || {
+            let status = tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(daemon::observe::fetch_status(&root));
+            status.is_ok_and(|s| s.layers.iter().all(|l| l.prefetch_done))
+        })
+    })
+    .await
+    .unwrap();
+    assert!(prefetched, "prefetch did not finish");
+    let fetched = |status: &daemon::observe::Status| -> u64 {
+        status
+            .layers
+            .iter()
+            .filter(|l| l.layer == app_layer)
+            .map(|l| l.fetched_bytes)
+            .sum()
+    };
+    let before = fetched(
+        &daemon::observe::fetch_status(&second.daemon.root)
+            .await
+            .unwrap(),
+    );
+    assert!(before > 0, "nothing of the app layer was prefetched");
+    let printed = second
+        .containerd
+        .ctr(["run", "--rm", "--snapshotter", "lazysnap", &dst, "opt-1"])
+        .unwrap();
+    assert!(printed.contains("hello from small"), "{printed}");
+    let want = {
+        use sha2::Digest;
+        format!("{:x}", sha2::Sha256::digest(&big[1536 * 4096..1600 * 4096]))
+    };
+    assert!(printed.contains(&want), "{printed}");
+    let after = fetched(
+        &daemon::observe::fetch_status(&second.daemon.root)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(before, after, "the command read what was not prefetched");
 }

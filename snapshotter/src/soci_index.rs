@@ -17,6 +17,8 @@ pub const SOCI_INDEX_V1: &str = "application/vnd.amazon.soci.index.v1+json";
 pub const SOCI_INDEX_V2: &str = "application/vnd.amazon.soci.index.v2+json";
 /// On an image manifest: its SOCI index (v2).
 pub const ANNOTATION_INDEX_DIGEST: &str = "com.amazon.soci.index-digest";
+/// The media type of a zTOC in an index.
+pub const ZTOC_MEDIA_TYPE: &str = "application/octet-stream";
 /// On a zTOC's descriptor in an index: the image layer it is for.
 pub const ANNOTATION_LAYER_DIGEST: &str = "com.amazon.soci.image-layer-digest";
 /// zTOCs bigger than this are refused (a 10 GiB layer of small files makes ~1 GiB...
@@ -38,6 +40,8 @@ pub struct ZtocRef {
     pub found_by: FoundBy,
     pub ztoc: Descriptor,
     pub layer: Descriptor,
+    /// The layer's prefetch artifact in the index, if it has one.
+    pub prefetch: Option<Descriptor>,
 }
 
 /// An image's SOCI index, or why it has none.
@@ -139,18 +143,22 @@ impl SociIndexes {
                 "the image's manifest does not list layer {wanted}"
             )));
         };
-        let ztoc = index.layers.iter().find(|d| {
-            d.annotations
-                .as_ref()
-                .and_then(|a| a.get(ANNOTATION_LAYER_DIGEST))
-                .is_some_and(|l| *l == layer.layer_digest)
-        });
-        Ok(match ztoc {
+        let for_layer = |media_type: &str| {
+            index.layers.iter().find(|d| {
+                (d.media_type == media_type)
+                    && d.annotations
+                        .as_ref()
+                        .and_then(|a| a.get(ANNOTATION_LAYER_DIGEST))
+                        .is_some_and(|l| *l == layer.layer_digest)
+            })
+        };
+        Ok(match for_layer(ZTOC_MEDIA_TYPE) {
             Some(ztoc) => Ok(ZtocRef {
                 index_digest: digest.clone(),
                 found_by: *found_by,
                 ztoc: ztoc.clone(),
                 layer: in_image.clone(),
+                prefetch: for_layer(soci::prefetch_artifact::MEDIA_TYPE).cloned(),
             }),
             None => Err(NoZtoc::NotInIndex {
                 index: digest.clone(),
@@ -293,6 +301,10 @@ pub async fn open_through_index(
         .to_string()
         .parse()
         .map_err(|e| bad(format!("{e}")))?;
+    let prefetch = match &found.prefetch {
+        Some(desc) => prefetch_spans(client, &reference, desc).await,
+        None => Vec::new(),
+    };
     let blob = registry::RemoteBlob::new(
         client.clone(),
         reference.repository.clone(),
@@ -305,7 +317,14 @@ pub async fn open_through_index(
     let need = bytes.len() as u64 * ZTOC_PARSE_FACTOR;
     let opened = gate
         .run(&layer.layer_digest, need, cancel, move || {
-            soci::layer::open_layer(Arc::new(blob), size, &bytes, &ztoc_digest, &stop)
+            soci::layer::open_layer_prefetching(
+                Arc::new(blob),
+                size,
+                &bytes,
+                &ztoc_digest,
+                &prefetch,
+                &stop,
+            )
         })
         .await?
         .map_err(|e| bad(e.to_string()))?;
@@ -314,6 +333,29 @@ pub async fn open_through_index(
         found.index_digest, found.found_by, found.ztoc.digest
     );
     Ok(Ok((opened, how)))
+}
+
+/// The spans a layer's prefetch artifact names; none (with a log line) when it cannot be
+/// had or read: the layer still mounts, only without its prefetch.
+async fn prefetch_spans(
+    client: &Client,
+    reference: &Reference,
+    desc: &Descriptor,
+) -> Vec<std::ops::RangeInclusive<u32>> {
+    const MAX_ARTIFACT: u64 = 1 << 20;
+    let fetched = client
+        .fetch_blob(&reference.repository, &desc.digest, MAX_ARTIFACT)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| soci::prefetch_artifact::decode(&bytes).map_err(|e| e.to_string()));
+    match fetched {
+        Ok(spans) => spans,
+        Err(e) => {
+            tracing::warn!(artifact = %desc.digest, error = %e,
+                "the SOCI prefetch artifact is unusable; the layer mounts without its prefetch");
+            Vec::new()
+        }
+    }
 }
 
 /// The most of a layer without a zTOC that is fetched whole to be indexed here.

@@ -32,6 +32,19 @@ pub fn open_layer(
     ztoc_digest: &Digest,
     cancel: &Cancel,
 ) -> Result<Layer, OpenError> {
+    open_layer_prefetching(blob, blob_size, ztoc_bytes, ztoc_digest, &[], cancel)
+}
+
+/// [`open_layer`], the pieces of the spans in `prefetch` (span ids, from the layer's
+/// prefetch artifact) marked for the prefetch.
+pub fn open_layer_prefetching(
+    blob: Arc<dyn BlobReader>,
+    blob_size: u64,
+    ztoc_bytes: &[u8],
+    ztoc_digest: &Digest,
+    prefetch: &[std::ops::RangeInclusive<u32>],
+    cancel: &Cancel,
+) -> Result<Layer, OpenError> {
     let got = Digest::of(ztoc_bytes);
     if got != *ztoc_digest {
         return Err(OpenError::Digest {
@@ -46,7 +59,7 @@ pub fn open_layer(
             blob: blob_size,
         });
     }
-    let index = layout.index(ztoc_digest, ztoc_bytes.len() as u64, cancel)?;
+    let index = layout.index(ztoc_digest, ztoc_bytes.len() as u64, prefetch, cancel)?;
     Ok(Layer::from_spans(
         blob,
         blob_size,
@@ -175,6 +188,34 @@ mod tests {
         let noted = index.entry(index.lookup("usr/noted").unwrap());
         let xattrs: Vec<(&str, &[u8])> = noted.xattrs().collect();
         assert_eq!(xattrs, [("user.note", &b"hi"[..])]);
+    }
+
+    #[test]
+    fn the_pieces_of_prefetched_spans_are_marked() {
+        let (gz, _) = sample();
+        let (_, ztoc) = open(&gz, 256 << 10);
+        let blob = Arc::new(VecBlob::new(gz.clone()));
+        let layer = open_layer_prefetching(
+            blob,
+            gz.len() as u64,
+            &ztoc,
+            &Digest::of(&ztoc),
+            &[1..=1],
+            &Cancel::new(),
+        )
+        .unwrap();
+        let index = layer.index();
+        assert!(index.has_prefetch_marks());
+        let chunks = index.entry(index.lookup("usr/file1").unwrap()).chunks();
+        let second_span = chunks
+            .iter()
+            .map(|c| c.comp_offset)
+            .collect::<std::collections::BTreeSet<_>>();
+        let marked: Vec<bool> = chunks.iter().map(|c| c.prefetch).collect();
+        assert!(
+            marked.iter().any(|m| *m) && !marked.iter().all(|m| *m),
+            "{marked:?} over {second_span:?}"
+        );
     }
 
     #[test]

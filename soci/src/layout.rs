@@ -199,20 +199,24 @@ impl Layout {
     /// output, and its digest a name for the piece (the cache's key), made from the
     /// zTOC's digest, the span and the piece's place in it. `source_len` (the zTOC's
     /// size) bounds the directories the entries may imply.
+    /// Pieces of the spans in `prefetch` (span ids, from a prefetch artifact) are marked
+    /// for the prefetch.
     pub fn index(
         &self,
         ztoc_digest: &Digest,
         source_len: u64,
+        prefetch: &[std::ops::RangeInclusive<u32>],
         cancel: &Cancel,
     ) -> Result<Index, estargz::Error> {
         let mut failure = None;
-        let stream = (0..self.files.len()).flat_map(|i| match self.entries_of(i, ztoc_digest) {
-            Ok(entries) => entries,
-            Err(e) => {
-                failure.get_or_insert(e);
-                Vec::new()
-            }
-        });
+        let stream =
+            (0..self.files.len()).flat_map(|i| match self.entries_of(i, ztoc_digest, prefetch) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    failure.get_or_insert(e);
+                    Vec::new()
+                }
+            });
         let index = Index::from_entries(
             stream,
             self.compressed_size,
@@ -228,7 +232,12 @@ impl Layout {
 
     /// File `i` as TOC entries: one for the file and its first piece, one per further
     /// piece.
-    fn entries_of(&self, i: usize, ztoc_digest: &Digest) -> Result<Vec<TocEntry>, estargz::Error> {
+    fn entries_of(
+        &self,
+        i: usize,
+        ztoc_digest: &Digest,
+        prefetch: &[std::ops::RangeInclusive<u32>],
+    ) -> Result<Vec<TocEntry>, estargz::Error> {
         let f = &self.files[i];
         let name = String::from_utf8(f.name.clone()).map_err(|_| {
             estargz::Error::bad_entry(&String::from_utf8_lossy(&f.name), "name is not UTF-8")
@@ -282,6 +291,7 @@ impl Layout {
                 chunk_size: p.len as i64,
                 chunk_digest: Digest::of(&key).to_string(),
                 inner_offset: p.span_offset as i64,
+                prefetch: prefetch.iter().any(|r| r.contains(&(p.span as u32))),
                 ..TocEntry::default()
             };
             entries.push(if n == 0 {
@@ -292,6 +302,7 @@ impl Layout {
                     chunk_size: chunk.chunk_size,
                     chunk_digest: chunk.chunk_digest,
                     inner_offset: chunk.inner_offset,
+                    prefetch: chunk.prefetch,
                     ..std::mem::take(&mut file)
                 }
             } else {

@@ -10,6 +10,7 @@ mod flatbuffer;
 pub mod gzip_checkpoints;
 pub mod layer;
 pub mod layout;
+pub mod prefetch_artifact;
 mod raw_inflater;
 pub mod tar_toc;
 pub mod ztoc;
