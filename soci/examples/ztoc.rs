@@ -2,6 +2,9 @@
 //!
 //!   ztoc build LAYER.tar.gz OUT.ztoc [SPAN_SIZE] [BUILD_TOOL]
 //!   ztoc read ZTOC LAYER.tar.gz OUTDIR    every regular file, through the zTOC's spans
+//!   ztoc list ZTOC                        its spans (`span ID COMPRESSED_START COMPRESSED_END
+//!                                         UNCOMPRESSED_START UNCOMPRESSED_END`) and entries
+//!                                         (`entry KIND OFFSET SIZE NAME`), one a line
 //!
 //! `build` defaults to soci's span size (4 MiB) and build tool string, so that its output
 //! can be compared byte for byte with `soci create`'s (in UTC).
@@ -58,9 +61,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             eprintln!("{files} files from {} spans", layout.spans.len());
         }
+        ["list", ztoc] => {
+            let layout = Layout::check(soci::ztoc::decode(&std::fs::read(ztoc)?)?)?;
+            let mut out = std::io::stdout().lock();
+            for (i, s) in layout.spans.iter().enumerate() {
+                writeln!(
+                    out,
+                    "span {i} {} {} {} {}",
+                    s.compressed.start, s.compressed.end, s.uncompressed.start, s.uncompressed.end
+                )?;
+            }
+            for f in &layout.files {
+                writeln!(
+                    out,
+                    "entry {} {} {} {}",
+                    f.kind,
+                    f.uncompressed_offset,
+                    f.uncompressed_size,
+                    String::from_utf8_lossy(&f.name)
+                )?;
+            }
+        }
         _ => {
             return Err(
-                "usage: ztoc build LAYER OUT [SPAN] [TOOL] | ztoc read ZTOC LAYER OUTDIR".into(),
+                "usage: ztoc build LAYER OUT [SPAN] [TOOL] | ztoc read ZTOC LAYER OUTDIR \
+                 | ztoc list ZTOC"
+                    .into(),
             );
         }
     }
