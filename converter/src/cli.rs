@@ -79,6 +79,11 @@ pub struct ConvertArgs {
     /// Layers smaller than this get no zTOC and are pulled whole (default 10 MiB).
     #[arg(long, value_name = "BYTES", requires = "soci")]
     pub min_layer_size: Option<u64>,
+    /// The build tool a zTOC names (default `lazysnap VERSION`; soci's CLI writes
+    /// `AWS SOCI CLI v0.2`, and with it and the same span size the zTOCs are soci's, byte
+    /// for byte).
+    #[arg(long, value_name = "STRING", requires = "soci")]
+    pub soci_build_tool: Option<String>,
     /// A `--prioritize` list (what `lazysnap optimize` records): the spans holding the
     /// ranges it names go into a prefetch artifact per layer, as soci writes them.
     #[arg(long, value_name = "FILE", requires = "soci")]
@@ -191,6 +196,10 @@ impl ConvertArgs {
             plain_http: self.plain_http,
             platform,
             threads: self.threads,
+            build_tool: self
+                .soci_build_tool
+                .clone()
+                .unwrap_or(defaults.build_tool.clone()),
             prefetch: match &self.soci_prefetch {
                 Some(path) => Some(read_prioritized(path)?),
                 None => None,
