@@ -258,7 +258,19 @@ impl Fetcher {
                     {
                         group.push(next);
                     }
-                    let results = this.inflate_span(&group, &data[..], start, keep);
+                    let (results, siblings) = this.inflate_span(&group, &data[..], start, keep);
+                    // The span's other pieces: in memory before the waiters hear (a reader
+                    // of the file beside finds it), on disk after they have theirs.
+                    if keep {
+                        for (digest, b) in &siblings {
+                            this.cache.put_memory(*digest, b.clone());
+                        }
+                        to_disk.extend(siblings);
+                    } else {
+                        for (digest, b) in siblings {
+                            this.cache.put_disk_named(digest, &b);
+                        }
+                    }
                     for (lead, res) in group.into_iter().zip(results) {
                         match &res {
                             Ok(b) if keep => to_disk.push((lead.chunk.digest, b.clone())),
@@ -288,15 +300,19 @@ impl Fetcher {
     }
 
     /// The pieces `group` (all of one span, whose bytes are in `data` from blob offset
-    /// `start`) from one verified inflation of the span; the span's other pieces go to
-    /// the disk cache too, since their bytes are at hand.
+    /// `start`) from one verified inflation of the span; and the span's other pieces
+    /// not cached yet, for the disk cache, since their bytes are at hand.
+    #[allow(clippy::type_complexity)]
     fn inflate_span(
         &self,
         group: &[Lead],
         data: &[u8],
         start: u64,
         keep: bool,
-    ) -> Vec<std::result::Result<Bytes, Arc<str>>> {
+    ) -> (
+        Vec<std::result::Result<Bytes, Arc<str>>>,
+        Vec<(estargz::Digest, Bytes)>,
+    ) {
         let first = &group[0].chunk;
         let rel = (first.comp_offset - start) as usize;
         let bytes = data
@@ -309,7 +325,10 @@ impl Fetcher {
                 tracing::warn!(layer = %self.name, offset = first.comp_offset,
                     files = group.len(), error = %e, "span failed verification");
                 let reason: Arc<str> = Arc::from(e.to_string());
-                return group.iter().map(|_| Err(reason.clone())).collect();
+                return (
+                    group.iter().map(|_| Err(reason.clone())).collect(),
+                    Vec::new(),
+                );
             }
         };
         let piece = |c: &estargz::Chunk| -> std::result::Result<&[u8], Arc<str>> {
@@ -337,15 +356,15 @@ impl Fetcher {
                 Ok(b)
             })
             .collect();
-        for (_, c) in self.span_pieces(first.comp_offset) {
-            if group.iter().all(|l| l.chunk.digest != c.digest)
-                && !self.cache.contains(&c.digest)
-                && let Ok(bytes) = piece(&c)
-            {
-                self.cache.put_disk_named(c.digest, bytes);
-            }
-        }
-        results
+        let siblings = self
+            .span_pieces(first.comp_offset)
+            .into_iter()
+            .filter(|(_, c)| {
+                group.iter().all(|l| l.chunk.digest != c.digest) && !self.cache.contains(&c.digest)
+            })
+            .filter_map(|(_, c)| Some((c.digest, Bytes::copy_from_slice(piece(&c).ok()?))))
+            .collect();
+        (results, siblings)
     }
 
     fn inflate(
