@@ -236,6 +236,21 @@ mod tests {
         };
         assert_eq!(r.manifest_digest.as_deref(), Some("sha256:m"));
         assert!(r.image_layers.is_empty());
+        assert_eq!(r.soci_index_digest, None);
+    }
+
+    #[test]
+    fn soci_snapshotters_index_label_names_the_index() {
+        let l = labels(&[
+            (LABEL_TARGET_REF, "sha256:chain"),
+            (LABEL_CRI_IMAGE_REF, "reg/a:1"),
+            (LABEL_CRI_LAYER_DIGEST, "sha256:l1"),
+            (LABEL_SOCI_INDEX_DIGEST, "sha256:index"),
+        ]);
+        let PrepareIntent::Remote(r) = PrepareIntent::of(&l) else {
+            panic!("not remote")
+        };
+        assert_eq!(r.soci_index_digest.as_deref(), Some("sha256:index"));
     }
 
     #[test]
