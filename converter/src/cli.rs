@@ -196,15 +196,11 @@ impl ConvertArgs {
             plain_http: self.plain_http,
             platform,
             threads: self.threads,
-            build_tool: self
-                .soci_build_tool
-                .clone()
-                .unwrap_or(defaults.build_tool.clone()),
+            build_tool: self.soci_build_tool.clone().unwrap_or(defaults.build_tool),
             prefetch: match &self.soci_prefetch {
                 Some(path) => Some(read_prioritized(path)?),
                 None => None,
             },
-            ..defaults
         })
     }
 

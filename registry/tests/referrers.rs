@@ -2,6 +2,8 @@
 //! client, whatever the registry applied), from the tag schema when the registry has no
 //! API (404), and none at all when neither has any.
 
+#![allow(clippy::unwrap_used)] // a test that cannot go on should stop right there
+
 mod common;
 
 use common::{FakeServer, Reply};

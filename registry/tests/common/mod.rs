@@ -361,4 +361,5 @@ pub fn serve_blob(req: &Request, blob: &[u8], multipart: bool) -> Reply {
 }
 
 /// Test data: testkit's one generator of incompressible bytes.
+#[allow(unused_imports)] // each test binary uses a different part of this module
 pub use testkit::image::noise as pseudo_random;
