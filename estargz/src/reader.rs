@@ -384,6 +384,24 @@ impl Layer {
         }
     }
 
+    /// [`Layer::inflate_span`], handing the output's first `first` bytes to `on_first`
+    /// as soon as they are out.
+    pub fn inflate_span_staged(
+        &self,
+        comp_offset: u64,
+        compressed: &[u8],
+        first: usize,
+        on_first: &mut dyn FnMut(&[u8]),
+    ) -> Result<Vec<u8>> {
+        match &self.spans {
+            Some(spans) => spans.inflate_span_staged(comp_offset, compressed, first, on_first),
+            None => Err(Error::Decompress {
+                what: format!("span at {comp_offset}"),
+                reason: "not a SOCI layer".into(),
+            }),
+        }
+    }
+
     /// One chunk of a SOCI layer: its span inflated, the piece cut out of it.
     fn span_piece(&self, chunk: &Chunk, compressed: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let len = compressed.len().min(chunk.comp_len() as usize);

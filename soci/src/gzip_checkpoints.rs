@@ -142,58 +142,111 @@ pub fn inflate_from(
     skip: u64,
     len: usize,
 ) -> Result<Vec<u8>, Error> {
-    if checkpoint.bits > 7 {
-        return Err(Error::BadCheckpoint("more than 7 bits in a byte"));
-    }
-    if checkpoint.window.len() > WINDOW_SIZE {
-        return Err(Error::BadCheckpoint("window over 32 KiB"));
-    }
-    let corrupt = |code| Error::Corrupt {
-        offset: checkpoint.input_start(),
-        code,
-    };
-    let mut inflater = RawInflater::new(-15).map_err(corrupt)?;
-    let mut input = compressed;
-    if checkpoint.bits > 0 {
-        let (&first, rest) = input.split_first().ok_or(Error::ShortSpan {
-            wanted: skip + len as u64,
-            got: 0,
-        })?;
-        inflater
-            .prime(checkpoint.bits, first >> (8 - checkpoint.bits))
-            .map_err(corrupt)?;
-        input = rest;
-    }
-    inflater
-        .set_dictionary(&checkpoint.window)
-        .map_err(corrupt)?;
-    let mut scratch = vec![0u8; skip.min(64 << 10) as usize];
-    let mut skipped = 0u64;
+    let mut stream = SpanStream::start(checkpoint, compressed)?;
+    stream.skip(skip)?;
     let mut out = vec![0u8; len];
-    let mut filled = 0;
-    while filled < len {
-        let target = if skipped < skip {
-            let room = (skip - skipped).min(scratch.len() as u64) as usize;
-            &mut scratch[..room]
-        } else {
-            &mut out[filled..]
-        };
-        let step = inflater.inflate(input, target, false).map_err(corrupt)?;
-        input = &input[step.consumed..];
-        if skipped < skip {
-            skipped += step.produced as u64;
-        } else {
-            filled += step.produced;
-        }
-        let stuck = step.consumed == 0 && step.produced == 0;
-        if (step.step == Step::End || stuck) && filled < len {
-            return Err(Error::ShortSpan {
-                wanted: skip + len as u64,
-                got: skipped + filled as u64,
-            });
-        }
-    }
+    stream.fill(&mut out)?;
     Ok(out)
+}
+
+/// Inflates `len` bytes from `checkpoint` (as [`inflate_from`] without a skip), handing
+/// the first `first` of them to `on_first` as soon as they are out, before the rest.
+pub fn inflate_staged(
+    checkpoint: &Checkpoint,
+    compressed: &[u8],
+    len: usize,
+    first: usize,
+    on_first: &mut dyn FnMut(&[u8]),
+) -> Result<Vec<u8>, Error> {
+    let mut stream = SpanStream::start(checkpoint, compressed)?;
+    let mut out = vec![0u8; len];
+    let first = first.min(len);
+    stream.fill(&mut out[..first])?;
+    on_first(&out[..first]);
+    stream.fill(&mut out[first..])?;
+    Ok(out)
+}
+
+/// An inflater set up at a checkpoint, reading from the span's compressed bytes.
+struct SpanStream<'a> {
+    inflater: RawInflater,
+    input: &'a [u8],
+    /// Bytes inflated so far, for errors.
+    produced: u64,
+    start: u64,
+}
+
+impl<'a> SpanStream<'a> {
+    fn start(checkpoint: &Checkpoint, compressed: &'a [u8]) -> Result<Self, Error> {
+        if checkpoint.bits > 7 {
+            return Err(Error::BadCheckpoint("more than 7 bits in a byte"));
+        }
+        if checkpoint.window.len() > WINDOW_SIZE {
+            return Err(Error::BadCheckpoint("window over 32 KiB"));
+        }
+        let corrupt = |code| Error::Corrupt {
+            offset: checkpoint.input_start(),
+            code,
+        };
+        let mut inflater = RawInflater::new(-15).map_err(corrupt)?;
+        let mut input = compressed;
+        if checkpoint.bits > 0 {
+            let (&first, rest) = input
+                .split_first()
+                .ok_or(Error::ShortSpan { wanted: 1, got: 0 })?;
+            inflater
+                .prime(checkpoint.bits, first >> (8 - checkpoint.bits))
+                .map_err(corrupt)?;
+            input = rest;
+        }
+        inflater
+            .set_dictionary(&checkpoint.window)
+            .map_err(corrupt)?;
+        Ok(SpanStream {
+            inflater,
+            input,
+            produced: 0,
+            start: checkpoint.input_start(),
+        })
+    }
+
+    /// Inflates exactly `out.len()` bytes into `out`.
+    fn fill(&mut self, out: &mut [u8]) -> Result<(), Error> {
+        let mut filled = 0;
+        while filled < out.len() {
+            let start = self.start;
+            let step = self
+                .inflater
+                .inflate(self.input, &mut out[filled..], false)
+                .map_err(|code| Error::Corrupt {
+                    offset: start,
+                    code,
+                })?;
+            self.input = &self.input[step.consumed..];
+            filled += step.produced;
+            self.produced += step.produced as u64;
+            let stuck = step.consumed == 0 && step.produced == 0;
+            if (step.step == Step::End || stuck) && filled < out.len() {
+                return Err(Error::ShortSpan {
+                    wanted: self.produced + (out.len() - filled) as u64,
+                    got: self.produced,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Inflates and drops `n` bytes.
+    fn skip(&mut self, n: u64) -> Result<(), Error> {
+        let mut scratch = vec![0u8; n.min(64 << 10) as usize];
+        let mut left = n;
+        while left > 0 {
+            let step = left.min(scratch.len() as u64) as usize;
+            self.fill(&mut scratch[..step])?;
+            left -= step as u64;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

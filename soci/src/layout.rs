@@ -160,14 +160,28 @@ impl Layout {
     /// Checks `compressed` (span `i`'s whole compressed range) against its digest and
     /// inflates the span; the output's end must be the next checkpoint's window.
     pub fn inflate_span(&self, i: usize, compressed: &[u8]) -> Result<Vec<u8>, SpanError> {
+        self.inflate_span_staged(i, compressed, 0, &mut |_| {})
+    }
+
+    /// [`Layout::inflate_span`], handing the output's first `first` bytes to `on_first`
+    /// as soon as they are out (the span's bytes checked against its digest already),
+    /// before the rest is inflated and the end checked against the next window.
+    pub fn inflate_span_staged(
+        &self,
+        i: usize,
+        compressed: &[u8],
+        first: usize,
+        on_first: &mut dyn FnMut(&[u8]),
+    ) -> Result<Vec<u8>, SpanError> {
         let span = &self.spans[i];
         let want_len = span.compressed.end - span.compressed.start;
         if compressed.len() as u64 != want_len || Sha256::digest(compressed)[..] != span.digest {
             return Err(SpanError::Digest(i));
         }
         let len = (span.uncompressed.end - span.uncompressed.start) as usize;
-        let out = gzip_checkpoints::inflate_from(&span.checkpoint, compressed, 0, len)
-            .map_err(|e| SpanError::Inflate(i, e.to_string()))?;
+        let out =
+            gzip_checkpoints::inflate_staged(&span.checkpoint, compressed, len, first, on_first)
+                .map_err(|e| SpanError::Inflate(i, e.to_string()))?;
         if let Some(next) = self.spans.get(i + 1) {
             // The window ends with this span's output (and the previous window before it).
             let window = &next.checkpoint.window;
@@ -322,15 +336,27 @@ impl Layout {
 
 impl SpanSource for Layout {
     fn inflate_span(&self, comp_offset: u64, compressed: &[u8]) -> estargz::Result<Vec<u8>> {
+        SpanSource::inflate_span_staged(self, comp_offset, compressed, 0, &mut |_| {})
+    }
+
+    fn inflate_span_staged(
+        &self,
+        comp_offset: u64,
+        compressed: &[u8],
+        first: usize,
+        on_first: &mut dyn FnMut(&[u8]),
+    ) -> estargz::Result<Vec<u8>> {
         let span =
             self.span_starting_at(comp_offset)
                 .ok_or_else(|| estargz::Error::Decompress {
                     what: format!("span at {comp_offset}"),
                     reason: "no span starts there".into(),
                 })?;
-        Layout::inflate_span(self, span, compressed).map_err(|e| estargz::Error::Decompress {
-            what: format!("span {span} at {comp_offset}"),
-            reason: e.to_string(),
+        Layout::inflate_span_staged(self, span, compressed, first, on_first).map_err(|e| {
+            estargz::Error::Decompress {
+                what: format!("span {span} at {comp_offset}"),
+                reason: e.to_string(),
+            }
         })
     }
 }

@@ -17,4 +17,6 @@ pub mod ztoc;
 pub mod ztoc_builder;
 
 pub use checkpoint_blob::{BlobError, Checkpoints};
-pub use gzip_checkpoints::{Checkpoint, Error, WINDOW_SIZE, build_checkpoints, inflate_from};
+pub use gzip_checkpoints::{
+    Checkpoint, Error, WINDOW_SIZE, build_checkpoints, inflate_from, inflate_staged,
+};

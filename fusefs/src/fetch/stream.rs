@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use super::inflight::Lead;
+use super::inflight::{Joined, Lead};
 use super::{Counted, Fetcher, Purpose, lock};
 use crate::buffers::{self, BIG_BUFFERS, BufferPool, UNPOOLED};
 use crate::cache::DIRECT_ALIGN;
@@ -258,27 +258,7 @@ impl Fetcher {
                     {
                         group.push(next);
                     }
-                    let (results, siblings) = this.inflate_span(&group, &data[..], start, keep);
-                    // The span's other pieces: in memory before the waiters hear (a reader
-                    // of the file beside finds it), on disk after they have theirs.
-                    if keep {
-                        for (digest, b) in &siblings {
-                            this.cache.put_memory(*digest, b.clone());
-                        }
-                        to_disk.extend(siblings);
-                    } else {
-                        for (digest, b) in siblings {
-                            this.cache.put_disk_named(digest, &b);
-                        }
-                    }
-                    for (lead, res) in group.into_iter().zip(results) {
-                        match &res {
-                            Ok(b) if keep => to_disk.push((lead.chunk.digest, b.clone())),
-                            Ok(b) => this.cache.put_disk_named(lead.chunk.digest, b),
-                            Err(_) => {}
-                        }
-                        this.inflight.finish(lead, res);
-                    }
+                    this.serve_span(group, &data[..], start, keep, &mut to_disk);
                     continue;
                 }
                 let res = this.inflate(&lead, &data[..], start, keep);
@@ -299,72 +279,89 @@ impl Fetcher {
         })
     }
 
-    /// The pieces `group` (all of one span, whose bytes are in `data` from blob offset
-    /// `start`) from one verified inflation of the span; and the span's other pieces
-    /// not cached yet, for the disk cache, since their bytes are at hand.
-    #[allow(clippy::type_complexity)]
-    fn inflate_span(
-        &self,
-        group: &[Lead],
+    /// Serves `group` (pieces of one span, whose bytes are in `data` from blob offset
+    /// `start`) from one verified inflation of the span: its waiters get their pieces as
+    /// soon as the inflater has produced them, and the span's other pieces (made leads
+    /// first, so that a reader of the file beside waits for this inflation instead of
+    /// fetching the span again) when the rest is out. Pieces kept in memory go to disk
+    /// through `to_disk` afterwards; the others (background fetch) to disk at once.
+    fn serve_span(
+        self: &Arc<Self>,
+        group: Vec<Lead>,
         data: &[u8],
         start: u64,
         keep: bool,
-    ) -> (
-        Vec<std::result::Result<Bytes, Arc<str>>>,
-        Vec<(estargz::Digest, Bytes)>,
+        to_disk: &mut Vec<(estargz::Digest, Bytes)>,
     ) {
-        let first = &group[0].chunk;
-        let rel = (first.comp_offset - start) as usize;
+        let span_at = group[0].chunk.comp_offset;
+        let rel = (span_at - start) as usize;
         let bytes = data
-            .get(rel..rel + first.comp_len() as usize)
+            .get(rel..rel + group[0].chunk.comp_len() as usize)
             .unwrap_or(&[]);
-        let span = match self.layer.inflate_span(first.comp_offset, bytes) {
-            Ok(span) => span,
-            Err(e) => {
-                Counters::add(&self.counters.verification_failures, 1);
-                tracing::warn!(layer = %self.name, offset = first.comp_offset,
-                    files = group.len(), error = %e, "span failed verification");
-                let reason: Arc<str> = Arc::from(e.to_string());
-                return (
-                    group.iter().map(|_| Err(reason.clone())).collect(),
-                    Vec::new(),
-                );
+        let siblings: Vec<Lead> = self
+            .span_pieces(span_at)
+            .into_iter()
+            .filter(|(_, c)| group.iter().all(|l| l.chunk.digest != c.digest))
+            .filter_map(
+                |(node, c)| match self.inflight.join_or_lead(&self.cache, node, &c) {
+                    Joined::Lead(lead, _) => Some(lead),
+                    _ => None,
+                },
+            )
+            .collect();
+        let need = group
+            .iter()
+            .map(|l| l.chunk.inner_offset as usize + l.chunk.size as usize)
+            .max()
+            .unwrap_or(0);
+        let mut waiting = Some(group);
+        let hand_over = |span: &[u8], leads: Vec<Lead>, to_disk: &mut Vec<_>| {
+            for lead in leads {
+                let c = &lead.chunk;
+                let from = c.inner_offset as usize;
+                let res = match span.get(from..from + c.size as usize) {
+                    Some(piece) => {
+                        let pool = pool_for(keep);
+                        let mut out = pool.take(piece.len());
+                        out.extend_from_slice(piece);
+                        let b = buffers::into_bytes(pool, out);
+                        if keep {
+                            self.cache.put_memory(c.digest, b.clone());
+                            to_disk.push((c.digest, b.clone()));
+                        } else {
+                            self.cache.put_disk_named(c.digest, &b);
+                        }
+                        Ok(b)
+                    }
+                    None => Err(Arc::from(format!(
+                        "the span at {span_at} inflates to {} bytes, short of a piece at \
+                         {from} of {}",
+                        span.len(),
+                        c.size
+                    ))),
+                };
+                self.inflight.finish(lead, res);
             }
         };
-        let piece = |c: &estargz::Chunk| -> std::result::Result<&[u8], Arc<str>> {
-            let from = c.inner_offset as usize;
-            span.get(from..from + c.size as usize).ok_or_else(|| {
-                Arc::from(format!(
-                    "the span at {} inflates to {} bytes, short of a piece at {from} of {}",
-                    c.comp_offset,
-                    span.len(),
-                    c.size
-                ))
-            })
-        };
-        let pool = pool_for(keep);
-        let results = group
-            .iter()
-            .map(|lead| {
-                let bytes = piece(&lead.chunk)?;
-                let mut out = pool.take(bytes.len());
-                out.extend_from_slice(bytes);
-                let b = buffers::into_bytes(pool, out);
-                if keep {
-                    self.cache.put_memory(lead.chunk.digest, b.clone());
+        let inflated = self
+            .layer
+            .inflate_span_staged(span_at, bytes, need, &mut |prefix| {
+                if let Some(leads) = waiting.take() {
+                    hand_over(prefix, leads, to_disk);
                 }
-                Ok(b)
-            })
-            .collect();
-        let siblings = self
-            .span_pieces(first.comp_offset)
-            .into_iter()
-            .filter(|(_, c)| {
-                group.iter().all(|l| l.chunk.digest != c.digest) && !self.cache.contains(&c.digest)
-            })
-            .filter_map(|(_, c)| Some((c.digest, Bytes::copy_from_slice(piece(&c).ok()?))))
-            .collect();
-        (results, siblings)
+            });
+        match inflated {
+            Ok(span) => hand_over(&span, siblings, to_disk),
+            Err(e) => {
+                Counters::add(&self.counters.verification_failures, 1);
+                tracing::warn!(layer = %self.name, offset = span_at, error = %e,
+                    "span failed verification");
+                let reason: Arc<str> = Arc::from(e.to_string());
+                for lead in waiting.take().into_iter().flatten().chain(siblings) {
+                    self.inflight.finish(lead, Err(reason.clone()));
+                }
+            }
+        }
     }
 
     fn inflate(
