@@ -103,6 +103,9 @@ pub fn read_layer_toc(path: &Path, digest: &str) -> anyhow::Result<LayerToc> {
 /// Every layer's TOC of the image in the OCI layout, and the manifest's and config's
 /// sizes.
 pub fn layout_tocs(layout: &Path) -> anyhow::Result<(Vec<LayerToc>, u64)> {
+    if let Some(soci) = layout_ztocs(layout)? {
+        return Ok(soci);
+    }
     let (manifest, manifest_bytes, _) = read_manifest(layout)?;
     let config = manifest["config"]["size"].as_u64().unwrap_or(0);
     let mut tocs = Vec::new();
@@ -113,6 +116,69 @@ pub fn layout_tocs(layout: &Path) -> anyhow::Result<(Vec<LayerToc>, u64)> {
         tocs.push(read_layer_toc(&blob_path(layout, digest), digest)?);
     }
     Ok((tocs, manifest_bytes.len() as u64 + config))
+}
+
+/// A SOCI form's layout (the image and its SOCI index under one OCI index): each layer's
+/// zTOC as a TOC whose chunks are span pieces (a read touches its whole span), and a layer
+/// without a zTOC as fetched whole; None for any other layout.
+fn layout_ztocs(layout: &Path) -> anyhow::Result<Option<(Vec<LayerToc>, u64)>> {
+    let (root, root_bytes, _) = super::oci::read_root(layout)?;
+    let Some(entries) = root["manifests"].as_array() else {
+        return Ok(None);
+    };
+    let Some(index_desc) = entries
+        .iter()
+        .find(|d| d["artifactType"] == "application/vnd.amazon.soci.index.v2+json")
+    else {
+        return Ok(None);
+    };
+    let read_json = |digest: &str| -> anyhow::Result<(Value, u64)> {
+        let bytes = std::fs::read(blob_path(layout, digest))?;
+        Ok((serde_json::from_slice(&bytes)?, bytes.len() as u64))
+    };
+    let (index, index_size) = read_json(index_desc["digest"].as_str().context("no digest")?)?;
+    let (manifest, manifest_bytes, _) = read_manifest(layout)?;
+    let meta = root_bytes.len() as u64
+        + manifest_bytes.len() as u64
+        + index_size
+        + manifest["config"]["size"].as_u64().unwrap_or(0);
+    let mut tocs = Vec::new();
+    for layer in manifest["layers"].as_array().into_iter().flatten() {
+        let digest = layer["digest"]
+            .as_str()
+            .context("a layer without a digest")?;
+        let ztoc = index["layers"].as_array().into_iter().flatten().find(|z| {
+            z["mediaType"] == "application/octet-stream"
+                && z["annotations"]["com.amazon.soci.image-layer-digest"] == digest
+        });
+        let cancel = estargz::Cancel::new();
+        let toc = match ztoc {
+            Some(z) => {
+                let z_digest = z["digest"].as_str().context("a zTOC without a digest")?;
+                let bytes = std::fs::read(blob_path(layout, z_digest))?;
+                let spans = soci::layout::Layout::check(soci::ztoc::decode(&bytes)?)?;
+                let index = spans.index(
+                    &estargz::Digest::of(&bytes),
+                    bytes.len() as u64,
+                    &[],
+                    &cancel,
+                )?;
+                LayerToc {
+                    digest: digest.to_string(),
+                    toc_bytes: bytes.len() as u64,
+                    index,
+                }
+            }
+            // Fetched whole when it mounts.
+            None => LayerToc {
+                digest: digest.to_string(),
+                toc_bytes: layer["size"].as_u64().unwrap_or(0),
+                index: Index::from_entries([], 0, estargz::Format::Soci, 0, &cancel)?,
+            },
+        };
+        tocs.push(toc);
+    }
+    Ok(Some((tocs, meta)))
 }
 
 /// One file of lazysnapd's access log: its path in the layer and the ranges read.
@@ -417,5 +483,101 @@ mod tests {
             merge(vec![(5, 7), (0, 2), (2, 3), (6, 9), (10, 11)]),
             vec![(0, 3), (5, 9), (10, 11)]
         );
+    }
+
+    /// A SOCI layout: the image (one gzip layer) and its v2 index under one OCI index.
+    fn soci_layout(dir: &Path) -> (String, u64, Vec<u8>) {
+        use std::io::Write;
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut state = 3u64;
+        for (name, len) in [("a", 10usize), ("big", 600_000), ("z", 10)] {
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    (state >> 59) as u8 % 7 + b'a'
+                })
+                .collect();
+            let mut h = tar::Header::new_ustar();
+            h.set_size(len as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            tar.append_data(&mut h, name, &data[..]).unwrap();
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        gz.write_all(&tar.into_inner().unwrap()).unwrap();
+        let gz = gz.finish().unwrap();
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&gz).unwrap();
+        let ztoc = soci::ztoc::encode(
+            &soci::ztoc_builder::build_ztoc(file.as_file(), 128 << 10, "t").unwrap(),
+        );
+        let blobs = dir.join("blobs").join("sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let put = |bytes: &[u8]| {
+            let d = estargz::Digest::of(bytes).to_string();
+            std::fs::write(blobs.join(d.trim_start_matches("sha256:")), bytes).unwrap();
+            d
+        };
+        let layer = put(&gz);
+        let ztoc_digest = put(&ztoc);
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"mediaType": "c", "digest": put(b"{}"), "size": 2},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": layer, "size": gz.len()}],
+        }))
+        .unwrap();
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"mediaType": "application/vnd.amazon.soci.index.v2+json",
+                       "digest": put(b"{}"), "size": 2},
+            "layers": [{"mediaType": "application/octet-stream", "digest": ztoc_digest,
+                        "size": ztoc.len(),
+                        "annotations": {"com.amazon.soci.image-layer-digest": layer}}],
+        }))
+        .unwrap();
+        let top = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                 "digest": put(&manifest), "size": manifest.len()},
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                 "digest": put(&index), "size": index.len(),
+                 "artifactType": "application/vnd.amazon.soci.index.v2+json"},
+            ],
+        }))
+        .unwrap();
+        let root = serde_json::json!({"schemaVersion": 2, "manifests": [
+            {"mediaType": "application/vnd.oci.image.index.v1+json",
+             "digest": put(&top), "size": top.len()}]});
+        std::fs::write(dir.join("index.json"), serde_json::to_vec(&root).unwrap()).unwrap();
+        (layer, ztoc.len() as u64, ztoc)
+    }
+
+    #[test]
+    fn a_soci_layouts_floor_counts_whole_spans_and_the_ztocs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layer, ztoc_len, ztoc) = soci_layout(dir.path());
+        let (tocs, meta) = layout_tocs(dir.path()).unwrap();
+        assert_eq!(tocs.len(), 1);
+        assert_eq!(tocs[0].toc_bytes, ztoc_len);
+        assert!(meta > 0);
+        // A read of 10 bytes of "a" costs the whole first span.
+        let accessed = HashMap::from([(
+            layer,
+            vec![FileReads {
+                path: "a".into(),
+                ranges: vec![(0, 10)],
+            }],
+        )]);
+        let b = floor_bytes(&tocs, meta, &accessed);
+        let spans = soci::layout::Layout::check(soci::ztoc::decode(&ztoc).unwrap()).unwrap();
+        let first = &spans.spans[0].compressed;
+        assert!(spans.spans.len() > 2);
+        assert_eq!((b.chunks, b.chunk_count), (first.end - first.start, 1));
+        assert_eq!(b.tocs, ztoc_len);
     }
 }

@@ -277,7 +277,7 @@ pub fn read_manifest(layout: &Path) -> anyhow::Result<(Value, Vec<u8>, String)> 
 }
 
 /// What the layout's index.json names: JSON, bytes and media type.
-fn read_root(layout: &Path) -> anyhow::Result<(Value, Vec<u8>, String)> {
+pub fn read_root(layout: &Path) -> anyhow::Result<(Value, Vec<u8>, String)> {
     let index: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
     let desc = &index["manifests"][0];
     let digest = desc["digest"]
