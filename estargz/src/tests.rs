@@ -667,6 +667,18 @@ fn bad_inputs_fail_cleanly() {
     b.append_link(&mut h, "h", "missing").unwrap();
     let t = b.into_inner().unwrap();
     assert!(matches!(run(&t), Err(Error::UnsupportedTar { .. })));
+    // A hard link to a directory (found by fuzzing): no reader takes one.
+    let mut b = ::tar::Builder::new(Vec::new());
+    let mut h = ::tar::Header::new_gnu();
+    h.set_size(0);
+    h.set_entry_type(::tar::EntryType::Directory);
+    b.append_data(&mut h, "d/", &b""[..]).unwrap();
+    let mut h = ::tar::Header::new_gnu();
+    h.set_size(0);
+    h.set_entry_type(::tar::EntryType::Link);
+    b.append_link(&mut h, "d/h", "d").unwrap();
+    let t = b.into_inner().unwrap();
+    assert!(matches!(run(&t), Err(Error::UnsupportedTar { .. })));
     // Bad options.
     let zero_chunk = WriterOptions {
         chunk_size: 0,

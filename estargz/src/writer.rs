@@ -301,8 +301,10 @@ struct Converter<W> {
     prefetch_ranges: HashMap<String, Vec<Range<u64>>>,
     /// Normalized paths of the prioritized files, when chunks are marked.
     marked_whole: HashSet<String>,
-    /// Normalized paths written so far: a hard link must name one of them.
+    /// Normalized paths written so far: a hard link must name one of them...
     written: HashSet<String>,
+    /// ...and not one of these, the directories among them.
+    written_dirs: HashSet<String>,
     add_landmarks: bool,
     pipeline: Pipeline<W>,
     segment: Vec<u8>,
@@ -451,6 +453,7 @@ impl<W: Write> Converter<W> {
             prefetch_ranges,
             marked_whole,
             written: HashSet::new(),
+            written_dirs: HashSet::new(),
             // c/storage keeps the input tar as it is unless files are reordered.
             add_landmarks: !cstorage || !opts.prioritized_files.is_empty(),
             pipeline,
@@ -670,8 +673,20 @@ impl<W: Write> Converter<W> {
                     ),
                 });
             }
+            if self.written_dirs.contains(&target) {
+                return Err(Error::UnsupportedTar {
+                    path: h.name.clone(),
+                    reason: format!("hard link to the directory {:?}", h.link_name),
+                });
+            }
         }
-        self.written.insert(normalize_path(&h.name)?);
+        let name = normalize_path(&h.name)?;
+        if kind == "dir" {
+            self.written_dirs.insert(name.clone());
+        } else {
+            self.written_dirs.remove(&name);
+        }
+        self.written.insert(name);
         let pad = std::mem::take(&mut self.pending_pad);
         if let Some(ts) = &mut self.tar_split {
             let mut seg = pad.clone();
