@@ -79,14 +79,15 @@ impl ReloadableDockerConfig {
             return;
         };
         let now = stamp(path);
-        {
-            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            if *seen == now {
-                return;
-            }
-            // A broken file is not read again until it changes once more.
-            *seen = now;
+        // Held while the file is read: a lookup that comes meanwhile waits for what it
+        // holds instead of taking the old credentials for the new file (two requests
+        // right after `docker login` did: one got none).
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if *seen == now {
+            return;
         }
+        // A broken file is not read again until it changes once more.
+        *seen = now;
         match (self.load)() {
             Ok(fresh) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
@@ -228,6 +229,49 @@ mod tests {
         assert!(docker.reload().is_err());
         let kept = user_of(&docker).await.unwrap();
         assert!(kept.contains("bob"), "{kept}");
+    }
+
+    /// Two lookups right after the file changed: the second waits for the first's read
+    /// of it, and neither gets the credentials of before.
+    #[test]
+    fn a_lookup_during_a_reread_waits_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let write = |user: &str| {
+            let auth = base64_auth(user);
+            let body = format!(r#"{{"auths":{{"reg.example":{{"auth":"{auth}"}}}}}}"#);
+            std::fs::write(&path, body).unwrap();
+        };
+        write("alice");
+        let slow_path = path.clone();
+        let docker = Arc::new(
+            ReloadableDockerConfig::with_loader(
+                Box::new(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    DockerConfig::load(&slow_path)
+                }),
+                Some(path.clone()),
+            )
+            .unwrap(),
+        );
+        write("bob-with-a-longer-name");
+        let user = |docker: Arc<ReloadableDockerConfig>| {
+            std::thread::spawn(move || {
+                let config = docker.get();
+                tokio::runtime::Runtime::new()
+                    .unwrap()
+                    .block_on(config.credentials("reg.example"))
+                    .unwrap()
+                    .map(|c| c.username)
+            })
+        };
+        let first = user(Arc::clone(&docker));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let second = user(Arc::clone(&docker));
+        for lookup in [first, second] {
+            let name = lookup.join().unwrap().unwrap();
+            assert!(name.contains("bob"), "{name}");
+        }
     }
 
     /// As after `docker login`: the file appears, then is replaced (the CLI writes a
