@@ -21,16 +21,11 @@ use crate::oci::{
 };
 use crate::progress::Progress;
 
-pub const SOCI_INDEX_V1: &str = "application/vnd.amazon.soci.index.v1+json";
-pub const SOCI_INDEX_V2: &str = "application/vnd.amazon.soci.index.v2+json";
-/// The media type of a zTOC in an index.
-pub const ZTOC_MEDIA_TYPE: &str = "application/octet-stream";
-pub const ANNOTATION_INDEX_DIGEST: &str = "com.amazon.soci.index-digest";
-pub const ANNOTATION_LAYER_DIGEST: &str = "com.amazon.soci.image-layer-digest";
-pub const ANNOTATION_LAYER_MEDIA_TYPE: &str = "com.amazon.soci.image-layer-mediaType";
-pub const ANNOTATION_SPAN_SIZE: &str = "com.amazon.soci.span-size";
-pub const ANNOTATION_BUILD_TOOL: &str = "com.amazon.soci.build-tool-identifier";
-pub const ANNOTATION_IMAGE_MANIFEST_DIGEST: &str = "com.amazon.soci.image-manifest-digest";
+pub use soci::index_names::{
+    ANNOTATION_BUILD_TOOL, ANNOTATION_IMAGE_MANIFEST_DIGEST, ANNOTATION_INDEX_DIGEST,
+    ANNOTATION_LAYER_DIGEST, ANNOTATION_LAYER_MEDIA_TYPE, ANNOTATION_SPAN_SIZE, SOCI_INDEX_V1,
+    SOCI_INDEX_V2, ZTOC_MEDIA_TYPE,
+};
 /// soci's default: layers smaller than this get no zTOC (they are pulled whole).
 pub const DEFAULT_MIN_LAYER_SIZE: u64 = 10 << 20;
 /// `{}`, the config of every SOCI index.

@@ -13,14 +13,9 @@ use registry::{Client, Descriptor, Digest, ImageManifest, Reference};
 
 use crate::remote::{MountError, RemoteLayer};
 
-pub const SOCI_INDEX_V1: &str = "application/vnd.amazon.soci.index.v1+json";
-pub const SOCI_INDEX_V2: &str = "application/vnd.amazon.soci.index.v2+json";
-/// On an image manifest: its SOCI index (v2).
-pub const ANNOTATION_INDEX_DIGEST: &str = "com.amazon.soci.index-digest";
-/// The media type of a zTOC in an index.
-pub const ZTOC_MEDIA_TYPE: &str = "application/octet-stream";
-/// On a zTOC's descriptor in an index: the image layer it is for.
-pub const ANNOTATION_LAYER_DIGEST: &str = "com.amazon.soci.image-layer-digest";
+pub use soci::index_names::{
+    ANNOTATION_INDEX_DIGEST, ANNOTATION_LAYER_DIGEST, SOCI_INDEX_V1, SOCI_INDEX_V2, ZTOC_MEDIA_TYPE,
+};
 /// zTOCs bigger than this are refused (a 10 GiB layer of small files makes ~1 GiB...
 /// of which most is checkpoints; real ones are a few MB).
 pub const MAX_ZTOC_SIZE: u64 = 512 << 20;

@@ -8,6 +8,7 @@
 pub mod checkpoint_blob;
 mod flatbuffer;
 pub mod gzip_checkpoints;
+pub mod index_names;
 pub mod layer;
 pub mod layout;
 pub mod prefetch_artifact;

@@ -28,6 +28,7 @@ use estargz::{EntryKind, Index, OpenOptions};
 use serde_json::Value;
 
 use super::oci::{blob_path, read_manifest};
+use soci::index_names as names;
 
 /// Round trips a perfect lazy pull waits for: manifest; config and TOCs in parallel;
 /// the chunks the workload reads, all at once.
@@ -128,7 +129,7 @@ fn layout_ztocs(layout: &Path) -> anyhow::Result<Option<(Vec<LayerToc>, u64)>> {
     };
     let Some(index_desc) = entries
         .iter()
-        .find(|d| d["artifactType"] == "application/vnd.amazon.soci.index.v2+json")
+        .find(|d| d["artifactType"] == names::SOCI_INDEX_V2)
     else {
         return Ok(None);
     };
@@ -148,8 +149,8 @@ fn layout_ztocs(layout: &Path) -> anyhow::Result<Option<(Vec<LayerToc>, u64)>> {
             .as_str()
             .context("a layer without a digest")?;
         let ztoc = index["layers"].as_array().into_iter().flatten().find(|z| {
-            z["mediaType"] == "application/octet-stream"
-                && z["annotations"]["com.amazon.soci.image-layer-digest"] == digest
+            z["mediaType"] == names::ZTOC_MEDIA_TYPE
+                && z["annotations"][names::ANNOTATION_LAYER_DIGEST] == digest
         });
         let cancel = estargz::Cancel::new();
         let toc = match ztoc {
