@@ -243,6 +243,16 @@ impl SharedCache {
         lock(&self.inner.disk).bytes()
     }
 
+    /// The figures of the filesystem the disk cache lives on, which is where a lazy
+    /// layer's bytes end up: what statfs on a lazy mount reports. `None` for a cache kept
+    /// in memory only.
+    pub fn filesystem(&self) -> Option<nix::sys::statvfs::Statvfs> {
+        if !self.inner.disk_enabled {
+            return None;
+        }
+        nix::sys::statvfs::statvfs(&self.inner.dir).ok()
+    }
+
     /// True when the chunk is in memory or on disk (without reading it).
     pub fn contains(&self, digest: &Digest) -> bool {
         lock(&self.inner.memory).contains(digest)

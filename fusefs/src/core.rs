@@ -619,7 +619,23 @@ impl LayerFs {
         Self::sized(list, size)
     }
 
+    /// The cache filesystem's real figures (kubelet's image-filesystem accounting and
+    /// `df` read them; the layer's bytes land there), or, for a memory-only cache, the
+    /// layer's own size with nothing free.
     pub fn statfs(&self) -> StatFs {
+        if let Some(fs) = self.fetcher.cache().filesystem() {
+            let clamp = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+            return StatFs {
+                blocks: fs.blocks(),
+                bfree: fs.blocks_free(),
+                bavail: fs.blocks_available(),
+                files: fs.files(),
+                ffree: fs.files_free(),
+                bsize: clamp(fs.block_size()),
+                namelen: 255,
+                frsize: clamp(fs.fragment_size()),
+            };
+        }
         StatFs {
             blocks: self.content_bytes.div_ceil(BLOCK_SIZE as u64),
             bfree: 0,

@@ -278,6 +278,10 @@ impl Fetcher {
     }
 
     /// A filesystem operation: while containers start, it holds the background back.
+    pub(crate) fn cache(&self) -> &SharedCache {
+        &self.cache
+    }
+
     pub(crate) fn note_op(&self) {
         self.link.note_op();
     }

@@ -198,12 +198,31 @@ fn xattrs_follow_the_size_probe_protocol() {
 }
 
 #[test]
-fn statfs_reports_real_figures_and_writes_are_erofs() {
-    let (f, src) = fixture(OutputFormat::Estargz);
+fn statfs_reports_the_cache_filesystem_and_writes_are_erofs() {
+    // On a disk cache: the cache filesystem's own figures.
+    let (f, _) = fixture(OutputFormat::Estargz);
     let s = f.fs.statfs();
+    let disk = nix::sys::statvfs::statvfs(&f.dir.path().join("cache")).unwrap();
+    assert_eq!((s.blocks, s.files), (disk.blocks(), disk.files()));
+    assert_eq!(u64::from(s.frsize), disk.fragment_size());
+    assert!(s.bfree > 0 && s.bavail > 0 && s.ffree > 0, "{s:?}");
+    assert!(s.bavail <= s.bfree && s.bfree <= s.blocks && s.ffree <= s.files);
+    // The free figures move with whatever else writes there: only roughly equal.
+    let near = |a: u64, b: u64| a.abs_diff(b) <= a.max(b) / 100 + 1024;
+    assert!(near(s.bavail, disk.blocks_available()), "{s:?} {disk:?}");
+    assert!(near(s.ffree, disk.files_free()), "{s:?} {disk:?}");
+
+    // A memory-only cache has no filesystem: the layer's own size, nothing free.
+    let (tar, src) = sample_tar();
+    let memory_only = fixture_with(
+        FaultBlob::new(convert(&tar, OutputFormat::Estargz, &[])),
+        quiet_config(),
+        0,
+    );
+    let s = memory_only.fs.statfs();
     let content: u64 = src.files.values().map(|v| v.len() as u64).sum();
     assert_eq!(s.blocks, content.div_ceil(4096));
-    assert_eq!(s.files, f.fs.layer().index().len() as u64);
+    assert_eq!(s.files, memory_only.fs.layer().index().len() as u64);
     assert_eq!((s.bsize, s.namelen, s.bfree, s.bavail), (4096, 255, 0, 0));
 
     let tool = f.ino("bin/tool");
