@@ -1,23 +1,22 @@
 //! The HTTP core: endpoints (mirrors, then the origin), connection limits, authentication,
 //! manual redirects and retries with backoff.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::auth::{
     Anonymous, AuthCache, Challenge, CredentialProvider, Scheme, TokenResponse, parse_challenges,
     token_lifetime,
 };
 use crate::config::{HttpConfig, RegistryConfig, ResolverConfig, is_loopback};
+use crate::endpoints::{Endpoint, HostState, check_resolver_cas, load_ca, with_namespace};
 use crate::error::{Error, Result, Target};
 use crate::platform::Platform;
-use crate::reference::api_host;
 
 /// A registry client: cheap to clone, shares connections, tokens and caches.
 #[derive(Clone)]
@@ -32,25 +31,7 @@ pub(crate) struct Inner {
     pub(crate) platform: Platform,
     credentials: Arc<dyn CredentialProvider>,
     auth: AuthCache,
-    endpoints: Mutex<HashMap<(String, bool), Endpoints>>,
-    http_clients: Mutex<HashMap<(Vec<std::path::PathBuf>, u64), reqwest::Client>>,
-    limiters: Mutex<HashMap<String, Arc<Semaphore>>>,
-}
-
-/// Mirrors in order, then the registry itself.
-pub(crate) type Endpoints = Arc<[Endpoint]>;
-
-/// One place to send requests for a registry: a mirror or the registry itself.
-#[derive(Clone)]
-pub(crate) struct Endpoint {
-    /// `host[:port]`, for errors and auth state.
-    pub host: String,
-    /// `scheme://host[:port][/prefix]/v2`
-    pub base: String,
-    pub client: reqwest::Client,
-    pub headers: HeaderMap,
-    pub limiter: Arc<Semaphore>,
-    pub is_mirror: bool,
+    pub(crate) hosts: HostState,
 }
 
 /// A request, described so it can be sent again (after a 401, a redirect or a retry).
@@ -86,21 +67,6 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// Loads every CA file the per-registry settings name, so a bad path fails at start
-/// (or reload) rather than on the first request.
-fn check_resolver_cas(resolver: &ResolverConfig) -> Result<()> {
-    for host in resolver.host.values() {
-        for path in host
-            .ca
-            .iter()
-            .chain(host.mirrors.iter().flat_map(|m| m.ca.iter()))
-        {
-            load_ca(path)?;
-        }
-    }
-    Ok(())
-}
-
 impl Client {
     /// A client with anonymous access; see [`Client::with_credentials`].
     pub fn new(config: RegistryConfig) -> Result<Self> {
@@ -121,9 +87,7 @@ impl Client {
                 platform,
                 credentials: Arc::new(Anonymous),
                 auth: AuthCache::default(),
-                endpoints: Mutex::new(HashMap::new()),
-                http_clients: Mutex::new(HashMap::new()),
-                limiters: Mutex::new(HashMap::new()),
+                hosts: HostState::default(),
             }),
         })
     }
@@ -148,9 +112,7 @@ impl Client {
                 platform: shared.platform.clone(),
                 credentials: provider,
                 auth: AuthCache::default(),
-                endpoints: Mutex::new(HashMap::new()),
-                http_clients: Mutex::new(HashMap::new()),
-                limiters: Mutex::new(HashMap::new()),
+                hosts: HostState::default(),
             },
         };
         Self {
@@ -167,7 +129,7 @@ impl Client {
         &self.inner.http
     }
 
-    fn resolver(&self) -> Arc<ResolverConfig> {
+    pub(crate) fn resolver(&self) -> Arc<ResolverConfig> {
         self.inner
             .resolver
             .read()
@@ -191,7 +153,7 @@ impl Client {
             .resolver
             .write()
             .unwrap_or_else(|e| e.into_inner()) = Arc::new(resolver);
-        lock(&self.inner.endpoints).clear();
+        self.inner.hosts.reset();
         Ok(())
     }
 
@@ -249,115 +211,6 @@ impl Client {
             }
         }
         outcome
-    }
-
-    pub(crate) fn endpoints(&self, registry: &str, with_mirrors: bool) -> Result<Endpoints> {
-        let key = (registry.to_string(), with_mirrors);
-        if let Some(found) = lock(&self.inner.endpoints).get(&key) {
-            return Ok(found.clone());
-        }
-        let built: Endpoints = self.build_endpoints(registry, with_mirrors)?.into();
-        lock(&self.inner.endpoints).insert(key, built.clone());
-        Ok(built)
-    }
-
-    fn build_endpoints(&self, registry: &str, with_mirrors: bool) -> Result<Vec<Endpoint>> {
-        let http = self.http();
-        let origin_host = api_host(registry).to_string();
-        let host_config = self.resolver().host(registry).cloned().unwrap_or_default();
-        let mut origin_plain = host_config
-            .plain_http
-            .unwrap_or(is_loopback(&origin_host) && host_config.ca.is_empty());
-        let mut origin_timeout = host_config
-            .request_timeout_sec
-            .unwrap_or(http.request_timeout_sec);
-        let limit = host_config
-            .max_concurrent_requests
-            .unwrap_or(http.max_concurrent_requests);
-        let mut out = Vec::new();
-        for mirror in &host_config.mirrors {
-            let (scheme, authority, prefix) = split_mirror_host(&mirror.host);
-            if authority == registry || authority == origin_host {
-                // stargz-snapshotter's way of saying "the registry itself speaks HTTP".
-                if mirror.insecure || scheme == Some("http") {
-                    origin_plain = true;
-                }
-                if mirror.request_timeout_sec > 0 {
-                    origin_timeout = mirror.request_timeout_sec;
-                }
-                continue;
-            }
-            if !with_mirrors {
-                continue;
-            }
-            let plain = match scheme {
-                Some(s) => s == "http",
-                None => mirror.insecure || (is_loopback(authority) && mirror.ca.is_empty()),
-            };
-            let timeout = if mirror.request_timeout_sec > 0 {
-                mirror.request_timeout_sec
-            } else {
-                http.request_timeout_sec
-            };
-            let mut cas = http.ca.clone();
-            cas.extend(mirror.ca.iter().cloned());
-            out.push(Endpoint {
-                host: authority.to_string(),
-                base: base_url(plain, authority, prefix),
-                client: self.http_client(cas, timeout)?,
-                headers: header_map(&mirror.header, authority)?,
-                limiter: self.limiter(authority, limit),
-                is_mirror: true,
-            });
-        }
-        let mut cas = http.ca.clone();
-        cas.extend(host_config.ca.iter().cloned());
-        out.push(Endpoint {
-            host: origin_host.clone(),
-            base: base_url(origin_plain, &origin_host, ""),
-            client: self.http_client(cas, origin_timeout)?,
-            headers: header_map(&host_config.header, &origin_host)?,
-            limiter: self.limiter(&origin_host, limit),
-            is_mirror: false,
-        });
-        Ok(out)
-    }
-
-    fn limiter(&self, host: &str, limit: usize) -> Arc<Semaphore> {
-        lock(&self.inner.limiters)
-            .entry(host.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(limit)))
-            .clone()
-    }
-
-    fn http_client(
-        &self,
-        mut cas: Vec<std::path::PathBuf>,
-        timeout_sec: u64,
-    ) -> Result<reqwest::Client> {
-        cas.sort();
-        cas.dedup();
-        let key = (cas, timeout_sec);
-        if let Some(c) = lock(&self.inner.http_clients).get(&key) {
-            return Ok(c.clone());
-        }
-        let http = self.http();
-        let mut builder = reqwest::Client::builder()
-            // Redirects are followed by hand: bounded, per-blob cached, no auth forwarded.
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(http.connect_timeout_sec))
-            .timeout(Duration::from_secs(timeout_sec))
-            .read_timeout(Duration::from_millis(http.stall_timeout_msec))
-            .pool_max_idle_per_host(http.max_idle_per_host)
-            .user_agent(concat!("lazysnap/", env!("CARGO_PKG_VERSION")));
-        for path in &key.0 {
-            builder = builder.add_root_certificate(load_ca(path)?);
-        }
-        let client = builder
-            .build()
-            .map_err(|e| Error::Config(format!("building the HTTP client: {e}")))?;
-        lock(&self.inner.http_clients).insert(key, client.clone());
-        Ok(client)
     }
 
     /// Sends `req` to `ep`, answering auth challenges and following redirects.
@@ -468,7 +321,12 @@ impl Client {
         auth: Option<&str>,
         to_endpoint: bool,
     ) -> Result<reqwest::Response> {
-        let mut builder = ep.client.request(req.method.clone(), url);
+        let mut builder = match (&ep.namespace, to_endpoint) {
+            (Some(ns), true) => ep
+                .client
+                .request(req.method.clone(), with_namespace(url, ns)),
+            _ => ep.client.request(req.method.clone(), url),
+        };
         if to_endpoint {
             builder = builder.headers(ep.headers.clone());
         }
@@ -842,54 +700,6 @@ pub(crate) fn redacted_url(url: &Url) -> String {
     )
 }
 
-fn split_mirror_host(spec: &str) -> (Option<&str>, &str, &str) {
-    let spec = spec.trim();
-    let (scheme, rest) = if let Some(r) = spec.strip_prefix("https://") {
-        (Some("https"), r)
-    } else if let Some(r) = spec.strip_prefix("http://") {
-        (Some("http"), r)
-    } else {
-        (None, spec)
-    };
-    let rest = rest.trim_end_matches('/');
-    match rest.find('/') {
-        Some(i) => (scheme, &rest[..i], &rest[i..]),
-        None => (scheme, rest, ""),
-    }
-}
-
-fn base_url(plain: bool, authority: &str, prefix: &str) -> String {
-    let scheme = if plain { "http" } else { "https" };
-    let prefix = prefix.trim_end_matches('/');
-    if prefix.ends_with("/v2") {
-        format!("{scheme}://{authority}{prefix}")
-    } else {
-        format!("{scheme}://{authority}{prefix}/v2")
-    }
-}
-
-fn header_map(
-    headers: &std::collections::BTreeMap<String, String>,
-    host: &str,
-) -> Result<HeaderMap> {
-    let mut map = HeaderMap::new();
-    for (k, v) in headers {
-        let name = HeaderName::from_bytes(k.as_bytes())
-            .map_err(|_| Error::Config(format!("{host}: invalid header name {k:?}")))?;
-        let value = HeaderValue::from_str(v)
-            .map_err(|_| Error::Config(format!("{host}: invalid value for header {k:?}")))?;
-        map.insert(name, value);
-    }
-    Ok(map)
-}
-
-fn load_ca(path: &std::path::Path) -> Result<reqwest::Certificate> {
-    let pem = std::fs::read(path)
-        .map_err(|e| Error::Config(format!("reading CA certificate {}: {e}", path.display())))?;
-    reqwest::Certificate::from_pem(&pem)
-        .map_err(|e| Error::Config(format!("CA certificate {}: {e}", path.display())))
-}
-
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic elsewhere while holding the lock leaves plain data that is still usable.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -924,118 +734,6 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon"), None);
-    }
-
-    #[test]
-    fn mirror_hosts_and_base_urls() {
-        assert_eq!(
-            split_mirror_host("m.example.com"),
-            (None, "m.example.com", "")
-        );
-        assert_eq!(
-            split_mirror_host("http://m.example.com:5000/pfx/"),
-            (Some("http"), "m.example.com:5000", "/pfx")
-        );
-        assert_eq!(base_url(false, "h", ""), "https://h/v2");
-        assert_eq!(base_url(true, "h:1", "/pfx"), "http://h:1/pfx/v2");
-        assert_eq!(base_url(false, "h", "/x/v2"), "https://h/x/v2");
-    }
-
-    #[test]
-    fn a_reloaded_resolver_applies_to_the_next_requests() {
-        let client = Client::new(RegistryConfig::default()).unwrap();
-        let before = client.endpoints("docker.io", true).unwrap();
-        assert_eq!(before.len(), 1);
-        let reloaded: RegistryConfig = toml::from_str(
-            r#"
-[[resolver.host."docker.io".mirrors]]
-host = "mirror.example.com"
-"#,
-        )
-        .unwrap();
-        client.reload_resolver(reloaded.resolver).unwrap();
-        let after = client.endpoints("docker.io", true).unwrap();
-        let bases: Vec<_> = after.iter().map(|e| e.base.as_str()).collect();
-        assert_eq!(
-            bases,
-            [
-                "https://mirror.example.com/v2",
-                "https://registry-1.docker.io/v2"
-            ]
-        );
-        // A CA file that is not there: refused, and the settings in force stay.
-        let bad: RegistryConfig = toml::from_str(
-            r#"
-[resolver.host."docker.io"]
-ca = ["/nonexistent/ca.pem"]
-"#,
-        )
-        .unwrap();
-        assert!(client.reload_resolver(bad.resolver).is_err());
-        assert_eq!(client.endpoints("docker.io", true).unwrap().len(), 2);
-    }
-
-    #[test]
-    fn endpoints_follow_the_config() {
-        let config: RegistryConfig = toml::from_str(
-            r#"
-[[resolver.host."docker.io".mirrors]]
-host = "mirror.example.com"
-[[resolver.host."docker.io".mirrors]]
-host = "127.0.0.1:7000"
-[[resolver.host."lan.example:5000".mirrors]]
-host = "lan.example:5000"
-insecure = true
-[resolver.host."127.0.0.1:6000"]
-plain_http = false
-"#,
-        )
-        .unwrap();
-        let client = Client::new(config).unwrap();
-        let hub = client.endpoints("docker.io", true).unwrap();
-        let bases: Vec<_> = hub.iter().map(|e| e.base.as_str()).collect();
-        assert_eq!(
-            bases,
-            [
-                "https://mirror.example.com/v2",
-                "http://127.0.0.1:7000/v2",
-                "https://registry-1.docker.io/v2"
-            ]
-        );
-        assert!(hub[0].is_mirror && !hub[2].is_mirror);
-        let push = client.endpoints("docker.io", false).unwrap();
-        assert_eq!(push.len(), 1);
-        let lan = client.endpoints("lan.example:5000", true).unwrap();
-        assert_eq!(lan.len(), 1);
-        assert_eq!(lan[0].base, "http://lan.example:5000/v2");
-        let tls_loop = client.endpoints("127.0.0.1:6000", true).unwrap();
-        assert_eq!(tls_loop[0].base, "https://127.0.0.1:6000/v2");
-        let plain_loop = client.endpoints("localhost:5000", true).unwrap();
-        assert_eq!(plain_loop[0].base, "http://localhost:5000/v2");
-        let other = client.endpoints("ghcr.io", true).unwrap();
-        assert_eq!(other[0].base, "https://ghcr.io/v2");
-    }
-
-    #[test]
-    fn connection_limits_are_per_host_and_shared() {
-        let mut config: RegistryConfig = toml::from_str(
-            r#"
-[resolver.host."a.example"]
-max_concurrent_requests = 3
-header = { "Authorization" = "Bearer configured-secret" }
-"#,
-        )
-        .unwrap();
-        config.http.max_concurrent_requests = 7;
-        let client = Client::new(config).unwrap();
-        let a = client.endpoints("a.example", true).unwrap();
-        assert_eq!(a[0].limiter.available_permits(), 3);
-        let b = client.endpoints("b.example", true).unwrap();
-        assert_eq!(b[0].limiter.available_permits(), 7);
-        // Pull and push endpoints of one host count against the same limit.
-        let a_push = client.endpoints("a.example", false).unwrap();
-        assert!(Arc::ptr_eq(&a[0].limiter, &a_push[0].limiter));
-        assert!(!format!("{client:?}").contains("configured-secret"));
     }
 
     #[test]

@@ -31,7 +31,13 @@ pub struct RegistryConfig {
 #[serde(default)]
 pub struct ResolverConfig {
     /// Per registry, keyed by the name users write (`docker.io`, `ghcr.io`, `host:port`).
+    /// A registry named here uses these settings and not its host directory.
     pub host: BTreeMap<String, HostConfig>,
+    /// containerd's registry host directories (`/etc/containerd/certs.d`), several
+    /// separated by `:`: `DIR/<registry>/hosts.toml` gives mirrors, capabilities, CAs,
+    /// client certificates, `skip_verify`, `override_path` and headers, read as
+    /// containerd reads them (see `hosts_dir`). Off unless set.
+    pub config_path: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -97,6 +103,10 @@ pub struct HttpConfig {
     pub max_redirects: usize,
     /// How long a blob's redirected (storage) URL is reused, seconds. Default 300.
     pub redirect_ttl_sec: u64,
+    /// How long a mirror that answered a range read wrongly (the whole blob, several
+    /// ranges, an error) gets no range reads, seconds; the next host serves them.
+    /// Whole-blob downloads still use it. Default 300.
+    pub mirror_range_retry_sec: u64,
     /// CA certificates (PEM files) trusted for every registry, besides the system's.
     pub ca: Vec<PathBuf>,
     /// Platform picked from image indexes, `os/arch[/variant]`. Default: this machine's.
@@ -117,6 +127,7 @@ impl Default for HttpConfig {
             max_retry_time_sec: 120,
             max_redirects: 5,
             redirect_ttl_sec: 300,
+            mirror_range_retry_sec: 300,
             ca: Vec::new(),
             platform: None,
         }
@@ -130,6 +141,16 @@ impl HttpConfig {
 }
 
 impl ResolverConfig {
+    /// The host directory roots `config_path` names.
+    pub fn config_roots(&self) -> Vec<PathBuf> {
+        self.config_path
+            .iter()
+            .flat_map(|p| p.split(':'))
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .collect()
+    }
+
     /// The configuration for a registry, looked up by name, then by API host.
     pub fn host(&self, registry: &str) -> Option<&HostConfig> {
         self.host

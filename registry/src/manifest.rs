@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::{Client, Req, read_limited, status_error};
 use crate::digest::Digest;
+use crate::endpoints::Purpose;
 use crate::error::{Error, Result, Target};
 use crate::platform::Platform;
 use crate::reference::{Reference, Repository};
@@ -157,7 +158,12 @@ impl Client {
     pub async fn fetch_manifest(&self, repo: &Repository, object: &str) -> Result<FetchedManifest> {
         let expected: Option<Digest> = object.parse().ok();
         let scopes = pull_scope(repo);
-        let endpoints = self.endpoints(&repo.registry, true)?;
+        // A tag asks for resolution, a digest only for content.
+        let purpose = match expected {
+            Some(_) => Purpose::Pull,
+            None => Purpose::Resolve,
+        };
+        let endpoints = self.endpoints(&repo.registry, purpose)?;
         self.on_endpoints(&endpoints, |ep| {
             self.fetch_manifest_at(ep, repo, object, expected.as_ref(), &scopes)
         })
@@ -166,7 +172,7 @@ impl Client {
 
     async fn fetch_manifest_at(
         &self,
-        ep: &crate::client::Endpoint,
+        ep: &crate::endpoints::Endpoint,
         repo: &Repository,
         object: &str,
         expected: Option<&Digest>,

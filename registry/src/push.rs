@@ -7,8 +7,9 @@ use estargz::BlobReader;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 
-use crate::client::{Client, Endpoint, Req, status_error};
+use crate::client::{Client, Req, status_error};
 use crate::digest::{Digest, Hasher};
+use crate::endpoints::{Endpoint, Purpose};
 use crate::error::{Error, Result, Target};
 use crate::reference::Repository;
 
@@ -34,7 +35,7 @@ impl Client {
     /// `HEAD` of a blob in the destination registry: its size if present.
     pub async fn blob_exists(&self, repo: &Repository, digest: &Digest) -> Result<Option<u64>> {
         let scopes = push_scopes(repo, None);
-        let endpoints = self.endpoints(&repo.registry, false)?;
+        let endpoints = self.endpoints(&repo.registry, Purpose::Push)?;
         self.on_endpoints(&endpoints, |ep| {
             self.blob_exists_at(ep, repo, digest, &scopes)
         })
@@ -105,7 +106,7 @@ impl Client {
             return Ok(PushOutcome::Mounted);
         }
         let scopes = push_scopes(repo, None);
-        let endpoints = self.endpoints(&repo.registry, false)?;
+        let endpoints = self.endpoints(&repo.registry, Purpose::Push)?;
         self.on_endpoints(&endpoints, |ep| {
             self.upload_monolithic(ep, repo, digest, &data, &scopes)
         })
@@ -122,7 +123,7 @@ impl Client {
         digest: &Digest,
     ) -> Result<bool> {
         let scopes = push_scopes(repo, Some(from));
-        let endpoints = self.endpoints(&repo.registry, false)?;
+        let endpoints = self.endpoints(&repo.registry, Purpose::Push)?;
         self.on_endpoints(&endpoints, |ep| {
             self.mount_at(ep, repo, from, digest, &scopes)
         })
@@ -278,7 +279,7 @@ impl Client {
             return Ok(PushOutcome::Exists);
         }
         let scopes = push_scopes(repo, None);
-        let endpoints = self.endpoints(&repo.registry, false)?;
+        let endpoints = self.endpoints(&repo.registry, Purpose::Push)?;
         self.on_endpoints(&endpoints, |ep| {
             self.upload_chunked(ep, repo, digest, source, chunk_size, &scopes)
         })
@@ -401,7 +402,7 @@ impl Client {
         let content_type = HeaderValue::from_str(media_type)
             .map_err(|_| Error::Config(format!("invalid media type {media_type:?}")))?;
         let scopes = push_scopes(repo, None);
-        let endpoints = self.endpoints(&repo.registry, false)?;
+        let endpoints = self.endpoints(&repo.registry, Purpose::Push)?;
         self.on_endpoints(&endpoints, |ep| {
             self.put_manifest_at(
                 ep,

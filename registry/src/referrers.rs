@@ -6,6 +6,7 @@ use reqwest::{Method, StatusCode};
 
 use crate::client::{Client, Req, read_limited, status_error};
 use crate::digest::Digest;
+use crate::endpoints::Purpose;
 use crate::error::{Error, Result, Target};
 use crate::manifest::{Descriptor, ImageIndex, MAX_MANIFEST_SIZE, Manifest, OCI_INDEX, pull_scope};
 use crate::reference::Repository;
@@ -58,8 +59,9 @@ impl Client {
         artifact_type: Option<&str>,
     ) -> Result<ImageIndex> {
         let scopes = pull_scope(repo);
-        // Mirrors hold blobs and manifests, not the registry's view of what refers to what.
-        let endpoints = self.endpoints(&repo.registry, false)?;
+        // Only hosts that may be asked: stargz-snapshotter's mirrors hold blobs and
+        // manifests, not the registry's view of what refers to what.
+        let endpoints = self.endpoints(&repo.registry, Purpose::Referrers)?;
         self.on_endpoints(&endpoints, |ep| {
             let scopes = &scopes;
             async move {

@@ -6,8 +6,9 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::client::{Client, Endpoint, Req, status_error};
+use crate::client::{Client, Req, status_error};
 use crate::digest::{Digest, Hasher};
+use crate::endpoints::{Endpoint, Purpose};
 use crate::error::{Error, Result, Target};
 use crate::manifest::pull_scope;
 use crate::reference::Repository;
@@ -20,7 +21,7 @@ impl Client {
     /// from `Content-Range`.
     pub async fn blob_size(&self, repo: &Repository, digest: &Digest) -> Result<u64> {
         let scopes = pull_scope(repo);
-        let endpoints = self.endpoints(&repo.registry, true)?;
+        let endpoints = self.endpoints(&repo.registry, Purpose::Pull)?;
         self.on_endpoints(&endpoints, |ep| {
             self.blob_size_at(ep, repo, digest, &scopes)
         })
@@ -128,7 +129,7 @@ impl Client {
         out: &mut W,
     ) -> Result<u64> {
         let scopes = pull_scope(repo);
-        let endpoints = self.endpoints(&repo.registry, true)?;
+        let endpoints = self.endpoints(&repo.registry, Purpose::Pull)?;
         let state = Download {
             hasher: Hasher::new(digest.algorithm()),
             written: 0,

@@ -6,8 +6,8 @@ mod body;
 mod fetch;
 mod remote;
 
-use crate::client::Endpoint;
 use crate::digest::Digest;
+use crate::endpoints::Endpoint;
 use crate::reference::Repository;
 
 pub use body::{ContentRange, parse_content_range};

@@ -9,8 +9,9 @@ use estargz::{BlobError, BlobFuture, BlobReader};
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 
-use crate::client::{Client, Endpoint, Req, lock, read_exact, status_error};
+use crate::client::{Client, Req, lock, read_exact, status_error};
 use crate::digest::Digest;
+use crate::endpoints::{Endpoint, Purpose};
 use crate::error::{Error, Result, Target};
 use crate::manifest::pull_scope;
 use crate::reference::Repository;
@@ -140,10 +141,33 @@ impl RemoteBlob {
                 }
             }
         }
-        let endpoints = self.client.endpoints(&self.repo.registry, true)?;
+        let endpoints = self.client.endpoints(&self.repo.registry, Purpose::Pull)?;
+        // Mirrors that answered a range read wrongly a moment ago are passed over.
+        let fit: Vec<Endpoint>;
+        let endpoints: &[Endpoint] = if endpoints
+            .iter()
+            .all(|ep| !ep.is_mirror || self.client.range_fit(ep, &self.digest))
+        {
+            &endpoints
+        } else {
+            fit = endpoints
+                .iter()
+                .filter(|ep| !ep.is_mirror || self.client.range_fit(ep, &self.digest))
+                .cloned()
+                .collect();
+            &fit
+        };
         self.client
-            .on_endpoints(&endpoints, |ep| {
-                self.range_via_registry(ep, offset, len, body)
+            .on_endpoints(endpoints, |ep| async move {
+                let result = self.range_via_registry(ep, offset, len, body).await;
+                if ep.is_mirror
+                    && let Err(e) = &result
+                {
+                    // A mirror without the blob may well have others.
+                    let only = matches!(e, Error::NotFound { .. }).then_some(&self.digest);
+                    self.client.mark_range_unfit(ep, only, &e.to_string());
+                }
+                result
             })
             .await
     }
@@ -223,6 +247,10 @@ impl RemoteBlob {
         let redirected = sent.redirected.clone();
         let resp = sent.resp;
         match resp.status() {
+            StatusCode::PARTIAL_CONTENT if is_multipart(resp.headers()) => Err(Error::bad(
+                target,
+                format!("asked for bytes {offset}-{last}, got several ranges (multipart)"),
+            )),
             StatusCode::PARTIAL_CONTENT => {
                 let got = resp
                     .headers()
@@ -264,6 +292,15 @@ impl RemoteBlob {
                         target,
                         format!("whole-blob answer of {l} bytes, expected {}", self.size),
                     ));
+                }
+                if ep.is_mirror {
+                    // Its answer is still good for what a small read needs; the next
+                    // reads go elsewhere rather than pull the whole blob again.
+                    self.client.mark_range_unfit(
+                        ep,
+                        None,
+                        "answered a range read with the whole blob",
+                    );
                 }
                 let need = offset + len;
                 if need > RANGELESS_PREFIX_LIMIT {
@@ -316,4 +353,15 @@ impl BlobReader for RemoteBlob {
                 .map_err(BlobError::from)
         })
     }
+}
+
+fn is_multipart(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("multipart/")
+        })
 }
