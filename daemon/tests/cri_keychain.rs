@@ -39,62 +39,6 @@ const HOST_PATHS: &[&str] = &[
     "/var/log/pods",
 ];
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA and a server certificate for 127.0.0.1 signed by it, with the openssl CLI (as
-/// registry/tests/tls_basic_auth.rs makes them).
-fn make_certs(dir: &Path) {
-    let p = |n: &str| dir.join(n);
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    run(Command::new("openssl")
-        .args(["req", "-x509"])
-        .args(ec)
-        .args(["-days", "2", "-subj", "/CN=lazysnap test CA"])
-        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
-        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
-        .arg("-keyout")
-        .arg(p("ca.key"))
-        .arg("-out")
-        .arg(p("ca.pem")));
-    run(Command::new("openssl")
-        .arg("req")
-        .args(ec)
-        .args(["-subj", "/CN=127.0.0.1", "-keyout"])
-        .arg(p("server.key"))
-        .arg("-out")
-        .arg(p("server.csr")));
-    std::fs::write(
-        p("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    run(Command::new("openssl")
-        .args(["x509", "-req", "-days", "2", "-in"])
-        .arg(p("server.csr"))
-        .arg("-CA")
-        .arg(p("ca.pem"))
-        .arg("-CAkey")
-        .arg(p("ca.key"))
-        .arg("-CAcreateserial")
-        .arg("-out")
-        .arg(p("server.pem"))
-        .arg("-extfile")
-        .arg(p("ext.cnf")));
-}
-
 /// Fields drop in this order: lazysnapd's CRI clients first (in the test), then
 /// containerd, lazysnapd, the registries and last the temp dir.
 struct Setup {
@@ -114,7 +58,7 @@ fn setup(name: &str) -> Option<Setup> {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    make_certs(d);
+    testkit::tls::TestPki::new(d).expect("test certificates");
     let password = format!("kc-{}-Vb3w", std::process::id());
 
     // `lazysnap convert` cannot be told about a private CA, and loopback registries are

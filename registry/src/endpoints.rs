@@ -75,11 +75,12 @@ pub(crate) struct HostState {
 }
 
 impl HostState {
-    /// Forgets endpoints and HTTP clients (after a reload: files behind them may have
-    /// changed); limits and range verdicts stay.
+    /// Forgets endpoints, HTTP clients and range verdicts (after a reload: the hosts and
+    /// the files behind them may have changed); connection limits stay.
     pub(crate) fn reset(&self) {
         lock(&self.endpoints).clear();
         lock(&self.http_clients).clear();
+        lock(&self.range_unfit).clear();
     }
 }
 

@@ -12,74 +12,6 @@ use registry::{
 };
 use testkit::registry::{Registry, RegistryOptions};
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA and a server certificate for 127.0.0.1 signed by it, with the openssl CLI.
-fn make_certs(dir: &Path) {
-    let p = |n: &str| dir.join(n);
-    run(Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=lazysnap test CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-            "-keyout",
-        ])
-        .arg(p("ca.key"))
-        .arg("-out")
-        .arg(p("ca.pem")));
-    run(Command::new("openssl")
-        .args([
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-        ])
-        .arg(p("server.key"))
-        .arg("-out")
-        .arg(p("server.csr")));
-    std::fs::write(
-        p("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("write ext");
-    run(Command::new("openssl")
-        .args(["x509", "-req", "-days", "2", "-in"])
-        .arg(p("server.csr"))
-        .arg("-CA")
-        .arg(p("ca.pem"))
-        .arg("-CAkey")
-        .arg(p("ca.key"))
-        .arg("-CAcreateserial")
-        .arg("-out")
-        .arg(p("server.pem"))
-        .arg("-extfile")
-        .arg(p("ext.cnf")));
-}
-
 fn tls_config(host: &str, ca: Option<&Path>) -> RegistryConfig {
     let mut config = RegistryConfig::default();
     config.http.max_retries = 1;
@@ -107,7 +39,7 @@ fn docker_config(dir: &Path, host: &str, user: &str, pass: &str) -> DockerConfig
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_registry_with_basic_auth() {
     let dir = tempfile::tempdir().expect("tempdir");
-    make_certs(dir.path());
+    testkit::tls::TestPki::new(dir.path()).expect("test certificates");
     let htpasswd = Command::new("htpasswd")
         .args(["-Bbn", "alice", "s3cret-pw"])
         .output()

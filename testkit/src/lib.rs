@@ -7,6 +7,7 @@
 //!   wrapper, thorough cleanup on drop.
 //! - [`docker`]: dockerd (Debian sid's) on such a containerd, with a snapshotter as its
 //!   storage driver.
+//! - [`tls`]: a CA with server and client certificates, made with openssl.
 //! - [`image`]: small OCI images (layers from entries, busybox, pre-compressed blobs), as
 //!   blobs with digests or as an OCI image layout directory.
 
@@ -17,6 +18,7 @@ pub mod image;
 pub mod lazysnapd;
 pub mod process;
 pub mod registry;
+pub mod tls;
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};

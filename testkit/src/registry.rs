@@ -21,6 +21,8 @@ pub struct RegistryOptions {
     pub htpasswd: Option<PathBuf>,
     /// TLS certificate and key (PEM).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// With `tls`: require a client certificate signed by this CA.
+    pub client_ca: Option<PathBuf>,
     /// Run inside this network namespace (`ip netns exec`), listening on `listen`.
     pub netns: Option<String>,
     /// `IP:PORT` to listen on instead of a free loopback port.
@@ -52,6 +54,9 @@ impl Registry {
                 cert.display(),
                 key.display()
             ));
+            if let Some(ca) = &options.client_ca {
+                config.push_str(&format!("    clientcas:\n      - {}\n", ca.display()));
+            }
         }
         if let Some(htpasswd) = &options.htpasswd {
             config.push_str(&format!(
