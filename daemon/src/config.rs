@@ -32,6 +32,34 @@ pub struct Config {
     pub http: registry::HttpConfig,
     /// Registry credentials from Kubernetes image-pull secrets, by proxying CRI.
     pub cri_keychain: CriKeychainConfig,
+    /// Registry credentials from kubelet's credential provider plugins (ECR, GCR, ACR).
+    pub credential_provider: CredentialProviderSettings,
+}
+
+/// kubelet's credential provider exec plugins, run from kubelet's own files: `config` is
+/// what kubelet's `--image-credential-provider-config` names, `bin_dir` its
+/// `--image-credential-provider-bin-dir`. Off unless `config` is set. Lazy mounts ask
+/// the CRI keychain first, then these plugins, then docker's config.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CredentialProviderSettings {
+    /// kubelet's `CredentialProviderConfig` (YAML or JSON). Default: none (off).
+    pub config: Option<PathBuf>,
+    /// Where the plugins it names are. Required with `config`. Default: none.
+    pub bin_dir: Option<PathBuf>,
+    /// Seconds a plugin may take before it is killed and its lookup gives nothing.
+    /// Default 10.
+    pub timeout_sec: u64,
+}
+
+impl Default for CredentialProviderSettings {
+    fn default() -> Self {
+        CredentialProviderSettings {
+            config: None,
+            bin_dir: None,
+            timeout_sec: 10,
+        }
+    }
 }
 
 /// stargz-snapshotter's `[cri_keychain]`: lazysnapd serves the CRI image API
@@ -202,6 +230,7 @@ impl Default for Config {
             resolver: registry::ResolverConfig::default(),
             http: registry::HttpConfig::default(),
             cri_keychain: CriKeychainConfig::default(),
+            credential_provider: CredentialProviderSettings::default(),
         }
     }
 }
@@ -239,6 +268,19 @@ impl Config {
                  path other than lazysnapd's own address, not {}",
                 keychain.image_service_path.display()
             );
+        }
+        let plugins = &self.credential_provider;
+        if plugins.timeout_sec == 0 {
+            anyhow::bail!("[credential_provider] timeout_sec must be at least 1");
+        }
+        match (&plugins.config, &plugins.bin_dir) {
+            (None, None) => {}
+            (Some(config), Some(bin_dir)) if config.is_absolute() && bin_dir.is_absolute() => {}
+            _ => anyhow::bail!(
+                "[credential_provider] needs both config and bin_dir, as absolute paths \
+                 (kubelet's --image-credential-provider-config and \
+                 --image-credential-provider-bin-dir)"
+            ),
         }
         self.lazy
             .fs_config()
@@ -340,6 +382,33 @@ insecure = true
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn credential_provider_plugins_need_both_paths() {
+        assert_eq!(Config::default().credential_provider.config, None);
+        let c = Config::parse(
+            "[credential_provider]\nconfig = \"/etc/kubernetes/credential-provider.yaml\"\n\
+             bin_dir = \"/usr/libexec/kubernetes/credential-providers\"\ntimeout_sec = 3\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.credential_provider.config.as_deref(),
+            Some(Path::new("/etc/kubernetes/credential-provider.yaml"))
+        );
+        assert_eq!(c.credential_provider.timeout_sec, 3);
+        let c = Config::parse("[credential_provider]\nconfig = \"/c.yaml\"\nbin_dir = \"/b\"\n")
+            .unwrap();
+        assert_eq!(c.credential_provider.timeout_sec, 10);
+        for bad in [
+            "[credential_provider]\nconfig = \"/c.yaml\"\n",
+            "[credential_provider]\nbin_dir = \"/b\"\n",
+            "[credential_provider]\nconfig = \"c.yaml\"\nbin_dir = \"/b\"\n",
+            "[credential_provider]\nconfig = \"/c.yaml\"\nbin_dir = \"/b\"\ntimeout_sec = 0\n",
+            "[credential_provider]\nconfig = \"/c.yaml\"\nbin_dir = \"/b\"\nbindir = \"/b\"\n",
+        ] {
+            assert!(Config::parse(bad).is_err(), "accepted {bad}");
+        }
     }
 
     #[test]

@@ -205,6 +205,18 @@ impl CredentialProvider for FirstOf {
             Ok(None)
         })
     }
+
+    // Passed on as asked: a provider in the chain may answer per repository.
+    fn credentials_for<'a>(&'a self, host: &'a str, repository: &'a str) -> CredentialFuture<'a> {
+        Box::pin(async move {
+            for provider in &self.0 {
+                if let Some(found) = provider.credentials_for(host, repository).await? {
+                    return Ok(Some(found));
+                }
+            }
+            Ok(None)
+        })
+    }
 }
 
 /// Passes gRPC messages through as bytes.

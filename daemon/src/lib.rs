@@ -3,6 +3,7 @@
 pub mod authority;
 pub mod config;
 pub mod containerd;
+pub mod credential_plugins;
 pub mod cri;
 pub mod fetch;
 pub mod keychain;

@@ -1,6 +1,7 @@
 //! What SIGHUP changes in a running lazysnapd: the configuration file is read again and
 //! the settings that can change under running mounts are applied (docker credentials,
-//! registry hosts); the others are named in the log as needing a restart.
+//! kubelet's credential provider config, registry hosts); the others are named in the log
+//! as needing a restart.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use registry::{CredentialFuture, CredentialProvider, DockerConfig};
 
 use crate::config::Config;
+use crate::credential_plugins::CredentialPlugins;
 
 /// Docker's config file, read again on reload and whenever it changed on disk (a
 /// `docker login` before a `docker pull` must not need a SIGHUP). A file that fails to
@@ -120,6 +122,8 @@ pub struct Reloader {
     pub config: Config,
     /// The lazy mounts' registry client and credentials; None with lazy pulling off.
     pub registry: Option<(registry::Client, Arc<ReloadableDockerConfig>)>,
+    /// kubelet's credential provider plugins, when configured.
+    pub credential_plugins: Option<Arc<CredentialPlugins>>,
 }
 
 impl Reloader {
@@ -133,6 +137,21 @@ impl Reloader {
                     tracing::info!("SIGHUP: read docker's config.json again");
                 }
                 Err(e) => failed.push(format!("docker credentials kept: {e}")),
+            }
+            // Read from the path lazysnapd started with: a changed path needs a restart.
+            if let Some(plugins) = &self.credential_plugins {
+                match plugins.reload() {
+                    Ok(()) => {
+                        client.forget_tokens();
+                        tracing::info!(
+                            plugins = ?plugins.names(),
+                            "SIGHUP: read kubelet's credential provider config again"
+                        );
+                    }
+                    Err(e) => {
+                        failed.push(format!("kubelet credential provider plugins kept: {e:#}"))
+                    }
+                }
             }
             if fresh.resolver != self.config.resolver {
                 match client.reload_resolver(fresh.resolver.clone()) {
@@ -176,6 +195,10 @@ fn restart_only_changes(running: &Config, fresh: &Config) -> Vec<&'static str> {
         ("cache", r.cache != f.cache),
         ("http", r.http != f.http),
         ("cri_keychain", r.cri_keychain != f.cri_keychain),
+        (
+            "credential_provider",
+            r.credential_provider != f.credential_provider,
+        ),
         ("resolver", r.resolver != f.resolver),
     ]
     .into_iter()
@@ -308,10 +331,59 @@ mod tests {
     }
 
     #[test]
+    fn sighup_reads_kubelet_s_credential_provider_config_again() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        for name in ["first", "second"] {
+            std::fs::write(bin.join(name), "#!/bin/sh\nexit 1\n").unwrap();
+            std::fs::set_permissions(bin.join(name), std::fs::Permissions::from_mode(0o755))
+                .unwrap();
+        }
+        let config = dir.path().join("credential-provider.yaml");
+        let write = |names: &[&str]| {
+            let mut text = String::from(
+                "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders:\n",
+            );
+            for name in names {
+                text += &format!(
+                    "  - name: {name}\n    matchImages: [\"reg.example\"]\n    \
+                     defaultCacheDuration: 1m\n    apiVersion: credentialprovider.kubelet.k8s.io/v1\n"
+                );
+            }
+            std::fs::write(&config, text).unwrap();
+        };
+        write(&["first"]);
+        let plugins = Arc::new(
+            CredentialPlugins::load(&config, &bin, std::time::Duration::from_secs(1)).unwrap(),
+        );
+        let client = registry::Client::new(registry::RegistryConfig::default()).unwrap();
+        let docker = Arc::new(ReloadableDockerConfig::load(dir.path().join("none.json")).unwrap());
+        let mut reloader = Reloader {
+            config: Config::default(),
+            registry: Some((client, docker)),
+            credential_plugins: Some(plugins.clone()),
+        };
+        write(&["second", "first"]);
+        assert!(reloader.apply(Config::default()).is_empty());
+        assert_eq!(plugins.names(), ["second", "first"]);
+        // A plugin that is not there: refused, the plugins in force stay.
+        write(&["third"]);
+        let failed = reloader.apply(Config::default());
+        assert!(
+            failed.len() == 1 && failed[0].contains("third"),
+            "{failed:?}"
+        );
+        assert_eq!(plugins.names(), ["second", "first"]);
+    }
+
+    #[test]
     fn without_lazy_pulling_the_resolver_is_not_applied() {
         let mut reloader = Reloader {
             config: Config::default(),
             registry: None,
+            credential_plugins: None,
         };
         let mut fresh = Config {
             log_level: "debug".into(),

@@ -19,6 +19,7 @@ use snapshotter::service::SnapshotService;
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::credential_plugins::CredentialPlugins;
 use crate::keychain::{CriKeychain, FirstOf, ImageServiceProxy};
 use crate::reload::ReloadableDockerConfig;
 use registry::CredentialProvider;
@@ -91,10 +92,16 @@ pub async fn run(
         true => Some(Arc::new(CriKeychain::default())),
         false => None,
     };
-    let (mounter, cache, registry) = match lazy_mounter(config, keychain.clone())? {
-        Some(lazy) => (Some(lazy.mounter), Some(lazy.cache), Some(lazy.registry)),
-        None => (None, None, None),
-    };
+    let (mounter, cache, registry, credential_plugins) =
+        match lazy_mounter(config, keychain.clone())? {
+            Some(lazy) => (
+                Some(lazy.mounter),
+                Some(lazy.cache),
+                Some(lazy.registry),
+                lazy.credential_plugins,
+            ),
+            None => (None, None, None, None),
+        };
     let snapshotter = Arc::new(
         Snapshotter::open_with(
             &config.root,
@@ -116,6 +123,7 @@ pub async fn run(
     let mut reloader = crate::reload::Reloader {
         config: config.clone(),
         registry,
+        credential_plugins,
     };
     let signalled = observer.clone();
     let event_loop = tokio::spawn(async move {
@@ -226,6 +234,8 @@ struct Lazy {
     cache: fusefs::SharedCache,
     /// What a reload reaches: the client's registry hosts and docker's credentials.
     registry: (registry::Client, Arc<ReloadableDockerConfig>),
+    /// kubelet's credential provider plugins, whose config a reload reads again.
+    credential_plugins: Option<Arc<CredentialPlugins>>,
 }
 
 /// The FUSE mounter for lazy pulling, or None when it is off or cannot work here (then
@@ -244,12 +254,19 @@ fn lazy_mounter(
     }
     let docker =
         Arc::new(ReloadableDockerConfig::load_default().context("reading docker credentials")?);
-    let node: Arc<dyn CredentialProvider> = docker.clone();
-    // A pod's image-pull secrets (from CRI) win over the node's docker config.
-    let credentials: Arc<dyn CredentialProvider> = match keychain {
-        Some(keychain) => Arc::new(FirstOf(vec![keychain, node])),
-        None => node,
-    };
+    let credential_plugins = credential_plugins(&config.credential_provider)?;
+    // kubelet's order: a pod's image-pull secrets (from CRI) first, then the credential
+    // provider plugins, then the node's docker config. kubelet tries every credential it
+    // has until one pulls; lazy mounts get one, so the most specific source wins.
+    let mut chain: Vec<Arc<dyn CredentialProvider>> = Vec::new();
+    if let Some(keychain) = keychain {
+        chain.push(keychain);
+    }
+    if let Some(plugins) = &credential_plugins {
+        chain.push(plugins.clone());
+    }
+    chain.push(docker.clone());
+    let credentials: Arc<dyn CredentialProvider> = Arc::new(FirstOf(chain));
     let client = registry::Client::new(config.registry())
         .context("setting up the registry client")?
         .with_credentials(credentials);
@@ -291,7 +308,26 @@ fn lazy_mounter(
         mounter: Arc::new(mounter),
         cache,
         registry: (client, docker),
+        credential_plugins,
     }))
+}
+
+/// kubelet's credential provider plugins when `[credential_provider]` names their config;
+/// a config kubelet would refuse stops lazysnapd here.
+fn credential_plugins(
+    settings: &crate::config::CredentialProviderSettings,
+) -> anyhow::Result<Option<Arc<CredentialPlugins>>> {
+    let (Some(config), Some(bin_dir)) = (&settings.config, &settings.bin_dir) else {
+        return Ok(None);
+    };
+    let plugins =
+        CredentialPlugins::load(config, bin_dir, Duration::from_secs(settings.timeout_sec))?;
+    tracing::info!(
+        config = %config.display(),
+        plugins = ?plugins.names(),
+        "kubelet credential provider plugins give credentials after the CRI keychain, before docker's config"
+    );
+    Ok(Some(Arc::new(plugins)))
 }
 
 /// The fd holder's socket, under the root (mode 0700) so only root reaches it.

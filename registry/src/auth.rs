@@ -77,6 +77,14 @@ pub type CredentialFuture<'a> =
 pub trait CredentialProvider: Send + Sync {
     /// Credentials for `host` (`registry-1.docker.io`, `ghcr.io`, `127.0.0.1:5000`), if any.
     fn credentials<'a>(&'a self, host: &'a str) -> CredentialFuture<'a>;
+
+    /// Credentials for `repository` (`library/busybox`) on `host`. The registry client
+    /// asks this way; providers that answer per image (kubelet's credential provider
+    /// plugins) override it, the others answer per host.
+    fn credentials_for<'a>(&'a self, host: &'a str, repository: &'a str) -> CredentialFuture<'a> {
+        let _ = repository;
+        self.credentials(host)
+    }
 }
 
 /// Anonymous access everywhere.

@@ -387,7 +387,7 @@ impl Client {
             Scheme::Basic => Ok(self
                 .inner
                 .credentials
-                .credentials(&ep.host)
+                .credentials_for(&ep.host, &target.repository)
                 .await?
                 .filter(|c| !c.is_identity_token())
                 .map(|c| c.basic_header())),
@@ -435,7 +435,11 @@ impl Client {
                 "token realm uses plain HTTP for a TLS registry",
             ));
         }
-        let creds = self.inner.credentials.credentials(&ep.host).await?;
+        let creds = self
+            .inner
+            .credentials
+            .credentials_for(&ep.host, &target.repository)
+            .await?;
         let token_target = target.with_host(&format!("{realm_host} (token service)"));
         let mut params: Vec<(&str, &str)> = Vec::new();
         if let Some(s) = service {

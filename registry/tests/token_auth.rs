@@ -262,3 +262,56 @@ async fn concurrent_first_reads_share_one_token() {
     }
     assert_eq!(reg.token_requests().len(), 1);
 }
+
+/// Answers only per repository, as kubelet's credential plugins do; `credentials(host)`
+/// alone gets nothing, so a client that does not pass the repository is refused.
+struct PerRepository {
+    host: String,
+    asked: Mutex<Vec<String>>,
+}
+
+impl registry::CredentialProvider for PerRepository {
+    fn credentials<'a>(&'a self, _host: &'a str) -> registry::CredentialFuture<'a> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn credentials_for<'a>(
+        &'a self,
+        host: &'a str,
+        repository: &'a str,
+    ) -> registry::CredentialFuture<'a> {
+        self.asked
+            .lock()
+            .expect("lock")
+            .push(format!("{host}/{repository}"));
+        let found = (host == self.host && repository == REPO)
+            .then(|| Credentials::new("alice", "wonder land:pw"));
+        Box::pin(async move { Ok(found) })
+    }
+}
+
+#[tokio::test]
+async fn the_token_fetch_asks_for_the_repository_s_credentials() {
+    let data = pseudo_random(1000, 5);
+    let reg = TokenRegistry::start(data.clone(), false).await;
+    let provider = Arc::new(PerRepository {
+        host: reg.server.host.clone(),
+        asked: Mutex::default(),
+    });
+    let client = client_with(None, &reg.server.host).with_credentials(provider.clone());
+    let blob = RemoteBlob::new(
+        client,
+        Repository::new(reg.server.host.clone(), REPO),
+        Digest::sha256_of(&data),
+        data.len() as u64,
+    );
+    let got = blob
+        .read(10, 20)
+        .await
+        .expect("read with per-repository credentials");
+    assert_eq!(&got[..], &data[10..30]);
+    assert_eq!(
+        *provider.asked.lock().expect("lock"),
+        [format!("{}/{REPO}", reg.server.host)]
+    );
+}
