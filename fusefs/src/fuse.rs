@@ -411,7 +411,9 @@ impl Session {
             | init::CACHE_SYMLINKS
             | init::PARALLEL_DIROPS
             | init::MAX_PAGES
-            | init::INIT_EXT;
+            | init::INIT_EXT
+            // Read-only with default_permissions: an idmapped view changes nothing we do.
+            | init::ALLOW_IDMAP;
         let mut pt = self.passthrough();
         if pt.enabled {
             wanted |= init::PASSTHROUGH;

@@ -70,6 +70,9 @@ pub mod init {
     pub const PASSTHROUGH: u64 = 1 << 37;
     /// The kernel re-queues unanswered requests on FUSE_NOTIFY_RESEND (Linux 6.9+).
     pub const HAS_RESEND: u64 = 1 << 39;
+    /// Idmapped mounts of this filesystem are allowed (Linux 6.12+, needs
+    /// default_permissions): user-namespaced containers see its files owned by their IDs.
+    pub const ALLOW_IDMAP: u64 = 1 << 40;
 }
 
 pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;

@@ -5,6 +5,8 @@ mod error;
 pub mod filter;
 pub mod fsutil;
 pub mod holder;
+pub mod idmap;
+mod idmapped_lowers;
 pub mod lazy;
 pub mod lazy_snapshotter;
 pub mod libraries;

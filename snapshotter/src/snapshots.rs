@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::error::{Error, IoContext, Result};
 use crate::filter::{self, Filter};
 use crate::fsutil;
+use crate::idmap::IdMapping;
+use crate::idmapped_lowers::IdmappedLowers;
 use crate::remote::{self, RemoteMounter};
 use crate::store::{self, Row, Store};
 use crate::types::{Info, Kind, Labels, Mount, UpdateField, Usage};
@@ -19,6 +21,8 @@ pub struct Snapshotter {
     index_off: bool,
     /// Serves lazily pulled layers; told to let go of a mount before its snapshot goes.
     mounter: Option<Arc<dyn RemoteMounter>>,
+    /// Lower layers as user-namespaced snapshots see them.
+    idmapped: IdmappedLowers,
 }
 
 /// A lazily mounted snapshot as the store knows it: where it is mounted, and the labels
@@ -48,6 +52,7 @@ impl Snapshotter {
             store: Mutex::new(store),
             index_off: fsutil::overlay_has_index_option(),
             mounter,
+            idmapped: IdmappedLowers::new(root),
         })
     }
 
@@ -93,6 +98,7 @@ impl Snapshotter {
                 "snapshot key must not be empty".into(),
             ));
         }
+        let mapping = IdMapping::from_labels(labels)?;
         let mut guard = self.lock();
         if store::get(guard.conn(), key)?.is_some() {
             return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
@@ -105,12 +111,16 @@ impl Snapshotter {
             let tx = guard.transaction()?;
             let parent_row = self.committed_parent(&tx, parent)?;
             let row = store::insert(&tx, key, parent_row.as_ref().map(|p| p.id), kind, labels)?;
-            if let Some(parent_row) = &parent_row {
+            let fs = staging.path().join("fs");
+            if let Some(mapping) = &mapping {
+                // The container's root owns its upper dir, as the host sees that root.
+                std::os::unix::fs::lchown(&fs, Some(mapping.root_uid), Some(mapping.root_gid))
+                    .io_context("chown", &fs)?;
+            } else if let Some(parent_row) = &parent_row {
                 // The new upper dir takes the owner of the parent's root, like containerd.
                 let meta = std::fs::metadata(self.fs_dir(parent_row.id))
                     .io_context("stat parent", &self.fs_dir(parent_row.id))?;
                 use std::os::unix::fs::MetadataExt;
-                let fs = staging.path().join("fs");
                 std::os::unix::fs::lchown(&fs, Some(meta.uid()), Some(meta.gid()))
                     .io_context("chown", &fs)?;
             }
@@ -121,10 +131,13 @@ impl Snapshotter {
                 fsutil::remove_tree(&target)?;
             }
             std::fs::rename(staging.path(), &target).io_context("rename into place", &target)?;
+            // Clones left by a snapshot of this id that a crash rolled back.
+            self.idmapped.release(row.id);
             let mounts = self.mounts_for(&tx, &row);
             match mounts.and_then(|m| tx.commit().map(|()| m).map_err(Error::from)) {
                 Ok(mounts) => Ok(mounts),
                 Err(e) => {
+                    self.idmapped.release(row.id);
                     let _ = fsutil::remove_tree(&target);
                     Err(e)
                 }
@@ -180,12 +193,18 @@ impl Snapshotter {
 
     fn mounts_for(&self, conn: &rusqlite::Connection, row: &Row) -> Result<Vec<Mount>> {
         let ancestors = store::ancestors(conn, row)?;
+        let mapping = IdMapping::from_labels(&store::labels(conn, row.id)?)?;
         let path = |id: i64| self.fs_dir(id).to_string_lossy().into_owned();
         // A lazily pulled layer that has a native copy is read from it: containers
-        // created now need no FUSE (running ones keep theirs).
-        let lower_path = |id: i64| match crate::native::native_of(&self.fs_dir(id)) {
-            Some(native) => native.to_string_lossy().into_owned(),
-            None => path(id),
+        // created now need no FUSE (running ones keep theirs). A user-namespaced
+        // snapshot sees each through an idmapped clone.
+        let lower_path = |id: i64| -> Result<String> {
+            let source = crate::native::native_of(&self.fs_dir(id)).unwrap_or(self.fs_dir(id));
+            let seen = match &mapping {
+                Some(m) => self.idmapped.lower(row.id, id, &source, m)?,
+                None => source,
+            };
+            Ok(seen.to_string_lossy().into_owned())
         };
         if ancestors.is_empty() {
             let mode = if row.kind == Kind::View { "ro" } else { "rw" };
@@ -198,7 +217,7 @@ impl Snapshotter {
         if row.kind != Kind::Active && ancestors.len() == 1 {
             return Ok(vec![Mount {
                 kind: "bind".into(),
-                source: lower_path(ancestors[0]),
+                source: lower_path(ancestors[0])?,
                 options: vec!["ro".into(), "rbind".into()],
             }]);
         }
@@ -210,7 +229,10 @@ impl Snapshotter {
             options.push(format!("workdir={}", self.work_dir(row.id).display()));
             options.push(format!("upperdir={}", path(row.id)));
         }
-        let lower: Vec<String> = ancestors.iter().map(|&id| lower_path(id)).collect();
+        let lower: Vec<String> = ancestors
+            .iter()
+            .map(|&id| lower_path(id))
+            .collect::<Result<_>>()?;
         options.push(format!("lowerdir={}", lower.join(":")));
         Ok(vec![Mount {
             kind: "overlay".into(),
@@ -280,6 +302,7 @@ impl Snapshotter {
         store::delete(&tx, row.id)?;
         tx.commit()?;
         drop(guard);
+        self.idmapped.release(row.id);
         if was_remote && let Some(mounter) = &self.mounter {
             mounter.unmount(&self.fs_dir(row.id));
             self.release_unused(mounter.as_ref());
@@ -423,6 +446,7 @@ impl Snapshotter {
             }
         }
         drop(guard);
+        self.idmapped.release_orphans(&ids);
         if let Some(mounter) = &self.mounter {
             self.release_unused(mounter.as_ref());
         }

@@ -108,6 +108,9 @@ pub struct ProxySnapshotter {
     pub name: String,
     /// Path of the snapshotter's unix socket.
     pub address: PathBuf,
+    /// What containerd 2.x is told the snapshotter can do (`remap-ids`); 1.6 has no such
+    /// setting.
+    pub capabilities: Vec<String>,
 }
 
 /// How to start containerd; `Default` gives a CRI-less containerd with a fresh namespace.
@@ -137,7 +140,20 @@ impl ContainerdOptions {
         self.proxy_snapshotters.push(ProxySnapshotter {
             name: name.to_string(),
             address: address.to_path_buf(),
+            capabilities: Vec::new(),
         });
+        self
+    }
+
+    /// Tells containerd 2.x that the proxy snapshotter `name` (added before) can do
+    /// `capabilities`.
+    pub fn proxy_capabilities(mut self, name: &str, capabilities: &[&str]) -> Self {
+        for p in &mut self.proxy_snapshotters {
+            if p.name == name {
+                p.capabilities
+                    .extend(capabilities.iter().map(|c| c.to_string()));
+            }
+        }
         self
     }
 
@@ -565,11 +581,14 @@ fn config_v3(root: &Path, socket: &Path, options: &ContainerdOptions) -> anyhow:
         ));
     }
     for proxy in &options.proxy_snapshotters {
+        let capabilities: Vec<String> = proxy.capabilities.iter().map(|c| toml_string(c)).collect();
         config.push_str(&format!(
-            "\n[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = {address}\n\
+            "\n[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = {address}\n  \
+             capabilities = [{capabilities}]\n\
              [proxy_plugins.{name}.exports]\n  enable_remote_snapshot_annotations = \"true\"\n",
             name = toml_string(&proxy.name),
             address = toml_string(&path_str(&proxy.address)?),
+            capabilities = capabilities.join(", "),
         ));
     }
     config_tail(config, root, "io.containerd.cri.v1.runtime", options)
