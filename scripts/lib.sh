@@ -4,8 +4,10 @@
 LAZYSNAP_PACKAGES="containerd runc docker-registry busybox-static fuse3 curl zstd tar
   protobuf-compiler gcc libc6-dev pkg-config ca-certificates"
 # Only the tests: ctr-remote as an independent peer, htpasswd for registry auth tests,
-# Go and containerd's Go sources for containerd's snapshotter suite (tests/snapshotter-suite).
-LAZYSNAP_TEST_PACKAGES="stargz-snapshotter apache2-utils openssl golang-go golang-github-containerd-containerd-dev"
+# Go and containerd's Go sources for containerd's snapshotter suite (tests/snapshotter-suite),
+# CNI plugins for pods with a network namespace of their own.
+LAZYSNAP_TEST_PACKAGES="stargz-snapshotter apache2-utils openssl golang-go golang-github-containerd-containerd-dev
+  containernetworking-plugins"
 
 need_root() {
   if [ "$(id -u)" != 0 ]; then

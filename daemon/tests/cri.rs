@@ -14,20 +14,19 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use daemon::cri::{
-    CONTAINER_EXITED, ContainerConfig, ContainerMetadata, CriClient, ImageSpec,
-    LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, NAMESPACE_MODE_CONTAINER, NAMESPACE_MODE_NODE, NAMESPACE_MODE_POD,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
+    CONTAINER_EXITED, ContainerConfig, ContainerMetadata, ImageSpec, LinuxContainerConfig,
+    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    NAMESPACE_MODE_CONTAINER, NAMESPACE_MODE_NODE, NAMESPACE_MODE_POD, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata,
 };
 use testkit::containerd::{
     Containerd, ContainerdOptions, CriSettings, Release, cri_config, mounts_under,
 };
-use testkit::image::{ImageBuilder, busybox_layer};
 use testkit::lazysnapd::Lazysnapd;
 use testkit::registry::Registry;
 use testkit::registry::bytes_served;
 
-use common::{LAZYSNAPD, layers_of, push_busybox_app};
+use common::{LAZYSNAPD, cri_client, layers_of, push_busybox_app, push_pause_image};
 
 /// Size of the file the container never reads; it must stay in the registry.
 const BIG: usize = 24 << 20;
@@ -50,15 +49,6 @@ struct Setup {
     dir: tempfile::TempDir,
     /// `HOST/cri/pause:1`: busybox sleeping, the pod's sandbox image.
     pause: String,
-}
-
-fn push_pause_image(registry: &Registry) -> String {
-    let image = ImageBuilder::new()
-        .layer(busybox_layer().unwrap())
-        .entrypoint(&["/bin/sleep", "3600"])
-        .build()
-        .unwrap();
-    registry.push("cri/pause", "1", &image).unwrap()
 }
 
 fn setup(name: &str) -> Option<(Setup, String)> {
@@ -109,41 +99,6 @@ fn setup(name: &str) -> Option<(Setup, String)> {
     ))
 }
 
-/// Connects and waits for the CRI plugin, which answers "not initialized" for a while
-/// after containerd's own API is up.
-async fn cri_client(s: &Setup) -> CriClient {
-    let mut last = String::new();
-    let client = testkit::wait_for(Duration::from_secs(30), async || {
-        let mut client = match CriClient::connect(s.containerd.address()).await {
-            Ok(client) => client,
-            Err(e) => {
-                last = e.to_string();
-                return None;
-            }
-        };
-        match client.version().await {
-            Ok(version) => {
-                eprintln!(
-                    "CRI: {} {} (API {})",
-                    version.runtime_name, version.runtime_version, version.runtime_api_version
-                );
-                Some(client)
-            }
-            Err(status) => {
-                last = status.to_string();
-                None
-            }
-        }
-    })
-    .await;
-    client.unwrap_or_else(|| {
-        panic!(
-            "CRI did not answer: {last}\ncontainerd log:\n{}",
-            s.containerd.log()
-        )
-    })
-}
-
 fn pod_config(log_directory: &Path) -> PodSandboxConfig {
     PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
@@ -161,6 +116,7 @@ fn pod_config(log_directory: &Path) -> PodSandboxConfig {
                     network: NAMESPACE_MODE_NODE,
                     pid: NAMESPACE_MODE_CONTAINER,
                     ipc: NAMESPACE_MODE_POD,
+                    userns_options: None,
                 }),
             }),
         }),
@@ -187,6 +143,7 @@ fn container_config(image_id: &str) -> ContainerConfig {
                     network: NAMESPACE_MODE_NODE,
                     pid: NAMESPACE_MODE_CONTAINER,
                     ipc: NAMESPACE_MODE_POD,
+                    userns_options: None,
                 }),
             }),
         }),
@@ -247,7 +204,7 @@ async fn cri_pulls_estargz_lazily_and_runs_a_pod() {
     let Some((s, app)) = setup("cri_pulls_estargz_lazily_and_runs_a_pod") else {
         return;
     };
-    let mut cri = cri_client(&s).await;
+    let mut cri = cri_client(&s.containerd).await;
     let logs = s.dir.path().join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
     let pod = pod_config(&logs);

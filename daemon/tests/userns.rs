@@ -4,7 +4,7 @@
 //! labels; lazysnapd stacks the container's overlay on idmapped clones of the layers, so
 //! the image's files are the container root's without a copy or a chown, what the
 //! container writes lands with the host's mapped IDs, and the layers stay lazy. Through
-//! `ctr run --remap-labels` and through a CRI pod with a user namespace.
+//! `ctr run --remap-labels` and through a CRI pod sandbox with a user namespace.
 //!
 //! containerd 1.6 knows no `remap-ids`: these tests run in the containerd 2.x pass
 //! (`LAZYSNAP_CONTAINERD=2`) and say so when skipped.
@@ -15,9 +15,19 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use common::{layers_of, push_busybox_app, rpull_lazily, start_lazysnapd};
-use testkit::containerd::{Containerd, ContainerdOptions, Release};
+use common::{
+    convert, cri_client, layers_of, push_busybox_app, push_pause_image, rpull_lazily,
+    start_lazysnapd,
+};
+use daemon::cri::{
+    IdMapping, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NAMESPACE_MODE_CONTAINER,
+    NAMESPACE_MODE_POD, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, UserNamespace,
+};
+use testkit::containerd::{
+    Containerd, ContainerdOptions, CriSettings, Release, cri_config, install_pod_cni, mounts_under,
+};
 use testkit::lazysnapd::Lazysnapd;
 use testkit::registry::{Registry, bytes_served};
 
@@ -157,4 +167,135 @@ async fn ctr_run_with_remap_labels_maps_a_lazy_image_without_copying_it() {
         "{served} of {big_size} bytes of layer {big_layer} served"
     );
     s.containerd.ctr(["container", "rm", "userns-1"]).unwrap();
+}
+
+/// A pod's namespaces as the kubelet sends them for `hostUsers: false`: a network of
+/// the pod's own, a user namespace of 65536 IDs.
+fn namespaces() -> NamespaceOption {
+    let ids = |host_id| IdMapping {
+        host_id,
+        container_id: 0,
+        length: 65536,
+    };
+    NamespaceOption {
+        network: NAMESPACE_MODE_POD,
+        pid: NAMESPACE_MODE_CONTAINER,
+        ipc: NAMESPACE_MODE_POD,
+        userns_options: Some(UserNamespace {
+            mode: NAMESPACE_MODE_POD,
+            uids: vec![ids(CRI_HOST_ID)],
+            gids: vec![ids(CRI_HOST_ID)],
+        }),
+    }
+}
+
+/// Where the kubelet would put a pod's IDs: a multiple of 65536.
+const CRI_HOST_ID: u32 = 65536 * 5;
+
+/// The pod sandbox, not a container in it: containerd gives a user-namespaced container
+/// idmapped bind mounts (/etc/hosts, resolv.conf), which need runc 1.2+ (`features` with
+/// `mountExtensions.idmap`); bookworm's runc is 1.1.5 and sid's needs glibc 2.38. The
+/// sandbox's root filesystem is the same path: its image (busybox sleeping) is eStargz,
+/// mounted lazily, prepared with the pod's mapping.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cri_pod_sandbox_with_a_user_namespace_runs_on_a_lazy_image() {
+    let name = "a_cri_pod_sandbox_with_a_user_namespace_runs_on_a_lazy_image";
+    if testkit::skip_unless_root(name) {
+        return;
+    }
+    if Release::from_env().unwrap() != Release::Sid || !snapshotter::idmap::kernel_idmaps_fuse() {
+        eprintln!("{name}: skipped: needs containerd 2.x (LAZYSNAP_CONTAINERD=2) and Linux 6.12+");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry")).unwrap();
+    let pause_plain = push_pause_image(&registry);
+    let pause = format!("{}/cri/pause:estargz", registry.host);
+    convert(&pause_plain, &pause, &["--estargz"]);
+    let daemon = start_lazysnapd(dir.path(), "[lazy]\nbackground_fetch = false\n");
+    let _network = install_pod_cni(dir.path()).unwrap();
+    let containerd = Containerd::start_with(
+        &ContainerdOptions::default()
+            .keep_cri()
+            .proxy_snapshotter("lazysnap", &daemon.address)
+            .proxy_capabilities("lazysnap", &["remap-ids"])
+            .extra_config(
+                &cri_config(
+                    Release::Sid,
+                    &CriSettings {
+                        dir: dir.path(),
+                        snapshotter: "lazysnap",
+                        sandbox_image: Some(&pause),
+                        registry_host: &registry.host,
+                        registry_ca: None,
+                    },
+                )
+                .unwrap(),
+            ),
+    )
+    .unwrap();
+    let mut cri = cri_client(&containerd).await;
+    let logs = dir.path().join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let pod = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "userns".into(),
+            uid: format!("userns-{}", std::process::id()),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        log_directory: logs.to_str().unwrap().into(),
+        linux: Some(LinuxPodSandboxConfig {
+            cgroup_parent: String::new(),
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(namespaces()),
+            }),
+        }),
+        ..PodSandboxConfig::default()
+    };
+    let sandbox = cri.run_pod_sandbox(&pod).await.unwrap_or_else(|e| {
+        panic!(
+            "RunPodSandbox: {e}\ncontainerd log:\n{}\nlazysnapd log:\n{}",
+            containerd.log(),
+            daemon.log()
+        )
+    });
+    let log = daemon.log();
+    for (layer, _) in layers_of(&pause).await {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("layer mounted lazily") && l.contains(&layer)),
+            "sandbox layer {layer} was not mounted lazily:\n{log}"
+        );
+    }
+    // The sandbox's process: the pod's root is CRI_HOST_ID on the host, and the image's
+    // files, root's in the layer, are that root's through its mount.
+    let sleeper = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .map(|p| p.path())
+        .find(|p| {
+            std::fs::read(p.join("cmdline")).is_ok_and(|c| c == b"/bin/sleep\x003600\x00")
+                && std::fs::read_to_string(p.join("uid_map"))
+                    .is_ok_and(|m| m.split_whitespace().eq(["0", "327680", "65536"]))
+        })
+        .unwrap_or_else(|| panic!("no sandbox process in the pod's user namespace"));
+    let owner = std::fs::metadata(&sleeper).unwrap();
+    assert_eq!(owner.uid(), CRI_HOST_ID);
+    let busybox = std::fs::metadata(sleeper.join("root/bin/busybox")).unwrap();
+    assert_eq!((busybox.uid(), busybox.gid()), (CRI_HOST_ID, CRI_HOST_ID));
+
+    cri.stop_pod_sandbox(&sandbox).await.unwrap();
+    cri.remove_pod_sandbox(&sandbox).await.unwrap();
+    // Removing the pod removed its snapshot, and with it its idmapped clones.
+    let idmapped = daemon.root.join("idmapped");
+    let released = testkit::wait_until(Duration::from_secs(30), || {
+        std::fs::read_dir(&idmapped).map_or(0, |d| d.count()) == 0
+    });
+    assert!(
+        released,
+        "idmapped clones left: {:?}",
+        mounts_under(&idmapped)
+    );
+    drop(cri);
 }

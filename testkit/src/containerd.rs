@@ -778,6 +778,8 @@ pub fn cri_config(release: Release, s: &CriSettings<'_>) -> anyhow::Result<Strin
          [{runtime}]\n\
          \x20 # The sandbox gets oom_score_adj -998 otherwise, which needs CAP_SYS_RESOURCE.\n\
          \x20 restrict_oom_score_adj = true\n\
+         \x20 # A pod's network namespace under containerd's state dir, not /var/run/netns.\n\
+         \x20 netns_mounts_under_state_dir = true\n\
          [{runtime}.cni]\n  conf_dir = {conf}\n  bin_dir = {bin}\n"
     );
     if let Some(image) = s.sandbox_image {
@@ -787,6 +789,80 @@ pub fn cri_config(release: Release, s: &CriSettings<'_>) -> anyhow::Result<Strin
         ));
     }
     Ok(out)
+}
+
+/// A CNI network for pods that need a network namespace of their own (user-namespaced
+/// pods cannot use the host's), in `cri_config`'s CNI dirs under `dir`: each pod gets
+/// `eth0`, a macvlan on one end of a veth pair made here (no address, no route
+/// anywhere), and its loopback. Dropping the guard deletes the pair. Plugins from
+/// Debian's containernetworking-plugins.
+pub fn install_pod_cni(dir: &Path) -> anyhow::Result<VethPair> {
+    let plugins = Path::new("/usr/lib/cni");
+    std::fs::create_dir_all(dir.join("cni/bin"))?;
+    std::fs::create_dir_all(dir.join("cni/net.d"))?;
+    for plugin in ["loopback", "macvlan", "static"] {
+        let from = plugins.join(plugin);
+        if !from.exists() {
+            anyhow::bail!(
+                "{} is missing: apt install containernetworking-plugins",
+                from.display()
+            );
+        }
+        std::fs::copy(&from, dir.join("cni/bin").join(plugin))?;
+    }
+    let link = VethPair::create(&format!("lzs{}", std::process::id() % 1_000_000))?;
+    std::fs::write(
+        dir.join("cni/net.d/10-pods.conflist"),
+        format!(
+            r#"{{"cniVersion": "1.0.0", "name": "lazysnap-pods", "plugins": [{{"type": "macvlan",
+ "master": "{}", "mode": "bridge", "ipam": {{"type": "static",
+ "addresses": [{{"address": "10.231.0.2/24"}}]}}}}]}}"#,
+            link.name
+        ),
+    )?;
+    Ok(link)
+}
+
+/// A veth pair on the host (`NAME` and `NAMEp`), deleted on drop. (Not a dummy link:
+/// some kernels here have no dummy driver.)
+pub struct VethPair {
+    pub name: String,
+}
+
+impl VethPair {
+    fn create(name: &str) -> anyhow::Result<Self> {
+        let peer = format!("{name}p");
+        let out = Command::new("ip")
+            .args(["link", "add", name, "type", "veth", "peer", "name", &peer])
+            .output()?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "ip link add {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let link = VethPair {
+            name: name.to_string(),
+        };
+        let up = Command::new("ip")
+            .args(["link", "set", name, "up"])
+            .output()?;
+        if !up.status.success() {
+            anyhow::bail!(
+                "ip link set {name} up: {}",
+                String::from_utf8_lossy(&up.stderr)
+            );
+        }
+        Ok(link)
+    }
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .output();
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
+use daemon::cri::CriClient;
 use daemon::rpull::{LayerOutcome, RpullOptions, RpullReport, rpull};
 use testkit::containerd::{Containerd, ContainerdOptions};
 use testkit::image::{Entry, ImageBuilder, busybox_layer, noise, sha256_digest};
@@ -203,4 +205,49 @@ pub fn fifo_toc(bytes: usize, salt: &str) -> Vec<u8> {
     }
     json.extend_from_slice(b"]}");
     json
+}
+
+/// `HOST/cri/pause:1` pushed to `registry`: busybox sleeping, a pod's sandbox image.
+pub fn push_pause_image(registry: &Registry) -> String {
+    let image = ImageBuilder::new()
+        .layer(busybox_layer().unwrap())
+        .entrypoint(&["/bin/sleep", "3600"])
+        .build()
+        .unwrap();
+    registry.push("cri/pause", "1", &image).unwrap()
+}
+
+/// Connects to `containerd`'s CRI and waits for the plugin, which answers "not
+/// initialized" for a while after containerd's own API is up.
+pub async fn cri_client(containerd: &Containerd) -> CriClient {
+    let mut last = String::new();
+    let client = testkit::wait_for(Duration::from_secs(30), async || {
+        let mut client = match CriClient::connect(containerd.address()).await {
+            Ok(client) => client,
+            Err(e) => {
+                last = e.to_string();
+                return None;
+            }
+        };
+        match client.version().await {
+            Ok(version) => {
+                eprintln!(
+                    "CRI: {} {} (API {})",
+                    version.runtime_name, version.runtime_version, version.runtime_api_version
+                );
+                Some(client)
+            }
+            Err(status) => {
+                last = status.to_string();
+                None
+            }
+        }
+    })
+    .await;
+    client.unwrap_or_else(|| {
+        panic!(
+            "CRI did not answer: {last}\ncontainerd log:\n{}",
+            containerd.log()
+        )
+    })
 }
