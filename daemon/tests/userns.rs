@@ -97,7 +97,7 @@ async fn ctr_run_with_remap_labels_maps_a_lazy_image_without_copying_it() {
     let Some(s) = setup("ctr_run_with_remap_labels_maps_a_lazy_image_without_copying_it") else {
         return;
     };
-    let (_, image) = push_busybox_app(&s.registry, "userns/app", BIG, 41);
+    let (plain, image) = push_busybox_app(&s.registry, "userns/app", BIG, 41);
     rpull_lazily(&image, &s.containerd).await;
     let uidmap = format!("0:{HOST_UID}:65536");
     let gidmap = format!("0:{HOST_GID}:65536");
@@ -167,6 +167,40 @@ async fn ctr_run_with_remap_labels_maps_a_lazy_image_without_copying_it() {
         "{served} of {big_size} bytes of layer {big_layer} served"
     );
     s.containerd.ctr(["container", "rm", "userns-1"]).unwrap();
+
+    // An image lazysnapd cannot mount lazily (plain gzip: ordinary layers) is mapped
+    // the same way, as containerd's overlayfs snapshotter does it.
+    let report = daemon::rpull::rpull(&plain, &common::rpull_options(&s.containerd))
+        .await
+        .unwrap();
+    assert!(
+        report
+            .layers
+            .iter()
+            .all(|l| l.outcome == daemon::rpull::LayerOutcome::Downloaded),
+        "{report:?}"
+    );
+    let out = s
+        .containerd
+        .ctr([
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazysnap",
+            "--uidmap",
+            &uidmap,
+            "--gidmap",
+            &gidmap,
+            "--remap-labels",
+            &plain,
+            "userns-2",
+            "/bin/sh",
+            "-c",
+            "id -u; stat -c '%u:%g' /app/motd /bin/busybox",
+        ])
+        .unwrap();
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    assert_eq!(lines, ["0", "0:0", "0:0"], "inside the container:\n{out}");
 }
 
 /// A pod's namespaces as the kubelet sends them for `hostUsers: false`: a network of
