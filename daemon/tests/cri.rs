@@ -19,14 +19,14 @@ use daemon::cri::{
     NAMESPACE_MODE_CONTAINER, NAMESPACE_MODE_NODE, NAMESPACE_MODE_POD, NamespaceOption,
     PodSandboxConfig, PodSandboxMetadata,
 };
-use testkit::containerd::{
-    Containerd, ContainerdOptions, CriSettings, Release, cri_config, mounts_under,
-};
+use testkit::containerd::{Containerd, mounts_under};
 use testkit::lazysnapd::Lazysnapd;
 use testkit::registry::Registry;
 use testkit::registry::bytes_served;
 
-use common::{LAZYSNAPD, cri_client, layers_of, push_busybox_app, push_pause_image};
+use common::{
+    LAZYSNAPD, containerd_with_cri, cri_client, layers_of, push_busybox_app, push_pause_image,
+};
 
 /// Size of the file the container never reads; it must stay in the registry.
 const BIG: usize = 24 << 20;
@@ -68,25 +68,7 @@ fn setup(name: &str) -> Option<(Setup, String)> {
         &["--config", config.to_str().unwrap()],
     )
     .unwrap();
-    let containerd = Containerd::start_with(
-        &ContainerdOptions::default()
-            .keep_cri()
-            .proxy_snapshotter("lazysnap", &daemon.address)
-            .extra_config(
-                &cri_config(
-                    Release::from_env().unwrap(),
-                    &CriSettings {
-                        dir: dir.path(),
-                        snapshotter: "lazysnap",
-                        sandbox_image: Some(&pause),
-                        registry_host: &registry.host,
-                        registry_ca: None,
-                    },
-                )
-                .unwrap(),
-            ),
-    )
-    .unwrap();
+    let containerd = containerd_with_cri(dir.path(), &daemon, &registry, &pause, &[]);
     Some((
         Setup {
             containerd,

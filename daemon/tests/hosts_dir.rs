@@ -9,7 +9,7 @@
 mod common;
 
 use common::{containerd_for, layers_of, push_busybox_app, rpull_lazily, start_lazysnapd};
-use testkit::registry::{Registry, RegistryOptions};
+use testkit::registry::Registry;
 use testkit::tls::TestPki;
 
 /// GETs of `digest`'s blob in a docker-registry's access log.
@@ -31,17 +31,7 @@ async fn lazy_layers_come_through_the_mirror_hosts_toml_names() {
     let (_, estargz) = push_busybox_app(&origin, "hosts/app", 8 << 20, 31);
     let pki = TestPki::new(&d.join("pki")).unwrap();
     let (cert, key) = pki.client("node").unwrap();
-    std::fs::create_dir_all(d.join("mirror")).unwrap();
-    std::os::unix::fs::symlink(origin.dir.join("data"), d.join("mirror/data")).unwrap();
-    let mirror = Registry::start_with(
-        &d.join("mirror"),
-        &RegistryOptions {
-            tls: Some(pki.server()),
-            client_ca: Some(pki.ca()),
-            ..RegistryOptions::default()
-        },
-    )
-    .unwrap();
+    let mirror = origin.tls_mirror(&d.join("mirror"), &pki).unwrap();
 
     let certs_d = d.join("certs.d");
     let host_dir = certs_d.join(&origin.host);

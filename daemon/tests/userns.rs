@@ -18,16 +18,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
-    convert, cri_client, layers_of, push_busybox_app, push_pause_image, rpull_lazily,
-    start_lazysnapd,
+    containerd_with_cri, convert, cri_client, layers_of, push_busybox_app, push_pause_image,
+    rpull_lazily, start_lazysnapd,
 };
 use daemon::cri::{
     IdMapping, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NAMESPACE_MODE_CONTAINER,
     NAMESPACE_MODE_POD, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, UserNamespace,
 };
-use testkit::containerd::{
-    Containerd, ContainerdOptions, CriSettings, Release, cri_config, install_pod_cni, mounts_under,
-};
+use testkit::containerd::{Containerd, ContainerdOptions, Release, install_pod_cni, mounts_under};
 use testkit::lazysnapd::Lazysnapd;
 use testkit::registry::{Registry, bytes_served};
 
@@ -92,6 +90,38 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// `ctr run --remap-labels` of `image` with container IDs 0..65536 mapped to HOST_UID
+/// and HOST_GID; what `script` printed.
+fn run_mapped(s: &Setup, image: &str, id: &str, script: &str, remove: bool) -> String {
+    let uidmap = format!("0:{HOST_UID}:65536");
+    let gidmap = format!("0:{HOST_GID}:65536");
+    let mut args = vec!["run"];
+    if remove {
+        args.push("--rm");
+    }
+    args.extend([
+        "--snapshotter",
+        "lazysnap",
+        "--uidmap",
+        &uidmap,
+        "--gidmap",
+        &gidmap,
+        "--remap-labels",
+        image,
+        id,
+        "/bin/sh",
+        "-c",
+        script,
+    ]);
+    s.containerd.ctr(args).unwrap_or_else(|e| {
+        panic!(
+            "ctr run: {e}\ncontainerd log:\n{}\nlazysnapd log:\n{}",
+            s.containerd.log(),
+            s.daemon.log()
+        )
+    })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ctr_run_with_remap_labels_maps_a_lazy_image_without_copying_it() {
     let Some(s) = setup("ctr_run_with_remap_labels_maps_a_lazy_image_without_copying_it") else {
@@ -99,34 +129,10 @@ async fn ctr_run_with_remap_labels_maps_a_lazy_image_without_copying_it() {
     };
     let (plain, image) = push_busybox_app(&s.registry, "userns/app", BIG, 41);
     rpull_lazily(&image, &s.containerd).await;
-    let uidmap = format!("0:{HOST_UID}:65536");
-    let gidmap = format!("0:{HOST_GID}:65536");
     let script = "id -u; id -g; stat -c '%u:%g' /app/motd /app/big.bin /bin/busybox; \
                   cat /app/motd; echo written-inside > /app/new.txt; stat -c '%u:%g' /app/new.txt";
-    let out = s
-        .containerd
-        .ctr([
-            "run",
-            "--snapshotter",
-            "lazysnap",
-            "--uidmap",
-            &uidmap,
-            "--gidmap",
-            &gidmap,
-            "--remap-labels",
-            &image,
-            "userns-1",
-            "/bin/sh",
-            "-c",
-            script,
-        ])
-        .unwrap_or_else(|e| {
-            panic!(
-                "ctr run: {e}\ncontainerd log:\n{}\nlazysnapd log:\n{}",
-                s.containerd.log(),
-                s.daemon.log()
-            )
-        });
+    // Kept after it exits, so that its upper dir can be looked at.
+    let out = run_mapped(&s, &image, "userns-1", script, false);
     let lines: Vec<&str> = out.lines().map(str::trim).collect();
     assert_eq!(
         lines,
@@ -180,25 +186,13 @@ async fn ctr_run_with_remap_labels_maps_a_lazy_image_without_copying_it() {
             .all(|l| l.outcome == daemon::rpull::LayerOutcome::Downloaded),
         "{report:?}"
     );
-    let out = s
-        .containerd
-        .ctr([
-            "run",
-            "--rm",
-            "--snapshotter",
-            "lazysnap",
-            "--uidmap",
-            &uidmap,
-            "--gidmap",
-            &gidmap,
-            "--remap-labels",
-            &plain,
-            "userns-2",
-            "/bin/sh",
-            "-c",
-            "id -u; stat -c '%u:%g' /app/motd /bin/busybox",
-        ])
-        .unwrap();
+    let out = run_mapped(
+        &s,
+        &plain,
+        "userns-2",
+        "id -u; stat -c '%u:%g' /app/motd /bin/busybox",
+        true,
+    );
     let lines: Vec<&str> = out.lines().map(str::trim).collect();
     assert_eq!(lines, ["0", "0:0", "0:0"], "inside the container:\n{out}");
 }
@@ -248,26 +242,7 @@ async fn a_cri_pod_sandbox_with_a_user_namespace_runs_on_a_lazy_image() {
     convert(&pause_plain, &pause, &["--estargz"]);
     let daemon = start_lazysnapd(dir.path(), "[lazy]\nbackground_fetch = false\n");
     let _network = install_pod_cni(dir.path()).unwrap();
-    let containerd = Containerd::start_with(
-        &ContainerdOptions::default()
-            .keep_cri()
-            .proxy_snapshotter("lazysnap", &daemon.address)
-            .proxy_capabilities("lazysnap", &["remap-ids"])
-            .extra_config(
-                &cri_config(
-                    Release::Sid,
-                    &CriSettings {
-                        dir: dir.path(),
-                        snapshotter: "lazysnap",
-                        sandbox_image: Some(&pause),
-                        registry_host: &registry.host,
-                        registry_ca: None,
-                    },
-                )
-                .unwrap(),
-            ),
-    )
-    .unwrap();
+    let containerd = containerd_with_cri(dir.path(), &daemon, &registry, &pause, &["remap-ids"]);
     let mut cri = cri_client(&containerd).await;
     let logs = dir.path().join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();

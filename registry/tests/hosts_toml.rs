@@ -7,7 +7,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use registry::{Client, Digest, RegistryConfig, RemoteBlob, Repository};
-use testkit::registry::{Registry, RegistryOptions};
+use testkit::registry::Registry;
 use testkit::tls::TestPki;
 
 const REPO: &str = "hosts/app";
@@ -39,17 +39,9 @@ async fn a_tls_mirror_with_a_client_certificate_serves_as_hosts_toml_says() {
     let pki = TestPki::new(&d.join("pki")).expect("test certificates");
     let (client_cert, client_key) = pki.client("node").expect("client certificate");
     let origin = Registry::start(&d.join("origin")).expect("origin registry");
-    std::fs::create_dir_all(d.join("mirror")).expect("mirror dir");
-    std::os::unix::fs::symlink(origin.dir.join("data"), d.join("mirror/data")).expect("link");
-    let mirror = Registry::start_with(
-        &d.join("mirror"),
-        &RegistryOptions {
-            tls: Some(pki.server()),
-            client_ca: Some(pki.ca()),
-            ..RegistryOptions::default()
-        },
-    )
-    .expect("mirror registry with client certificates");
+    let mirror = origin
+        .tls_mirror(&d.join("mirror"), &pki)
+        .expect("mirror registry with client certificates");
 
     let repo = Repository::new(origin.host.clone(), REPO);
     let data = Bytes::from(

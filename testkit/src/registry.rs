@@ -124,6 +124,22 @@ impl Registry {
         )
     }
 
+    /// A mirror of this registry (the same storage) over TLS with `pki`'s server
+    /// certificate, that answers only clients presenting a certificate `pki`'s CA signed.
+    /// Its state goes under `dir`.
+    pub fn tls_mirror(&self, dir: &Path, pki: &crate::tls::TestPki) -> anyhow::Result<Registry> {
+        std::fs::create_dir_all(dir)?;
+        std::os::unix::fs::symlink(self.dir.join("data"), dir.join("data"))?;
+        Registry::start_with(
+            dir,
+            &RegistryOptions {
+                tls: Some(pki.server()),
+                client_ca: Some(pki.ca()),
+                ..RegistryOptions::default()
+            },
+        )
+    }
+
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use daemon::cri::CriClient;
 use daemon::rpull::{LayerOutcome, RpullOptions, RpullReport, rpull};
-use testkit::containerd::{Containerd, ContainerdOptions};
+use testkit::containerd::{Containerd, ContainerdOptions, Release};
 use testkit::image::{Entry, ImageBuilder, busybox_layer, noise, sha256_digest};
 use testkit::lazysnapd::Lazysnapd;
 use testkit::registry::Registry;
@@ -250,4 +250,35 @@ pub async fn cri_client(containerd: &Containerd) -> CriClient {
             containerd.log()
         )
     })
+}
+
+/// A containerd with CRI whose snapshotter is `daemon` (told it can do `capabilities`),
+/// its sandbox image `pause`, pulling plain HTTP from `registry`; its CNI dirs and
+/// registry hosts under `dir`.
+pub fn containerd_with_cri(
+    dir: &Path,
+    daemon: &Lazysnapd,
+    registry: &Registry,
+    pause: &str,
+    capabilities: &[&str],
+) -> Containerd {
+    let cri = testkit::containerd::cri_config(
+        Release::from_env().unwrap(),
+        &testkit::containerd::CriSettings {
+            dir,
+            snapshotter: "lazysnap",
+            sandbox_image: Some(pause),
+            registry_host: &registry.host,
+            registry_ca: None,
+        },
+    )
+    .unwrap();
+    Containerd::start_with(
+        &ContainerdOptions::default()
+            .keep_cri()
+            .proxy_snapshotter("lazysnap", &daemon.address)
+            .proxy_capabilities("lazysnap", capabilities)
+            .extra_config(&cri),
+    )
+    .unwrap()
 }
