@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::go_duration::parse_timeout;
+
 /// What a host may be asked, as containerd's `capabilities` say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
@@ -267,7 +269,7 @@ fn host_entry(dir: &Path, url: Option<&str>, c: HostFileConfig) -> Result<HostEn
     };
     let dial_timeout = c
         .dial_timeout
-        .map(|t| parse_go_duration(&t).ok_or(format!("dial_timeout {t:?} is not a duration")))
+        .map(|t| parse_timeout(&t).ok_or(format!("dial_timeout {t:?} is not a duration")))
         .transpose()?;
     Ok(HostEntry {
         url,
@@ -367,44 +369,6 @@ pub fn load_cert_files(dir: &Path) -> Result<Vec<HostEntry>, String> {
         }
     }
     Ok(vec![entry])
-}
-
-/// Go's `time.ParseDuration` for what configs hold: `1.5s`, `300ms`, `1h30m`.
-pub fn parse_go_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if s == "0" {
-        return Some(Duration::ZERO);
-    }
-    let mut rest = s;
-    let mut total = 0f64;
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        if num_len == 0 {
-            return None;
-        }
-        let value: f64 = rest[..num_len].parse().ok()?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" | "μs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        rest = &rest[unit_len..];
-        total += value * scale;
-    }
-    Duration::try_from_secs_f64(total).ok()
 }
 
 #[cfg(test)]
@@ -587,21 +551,5 @@ ca = "server-ca.pem"
         let hosts = load_dir(d.path()).unwrap();
         assert_eq!(hosts[0].url.as_ref().unwrap().authority, "r.example");
         assert!(hosts[0].ca.is_empty());
-    }
-
-    #[test]
-    fn go_durations() {
-        for (s, ms) in [
-            ("0", 0),
-            ("1.5s", 1500),
-            ("300ms", 300),
-            ("1h30m", 5_400_000),
-            ("2m3s", 123_000),
-        ] {
-            assert_eq!(parse_go_duration(s), Some(Duration::from_millis(ms)), "{s}");
-        }
-        for bad in ["", "5", "s", "1x", "-1s", "1..5s"] {
-            assert_eq!(parse_go_duration(bad), None, "{bad}");
-        }
     }
 }

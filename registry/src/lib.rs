@@ -11,6 +11,7 @@ mod config;
 mod digest;
 mod endpoints;
 mod error;
+pub mod go_duration;
 pub mod hosts_dir;
 mod manifest;
 pub mod platform;
