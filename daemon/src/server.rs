@@ -186,6 +186,14 @@ pub async fn run(
         origin = ?listening.origin,
         "lazysnapd serving containerd.services.snapshots.v1"
     );
+    if config.lazy.enabled && !snapshotter::idmap::kernel_idmaps_fuse() {
+        // Said once at start: the Prepare that fails later says it again.
+        tracing::warn!(
+            "this kernel cannot idmap FUSE mounts (Linux 6.12+ can): user-namespaced \
+             containers on lazily pulled images fail here; leave \"remap-ids\" out of \
+             containerd's proxy plugin capabilities so that containerd copies them with chown"
+        );
+    }
     let incoming = tokio_stream::StreamExt::map(
         tokio_stream::wrappers::UnixListenerStream::new(listener),
         |conn| conn.map(crate::authority::relay),

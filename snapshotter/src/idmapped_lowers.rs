@@ -61,11 +61,14 @@ impl IdmappedLowers {
             } else {
                 ""
             };
-            Error::FailedPrecondition(format!(
-                "idmapped mount of {} at {}: {e}{hint}",
+            let _ = std::fs::remove_dir(&target);
+            let err = Error::FailedPrecondition(format!(
+                "idmapped mount of {} at {} for a user-namespaced snapshot: {e}{hint}",
                 source.display(),
                 target.display()
-            ))
+            ));
+            tracing::error!(error = %err, "user-namespaced snapshot not prepared");
+            err
         })?;
         Ok(target)
     }
@@ -313,6 +316,11 @@ mod tests {
                 .count(),
             1
         );
+        // A filesystem that cannot be idmapped (procfs, as FUSE before 6.12): a clear
+        // error, nothing left mounted.
+        let err = lowers.lower(7, 4, Path::new("/proc/sys"), &m).unwrap_err();
+        assert!(err.to_string().contains("cannot idmap it"), "{err}");
+        assert!(!root.path().join("idmapped/7/4").exists());
         lowers.release_orphans(&[8].into_iter().collect());
         assert!(!clone.exists());
         // The layer itself is untouched.
