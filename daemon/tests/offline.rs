@@ -66,7 +66,25 @@ fn registry_is_down(host: &str) -> bool {
 /// byte for byte. Removing the image then removes the kept metadata too.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wholly_local_image_runs_after_a_reboot_without_its_registry() {
-    let name = "a_wholly_local_image_runs_after_a_reboot_without_its_registry";
+    runs_after_a_reboot_without_its_registry(
+        "a_wholly_local_image_runs_after_a_reboot_without_its_registry",
+        &["--estargz"],
+    )
+    .await;
+}
+
+/// The same for a plain gzip image pulled lazily through a SOCI index (every layer with
+/// a zTOC): lazysnapd keeps each layer's verified zTOC.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wholly_local_soci_indexed_image_runs_after_a_reboot_without_its_registry() {
+    runs_after_a_reboot_without_its_registry(
+        "a_wholly_local_soci_indexed_image_runs_after_a_reboot_without_its_registry",
+        &["--soci", "--min-layer-size", "0"],
+    )
+    .await;
+}
+
+async fn runs_after_a_reboot_without_its_registry(name: &str, convert_with: &[&str]) {
     if testkit::skip_unless_root(name) {
         return;
     }
@@ -101,8 +119,8 @@ async fn a_wholly_local_image_runs_after_a_reboot_without_its_registry() {
         .build()
         .unwrap();
     let plain = registry.push("offline/app", "plain", &image).unwrap();
-    let converted = format!("{host}/offline/app:estargz");
-    convert(&plain, &converted, &["--estargz"]);
+    let converted = format!("{host}/offline/app:converted");
+    convert(&plain, &converted, convert_with);
     let report = rpull_lazily(&converted, &containerd).await;
     let layers: Vec<String> = report.layers.iter().map(|l| l.digest.clone()).collect();
     assert_eq!(layers.len(), 2, "{report:?}");

@@ -833,6 +833,22 @@ impl FuseMounter {
         });
     }
 
+    /// Keeps a SOCI layer's verified zTOC, so that a restart opens it without the
+    /// registry.
+    fn keep_ztoc(&self, layer: &RemoteLayer, kept: crate::tocstore::KeptZtoc) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let digest = layer.layer_digest.clone();
+        self.handle
+            .spawn_blocking(move || match store.save_ztoc(&digest, &kept) {
+                Ok(path) => tracing::debug!(layer = %digest, path = %path.display(),
+                "kept the layer's verified zTOC: it is restored without the registry"),
+                Err(e) => tracing::warn!(layer = %digest, error = %e,
+                "cannot keep the layer's zTOC: restoring it will need the registry"),
+            });
+    }
+
     /// The layer opened from its kept metadata, with no network at all; None when
     /// nothing is kept, or what is kept does not verify (it is then deleted, and the
     /// caller opens the layer from its registry).
@@ -1096,12 +1112,16 @@ impl RemoteMounter for FuseMounter {
                 )
                 .await?;
                 match through_index {
-                    Ok((opened, how)) => {
+                    Ok((opened, how, kept)) => {
                         tracing::info!(layer = %layer.layer_digest,
                             "mounting the gzip layer lazily, {how}");
-                        return self
+                        let info = self
                             .serve_layer(layer, Arc::new(opened), mountpoint, false)
-                            .await;
+                            .await?;
+                        if let Some(kept) = kept {
+                            self.keep_ztoc(layer, kept);
+                        }
+                        return Ok(info);
                     }
                     Err(why) => tracing::debug!(layer = %layer.layer_digest, %why,
                         "not through a SOCI index"),

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use registry::{Client, Descriptor, Digest, ImageManifest, Reference};
 
 use crate::remote::{MountError, RemoteLayer};
+use crate::tocstore::KeptZtoc;
 
 pub use soci::index_names::{
     ANNOTATION_INDEX_DIGEST, ANNOTATION_LAYER_DIGEST, SOCI_INDEX_V1, SOCI_INDEX_V2, ZTOC_MEDIA_TYPE,
@@ -246,7 +247,12 @@ async fn look_up(
 
 /// Memory a zTOC's parse may take, per byte of it: decoded entries (the FlatBuffers form
 /// is tight, a crafted one tighter), the layout, the index.
-const ZTOC_PARSE_FACTOR: u64 = 32;
+pub(crate) const ZTOC_PARSE_FACTOR: u64 = 32;
+
+/// A layer opened through its image's SOCI index: the layer, how (for the log), and
+/// what to keep so that it opens again without the registry (None for a layer fetched
+/// whole).
+pub type ThroughIndex = (estargz::Layer, String, Option<KeptZtoc>);
 
 /// `layer` opened through its image's SOCI index, or None (with why, for the log) when
 /// there is no zTOC to read it through. A zTOC that is found but does not open (not the
@@ -258,7 +264,7 @@ pub async fn open_through_index(
     gate: &crate::parse_gate::ParseGate,
     layer: &RemoteLayer,
     local_dir: &Path,
-) -> Result<Result<(estargz::Layer, String), String>, MountError> {
+) -> Result<Result<ThroughIndex, String>, MountError> {
     let reference: Reference = layer
         .image_ref
         .parse()
@@ -270,7 +276,7 @@ pub async fn open_through_index(
         {
             return open_whole(client, gate, layer, &reference, index, *desc, local_dir)
                 .await
-                .map(Ok);
+                .map(|(opened, how)| Ok((opened, how, None)));
         }
         Err(why) => return Ok(Err(why.to_string())),
     };
@@ -310,6 +316,11 @@ pub async fn open_through_index(
     let cancel = estargz::Cancel::new();
     let stop = cancel.clone();
     let need = bytes.len() as u64 * ZTOC_PARSE_FACTOR;
+    let kept = KeptZtoc {
+        blob_size: size,
+        ztoc: bytes.to_vec(),
+        prefetch: prefetch.clone(),
+    };
     let opened = gate
         .run(&layer.layer_digest, need, cancel, move || {
             soci::layer::open_layer_prefetching(
@@ -327,7 +338,7 @@ pub async fn open_through_index(
         "through its SOCI index {} (found by {:?}), zTOC {}",
         found.index_digest, found.found_by, found.ztoc.digest
     );
-    Ok(Ok((opened, how)))
+    Ok(Ok((opened, how, Some(kept))))
 }
 
 /// The spans a layer's prefetch artifact names; none (with a log line) when it cannot be

@@ -1,6 +1,7 @@
 //! Verified layer metadata on local disk: what opening a lazily pulled layer needs
-//! (the blob's size, its footer and its compressed TOC), kept once the TOC was fetched
-//! from the registry and verified against what the image publishes. A restart, with or
+//! (the blob's size, its footer and its compressed TOC; for a SOCI layer its zTOC and
+//! prefetch spans), kept once it was fetched from the registry and verified against what
+//! the image publishes. A restart, with or
 //! without the fd holder, even a reboot, then restores the layer's snapshot without
 //! asking the registry anything: with the chunk cache, a wholly local layer needs no
 //! registry at all.
@@ -97,18 +98,43 @@ impl TocStore {
             "expected_manifest_checksum": opts.expected_manifest_checksum.map(|d| d.to_string()),
             "toc_digest": layer.toc_digest().to_string(),
         });
+        self.write(&path, &header, toc)
+    }
+
+    /// Keeps a SOCI layer's metadata under `layer_digest`: its blob size, its zTOC
+    /// (verified through the image's SOCI index before it comes here) and the spans the
+    /// index's prefetch artifact names.
+    pub fn save_ztoc(&self, layer_digest: &str, kept: &KeptZtoc) -> std::io::Result<PathBuf> {
+        let path = self.path_of(layer_digest).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("layer digest {layer_digest:?}"),
+            )
+        })?;
+        let header = json!({
+            "layer_digest": layer_digest,
+            "kind": ZTOC_KIND,
+            "blob_size": kept.blob_size,
+            "ztoc_digest": Digest::of(&kept.ztoc).to_string(),
+            "prefetch": kept.prefetch.iter().map(|r| [*r.start(), *r.end()]).collect::<Vec<_>>(),
+        });
+        self.write(&path, &header, &kept.ztoc)
+    }
+
+    /// Writes `header` and `payload` to `path`, atomically and durably.
+    fn write(&self, path: &Path, header: &Value, payload: &[u8]) -> std::io::Result<PathBuf> {
         let mut body = header.to_string().into_bytes();
         body.push(b'\n');
-        body.extend_from_slice(toc);
+        body.extend_from_slice(payload);
         let mut file = tempfile::Builder::new()
             .prefix(".tmp-")
             .tempfile_in(&self.dir)?;
         writeln!(file, "{MAGIC} {VERSION} {}", Digest::of(&body).hex())?;
         file.write_all(&body)?;
         file.as_file().sync_all()?;
-        file.persist(&path).map_err(|e| e.error)?;
+        file.persist(path).map_err(|e| e.error)?;
         std::fs::File::open(&self.dir)?.sync_all()?;
-        Ok(path)
+        Ok(path.to_path_buf())
     }
 
     /// Opens `layer_digest` from its kept metadata, with `blob` (given the blob's size)
@@ -135,16 +161,29 @@ impl TocStore {
                 return Err(format!("reading {}: {e}", path.display()));
             }
         };
-        let checked = check(&bytes, layer_digest, label_toc_digest, cancel).and_then(|stored| {
-            Layer::from_json(
-                blob(stored.blob_size),
-                stored.blob_size,
-                stored.footer,
-                &stored.toc,
-                cancel,
-            )
-            .map_err(|e| format!("the kept TOC does not index: {e}"))
-        });
+        let checked =
+            check(&bytes, layer_digest, label_toc_digest, cancel).and_then(|stored| match stored {
+                Stored::Toc {
+                    blob_size,
+                    footer,
+                    toc,
+                } => Layer::from_json(blob(blob_size), blob_size, footer, &toc, cancel)
+                    .map_err(|e| format!("the kept TOC does not index: {e}")),
+                Stored::Ztoc {
+                    blob_size,
+                    ztoc,
+                    ztoc_digest,
+                    prefetch,
+                } => soci::layer::open_layer_prefetching(
+                    blob(blob_size),
+                    blob_size,
+                    ztoc,
+                    &ztoc_digest,
+                    &prefetch,
+                    cancel,
+                )
+                .map_err(|e| format!("the kept zTOC does not open: {e}")),
+            });
         match checked {
             Ok(layer) => Ok(Some(layer)),
             Err(_) if cancel.is_cancelled() => Err("stopped: it ran past its time".into()),
@@ -171,6 +210,9 @@ impl TocStore {
             let (_, header) = (lines.next()?, lines.next()?);
             let toc = lines.next()?;
             let header: Value = serde_json::from_slice(header).ok()?;
+            if header["kind"].as_str() == Some(ZTOC_KIND) {
+                return Some(toc.len() as u64 * ZTOC_PARSE_FACTOR);
+            }
             let footer = parse_footer_json(&header["footer"])?;
             let json = estargz::toc_json_size(&footer, toc).ok()?;
             Some(toc.len() as u64 + json.saturating_mul(1 + estargz::PARSE_MEMORY_FACTOR))
@@ -209,21 +251,44 @@ impl TocStore {
     }
 }
 
+/// A SOCI layer's metadata, as [`TocStore::save_ztoc`] keeps it.
+pub struct KeptZtoc {
+    pub blob_size: u64,
+    /// The zTOC's bytes, verified through the image's SOCI index.
+    pub ztoc: Vec<u8>,
+    /// Span ranges its prefetch artifact names.
+    pub prefetch: Vec<std::ops::RangeInclusive<u32>>,
+}
+
+/// The header's `kind` of a SOCI layer's file (eStargz files have none).
+const ZTOC_KIND: &str = "soci-ztoc";
+
+/// Memory a kept zTOC's parse may take, per byte of it (as on the mount path).
+const ZTOC_PARSE_FACTOR: u64 = crate::soci_index::ZTOC_PARSE_FACTOR;
+
 /// What a file holds once it passed every check.
-struct Stored {
-    blob_size: u64,
-    footer: Footer,
-    toc: estargz::TocJson,
+enum Stored<'a> {
+    Toc {
+        blob_size: u64,
+        footer: Footer,
+        toc: estargz::TocJson,
+    },
+    Ztoc {
+        blob_size: u64,
+        ztoc: &'a [u8],
+        ztoc_digest: Digest,
+        prefetch: Vec<std::ops::RangeInclusive<u32>>,
+    },
 }
 
 /// Checks a file's bytes: magic and version, its checksum, the header, and the TOC
 /// against the expectation (the label's TOC digest when given).
-fn check(
-    bytes: &[u8],
+fn check<'a>(
+    bytes: &'a [u8],
     layer_digest: &str,
     label: Option<Digest>,
     cancel: &Cancel,
-) -> Result<Stored, String> {
+) -> Result<Stored<'a>, String> {
     let first_end = bytes
         .iter()
         .take(256)
@@ -256,6 +321,36 @@ fn check(
         ));
     }
     let blob_size = header["blob_size"].as_u64().ok_or("no blob_size")?;
+    if header["kind"].as_str() == Some(ZTOC_KIND) {
+        let ztoc_digest: Digest = header["ztoc_digest"]
+            .as_str()
+            .ok_or("no ztoc_digest")?
+            .parse()
+            .map_err(|e| format!("ztoc_digest: {e}"))?;
+        if Digest::of(toc) != ztoc_digest {
+            return Err("the zTOC is not the one verified".into());
+        }
+        let prefetch = header["prefetch"]
+            .as_array()
+            .ok_or("no prefetch list")?
+            .iter()
+            .map(|r| {
+                let n = |i: usize| {
+                    r.get(i)
+                        .and_then(Value::as_u64)
+                        .and_then(|v| u32::try_from(v).ok())
+                };
+                Some(n(0)?..=n(1)?)
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or("bad prefetch list")?;
+        return Ok(Stored::Ztoc {
+            blob_size,
+            ztoc: toc,
+            ztoc_digest,
+            prefetch,
+        });
+    }
     let footer = parse_footer_json(&header["footer"]).ok_or("bad footer")?;
     let toc_end = footer
         .toc_offset
@@ -281,7 +376,7 @@ fn check(
         return Err("kept without an expectation to verify against".into());
     }
     let toc = estargz::read_toc_json(&footer, toc, &opts).map_err(|e| format!("TOC: {e}"))?;
-    Ok(Stored {
+    Ok(Stored::Toc {
         blob_size,
         footer,
         toc,
@@ -414,6 +509,67 @@ mod tests {
             real.read_file_range("file.txt", 0, 100).await.unwrap(),
             b"kept across restarts\n"
         );
+    }
+
+    /// A plain gzip layer (made with tar and gzip) and its zTOC.
+    fn gzip_layer_and_ztoc(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+        let src = dir.join("src");
+        std::fs::create_dir_all(src.join("etc")).unwrap();
+        std::fs::write(src.join("etc/motd"), "kept zTOC\n").unwrap();
+        let layer = dir.join("layer.tar.gz");
+        let made = std::process::Command::new("tar")
+            .arg("-czf")
+            .arg(&layer)
+            .arg("-C")
+            .arg(&src)
+            .arg("etc")
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let ztoc =
+            soci::ztoc_builder::build_ztoc(&std::fs::File::open(&layer).unwrap(), 1 << 20, "t")
+                .unwrap();
+        (std::fs::read(&layer).unwrap(), soci::ztoc::encode(&ztoc))
+    }
+
+    #[tokio::test]
+    async fn a_kept_ztoc_opens_the_soci_layer_again_and_a_damaged_one_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TocStore::open(dir.path().join("tocs")).unwrap();
+        let (blob, ztoc) = gzip_layer_and_ztoc(dir.path());
+        let kept = KeptZtoc {
+            blob_size: blob.len() as u64,
+            ztoc: ztoc.clone(),
+            prefetch: vec![0..=0],
+        };
+        store.save_ztoc(DIGEST, &kept).unwrap();
+        assert!(store.parse_memory_bound(DIGEST) >= ztoc.len() as u64 * ZTOC_PARSE_FACTOR);
+        let again = store
+            .load(DIGEST, None, &Cancel::new(), |size| {
+                assert_eq!(size, blob.len() as u64);
+                Arc::new(estargz::VecBlob::new(blob.clone())) as Arc<dyn BlobReader>
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.footer().format, Format::Soci);
+        assert_eq!(
+            again.read_file_range("etc/motd", 0, 100).await.unwrap(),
+            b"kept zTOC\n"
+        );
+
+        // One byte of the zTOC changed (and the checksum made to match): refused, deleted.
+        let path = store.path_of(DIGEST).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let first = bytes.iter().position(|&b| b == b'\n').unwrap();
+        let mut body = bytes[first + 1..].to_vec();
+        let last = body.len() - 1;
+        body[last] ^= 1;
+        let mut forged = format!("{MAGIC} {VERSION} {}\n", Digest::of(&body).hex()).into_bytes();
+        forged.extend_from_slice(&body);
+        std::fs::write(&path, forged).unwrap();
+        let err = store.load(DIGEST, None, &Cancel::new(), zeros).unwrap_err();
+        assert!(err.contains("not the one verified"), "{err}");
+        assert!(!store.contains(DIGEST));
     }
 
     #[tokio::test]
