@@ -391,14 +391,14 @@ impl FuseMounter {
             native_copies: false,
             copies: Arc::default(),
             soci: Default::default(),
-            local_layers: std::env::temp_dir(),
+            local_layers: std::env::temp_dir().join("lazysnap-local-layers"),
         }
     }
 
-    /// Keeps the local copies of layers that SOCI indexes have no zTOC for in `dir`
-    /// (emptied now: copies outlive no daemon).
+    /// Keeps the local copies of layers that SOCI indexes have no zTOC for in `dir`:
+    /// they outlive the daemon, so that a restart serves them without the registry; the
+    /// cache sweep removes those no lazy snapshot uses.
     pub fn with_local_layers(mut self, dir: PathBuf) -> FuseMounter {
-        let _ = std::fs::remove_dir_all(&dir);
         self.local_layers = dir;
         self
     }
@@ -533,7 +533,9 @@ impl FuseMounter {
                 metadata_stored: self
                     .store
                     .as_ref()
-                    .is_some_and(|s| s.contains(&served.layer_digest)),
+                    .is_some_and(|s| s.contains(&served.layer_digest))
+                    || crate::soci_index::local_copy_path(&self.local_layers, &served.layer_digest)
+                        .is_some_and(|p| p.is_file()),
                 native_copy: crate::native::native_of(path).is_some(),
                 format: format_name(served.mounted.fs().layer().format()),
                 stats: served.mounted.stats(),
@@ -1142,6 +1144,31 @@ impl RemoteMounter for FuseMounter {
     /// come from the cache, and from the registry only when a read misses it.
     fn restore<'a>(&'a self, layer: &'a RemoteLayer, mountpoint: &'a Path) -> MountFuture<'a> {
         Box::pin(async move {
+            // A SOCI image's layer without a zTOC that was fetched whole: its copy is
+            // checked against the layer digest, which needs no index and no registry.
+            let local_copy =
+                crate::soci_index::local_copy_path(&self.local_layers, &layer.layer_digest)
+                    .filter(|p| layer.toc_digest.is_none() && p.is_file());
+            if let Some(path) = local_copy {
+                match crate::soci_index::open_local_copy(
+                    &self.parse_gate,
+                    &layer.layer_digest,
+                    &path,
+                )
+                .await
+                {
+                    Ok(opened) => {
+                        let info = self
+                            .serve_layer(layer, Arc::new(opened), mountpoint, false)
+                            .await?;
+                        tracing::info!(layer = %layer.layer_digest, path = %mountpoint.display(),
+                            "layer opened from its local copy, without the registry");
+                        return Ok(info);
+                    }
+                    Err(e) => tracing::warn!(layer = %layer.layer_digest, error = %e,
+                        "the layer's local copy is unusable; opening it from its registry"),
+                }
+            }
             if let Some(kept) = self.open_kept(layer).await? {
                 let info = self.serve_layer(layer, kept, mountpoint, false).await?;
                 tracing::info!(layer = %layer.layer_digest, path = %mountpoint.display(),
@@ -1194,6 +1221,7 @@ impl RemoteMounter for FuseMounter {
         };
         let cache = self.cache.clone();
         let store = self.store.clone();
+        let local_layers = self.local_layers.clone();
         self.handle.spawn_blocking(move || {
             if let Some(store) = store {
                 let removed = store.retain(&digests, listed_at);
@@ -1203,6 +1231,14 @@ impl RemoteMounter for FuseMounter {
                         "kept layer metadata: removed what no lazily pulled snapshot uses"
                     );
                 }
+            }
+            let removed =
+                crate::soci_index::retain_local_copies(&local_layers, &digests, listed_at);
+            if removed > 0 {
+                tracing::info!(
+                    removed,
+                    "local layer copies: removed those no lazily pulled snapshot uses"
+                );
             }
             let mut live = std::collections::HashSet::new();
             for fs in &layers {

@@ -6,7 +6,7 @@
 //! remembered, so its other layers make no more requests.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use registry::{Client, Descriptor, Digest, ImageManifest, Reference};
@@ -368,9 +368,10 @@ async fn prefetch_spans(
 pub const MAX_WHOLE_LAYER: u64 = 256 << 20;
 
 /// A layer of a SOCI-indexed image that the index has no zTOC for: fetched whole into
-/// `local_dir` (checked against its digest as it arrives), indexed here, and served
-/// from that copy, which goes when the layer does. The image still mounts lazily, and
-/// containerd downloads nothing.
+/// `local_dir` (checked against its digest as it arrives) unless a copy is there already,
+/// indexed here, and served from that copy, which stays while a lazily pulled snapshot
+/// uses the layer ([`retain_local_copies`]): a restart serves it again without the
+/// registry. The image still mounts lazily, and containerd downloads nothing.
 async fn open_whole(
     client: &Client,
     gate: &crate::parse_gate::ParseGate,
@@ -381,10 +382,24 @@ async fn open_whole(
     local_dir: &Path,
 ) -> Result<(estargz::Layer, String), MountError> {
     let io = |what: &str, e: std::io::Error| MountError::Mount(format!("{what}: {e}"));
+    let path = local_copy_path(local_dir, &layer.layer_digest)
+        .ok_or_else(|| MountError::Labels(format!("layer digest {:?}", layer.layer_digest)))?;
+    if path.is_file() {
+        match open_local_copy(gate, &layer.layer_digest, &path).await {
+            Ok(opened) => {
+                let how = format!(
+                    "from its local copy (digest checked): the SOCI index {index} has no zTOC for it"
+                );
+                return Ok((opened, how));
+            }
+            Err(e) => tracing::warn!(layer = %layer.layer_digest, error = %e,
+                "the layer's local copy is unusable; fetching it again"),
+        }
+    }
     std::fs::create_dir_all(local_dir)
         .map_err(|e| io("creating the local layers' directory", e))?;
     let copy = tempfile::Builder::new()
-        .prefix("layer-")
+        .prefix(".tmp-")
         .tempfile_in(local_dir)
         .map_err(|e| io("creating a local copy", e))?;
     let mut out = tokio::fs::File::from_std(copy.reopen().map_err(|e| io("opening the copy", e))?);
@@ -396,25 +411,10 @@ async fn open_whole(
         .await
         .map_err(|e| io("writing the copy", e))?;
     drop(out);
-    let cancel = estargz::Cancel::new();
-    let stop = cancel.clone();
-    let digest = layer.layer_digest.clone();
-    let opened = gate
-        .run(&layer.layer_digest, size, cancel, move || {
-            let file = copy.reopen().map_err(|e| e.to_string())?;
-            let ztoc = soci::ztoc_builder::build_ztoc(
-                &file,
-                soci::ztoc_builder::DEFAULT_SPAN_SIZE,
-                "lazysnapd",
-            )
-            .map_err(|e| e.to_string())?;
-            let bytes = soci::ztoc::encode(&ztoc);
-            let blob = Arc::new(LocalCopy { copy, file, size });
-            soci::layer::open_layer(blob, size, &bytes, &estargz::Digest::of(&bytes), &stop)
-                .map_err(|e| e.to_string())
-        })
-        .await?
-        .map_err(|e| MountError::Layer(format!("layer {digest}, fetched whole: {e}")))?;
+    // The digest was checked as the bytes arrived: the copy takes the layer's name.
+    copy.persist(&path)
+        .map_err(|e| io("keeping the local copy", e.error))?;
+    let opened = open_local_copy(gate, &layer.layer_digest, &path).await?;
     let how = format!(
         "fetched whole ({size} bytes, digest checked) and indexed here: the SOCI index \
          {index} has no zTOC for it"
@@ -422,9 +422,101 @@ async fn open_whole(
     Ok((opened, how))
 }
 
-/// A layer's local copy as the blob it is read from; the file goes with it.
+/// Where the local copy of `layer_digest` is kept: `DIR/<algorithm>-<hex>`; None for a
+/// digest that could name anything else.
+pub fn local_copy_path(local_dir: &Path, layer_digest: &str) -> Option<PathBuf> {
+    let digest: Digest = layer_digest.parse().ok()?;
+    Some(local_dir.join(format!("{}-{}", digest.algorithm().name(), digest.hex())))
+}
+
+/// Opens a layer from its local copy at `path`, checked against `layer_digest` first
+/// (a copy that does not match is deleted), indexed here; no registry.
+pub async fn open_local_copy(
+    gate: &crate::parse_gate::ParseGate,
+    layer_digest: &str,
+    path: &Path,
+) -> Result<estargz::Layer, MountError> {
+    let want: Digest = layer_digest
+        .parse()
+        .map_err(|e| MountError::Labels(format!("layer digest {layer_digest:?}: {e}")))?;
+    let size = std::fs::metadata(path)
+        .map_err(|e| MountError::Mount(format!("{}: {e}", path.display())))?
+        .len();
+    let cancel = estargz::Cancel::new();
+    let stop = cancel.clone();
+    let path = path.to_path_buf();
+    gate.run(layer_digest, size, cancel, move || {
+        let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+        let mut hasher = registry::Hasher::new(want.algorithm());
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, &file);
+        loop {
+            let buf = std::io::BufRead::fill_buf(&mut reader).map_err(|e| e.to_string())?;
+            if buf.is_empty() {
+                break;
+            }
+            hasher.update(buf);
+            let n = buf.len();
+            std::io::BufRead::consume(&mut reader, n);
+        }
+        if hasher.finish() != want {
+            let _ = std::fs::remove_file(&path);
+            return Err(format!("{} is not layer {want}: deleted", path.display()));
+        }
+        let ztoc = soci::ztoc_builder::build_ztoc(
+            &file,
+            soci::ztoc_builder::DEFAULT_SPAN_SIZE,
+            "lazysnapd",
+        )
+        .map_err(|e| e.to_string())?;
+        let bytes = soci::ztoc::encode(&ztoc);
+        let blob = Arc::new(LocalCopy { path, file, size });
+        soci::layer::open_layer(blob, size, &bytes, &estargz::Digest::of(&bytes), &stop)
+            .map_err(|e| e.to_string())
+    })
+    .await?
+    .map_err(|e| MountError::Layer(format!("layer {layer_digest}, from its local copy: {e}")))
+}
+
+/// Deletes the local copies of layers not in `keep` written before `written_before`
+/// (one written since may be of a layer mounted after `keep` was listed), and leftover
+/// temp files as old. Returns how many went.
+pub fn retain_local_copies(
+    local_dir: &Path,
+    keep: &std::collections::HashSet<String>,
+    written_before: std::time::SystemTime,
+) -> usize {
+    let keep: std::collections::HashSet<PathBuf> = keep
+        .iter()
+        .filter_map(|d| local_copy_path(local_dir, d))
+        .collect();
+    let Ok(entries) = std::fs::read_dir(local_dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        // Only what this module writes there: copies named after a digest, temp files.
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let ours = name.starts_with(".tmp-")
+            || name
+                .split_once('-')
+                .and_then(|(algorithm, hex)| format!("{algorithm}:{hex}").parse::<Digest>().ok())
+                .is_some();
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t < written_before);
+        if ours && !keep.contains(&path) && old && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// A layer's local copy as the blob it is read from.
 struct LocalCopy {
-    copy: tempfile::NamedTempFile,
+    path: PathBuf,
     file: std::fs::File,
     size: u64,
 }
@@ -442,10 +534,7 @@ impl estargz::BlobReader for LocalCopy {
             if offset > self.size {
                 return Err(estargz::BlobError::new(
                     estargz::BlobErrorKind::OutOfRange,
-                    format!(
-                        "read at {offset} past the end of {}",
-                        self.copy.path().display()
-                    ),
+                    format!("read at {offset} past the end of {}", self.path.display()),
                 ));
             }
             let mut buf = vec![0u8; len.min(self.size - offset) as usize];
@@ -455,5 +544,97 @@ impl estargz::BlobReader for LocalCopy {
             Ok(bytes::Bytes::from(buf))
         })();
         Box::pin(async move { result })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    /// A gzip layer made with tar and gzip, and its digest.
+    fn gzip_layer(dir: &Path) -> (Vec<u8>, String) {
+        let src = dir.join("src");
+        std::fs::create_dir_all(src.join("etc")).unwrap();
+        std::fs::write(src.join("etc/motd"), "local copy\n").unwrap();
+        let out = std::process::Command::new("tar")
+            .arg("-czf")
+            .arg("-")
+            .arg("-C")
+            .arg(&src)
+            .arg("etc")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let digest = Digest::sha256_of(&out.stdout).to_string();
+        (out.stdout, digest)
+    }
+
+    #[tokio::test]
+    async fn a_local_copy_opens_when_it_is_the_layer_and_is_deleted_when_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("local-layers");
+        std::fs::create_dir_all(&local).unwrap();
+        let (bytes, digest) = gzip_layer(dir.path());
+        let path = local_copy_path(&local, &digest).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        let gate = crate::parse_gate::ParseGate::new(64 << 20, Duration::from_secs(10));
+        let opened = open_local_copy(&gate, &digest, &path).await.unwrap();
+        assert_eq!(
+            opened.read_file_range("etc/motd", 0, 100).await.unwrap(),
+            b"local copy\n"
+        );
+        // Another layer's bytes under this name: refused and deleted.
+        let mut other = bytes.clone();
+        let last = other.len() - 1;
+        other[last] ^= 1;
+        std::fs::write(&path, &other).unwrap();
+        let err = open_local_copy(&gate, &digest, &path).await.unwrap_err();
+        assert!(err.to_string().contains("is not layer"), "{err}");
+        assert!(!path.exists());
+        assert_eq!(local_copy_path(&local, "../../etc/passwd"), None);
+    }
+
+    #[test]
+    fn the_sweep_removes_only_unused_copies_it_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let used = Digest::sha256_of(b"used").to_string();
+        let unused = Digest::sha256_of(b"unused").to_string();
+        for d in [&used, &unused] {
+            std::fs::write(local_copy_path(dir.path(), d).unwrap(), d).unwrap();
+        }
+        std::fs::write(dir.path().join(".tmp-x"), "").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not ours").unwrap();
+        let keep = [used.clone()].into_iter().collect();
+        // Written after the listing: kept, whatever it is.
+        assert_eq!(
+            retain_local_copies(
+                dir.path(),
+                &keep,
+                SystemTime::now() - Duration::from_secs(60)
+            ),
+            0
+        );
+        let later = SystemTime::now() + Duration::from_secs(1);
+        assert_eq!(retain_local_copies(dir.path(), &keep, later), 2);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want = vec![
+            "notes.txt".to_string(),
+            local_copy_path(dir.path(), &used)
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned(),
+        ];
+        want.sort();
+        assert_eq!(left, want);
     }
 }
