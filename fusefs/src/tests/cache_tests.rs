@@ -113,6 +113,9 @@ fn on_a_small_filesystem_the_cache_stays_below_its_fill_limit_and_reads_go_on() 
     let stats = f.cache.write_stats();
     assert!(stats.evicted_for_space > 0, "{stats:?}");
     assert_eq!(stats.write_errors, 0, "{stats:?}");
+    // The tmpfs goes before the temp dir it is mounted in, or that dir stays behind.
+    drop(small);
+    drop(f);
 
     // No limit but the disk's, and the disk full: writes fail with ENOSPC, are
     // counted, and reads are answered all the same.
@@ -140,6 +143,8 @@ fn on_a_small_filesystem_the_cache_stays_below_its_fill_limit_and_reads_go_on() 
     let stats = f.cache.write_stats();
     assert!(stats.no_space_errors > 0, "{stats:?}");
     assert_eq!(stats.no_space_errors, stats.write_errors, "{stats:?}");
+    drop(full);
+    drop(f);
 }
 
 #[test]
