@@ -112,14 +112,18 @@ pub fn load_dir(dir: &Path) -> Result<Vec<HostEntry>, String> {
     }
 }
 
-/// One table of hosts.toml: the top level (the server) or a `[host."URL"]`.
-#[derive(Debug, Default)]
+/// One table of hosts.toml: the top level (the server's, flattened beside `server` and
+/// `host`) or a `[host."URL"]`.
+#[derive(Debug, Default, Deserialize)]
 struct HostFileConfig {
+    #[serde(default)]
     capabilities: Vec<String>,
     ca: Option<OneOrMany>,
     client: Option<ClientCerts>,
     skip_verify: Option<bool>,
-    header: Vec<(String, OneOrMany)>,
+    #[serde(default)]
+    header: std::collections::BTreeMap<String, OneOrMany>,
+    #[serde(default)]
     override_path: bool,
     dial_timeout: Option<String>,
 }
@@ -155,24 +159,7 @@ struct HostsFile {
     #[serde(default)]
     host: InOrder<toml::Spanned<HostFileConfig>>,
     #[serde(flatten)]
-    top: HostFileConfigFields,
-}
-
-/// The server's own settings sit at the top level beside `server` and `host`; flattened
-/// through a map because serde's flatten cannot carry `#[serde(default)]` structs' maps
-/// in order.
-#[derive(Debug, Default, Deserialize)]
-struct HostFileConfigFields {
-    #[serde(default)]
-    capabilities: Vec<String>,
-    ca: Option<OneOrMany>,
-    client: Option<ClientCerts>,
-    skip_verify: Option<bool>,
-    #[serde(default)]
-    header: std::collections::BTreeMap<String, OneOrMany>,
-    #[serde(default)]
-    override_path: bool,
-    dial_timeout: Option<String>,
+    top: HostFileConfig,
 }
 
 /// A TOML table's entries as a list (the `host` tables, put back in file order by their
@@ -209,27 +196,6 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for InOrder<T> {
     }
 }
 
-impl<'de> Deserialize<'de> for HostFileConfig {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let f = HostFileConfigFields::deserialize(d)?;
-        Ok(f.into())
-    }
-}
-
-impl From<HostFileConfigFields> for HostFileConfig {
-    fn from(f: HostFileConfigFields) -> Self {
-        HostFileConfig {
-            capabilities: f.capabilities,
-            ca: f.ca,
-            client: f.client,
-            skip_verify: f.skip_verify,
-            header: f.header.into_iter().collect(),
-            override_path: f.override_path,
-            dial_timeout: f.dial_timeout,
-        }
-    }
-}
-
 fn parse_hosts_file(dir: &Path, text: &str) -> Result<Vec<HostEntry>, String> {
     let file: HostsFile = toml::from_str(text).map_err(|e| e.message().to_string())?;
     let mut out = Vec::new();
@@ -240,7 +206,7 @@ fn parse_hosts_file(dir: &Path, text: &str) -> Result<Vec<HostEntry>, String> {
         out.push(host_entry(dir, Some(&url), config.into_inner())?);
     }
     let server = (!file.server.is_empty()).then_some(file.server.as_str());
-    out.push(host_entry(dir, server, file.top.into())?);
+    out.push(host_entry(dir, server, file.top)?);
     Ok(out)
 }
 

@@ -61,24 +61,25 @@ async fn a_tls_mirror_with_a_client_certificate_serves_as_hosts_toml_says() {
     let host_dir = config_path.join(&origin.host);
     std::fs::create_dir_all(&host_dir).expect("host dir");
     std::fs::copy(pki.ca(), host_dir.join("mirror-ca.pem")).expect("copy ca");
-    let write_hosts = |client_line: &str| {
+    // The mirror's table says how it is trusted and which certificate is presented.
+    let write_hosts = |mirror_lines: &str| {
         std::fs::write(
             host_dir.join("hosts.toml"),
             format!(
                 "server = \"http://{origin}\"\n\n\
-                 [host.\"https://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  \
-                 ca = \"mirror-ca.pem\"\n  {client_line}\n",
+                 [host.\"https://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n{mirror_lines}",
                 origin = origin.host,
                 mirror = mirror.host,
             ),
         )
         .expect("write hosts.toml")
     };
-    write_hosts(&format!(
-        "client = [[\"{}\", \"{}\"]]",
+    let client_line = format!(
+        "  client = [[\"{}\", \"{}\"]]\n",
         client_cert.display(),
         client_key.display()
-    ));
+    );
+    write_hosts(&format!("  ca = \"mirror-ca.pem\"\n{client_line}"));
 
     // With the client certificate, the mirror serves ranges and whole blobs.
     let client = client_for(&config_path);
@@ -112,7 +113,7 @@ async fn a_tls_mirror_with_a_client_certificate_serves_as_hosts_toml_says() {
     );
 
     // Without it, the mirror refuses the handshake and the origin serves: same bytes.
-    write_hosts("");
+    write_hosts("  ca = \"mirror-ca.pem\"\n");
     let client = client_for(&config_path);
     let blob = RemoteBlob::new(
         client.clone(),
@@ -125,18 +126,7 @@ async fn a_tls_mirror_with_a_client_certificate_serves_as_hosts_toml_says() {
     assert_eq!(blob_gets(&origin, &digest), 1);
 
     // skip_verify instead of the CA: still the client certificate the mirror wants.
-    std::fs::write(
-        host_dir.join("hosts.toml"),
-        format!(
-            "server = \"http://{}\"\n[host.\"https://{}\"]\n  skip_verify = true\n  \
-             client = [[\"{}\", \"{}\"]]\n",
-            origin.host,
-            mirror.host,
-            client_cert.display(),
-            client_key.display()
-        ),
-    )
-    .expect("write hosts.toml");
+    write_hosts(&format!("  skip_verify = true\n{client_line}"));
     // A reload (SIGHUP in lazysnapd) reads the directory again, and gives the mirror
     // its range reads back.
     client

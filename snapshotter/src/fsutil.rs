@@ -1,4 +1,4 @@
-//! Filesystem helpers: disk usage, mount table, unmount. The only module with `unsafe`.
+//! Filesystem helpers: disk usage, mount table, unmount.
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
@@ -32,18 +32,37 @@ pub fn disk_usage(root: &Path) -> Result<Usage> {
 pub use fusefs::mountinfo::mounts_under;
 
 /// Detaches a mount (`umount -l`): the mount point becomes free at once even if busy.
-#[allow(unsafe_code)]
 pub fn unmount_detach(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: c_path is a valid NUL-terminated string that outlives the call.
-    let rc = unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH).map_err(std::io::Error::from)
+}
+
+/// Deletes the files in `dir` that `ours` claims (by name), that are not in `keep`, and
+/// that were last written before `written_before` (one written since may belong to
+/// something the caller had not listed yet). Returns how many went.
+pub fn remove_unkept(
+    dir: &Path,
+    keep: &std::collections::HashSet<std::path::PathBuf>,
+    written_before: std::time::SystemTime,
+    ours: impl Fn(&str) -> bool,
+) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if keep.contains(&path) || !ours(&entry.file_name().to_string_lossy()) {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t < written_before);
+        if old && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
     }
+    removed
 }
 
 /// Removes a snapshot directory, first detaching anything still mounted inside it

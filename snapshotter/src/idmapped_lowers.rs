@@ -124,15 +124,11 @@ impl IdmappedLowers {
 }
 
 fn is_mount_point(path: &Path) -> bool {
-    fusefs::mountinfo::mounts()
-        .iter()
-        .any(|m| m.mount_point == path)
+    crate::fsutil::mounts_under(path).iter().any(|m| m == path)
 }
 
 fn detach(path: &Path) -> Result<()> {
-    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
-        .map_err(std::io::Error::from)
-        .io_context("unmount", path)
+    crate::fsutil::unmount_detach(path).io_context("unmount", path)
 }
 
 /// A user namespace with `mapping`, as an fd: a child process enters a new one

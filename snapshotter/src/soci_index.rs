@@ -489,29 +489,15 @@ pub fn retain_local_copies(
         .iter()
         .filter_map(|d| local_copy_path(local_dir, d))
         .collect();
-    let Ok(entries) = std::fs::read_dir(local_dir) else {
-        return 0;
-    };
-    let mut removed = 0;
-    for entry in entries.flatten() {
-        let path = entry.path();
-        // Only what this module writes there: copies named after a digest, temp files.
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let ours = name.starts_with(".tmp-")
+    // Only what this module writes there: copies named after a digest, temp files.
+    let ours = |name: &str| {
+        name.starts_with(".tmp-")
             || name
                 .split_once('-')
                 .and_then(|(algorithm, hex)| format!("{algorithm}:{hex}").parse::<Digest>().ok())
-                .is_some();
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| t < written_before);
-        if ours && !keep.contains(&path) && old && std::fs::remove_file(&path).is_ok() {
-            removed += 1;
-        }
-    }
-    removed
+                .is_some()
+    };
+    crate::fsutil::remove_unkept(local_dir, &keep, written_before, ours)
 }
 
 /// A layer's local copy as the blob it is read from.

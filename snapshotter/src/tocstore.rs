@@ -230,24 +230,8 @@ impl TocStore {
     /// been kept), and leftover temp files as old. Returns how many files went.
     pub fn retain(&self, keep: &HashSet<String>, written_before: SystemTime) -> usize {
         let keep: HashSet<PathBuf> = keep.iter().filter_map(|d| self.path_of(d)).collect();
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return 0;
-        };
-        let mut removed = 0;
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if keep.contains(&path) {
-                continue;
-            }
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t < written_before);
-            if old && std::fs::remove_file(&path).is_ok() {
-                removed += 1;
-            }
-        }
-        removed
+        // Everything in the store's directory is its own.
+        crate::fsutil::remove_unkept(&self.dir, &keep, written_before, |_| true)
     }
 }
 
