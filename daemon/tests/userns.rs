@@ -278,17 +278,36 @@ async fn a_cri_pod_sandbox_with_a_user_namespace_runs_on_a_lazy_image() {
         );
     }
     // The sandbox's process: the pod's root is CRI_HOST_ID on the host, and the image's
-    // files, root's in the layer, are that root's through its mount.
-    let sleeper = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .map(|p| p.path())
-        .find(|p| {
-            std::fs::read(p.join("cmdline")).is_ok_and(|c| c == b"/bin/sleep\x003600\x00")
-                && std::fs::read_to_string(p.join("uid_map"))
-                    .is_ok_and(|m| m.split_whitespace().eq(["0", "327680", "65536"]))
-        })
-        .unwrap_or_else(|| panic!("no sandbox process in the pod's user namespace"));
+    // files, root's in the layer, are that root's through its mount. `runc start` returns
+    // when it has told the container's init to go on, before that init has exec'd the
+    // image's command, so the process is waited for.
+    let find_sleeper = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .map(|p| p.path())
+            .find(|p| {
+                std::fs::read(p.join("cmdline")).is_ok_and(|c| c == b"/bin/sleep\x003600\x00")
+                    && std::fs::read_to_string(p.join("uid_map"))
+                        .is_ok_and(|m| m.split_whitespace().eq(["0", "327680", "65536"]))
+            })
+    };
+    let mut sleeper = None;
+    testkit::wait_until(Duration::from_secs(10), || {
+        sleeper = find_sleeper();
+        sleeper.is_some()
+    });
+    let sleeper = sleeper.unwrap_or_else(|| {
+        let processes = std::process::Command::new("ps")
+            .args(["-eo", "pid,user,args"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        panic!(
+            "no sandbox process in the pod's user namespace within 10 s\nprocesses:\n{processes}\ncontainerd log:\n{}",
+            containerd.log()
+        )
+    });
     let owner = std::fs::metadata(&sleeper).unwrap();
     assert_eq!(owner.uid(), CRI_HOST_ID);
     let busybox = std::fs::metadata(sleeper.join("root/bin/busybox")).unwrap();
