@@ -254,6 +254,7 @@ impl Env {
         fusefs::mount(
             Arc::new(layer),
             &mp,
+            None,
             &fusefs::Backing::new(self.cache.clone(), self.rt.handle().clone(), &config),
             config,
         )

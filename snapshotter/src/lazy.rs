@@ -190,6 +190,16 @@ struct HeldConnection {
     fd: OwnedFd,
 }
 
+/// Where a mount's FUSE passthrough backing ids are recorded for a successor: beside
+/// the mountpoint in the snapshot's directory (`fs` → `fs.passthrough-ids`).
+fn passthrough_ids(mountpoint: &Path) -> PathBuf {
+    let name = mountpoint
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    mountpoint.with_file_name(format!("{name}.passthrough-ids"))
+}
+
 /// What the holder keeps next to each fd: what `fusefs::adopt` needs, and the layer
 /// for the logs.
 fn handover_meta(h: &fusefs::Handover, layer: &RemoteLayer) -> String {
@@ -697,7 +707,16 @@ impl FuseMounter {
             mountpoint.to_path_buf(),
         );
         let adopted = tokio::task::spawn_blocking(move || {
-            fusefs::adopt(opened, &path, held.fd, &held.handover, &backing, config)
+            let ids = passthrough_ids(&path);
+            fusefs::adopt(
+                opened,
+                &path,
+                Some(&ids),
+                held.fd,
+                &held.handover,
+                &backing,
+                config,
+            )
         })
         .await
         .map_err(|e| MountError::Mount(format!("take-over task: {e}")))?;
@@ -1074,7 +1093,7 @@ impl FuseMounter {
         // Mounting waits for the kernel's handshake, and the holder is a blocking
         // socket: keep both off the async threads.
         let (mounted, handed_over) = tokio::task::spawn_blocking(move || {
-            let mounted = fusefs::mount(opened, &path, &backing, config)?;
+            let mounted = fusefs::mount(opened, &path, Some(&passthrough_ids(&path)), &backing, config)?;
             let handed_over = holder.is_some_and(|holder| {
                 let Some((fd, handover)) = mounted.handover() else {
                     return false;

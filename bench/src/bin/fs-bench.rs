@@ -281,6 +281,7 @@ impl Bench<'_> {
         let mounted = fusefs::mount(
             Arc::new(layer),
             &mp,
+            None,
             &fusefs::Backing::new(cache.clone(), self.rt.handle().clone(), &config),
             config,
         )
@@ -1318,6 +1319,7 @@ fn rss_child(blob: &Path, args: &Args) -> anyhow::Result<()> {
         mounts.push(fusefs::mount(
             Arc::new(layer),
             &mp,
+            None,
             &fusefs::Backing::new(cache.clone(), rt.handle().clone(), &config),
             config,
         )?);
