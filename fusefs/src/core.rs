@@ -1,5 +1,5 @@
 //! The filesystem core: inodes, attributes, directories, links, xattrs, statfs and
-//! reads over one layer's index. No FUSE in here; the adapter in `fuse.rs` translates.
+//! reads over one layer's index. No FUSE in here; the adapter in `fuse/session.rs` translates.
 //!
 //! Inode numbers are `NodeId + 1` (the root is FUSE's 1), hardlinks share their
 //! target's inode, and file handles are inode numbers: all derivable from the TOC alone,
