@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use snapshotter::Snapshotter;
-use snapshotter::lazy::{FetchImageError, FuseMounter, MountedLayerStatus};
+use snapshotter::fuse_mounter::{FetchImageError, FuseMounter, MountedLayerStatus};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
 /// File name of the status socket inside the daemon's root.
@@ -184,7 +184,7 @@ fn layer_status(l: &MountedLayerStatus) -> LayerStatus {
 
 /// Groups `layers` (the status of `mounted`, in the same order) by image.
 fn images_of(mounted: &[MountedLayerStatus], layers: &[LayerStatus]) -> Vec<ImageStatus> {
-    let groups = snapshotter::lazy::layers_by_image(mounted.iter().map(|m| {
+    let groups = snapshotter::fuse_mounter::layers_by_image(mounted.iter().map(|m| {
         (
             m.image_ref.as_str(),
             m.layer_digest.as_str(),
@@ -299,7 +299,7 @@ impl Observer {
         let with_chains: Vec<MountedLayerStatus> = mounted
             .iter()
             .map(|m| MountedLayerStatus {
-                image_layers: snapshotter::lazy::with_lower(
+                image_layers: snapshotter::fuse_mounter::with_lower(
                     &m.image_layers,
                     lower.get(&m.layer_digest),
                 ),

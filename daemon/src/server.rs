@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use snapshotter::Snapshotter;
+use snapshotter::fuse_mounter::FuseMounter;
 use snapshotter::holder::HolderClient;
-use snapshotter::lazy::FuseMounter;
 use snapshotter::lazy_snapshotter::LazySnapshotter;
 use snapshotter::remote::RemoteMounter;
 use snapshotter::service::SnapshotService;

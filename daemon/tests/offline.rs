@@ -387,7 +387,7 @@ async fn a_read_that_needs_a_registry_that_is_down_fails_in_time_and_works_once_
     .unwrap();
     // (A read that starts within this long of a failed one fails with it, so that the
     // kernel's immediate second try of a failed read-ahead does not wait again.)
-    tokio::time::sleep(snapshotter::lazy::FAILURE_HOLD).await;
+    tokio::time::sleep(snapshotter::fuse_mounter::FAILURE_HOLD).await;
     let (read, took) = timed_read(mountpoint.join("app/missing.bin")).await;
     eprintln!("read with the registry back took {took:?}");
     let read = read.unwrap_or_else(|e| panic!("{e}; log:\n{}", daemon.log()));

@@ -21,7 +21,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// The name of a remote snapshot's native copy, beside its FUSE mountpoint `fs`.
@@ -252,6 +252,58 @@ fn copy_xattrs(src: &Path, dst: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// How often a mounted layer is checked for being wholly local.
+const LOCAL_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Waits until every byte of the layer is local (however it got there: reads, prefetch,
+/// background fetch, `lazysnap fetch`) and nothing has read it for a poll, then makes
+/// its native copy. Ends without one
+/// when the layer is unmounted first.
+pub(crate) async fn copy_when_local(
+    fs: std::sync::Weak<fusefs::LayerFs>,
+    mountpoint: PathBuf,
+    digest: String,
+    copies: Arc<NativeCopies>,
+) {
+    let mut reads_before = None;
+    loop {
+        tokio::time::sleep(LOCAL_POLL).await;
+        let Some(layer) = fs.upgrade() else { return };
+        let stats = layer.stats();
+        let reads = stats.cache_hits + stats.cache_misses;
+        // Copying a big layer takes seconds of CPU and disk: not while a container is
+        // still reading it (the one that just made it local, as a rule).
+        let quiet = reads_before.replace(reads) == Some(reads);
+        if stats.local_bytes < stats.total_bytes || !quiet {
+            continue;
+        }
+        // The copy reads through the mount; those reads are not a container's.
+        let _own = layer.own_reads();
+        drop(layer);
+        let started = std::time::Instant::now();
+        let path = mountpoint.clone();
+        let copy = move || {
+            let Some(_running) = copies.start() else {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "lazysnapd is leaving its mounts",
+                ));
+            };
+            make_native_copy(&path, &copies)
+        };
+        match tokio::task::spawn_blocking(copy).await {
+            Ok(Ok(copied)) => tracing::info!(layer = %digest, path = %mountpoint.display(),
+                entries = copied.entries, bytes = copied.bytes,
+                seconds = started.elapsed().as_secs_f64(),
+                "layer wholly local: native copy made; containers created from now on read it"),
+            Ok(Err(e)) => tracing::warn!(layer = %digest, path = %mountpoint.display(), error = %e,
+                "no native copy of a wholly local layer; containers keep reading through FUSE"),
+            Err(e) => tracing::warn!(layer = %digest, error = %e, "native copy task"),
+        }
+        return;
+    }
 }
 
 #[cfg(test)]
