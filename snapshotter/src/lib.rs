@@ -8,6 +8,7 @@ pub mod fuse_mounter;
 pub mod holder;
 pub mod idmap;
 mod idmapped_lowers;
+mod layer_source;
 pub mod lazy_snapshotter;
 pub mod libraries;
 pub mod native;

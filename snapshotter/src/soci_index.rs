@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use registry::{Client, Descriptor, Digest, ImageManifest, Reference};
 
-use crate::remote::{MountError, RemoteLayer};
+use crate::layer_source::LayerSource;
+use crate::remote::MountError;
 use crate::tocstore::KeptZtoc;
 
 pub use soci::index_names::{
@@ -89,12 +90,12 @@ pub struct SociIndexes {
 impl SociIndexes {
     /// The zTOC for `layer`, or None when the image has no SOCI index, the index has no
     /// zTOC for this layer (soci skips small ones) or the layer is lazy by its own TOC.
-    pub async fn ztoc_for(
+    pub(crate) async fn ztoc_for(
         &self,
         client: &Client,
-        layer: &RemoteLayer,
-        reference: &Reference,
+        layer: &LayerSource<'_>,
     ) -> Result<Result<ZtocRef, NoZtoc>, MountError> {
+        let reference = &layer.reference;
         let key = (
             reference.repository.to_string(),
             layer
@@ -112,7 +113,7 @@ impl SociIndexes {
         let lookup = match cached {
             Some(lookup) => lookup,
             None => {
-                let lookup = Arc::new(look_up(client, layer, reference).await?);
+                let lookup = Arc::new(look_up(client, layer).await?);
                 let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
                 // A bound on memory: a node pulls a few images at a time.
                 if found.len() >= 256 {
@@ -131,10 +132,8 @@ impl SociIndexes {
             } => (digest, found_by, index, image),
             Lookup::None(why) => return Ok(Err(NoZtoc::NoIndex(why.clone()))),
         };
-        let wanted: Digest = layer.layer_digest.parse().map_err(|e| {
-            MountError::Labels(format!("layer digest {:?}: {e}", layer.layer_digest))
-        })?;
-        let Some(in_image) = image.layers.iter().find(|d| d.digest == wanted) else {
+        let wanted = &layer.digest;
+        let Some(in_image) = image.layers.iter().find(|d| d.digest == *wanted) else {
             return Err(MountError::Layer(format!(
                 "the image's manifest does not list layer {wanted}"
             )));
@@ -164,11 +163,8 @@ impl SociIndexes {
     }
 }
 
-async fn look_up(
-    client: &Client,
-    layer: &RemoteLayer,
-    reference: &Reference,
-) -> Result<Lookup, MountError> {
+async fn look_up(client: &Client, layer: &LayerSource<'_>) -> Result<Lookup, MountError> {
+    let reference = &layer.reference;
     let registry = |e: registry::Error| MountError::Registry(e.to_string());
     let (image_digest, image) = match &layer.manifest_digest {
         Some(digest) => {
@@ -258,23 +254,20 @@ pub type ThroughIndex = (estargz::Layer, String, Option<KeptZtoc>);
 /// there is no zTOC to read it through. A zTOC that is found but does not open (not the
 /// digest its index names, malformed, not for this layer) is an error: the layer is then
 /// pulled in full.
-pub async fn open_through_index(
+pub(crate) async fn open_through_index(
     client: &Client,
     indexes: &SociIndexes,
     gate: &crate::parse_gate::ParseGate,
-    layer: &RemoteLayer,
+    layer: &LayerSource<'_>,
     local_dir: &Path,
 ) -> Result<Result<ThroughIndex, String>, MountError> {
-    let reference: Reference = layer
-        .image_ref
-        .parse()
-        .map_err(|e| MountError::Labels(format!("image reference {:?}: {e}", layer.image_ref)))?;
-    let found = match indexes.ztoc_for(client, layer, &reference).await? {
+    let reference = &layer.reference;
+    let found = match indexes.ztoc_for(client, layer).await? {
         Ok(found) => found,
         Err(NoZtoc::NotInIndex { index, layer: desc })
             if desc.size <= MAX_WHOLE_LAYER && desc.media_type.ends_with("gzip") =>
         {
-            return open_whole(client, gate, layer, &reference, index, *desc, local_dir)
+            return open_whole(client, gate, layer, index, *desc, local_dir)
                 .await
                 .map(|(opened, how)| Ok((opened, how, None)));
         }
@@ -303,7 +296,7 @@ pub async fn open_through_index(
         .parse()
         .map_err(|e| bad(format!("{e}")))?;
     let prefetch = match &found.prefetch {
-        Some(desc) => prefetch_spans(client, &reference, desc).await,
+        Some(desc) => prefetch_spans(client, reference, desc).await,
         None => Vec::new(),
     };
     let blob = registry::RemoteBlob::new(
@@ -375,8 +368,7 @@ pub const MAX_WHOLE_LAYER: u64 = 256 << 20;
 async fn open_whole(
     client: &Client,
     gate: &crate::parse_gate::ParseGate,
-    layer: &RemoteLayer,
-    reference: &Reference,
+    layer: &LayerSource<'_>,
     index: Digest,
     desc: Descriptor,
     local_dir: &Path,
@@ -404,7 +396,7 @@ async fn open_whole(
         .map_err(|e| io("creating a local copy", e))?;
     let mut out = tokio::fs::File::from_std(copy.reopen().map_err(|e| io("opening the copy", e))?);
     let size = client
-        .fetch_blob_to(&reference.repository, &desc.digest, &mut out)
+        .fetch_blob_to(&layer.reference.repository, &desc.digest, &mut out)
         .await
         .map_err(|e| MountError::Registry(e.to_string()))?;
     tokio::io::AsyncWriteExt::flush(&mut out)

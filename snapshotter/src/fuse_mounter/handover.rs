@@ -11,6 +11,7 @@ use serde_json::json;
 use super::FuseMounter;
 use crate::fsutil;
 use crate::holder::HolderClient;
+use crate::layer_source::LayerSource;
 use crate::remote::{MountError, RemoteLayer};
 
 pub(super) struct HeldConnection {
@@ -125,7 +126,7 @@ impl FuseMounter {
     /// Err means there was one and it could not be served (it is then dropped).
     pub(super) async fn take_over(
         &self,
-        layer: &RemoteLayer,
+        layer: &LayerSource<'_>,
         opened: &Arc<estargz::Layer>,
         mountpoint: &Path,
     ) -> Result<Option<fusefs::MountedLayer>, MountError> {

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::fsutil;
 use crate::holder::HolderClient;
+use crate::layer_source::LayerSource;
 use crate::libraries::LibraryFinder;
 use crate::parse_gate::ParseGate;
 use crate::preopen::{self, Preopener};
@@ -149,15 +150,10 @@ impl FuseMounter {
     }
 
     /// The cache, runtime and registry host's link a layer's filesystem uses.
-    fn backing(&self, layer: &RemoteLayer) -> fusefs::Backing {
-        let host = layer
-            .image_ref
-            .parse::<registry::Reference>()
-            .map(|r| r.repository.api_host().to_string())
-            .unwrap_or_default();
+    fn backing(&self, layer: &LayerSource<'_>) -> fusefs::Backing {
         fusefs::Backing {
             cache: self.cache.clone(),
-            link: self.links.for_host(&host),
+            link: self.links.for_host(layer.api_host()),
             handle: self.handle.clone(),
         }
     }
@@ -232,18 +228,14 @@ impl FuseMounter {
         &self,
         mountpoint: &Path,
         mounted: fusefs::MountedLayer,
-        layer: &RemoteLayer,
+        layer: &LayerSource<'_>,
         handed_over: bool,
     ) {
         let served = Served {
             mounted,
             layer_digest: layer.layer_digest.clone(),
             image_ref: layer.image_ref.clone(),
-            repository: layer
-                .image_ref
-                .parse::<registry::Reference>()
-                .map(|r| r.repository.to_string())
-                .unwrap_or_default(),
+            repository: layer.repository(),
             image_layers: layer.image_layers.clone(),
             handed_over,
         };
@@ -281,7 +273,7 @@ impl FuseMounter {
     /// kept for it, or else mounts it.
     async fn serve_layer(
         &self,
-        layer: &RemoteLayer,
+        layer: &LayerSource<'_>,
         opened: Arc<estargz::Layer>,
         mountpoint: &Path,
         preopened: bool,
@@ -314,7 +306,7 @@ impl FuseMounter {
             mountpoint.to_path_buf(),
         );
         let holder = self.holder.clone();
-        let layer_meta = layer.clone();
+        let layer_meta = RemoteLayer::clone(layer);
         // Mounting waits for the kernel's handshake, and the holder is a blocking
         // socket: keep both off the async threads.
         let (mounted, handed_over) = tokio::task::spawn_blocking(move || {
@@ -344,43 +336,82 @@ impl FuseMounter {
     }
 }
 
+impl FuseMounter {
+    /// Opens the layer from its registry (through a SOCI index if it has one) and
+    /// serves it.
+    async fn mount_from_registry(
+        &self,
+        layer: &LayerSource<'_>,
+        mountpoint: &Path,
+    ) -> Result<MountedInfo, MountError> {
+        // A layer without a TOC label may be plain gzip with a SOCI index.
+        if layer.toc_digest.is_none() {
+            let through_index = crate::soci_index::open_through_index(
+                &self.client,
+                &self.soci,
+                &self.parse_gate,
+                layer,
+                &self.local_layers,
+            )
+            .await?;
+            match through_index {
+                Ok((opened, how, kept)) => {
+                    tracing::info!(layer = %layer.layer_digest,
+                        "mounting the gzip layer lazily, {how}");
+                    let info = self
+                        .serve_layer(layer, Arc::new(opened), mountpoint, false)
+                        .await?;
+                    if let Some(kept) = kept {
+                        self.keep_ztoc(layer, kept);
+                    }
+                    return Ok(info);
+                }
+                Err(why) => tracing::debug!(layer = %layer.layer_digest, %why,
+                    "not through a SOCI index"),
+            }
+        }
+        // `_opening` lasts until the layer is served (or the mount fails), so no
+        // pre-open of it starts meanwhile.
+        let (opened, preopened, opts, _opening) = self.open_layer(layer).await?;
+        let info = self
+            .serve_layer(layer, Arc::clone(&opened.layer), mountpoint, preopened)
+            .await?;
+        self.keep_metadata(layer, opened, opts);
+        Ok(info)
+    }
+
+    /// The layer opened from what is on disk, with no network, and what that was; None
+    /// when nothing usable is.
+    async fn open_local(
+        &self,
+        layer: &LayerSource<'_>,
+    ) -> Result<Option<(Arc<estargz::Layer>, &'static str)>, MountError> {
+        // A SOCI image's layer without a zTOC that was fetched whole: its copy is
+        // checked against the layer digest, which needs no index and no registry.
+        let local_copy =
+            crate::soci_index::local_copy_path(&self.local_layers, &layer.layer_digest)
+                .filter(|p| layer.toc_digest.is_none() && p.is_file());
+        if let Some(path) = local_copy {
+            match crate::soci_index::open_local_copy(&self.parse_gate, &layer.layer_digest, &path)
+                .await
+            {
+                Ok(opened) => return Ok(Some((Arc::new(opened), "local copy"))),
+                Err(e) => tracing::warn!(layer = %layer.layer_digest, error = %e,
+                    "the layer's local copy is unusable; opening it from its registry"),
+            }
+        }
+        Ok(self
+            .open_kept(layer)
+            .await?
+            .map(|kept| (kept, "kept metadata")))
+    }
+}
+
 impl RemoteMounter for FuseMounter {
     fn mount<'a>(&'a self, layer: &'a RemoteLayer, mountpoint: &'a Path) -> MountFuture<'a> {
         Box::pin(async move {
-            // A layer without a TOC label may be plain gzip with a SOCI index.
-            if layer.toc_digest.is_none() {
-                let through_index = crate::soci_index::open_through_index(
-                    &self.client,
-                    &self.soci,
-                    &self.parse_gate,
-                    layer,
-                    &self.local_layers,
-                )
-                .await?;
-                match through_index {
-                    Ok((opened, how, kept)) => {
-                        tracing::info!(layer = %layer.layer_digest,
-                            "mounting the gzip layer lazily, {how}");
-                        let info = self
-                            .serve_layer(layer, Arc::new(opened), mountpoint, false)
-                            .await?;
-                        if let Some(kept) = kept {
-                            self.keep_ztoc(layer, kept);
-                        }
-                        return Ok(info);
-                    }
-                    Err(why) => tracing::debug!(layer = %layer.layer_digest, %why,
-                        "not through a SOCI index"),
-                }
-            }
-            // `_opening` lasts until the layer is served (or the mount fails), so no
-            // pre-open of it starts meanwhile.
-            let (opened, preopened, opts, _opening) = self.open_layer(layer).await?;
-            let info = self
-                .serve_layer(layer, Arc::clone(&opened.layer), mountpoint, preopened)
-                .await?;
-            self.keep_metadata(layer, opened, opts);
-            Ok(info)
+            self.mount_from_registry(&LayerSource::of(layer)?, mountpoint)
+                .await
         })
     }
 
@@ -388,38 +419,16 @@ impl RemoteMounter for FuseMounter {
     /// come from the cache, and from the registry only when a read misses it.
     fn restore<'a>(&'a self, layer: &'a RemoteLayer, mountpoint: &'a Path) -> MountFuture<'a> {
         Box::pin(async move {
-            // A SOCI image's layer without a zTOC that was fetched whole: its copy is
-            // checked against the layer digest, which needs no index and no registry.
-            let local_copy =
-                crate::soci_index::local_copy_path(&self.local_layers, &layer.layer_digest)
-                    .filter(|p| layer.toc_digest.is_none() && p.is_file());
-            if let Some(path) = local_copy {
-                match crate::soci_index::open_local_copy(
-                    &self.parse_gate,
-                    &layer.layer_digest,
-                    &path,
-                )
-                .await
-                {
-                    Ok(opened) => {
-                        let info = self
-                            .serve_layer(layer, Arc::new(opened), mountpoint, false)
-                            .await?;
-                        tracing::info!(layer = %layer.layer_digest, path = %mountpoint.display(),
-                            "layer opened from its local copy, without the registry");
-                        return Ok(info);
-                    }
-                    Err(e) => tracing::warn!(layer = %layer.layer_digest, error = %e,
-                        "the layer's local copy is unusable; opening it from its registry"),
+            let layer = LayerSource::of(layer)?;
+            match self.open_local(&layer).await? {
+                Some((opened, from)) => {
+                    let info = self.serve_layer(&layer, opened, mountpoint, false).await?;
+                    tracing::info!(layer = %layer.layer_digest, path = %mountpoint.display(),
+                        "layer opened from its {from}, without the registry");
+                    Ok(info)
                 }
+                None => self.mount_from_registry(&layer, mountpoint).await,
             }
-            if let Some(kept) = self.open_kept(layer).await? {
-                let info = self.serve_layer(layer, kept, mountpoint, false).await?;
-                tracing::info!(layer = %layer.layer_digest, path = %mountpoint.display(),
-                    "layer opened from its kept metadata, without the registry");
-                return Ok(info);
-            }
-            self.mount(layer, mountpoint).await
         })
     }
 

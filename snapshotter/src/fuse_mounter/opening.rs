@@ -7,20 +7,18 @@ use std::sync::Arc;
 
 use super::FuseMounter;
 use super::kept_blob::KeptBlob;
+use crate::layer_source::LayerSource;
 use crate::preopen::{self, LayerKey, Opened};
-use crate::remote::{MountError, RemoteLayer};
+use crate::remote::MountError;
 
 impl FuseMounter {
     /// Starts pre-opening the siblings of `layer` that are neither served, pre-opened
     /// nor being opened. Never waits: the pre-opens run on the runtime.
-    fn preopen_siblings(&self, layer: &RemoteLayer) {
+    fn preopen_siblings(&self, layer: &LayerSource<'_>) {
         let Some(preopener) = &self.preopener else {
             return;
         };
-        let Ok(reference) = layer.image_ref.parse::<registry::Reference>() else {
-            return;
-        };
-        let repository = reference.repository.to_string();
+        let repository = layer.repository();
         let served: HashSet<String> = self
             .mounts()
             .values()
@@ -39,7 +37,7 @@ impl FuseMounter {
                 repository: repository.clone(),
                 digest: sibling.clone(),
             };
-            let (client, repo) = (self.client.clone(), reference.repository.clone());
+            let (client, repo) = (self.client.clone(), layer.reference.repository.clone());
             // No TOC digest is known yet: the sibling's own Prepare checks it (preopen::accept).
             let (sibling, gate) = (sibling.clone(), self.parse_gate.clone());
             let open = async move {
@@ -67,27 +65,21 @@ impl FuseMounter {
     /// being opened until the mount is done.
     pub(super) async fn open_layer(
         &self,
-        layer: &RemoteLayer,
+        layer: &LayerSource<'_>,
     ) -> Result<(Opened, bool, estargz::OpenOptions, Option<preopen::Opening>), MountError> {
-        let reference: registry::Reference = layer.image_ref.parse().map_err(|e| {
-            MountError::Labels(format!("image reference {:?}: {e}", layer.image_ref))
-        })?;
-        let digest: registry::Digest = layer.layer_digest.parse().map_err(|e| {
-            MountError::Labels(format!("layer digest {:?}: {e}", layer.layer_digest))
-        })?;
         let claim = async {
             let Some(preopener) = &self.preopener else {
                 return Ok((None, None));
             };
             let key = LayerKey {
-                repository: reference.repository.to_string(),
+                repository: layer.repository(),
                 digest: layer.layer_digest.clone(),
             };
             let (claimed, opening) = preopener.claim(&key).await;
             Ok::<_, MountError>((claimed, Some(opening)))
         };
         let verification = async {
-            let opts = self.verification(layer, &reference, &digest).await?;
+            let opts = self.verification(layer).await?;
             // Only an image that publishes TOC digests is worth pre-opening: a plain
             // image's siblings would all fail.
             self.preopen_siblings(layer);
@@ -99,8 +91,8 @@ impl FuseMounter {
         let fresh = async {
             let blob = registry::RemoteBlob::open(
                 self.client.clone(),
-                reference.repository.clone(),
-                digest,
+                layer.reference.repository.clone(),
+                layer.digest.clone(),
             )
             .await
             .map_err(|e| MountError::Registry(e.to_string()))?;
@@ -116,7 +108,7 @@ impl FuseMounter {
     /// mounted without verification (skip-verify) is not kept.
     pub(super) fn keep_metadata(
         &self,
-        layer: &RemoteLayer,
+        layer: &LayerSource<'_>,
         opened: Opened,
         opts: estargz::OpenOptions,
     ) {
@@ -139,7 +131,7 @@ impl FuseMounter {
 
     /// Keeps a SOCI layer's verified zTOC, so that a restart opens it without the
     /// registry.
-    pub(super) fn keep_ztoc(&self, layer: &RemoteLayer, kept: crate::tocstore::KeptZtoc) {
+    pub(super) fn keep_ztoc(&self, layer: &LayerSource<'_>, kept: crate::tocstore::KeptZtoc) {
         let Some(store) = self.store.clone() else {
             return;
         };
@@ -158,17 +150,12 @@ impl FuseMounter {
     /// caller opens the layer from its registry).
     pub(super) async fn open_kept(
         &self,
-        layer: &RemoteLayer,
+        layer: &LayerSource<'_>,
     ) -> Result<Option<Arc<estargz::Layer>>, MountError> {
         let Some(store) = self.store.clone() else {
             return Ok(None);
         };
-        let reference: registry::Reference = layer.image_ref.parse().map_err(|e| {
-            MountError::Labels(format!("image reference {:?}: {e}", layer.image_ref))
-        })?;
-        let digest: registry::Digest = layer.layer_digest.parse().map_err(|e| {
-            MountError::Labels(format!("layer digest {:?}: {e}", layer.layer_digest))
-        })?;
+        let (repository, digest) = (layer.reference.repository.clone(), layer.digest.clone());
         let label = match &layer.toc_digest {
             Some(toc) => Some(
                 toc.parse::<estargz::Digest>()
@@ -190,8 +177,7 @@ impl FuseMounter {
             .parse_gate
             .run(&layer.layer_digest, need, cancel, move || {
                 store.load(&layer_digest, label, &stop, |size| {
-                    let remote =
-                        registry::RemoteBlob::new(client, reference.repository, digest, size);
+                    let remote = registry::RemoteBlob::new(client, repository, digest, size);
                     Arc::new(KeptBlob::new(
                         layer_digest.clone(),
                         image_ref,
@@ -216,9 +202,7 @@ impl FuseMounter {
     /// not forward, so they are read from the manifest.
     async fn verification(
         &self,
-        layer: &RemoteLayer,
-        reference: &registry::Reference,
-        digest: &registry::Digest,
+        layer: &LayerSource<'_>,
     ) -> Result<estargz::OpenOptions, MountError> {
         let mut opts = estargz::OpenOptions::default();
         if let Some(toc) = &layer.toc_digest {
@@ -228,7 +212,7 @@ impl FuseMounter {
             );
             return Ok(opts);
         }
-        let annotations = self.layer_annotations(layer, reference, digest).await?;
+        let annotations = self.layer_annotations(layer).await?;
         let get = |key: &str| annotations.get(key).map(|v| v.parse::<estargz::Digest>());
         if let Some(toc) = get(estargz::TOC_DIGEST_ANNOTATION) {
             opts.expected_toc_digest =
@@ -252,10 +236,9 @@ impl FuseMounter {
 
     async fn layer_annotations(
         &self,
-        layer: &RemoteLayer,
-        reference: &registry::Reference,
-        digest: &registry::Digest,
+        layer: &LayerSource<'_>,
     ) -> Result<std::collections::BTreeMap<String, String>, MountError> {
+        let (reference, digest) = (&layer.reference, &layer.digest);
         let manifest = match &layer.manifest_digest {
             Some(manifest_digest) => {
                 let fetched = self
