@@ -12,7 +12,9 @@ use bench::cold::report;
 use bench::cold::{self, Ctr, check_interrupted};
 use bench::warm::{self, PASSES, WarmRun};
 
-use super::{Bench, Form, Mode, Node, PEER_SNAPSHOTTER, say};
+use crate::forms::{Form, Mode};
+use crate::node::{Node, PEER_SNAPSHOTTER};
+use crate::{Bench, say};
 
 /// How long a layer may take to become wholly local after the filling container.
 const LOCAL_TIMEOUT: Duration = Duration::from_secs(600);
