@@ -92,10 +92,16 @@ mod tests {
         let mut below = BTreeSet::new();
         for _ in 0..500 {
             below = descendants(shell.id());
+            // The child counts once it has exec'd sleep: as a fork of the shell its
+            // memory is still the shell's, and changes under the measurement.
+            let exec_done = |p: u32| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "sleep")
+            };
             if !below.is_empty()
                 && below
                     .iter()
-                    .all(|&p| of_process(p).is_some_and(|m| m.rss > 0))
+                    .all(|&p| exec_done(p) && of_process(p).is_some_and(|m| m.rss > 0))
             {
                 break;
             }
