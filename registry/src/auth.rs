@@ -15,6 +15,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::lock::lock;
 
 /// A user name and a secret (password, token or identity token).
 #[derive(Clone, PartialEq, Eq)]
@@ -318,7 +319,7 @@ impl DockerConfig {
     }
 
     fn cache_get(&self, host: &str) -> Option<Option<Credentials>> {
-        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let cache = lock(&self.cache);
         cache
             .get(host)
             .filter(|(at, _)| at.elapsed() < HELPER_CACHE_TTL)
@@ -326,7 +327,7 @@ impl DockerConfig {
     }
 
     fn cache_put(&self, host: &str, found: Option<Credentials>) {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = lock(&self.cache);
         cache.retain(|_, (at, _)| at.elapsed() < HELPER_CACHE_TTL);
         cache.insert(host.to_string(), (Instant::now(), found));
     }
@@ -543,31 +544,31 @@ const MAX_TOKENS_PER_HOST: usize = 256;
 
 impl AuthCache {
     pub(crate) fn scheme(&self, host: &str) -> Option<Scheme> {
-        let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let hosts = lock(&self.hosts);
         hosts.get(host).and_then(|h| h.scheme.clone())
     }
 
     pub(crate) fn set_scheme(&self, host: &str, scheme: Scheme) {
-        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut hosts = lock(&self.hosts);
         hosts.entry(host.to_string()).or_default().scheme = Some(scheme);
     }
 
     /// Forgets every token (the schemes stay: they are the registries', not ours).
     pub(crate) fn clear(&self) {
-        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut hosts = lock(&self.hosts);
         for host in hosts.values_mut() {
             host.tokens.clear();
         }
     }
 
     pub(crate) fn token(&self, host: &str, scope: &str) -> Option<String> {
-        let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let hosts = lock(&self.hosts);
         let token = hosts.get(host)?.tokens.get(scope)?;
         (Instant::now() < token.expires).then(|| token.value.clone())
     }
 
     pub(crate) fn put_token(&self, host: &str, scope: &str, value: String, lifetime: Duration) {
-        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut hosts = lock(&self.hosts);
         let entry = hosts.entry(host.to_string()).or_default();
         let now = Instant::now();
         entry.tokens.retain(|_, t| t.expires > now);
@@ -584,7 +585,7 @@ impl AuthCache {
     }
 
     pub(crate) fn drop_token(&self, host: &str, scope: &str) {
-        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut hosts = lock(&self.hosts);
         if let Some(h) = hosts.get_mut(host) {
             h.tokens.remove(scope);
         }

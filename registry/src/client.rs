@@ -1,7 +1,7 @@
 //! The HTTP core: endpoints (mirrors, then the origin), connection limits, authentication,
 //! manual redirects and retries with backoff.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -702,11 +702,6 @@ pub(crate) fn redacted_url(url: &Url) -> String {
         url.host_str().unwrap_or(""),
         url.path()
     )
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic elsewhere while holding the lock leaves plain data that is still usable.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::Semaphore;
 
-use crate::client::{Client, lock};
+use crate::client::Client;
 use crate::config::{HostConfig, ResolverConfig, is_loopback};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::hosts_dir::{self, Capabilities, HostEntry};
+use crate::lock::lock;
 use crate::reference::{DOCKER_HUB, DOCKER_HUB_API, api_host};
 
 /// What a request asks of a registry; an endpoint is used only for what its

@@ -13,6 +13,7 @@ mod endpoints;
 mod error;
 pub mod go_duration;
 pub mod hosts_dir;
+mod lock;
 mod manifest;
 pub mod platform;
 mod push;

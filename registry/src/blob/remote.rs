@@ -9,10 +9,11 @@ use estargz::{BlobError, BlobFuture, BlobReader};
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 
-use crate::client::{Client, Req, lock, read_exact, status_error};
+use crate::client::{Client, Req, read_exact, status_error};
 use crate::digest::Digest;
 use crate::endpoints::{Endpoint, Purpose};
 use crate::error::{Error, Result, Target};
+use crate::lock::lock;
 use crate::manifest::pull_scope;
 use crate::reference::Repository;
 
