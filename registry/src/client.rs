@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 use tokio::sync::OwnedSemaphorePermit;
@@ -13,6 +13,7 @@ use crate::auth::{
     Anonymous, AuthCache, Challenge, CredentialProvider, Scheme, TokenResponse, parse_challenges,
     token_lifetime,
 };
+use crate::body::read_limited;
 use crate::config::{HttpConfig, RegistryConfig, ResolverConfig, is_loopback};
 use crate::endpoints::{Endpoint, HostState, check_resolver_cas, load_ca, with_namespace};
 use crate::error::{Error, Result, Target};
@@ -637,61 +638,6 @@ fn registry_error_detail(body: &[u8]) -> String {
             .collect(),
         Err(_) => String::new(),
     }
-}
-
-/// Reads a whole body of at most `limit` bytes.
-pub(crate) async fn read_limited(
-    mut resp: reqwest::Response,
-    target: &Target,
-    limit: usize,
-) -> Result<Bytes> {
-    let mut buf = BytesMut::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| Error::transport(target, "reading the response body", e))?
-    {
-        if buf.len() + chunk.len() > limit {
-            return Err(Error::bad(
-                target,
-                format!("response body larger than {limit} bytes"),
-            ));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.freeze())
-}
-
-/// Reads exactly `expected` bytes: fewer is [`Error::Truncated`], more is an error too.
-pub(crate) async fn read_exact(
-    mut resp: reqwest::Response,
-    target: &Target,
-    expected: u64,
-) -> Result<Bytes> {
-    let cap = usize::try_from(expected)
-        .map_err(|_| Error::bad(target, "range too large for this machine"))?;
-    let mut buf = BytesMut::with_capacity(cap.min(64 << 20));
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| Error::transport(target, "reading the response body", e))?
-    {
-        if buf.len() + chunk.len() > cap {
-            return Err(Error::bad(
-                target,
-                format!("server sent more than the {expected} bytes asked for"),
-            ));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    if buf.len() < cap {
-        return Err(Error::Truncated {
-            target: target.clone(),
-            expected,
-            got: buf.len() as u64,
-        });
-    }
-    Ok(buf.freeze())
 }
 
 /// A URL fit for logs: no query (signed storage URLs carry credentials there).

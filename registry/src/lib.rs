@@ -6,6 +6,7 @@
 
 mod auth;
 mod blob;
+mod body;
 mod client;
 mod config;
 mod digest;
@@ -24,7 +25,8 @@ pub use auth::{
     Anonymous, Challenge, CredentialFuture, CredentialProvider, Credentials, DockerConfig,
     StaticCredentials, parse_challenges,
 };
-pub use blob::{ContentRange, RANGELESS_PREFIX_LIMIT, RemoteBlob, parse_content_range};
+pub use blob::{RANGELESS_PREFIX_LIMIT, RemoteBlob};
+pub use body::{ContentRange, parse_content_range};
 pub use client::Client;
 pub use config::{
     HostConfig, HttpConfig, MirrorConfig, RegistryConfig, ResolverConfig, is_loopback,

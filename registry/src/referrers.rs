@@ -4,7 +4,8 @@
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 
-use crate::client::{Client, Req, read_limited, status_error};
+use crate::body::read_limited;
+use crate::client::{Client, Req, status_error};
 use crate::digest::Digest;
 use crate::endpoints::Purpose;
 use crate::error::{Error, Result, Target};

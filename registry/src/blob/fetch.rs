@@ -6,6 +6,7 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use crate::body::{content_length, parse_content_range};
 use crate::client::{Client, Req, status_error};
 use crate::digest::{Digest, Hasher};
 use crate::endpoints::{Endpoint, Purpose};
@@ -14,7 +15,6 @@ use crate::manifest::pull_scope;
 use crate::reference::Repository;
 
 use super::blob_url;
-use super::body::{content_length, parse_content_range};
 
 impl Client {
     /// The size of a blob: `HEAD`, or when that fails, `GET Range: bytes=0-0` and the total

@@ -1,8 +1,7 @@
 //! Blobs in a registry: whole-blob fetches (`fetch`), range reads of a `RemoteBlob`
-//! (`remote`, also the [`estargz::BlobReader`] of lazily mounted layers), and reading
-//! response bodies to exactly what was asked (`body`).
+//! (`remote`, also the [`estargz::BlobReader`] of lazily mounted layers); their bodies
+//! are read by `crate::body`.
 
-mod body;
 mod fetch;
 mod remote;
 
@@ -10,7 +9,6 @@ use crate::digest::Digest;
 use crate::endpoints::Endpoint;
 use crate::reference::Repository;
 
-pub use body::{ContentRange, parse_content_range};
 pub use remote::RemoteBlob;
 
 /// When a server ignores `Range` and sends the whole blob, we still use its answer if

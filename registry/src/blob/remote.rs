@@ -9,7 +9,10 @@ use estargz::{BlobError, BlobFuture, BlobReader};
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 
-use crate::client::{Client, Req, read_exact, status_error};
+use crate::body::{
+    Body, StreamSink, content_length, parse_content_range, read_exact, read_prefix, stream_exact,
+};
+use crate::client::{Client, Req, status_error};
 use crate::digest::Digest;
 use crate::endpoints::{Endpoint, Purpose};
 use crate::error::{Error, Result, Target};
@@ -17,9 +20,6 @@ use crate::lock::lock;
 use crate::manifest::pull_scope;
 use crate::reference::Repository;
 
-use super::body::{
-    Body, StreamSink, content_length, parse_content_range, read_prefix, stream_exact,
-};
 use super::{RANGELESS_PREFIX_LIMIT, blob_url};
 
 /// A blob in a registry, read with range requests. Implements [`BlobReader`].
