@@ -8,12 +8,13 @@ use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use crate::body::read_limited;
-use crate::client::{Client, Req, status_error};
+use crate::client::{Client, Req};
 use crate::digest::Digest;
 use crate::endpoints::Purpose;
 use crate::error::{Error, Result, Target};
 use crate::platform::Platform;
 use crate::reference::{Reference, Repository};
+use crate::retry::status_error;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";

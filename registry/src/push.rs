@@ -7,11 +7,12 @@ use estargz::BlobReader;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 
-use crate::client::{Client, Req, status_error};
+use crate::client::{Client, Req};
 use crate::digest::{Digest, Hasher};
 use crate::endpoints::{Endpoint, Purpose};
 use crate::error::{Error, Result, Target};
 use crate::reference::Repository;
+use crate::retry::status_error;
 
 /// What [`Client::push_blob`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,12 +5,13 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 
 use crate::body::read_limited;
-use crate::client::{Client, Req, status_error};
+use crate::client::{Client, Req};
 use crate::digest::Digest;
 use crate::endpoints::Purpose;
 use crate::error::{Error, Result, Target};
 use crate::manifest::{Descriptor, ImageIndex, MAX_MANIFEST_SIZE, Manifest, OCI_INDEX, pull_scope};
 use crate::reference::Repository;
+use crate::retry::status_error;
 
 impl Client {
     /// The manifests whose subject is `subject`, only those of `artifact_type` when one

@@ -7,12 +7,13 @@ use reqwest::{Method, StatusCode};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::body::{content_length, parse_content_range};
-use crate::client::{Client, Req, status_error};
+use crate::client::{Client, Req};
 use crate::digest::{Digest, Hasher};
 use crate::endpoints::{Endpoint, Purpose};
 use crate::error::{Error, Result, Target};
 use crate::manifest::pull_scope;
 use crate::reference::Repository;
+use crate::retry::status_error;
 
 use super::blob_url;
 

@@ -12,13 +12,14 @@ use reqwest::{Method, StatusCode, Url};
 use crate::body::{
     Body, StreamSink, content_length, parse_content_range, read_exact, read_prefix, stream_exact,
 };
-use crate::client::{Client, Req, status_error};
+use crate::client::{Client, Req};
 use crate::digest::Digest;
 use crate::endpoints::{Endpoint, Purpose};
 use crate::error::{Error, Result, Target};
 use crate::lock::lock;
 use crate::manifest::pull_scope;
 use crate::reference::Repository;
+use crate::retry::status_error;
 
 use super::{RANGELESS_PREFIX_LIMIT, blob_url};
 
