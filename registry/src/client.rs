@@ -2,23 +2,17 @@
 //! (its connection limit, the 401 challenge answered, redirects followed by hand).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::auth::{
-    Anonymous, AuthCache, Challenge, CredentialProvider, Scheme, TokenResponse, parse_challenges,
-    token_lifetime,
-};
-use crate::body::read_limited;
-use crate::config::{HttpConfig, RegistryConfig, ResolverConfig, is_loopback};
+use crate::auth::{Anonymous, AuthCache, Challenge, CredentialProvider, parse_challenges};
+use crate::config::{HttpConfig, RegistryConfig, ResolverConfig};
 use crate::endpoints::{Endpoint, HostState, check_resolver_cas, load_ca, with_namespace};
 use crate::error::{Error, Result, Target};
 use crate::platform::Platform;
-use crate::retry::status_error;
 
 /// A registry client: cheap to clone, shares connections, tokens and caches.
 #[derive(Clone)]
@@ -31,8 +25,8 @@ pub(crate) struct Inner {
     /// Replaced by [`Client::reload_resolver`] (SIGHUP).
     resolver: std::sync::RwLock<Arc<ResolverConfig>>,
     pub(crate) platform: Platform,
-    credentials: Arc<dyn CredentialProvider>,
-    auth: AuthCache,
+    pub(crate) credentials: Arc<dyn CredentialProvider>,
+    pub(crate) auth: AuthCache,
     pub(crate) hosts: HostState,
 }
 
@@ -298,153 +292,6 @@ impl Client {
             .send()
             .await
             .map_err(|e| Error::transport(target, "sending request", e))
-    }
-
-    /// Records what the host's challenges ask for; false when none is usable.
-    fn learn_scheme(&self, ep: &Endpoint, challenges: &[Challenge]) -> bool {
-        let bearer = challenges.iter().find(|c| c.scheme == "bearer");
-        if let Some(c) = bearer
-            && let Some(realm) = c.params.get("realm")
-        {
-            self.inner.auth.set_scheme(
-                &ep.host,
-                Scheme::Bearer {
-                    realm: realm.clone(),
-                    service: c.params.get("service").cloned(),
-                },
-            );
-            return true;
-        }
-        if challenges.iter().any(|c| c.scheme == "basic") {
-            self.inner.auth.set_scheme(&ep.host, Scheme::Basic);
-            return true;
-        }
-        false
-    }
-
-    /// The Authorization value for a request, fetching a token when the host wants one.
-    /// Before the host's scheme is known (first request) nothing is sent. `rejected` is
-    /// what the host just refused, so that it is not offered again.
-    async fn auth_header(
-        &self,
-        ep: &Endpoint,
-        target: &Target,
-        scopes: &[String],
-        rejected: Option<&str>,
-    ) -> Result<Option<String>> {
-        let Some(scheme) = self.inner.auth.scheme(&ep.host) else {
-            return Ok(None);
-        };
-        match scheme {
-            Scheme::Basic => Ok(self
-                .inner
-                .credentials
-                .credentials_for(&ep.host, &target.repository)
-                .await?
-                .filter(|c| !c.is_identity_token())
-                .map(|c| c.basic_header())),
-            Scheme::Bearer { realm, service } => {
-                let key = scopes.join(" ");
-                // One fetch at a time: concurrent misses (a burst of first reads) wait
-                // and then share the token the first one got.
-                let _fetching = self.inner.auth.fetch_lock.lock().await;
-                if let Some(token) = self.inner.auth.token(&ep.host, &key) {
-                    let value = format!("Bearer {token}");
-                    if rejected != Some(value.as_str()) {
-                        return Ok(Some(value));
-                    }
-                }
-                let (token, lifetime) = self
-                    .fetch_token(ep, target, &realm, service.as_deref(), scopes)
-                    .await?;
-                self.inner
-                    .auth
-                    .put_token(&ep.host, &key, token.clone(), lifetime);
-                Ok(Some(format!("Bearer {token}")))
-            }
-        }
-    }
-
-    async fn fetch_token(
-        &self,
-        ep: &Endpoint,
-        target: &Target,
-        realm: &str,
-        service: Option<&str>,
-        scopes: &[String],
-    ) -> Result<(String, Duration)> {
-        let realm_url: Url = realm
-            .parse()
-            .map_err(|_| Error::bad(target, "token realm is not a URL"))?;
-        let realm_host = realm_url.host_str().unwrap_or_default().to_string();
-        if realm_url.scheme() == "http"
-            && !is_loopback(&realm_host)
-            && !ep.base.starts_with("http:")
-        {
-            // Credentials must not cross the network in clear text to a TLS registry's realm.
-            return Err(Error::bad(
-                target,
-                "token realm uses plain HTTP for a TLS registry",
-            ));
-        }
-        let creds = self
-            .inner
-            .credentials
-            .credentials_for(&ep.host, &target.repository)
-            .await?;
-        let token_target = target.with_host(&format!("{realm_host} (token service)"));
-        let mut params: Vec<(&str, &str)> = Vec::new();
-        if let Some(s) = service {
-            params.push(("service", s));
-        }
-        for s in scopes {
-            params.push(("scope", s));
-        }
-        let builder = match &creds {
-            // docker's identity tokens are OAuth2 refresh tokens: POST form, not GET.
-            Some(c) if c.is_identity_token() => {
-                params.push(("grant_type", "refresh_token"));
-                params.push(("refresh_token", c.secret()));
-                params.push(("client_id", "lazysnap"));
-                ep.client.post(realm_url.clone()).form(&params)
-            }
-            Some(c) => {
-                let mut value =
-                    HeaderValue::from_str(&c.basic_header()).map_err(|_| Error::Credentials {
-                        registry: ep.host.clone(),
-                        reason: "credentials contain characters not allowed in a header".into(),
-                    })?;
-                value.set_sensitive(true);
-                ep.client
-                    .get(realm_url.clone())
-                    .query(&params)
-                    .header(header::AUTHORIZATION, value)
-            }
-            None => ep.client.get(realm_url.clone()).query(&params),
-        };
-        let resp = builder
-            .send()
-            .await
-            .map_err(|e| Error::transport(&token_target, "requesting a token", e))?;
-        let status = resp.status();
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(Error::Unauthorized {
-                target: target.clone(),
-                reason: format!("the token service refused (HTTP {})", status.as_u16()),
-            });
-        }
-        if !status.is_success() {
-            return Err(status_error(resp, &token_target, "requesting a token").await);
-        }
-        let body = read_limited(resp, &token_target, 1 << 20).await?;
-        let parsed: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|_| Error::bad(&token_target, "token response is not JSON"))?;
-        let token = parsed
-            .token
-            .or(parsed.access_token)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| Error::bad(&token_target, "token response has no token"))?;
-        Ok((token, token_lifetime(parsed.expires_in)))
     }
 }
 
