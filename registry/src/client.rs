@@ -2,6 +2,7 @@
 //! (its connection limit, the 401 challenge answered, redirects followed by hand).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderValue};
@@ -10,7 +11,10 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::auth::{Anonymous, AuthCache, Challenge, CredentialProvider, parse_challenges};
 use crate::config::{HttpConfig, RegistryConfig, ResolverConfig};
-use crate::endpoints::{Endpoint, HostState, check_resolver_cas, load_ca, with_namespace};
+use crate::digest::Digest;
+use crate::endpoints::{
+    Endpoint, Endpoints, HostState, Purpose, check_resolver_cas, load_ca, with_namespace,
+};
 use crate::error::{Error, Result, Target};
 use crate::platform::Platform;
 
@@ -151,6 +155,25 @@ impl Client {
             .unwrap_or_else(|e| e.into_inner()) = Arc::new(resolver);
         self.inner.hosts.reset();
         Ok(())
+    }
+
+    /// The endpoints for `purpose` at `registry`, mirrors first, per the settings in force.
+    pub(crate) fn endpoints(&self, registry: &str, purpose: Purpose) -> Result<Endpoints> {
+        self.inner
+            .hosts
+            .endpoints(&self.resolver(), self.http(), registry, purpose)
+    }
+
+    /// False while `ep` is left out of range reads of `digest`.
+    pub(crate) fn range_fit(&self, ep: &Endpoint, digest: &Digest) -> bool {
+        self.inner.hosts.range_fit(ep, digest)
+    }
+
+    /// Leaves a mirror out of range reads for `http.mirror_range_retry_sec`: of every
+    /// blob, or (`only`) of one it said it does not have.
+    pub(crate) fn mark_range_unfit(&self, ep: &Endpoint, only: Option<&Digest>, why: &str) {
+        let pause = Duration::from_secs(self.http().mirror_range_retry_sec);
+        self.inner.hosts.mark_range_unfit(ep, only, why, pause);
     }
 
     /// Drops the registry tokens got so far, so the next requests authenticate with the
