@@ -4,9 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use reqwest::header::{self, HeaderMap, HeaderValue};
-use reqwest::{Method, StatusCode, Url};
+use reqwest::header::{self, HeaderValue};
+use reqwest::{StatusCode, Url};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::auth::{Anonymous, AuthCache, Challenge, CredentialProvider, parse_challenges};
@@ -17,6 +16,7 @@ use crate::endpoints::{
 };
 use crate::error::{Error, Result, Target};
 use crate::platform::Platform;
+use crate::request::Req;
 
 /// A registry client: cheap to clone, shares connections, tokens and caches.
 #[derive(Clone)]
@@ -32,18 +32,6 @@ pub(crate) struct Inner {
     pub(crate) credentials: Arc<dyn CredentialProvider>,
     pub(crate) auth: AuthCache,
     pub(crate) hosts: HostState,
-}
-
-/// A request, described so it can be sent again (after a 401, a redirect or a retry).
-pub(crate) struct Req<'a> {
-    pub method: Method,
-    pub url: String,
-    pub headers: HeaderMap,
-    pub body: Option<Bytes>,
-    /// Token scopes (`repository:NAME:pull`); `None` sends no credentials at all
-    /// (a cached storage URL must not receive the registry's token).
-    pub scopes: Option<&'a [String]>,
-    pub follow_redirects: bool,
 }
 
 /// A response, with the semaphore permit that counts it against the host's limit.

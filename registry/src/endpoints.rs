@@ -17,7 +17,7 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::hosts_dir::{self, Capabilities, HostEntry};
 use crate::lock::lock;
-use crate::reference::{DOCKER_HUB, DOCKER_HUB_API, api_host};
+use crate::reference::{DOCKER_HUB, DOCKER_HUB_API, Repository, api_host};
 
 /// What a request asks of a registry; an endpoint is used only for what its
 /// capabilities allow.
@@ -60,6 +60,18 @@ pub(crate) struct Endpoint {
     pub headers: HeaderMap,
     pub limiter: Arc<Semaphore>,
     pub is_mirror: bool,
+}
+
+impl Endpoint {
+    /// `<base>/<repository>/blobs/<digest>`: the one place a blob's URL is made.
+    pub(crate) fn blob_url(&self, repo: &Repository, digest: &Digest) -> String {
+        format!("{}/{}/blobs/{digest}", self.base, repo.name)
+    }
+
+    /// `<base>/<repository>/manifests/<tag or digest>`.
+    pub(crate) fn manifest_url(&self, repo: &Repository, object: &str) -> String {
+        format!("{}/{}/manifests/{object}", self.base, repo.name)
+    }
 }
 
 /// The client's per-host state: endpoints built so far, HTTP clients by their TLS

@@ -20,6 +20,7 @@ pub mod platform;
 mod push;
 mod reference;
 mod referrers;
+mod request;
 mod retry;
 
 pub use auth::{
