@@ -1,22 +1,22 @@
-//! The HTTP core: endpoints (mirrors, then the origin), connection limits, authentication,
-//! manual redirects and retries with backoff.
+//! The HTTP core: the client and its shared state, and one request sent to one endpoint
+//! (its connection limit, the 401 challenge answered, redirects followed by hand).
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use reqwest::header::{self, HeaderMap, HeaderValue};
-use reqwest::{Method, StatusCode, Url};
+use reqwest::header::{self, HeaderValue};
+use reqwest::{StatusCode, Url};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::auth::{
-    Anonymous, AuthCache, Challenge, CredentialProvider, Scheme, TokenResponse, parse_challenges,
-    token_lifetime,
+use crate::auth::{Anonymous, AuthCache, Challenge, CredentialProvider, parse_challenges};
+use crate::config::{HttpConfig, RegistryConfig, ResolverConfig};
+use crate::digest::Digest;
+use crate::endpoints::{
+    Endpoint, Endpoints, HostState, Purpose, check_resolver_cas, load_ca, with_namespace,
 };
-use crate::config::{HttpConfig, RegistryConfig, ResolverConfig, is_loopback};
-use crate::endpoints::{Endpoint, HostState, check_resolver_cas, load_ca, with_namespace};
 use crate::error::{Error, Result, Target};
 use crate::platform::Platform;
+use crate::request::Req;
 
 /// A registry client: cheap to clone, shares connections, tokens and caches.
 #[derive(Clone)]
@@ -29,21 +29,9 @@ pub(crate) struct Inner {
     /// Replaced by [`Client::reload_resolver`] (SIGHUP).
     resolver: std::sync::RwLock<Arc<ResolverConfig>>,
     pub(crate) platform: Platform,
-    credentials: Arc<dyn CredentialProvider>,
-    auth: AuthCache,
+    pub(crate) credentials: Arc<dyn CredentialProvider>,
+    pub(crate) auth: AuthCache,
     pub(crate) hosts: HostState,
-}
-
-/// A request, described so it can be sent again (after a 401, a redirect or a retry).
-pub(crate) struct Req<'a> {
-    pub method: Method,
-    pub url: String,
-    pub headers: HeaderMap,
-    pub body: Option<Bytes>,
-    /// Token scopes (`repository:NAME:pull`); `None` sends no credentials at all
-    /// (a cached storage URL must not receive the registry's token).
-    pub scopes: Option<&'a [String]>,
-    pub follow_redirects: bool,
 }
 
 /// A response, with the semaphore permit that counts it against the host's limit.
@@ -157,60 +145,29 @@ impl Client {
         Ok(())
     }
 
+    /// The endpoints for `purpose` at `registry`, mirrors first, per the settings in force.
+    pub(crate) fn endpoints(&self, registry: &str, purpose: Purpose) -> Result<Endpoints> {
+        self.inner
+            .hosts
+            .endpoints(&self.resolver(), self.http(), registry, purpose)
+    }
+
+    /// False while `ep` is left out of range reads of `digest`.
+    pub(crate) fn range_fit(&self, ep: &Endpoint, digest: &Digest) -> bool {
+        self.inner.hosts.range_fit(ep, digest)
+    }
+
+    /// Leaves a mirror out of range reads for `http.mirror_range_retry_sec`: of every
+    /// blob, or (`only`) of one it said it does not have.
+    pub(crate) fn mark_range_unfit(&self, ep: &Endpoint, only: Option<&Digest>, why: &str) {
+        let pause = Duration::from_secs(self.http().mirror_range_retry_sec);
+        self.inner.hosts.mark_range_unfit(ep, only, why, pause);
+    }
+
     /// Drops the registry tokens got so far, so the next requests authenticate with the
     /// credentials the provider gives now (after a reload of docker's config).
     pub fn forget_tokens(&self) {
         self.inner.auth.clear();
-    }
-
-    pub(crate) fn retry_policy(&self, is_mirror: bool) -> Retry {
-        let h = self.http();
-        Retry {
-            // A failing mirror is skipped at once: the next host is the recovery.
-            max_retries: if is_mirror { 0 } else { h.max_retries },
-            min_wait: Duration::from_millis(h.min_wait_msec),
-            max_wait: Duration::from_millis(h.max_wait_msec),
-            max_time: Duration::from_secs(h.max_retry_time_sec),
-            start: Instant::now(),
-            attempts: 0,
-        }
-    }
-
-    /// Mirrors (when `with_mirrors`) then the registry itself.
-    /// Runs `attempt` against each endpoint in turn (mirrors first), retrying on each as
-    /// its retry policy allows: the first success wins, else the last endpoint's error.
-    pub(crate) async fn on_endpoints<'e, T, Attempt>(
-        &self,
-        endpoints: &'e [Endpoint],
-        mut attempt: impl FnMut(&'e Endpoint) -> Attempt,
-    ) -> Result<T>
-    where
-        Attempt: std::future::Future<Output = Result<T>>,
-    {
-        let mut outcome = Err(Error::Config("no endpoint".into()));
-        for ep in endpoints {
-            let mut retry = self.retry_policy(ep.is_mirror);
-            let result = loop {
-                match attempt(ep).await {
-                    Ok(v) => break Ok(v),
-                    Err(e) => {
-                        if let Err(e) = retry.wait(e).await {
-                            break Err(e);
-                        }
-                    }
-                }
-            };
-            match result {
-                Ok(v) => return Ok(v),
-                Err(e) => {
-                    if ep.is_mirror {
-                        tracing::warn!(mirror = %ep.host, error = %e, "mirror failed, trying the next host");
-                    }
-                    outcome = Err(e);
-                }
-            }
-        }
-        outcome
     }
 
     /// Sends `req` to `ep`, answering auth challenges and following redirects.
@@ -347,351 +304,6 @@ impl Client {
             .await
             .map_err(|e| Error::transport(target, "sending request", e))
     }
-
-    /// Records what the host's challenges ask for; false when none is usable.
-    fn learn_scheme(&self, ep: &Endpoint, challenges: &[Challenge]) -> bool {
-        let bearer = challenges.iter().find(|c| c.scheme == "bearer");
-        if let Some(c) = bearer
-            && let Some(realm) = c.params.get("realm")
-        {
-            self.inner.auth.set_scheme(
-                &ep.host,
-                Scheme::Bearer {
-                    realm: realm.clone(),
-                    service: c.params.get("service").cloned(),
-                },
-            );
-            return true;
-        }
-        if challenges.iter().any(|c| c.scheme == "basic") {
-            self.inner.auth.set_scheme(&ep.host, Scheme::Basic);
-            return true;
-        }
-        false
-    }
-
-    /// The Authorization value for a request, fetching a token when the host wants one.
-    /// Before the host's scheme is known (first request) nothing is sent. `rejected` is
-    /// what the host just refused, so that it is not offered again.
-    async fn auth_header(
-        &self,
-        ep: &Endpoint,
-        target: &Target,
-        scopes: &[String],
-        rejected: Option<&str>,
-    ) -> Result<Option<String>> {
-        let Some(scheme) = self.inner.auth.scheme(&ep.host) else {
-            return Ok(None);
-        };
-        match scheme {
-            Scheme::Basic => Ok(self
-                .inner
-                .credentials
-                .credentials_for(&ep.host, &target.repository)
-                .await?
-                .filter(|c| !c.is_identity_token())
-                .map(|c| c.basic_header())),
-            Scheme::Bearer { realm, service } => {
-                let key = scopes.join(" ");
-                // One fetch at a time: concurrent misses (a burst of first reads) wait
-                // and then share the token the first one got.
-                let _fetching = self.inner.auth.fetch_lock.lock().await;
-                if let Some(token) = self.inner.auth.token(&ep.host, &key) {
-                    let value = format!("Bearer {token}");
-                    if rejected != Some(value.as_str()) {
-                        return Ok(Some(value));
-                    }
-                }
-                let (token, lifetime) = self
-                    .fetch_token(ep, target, &realm, service.as_deref(), scopes)
-                    .await?;
-                self.inner
-                    .auth
-                    .put_token(&ep.host, &key, token.clone(), lifetime);
-                Ok(Some(format!("Bearer {token}")))
-            }
-        }
-    }
-
-    async fn fetch_token(
-        &self,
-        ep: &Endpoint,
-        target: &Target,
-        realm: &str,
-        service: Option<&str>,
-        scopes: &[String],
-    ) -> Result<(String, Duration)> {
-        let realm_url: Url = realm
-            .parse()
-            .map_err(|_| Error::bad(target, "token realm is not a URL"))?;
-        let realm_host = realm_url.host_str().unwrap_or_default().to_string();
-        if realm_url.scheme() == "http"
-            && !is_loopback(&realm_host)
-            && !ep.base.starts_with("http:")
-        {
-            // Credentials must not cross the network in clear text to a TLS registry's realm.
-            return Err(Error::bad(
-                target,
-                "token realm uses plain HTTP for a TLS registry",
-            ));
-        }
-        let creds = self
-            .inner
-            .credentials
-            .credentials_for(&ep.host, &target.repository)
-            .await?;
-        let token_target = target.with_host(&format!("{realm_host} (token service)"));
-        let mut params: Vec<(&str, &str)> = Vec::new();
-        if let Some(s) = service {
-            params.push(("service", s));
-        }
-        for s in scopes {
-            params.push(("scope", s));
-        }
-        let builder = match &creds {
-            // docker's identity tokens are OAuth2 refresh tokens: POST form, not GET.
-            Some(c) if c.is_identity_token() => {
-                params.push(("grant_type", "refresh_token"));
-                params.push(("refresh_token", c.secret()));
-                params.push(("client_id", "lazysnap"));
-                ep.client.post(realm_url.clone()).form(&params)
-            }
-            Some(c) => {
-                let mut value =
-                    HeaderValue::from_str(&c.basic_header()).map_err(|_| Error::Credentials {
-                        registry: ep.host.clone(),
-                        reason: "credentials contain characters not allowed in a header".into(),
-                    })?;
-                value.set_sensitive(true);
-                ep.client
-                    .get(realm_url.clone())
-                    .query(&params)
-                    .header(header::AUTHORIZATION, value)
-            }
-            None => ep.client.get(realm_url.clone()).query(&params),
-        };
-        let resp = builder
-            .send()
-            .await
-            .map_err(|e| Error::transport(&token_target, "requesting a token", e))?;
-        let status = resp.status();
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(Error::Unauthorized {
-                target: target.clone(),
-                reason: format!("the token service refused (HTTP {})", status.as_u16()),
-            });
-        }
-        if !status.is_success() {
-            return Err(status_error(resp, &token_target, "requesting a token").await);
-        }
-        let body = read_limited(resp, &token_target, 1 << 20).await?;
-        let parsed: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|_| Error::bad(&token_target, "token response is not JSON"))?;
-        let token = parsed
-            .token
-            .or(parsed.access_token)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| Error::bad(&token_target, "token response has no token"))?;
-        Ok((token, token_lifetime(parsed.expires_in)))
-    }
-}
-
-/// Backoff state for one operation on one endpoint.
-pub(crate) struct Retry {
-    max_retries: u32,
-    min_wait: Duration,
-    max_wait: Duration,
-    max_time: Duration,
-    start: Instant,
-    attempts: u32,
-}
-
-impl Retry {
-    /// Sleeps before the next attempt, or returns the error when retrying cannot help or
-    /// the budget (count or time) is spent.
-    pub(crate) async fn wait(&mut self, err: Error) -> Result<()> {
-        let give_up = |this: &Self, err: Error| {
-            if this.attempts == 0 {
-                err
-            } else {
-                Error::GaveUp {
-                    attempts: this.attempts + 1,
-                    elapsed: this.start.elapsed(),
-                    last: Box::new(err),
-                }
-            }
-        };
-        if !err.is_transient() || self.attempts >= self.max_retries {
-            return Err(give_up(self, err));
-        }
-        let delay = match err.retry_after() {
-            Some(asked) if asked > self.max_wait => return Err(give_up(self, err)),
-            Some(asked) => asked,
-            None => backoff(self.min_wait, self.max_wait, self.attempts),
-        };
-        if self.start.elapsed() + delay > self.max_time {
-            return Err(give_up(self, err));
-        }
-        tracing::debug!(error = %err, delay_ms = delay.as_millis() as u64, "retrying");
-        tokio::time::sleep(delay).await;
-        self.attempts += 1;
-        Ok(())
-    }
-}
-
-/// Exponential backoff with "equal jitter": half fixed, half random.
-pub(crate) fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
-    let exp = min.saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX));
-    let capped = exp.min(max);
-    let half = capped / 2;
-    half + half.mul_f64(random_unit())
-}
-
-/// A number in [0, 1) from the std hasher's random keys: jitter needs no crypto.
-fn random_unit() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Retry-After: delay-seconds or an HTTP date.
-pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let when = httpdate::parse_http_date(value).ok()?;
-    Some(
-        when.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
-}
-
-/// An error for an unexpected status, with the registry's own error message if short.
-pub(crate) async fn status_error(
-    resp: reqwest::Response,
-    target: &Target,
-    what: &'static str,
-) -> Error {
-    let status = resp.status().as_u16();
-    match status {
-        404 => {
-            return Error::NotFound {
-                target: target.clone(),
-            };
-        }
-        401 | 403 => {
-            return Error::Unauthorized {
-                target: target.clone(),
-                reason: format!("HTTP {status} {what}"),
-            };
-        }
-        _ => {}
-    }
-    let retry_after = resp
-        .headers()
-        .get(header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_retry_after);
-    // The distribution spec's error body: {"errors":[{"code":..,"message":..}]}.
-    let detail = match read_limited(resp, target, 4096).await {
-        Ok(body) => registry_error_detail(&body),
-        Err(_) => String::new(),
-    };
-    Error::Status {
-        target: target.clone(),
-        what,
-        status,
-        detail,
-        retry_after,
-    }
-}
-
-fn registry_error_detail(body: &[u8]) -> String {
-    #[derive(serde::Deserialize)]
-    struct Errors {
-        errors: Vec<Item>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Item {
-        #[serde(default)]
-        code: String,
-        #[serde(default)]
-        message: String,
-    }
-    match serde_json::from_slice::<Errors>(body) {
-        Ok(e) => e
-            .errors
-            .iter()
-            .map(|i| format!("{} {}", i.code, i.message).trim().to_string())
-            .collect::<Vec<_>>()
-            .join("; ")
-            .chars()
-            .take(300)
-            .collect(),
-        Err(_) => String::new(),
-    }
-}
-
-/// Reads a whole body of at most `limit` bytes.
-pub(crate) async fn read_limited(
-    mut resp: reqwest::Response,
-    target: &Target,
-    limit: usize,
-) -> Result<Bytes> {
-    let mut buf = BytesMut::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| Error::transport(target, "reading the response body", e))?
-    {
-        if buf.len() + chunk.len() > limit {
-            return Err(Error::bad(
-                target,
-                format!("response body larger than {limit} bytes"),
-            ));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.freeze())
-}
-
-/// Reads exactly `expected` bytes: fewer is [`Error::Truncated`], more is an error too.
-pub(crate) async fn read_exact(
-    mut resp: reqwest::Response,
-    target: &Target,
-    expected: u64,
-) -> Result<Bytes> {
-    let cap = usize::try_from(expected)
-        .map_err(|_| Error::bad(target, "range too large for this machine"))?;
-    let mut buf = BytesMut::with_capacity(cap.min(64 << 20));
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| Error::transport(target, "reading the response body", e))?
-    {
-        if buf.len() + chunk.len() > cap {
-            return Err(Error::bad(
-                target,
-                format!("server sent more than the {expected} bytes asked for"),
-            ));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    if buf.len() < cap {
-        return Err(Error::Truncated {
-            target: target.clone(),
-            expected,
-            got: buf.len() as u64,
-        });
-    }
-    Ok(buf.freeze())
 }
 
 /// A URL fit for logs: no query (signed storage URLs carry credentials there).
@@ -702,51 +314,4 @@ pub(crate) fn redacted_url(url: &Url) -> String {
         url.host_str().unwrap_or(""),
         url.path()
     )
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic elsewhere while holding the lock leaves plain data that is still usable.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let min = Duration::from_millis(100);
-        let max = Duration::from_secs(2);
-        for attempt in 0..40 {
-            let d = backoff(min, max, attempt);
-            let full = min.saturating_mul(1 << attempt.min(20)).min(max);
-            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
-        }
-    }
-
-    #[test]
-    fn retry_after_forms() {
-        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
-        let later = SystemTime::now() + Duration::from_secs(120);
-        let d = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
-        assert!(
-            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
-            "{d:?}"
-        );
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
-            Some(Duration::ZERO)
-        );
-        assert_eq!(parse_retry_after("soon"), None);
-    }
-
-    #[test]
-    fn registry_error_bodies() {
-        let body = br#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry","detail":"x"}]}"#;
-        assert_eq!(
-            registry_error_detail(body),
-            "BLOB_UNKNOWN blob unknown to registry"
-        );
-        assert_eq!(registry_error_detail(b"<html>"), "");
-    }
 }

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::Semaphore;
 
-use crate::client::{Client, lock};
-use crate::config::{HostConfig, ResolverConfig, is_loopback};
+use crate::config::{HostConfig, HttpConfig, ResolverConfig, is_loopback};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::hosts_dir::{self, Capabilities, HostEntry};
-use crate::reference::{DOCKER_HUB, DOCKER_HUB_API, api_host};
+use crate::lock::lock;
+use crate::reference::{DOCKER_HUB, DOCKER_HUB_API, Repository, api_host};
 
 /// What a request asks of a registry; an endpoint is used only for what its
 /// capabilities allow.
@@ -62,6 +62,18 @@ pub(crate) struct Endpoint {
     pub is_mirror: bool,
 }
 
+impl Endpoint {
+    /// `<base>/<repository>/blobs/<digest>`: the one place a blob's URL is made.
+    pub(crate) fn blob_url(&self, repo: &Repository, digest: &Digest) -> String {
+        format!("{}/{}/blobs/{digest}", self.base, repo.name)
+    }
+
+    /// `<base>/<repository>/manifests/<tag or digest>`.
+    pub(crate) fn manifest_url(&self, repo: &Repository, object: &str) -> String {
+        format!("{}/{}/manifests/{object}", self.base, repo.name)
+    }
+}
+
 /// The client's per-host state: endpoints built so far, HTTP clients by their TLS
 /// settings, connection limits, and mirrors left out of range reads.
 #[derive(Default)]
@@ -72,16 +84,6 @@ pub(crate) struct HostState {
     /// Until when a mirror (for every blob, or for one it did not have) gets no range
     /// reads.
     range_unfit: Mutex<HashMap<(String, Option<Digest>), Instant>>,
-}
-
-impl HostState {
-    /// Forgets endpoints, HTTP clients and range verdicts (after a reload: the hosts and
-    /// the files behind them may have changed); connection limits stay.
-    pub(crate) fn reset(&self) {
-        lock(&self.endpoints).clear();
-        lock(&self.http_clients).clear();
-        lock(&self.range_unfit).clear();
-    }
 }
 
 /// What an HTTP client is built from; clients are shared by endpoints that agree.
@@ -120,186 +122,53 @@ pub(crate) fn check_resolver_cas(resolver: &ResolverConfig) -> Result<()> {
     Ok(())
 }
 
-impl Client {
-    /// The endpoints for `purpose` at `registry`, mirrors first.
-    pub(crate) fn endpoints(&self, registry: &str, purpose: Purpose) -> Result<Endpoints> {
+impl HostState {
+    /// The endpoints for `purpose` at `registry`, mirrors first, as `resolver` and `http`
+    /// say.
+    pub(crate) fn endpoints(
+        &self,
+        resolver: &ResolverConfig,
+        http: &HttpConfig,
+        registry: &str,
+        purpose: Purpose,
+    ) -> Result<Endpoints> {
         let key = (registry.to_string(), purpose);
-        if let Some(found) = lock(&self.inner.hosts.endpoints).get(&key) {
+        if let Some(found) = lock(&self.endpoints).get(&key) {
             return Ok(found.clone());
         }
         let mut built = Vec::new();
-        for p in self.plan_endpoints(registry)? {
+        for p in plan_endpoints(resolver, http, registry)? {
             if purpose.allowed(p.capabilities) {
-                built.push(self.endpoint(registry, p)?);
+                built.push(self.endpoint(resolver, http, registry, p)?);
             }
         }
         let built: Endpoints = built.into();
-        lock(&self.inner.hosts.endpoints).insert(key, built.clone());
+        lock(&self.endpoints).insert(key, built.clone());
         Ok(built)
     }
 
-    /// `[resolver.host."REGISTRY"]` when lazysnapd's config names the registry, else its
-    /// host directory under `config_path`, else the registry itself on its defaults.
-    fn plan_endpoints(&self, registry: &str) -> Result<Vec<Planned>> {
-        let resolver = self.resolver();
-        if let Some(host) = resolver.host(registry) {
-            if let Some(dir) = hosts_dir::find_dir(&resolver.config_roots(), registry) {
-                tracing::debug!(registry, dir = %dir.display(),
-                    "[resolver.host] names this registry; its host directory is not read");
-            }
-            return self.plan_from_resolver(registry, host);
-        }
-        if let Some(dir) = hosts_dir::find_dir(&resolver.config_roots(), registry) {
-            let entries = hosts_dir::load_dir(&dir).or_else(|e| {
-                // containerd's way: a file it cannot read leaves docker's certs.d form.
-                tracing::error!(registry, error = %e,
-                    "bad hosts.toml: using the registry itself with the directory's certificates");
-                hosts_dir::load_cert_files(&dir).map_err(Error::Config)
-            })?;
-            return self.plan_from_hosts_dir(registry, &dir, entries);
-        }
-        self.plan_from_resolver(registry, &HostConfig::default())
+    /// Forgets endpoints, HTTP clients and range verdicts (after a reload: the hosts and
+    /// the files behind them may have changed); connection limits stay.
+    pub(crate) fn reset(&self) {
+        lock(&self.endpoints).clear();
+        lock(&self.http_clients).clear();
+        lock(&self.range_unfit).clear();
     }
 
-    fn plan_from_resolver(&self, registry: &str, host_config: &HostConfig) -> Result<Vec<Planned>> {
-        let http = self.http();
-        let origin_host = api_host(registry).to_string();
-        let mut origin_plain = host_config
-            .plain_http
-            .unwrap_or(is_loopback(&origin_host) && host_config.ca.is_empty());
-        let mut origin_timeout = host_config
-            .request_timeout_sec
-            .unwrap_or(http.request_timeout_sec);
-        let mut out = Vec::new();
-        for mirror in &host_config.mirrors {
-            let (scheme, authority, prefix) = split_mirror_host(&mirror.host);
-            if authority == registry || authority == origin_host {
-                // stargz-snapshotter's way of saying "the registry itself speaks HTTP".
-                if mirror.insecure || scheme == Some("http") {
-                    origin_plain = true;
-                }
-                if mirror.request_timeout_sec > 0 {
-                    origin_timeout = mirror.request_timeout_sec;
-                }
-                continue;
-            }
-            let plain = match scheme {
-                Some(s) => s == "http",
-                None => mirror.insecure || (is_loopback(authority) && mirror.ca.is_empty()),
-            };
-            let timeout_sec = if mirror.request_timeout_sec > 0 {
-                mirror.request_timeout_sec
-            } else {
-                http.request_timeout_sec
-            };
-            let mut cas = http.ca.clone();
-            cas.extend(mirror.ca.iter().cloned());
-            let mut headers = HeaderMap::new();
-            for (k, v) in &mirror.header {
-                add_header(&mut headers, authority, k, v)?;
-            }
-            out.push(Planned {
-                authority: authority.to_string(),
-                base: base_url(plain, authority, prefix),
-                is_mirror: true,
-                // stargz-snapshotter's mirrors serve pulls only.
-                capabilities: Capabilities {
-                    pull: true,
-                    resolve: true,
-                    push: false,
-                    referrers: false,
-                },
-                settings: ClientSettings {
-                    cas,
-                    identity: None,
-                    skip_verify: false,
-                    timeout_sec,
-                    connect_timeout: None,
-                },
-                headers,
-            });
-        }
-        let mut cas = http.ca.clone();
-        cas.extend(host_config.ca.iter().cloned());
-        let mut headers = HeaderMap::new();
-        for (k, v) in &host_config.header {
-            add_header(&mut headers, &origin_host, k, v)?;
-        }
-        out.push(Planned {
-            base: base_url(origin_plain, &origin_host, ""),
-            authority: origin_host,
-            is_mirror: false,
-            capabilities: Capabilities::ALL,
-            settings: ClientSettings {
-                cas,
-                identity: None,
-                skip_verify: false,
-                timeout_sec: origin_timeout,
-                connect_timeout: None,
-            },
-            headers,
-        });
-        Ok(out)
-    }
-
-    fn plan_from_hosts_dir(
+    fn endpoint(
         &self,
+        resolver: &ResolverConfig,
+        http: &HttpConfig,
         registry: &str,
-        dir: &Path,
-        entries: Vec<HostEntry>,
-    ) -> Result<Vec<Planned>> {
-        let http = self.http();
-        let last = entries.len().saturating_sub(1);
-        let mut out = Vec::new();
-        for (i, e) in entries.into_iter().enumerate() {
-            let (plain, authority, path) = match &e.url {
-                Some(u) => (u.plain_http, u.authority.clone(), u.path.clone()),
-                None => {
-                    let origin = api_host(registry).to_string();
-                    let plain = is_loopback(&origin) && e.ca.is_empty() && e.client.is_empty();
-                    (plain, origin, "/v2".to_string())
-                }
-            };
-            if e.client.len() > 1 {
-                tracing::warn!(registry, dir = %dir.display(), host = %authority,
-                    "several client certificates: the first is presented");
-            }
-            let mut cas = http.ca.clone();
-            cas.extend(e.ca.iter().cloned());
-            let mut headers = HeaderMap::new();
-            for (k, values) in &e.header {
-                for v in values {
-                    add_header(&mut headers, &authority, k, v)?;
-                }
-            }
-            let scheme = if plain { "http" } else { "https" };
-            out.push(Planned {
-                base: format!("{scheme}://{authority}{path}"),
-                authority,
-                is_mirror: i < last,
-                capabilities: e.capabilities,
-                settings: ClientSettings {
-                    cas,
-                    identity: e.client.first().cloned(),
-                    skip_verify: e.skip_verify.unwrap_or(false),
-                    timeout_sec: http.request_timeout_sec,
-                    connect_timeout: e.dial_timeout,
-                },
-                headers,
-            });
-        }
-        Ok(out)
-    }
-
-    fn endpoint(&self, registry: &str, p: Planned) -> Result<Endpoint> {
-        let limit = self
-            .resolver()
+        p: Planned,
+    ) -> Result<Endpoint> {
+        let limit = resolver
             .host(registry)
             .and_then(|h| h.max_concurrent_requests)
-            .unwrap_or(self.http().max_concurrent_requests);
+            .unwrap_or(http.max_concurrent_requests);
         Ok(Endpoint {
             namespace: namespace_for(&p.authority, registry),
-            client: self.http_client(p.settings)?,
+            client: self.http_client(http, p.settings)?,
             limiter: self.limiter(&p.authority, limit),
             host: p.authority,
             base: p.base,
@@ -309,19 +178,22 @@ impl Client {
     }
 
     fn limiter(&self, host: &str, limit: usize) -> Arc<Semaphore> {
-        lock(&self.inner.hosts.limiters)
+        lock(&self.limiters)
             .entry(host.to_string())
             .or_insert_with(|| Arc::new(Semaphore::new(limit)))
             .clone()
     }
 
-    fn http_client(&self, mut settings: ClientSettings) -> Result<reqwest::Client> {
+    fn http_client(
+        &self,
+        http: &HttpConfig,
+        mut settings: ClientSettings,
+    ) -> Result<reqwest::Client> {
         settings.cas.sort();
         settings.cas.dedup();
-        if let Some(c) = lock(&self.inner.hosts.http_clients).get(&settings) {
+        if let Some(c) = lock(&self.http_clients).get(&settings) {
             return Ok(c.clone());
         }
-        let http = self.http();
         let connect = settings
             .connect_timeout
             .unwrap_or(Duration::from_secs(http.connect_timeout_sec));
@@ -345,30 +217,191 @@ impl Client {
         let client = builder
             .build()
             .map_err(|e| Error::Config(format!("building the HTTP client: {e}")))?;
-        lock(&self.inner.hosts.http_clients).insert(settings, client.clone());
+        lock(&self.http_clients).insert(settings, client.clone());
         Ok(client)
     }
 
     /// False while `ep` is left out of range reads of `digest`.
     pub(crate) fn range_fit(&self, ep: &Endpoint, digest: &Digest) -> bool {
         let now = Instant::now();
-        let mut unfit = lock(&self.inner.hosts.range_unfit);
+        let mut unfit = lock(&self.range_unfit);
         unfit.retain(|_, until| *until > now);
         !unfit.contains_key(&(ep.host.clone(), None))
             && !unfit.contains_key(&(ep.host.clone(), Some(digest.clone())))
     }
 
-    /// Leaves a mirror out of range reads for `http.mirror_range_retry_sec`: of every
-    /// blob, or (`only`) of one it said it does not have.
-    pub(crate) fn mark_range_unfit(&self, ep: &Endpoint, only: Option<&Digest>, why: &str) {
-        let pause = Duration::from_secs(self.http().mirror_range_retry_sec);
+    /// Leaves a mirror out of range reads for `pause`: of every blob, or (`only`) of one
+    /// it said it does not have.
+    pub(crate) fn mark_range_unfit(
+        &self,
+        ep: &Endpoint,
+        only: Option<&Digest>,
+        why: &str,
+        pause: Duration,
+    ) {
         tracing::warn!(mirror = %ep.host, blob = ?only.map(|d| d.to_string()), reason = why,
             seconds = pause.as_secs(), "mirror left out of range reads for a while");
-        lock(&self.inner.hosts.range_unfit)
-            .insert((ep.host.clone(), only.cloned()), Instant::now() + pause);
+        lock(&self.range_unfit).insert((ep.host.clone(), only.cloned()), Instant::now() + pause);
     }
 }
 
+/// `[resolver.host."REGISTRY"]` when lazysnapd's config names the registry, else its
+/// host directory under `config_path`, else the registry itself on its defaults.
+fn plan_endpoints(
+    resolver: &ResolverConfig,
+    http: &HttpConfig,
+    registry: &str,
+) -> Result<Vec<Planned>> {
+    if let Some(host) = resolver.host(registry) {
+        if let Some(dir) = hosts_dir::find_dir(&resolver.config_roots(), registry) {
+            tracing::debug!(registry, dir = %dir.display(),
+                "[resolver.host] names this registry; its host directory is not read");
+        }
+        return plan_from_resolver(http, registry, host);
+    }
+    if let Some(dir) = hosts_dir::find_dir(&resolver.config_roots(), registry) {
+        let entries = hosts_dir::load_dir(&dir).or_else(|e| {
+            // containerd's way: a file it cannot read leaves docker's certs.d form.
+            tracing::error!(registry, error = %e,
+                "bad hosts.toml: using the registry itself with the directory's certificates");
+            hosts_dir::load_cert_files(&dir).map_err(Error::Config)
+        })?;
+        return plan_from_hosts_dir(http, registry, &dir, entries);
+    }
+    plan_from_resolver(http, registry, &HostConfig::default())
+}
+
+fn plan_from_resolver(
+    http: &HttpConfig,
+    registry: &str,
+    host_config: &HostConfig,
+) -> Result<Vec<Planned>> {
+    let origin_host = api_host(registry).to_string();
+    let mut origin_plain = host_config
+        .plain_http
+        .unwrap_or(is_loopback(&origin_host) && host_config.ca.is_empty());
+    let mut origin_timeout = host_config
+        .request_timeout_sec
+        .unwrap_or(http.request_timeout_sec);
+    let mut out = Vec::new();
+    for mirror in &host_config.mirrors {
+        let (scheme, authority, prefix) = split_mirror_host(&mirror.host);
+        if authority == registry || authority == origin_host {
+            // stargz-snapshotter's way of saying "the registry itself speaks HTTP".
+            if mirror.insecure || scheme == Some("http") {
+                origin_plain = true;
+            }
+            if mirror.request_timeout_sec > 0 {
+                origin_timeout = mirror.request_timeout_sec;
+            }
+            continue;
+        }
+        let plain = match scheme {
+            Some(s) => s == "http",
+            None => mirror.insecure || (is_loopback(authority) && mirror.ca.is_empty()),
+        };
+        let timeout_sec = if mirror.request_timeout_sec > 0 {
+            mirror.request_timeout_sec
+        } else {
+            http.request_timeout_sec
+        };
+        let mut cas = http.ca.clone();
+        cas.extend(mirror.ca.iter().cloned());
+        let mut headers = HeaderMap::new();
+        for (k, v) in &mirror.header {
+            add_header(&mut headers, authority, k, v)?;
+        }
+        out.push(Planned {
+            authority: authority.to_string(),
+            base: base_url(plain, authority, prefix),
+            is_mirror: true,
+            // stargz-snapshotter's mirrors serve pulls only.
+            capabilities: Capabilities {
+                pull: true,
+                resolve: true,
+                push: false,
+                referrers: false,
+            },
+            settings: ClientSettings {
+                cas,
+                identity: None,
+                skip_verify: false,
+                timeout_sec,
+                connect_timeout: None,
+            },
+            headers,
+        });
+    }
+    let mut cas = http.ca.clone();
+    cas.extend(host_config.ca.iter().cloned());
+    let mut headers = HeaderMap::new();
+    for (k, v) in &host_config.header {
+        add_header(&mut headers, &origin_host, k, v)?;
+    }
+    out.push(Planned {
+        base: base_url(origin_plain, &origin_host, ""),
+        authority: origin_host,
+        is_mirror: false,
+        capabilities: Capabilities::ALL,
+        settings: ClientSettings {
+            cas,
+            identity: None,
+            skip_verify: false,
+            timeout_sec: origin_timeout,
+            connect_timeout: None,
+        },
+        headers,
+    });
+    Ok(out)
+}
+
+fn plan_from_hosts_dir(
+    http: &HttpConfig,
+    registry: &str,
+    dir: &Path,
+    entries: Vec<HostEntry>,
+) -> Result<Vec<Planned>> {
+    let last = entries.len().saturating_sub(1);
+    let mut out = Vec::new();
+    for (i, e) in entries.into_iter().enumerate() {
+        let (plain, authority, path) = match &e.url {
+            Some(u) => (u.plain_http, u.authority.clone(), u.path.clone()),
+            None => {
+                let origin = api_host(registry).to_string();
+                let plain = is_loopback(&origin) && e.ca.is_empty() && e.client.is_empty();
+                (plain, origin, "/v2".to_string())
+            }
+        };
+        if e.client.len() > 1 {
+            tracing::warn!(registry, dir = %dir.display(), host = %authority,
+                "several client certificates: the first is presented");
+        }
+        let mut cas = http.ca.clone();
+        cas.extend(e.ca.iter().cloned());
+        let mut headers = HeaderMap::new();
+        for (k, values) in &e.header {
+            for v in values {
+                add_header(&mut headers, &authority, k, v)?;
+            }
+        }
+        let scheme = if plain { "http" } else { "https" };
+        out.push(Planned {
+            base: format!("{scheme}://{authority}{path}"),
+            authority,
+            is_mirror: i < last,
+            capabilities: e.capabilities,
+            settings: ClientSettings {
+                cas,
+                identity: e.client.first().cloned(),
+                skip_verify: e.skip_verify.unwrap_or(false),
+                timeout_sec: http.request_timeout_sec,
+                connect_timeout: e.dial_timeout,
+            },
+            headers,
+        });
+    }
+    Ok(out)
+}
 /// containerd's rule: a host other than the registry's own is serving it as a proxy.
 fn namespace_for(authority: &str, registry: &str) -> Option<String> {
     let own = authority == registry
@@ -453,6 +486,7 @@ fn base_url(plain: bool, authority: &str, prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::Client;
     use crate::config::RegistryConfig;
 
     #[test]

@@ -6,6 +6,7 @@
 
 mod auth;
 mod blob;
+mod body;
 mod client;
 mod config;
 mod digest;
@@ -13,17 +14,21 @@ mod endpoints;
 mod error;
 pub mod go_duration;
 pub mod hosts_dir;
+mod lock;
 mod manifest;
 pub mod platform;
 mod push;
 mod reference;
 mod referrers;
+mod request;
+mod retry;
 
 pub use auth::{
     Anonymous, Challenge, CredentialFuture, CredentialProvider, Credentials, DockerConfig,
     StaticCredentials, parse_challenges,
 };
-pub use blob::{ContentRange, RANGELESS_PREFIX_LIMIT, RemoteBlob, parse_content_range};
+pub use blob::{RANGELESS_PREFIX_LIMIT, RemoteBlob};
+pub use body::{ContentRange, parse_content_range};
 pub use client::Client;
 pub use config::{
     HostConfig, HttpConfig, MirrorConfig, RegistryConfig, ResolverConfig, is_loopback,

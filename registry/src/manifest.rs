@@ -3,16 +3,19 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use reqwest::header::{self, HeaderMap, HeaderValue};
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
+use reqwest::header::{self, HeaderValue};
 use serde::{Deserialize, Serialize};
 
-use crate::client::{Client, Req, read_limited, status_error};
+use crate::body::read_limited;
+use crate::client::Client;
 use crate::digest::Digest;
 use crate::endpoints::Purpose;
 use crate::error::{Error, Result, Target};
 use crate::platform::Platform;
 use crate::reference::{Reference, Repository};
+use crate::request::Req;
+use crate::retry::status_error;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -179,22 +182,9 @@ impl Client {
         scopes: &[String],
     ) -> Result<FetchedManifest> {
         let target = Target::new(&ep.host, &repo.name, object);
-        let mut headers = HeaderMap::new();
-        headers.insert(header::ACCEPT, accept_header());
-        let sent = self
-            .send(
-                ep,
-                &target,
-                Req {
-                    method: Method::GET,
-                    url: format!("{}/{}/manifests/{object}", ep.base, repo.name),
-                    headers,
-                    body: None,
-                    scopes: Some(scopes),
-                    follow_redirects: true,
-                },
-            )
-            .await?;
+        let req =
+            Req::get(ep.manifest_url(repo, object), scopes).header(header::ACCEPT, accept_header());
+        let sent = self.send(ep, &target, req).await?;
         let resp = sent.resp;
         if resp.status() != StatusCode::OK {
             return Err(status_error(resp, &target, "fetching manifest").await);

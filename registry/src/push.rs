@@ -5,13 +5,15 @@
 use bytes::Bytes;
 use estargz::BlobReader;
 use reqwest::header::{self, HeaderMap, HeaderValue};
-use reqwest::{Method, StatusCode, Url};
+use reqwest::{StatusCode, Url};
 
-use crate::client::{Client, Req, status_error};
+use crate::client::Client;
 use crate::digest::{Digest, Hasher};
 use crate::endpoints::{Endpoint, Purpose};
 use crate::error::{Error, Result, Target};
 use crate::reference::Repository;
+use crate::request::Req;
+use crate::retry::status_error;
 
 /// What [`Client::push_blob`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,18 +53,7 @@ impl Client {
     ) -> Result<Option<u64>> {
         let target = Target::new(&ep.host, &repo.name, digest);
         let sent = self
-            .send(
-                ep,
-                &target,
-                Req {
-                    method: Method::HEAD,
-                    url: format!("{}/{}/blobs/{digest}", ep.base, repo.name),
-                    headers: HeaderMap::new(),
-                    body: None,
-                    scopes: Some(scopes),
-                    follow_redirects: true,
-                },
-            )
+            .send(ep, &target, Req::head(ep.blob_url(repo, digest), scopes))
             .await?;
         match sent.resp.status() {
             StatusCode::OK => Ok(Some(
@@ -143,40 +134,18 @@ impl Client {
         url.query_pairs_mut()
             .append_pair("mount", &digest.to_string())
             .append_pair("from", &from.name);
-        let sent = self
-            .send(
-                ep,
-                &target,
-                Req {
-                    method: Method::POST,
-                    url: url.to_string(),
-                    headers: HeaderMap::new(),
-                    body: Some(Bytes::new()),
-                    scopes: Some(scopes),
-                    follow_redirects: false,
-                },
-            )
-            .await?;
+        let mount = Req::post(url.to_string(), scopes)
+            .body(Bytes::new())
+            .no_redirects();
+        let sent = self.send(ep, &target, mount).await?;
         match sent.resp.status() {
             StatusCode::CREATED => Ok(true),
             StatusCode::ACCEPTED => {
                 // Not mounted: an upload session was opened; close it rather than leak it.
                 if let Ok(loc) = upload_location(&sent.resp, &url, &target) {
                     drop(sent);
-                    let _ = self
-                        .send(
-                            ep,
-                            &target,
-                            Req {
-                                method: Method::DELETE,
-                                url: loc.to_string(),
-                                headers: HeaderMap::new(),
-                                body: None,
-                                scopes: Some(scopes),
-                                follow_redirects: false,
-                            },
-                        )
-                        .await;
+                    let cancel = Req::delete(loc.to_string(), scopes).no_redirects();
+                    let _ = self.send(ep, &target, cancel).await;
                 }
                 Ok(false)
             }
@@ -192,20 +161,10 @@ impl Client {
         scopes: &[String],
     ) -> Result<Url> {
         let url = upload_start_url(ep, repo, target)?;
-        let sent = self
-            .send(
-                ep,
-                target,
-                Req {
-                    method: Method::POST,
-                    url: url.to_string(),
-                    headers: HeaderMap::new(),
-                    body: Some(Bytes::new()),
-                    scopes: Some(scopes),
-                    follow_redirects: false,
-                },
-            )
-            .await?;
+        let start = Req::post(url.to_string(), scopes)
+            .body(Bytes::new())
+            .no_redirects();
+        let sent = self.send(ep, target, start).await?;
         if sent.resp.status() != StatusCode::ACCEPTED {
             return Err(status_error(sent.resp, target, "starting upload").await);
         }
@@ -238,25 +197,14 @@ impl Client {
         location
             .query_pairs_mut()
             .append_pair("digest", &digest.to_string());
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        let sent = self
-            .send(
-                ep,
-                target,
-                Req {
-                    method: Method::PUT,
-                    url: location.to_string(),
-                    headers,
-                    body: Some(body),
-                    scopes: Some(scopes),
-                    follow_redirects: false,
-                },
+        let finish = Req::put(location.to_string(), scopes)
+            .header(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
             )
-            .await?;
+            .body(body)
+            .no_redirects();
+        let sent = self.send(ep, target, finish).await?;
         if sent.resp.status() != StatusCode::CREATED {
             return Err(status_error(sent.resp, target, "completing upload").await);
         }
@@ -313,29 +261,18 @@ impl Client {
                 ));
             }
             hasher.update(&chunk);
-            let mut headers = HeaderMap::new();
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
             // The distribution spec's PATCH Content-Range has no "bytes " prefix.
             let range = HeaderValue::from_str(&format!("{offset}-{}", offset + len - 1))
                 .map_err(|_| Error::bad(&target, "range header"))?;
-            headers.insert(header::CONTENT_RANGE, range);
-            let sent = self
-                .send(
-                    ep,
-                    &target,
-                    Req {
-                        method: Method::PATCH,
-                        url: location.to_string(),
-                        headers,
-                        body: Some(chunk),
-                        scopes: Some(scopes),
-                        follow_redirects: false,
-                    },
+            let patch = Req::patch(location.to_string(), scopes)
+                .header(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
                 )
-                .await?;
+                .header(header::CONTENT_RANGE, range)
+                .body(chunk)
+                .no_redirects();
+            let sent = self.send(ep, &target, patch).await?;
             if sent.resp.status() != StatusCode::ACCEPTED {
                 return Err(status_error(sent.resp, &target, "uploading chunk").await);
             }
@@ -430,22 +367,11 @@ impl Client {
         scopes: &[String],
     ) -> Result<()> {
         let target = Target::new(&ep.host, &repo.name, object);
-        let mut headers = HeaderMap::new();
-        headers.insert(header::CONTENT_TYPE, content_type.clone());
-        let sent = self
-            .send(
-                ep,
-                &target,
-                Req {
-                    method: Method::PUT,
-                    url: format!("{}/{}/manifests/{object}", ep.base, repo.name),
-                    headers,
-                    body: Some(bytes.clone()),
-                    scopes: Some(scopes),
-                    follow_redirects: false,
-                },
-            )
-            .await?;
+        let put = Req::put(ep.manifest_url(repo, object), scopes)
+            .header(header::CONTENT_TYPE, content_type.clone())
+            .body(bytes.clone())
+            .no_redirects();
+        let sent = self.send(ep, &target, put).await?;
         if sent.resp.status() != StatusCode::CREATED {
             return Err(status_error(sent.resp, &target, "pushing manifest").await);
         }

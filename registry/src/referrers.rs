@@ -1,15 +1,18 @@
 //! Which manifests refer to a manifest (OCI 1.1's `subject`): the referrers API, and the
 //! tag schema registries without it are given (a `<algorithm>-<hex>` tag on an index).
 
-use reqwest::header::{self, HeaderMap, HeaderValue};
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
+use reqwest::header::{self, HeaderValue};
 
-use crate::client::{Client, Req, read_limited, status_error};
+use crate::body::read_limited;
+use crate::client::Client;
 use crate::digest::Digest;
 use crate::endpoints::Purpose;
 use crate::error::{Error, Result, Target};
 use crate::manifest::{Descriptor, ImageIndex, MAX_MANIFEST_SIZE, Manifest, OCI_INDEX, pull_scope};
 use crate::reference::Repository;
+use crate::request::Req;
+use crate::retry::status_error;
 
 impl Client {
     /// The manifests whose subject is `subject`, only those of `artifact_type` when one
@@ -71,22 +74,9 @@ impl Client {
                     url.push_str("?artifactType=");
                     url.push_str(&t.replace('+', "%2B"));
                 }
-                let mut headers = HeaderMap::new();
-                headers.insert(header::ACCEPT, HeaderValue::from_static(OCI_INDEX));
-                let sent = self
-                    .send(
-                        ep,
-                        &target,
-                        Req {
-                            method: Method::GET,
-                            url,
-                            headers,
-                            body: None,
-                            scopes: Some(scopes),
-                            follow_redirects: true,
-                        },
-                    )
-                    .await?;
+                let req = Req::get(url, scopes)
+                    .header(header::ACCEPT, HeaderValue::from_static(OCI_INDEX));
+                let sent = self.send(ep, &target, req).await?;
                 let resp = sent.resp;
                 if resp.status() != StatusCode::OK {
                     return Err(status_error(resp, &target, "listing referrers").await);

@@ -52,7 +52,7 @@ fn assert_names_everything(err: &str, server: &FakeServer, digest: &Digest) {
 
 /// Serves `blob`, but closes the first answer after a third of its body.
 async fn first_body_cut_at_a_third(blob: Vec<u8>) -> FakeServer {
-    FakeServer::start(move |req, i| match (i, serve_blob(req, &blob, true)) {
+    FakeServer::start(move |req, i| match (i, serve_blob(req, &blob)) {
         (
             0,
             Reply::Full {
@@ -109,7 +109,7 @@ async fn a_streamed_read_cut_mid_body_resumes_without_repeating_bytes() {
 async fn connection_always_dropped_fails_clearly() {
     let data = pseudo_random(100_000, 2);
     let blob = data.clone();
-    let server = FakeServer::start(move |req, _| match serve_blob(req, &blob, true) {
+    let server = FakeServer::start(move |req, _| match serve_blob(req, &blob) {
         Reply::Full {
             status,
             headers,
@@ -139,7 +139,7 @@ async fn unavailable_and_rate_limited_honour_retry_after() {
     let server = FakeServer::start(move |req, i| match i {
         0 => Reply::with(503, &[("Retry-After", "1")], "busy"),
         1 => Reply::with(429, &[("Retry-After", "0")], "slow down"),
-        _ => serve_blob(req, &blob, true),
+        _ => serve_blob(req, &blob),
     })
     .await;
     let client = client();
@@ -314,7 +314,7 @@ async fn redirects_are_followed_cached_and_refreshed() {
             fail_next.fetch_sub(1, Ordering::SeqCst);
             return Reply::status(403);
         }
-        serve_blob(req, &blob, true)
+        serve_blob(req, &blob)
     })
     .await;
     let creds = StaticCredentials([(server.host.clone(), Credentials::new("u", "p"))].into());
@@ -403,8 +403,8 @@ async fn blob_size_falls_back_from_head_and_downloads_resume() {
     let server = FakeServer::start(move |req: &Request, i| match req.method.as_str() {
         "HEAD" => Reply::status(405),
         // The whole-blob download is cut twice; the resumptions must ask for the rest.
-        _ if req.header("range") == Some("bytes=0-0") => serve_blob(req, &blob, true),
-        _ if i < 4 => match serve_blob(req, &blob, true) {
+        _ if req.header("range") == Some("bytes=0-0") => serve_blob(req, &blob),
+        _ if i < 4 => match serve_blob(req, &blob) {
             Reply::Full {
                 status,
                 headers,
@@ -417,7 +417,7 @@ async fn blob_size_falls_back_from_head_and_downloads_resume() {
             },
             other => other,
         },
-        _ => serve_blob(req, &blob, true),
+        _ => serve_blob(req, &blob),
     })
     .await;
     let client = client();
@@ -449,7 +449,7 @@ async fn blob_size_falls_back_from_head_and_downloads_resume() {
     let server = FakeServer::start(move |req: &Request, _| {
         let mut corrupt = bad.clone();
         corrupt[5] ^= 1;
-        serve_blob(req, &corrupt, true)
+        serve_blob(req, &corrupt)
     })
     .await;
     let repo = Repository::new(server.host.clone(), REPO);
@@ -510,11 +510,11 @@ async fn manifests_are_checked_against_their_digest() {
 async fn mirrors_are_tried_in_order_then_the_origin() {
     let data = pseudo_random(1000, 9);
     let blob = data.clone();
-    let origin = FakeServer::start(move |req, _| serve_blob(req, &blob, true)).await;
+    let origin = FakeServer::start(move |req, _| serve_blob(req, &blob)).await;
     let broken = FakeServer::start(|_, _| Reply::status(500)).await;
     let missing = FakeServer::start(|_, _| Reply::status(404)).await;
     let blob = data.clone();
-    let good = FakeServer::start(move |req, _| serve_blob(req, &blob, true)).await;
+    let good = FakeServer::start(move |req, _| serve_blob(req, &blob)).await;
     let mk = |mirrors: &[&FakeServer]| {
         let mut toml_text = String::new();
         for m in mirrors {

@@ -48,7 +48,7 @@ fn spegel(holds: Vec<Vec<u8>>) -> impl Fn(&Request, usize) -> Reply + Send + Syn
         holds
             .iter()
             .find(|b| req.path().ends_with(&Digest::sha256_of(b).to_string()))
-            .map_or_else(|| Reply::status(404), |b| serve_blob(req, b, false))
+            .map_or_else(|| Reply::status(404), |b| serve_blob(req, b))
     }
 }
 
@@ -63,7 +63,7 @@ async fn a_spegel_like_mirror_gets_ns_and_serves_what_it_holds() {
         } else {
             &a
         };
-        serve_blob(req, blob, false)
+        serve_blob(req, blob)
     })
     .await;
     let mirror = FakeServer::start(spegel(vec![held.clone()])).await;
@@ -118,7 +118,7 @@ async fn a_mirror_ignoring_range_serves_whole_blobs_but_no_more_ranges() {
     let data = pseudo_random(3 << 20, 3);
     let digest = Digest::sha256_of(&data);
     let d = data.clone();
-    let origin = FakeServer::start(move |req, _| serve_blob(req, &d, false)).await;
+    let origin = FakeServer::start(move |req, _| serve_blob(req, &d)).await;
     let d = data.clone();
     // Answers every GET with the whole blob, whatever the Range header says.
     let mirror = FakeServer::start(move |_, _| {
@@ -161,7 +161,7 @@ async fn several_ranges_or_errors_from_a_mirror_send_ranges_elsewhere() {
     let data = pseudo_random(100_000, 4);
     let digest = Digest::sha256_of(&data);
     let d = data.clone();
-    let origin = FakeServer::start(move |req, _| serve_blob(req, &d, false)).await;
+    let origin = FakeServer::start(move |req, _| serve_blob(req, &d)).await;
     let d = data.clone();
     // One range asked, a multipart answer given.
     let multipart = FakeServer::start(move |_, _| {
@@ -182,7 +182,7 @@ async fn several_ranges_or_errors_from_a_mirror_send_ranges_elsewhere() {
         if f.load(Ordering::SeqCst) {
             Reply::status(503)
         } else {
-            serve_blob(req, &d, false)
+            serve_blob(req, &d)
         }
     })
     .await;

@@ -73,7 +73,7 @@ impl TokenRegistry {
                 );
                 return Reply::with(401, &[("WWW-Authenticate", challenge.as_str())], "");
             }
-            serve_blob(req, &blob, true)
+            serve_blob(req, &blob)
         })
         .await;
         me.set(server.host.clone()).expect("set once");

@@ -2,19 +2,19 @@
 //! download resumes where it stopped).
 
 use bytes::{Bytes, BytesMut};
-use reqwest::header::{self, HeaderMap, HeaderValue};
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
+use reqwest::header::{self, HeaderValue};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::client::{Client, Req, status_error};
+use crate::body::{content_length, parse_content_range};
+use crate::client::Client;
 use crate::digest::{Digest, Hasher};
 use crate::endpoints::{Endpoint, Purpose};
 use crate::error::{Error, Result, Target};
 use crate::manifest::pull_scope;
 use crate::reference::Repository;
-
-use super::blob_url;
-use super::body::{content_length, parse_content_range};
+use crate::request::Req;
+use crate::retry::status_error;
 
 impl Client {
     /// The size of a blob: `HEAD`, or when that fails, `GET Range: bytes=0-0` and the total
@@ -36,21 +36,8 @@ impl Client {
         scopes: &[String],
     ) -> Result<u64> {
         let target = Target::new(&ep.host, &repo.name, digest);
-        let url = blob_url(ep, repo, digest);
-        let head = self
-            .send(
-                ep,
-                &target,
-                Req {
-                    method: Method::HEAD,
-                    url: url.clone(),
-                    headers: HeaderMap::new(),
-                    body: None,
-                    scopes: Some(scopes),
-                    follow_redirects: true,
-                },
-            )
-            .await;
+        let url = ep.blob_url(repo, digest);
+        let head = self.send(ep, &target, Req::head(&url, scopes)).await;
         let head_err = match head {
             Ok(sent) if sent.resp.status() == StatusCode::OK => {
                 // The header itself: for HEAD the body is empty, so body-based lengths lie.
@@ -69,22 +56,9 @@ impl Client {
             return Err(head_err);
         }
         tracing::debug!(error = %head_err, "HEAD failed; asking for the first byte instead");
-        let mut headers = HeaderMap::new();
-        headers.insert(header::RANGE, HeaderValue::from_static("bytes=0-0"));
-        let sent = self
-            .send(
-                ep,
-                &target,
-                Req {
-                    method: Method::GET,
-                    url,
-                    headers,
-                    body: None,
-                    scopes: Some(scopes),
-                    follow_redirects: true,
-                },
-            )
-            .await?;
+        let first_byte =
+            Req::get(url, scopes).header(header::RANGE, HeaderValue::from_static("bytes=0-0"));
+        let sent = self.send(ep, &target, first_byte).await?;
         match sent.resp.status() {
             StatusCode::PARTIAL_CONTENT => {
                 let range = sent
@@ -160,26 +134,13 @@ impl Client {
         out: &mut W,
     ) -> Result<u64> {
         let target = Target::new(&ep.host, &repo.name, digest);
-        let mut headers = HeaderMap::new();
+        let mut req = Req::get(ep.blob_url(repo, digest), scopes);
         if state.written > 0 {
             let v = HeaderValue::from_str(&format!("bytes={}-", state.written))
                 .map_err(|_| Error::bad(&target, "range header"))?;
-            headers.insert(header::RANGE, v);
+            req = req.header(header::RANGE, v);
         }
-        let sent = self
-            .send(
-                ep,
-                &target,
-                Req {
-                    method: Method::GET,
-                    url: blob_url(ep, repo, digest),
-                    headers,
-                    body: None,
-                    scopes: Some(scopes),
-                    follow_redirects: true,
-                },
-            )
-            .await?;
+        let sent = self.send(ep, &target, req).await?;
         let mut resp = sent.resp;
         let mut skip = match resp.status() {
             StatusCode::OK => state.written,

@@ -7,19 +7,22 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use estargz::{BlobError, BlobFuture, BlobReader};
 use reqwest::header::{self, HeaderMap, HeaderValue};
-use reqwest::{Method, StatusCode, Url};
+use reqwest::{StatusCode, Url};
 
-use crate::client::{Client, Req, lock, read_exact, status_error};
+use crate::body::{
+    Body, StreamSink, content_length, parse_content_range, read_exact, read_prefix, stream_exact,
+};
+use crate::client::Client;
 use crate::digest::Digest;
 use crate::endpoints::{Endpoint, Purpose};
 use crate::error::{Error, Result, Target};
+use crate::lock::lock;
 use crate::manifest::pull_scope;
 use crate::reference::Repository;
+use crate::request::Req;
+use crate::retry::status_error;
 
-use super::body::{
-    Body, StreamSink, content_length, parse_content_range, read_prefix, stream_exact,
-};
-use super::{RANGELESS_PREFIX_LIMIT, blob_url};
+use super::RANGELESS_PREFIX_LIMIT;
 
 /// A blob in a registry, read with range requests. Implements [`BlobReader`].
 pub struct RemoteBlob {
@@ -126,8 +129,7 @@ impl RemoteBlob {
                 .range_once(
                     &loc.endpoint,
                     &target,
-                    loc.url.as_str(),
-                    None,
+                    Req::storage_get(loc.url.as_str()),
                     (offset, len),
                     body,
                 )
@@ -180,9 +182,9 @@ impl RemoteBlob {
         body: &Body<'_>,
     ) -> Result<Bytes> {
         let target = self.target(&ep.host);
-        let url = blob_url(ep, &self.repo, &self.digest);
+        let req = Req::get(ep.blob_url(&self.repo, &self.digest), &self.scopes);
         let (data, redirected) = self
-            .range_once(ep, &target, &url, Some(&self.scopes), (offset, len), body)
+            .range_once(ep, &target, req, (offset, len), body)
             .await?;
         if let Some(url) = redirected {
             self.remember_location(ep, url);
@@ -214,35 +216,21 @@ impl RemoteBlob {
         });
     }
 
-    /// One GET of one range; checks Content-Range and length.
+    /// One GET (`req`) of one range; checks Content-Range and length.
     async fn range_once(
         &self,
         ep: &Endpoint,
         target: &Target,
-        url: &str,
-        scopes: Option<&[String]>,
+        req: Req<'_>,
         (offset, len): (u64, u64),
         body: &Body<'_>,
     ) -> Result<(Bytes, Option<Url>)> {
         let last = offset + len - 1;
-        let mut headers = HeaderMap::new();
         let range = HeaderValue::from_str(&format!("bytes={offset}-{last}"))
             .map_err(|_| Error::bad(target, "range header"))?;
-        headers.insert(header::RANGE, range);
         let sent = self
             .client
-            .send(
-                ep,
-                target,
-                Req {
-                    method: Method::GET,
-                    url: url.to_string(),
-                    headers,
-                    body: None,
-                    scopes,
-                    follow_redirects: true,
-                },
-            )
+            .send(ep, target, req.header(header::RANGE, range))
             .await?;
         let redirected = sent.redirected.clone();
         let resp = sent.resp;

@@ -1,5 +1,6 @@
-//! Response bodies read to exactly what was asked: lengths, `Content-Range`, a prefix of
-//! an answer that ignored `Range`.
+//! Response bodies read to what was asked: whole bodies within a limit, exact lengths,
+//! `Content-Range`, a prefix of an answer that ignored `Range`, streams handed over as they
+//! arrive.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -8,7 +9,7 @@ use reqwest::header::{self, HeaderMap};
 
 use crate::error::{Error, Result, Target};
 
-pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -41,8 +42,63 @@ pub fn parse_content_range(value: &str) -> Option<ContentRange> {
     Some(ContentRange { start, end, total })
 }
 
+/// Reads a whole body of at most `limit` bytes.
+pub(crate) async fn read_limited(
+    mut resp: reqwest::Response,
+    target: &Target,
+    limit: usize,
+) -> Result<Bytes> {
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| Error::transport(target, "reading the response body", e))?
+    {
+        if buf.len() + chunk.len() > limit {
+            return Err(Error::bad(
+                target,
+                format!("response body larger than {limit} bytes"),
+            ));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// Reads exactly `expected` bytes: fewer is [`Error::Truncated`], more is an error too.
+pub(crate) async fn read_exact(
+    mut resp: reqwest::Response,
+    target: &Target,
+    expected: u64,
+) -> Result<Bytes> {
+    let cap = usize::try_from(expected)
+        .map_err(|_| Error::bad(target, "range too large for this machine"))?;
+    let mut buf = BytesMut::with_capacity(cap.min(64 << 20));
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| Error::transport(target, "reading the response body", e))?
+    {
+        if buf.len() + chunk.len() > cap {
+            return Err(Error::bad(
+                target,
+                format!("server sent more than the {expected} bytes asked for"),
+            ));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    if buf.len() < cap {
+        return Err(Error::Truncated {
+            target: target.clone(),
+            expected,
+            got: buf.len() as u64,
+        });
+    }
+    Ok(buf.freeze())
+}
+
 /// Streams exactly `expected` bytes of a body into `sink`.
-pub(super) async fn stream_exact(
+pub(crate) async fn stream_exact(
     mut resp: reqwest::Response,
     target: &Target,
     expected: u64,
@@ -75,7 +131,7 @@ pub(super) async fn stream_exact(
 }
 
 /// Reads the first `need` bytes of a body and drops the rest unread.
-pub(super) async fn read_prefix(
+pub(crate) async fn read_prefix(
     mut resp: reqwest::Response,
     target: &Target,
     need: u64,
@@ -102,19 +158,19 @@ pub(super) async fn read_prefix(
 }
 
 /// What a range read does with the body: collect it, or hand it over as it arrives.
-pub(super) enum Body<'a> {
+pub(crate) enum Body<'a> {
     Collect,
     Stream(StreamSink<'a>),
 }
 
-pub(super) struct StreamSink<'a> {
+pub(crate) struct StreamSink<'a> {
     on_data: &'a (dyn Fn(Bytes) + Send + Sync),
     /// Bytes of the range handed over so far, across retries.
     delivered: AtomicU64,
 }
 
 impl<'a> StreamSink<'a> {
-    pub(super) fn new(on_data: &'a (dyn Fn(Bytes) + Send + Sync)) -> Self {
+    pub(crate) fn new(on_data: &'a (dyn Fn(Bytes) + Send + Sync)) -> Self {
         StreamSink {
             on_data,
             delivered: AtomicU64::new(0),
@@ -122,7 +178,7 @@ impl<'a> StreamSink<'a> {
     }
 
     /// Hands over what of `data` (which starts `at` bytes into the range) is new.
-    pub(super) fn deliver(&self, at: u64, data: Bytes) {
+    pub(crate) fn deliver(&self, at: u64, data: Bytes) {
         let done = self.delivered.load(Ordering::Relaxed);
         let end = at + data.len() as u64;
         if end > done {

@@ -1,12 +1,8 @@
-//! Authentication: `WWW-Authenticate` challenges, bearer tokens, basic auth and credentials
-//! from the docker config file and credential helpers. Secrets never reach logs, `Debug`
-//! output or error messages.
+//! Credentials from docker's config file and its credential helpers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -14,118 +10,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
 
+use super::credentials::{CredentialFuture, CredentialProvider, Credentials, is_hub};
 use crate::error::{Error, Result};
-
-/// A user name and a secret (password, token or identity token).
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    secret: String,
-}
-
-/// docker's convention: this user name means the secret is an OAuth2 refresh token.
-const IDENTITY_TOKEN_USER: &str = "<token>";
-
-impl Credentials {
-    pub fn new(username: impl Into<String>, secret: impl Into<String>) -> Self {
-        Self {
-            username: username.into(),
-            secret: secret.into(),
-        }
-    }
-
-    /// An identity (refresh) token, as `docker login` stores for some registries.
-    pub fn identity_token(token: impl Into<String>) -> Self {
-        Self::new(IDENTITY_TOKEN_USER, token)
-    }
-
-    pub(crate) fn secret(&self) -> &str {
-        &self.secret
-    }
-
-    /// The secret itself, for a keychain that must keep it across restarts (in a
-    /// root-only file); never for logs.
-    pub fn expose_secret(&self) -> &str {
-        &self.secret
-    }
-
-    pub(crate) fn is_identity_token(&self) -> bool {
-        self.username == IDENTITY_TOKEN_USER
-    }
-
-    pub(crate) fn basic_header(&self) -> String {
-        format!(
-            "Basic {}",
-            BASE64.encode(format!("{}:{}", self.username, self.secret))
-        )
-    }
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Credentials")
-            .field("username", &self.username)
-            .field("secret", &"<redacted>")
-            .finish()
-    }
-}
-
-pub type CredentialFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<Option<Credentials>>> + Send + 'a>>;
-
-/// Where credentials for a registry host come from.
-pub trait CredentialProvider: Send + Sync {
-    /// Credentials for `host` (`registry-1.docker.io`, `ghcr.io`, `127.0.0.1:5000`), if any.
-    fn credentials<'a>(&'a self, host: &'a str) -> CredentialFuture<'a>;
-
-    /// Credentials for `repository` (`library/busybox`) on `host`. The registry client
-    /// asks this way; providers that answer per image (kubelet's credential provider
-    /// plugins) override it, the others answer per host.
-    fn credentials_for<'a>(&'a self, host: &'a str, repository: &'a str) -> CredentialFuture<'a> {
-        let _ = repository;
-        self.credentials(host)
-    }
-}
-
-/// Anonymous access everywhere.
-#[derive(Debug, Default, Clone)]
-pub struct Anonymous;
-
-impl CredentialProvider for Anonymous {
-    fn credentials<'a>(&'a self, _host: &'a str) -> CredentialFuture<'a> {
-        Box::pin(async { Ok(None) })
-    }
-}
-
-/// Fixed credentials per host (for tests and for callers that got them elsewhere).
-#[derive(Debug, Default, Clone)]
-pub struct StaticCredentials(pub HashMap<String, Credentials>);
-
-impl CredentialProvider for StaticCredentials {
-    fn credentials<'a>(&'a self, host: &'a str) -> CredentialFuture<'a> {
-        let found = hub_aliases(host)
-            .iter()
-            .find_map(|h| self.0.get(*h))
-            .or_else(|| self.0.get(host))
-            .cloned();
-        Box::pin(async move { Ok(found) })
-    }
-}
-
-fn is_hub(host: &str) -> bool {
-    matches!(
-        host,
-        "docker.io" | "index.docker.io" | "registry-1.docker.io"
-    )
-}
-
-fn hub_aliases(host: &str) -> &'static [&'static str] {
-    if is_hub(host) {
-        &["docker.io", "index.docker.io", "registry-1.docker.io"]
-    } else {
-        &[]
-    }
-}
+use crate::lock::lock;
 
 /// The server address docker uses as the key for Docker Hub.
 const HUB_SERVER_URL: &str = "https://index.docker.io/v1/";
@@ -318,7 +205,7 @@ impl DockerConfig {
     }
 
     fn cache_get(&self, host: &str) -> Option<Option<Credentials>> {
-        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let cache = lock(&self.cache);
         cache
             .get(host)
             .filter(|(at, _)| at.elapsed() < HELPER_CACHE_TTL)
@@ -326,7 +213,7 @@ impl DockerConfig {
     }
 
     fn cache_put(&self, host: &str, found: Option<Credentials>) {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = lock(&self.cache);
         cache.retain(|_, (at, _)| at.elapsed() < HELPER_CACHE_TTL);
         cache.insert(host.to_string(), (Instant::now(), found));
     }
@@ -402,270 +289,10 @@ impl CredentialProvider for DockerConfig {
     }
 }
 
-/// One challenge from a `WWW-Authenticate` header.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Challenge {
-    /// Lowercased: `bearer`, `basic`, ...
-    pub scheme: String,
-    /// Parameter names lowercased, values unquoted.
-    pub params: BTreeMap<String, String>,
-}
-
-/// Parses every challenge of a `WWW-Authenticate` value (RFC 7235: several challenges may
-/// share one header, each with comma-separated `name=value` or `name="quoted"` params).
-pub fn parse_challenges(header: &str) -> Vec<Challenge> {
-    let s = header.as_bytes();
-    let mut i = 0;
-    let mut out: Vec<Challenge> = Vec::new();
-    let is_tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-    let skip_ws = |i: &mut usize| {
-        while *i < s.len() && (s[*i] == b' ' || s[*i] == b'\t' || s[*i] == b',') {
-            *i += 1;
-        }
-    };
-    loop {
-        skip_ws(&mut i);
-        if i >= s.len() {
-            break;
-        }
-        let start = i;
-        while i < s.len() && is_tchar(s[i]) {
-            i += 1;
-        }
-        if start == i {
-            // Not a token: skip the byte so malformed input cannot loop forever.
-            i += 1;
-            continue;
-        }
-        let word = &header[start..i];
-        // Is this `name=` (a parameter of the current challenge) or a new scheme?
-        let mut j = i;
-        while j < s.len() && (s[j] == b' ' || s[j] == b'\t') {
-            j += 1;
-        }
-        let is_param = j < s.len() && s[j] == b'=' && !out.is_empty() && {
-            // token68 values end with '=' padding followed by ',' or end: treat `x=` with
-            // nothing after as padding, not a parameter.
-            let mut k = j + 1;
-            while k < s.len() && s[k] == b'=' {
-                k += 1;
-            }
-            k == j + 1
-        };
-        if !is_param {
-            if j < s.len() && s[j] == b'=' {
-                // token68 (e.g. `Negotiate abc==`): skip to the next comma.
-                while i < s.len() && s[i] != b',' {
-                    i += 1;
-                }
-                continue;
-            }
-            out.push(Challenge {
-                scheme: word.to_ascii_lowercase(),
-                params: BTreeMap::new(),
-            });
-            continue;
-        }
-        i = j + 1;
-        while i < s.len() && (s[i] == b' ' || s[i] == b'\t') {
-            i += 1;
-        }
-        let value = if i < s.len() && s[i] == b'"' {
-            i += 1;
-            let mut v = String::new();
-            while i < s.len() && s[i] != b'"' {
-                if s[i] == b'\\' && i + 1 < s.len() {
-                    i += 1;
-                }
-                // Push whole UTF-8 characters.
-                let ch_len = utf8_len(s[i]);
-                let end = (i + ch_len).min(s.len());
-                v.push_str(&String::from_utf8_lossy(&s[i..end]));
-                i = end;
-            }
-            i += 1; // closing quote (or past the end)
-            v
-        } else {
-            let vs = i;
-            while i < s.len() && s[i] != b',' && s[i] != b' ' {
-                i += 1;
-            }
-            header[vs..i].to_string()
-        };
-        if let Some(last) = out.last_mut() {
-            last.params.insert(word.to_ascii_lowercase(), value);
-        }
-    }
-    out
-}
-
-fn utf8_len(first: u8) -> usize {
-    match first {
-        0xf0..=0xff => 4,
-        0xe0..=0xef => 3,
-        0xc0..=0xdf => 2,
-        _ => 1,
-    }
-}
-
-/// How a host wants to be authenticated, learnt from its challenges.
-#[derive(Debug, Clone)]
-pub(crate) enum Scheme {
-    Basic,
-    Bearer {
-        realm: String,
-        service: Option<String>,
-    },
-}
-
-struct Token {
-    value: String,
-    expires: Instant,
-}
-
-#[derive(Default)]
-struct HostAuth {
-    scheme: Option<Scheme>,
-    /// Bearer tokens by scope set.
-    tokens: HashMap<String, Token>,
-}
-
-/// Per-client authentication state: schemes learnt per host and tokens per scope.
-#[derive(Default)]
-pub(crate) struct AuthCache {
-    hosts: Mutex<HashMap<String, HostAuth>>,
-    /// Held while a token is fetched.
-    pub(crate) fetch_lock: tokio::sync::Mutex<()>,
-}
-
-/// Most hosts a client talks to; past it, state of the least useful is dropped.
-const MAX_TOKENS_PER_HOST: usize = 256;
-
-impl AuthCache {
-    pub(crate) fn scheme(&self, host: &str) -> Option<Scheme> {
-        let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        hosts.get(host).and_then(|h| h.scheme.clone())
-    }
-
-    pub(crate) fn set_scheme(&self, host: &str, scheme: Scheme) {
-        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        hosts.entry(host.to_string()).or_default().scheme = Some(scheme);
-    }
-
-    /// Forgets every token (the schemes stay: they are the registries', not ours).
-    pub(crate) fn clear(&self) {
-        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        for host in hosts.values_mut() {
-            host.tokens.clear();
-        }
-    }
-
-    pub(crate) fn token(&self, host: &str, scope: &str) -> Option<String> {
-        let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        let token = hosts.get(host)?.tokens.get(scope)?;
-        (Instant::now() < token.expires).then(|| token.value.clone())
-    }
-
-    pub(crate) fn put_token(&self, host: &str, scope: &str, value: String, lifetime: Duration) {
-        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = hosts.entry(host.to_string()).or_default();
-        let now = Instant::now();
-        entry.tokens.retain(|_, t| t.expires > now);
-        if entry.tokens.len() >= MAX_TOKENS_PER_HOST {
-            entry.tokens.clear();
-        }
-        entry.tokens.insert(
-            scope.to_string(),
-            Token {
-                value,
-                expires: now + lifetime,
-            },
-        );
-    }
-
-    pub(crate) fn drop_token(&self, host: &str, scope: &str) {
-        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(h) = hosts.get_mut(host) {
-            h.tokens.remove(scope);
-        }
-    }
-}
-
-/// The useful life of a token that the server says lasts `expires_in` seconds: a margin
-/// is kept so that a token is not sent in its last seconds.
-pub(crate) fn token_lifetime(expires_in: Option<u64>) -> Duration {
-    // The distribution spec: a token without expires_in lasts 60 seconds.
-    // Capped at a day: a huge expires_in must not overflow Instant arithmetic.
-    let secs = expires_in.unwrap_or(60).min(86_400);
-    let margin = (secs / 10).min(30);
-    Duration::from_secs(secs.saturating_sub(margin))
-}
-
-#[derive(Deserialize)]
-pub(crate) struct TokenResponse {
-    #[serde(default)]
-    pub token: Option<String>,
-    #[serde(default)]
-    pub access_token: Option<String>,
-    #[serde(default)]
-    pub expires_in: Option<u64>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_bearer_and_basic_challenges() {
-        let c = parse_challenges(
-            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:samalba/my-app:pull,push""#,
-        );
-        assert_eq!(c.len(), 1);
-        assert_eq!(c[0].scheme, "bearer");
-        assert_eq!(c[0].params["realm"], "https://auth.docker.io/token");
-        assert_eq!(c[0].params["service"], "registry.docker.io");
-        assert_eq!(c[0].params["scope"], "repository:samalba/my-app:pull,push");
-
-        let c = parse_challenges(r#"Basic realm="lazysnap-test""#);
-        assert_eq!(c[0].scheme, "basic");
-        assert_eq!(c[0].params["realm"], "lazysnap-test");
-
-        // Two challenges in one header, odd spacing, unquoted and escaped values.
-        let c = parse_challenges(
-            r#"Negotiate abc==, Basic realm=simple , BEARER Realm = "http://x/t\"q\"", error="invalid_token""#,
-        );
-        let schemes: Vec<_> = c.iter().map(|c| c.scheme.as_str()).collect();
-        assert_eq!(schemes, ["negotiate", "basic", "bearer"]);
-        assert_eq!(c[1].params["realm"], "simple");
-        assert_eq!(c[2].params["realm"], "http://x/t\"q\"");
-        assert_eq!(c[2].params["error"], "invalid_token");
-
-        assert!(parse_challenges("").is_empty());
-        // Malformed input must not panic or loop.
-        let _ = parse_challenges(r#"Bearer realm="unterminated"#);
-        let _ = parse_challenges("=,=,\"\"");
-    }
-
-    #[test]
-    fn credentials_never_show_their_secret() {
-        let c = Credentials::new("alice", "hunter2-secret");
-        let shown = format!("{c:?}");
-        assert!(shown.contains("alice"));
-        assert!(!shown.contains("hunter2"));
-        assert_eq!(
-            c.basic_header(),
-            format!("Basic {}", BASE64.encode("alice:hunter2-secret"))
-        );
-    }
-
-    #[test]
-    fn token_lifetime_keeps_a_margin() {
-        assert_eq!(token_lifetime(None), Duration::from_secs(54));
-        assert_eq!(token_lifetime(Some(300)), Duration::from_secs(270));
-        assert_eq!(token_lifetime(Some(3600)), Duration::from_secs(3570));
-        assert_eq!(token_lifetime(Some(0)), Duration::ZERO);
-        assert_eq!(token_lifetime(Some(u64::MAX)), Duration::from_secs(86_370));
-    }
+    use std::future::Future;
 
     fn block_on<F: Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
