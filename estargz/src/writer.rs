@@ -13,6 +13,11 @@ use std::sync::{Arc, Mutex};
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 
+use crate::annotation::{
+    LEGACY_MANIFEST_CHECKSUM_ANNOTATION, LEGACY_MANIFEST_POSITION_ANNOTATION,
+    MANIFEST_CHECKSUM_ANNOTATION, MANIFEST_POSITION_ANNOTATION, TARSPLIT_POSITION_ANNOTATION,
+    TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION,
+};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::footer::{
@@ -24,23 +29,6 @@ use crate::tarsplit::{Crc64, TarSplitWriter};
 use crate::toc::{
     LANDMARK_CONTENTS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME, Toc, TocEntry,
 };
-
-/// Layer annotation: sha256 of the uncompressed TOC JSON.
-pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
-/// Layer annotation: size of the uncompressed tar stream.
-pub const UNCOMPRESSED_SIZE_ANNOTATION: &str = "io.containers.estargz.uncompressed-size";
-/// containers/storage zstd:chunked annotations.
-pub const MANIFEST_CHECKSUM_ANNOTATION: &str =
-    "io.github.containers.zstd-chunked.manifest-checksum";
-pub const MANIFEST_POSITION_ANNOTATION: &str =
-    "io.github.containers.zstd-chunked.manifest-position";
-pub const TARSPLIT_POSITION_ANNOTATION: &str =
-    "io.github.containers.zstd-chunked.tarsplit-position";
-/// The older names stargz-snapshotter's zstd:chunked converter writes.
-pub const LEGACY_MANIFEST_CHECKSUM_ANNOTATION: &str =
-    "io.containers.zstd-chunked.manifest-checksum";
-pub const LEGACY_MANIFEST_POSITION_ANNOTATION: &str =
-    "io.containers.zstd-chunked.manifest-position";
 
 /// The layer format to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
