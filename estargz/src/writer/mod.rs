@@ -4,10 +4,12 @@
 //! headers); worker threads compress members in parallel; the main thread writes them in
 //! order. Memory stays bounded by the number of members in flight.
 
+mod pipeline;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
@@ -29,6 +31,7 @@ use crate::tarsplit::{Crc64, TarSplitWriter};
 use crate::toc::{
     LANDMARK_CONTENTS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME, Toc, TocEntry,
 };
+use pipeline::{HashingWriter, Job, Pipeline, compress, decompressed, worker};
 
 /// The layer format to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,128 +153,6 @@ pub fn convert<R: Read, W: Write>(
         conv.pipeline.jobs = None;
         result
     })
-}
-
-/// A member to compress: its sequence number and uncompressed bytes.
-type Job = (u64, Vec<u8>);
-
-fn worker(
-    jobs: Arc<Mutex<Receiver<Job>>>,
-    results: SyncSender<(u64, Result<Vec<u8>>)>,
-    gzip: bool,
-    level: i32,
-) {
-    loop {
-        let job = match jobs.lock() {
-            Ok(rx) => rx.recv(),
-            Err(_) => return,
-        };
-        let Ok((seq, data)) = job else { return };
-        let out = compress(&data, gzip, level);
-        if results.send((seq, out)).is_err() {
-            return;
-        }
-    }
-}
-
-/// One gzip member or one zstd frame.
-fn compress(data: &[u8], gzip: bool, level: i32) -> Result<Vec<u8>> {
-    if gzip {
-        let mut enc = flate2::write::GzEncoder::new(
-            Vec::with_capacity(data.len() / 2 + 64),
-            flate2::Compression::new(level as u32),
-        );
-        enc.write_all(data)
-            .map_err(|e| Error::io("gzip compression", e))?;
-        enc.finish().map_err(|e| Error::io("gzip compression", e))
-    } else {
-        zstd::bulk::compress(data, level).map_err(|e| Error::io("zstd compression", e))
-    }
-}
-
-/// Wraps the input in a decompressor chosen by its magic bytes.
-fn decompressed<'a, R: Read + 'a>(input: R) -> Result<Box<dyn Read + 'a>> {
-    let mut br = BufReader::with_capacity(1 << 16, input);
-    let head = br
-        .fill_buf()
-        .map_err(|e| Error::io("reading the input layer", e))?;
-    if head.starts_with(&[0x1f, 0x8b]) {
-        Ok(Box::new(flate2::read::MultiGzDecoder::new(br)))
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        let d = zstd::stream::read::Decoder::with_buffer(br)
-            .map_err(|e| Error::io("starting zstd decompression of the input", e))?;
-        Ok(Box::new(d))
-    } else {
-        Ok(Box::new(br))
-    }
-}
-
-struct HashingWriter<W> {
-    inner: W,
-    hasher: Sha256,
-    count: u64,
-}
-
-impl<W: Write> HashingWriter<W> {
-    fn put(&mut self, data: &[u8]) -> Result<()> {
-        self.inner
-            .write_all(data)
-            .map_err(|e| Error::io("writing the layer", e))?;
-        self.hasher.update(data);
-        self.count += data.len() as u64;
-        Ok(())
-    }
-}
-
-/// Sends members to the workers and writes their results in order.
-struct Pipeline<W> {
-    jobs: Option<SyncSender<Job>>,
-    results: Receiver<(u64, Result<Vec<u8>>)>,
-    max_in_flight: usize,
-    in_flight: usize,
-    next_write: u64,
-    ready: BTreeMap<u64, Vec<u8>>,
-    out: HashingWriter<W>,
-    /// (offset, compressed length) of each member, by sequence number.
-    spans: Vec<(u64, u64)>,
-}
-
-impl<W: Write> Pipeline<W> {
-    fn submit(&mut self, seq: u64, data: Vec<u8>) -> Result<()> {
-        while self.in_flight >= self.max_in_flight {
-            self.wait_one()?;
-        }
-        let jobs = self
-            .jobs
-            .as_ref()
-            .ok_or_else(|| Error::Worker("pipeline closed".into()))?;
-        jobs.send((seq, data))
-            .map_err(|_| Error::Worker("compression workers are gone".into()))?;
-        self.in_flight += 1;
-        Ok(())
-    }
-
-    fn wait_one(&mut self) -> Result<()> {
-        let (seq, res) = self
-            .results
-            .recv()
-            .map_err(|_| Error::Worker("compression workers are gone".into()))?;
-        self.in_flight -= 1;
-        self.ready.insert(seq, res?);
-        while let Some(data) = self.ready.remove(&self.next_write) {
-            self.spans.push((self.out.count, data.len() as u64));
-            self.out.put(&data)?;
-            self.next_write += 1;
-        }
-        Ok(())
-    }
-
-    fn drain(&mut self) -> Result<()> {
-        while self.in_flight > 0 {
-            self.wait_one()?;
-        }
-        Ok(())
-    }
 }
 
 /// Where a chunk's member is, before offsets are known.
