@@ -3,11 +3,13 @@
 //! that a hostile TOC costs memory and time in proportion to its bytes (see
 //! [`PARSE_MEMORY_FACTOR`]), and a parse can be stopped ([`Cancel`]).
 
+mod json;
+
 use std::hash::BuildHasher;
 
 use base64::Engine as _;
 use hashbrown::HashTable;
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::DeserializeSeed;
 
 use super::{Chunk, EntryKind, Index, MAX_CHUNK_SIZE, Node, NodeId, Xattr, normalize_path};
 use crate::cancel::Cancel;
@@ -15,6 +17,7 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::footer::Format;
 use crate::toc::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, Timestamp, Toc, TocEntry};
+use json::TocSeed;
 
 /// Longest path an entry may have, in bytes: the kernel's `PATH_MAX` (4096) with its NUL.
 /// No open inside a container can reach a file below it, and the limit bounds the
@@ -888,78 +891,6 @@ impl Index {
             )));
         }
         builder.finish(payload_end)
-    }
-}
-
-/// The TOC document, its entries handed to the builder as they are parsed.
-struct TocSeed<'a, 'c> {
-    builder: &'a mut Builder<'c>,
-    /// The builder's own error, which serde can only carry as text.
-    failed: &'a mut Option<Error>,
-}
-
-impl<'de> DeserializeSeed<'de> for TocSeed<'_, '_> {
-    type Value = i64;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> std::result::Result<i64, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for TocSeed<'_, '_> {
-    type Value = i64;
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a TOC object")
-    }
-    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> std::result::Result<i64, M::Error> {
-        let (mut version, mut entries) = (None, false);
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            match key.as_ref() {
-                "version" if version.is_none() => version = Some(map.next_value::<i64>()?),
-                "entries" if !entries => {
-                    entries = true;
-                    map.next_value_seed(EntriesSeed {
-                        builder: &mut *self.builder,
-                        failed: &mut *self.failed,
-                    })?;
-                }
-                "version" | "entries" => {
-                    return Err(de::Error::custom(format!("duplicate field `{key}`")));
-                }
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        version.ok_or_else(|| de::Error::missing_field("version"))
-    }
-}
-
-struct EntriesSeed<'a, 'c> {
-    builder: &'a mut Builder<'c>,
-    failed: &'a mut Option<Error>,
-}
-
-impl<'de> DeserializeSeed<'de> for EntriesSeed<'_, '_> {
-    type Value = ();
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
-        d.deserialize_seq(self)
-    }
-}
-
-impl<'de> Visitor<'de> for EntriesSeed<'_, '_> {
-    type Value = ();
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a list of TOC entries")
-    }
-    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> std::result::Result<(), S::Error> {
-        while let Some(entry) = seq.next_element::<TocEntry>()? {
-            if let Err(e) = self.builder.push(&entry) {
-                let text = e.to_string();
-                *self.failed = Some(e);
-                return Err(de::Error::custom(text));
-            }
-        }
-        Ok(())
     }
 }
 
