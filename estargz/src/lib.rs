@@ -3,6 +3,7 @@
 //! Free of I/O libraries: bytes come in through a [`BlobReader`] (reading) or std
 //! `Read`/`Write` (converting).
 
+mod annotation;
 mod blob;
 mod cancel;
 mod chunk;
@@ -19,6 +20,11 @@ mod tests;
 mod toc;
 mod writer;
 
+pub use annotation::{
+    LEGACY_MANIFEST_CHECKSUM_ANNOTATION, LEGACY_MANIFEST_POSITION_ANNOTATION,
+    MANIFEST_CHECKSUM_ANNOTATION, MANIFEST_POSITION_ANNOTATION, TARSPLIT_POSITION_ANNOTATION,
+    TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION,
+};
 pub use blob::{BlobError, BlobErrorKind, BlobFuture, BlobReader, VecBlob};
 pub use cancel::{Cancel, CancelOnDrop};
 pub use chunk::{decompress_chunk, decompress_chunk_into, decompress_chunk_window};
@@ -42,9 +48,4 @@ pub use toc::{
     LANDMARK_CONTENTS, MAX_TOC_SIZE, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME,
     Timestamp, Toc, TocEntry,
 };
-pub use writer::{
-    LEGACY_MANIFEST_CHECKSUM_ANNOTATION, LEGACY_MANIFEST_POSITION_ANNOTATION,
-    MANIFEST_CHECKSUM_ANNOTATION, MANIFEST_POSITION_ANNOTATION, OutputFormat,
-    TARSPLIT_POSITION_ANNOTATION, TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, WriteOutput,
-    WriterOptions, convert,
-};
+pub use writer::{OutputFormat, WriteOutput, WriterOptions, convert};
