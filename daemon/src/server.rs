@@ -103,11 +103,8 @@ pub async fn run(
             None => (None, None, None, None),
         };
     let snapshotter = Arc::new(
-        Snapshotter::open_with(
-            &config.root,
-            mounter.clone().map(|m| m as Arc<dyn RemoteMounter>),
-        )
-        .with_context(|| format!("opening snapshotter state in {}", config.root.display()))?,
+        Snapshotter::open(&config.root)
+            .with_context(|| format!("opening snapshotter state in {}", config.root.display()))?,
     );
     let observer = Arc::new(crate::observe::Observer {
         snapshotter: snapshotter.clone(),
@@ -152,10 +149,14 @@ pub async fn run(
         }
         None => None,
     };
-    let lazy = LazySnapshotter::with_lazy_pulling(
-        snapshotter,
-        Duration::from_secs(config.lazy.mount_timeout_sec),
-    );
+    let lazy = match &mounter {
+        Some(mounter) => LazySnapshotter::with_lazy_pulling(
+            snapshotter,
+            mounter.clone() as Arc<dyn RemoteMounter>,
+            Duration::from_secs(config.lazy.mount_timeout_sec),
+        ),
+        None => LazySnapshotter::without_lazy_pulling(snapshotter),
+    };
     if let Some(mounter) = &mounter {
         // Remount lazily pulled layers in the background: a registry that is down must
         // not keep the daemon from serving (those layers are restored on first use).

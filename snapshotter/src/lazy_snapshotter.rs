@@ -1,15 +1,18 @@
 //! The snapshotter as containerd's snapshots API needs it: the core (`Snapshotter`:
 //! blocking, SQLite and directories) run off the async threads, plus lazy pulling, the
-//! remote-snapshot protocol over a `RemoteMounter`. Every operation returns the crate's
-//! own error; the gRPC service (`service`) only translates.
+//! remote-snapshot protocol over a `RemoteMounter`. This is the one owner of a remote
+//! snapshot's life: it mounts the layer on Prepare, serves it again after a restart,
+//! and unmounts it on Remove and Cleanup; the core holds no mounter. Every operation
+//! returns the crate's own error; the gRPC service (`service`) only translates.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::remote::{PrepareIntent, RemoteLayer, RemoteMounter};
+use crate::snapshots::{PreparedForLayer, Removed};
 use crate::types::{Labels, Mount, Usage};
 use crate::{RemoteSnapshot, Snapshotter, remote};
 
@@ -20,6 +23,16 @@ in full. For Kubernetes set `disable_snapshot_annotations = false` under \
 [plugins.\"io.containerd.grpc.v1.cri\".containerd] in containerd's config (containerd 2.x: export \
 `enable_remote_snapshot_annotations` from the proxy plugin); with ctr use `lazysnap rpull` or \
 `ctr-remote image rpull`; with nerdctl pass `--snapshotter lazysnap`";
+
+/// What a Prepare made.
+#[derive(Debug)]
+pub enum Prepared {
+    /// An ordinary active snapshot, mounted with these.
+    Mounts(Vec<Mount>),
+    /// The layer is mounted lazily and its snapshot committed under `target`:
+    /// containerd neither downloads nor unpacks it (the wire says AlreadyExists).
+    Remote { target: String },
+}
 
 #[derive(Clone)]
 pub struct LazySnapshotter {
@@ -59,15 +72,27 @@ impl RestoreLocks {
 }
 
 impl LazySnapshotter {
-    /// Lazy pulling, when the core was opened with a mounter: Prepares that carry
-    /// remote-snapshot labels are mounted by it, or fall back after `mount_timeout`.
-    pub fn with_lazy_pulling(core: Arc<Snapshotter>, mount_timeout: Duration) -> Self {
-        let remote = core.mounter().map(|mounter| Remote {
-            mounter: Arc::clone(mounter),
+    /// Ordinary snapshots only: remote-snapshot labels are ignored.
+    pub fn without_lazy_pulling(core: Arc<Snapshotter>) -> Self {
+        Self { core, remote: None }
+    }
+
+    /// Lazy pulling: Prepares that carry remote-snapshot labels are mounted by
+    /// `mounter`, or fall back after `mount_timeout`.
+    pub fn with_lazy_pulling(
+        core: Arc<Snapshotter>,
+        mounter: Arc<dyn RemoteMounter>,
+        mount_timeout: Duration,
+    ) -> Self {
+        let remote = Remote {
+            mounter,
             mount_timeout,
             restoring: Arc::default(),
-        });
-        Self { core, remote }
+        };
+        Self {
+            core,
+            remote: Some(remote),
+        }
     }
 
     pub fn core(&self) -> &Arc<Snapshotter> {
@@ -98,10 +123,9 @@ impl LazySnapshotter {
         }
     }
 
-    /// Prepare: a layer with remote-snapshot labels is mounted lazily (and answered with
-    /// AlreadyExists, the protocol's "done"), anything else is an ordinary snapshot over
-    /// a parent chain whose lazy layers are served first.
-    pub async fn prepare(&self, key: String, parent: String, labels: Labels) -> Result<Vec<Mount>> {
+    /// Prepare: a layer with remote-snapshot labels is mounted lazily, anything else is an
+    /// ordinary snapshot over a parent chain whose lazy layers are served first.
+    pub async fn prepare(&self, key: String, parent: String, labels: Labels) -> Result<Prepared> {
         match (&self.remote, PrepareIntent::of(&labels)) {
             (Some(remote), PrepareIntent::Remote(layer)) => {
                 return self
@@ -116,6 +140,7 @@ impl LazySnapshotter {
         self.serve_chain(&parent).await?;
         self.run("prepare", move |s| s.prepare(&key, &parent, &labels))
             .await
+            .map(Prepared::Mounts)
     }
 
     pub async fn view(&self, key: String, parent: String, labels: Labels) -> Result<Vec<Mount>> {
@@ -127,6 +152,43 @@ impl LazySnapshotter {
     pub async fn mounts(&self, key: String) -> Result<Vec<Mount>> {
         self.serve_chain(&key).await?;
         self.run("mounts", move |s| s.mounts(&key)).await
+    }
+
+    /// Remove: a lazily pulled layer is unmounted before its snapshot's directory goes,
+    /// and the cache then drops what no remaining snapshot uses.
+    pub async fn remove(&self, key: String) -> Result<()> {
+        let mounter = self.remote.as_ref().map(|r| Arc::clone(&r.mounter));
+        self.run("remove", move |s| {
+            let removed: Removed = s.remove(&key)?;
+            let lazy = removed.lazy_mountpoint.clone();
+            if let (Some(mountpoint), Some(mounter)) = (&lazy, &mounter) {
+                mounter.unmount(mountpoint);
+            }
+            removed.delete_files();
+            if let (Some(_), Some(mounter)) = (lazy, mounter) {
+                release_unused(s, mounter.as_ref());
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Cleanup: orphan directories go, a layer still mounted in one unmounted first.
+    /// Returns the directories removed.
+    pub async fn cleanup(&self) -> Result<Vec<PathBuf>> {
+        let mounter = self.remote.as_ref().map(|r| Arc::clone(&r.mounter));
+        self.run("cleanup", move |s| {
+            let removed = s.cleanup(|fs: &Path| {
+                if let Some(mounter) = &mounter {
+                    mounter.unmount(fs);
+                }
+            })?;
+            if let Some(mounter) = mounter {
+                release_unused(s, mounter.as_ref());
+            }
+            Ok(removed)
+        })
+        .await
     }
 
     /// Remounts every lazily pulled snapshot, e.g. after a restart. A layer that cannot
@@ -230,9 +292,19 @@ impl LazySnapshotter {
         Ok(())
     }
 
-    /// The remote-snapshot protocol: prepare the snapshot, mount the layer into it,
-    /// commit it under the chain ID and answer AlreadyExists. Any failure falls back to
-    /// the ordinary snapshot, which containerd then fills by downloading the layer.
+    /// Removes a snapshot this Prepare made and gives up on; nothing is mounted in it.
+    async fn discard(&self, key: String) {
+        let _ = self
+            .run("prepare", move |s| {
+                s.remove(&key)?.delete_files();
+                Ok(())
+            })
+            .await;
+    }
+
+    /// The remote-snapshot protocol: prepare the snapshot, mount the layer into it and
+    /// commit it under the chain ID. Any failure falls back to the ordinary snapshot,
+    /// which containerd then fills by downloading the layer.
     async fn prepare_remote(
         &self,
         remote: &Remote,
@@ -240,26 +312,27 @@ impl LazySnapshotter {
         parent: String,
         labels: Labels,
         layer: RemoteLayer,
-    ) -> Result<Vec<Mount>> {
+    ) -> Result<Prepared> {
         let target = layer.target.clone();
-        let exists = {
-            let target = target.clone();
-            self.run("prepare", move |s| s.stat(&target)).await.is_ok()
+        let done = || Prepared::Remote {
+            target: target.clone(),
         };
-        let done = || Error::AlreadyExists(format!("target snapshot {target:?}"));
-        if exists {
-            return Err(done());
+        let prepared = {
+            let (key, parent, labels, target) =
+                (key.clone(), parent.clone(), labels.clone(), target.clone());
+            self.run("prepare", move |s| {
+                s.prepare_for_layer(&key, &parent, &labels, &target)
+            })
+            .await?
+        };
+        let (mounts, fs) = match prepared {
+            PreparedForLayer::TargetExists => return Ok(done()),
+            PreparedForLayer::Prepared { mounts, fs_dir } => (mounts, fs_dir),
+        };
+        if let Err(e) = self.serve_chain(&parent).await {
+            self.discard(key.clone()).await;
+            return Err(e);
         }
-        self.serve_chain(&parent).await?;
-        let mounts = {
-            let (key, parent, labels) = (key.clone(), parent.clone(), labels.clone());
-            self.run("prepare", move |s| s.prepare(&key, &parent, &labels))
-                .await?
-        };
-        let fs = {
-            let key = key.clone();
-            self.run("prepare", move |s| s.fs_dir_of(&key)).await?
-        };
         let why = match tokio::time::timeout(
             remote.mount_timeout,
             remote.mounter.mount(&layer, &fs),
@@ -285,14 +358,13 @@ impl LazySnapshotter {
                 match committed {
                     Ok(()) => {
                         tracing::info!(layer = %layer.layer_digest, image = %layer.image_ref, snapshot = %target, preopened = info.preopened, "layer mounted lazily");
-                        return Err(done());
+                        return Ok(done());
                     }
-                    Err(e @ Error::AlreadyExists(_)) => {
+                    Err(Error::AlreadyExists(_)) => {
                         // Another Prepare committed the same layer first: ours is surplus.
                         remote.mounter.unmount(&fs);
-                        let k = key.clone();
-                        let _ = self.run("prepare", move |s| s.remove(&k)).await;
-                        return Err(e);
+                        self.discard(key.clone()).await;
+                        return Ok(done());
                     }
                     Err(e) => e.to_string(),
                 }
@@ -306,6 +378,17 @@ impl LazySnapshotter {
             image = %layer.image_ref,
             "lazy pull not possible, containerd will download and unpack the layer: {why}"
         );
-        Ok(mounts)
+        Ok(Prepared::Mounts(mounts))
+    }
+}
+
+/// Tells the mounter which lazily pulled snapshots remain, so it can drop cached data
+/// none of them uses.
+fn release_unused(core: &Snapshotter, mounter: &dyn RemoteMounter) {
+    match core.remote_snapshots() {
+        Ok(remaining) => {
+            mounter.release_unused(remaining.into_iter().map(|s| s.mountpoint).collect())
+        }
+        Err(e) => tracing::warn!(error = %e, "listing lazy snapshots for the cache sweep"),
     }
 }

@@ -1,4 +1,8 @@
-//! containerd snapshot semantics, the metadata store and the snapshots gRPC service.
+//! containerd's snapshots as lazysnapd serves them: the core (`snapshots`: snapshot
+//! semantics over overlayfs and the metadata store, no mounter in it), lazy pulling
+//! (`lazy_snapshotter`: the remote-snapshot protocol, one owner of a remote snapshot's
+//! life; `fuse_mounter`: finding, verifying and serving layers with FUSE) and the
+//! snapshots gRPC service that translates for containerd.
 
 pub mod client;
 mod error;
@@ -24,5 +28,5 @@ pub mod tocstore;
 mod types;
 
 pub use error::{Error, Result};
-pub use snapshots::{RemoteSnapshot, Snapshotter};
+pub use snapshots::{PreparedForLayer, RemoteSnapshot, Removed, Snapshotter};
 pub use types::{Info, Kind, Labels, Mount, UpdateField, Usage};

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use crate::Snapshotter;
 use crate::error::Error;
 use crate::filter::Filter;
-use crate::lazy_snapshotter::LazySnapshotter;
+use crate::lazy_snapshotter::{LazySnapshotter, Prepared};
 use crate::proto::containerd::types::Mount as PbMount;
 use crate::proto::snapshots as pb;
 use crate::proto::snapshots::snapshots_server::{Snapshots, SnapshotsServer};
@@ -111,14 +111,21 @@ impl Snapshots for SnapshotService {
         let r = request.into_inner();
         let labels = labels(r.labels);
         tracing::debug!(key = %r.key, parent = %r.parent, ?labels, "prepare");
-        let result = self
+        let prepared = self
             .lazy
             .prepare(r.key, r.parent, labels)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::PrepareSnapshotResponse {
-            mounts: mounts(result),
-        }))
+        match prepared {
+            Prepared::Mounts(result) => Ok(Response::new(pb::PrepareSnapshotResponse {
+                mounts: mounts(result),
+            })),
+            // The remote-snapshot protocol's "done": the layer is there, committed under
+            // its target, and containerd is to neither download nor unpack it.
+            Prepared::Remote { target } => Err(to_status(Error::AlreadyExists(format!(
+                "target snapshot {target:?}"
+            )))),
+        }
     }
 
     async fn view(
@@ -167,7 +174,7 @@ impl Snapshots for SnapshotService {
     ) -> Result<Response<()>, Status> {
         let r = request.into_inner();
         tracing::debug!(key = %r.key, "remove");
-        self.run("remove", move |s| s.remove(&r.key)).await?;
+        self.lazy.remove(r.key).await.map_err(to_status)?;
         Ok(Response::new(()))
     }
 
@@ -243,7 +250,7 @@ impl Snapshots for SnapshotService {
     }
 
     async fn cleanup(&self, _request: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
-        let removed = self.run("cleanup", |s| s.cleanup()).await?;
+        let removed = self.lazy.cleanup().await.map_err(to_status)?;
         if !removed.is_empty() {
             tracing::info!(
                 count = removed.len(),

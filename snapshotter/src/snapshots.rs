@@ -4,14 +4,14 @@
 //! snapshots are the immutable lower layers of others.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::error::{Error, IoContext, Result};
 use crate::filter::{self, Filter};
 use crate::fsutil;
 use crate::idmap::IdMapping;
 use crate::idmapped_lowers::IdmappedLowers;
-use crate::remote::{self, RemoteMounter};
+use crate::remote;
 use crate::store::{self, Row, Store};
 use crate::types::{Info, Kind, Labels, Mount, UpdateField, Usage};
 
@@ -19,8 +19,6 @@ pub struct Snapshotter {
     root: PathBuf,
     store: Mutex<Store>,
     index_off: bool,
-    /// Serves lazily pulled layers; told to let go of a mount before its snapshot goes.
-    mounter: Option<Arc<dyn RemoteMounter>>,
     /// Lower layers as user-namespaced snapshots see them.
     idmapped: IdmappedLowers,
 }
@@ -34,16 +32,42 @@ pub struct RemoteSnapshot {
     pub labels: Labels,
 }
 
+/// A snapshot whose metadata is gone. Its directory is deleted by
+/// [`Removed::delete_files`], once whatever is mounted in it (a lazily pulled layer) is
+/// unmounted.
+#[must_use = "the snapshot's directory stays until Removed::delete_files"]
+pub struct Removed {
+    key: String,
+    dir: PathBuf,
+    /// Where its layer was mounted, if it was a lazily pulled snapshot.
+    pub lazy_mountpoint: Option<PathBuf>,
+}
+
+impl Removed {
+    /// Deletes the snapshot's directory. Metadata first, files second: a failure (or a
+    /// crash before this) leaves an orphan directory for Cleanup, never metadata
+    /// pointing at missing files.
+    pub fn delete_files(self) {
+        if let Err(e) = fsutil::remove_tree(&self.dir) {
+            tracing::warn!(key = self.key, error = %e, "snapshot removed; its directory is left for Cleanup");
+        }
+    }
+}
+
+/// What [`Snapshotter::prepare_for_layer`] found or made.
+pub enum PreparedForLayer {
+    /// The layer's snapshot is already committed under its target.
+    TargetExists,
+    /// An active snapshot, with its mounts and the directory to mount the layer in.
+    Prepared { mounts: Vec<Mount>, fs_dir: PathBuf },
+}
+
 /// Directory names under `snapshots/` that are work in progress, not snapshots.
 const NEW_PREFIX: &str = "new-";
 
 impl Snapshotter {
     /// Opens (creating when needed) the snapshotter state under `root`.
     pub fn open(root: &Path) -> Result<Snapshotter> {
-        Self::open_with(root, None)
-    }
-
-    pub fn open_with(root: &Path, mounter: Option<Arc<dyn RemoteMounter>>) -> Result<Snapshotter> {
         let snapshots = root.join("snapshots");
         std::fs::create_dir_all(&snapshots).io_context("create", &snapshots)?;
         let store = Store::open(&root.join("metadata.db"))?;
@@ -51,14 +75,8 @@ impl Snapshotter {
             root: root.to_path_buf(),
             store: Mutex::new(store),
             index_off: fsutil::overlay_has_index_option(),
-            mounter,
             idmapped: IdmappedLowers::new(root),
         })
-    }
-
-    /// The mounter of lazily pulled layers it was opened with, if any.
-    pub fn mounter(&self) -> Option<&Arc<dyn RemoteMounter>> {
-        self.mounter.as_ref()
     }
 
     pub fn root(&self) -> &Path {
@@ -85,14 +103,50 @@ impl Snapshotter {
     }
 
     pub fn prepare(&self, key: &str, parent: &str, labels: &Labels) -> Result<Vec<Mount>> {
-        self.create(Kind::Active, key, parent, labels)
+        let created = self.create(Kind::Active, key, parent, labels, None)?;
+        created
+            .map(|(mounts, _)| mounts)
+            .ok_or_else(|| Error::Internal("no snapshot created, and none was asked for".into()))
     }
 
     pub fn view(&self, key: &str, parent: &str, labels: &Labels) -> Result<Vec<Mount>> {
-        self.create(Kind::View, key, parent, labels)
+        let created = self.create(Kind::View, key, parent, labels, None)?;
+        created
+            .map(|(mounts, _)| mounts)
+            .ok_or_else(|| Error::Internal("no snapshot created, and none was asked for".into()))
     }
 
-    fn create(&self, kind: Kind, key: &str, parent: &str, labels: &Labels) -> Result<Vec<Mount>> {
+    /// A Prepare for a layer that may be pulled lazily, in one transaction: nothing when
+    /// the layer's snapshot is already committed under `target`, else the active
+    /// snapshot and the directory its layer is to be mounted in.
+    pub fn prepare_for_layer(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: &Labels,
+        target: &str,
+    ) -> Result<PreparedForLayer> {
+        Ok(
+            match self.create(Kind::Active, key, parent, labels, Some(target))? {
+                None => PreparedForLayer::TargetExists,
+                Some((mounts, id)) => PreparedForLayer::Prepared {
+                    mounts,
+                    fs_dir: self.fs_dir(id),
+                },
+            },
+        )
+    }
+
+    /// Creates a snapshot and returns its mounts and id; None, creating nothing, when
+    /// `unless_committed` names a snapshot that exists.
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: &Labels,
+        unless_committed: Option<&str>,
+    ) -> Result<Option<(Vec<Mount>, i64)>> {
         if key.is_empty() {
             return Err(Error::InvalidArgument(
                 "snapshot key must not be empty".into(),
@@ -100,6 +154,11 @@ impl Snapshotter {
         }
         let mapping = IdMapping::from_labels(labels)?;
         let mut guard = self.lock();
+        if let Some(target) = unless_committed
+            && store::get(guard.conn(), target)?.is_some()
+        {
+            return Ok(None);
+        }
         if store::get(guard.conn(), key)?.is_some() {
             return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
         }
@@ -135,7 +194,7 @@ impl Snapshotter {
             self.idmapped.release(row.id);
             let mounts = self.mounts_for(&tx, &row);
             match mounts.and_then(|m| tx.commit().map(|()| m).map_err(Error::from)) {
-                Ok(mounts) => Ok(mounts),
+                Ok(mounts) => Ok(Some((mounts, row.id))),
                 Err(e) => {
                     self.idmapped.release(row.id);
                     let _ = fsutil::remove_tree(&target);
@@ -289,7 +348,8 @@ impl Snapshotter {
         Ok(())
     }
 
-    pub fn remove(&self, key: &str) -> Result<()> {
+    /// Removes the snapshot's metadata; its files go with [`Removed::delete_files`].
+    pub fn remove(&self, key: &str) -> Result<Removed> {
         let mut guard = self.lock();
         let tx = guard.transaction()?;
         let row = store::get_existing(&tx, key)?;
@@ -303,16 +363,11 @@ impl Snapshotter {
         tx.commit()?;
         drop(guard);
         self.idmapped.release(row.id);
-        if was_remote && let Some(mounter) = &self.mounter {
-            mounter.unmount(&self.fs_dir(row.id));
-            self.release_unused(mounter.as_ref());
-        }
-        // Metadata first, files second: a crash in between leaves an orphan directory
-        // for Cleanup, never metadata pointing at missing files.
-        if let Err(e) = fsutil::remove_tree(&self.snapshot_dir(row.id)) {
-            tracing::warn!(key, error = %e, "snapshot removed; its directory is left for Cleanup");
-        }
-        Ok(())
+        Ok(Removed {
+            key: key.to_string(),
+            dir: self.snapshot_dir(row.id),
+            lazy_mountpoint: was_remote.then(|| self.fs_dir(row.id)),
+        })
     }
 
     pub fn stat(&self, key: &str) -> Result<Info> {
@@ -424,8 +479,9 @@ impl Snapshotter {
     }
 
     /// Removes every directory under `snapshots/` that no snapshot refers to: leftovers
-    /// of crashes and of removals whose file deletion failed.
-    pub fn cleanup(&self) -> Result<Vec<PathBuf>> {
+    /// of crashes and of removals whose file deletion failed. `before_deleting` is given
+    /// each one's `fs` directory first, where a lazily pulled layer may still be mounted.
+    pub fn cleanup(&self, before_deleting: impl Fn(&Path)) -> Result<Vec<PathBuf>> {
         let guard = self.lock();
         let ids = store::all_ids(guard.conn())?;
         let base = self.root.join("snapshots");
@@ -438,29 +494,13 @@ impl Snapshotter {
                 .and_then(|n| n.parse::<i64>().ok())
                 .is_some_and(|id| ids.contains(&id));
             if !known {
-                if let Some(mounter) = &self.mounter {
-                    mounter.unmount(&entry.path().join("fs"));
-                }
+                before_deleting(&entry.path().join("fs"));
                 fsutil::remove_tree(&entry.path())?;
                 removed.push(entry.path());
             }
         }
         drop(guard);
         self.idmapped.release_orphans(&ids);
-        if let Some(mounter) = &self.mounter {
-            self.release_unused(mounter.as_ref());
-        }
         Ok(removed)
-    }
-
-    /// Tells the mounter which lazily pulled snapshots remain, so it can drop cached
-    /// data none of them uses.
-    fn release_unused(&self, mounter: &dyn RemoteMounter) {
-        match self.remote_snapshots() {
-            Ok(remaining) => {
-                mounter.release_unused(remaining.into_iter().map(|s| s.mountpoint).collect())
-            }
-            Err(e) => tracing::warn!(error = %e, "listing lazy snapshots for the cache sweep"),
-        }
     }
 }

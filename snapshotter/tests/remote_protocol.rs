@@ -79,8 +79,8 @@ impl Server {
         mounter: Arc<FakeMounter>,
         timeout: Duration,
     ) -> Server {
-        let snapshotter = Arc::new(Snapshotter::open_with(root, Some(mounter.clone())).unwrap());
-        let lazy = LazySnapshotter::with_lazy_pulling(snapshotter, timeout);
+        let snapshotter = Arc::new(Snapshotter::open(root).unwrap());
+        let lazy = LazySnapshotter::with_lazy_pulling(snapshotter, mounter.clone(), timeout);
         let service = SnapshotService::new(lazy.clone());
         let listener = tokio::net::UnixListener::bind(socket).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
