@@ -12,7 +12,7 @@
 //! and sharing fetches already in flight; every chunk is verified against its TOC
 //! digest before anyone sees it. Sequential readers get growing read-ahead; after
 //! mounting, the prioritized files are prefetched in order (in requests of at most
-//! `max_range_bytes`, a few in flight) and the rest of the layer follows in the
+//! `prefetch_request_bytes`, a few in flight) and the rest of the layer follows in the
 //! background, in small requests, only while the registry host's [`Link`] is quiet:
 //! demand reads first, then prefetch, then background.
 
