@@ -22,9 +22,9 @@ pub(crate) struct Lead {
     tx: watch::Sender<Slot>,
 }
 
-impl super::InBlob for Lead {
-    fn span(&self) -> (u64, u64) {
-        (self.chunk.comp_offset, self.chunk.comp_end)
+impl super::blob_order::InBlob for Lead {
+    fn chunk(&self) -> &Chunk {
+        &self.chunk
     }
 }
 

@@ -1,4 +1,5 @@
 //! Getting verified chunks for one layer. One job a file:
+//! - [`blob_order`]: chunks in the order of the blob, and cut into range requests;
 //! - [`inflight`]: fetches in flight, shared by everyone who wants the same chunk;
 //! - [`stream`]: one range request, its chunks inflated and verified as its body arrives;
 //! - [`readahead`]: sequential readers get growing read-ahead;
@@ -11,6 +12,7 @@
 //!
 //! This file holds the fetcher itself and its one entry for reads.
 
+mod blob_order;
 mod inflight;
 mod libraries;
 mod now;
@@ -21,11 +23,10 @@ mod stream;
 mod whole;
 
 use std::collections::HashSet;
-use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use estargz::{Chunk, EntryKind, Layer, NodeId};
+use estargz::{Chunk, Layer, NodeId};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
@@ -35,6 +36,7 @@ use crate::error::{Error, Result};
 use crate::link::{Class, Link, PrefetchFront};
 use crate::stats::{Counters, Stats};
 
+use blob_order::BlobOrder;
 use inflight::InFlight;
 use readahead::Sequential;
 use schedule::Neighbours;
@@ -94,6 +96,8 @@ pub(crate) struct Fetcher {
     config: FsConfig,
     pub(crate) counters: Counters,
     inflight: InFlight,
+    /// Every chunk in blob order, for the neighbours of a miss and the pieces of a span.
+    order: BlobOrder,
     seq: Sequential,
     neighbours: Neighbours,
     assembling: Assembling,
@@ -135,46 +139,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Where something lies in the blob, for coalescing.
-pub(crate) trait InBlob {
-    fn span(&self) -> (u64, u64);
-}
-
-impl InBlob for Chunk {
-    fn span(&self) -> (u64, u64) {
-        (self.comp_offset, self.comp_end)
-    }
-}
-
-impl InBlob for (NodeId, Chunk) {
-    fn span(&self) -> (u64, u64) {
-        self.1.span()
-    }
-}
-
-/// Cuts `items` (in the order they are wanted, usually blob order) into ranges for
-/// range requests: an item joins the range before it when it starts inside it or at
-/// most `gap` bytes after its end (the bytes between are cheaper than a round trip) and
-/// the range stays within `max` bytes; a single item larger than `max` is a range of
-/// its own.
-pub(crate) fn coalesce<T: InBlob>(items: Vec<T>, gap: u64, max: u64) -> Vec<(Range<u64>, Vec<T>)> {
-    let mut out: Vec<(Range<u64>, Vec<T>)> = Vec::new();
-    for item in items {
-        let (s, e) = item.span();
-        if let Some((range, group)) = out.last_mut()
-            && s >= range.start
-            && s <= range.end.saturating_add(gap)
-            && e.max(range.end) - range.start <= max
-        {
-            range.end = range.end.max(e);
-            group.push(item);
-            continue;
-        }
-        out.push((s..e, vec![item]));
-    }
-    out
-}
-
 impl Fetcher {
     pub(crate) fn new(
         layer: Arc<Layer>,
@@ -201,6 +165,7 @@ impl Fetcher {
             config,
             counters: Counters::default(),
             inflight: InFlight::default(),
+            order: BlobOrder::default(),
             assembling: Assembling::default(),
             prefetch_done: watch::channel(false).0,
             background_done: watch::channel(false).0,
@@ -364,25 +329,12 @@ impl Fetcher {
     /// in a task of its own.
     fn spawn_ranges(self: &Arc<Self>, leads: Vec<inflight::Lead>, gap: u64, purpose: Purpose) {
         let mut leads = leads;
-        leads.sort_by_key(|l| (l.chunk.comp_offset, l.chunk.inner_offset));
-        for (range, group) in coalesce(leads, gap, self.config.max_range_bytes) {
+        blob_order::sort(&mut leads);
+        for (range, group) in blob_order::coalesce(leads, gap, self.config.max_range_bytes) {
             let this = Arc::clone(self);
             self.handle
                 .spawn(async move { this.fetch_range(range, group, purpose).await });
         }
-    }
-
-    /// Every chunk of every regular file, with its node.
-    fn all_chunks(&self) -> Vec<(NodeId, Chunk)> {
-        let index = self.layer.index();
-        let mut out = Vec::with_capacity(index.all_chunks().len());
-        for id in 0..index.len() {
-            let e = index.entry(NodeId(id as u32));
-            if e.kind() == EntryKind::Reg {
-                out.extend(e.chunks().iter().map(|c| (e.id(), *c)));
-            }
-        }
-        out
     }
 
     /// Resolves when no fetched chunk or whole-file copy is being written to disk.
@@ -418,36 +370,5 @@ impl Fetcher {
             // Timed by the FUSE adapter, which fills it in.
             op_latency: Vec::new(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn span(s: u64, e: u64) -> Chunk {
-        Chunk {
-            comp_offset: s,
-            comp_end: e,
-            file_offset: 0,
-            size: 0,
-            digest: estargz::Digest([0; 32]),
-            inner_offset: 0,
-            zeros: false,
-            prefetch: false,
-        }
-    }
-
-    #[test]
-    fn coalescing_bridges_small_gaps_and_keeps_ranges_within_the_maximum() {
-        let items = vec![span(0, 10), span(12, 20), span(100, 110), span(110, 300)];
-        let got: Vec<_> = coalesce(items, 5, 150)
-            .into_iter()
-            .map(|(r, g)| (r, g.len()))
-            .collect();
-        assert_eq!(got, vec![(0..20, 2), (100..110, 1), (110..300, 1)]);
-        // Out of order: an item before the range starts a new one.
-        let items = vec![span(100, 110), span(90, 100)];
-        assert_eq!(coalesce(items, 5, 150).len(), 2);
     }
 }

@@ -5,12 +5,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
-use estargz::{Chunk, Digest, EntryKind, NodeId};
+use estargz::{Chunk, Digest, NodeId};
 
+use super::blob_order::{self, coalesce};
 use super::inflight::Joined;
-use super::{Fetcher, Purpose, coalesce, lock};
+use super::{Fetcher, Purpose, lock};
 use crate::link::Class;
 
 /// Neighbour chunks fetched and not yet read, remembered at most (a bound on memory:
@@ -21,9 +22,6 @@ const PENDING_MAX: usize = 1 << 16;
 pub(crate) struct Neighbours {
     /// Configured window: the largest, and the starting one.
     max: u64,
-    /// Every chunk in blob order as (file, chunk of the file); built on the first miss.
-    /// 8 bytes a chunk, not a copy of the chunk (80).
-    by_offset: OnceLock<Vec<(NodeId, u32)>>,
     judge: Mutex<Judge>,
     /// Whether `judge.pending` may hold anything: every read asks, and most layers
     /// (neighbours off, or all read) never need the lock.
@@ -47,7 +45,6 @@ impl Neighbours {
     pub(crate) fn new(max: u64) -> Self {
         Neighbours {
             max,
-            by_offset: OnceLock::new(),
             judge: Mutex::new(Judge {
                 window: max,
                 fetched: 0,
@@ -142,59 +139,17 @@ impl Fetcher {
         }
         let window = self.neighbours.window();
         let index = self.layer.index();
-        let chunk = |&(node, k): &(NodeId, u32)| index.entry(node).chunks()[k as usize];
-        let table = self.blob_order();
-        let limit = end.saturating_add(window);
         let mut leads = Vec::new();
-        let first = table.partition_point(|at| chunk(at).comp_offset < end);
-        for at in &table[first..] {
-            let (node, c) = (at.0, &chunk(at));
-            if c.comp_end > limit {
-                break;
-            }
+        for (node, c) in self.order.within(index, end..end.saturating_add(window)) {
             if self.cache.contains(&c.digest) {
                 continue;
             }
-            if let Joined::Lead(lead, _) = self.inflight.join_or_lead(&self.cache, node, c) {
+            if let Joined::Lead(lead, _) = self.inflight.join_or_lead(&self.cache, node, &c) {
                 leads.push(lead);
             }
         }
         self.neighbours.fetching(leads.iter().map(|l| l.chunk));
         self.spawn_ranges(leads, self.config.coalesce_gap, Purpose::Neighbour);
-    }
-
-    /// Every chunk in blob order as (file, chunk of the file), built on first use.
-    fn blob_order(&self) -> &[(NodeId, u32)] {
-        let index = self.layer.index();
-        let chunk = |&(node, k): &(NodeId, u32)| index.entry(node).chunks()[k as usize];
-        self.neighbours.by_offset.get_or_init(|| {
-            let mut all: Vec<(NodeId, u32)> = Vec::new();
-            for id in 0..index.len() {
-                let e = index.entry(NodeId(id as u32));
-                if e.kind() == EntryKind::Reg && e.hardlink_target().is_none() {
-                    let real = e.chunks().iter().enumerate().filter(|(_, c)| !c.zeros);
-                    all.extend(real.map(|(k, _)| (e.id(), k as u32)));
-                }
-            }
-            all.sort_by_key(|at| {
-                let c = chunk(at);
-                (c.comp_offset, c.inner_offset)
-            });
-            all
-        })
-    }
-
-    /// The pieces of the SOCI span that starts at `comp_offset`.
-    pub(super) fn span_pieces(&self, comp_offset: u64) -> Vec<(NodeId, Chunk)> {
-        let index = self.layer.index();
-        let chunk = |&(node, k): &(NodeId, u32)| index.entry(node).chunks()[k as usize];
-        let table = self.blob_order();
-        let first = table.partition_point(|at| chunk(at).comp_offset < comp_offset);
-        table[first..]
-            .iter()
-            .take_while(|at| chunk(at).comp_offset == comp_offset)
-            .map(|at| (at.0, chunk(at)))
-            .collect()
     }
 
     /// Fetches what the layer says a container reads first: the chunks `lazysnap
@@ -206,7 +161,7 @@ impl Fetcher {
         if !marked && self.prefetch_end == 0 {
             return;
         }
-        let mut todo = self.all_chunks();
+        let mut todo = blob_order::all_chunks(self.layer.index());
         todo.retain(|(_, c)| !c.zeros && self.prefetches(c) && !self.cache.contains(&c.digest));
         // In blob order, so the first files the command reads arrive first, in pieces,
         // so readers are not held until everything is in and no request outlives
@@ -216,7 +171,7 @@ impl Fetcher {
         // first chunks of a landmark's files before their later ones was tried: on the
         // python image optimized by ctr-remote it was 0.5 s slower, the later chunks
         // then being fetched on demand beside the prefetch.)
-        todo.sort_by_key(|(_, c)| (c.comp_offset, c.inner_offset));
+        blob_order::sort(&mut todo);
         let gap = if marked {
             self.config.coalesce_gap
         } else {
@@ -268,11 +223,9 @@ impl Fetcher {
         if !self.cache.disk_enabled() {
             return;
         }
-        let mut todo = self.all_chunks();
+        let mut todo = blob_order::all_chunks(self.layer.index());
         todo.retain(|(_, c)| !c.zeros);
-        todo.sort_by_key(|(_, c)| (c.comp_offset, c.inner_offset));
-        let mut seen = std::collections::HashSet::new();
-        todo.retain(|(_, c)| seen.insert(c.digest));
+        let todo = blob_order::distinct(todo);
         let mut rest = todo.as_slice();
         while !rest.is_empty() {
             // The next run of chunks not yet local, as one request's worth.

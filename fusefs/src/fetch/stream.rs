@@ -159,7 +159,7 @@ impl Fetcher {
         let _in_flight = keep.then(InFlight::new);
         let started = Instant::now();
         let mut leads = leads;
-        leads.sort_by_key(|l| (l.chunk.comp_offset, l.chunk.inner_offset));
+        super::blob_order::sort(&mut leads);
         let arriving = Mutex::new(Arriving {
             base: range.start,
             // One buffer for the whole body; segments split off it share it.
@@ -299,7 +299,8 @@ impl Fetcher {
             .get(rel..rel + group[0].chunk.comp_len() as usize)
             .unwrap_or(&[]);
         let siblings: Vec<Lead> = self
-            .span_pieces(span_at)
+            .order
+            .span_pieces(self.layer.index(), span_at)
             .into_iter()
             .filter(|(_, c)| group.iter().all(|l| l.chunk.digest != c.digest))
             .filter_map(
