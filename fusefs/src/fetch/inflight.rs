@@ -69,6 +69,23 @@ impl InFlight {
         )
     }
 
+    /// Claims the fetch of each of `chunks` that is neither in flight nor in memory: the
+    /// caller must fetch and [`InFlight::finish`] every lead returned. Chunks already
+    /// in flight are left to their fetch.
+    pub(crate) fn claim(
+        &self,
+        cache: &SharedCache,
+        chunks: impl IntoIterator<Item = (NodeId, Chunk)>,
+    ) -> Vec<Lead> {
+        chunks
+            .into_iter()
+            .filter_map(|(node, c)| match self.join_or_lead(cache, node, &c) {
+                Joined::Lead(lead, _) => Some(lead),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Answers everyone waiting for `lead`'s chunk and takes it off the table.
     pub(crate) fn finish(&self, lead: Lead, res: std::result::Result<Bytes, Arc<str>>) {
         {

@@ -159,17 +159,8 @@ impl Fetcher {
         } else {
             1
         };
-        let mut leads = Vec::new();
-        for c in chunks.iter().take(take).filter(|c| !c.zeros) {
-            if self.cache.contains(&c.digest) {
-                continue;
-            }
-            if let super::inflight::Joined::Lead(lead, _) =
-                self.inflight.join_or_lead(&self.cache, node, c)
-            {
-                leads.push(lead);
-            }
-        }
+        let real = chunks.iter().take(take).filter(|c| !c.zeros);
+        let leads = self.claim_missing(real.map(|c| (node, *c)));
         self.spawn_ranges(leads, self.config.coalesce_gap, Purpose::Library);
     }
 

@@ -325,6 +325,18 @@ impl Fetcher {
             .collect()
     }
 
+    /// Claims the fetch of each of `chunks` that is not local (on disk or in memory)
+    /// and not in flight; see [`InFlight::claim`].
+    fn claim_missing(
+        &self,
+        chunks: impl IntoIterator<Item = (NodeId, Chunk)>,
+    ) -> Vec<inflight::Lead> {
+        let missing = chunks
+            .into_iter()
+            .filter(|(_, c)| !self.cache.contains(&c.digest));
+        self.inflight.claim(&self.cache, missing)
+    }
+
     /// Coalesces `leads` into range requests of at most `max_range_bytes` and runs each
     /// in a task of its own.
     fn spawn_ranges(self: &Arc<Self>, leads: Vec<inflight::Lead>, gap: u64, purpose: Purpose) {

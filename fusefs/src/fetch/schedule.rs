@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use estargz::{Chunk, Digest, NodeId};
 
 use super::blob_order::{self, coalesce};
-use super::inflight::Joined;
 use super::{Fetcher, Purpose, lock};
 use crate::link::Class;
 
@@ -139,15 +138,7 @@ impl Fetcher {
         }
         let window = self.neighbours.window();
         let index = self.layer.index();
-        let mut leads = Vec::new();
-        for (node, c) in self.order.within(index, end..end.saturating_add(window)) {
-            if self.cache.contains(&c.digest) {
-                continue;
-            }
-            if let Joined::Lead(lead, _) = self.inflight.join_or_lead(&self.cache, node, &c) {
-                leads.push(lead);
-            }
-        }
+        let leads = self.claim_missing(self.order.within(index, end..end.saturating_add(window)));
         self.neighbours.fetching(leads.iter().map(|l| l.chunk));
         self.spawn_ranges(leads, self.config.coalesce_gap, Purpose::Neighbour);
     }
@@ -188,15 +179,7 @@ impl Fetcher {
                 .await;
             // Claimed only now: a reader that wanted one of these chunks meanwhile
             // fetched it itself instead of waiting behind the pieces before this one.
-            let mut leads = Vec::new();
-            for (node, c) in piece {
-                if self.cache.contains(&c.digest) {
-                    continue;
-                }
-                if let Joined::Lead(lead, _) = self.inflight.join_or_lead(&self.cache, node, &c) {
-                    leads.push(lead);
-                }
-            }
+            let leads = self.claim_missing(piece);
             let (Some(first), Some(end)) = (
                 leads.iter().map(|l| l.chunk.comp_offset).min(),
                 leads.iter().map(|l| l.chunk.comp_end).max(),

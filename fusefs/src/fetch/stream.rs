@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use super::inflight::{Joined, Lead};
+use super::inflight::Lead;
 use super::{Counted, Fetcher, Purpose, lock};
 use crate::buffers::{self, BIG_BUFFERS, BufferPool, UNPOOLED};
 use crate::cache::DIRECT_ALIGN;
@@ -298,18 +298,12 @@ impl Fetcher {
         let bytes = data
             .get(rel..rel + group[0].chunk.comp_len() as usize)
             .unwrap_or(&[]);
-        let siblings: Vec<Lead> = self
+        let others = self
             .order
             .span_pieces(self.layer.index(), span_at)
             .into_iter()
-            .filter(|(_, c)| group.iter().all(|l| l.chunk.digest != c.digest))
-            .filter_map(
-                |(node, c)| match self.inflight.join_or_lead(&self.cache, node, &c) {
-                    Joined::Lead(lead, _) => Some(lead),
-                    _ => None,
-                },
-            )
-            .collect();
+            .filter(|(_, c)| group.iter().all(|l| l.chunk.digest != c.digest));
+        let siblings = self.inflight.claim(&self.cache, others);
         let need = group
             .iter()
             .map(|l| l.chunk.inner_offset as usize + l.chunk.size as usize)
