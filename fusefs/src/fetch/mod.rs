@@ -2,7 +2,7 @@
 //! - [`blob_order`]: chunks in the order of the blob, and cut into range requests;
 //! - [`inflight`]: fetches in flight, shared by everyone who wants the same chunk;
 //! - [`stream`]: one range request, its chunks inflated and verified as its body arrives;
-//! - [`readahead`]: sequential readers get growing read-ahead;
+//! - [`sequential`]: sequential readers get growing read-ahead;
 //! - [`schedule`]: what is fetched without a reader waiting (neighbours of a miss,
 //!   prefetch, the background fetch of the whole layer), in the link's order of
 //!   precedence ([`crate::link`]);
@@ -16,8 +16,8 @@ mod blob_order;
 mod inflight;
 mod libraries;
 mod now;
-mod readahead;
 mod schedule;
+mod sequential;
 mod served;
 mod stream;
 mod whole;
@@ -38,8 +38,8 @@ use crate::stats::{Counters, Stats};
 
 use blob_order::BlobOrder;
 use inflight::InFlight;
-use readahead::Sequential;
 use schedule::Neighbours;
+use sequential::{Ahead, Sequential};
 use whole::Assembling;
 
 pub use libraries::{Libraries, LibraryLookup};
@@ -156,7 +156,7 @@ impl Fetcher {
             prefetch_end,
             front: Arc::default(),
             name: layer.toc_digest().to_string(),
-            seq: Sequential::new(config.readahead_requests),
+            seq: Sequential::new(&config, cache.memory_capacity()),
             neighbours: Neighbours::new(config.neighbour_fetch_bytes),
             layer,
             cache,
@@ -208,7 +208,12 @@ impl Fetcher {
         (offset, end, size): (u64, u64, u64),
         wants: &[(NodeId, Chunk)],
     ) -> Result<ReadStart> {
-        self.note_read(node, offset, end, size);
+        if let Some(ahead) = self
+            .seq
+            .note_read(node, (offset, end, size), || self.link.rate())
+        {
+            self.read_ahead(node, ahead);
+        }
         self.neighbours.note_used(wants);
         if let Some(furthest) = wants
             .iter()
@@ -224,13 +229,76 @@ impl Fetcher {
                 Some(b) => out.push(b),
                 None if c.zeros => out.push(self.zeros(*node, c)?),
                 None => {
-                    self.note_miss(*node, offset);
+                    self.seq.note_miss(*node, offset);
                     return Ok(ReadStart::Fetch);
                 }
             }
         }
         Counters::add(&self.counters.cache_hits, out.len() as u64);
         Ok(ReadStart::Ready(out))
+    }
+
+    /// Issues read-ahead of `node`'s bytes `ahead.range`: chunks on disk are loaded into
+    /// memory, and once a read of the file has missed, the others are fetched, in
+    /// several requests at once.
+    fn read_ahead(self: &Arc<Self>, node: NodeId, ahead: Ahead) {
+        let Ahead { range, missed } = ahead;
+        let mut chunks: Vec<(NodeId, Chunk)> = Vec::new();
+        let mut on_disk: Vec<Chunk> = Vec::new();
+        for c in self
+            .layer
+            .chunks_for_range(node, range.start, range.end - range.start)
+        {
+            if c.zeros || self.cache.in_memory(&c.digest) {
+                continue;
+            }
+            if self.cache.contains(&c.digest) {
+                on_disk.push(*c);
+            } else if missed {
+                chunks.push((node, *c));
+            }
+        }
+        self.load_ahead(&on_disk);
+        if chunks.is_empty() {
+            return;
+        }
+        for part in self.seq.parts(chunks) {
+            let this = Arc::clone(self);
+            let slots = Arc::clone(&self.seq.slots);
+            self.handle.spawn(async move {
+                let Ok(_permit) = slots.acquire_owned().await else {
+                    return;
+                };
+                if let Err(e) = this.chunks(&part, Purpose::ReadAhead).await {
+                    tracing::debug!(layer = %this.name, error = %e, "read-ahead failed");
+                }
+            });
+        }
+    }
+
+    /// Read-ahead of chunks that are in the disk cache but not in memory: loads them
+    /// into memory on blocking threads (as many at once as read-ahead requests), so the
+    /// reader's FUSE requests find them there instead of each waiting for a chunk file
+    /// to be read and hashed; disk and CPU work then overlap with the reader's.
+    fn load_ahead(&self, chunks: &[Chunk]) {
+        for part in self.seq.disk_parts(chunks) {
+            let cache = self.cache.clone();
+            let slots = Arc::clone(&self.seq.slots);
+            self.handle.spawn(async move {
+                let Ok(_permit) = slots.acquire_owned().await else {
+                    return;
+                };
+                let load = move || {
+                    for c in part {
+                        // A miss (evicted, corrupt) is left to the reader, who fetches.
+                        let _ = cache.get(&c.digest, c.size);
+                    }
+                };
+                if let Err(e) = tokio::task::spawn_blocking(load).await {
+                    tracing::debug!(error = %e, "disk read-ahead task failed");
+                }
+            });
+        }
     }
 
     /// Whether the prefetch fetches `c`.
