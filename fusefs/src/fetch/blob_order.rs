@@ -61,13 +61,16 @@ pub(crate) fn all_chunks(index: &Index) -> Vec<(NodeId, Chunk)> {
     out
 }
 
+/// One range request: its bytes in the blob, and what it holds in blob order.
+pub(crate) type Request<T> = (Range<u64>, Vec<T>);
+
 /// Cuts `items` (in the order they are wanted, usually blob order) into ranges for
 /// range requests: an item joins the range before it when it starts inside it or at
 /// most `gap` bytes after its end (the bytes between are cheaper than a round trip) and
 /// the range stays within `max` bytes; a single item larger than `max` is a range of
 /// its own.
-pub(crate) fn coalesce<T: InBlob>(items: Vec<T>, gap: u64, max: u64) -> Vec<(Range<u64>, Vec<T>)> {
-    let mut out: Vec<(Range<u64>, Vec<T>)> = Vec::new();
+pub(crate) fn coalesce<T: InBlob>(items: Vec<T>, gap: u64, max: u64) -> Vec<Request<T>> {
+    let mut out: Vec<Request<T>> = Vec::new();
     for item in items {
         let (s, e) = item.span();
         if let Some((range, group)) = out.last_mut()

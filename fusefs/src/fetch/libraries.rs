@@ -161,7 +161,7 @@ impl Fetcher {
         };
         let real = chunks.iter().take(take).filter(|c| !c.zeros);
         let leads = self.claim_missing(real.map(|c| (node, *c)));
-        self.spawn_ranges(leads, self.config.coalesce_gap, Purpose::Library);
+        self.spawn_ranges(leads, Purpose::Library);
     }
 
     /// Bytes `offset..offset + len` of `node` (cut at its end), fetched as a library's

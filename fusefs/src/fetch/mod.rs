@@ -3,20 +3,22 @@
 //! - [`inflight`]: fetches in flight, shared by everyone who wants the same chunk;
 //! - [`stream`]: one range request, its chunks inflated and verified as its body arrives;
 //! - [`sequential`]: sequential readers get growing read-ahead;
-//! - [`schedule`]: what is fetched without a reader waiting (neighbours of a miss,
-//!   prefetch, the background fetch of the whole layer), in the link's order of
-//!   precedence ([`crate::link`]);
+//! - what is fetched without a reader waiting, in the link's order of precedence
+//!   ([`crate::link`]): [`neighbours`] of a miss, the [`prefetch`] of what a container
+//!   reads first, and the [`background`] fetch of the whole layer;
 //! - [`whole`]: whole-file copies for FUSE passthrough;
 //! - [`now`]: the whole layer made local at once, when asked (`lazysnap fetch`);
 //! - [`libraries`]: the libraries a program is about to load, fetched at once.
 //!
 //! This file holds the fetcher itself and its one entry for reads.
 
+mod background;
 mod blob_order;
 mod inflight;
 mod libraries;
+mod neighbours;
 mod now;
-mod schedule;
+mod prefetch;
 mod sequential;
 mod served;
 mod stream;
@@ -33,12 +35,14 @@ use tokio::sync::watch;
 use crate::cache::{SharedCache, expect_len};
 use crate::config::FsConfig;
 use crate::error::{Error, Result};
-use crate::link::{Class, Link, PrefetchFront};
+use crate::link::{Class, Link};
 use crate::stats::{Counters, Stats};
 
+use background::Background;
 use blob_order::BlobOrder;
 use inflight::InFlight;
-use schedule::Neighbours;
+use neighbours::Neighbours;
+use prefetch::Prefetch;
 use sequential::{Ahead, Sequential};
 use whole::Assembling;
 
@@ -101,14 +105,8 @@ pub(crate) struct Fetcher {
     seq: Sequential,
     neighbours: Neighbours,
     assembling: Assembling,
-    pub(crate) prefetch_done: watch::Sender<bool>,
-    pub(crate) background_done: watch::Sender<bool>,
-    /// Which chunks the prefetch fetches: those marked by `lazysnap optimize`, or else
-    /// those before this end of the prioritized range (0: none).
-    prefetch_marked: bool,
-    prefetch_end: u64,
-    /// How far the prefetch stands ahead of the container's reads, for the link.
-    front: Arc<PrefetchFront>,
+    pub(crate) prefetch: Prefetch,
+    pub(crate) background: Background,
     /// Disk writes under way (fetched chunks, whole copies), so callers can wait for the
     /// cache to settle.
     writes: watch::Sender<usize>,
@@ -147,14 +145,10 @@ impl Fetcher {
         handle: Handle,
         config: FsConfig,
     ) -> Fetcher {
-        let index = layer.index();
-        let prefetch_marked = index.has_prefetch_marks();
-        let prefetch_end = index.prefetch_range().map_or(0, |r| r.end);
         Fetcher {
             spans: layer.format() == estargz::Format::Soci,
-            prefetch_marked,
-            prefetch_end,
-            front: Arc::default(),
+            prefetch: Prefetch::new(layer.index()),
+            background: Background::new(&config),
             name: layer.toc_digest().to_string(),
             seq: Sequential::new(&config, cache.memory_capacity()),
             neighbours: Neighbours::new(config.neighbour_fetch_bytes),
@@ -167,8 +161,6 @@ impl Fetcher {
             inflight: InFlight::default(),
             order: BlobOrder::default(),
             assembling: Assembling::default(),
-            prefetch_done: watch::channel(false).0,
-            background_done: watch::channel(false).0,
             writes: watch::channel(0).0,
             examined: libraries::Examined::default(),
             served: served::Served::default(),
@@ -215,14 +207,7 @@ impl Fetcher {
             self.read_ahead(node, ahead);
         }
         self.neighbours.note_used(wants);
-        if let Some(furthest) = wants
-            .iter()
-            .filter(|(_, c)| self.prefetches(c))
-            .map(|(_, c)| c.comp_end)
-            .max()
-        {
-            self.front.read_up_to(furthest);
-        }
+        self.prefetch.note_read(wants);
         let mut out = Vec::with_capacity(wants.len());
         for (node, c) in wants {
             match self.cache.get(&c.digest, c.size)? {
@@ -301,15 +286,6 @@ impl Fetcher {
         }
     }
 
-    /// Whether the prefetch fetches `c`.
-    fn prefetches(&self, c: &Chunk) -> bool {
-        if self.prefetch_marked {
-            c.prefetch
-        } else {
-            c.comp_end <= self.prefetch_end
-        }
-    }
-
     /// A filesystem operation: while containers start, it holds the background back.
     pub(crate) fn cache(&self) -> &SharedCache {
         &self.cache
@@ -372,7 +348,7 @@ impl Fetcher {
         }
         // A task of its own for each range: the fetch completes for every waiter even
         // if the reader that started it goes away.
-        self.spawn_ranges(leads, self.config.coalesce_gap, purpose);
+        self.spawn_ranges(leads, purpose);
         for (i, rx) in waits {
             match inflight::wait(rx).await {
                 // Another file's fetch of the same digest: its length is checked too.
@@ -405,12 +381,41 @@ impl Fetcher {
         self.inflight.claim(&self.cache, missing)
     }
 
+    /// Prefetch, then the background fetch, as the config says; started once a layer is
+    /// mounted. A mount means a container is on its way: the link's quiet period starts
+    /// again.
+    pub(crate) async fn run_scheduled(self: Arc<Self>) {
+        self.link.mounted();
+        if self.config.prefetch {
+            self.prefetch().await;
+        }
+        self.prefetch.done.send_replace(true);
+        if self.config.background_fetch {
+            self.background().await;
+        }
+        self.background.done.send_replace(true);
+    }
+
+    /// Starts a request for the chunks after `wants` in the blob (up to the neighbour
+    /// window) that are neither cached nor in flight. It runs beside the demand's own
+    /// request, so the reader waits for no extra bytes; a later read of a neighbour
+    /// joins it or finds the chunk cached, sparing a round trip.
+    fn fetch_neighbours(self: &Arc<Self>, wants: &[(NodeId, Chunk)]) {
+        let Some(window) = self.neighbours.plan(wants) else {
+            return;
+        };
+        let leads = self.claim_missing(self.order.within(self.layer.index(), window));
+        self.neighbours.fetching(leads.iter().map(|l| l.chunk));
+        self.spawn_ranges(leads, Purpose::Neighbour);
+    }
+
     /// Coalesces `leads` into range requests of at most `max_range_bytes` and runs each
     /// in a task of its own.
-    fn spawn_ranges(self: &Arc<Self>, leads: Vec<inflight::Lead>, gap: u64, purpose: Purpose) {
+    fn spawn_ranges(self: &Arc<Self>, leads: Vec<inflight::Lead>, purpose: Purpose) {
         let mut leads = leads;
         blob_order::sort(&mut leads);
-        for (range, group) in blob_order::coalesce(leads, gap, self.config.max_range_bytes) {
+        let (gap, max) = (self.config.coalesce_gap, self.config.max_range_bytes);
+        for (range, group) in blob_order::coalesce(leads, gap, max) {
             let this = Arc::clone(self);
             self.handle
                 .spawn(async move { this.fetch_range(range, group, purpose).await });
@@ -445,8 +450,8 @@ impl Fetcher {
             fetch_errors: Counters::get(&k.fetch_errors),
             local_bytes: local,
             total_bytes: total,
-            prefetch_done: *self.prefetch_done.borrow(),
-            background_done: *self.background_done.borrow(),
+            prefetch_done: *self.prefetch.done.borrow(),
+            background_done: *self.background.done.borrow(),
             // Timed by the FUSE adapter, which fills it in.
             op_latency: Vec::new(),
         }
