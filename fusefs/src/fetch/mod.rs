@@ -6,12 +6,13 @@
 //! - what is fetched without a reader waiting, in the link's order of precedence
 //!   ([`crate::link`]): [`neighbours`] of a miss, the [`prefetch`] of what a container
 //!   reads first, and the [`background`] fetch of the whole layer;
-//! - [`whole`]: whole-file copies for FUSE passthrough;
+//! - [`assembling`]: whole-file copies for FUSE passthrough;
 //! - [`now`]: the whole layer made local at once, when asked (`lazysnap fetch`);
 //! - [`libraries`]: the libraries a program is about to load, fetched at once.
 //!
 //! This file holds the fetcher itself and its one entry for reads.
 
+mod assembling;
 mod background;
 mod blob_order;
 mod inflight;
@@ -22,7 +23,6 @@ mod prefetch;
 mod sequential;
 mod served;
 mod stream;
-mod whole;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -38,13 +38,13 @@ use crate::error::{Error, Result};
 use crate::link::{Class, Link};
 use crate::stats::{Counters, Stats};
 
+use assembling::Assembling;
 use background::Background;
 use blob_order::BlobOrder;
 use inflight::InFlight;
 use neighbours::Neighbours;
 use prefetch::Prefetch;
 use sequential::{Ahead, Sequential};
-use whole::Assembling;
 
 pub use libraries::{Libraries, LibraryLookup};
 pub use now::FetchedNow;
@@ -147,11 +147,14 @@ impl Fetcher {
     ) -> Fetcher {
         Fetcher {
             spans: layer.format() == estargz::Format::Soci,
-            prefetch: Prefetch::new(layer.index()),
-            background: Background::new(&config),
             name: layer.toc_digest().to_string(),
             seq: Sequential::new(&config, cache.memory_capacity()),
             neighbours: Neighbours::new(config.neighbour_fetch_bytes),
+            prefetch: Prefetch::new(layer.index()),
+            background: Background::new(&config),
+            assembling: Assembling::new(&config, cache.disk_enabled()),
+            examined: libraries::Examined::default(),
+            served: served::Served::default(),
             layer,
             cache,
             link,
@@ -160,10 +163,7 @@ impl Fetcher {
             counters: Counters::default(),
             inflight: InFlight::default(),
             order: BlobOrder::default(),
-            assembling: Assembling::default(),
             writes: watch::channel(0).0,
-            examined: libraries::Examined::default(),
-            served: served::Served::default(),
         }
     }
 
@@ -420,6 +420,12 @@ impl Fetcher {
             self.handle
                 .spawn(async move { this.fetch_range(range, group, purpose).await });
         }
+    }
+
+    /// A read of file bytes `offset..end` was answered from `wants` (the chunks that
+    /// hold them, in order); see [`served`].
+    pub(crate) fn note_served(&self, wants: &[(NodeId, Chunk)], offset: u64, end: u64) {
+        self.served.note(&self.cache, wants, offset, end);
     }
 
     /// Resolves when no fetched chunk or whole-file copy is being written to disk.
