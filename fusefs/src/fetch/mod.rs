@@ -1,28 +1,33 @@
-//! Getting verified chunks for one layer. One job a file:
-//! - [`blob_order`]: chunks in the order of the blob, and cut into range requests;
+//! Getting verified chunks for one layer. Each job's type holds its state and says
+//! what to fetch; the [`Fetcher`] holds what they share (the layer, the cache, the
+//! link, the runtime) and spawns the fetches. One type a file:
+//! - [`blob_order`]: chunks in the order of the blob ([`blob_order::BlobOrder`]), and
+//!   cut into range requests;
 //! - [`inflight`]: fetches in flight, shared by everyone who wants the same chunk;
-//! - [`stream`]: one range request, its chunks inflated and verified as its body arrives;
+//! - [`arriving`]: one range request, its chunks inflated and verified as its body
+//!   arrives;
 //! - [`sequential`]: sequential readers get growing read-ahead;
 //! - what is fetched without a reader waiting, in the link's order of precedence
 //!   ([`crate::link`]): [`neighbours`] of a miss, the [`prefetch`] of what a container
 //!   reads first, and the [`background`] fetch of the whole layer;
+//! - [`served`]: chunks read whole leave the memory tier;
 //! - [`assembling`]: whole-file copies for FUSE passthrough;
-//! - [`now`]: the whole layer made local at once, when asked (`lazysnap fetch`);
+//! - [`fetched_now`]: the whole layer made local at once, when asked (`lazysnap fetch`);
 //! - [`libraries`]: the libraries a program is about to load, fetched at once.
 //!
 //! This file holds the fetcher itself and its one entry for reads.
 
+mod arriving;
 mod assembling;
 mod background;
 mod blob_order;
+mod fetched_now;
 mod inflight;
 mod libraries;
 mod neighbours;
-mod now;
 mod prefetch;
 mod sequential;
 mod served;
-mod stream;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -46,8 +51,8 @@ use neighbours::Neighbours;
 use prefetch::Prefetch;
 use sequential::{Ahead, Sequential};
 
+pub use fetched_now::FetchedNow;
 pub use libraries::{Libraries, LibraryLookup};
-pub use now::FetchedNow;
 
 /// Why a range is fetched: for the debug log of range requests, the link's order of
 /// precedence, and whether its chunks are kept in memory (all but those of the
@@ -59,7 +64,7 @@ pub(crate) enum Purpose {
     ReadAhead,
     Prefetch,
     Background,
-    /// The whole layer at once, asked for ([`now`]).
+    /// The whole layer at once, asked for ([`fetched_now`]).
     Now,
     /// A library a program is about to load ([`libraries`]).
     Library,
@@ -94,27 +99,28 @@ pub(crate) struct Fetcher {
     pub(crate) layer: Arc<Layer>,
     /// For logs and errors: the layer's TOC digest.
     name: String,
+    /// A SOCI layer: chunks are pieces of spans, inflated a span at a time.
+    spans: bool,
     cache: SharedCache,
     link: Link,
     handle: Handle,
     config: FsConfig,
     pub(crate) counters: Counters,
-    inflight: InFlight,
-    /// Every chunk in blob order, for the neighbours of a miss and the pieces of a span.
-    order: BlobOrder,
-    seq: Sequential,
-    neighbours: Neighbours,
-    assembling: Assembling,
-    pub(crate) prefetch: Prefetch,
-    pub(crate) background: Background,
     /// Disk writes under way (fetched chunks, whole copies), so callers can wait for the
     /// cache to settle.
     writes: watch::Sender<usize>,
+    inflight: InFlight,
+    /// Every chunk in blob order, for the neighbours of a miss and the pieces of a span.
+    order: BlobOrder,
+    // Each job's own state.
+    seq: Sequential,
+    neighbours: Neighbours,
+    pub(crate) prefetch: Prefetch,
+    pub(crate) background: Background,
+    served: served::Served,
+    assembling: Assembling,
     /// Files read as ELF objects for their libraries.
     examined: libraries::Examined,
-    served: served::Served,
-    /// A SOCI layer: chunks are pieces of spans, inflated a span at a time.
-    spans: bool,
 }
 
 /// Counts one unit of work on a watched counter while alive.
@@ -153,7 +159,7 @@ impl Fetcher {
             prefetch: Prefetch::new(layer.index()),
             background: Background::new(&config),
             assembling: Assembling::new(&config, cache.disk_enabled()),
-            examined: libraries::Examined::default(),
+            examined: libraries::Examined::new(&config),
             served: served::Served::default(),
             layer,
             cache,

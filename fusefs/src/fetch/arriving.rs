@@ -42,9 +42,9 @@ fn pool_for(keep: bool) -> &'static BufferPool {
 }
 
 /// One of [`RANGES_IN_FLIGHT`], also when its request is given up (a dropped future).
-struct InFlight;
+struct PooledRange;
 
-impl InFlight {
+impl PooledRange {
     fn new() -> Self {
         RANGES_STARTED.fetch_add(1, Ordering::Relaxed);
         RANGES_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
@@ -52,7 +52,7 @@ impl InFlight {
     }
 }
 
-impl Drop for InFlight {
+impl Drop for PooledRange {
     fn drop(&mut self) {
         if RANGES_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed) != 1 {
             return;
@@ -156,7 +156,7 @@ impl Fetcher {
         Counters::add(&self.counters.range_requests, 1);
         let keep = purpose.keep_in_memory();
         let pool = pool_for(keep);
-        let _in_flight = keep.then(InFlight::new);
+        let _pooled = keep.then(PooledRange::new);
         let started = Instant::now();
         let mut leads = leads;
         super::blob_order::sort(&mut leads);
