@@ -292,11 +292,11 @@ impl Fetcher {
         }
     }
 
-    /// A filesystem operation: while containers start, it holds the background back.
     pub(crate) fn cache(&self) -> &SharedCache {
         &self.cache
     }
 
+    /// A filesystem operation: while containers start, it holds the background back.
     pub(crate) fn note_op(&self) {
         self.link.note_op();
     }
@@ -314,6 +314,19 @@ impl Fetcher {
             self.fetch_neighbours(wants);
         }
         self.chunks(wants, Purpose::Demand).await
+    }
+
+    /// Starts a request for the chunks after `wants` in the blob (up to the neighbour
+    /// window) that are neither cached nor in flight. It runs beside the demand's own
+    /// request, so the reader waits for no extra bytes; a later read of a neighbour
+    /// joins it or finds the chunk cached, sparing a round trip.
+    fn fetch_neighbours(self: &Arc<Self>, wants: &[(NodeId, Chunk)]) {
+        let Some(window) = self.neighbours.plan(wants) else {
+            return;
+        };
+        let leads = self.claim_missing(self.order.within(self.layer.index(), window));
+        self.neighbours.fetching(leads.iter().map(|l| l.chunk));
+        self.spawn_ranges(leads, Purpose::Neighbour);
     }
 
     /// The whole decompressed, verified chunks, in order: from the cache, from a fetch
@@ -387,6 +400,19 @@ impl Fetcher {
         self.inflight.claim(&self.cache, missing)
     }
 
+    /// Coalesces `leads` into range requests of at most `max_range_bytes` and runs each
+    /// in a task of its own.
+    fn spawn_ranges(self: &Arc<Self>, leads: Vec<inflight::Lead>, purpose: Purpose) {
+        let mut leads = leads;
+        blob_order::sort(&mut leads);
+        let (gap, max) = (self.config.coalesce_gap, self.config.max_range_bytes);
+        for (range, group) in blob_order::coalesce(leads, gap, max) {
+            let this = Arc::clone(self);
+            self.handle
+                .spawn(async move { this.fetch_range(range, group, purpose).await });
+        }
+    }
+
     /// Prefetch, then the background fetch, as the config says; started once a layer is
     /// mounted. A mount means a container is on its way: the link's quiet period starts
     /// again.
@@ -400,32 +426,6 @@ impl Fetcher {
             self.background().await;
         }
         self.background.done.send_replace(true);
-    }
-
-    /// Starts a request for the chunks after `wants` in the blob (up to the neighbour
-    /// window) that are neither cached nor in flight. It runs beside the demand's own
-    /// request, so the reader waits for no extra bytes; a later read of a neighbour
-    /// joins it or finds the chunk cached, sparing a round trip.
-    fn fetch_neighbours(self: &Arc<Self>, wants: &[(NodeId, Chunk)]) {
-        let Some(window) = self.neighbours.plan(wants) else {
-            return;
-        };
-        let leads = self.claim_missing(self.order.within(self.layer.index(), window));
-        self.neighbours.fetching(leads.iter().map(|l| l.chunk));
-        self.spawn_ranges(leads, Purpose::Neighbour);
-    }
-
-    /// Coalesces `leads` into range requests of at most `max_range_bytes` and runs each
-    /// in a task of its own.
-    fn spawn_ranges(self: &Arc<Self>, leads: Vec<inflight::Lead>, purpose: Purpose) {
-        let mut leads = leads;
-        blob_order::sort(&mut leads);
-        let (gap, max) = (self.config.coalesce_gap, self.config.max_range_bytes);
-        for (range, group) in blob_order::coalesce(leads, gap, max) {
-            let this = Arc::clone(self);
-            self.handle
-                .spawn(async move { this.fetch_range(range, group, purpose).await });
-        }
     }
 
     /// A read of file bytes `offset..end` was answered from `wants` (the chunks that
