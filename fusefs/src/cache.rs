@@ -704,7 +704,7 @@ pub(crate) fn write_uncached(path: &Path, data: &[u8]) -> std::io::Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return std::fs::write(path, data),
         Err(e) => return Err(e),
     };
-    // A big chunk is inflated to start on a block boundary (see fetch::stream): its
+    // A big chunk is inflated to start on a block boundary (see fetch::arriving): its
     // whole blocks go to disk from where they are. The rest goes through a zero-padded
     // copy.
     let direct = if data.as_ptr().align_offset(DIRECT_ALIGN) == 0 {

@@ -22,9 +22,9 @@ pub(crate) struct Lead {
     tx: watch::Sender<Slot>,
 }
 
-impl super::InBlob for Lead {
-    fn span(&self) -> (u64, u64) {
-        (self.chunk.comp_offset, self.chunk.comp_end)
+impl super::blob_order::InBlob for Lead {
+    fn chunk(&self) -> &Chunk {
+        &self.chunk
     }
 }
 
@@ -67,6 +67,23 @@ impl InFlight {
             },
             rx,
         )
+    }
+
+    /// Claims the fetch of each of `chunks` that is neither in flight nor in memory: the
+    /// caller must fetch and [`InFlight::finish`] every lead returned. Chunks already
+    /// in flight are left to their fetch.
+    pub(crate) fn claim(
+        &self,
+        cache: &SharedCache,
+        chunks: impl IntoIterator<Item = (NodeId, Chunk)>,
+    ) -> Vec<Lead> {
+        chunks
+            .into_iter()
+            .filter_map(|(node, c)| match self.join_or_lead(cache, node, &c) {
+                Joined::Lead(lead, _) => Some(lead),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Answers everyone waiting for `lead`'s chunk and takes it off the table.

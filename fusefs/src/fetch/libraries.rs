@@ -10,9 +10,10 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
-use estargz::{EntryKind, NodeId};
+use estargz::{Chunk, EntryKind, Index, NodeId};
 
 use super::{Fetcher, Purpose, lock};
+use crate::config::FsConfig;
 use crate::elf;
 
 /// Finds the libraries an object of a layer needs among the image's layers, and has
@@ -38,11 +39,53 @@ pub enum LibraryLookup {
 
 /// Which files have been read as ELF objects, which were fetched as libraries, and who
 /// finds their libraries.
-#[derive(Default)]
 pub(crate) struct Examined {
     seen: Mutex<HashSet<NodeId>>,
     libraries: Mutex<HashSet<NodeId>>,
     finder: OnceLock<Arc<dyn Libraries>>,
+    /// A library of at most this many compressed bytes is fetched whole, a bigger one
+    /// its first chunk (`library_fetch_bytes`; 0: libraries are not fetched ahead).
+    fetch_bytes: u64,
+}
+
+impl Examined {
+    pub(crate) fn new(config: &FsConfig) -> Self {
+        Examined {
+            seen: Mutex::default(),
+            libraries: Mutex::default(),
+            finder: OnceLock::new(),
+            fetch_bytes: config.library_fetch_bytes,
+        }
+    }
+
+    fn on(&self) -> bool {
+        self.fetch_bytes > 0 && self.finder.get().is_some()
+    }
+
+    /// True the first time `node` is asked about.
+    fn first_look(&self, node: NodeId) -> bool {
+        lock(&self.seen).insert(node)
+    }
+
+    fn note_library(&self, node: NodeId) {
+        lock(&self.libraries).insert(node);
+    }
+
+    /// Whether `node` was fetched as a library.
+    fn is_library(&self, node: NodeId) -> bool {
+        self.on() && lock(&self.libraries).contains(&node)
+    }
+
+    /// How many of a library's chunks (`chunks`, in file order) to fetch at once: all of
+    /// them if the file is small, else the first.
+    fn start_of(&self, chunks: &[Chunk]) -> usize {
+        let compressed: u64 = chunks.iter().map(|c| c.comp_len()).sum();
+        if compressed <= self.fetch_bytes {
+            chunks.len()
+        } else {
+            1
+        }
+    }
 }
 
 /// Symbolic links followed within a layer at most, looking up a library.
@@ -56,31 +99,52 @@ enum Walk {
     Absent,
 }
 
+/// Looks `path` up in this layer, stopping at the first symbolic link on the way
+/// (a merged-/usr image's `lib` is one).
+fn walk(index: &Index, path: &str) -> Walk {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let mut at = index.root().id();
+    for (i, part) in parts.iter().enumerate() {
+        let Some(id) = index.child(at, part) else {
+            return Walk::Absent;
+        };
+        let e = index.entry(index.resolve(id));
+        match e.kind() {
+            EntryKind::Symlink => {
+                let target = e.symlink_target().unwrap_or_default();
+                let Some(mut next) = elf::resolve(&parts[..i].join("/"), target) else {
+                    return Walk::Absent;
+                };
+                for rest in &parts[i + 1..] {
+                    next.push('/');
+                    next.push_str(rest);
+                }
+                return Walk::Link(next);
+            }
+            EntryKind::Dir if i + 1 < parts.len() => at = e.id(),
+            EntryKind::Reg if i + 1 == parts.len() => return Walk::File(e.id()),
+            _ => return Walk::Absent,
+        }
+    }
+    Walk::Absent
+}
+
 impl Fetcher {
     pub(crate) fn set_libraries(&self, finder: Arc<dyn Libraries>) {
         let _ = self.examined.finder.set(finder);
-    }
-
-    fn library_fetch_on(&self) -> bool {
-        self.config.library_fetch_bytes > 0 && self.examined.finder.get().is_some()
-    }
-
-    /// True the first time `node` is asked about.
-    fn first_look(&self, node: NodeId) -> bool {
-        lock(&self.examined.seen).insert(node)
     }
 
     /// Whether `node` was fetched as a library: the dynamic linker reads such a file for
     /// itself, and what it needs next is fetched by name, so its misses are no reason
     /// to guess at the files beside it.
     pub(crate) fn is_library(&self, node: NodeId) -> bool {
-        self.library_fetch_on() && lock(&self.examined.libraries).contains(&node)
+        self.examined.is_library(node)
     }
 
     /// A container read `node` from its start, `head`: if it is an ELF object, have its
     /// libraries fetched (once). Other files cost a look at four bytes.
     pub(crate) fn examine_soon(self: &Arc<Self>, node: NodeId, head: &[u8]) {
-        if elf::is_elf(head) && self.library_fetch_on() && self.first_look(node) {
+        if elf::is_elf(head) && self.examined.on() && self.examined.first_look(node) {
             let this = Arc::clone(self);
             self.handle.spawn(async move { this.examine(node).await });
         }
@@ -93,11 +157,11 @@ impl Fetcher {
         let mut path = path.to_string();
         let mut followed = false;
         for _ in 0..MAX_LINKS {
-            match self.walk(&path) {
+            match walk(self.layer.index(), &path) {
                 Walk::File(node) => {
-                    if self.library_fetch_on() {
-                        lock(&self.examined.libraries).insert(node);
-                        if self.first_look(node) {
+                    if self.examined.on() {
+                        self.examined.note_library(node);
+                        if self.examined.first_look(node) {
                             self.fetch_start_of(node);
                             let this = Arc::clone(self);
                             self.handle.spawn(async move { this.examine(node).await });
@@ -117,60 +181,14 @@ impl Fetcher {
         LibraryLookup::Absent
     }
 
-    /// Looks `path` up in this layer, stopping at the first symbolic link on the way
-    /// (a merged-/usr image's `lib` is one).
-    fn walk(&self, path: &str) -> Walk {
-        let index = self.layer.index();
-        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-        let mut at = index.root().id();
-        for (i, part) in parts.iter().enumerate() {
-            let Some(id) = index.child(at, part) else {
-                return Walk::Absent;
-            };
-            let e = index.entry(index.resolve(id));
-            match e.kind() {
-                EntryKind::Symlink => {
-                    let target = e.symlink_target().unwrap_or_default();
-                    let Some(mut next) = elf::resolve(&parts[..i].join("/"), target) else {
-                        return Walk::Absent;
-                    };
-                    for rest in &parts[i + 1..] {
-                        next.push('/');
-                        next.push_str(rest);
-                    }
-                    return Walk::Link(next);
-                }
-                EntryKind::Dir if i + 1 < parts.len() => at = e.id(),
-                EntryKind::Reg if i + 1 == parts.len() => return Walk::File(e.id()),
-                _ => return Walk::Absent,
-            }
-        }
-        Walk::Absent
-    }
-
     /// Starts the fetch of `node`'s chunks that are neither local nor on their way: all
     /// of them if the file is small, else the first.
     fn fetch_start_of(self: &Arc<Self>, node: NodeId) {
-        let index = self.layer.index();
-        let chunks = index.entry(node).chunks();
-        let compressed: u64 = chunks.iter().map(|c| c.comp_len()).sum();
-        let take = if compressed <= self.config.library_fetch_bytes {
-            chunks.len()
-        } else {
-            1
-        };
-        let mut leads = Vec::new();
-        for c in chunks.iter().take(take).filter(|c| !c.zeros) {
-            if self.cache.contains(&c.digest) {
-                continue;
-            }
-            if let super::inflight::Joined::Lead(lead, _) =
-                self.inflight.join_or_lead(&self.cache, node, c)
-            {
-                leads.push(lead);
-            }
-        }
-        self.spawn_ranges(leads, self.config.coalesce_gap, Purpose::Library);
+        let chunks = self.layer.index().entry(node).chunks();
+        let take = self.examined.start_of(chunks);
+        let real = chunks.iter().take(take).filter(|c| !c.zeros);
+        let leads = self.claim_missing(real.map(|c| (node, *c)));
+        self.spawn_ranges(leads, Purpose::Library);
     }
 
     /// Bytes `offset..offset + len` of `node` (cut at its end), fetched as a library's

@@ -1,47 +1,58 @@
-//! Getting verified chunks for one layer. One job a file:
+//! Getting verified chunks for one layer. Each job's type holds its state and says
+//! what to fetch; the [`Fetcher`] holds what they share (the layer, the cache, the
+//! link, the runtime) and spawns the fetches. One type a file:
+//! - [`blob_order`]: chunks in the order of the blob ([`blob_order::BlobOrder`]), and
+//!   cut into range requests;
 //! - [`inflight`]: fetches in flight, shared by everyone who wants the same chunk;
-//! - [`stream`]: one range request, its chunks inflated and verified as its body arrives;
-//! - [`readahead`]: sequential readers get growing read-ahead;
-//! - [`schedule`]: what is fetched without a reader waiting (neighbours of a miss,
-//!   prefetch, the background fetch of the whole layer), in the link's order of
-//!   precedence ([`crate::link`]);
-//! - [`whole`]: whole-file copies for FUSE passthrough;
-//! - [`now`]: the whole layer made local at once, when asked (`lazysnap fetch`);
+//! - [`arriving`]: one range request, its chunks inflated and verified as its body
+//!   arrives;
+//! - [`sequential`]: sequential readers get growing read-ahead;
+//! - what is fetched without a reader waiting, in the link's order of precedence
+//!   ([`crate::link`]): [`neighbours`] of a miss, the [`prefetch`] of what a container
+//!   reads first, and the [`background`] fetch of the whole layer;
+//! - [`served`]: chunks read whole leave the memory tier;
+//! - [`assembling`]: whole-file copies for FUSE passthrough;
+//! - [`fetched_now`]: the whole layer made local at once, when asked (`lazysnap fetch`);
 //! - [`libraries`]: the libraries a program is about to load, fetched at once.
 //!
 //! This file holds the fetcher itself and its one entry for reads.
 
+mod arriving;
+mod assembling;
+mod background;
+mod blob_order;
+mod fetched_now;
 mod inflight;
 mod libraries;
-mod now;
-mod readahead;
-mod schedule;
+mod neighbours;
+mod prefetch;
+mod sequential;
 mod served;
-mod stream;
-mod whole;
 
 use std::collections::HashSet;
-use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use estargz::{Chunk, EntryKind, Layer, NodeId};
+use estargz::{Chunk, Layer, NodeId};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::cache::{SharedCache, expect_len};
 use crate::config::FsConfig;
 use crate::error::{Error, Result};
-use crate::link::{Class, Link, PrefetchFront};
+use crate::link::{Class, Link};
 use crate::stats::{Counters, Stats};
 
+use assembling::Assembling;
+use background::Background;
+use blob_order::BlobOrder;
 use inflight::InFlight;
-use readahead::Sequential;
-use schedule::Neighbours;
-use whole::Assembling;
+use neighbours::Neighbours;
+use prefetch::Prefetch;
+use sequential::{Ahead, Sequential};
 
+pub use fetched_now::FetchedNow;
 pub use libraries::{Libraries, LibraryLookup};
-pub use now::FetchedNow;
 
 /// Why a range is fetched: for the debug log of range requests, the link's order of
 /// precedence, and whether its chunks are kept in memory (all but those of the
@@ -53,7 +64,7 @@ pub(crate) enum Purpose {
     ReadAhead,
     Prefetch,
     Background,
-    /// The whole layer at once, asked for ([`now`]).
+    /// The whole layer at once, asked for ([`fetched_now`]).
     Now,
     /// A library a program is about to load ([`libraries`]).
     Library,
@@ -88,31 +99,28 @@ pub(crate) struct Fetcher {
     pub(crate) layer: Arc<Layer>,
     /// For logs and errors: the layer's TOC digest.
     name: String,
+    /// A SOCI layer: chunks are pieces of spans, inflated a span at a time.
+    spans: bool,
     cache: SharedCache,
     link: Link,
     handle: Handle,
     config: FsConfig,
     pub(crate) counters: Counters,
-    inflight: InFlight,
-    seq: Sequential,
-    neighbours: Neighbours,
-    assembling: Assembling,
-    pub(crate) prefetch_done: watch::Sender<bool>,
-    pub(crate) background_done: watch::Sender<bool>,
-    /// Which chunks the prefetch fetches: those marked by `lazysnap optimize`, or else
-    /// those before this end of the prioritized range (0: none).
-    prefetch_marked: bool,
-    prefetch_end: u64,
-    /// How far the prefetch stands ahead of the container's reads, for the link.
-    front: Arc<PrefetchFront>,
     /// Disk writes under way (fetched chunks, whole copies), so callers can wait for the
     /// cache to settle.
     writes: watch::Sender<usize>,
+    inflight: InFlight,
+    /// Every chunk in blob order, for the neighbours of a miss and the pieces of a span.
+    order: BlobOrder,
+    // Each job's own state.
+    seq: Sequential,
+    neighbours: Neighbours,
+    pub(crate) prefetch: Prefetch,
+    pub(crate) background: Background,
+    served: served::Served,
+    assembling: Assembling,
     /// Files read as ELF objects for their libraries.
     examined: libraries::Examined,
-    served: served::Served,
-    /// A SOCI layer: chunks are pieces of spans, inflated a span at a time.
-    spans: bool,
 }
 
 /// Counts one unit of work on a watched counter while alive.
@@ -135,46 +143,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Where something lies in the blob, for coalescing.
-pub(crate) trait InBlob {
-    fn span(&self) -> (u64, u64);
-}
-
-impl InBlob for Chunk {
-    fn span(&self) -> (u64, u64) {
-        (self.comp_offset, self.comp_end)
-    }
-}
-
-impl InBlob for (NodeId, Chunk) {
-    fn span(&self) -> (u64, u64) {
-        self.1.span()
-    }
-}
-
-/// Cuts `items` (in the order they are wanted, usually blob order) into ranges for
-/// range requests: an item joins the range before it when it starts inside it or at
-/// most `gap` bytes after its end (the bytes between are cheaper than a round trip) and
-/// the range stays within `max` bytes; a single item larger than `max` is a range of
-/// its own.
-pub(crate) fn coalesce<T: InBlob>(items: Vec<T>, gap: u64, max: u64) -> Vec<(Range<u64>, Vec<T>)> {
-    let mut out: Vec<(Range<u64>, Vec<T>)> = Vec::new();
-    for item in items {
-        let (s, e) = item.span();
-        if let Some((range, group)) = out.last_mut()
-            && s >= range.start
-            && s <= range.end.saturating_add(gap)
-            && e.max(range.end) - range.start <= max
-        {
-            range.end = range.end.max(e);
-            group.push(item);
-            continue;
-        }
-        out.push((s..e, vec![item]));
-    }
-    out
-}
-
 impl Fetcher {
     pub(crate) fn new(
         layer: Arc<Layer>,
@@ -183,17 +151,16 @@ impl Fetcher {
         handle: Handle,
         config: FsConfig,
     ) -> Fetcher {
-        let index = layer.index();
-        let prefetch_marked = index.has_prefetch_marks();
-        let prefetch_end = index.prefetch_range().map_or(0, |r| r.end);
         Fetcher {
             spans: layer.format() == estargz::Format::Soci,
-            prefetch_marked,
-            prefetch_end,
-            front: Arc::default(),
             name: layer.toc_digest().to_string(),
-            seq: Sequential::new(config.readahead_requests),
+            seq: Sequential::new(&config, cache.memory_capacity()),
             neighbours: Neighbours::new(config.neighbour_fetch_bytes),
+            prefetch: Prefetch::new(layer.index()),
+            background: Background::new(&config),
+            assembling: Assembling::new(&config, cache.disk_enabled()),
+            examined: libraries::Examined::new(&config),
+            served: served::Served::default(),
             layer,
             cache,
             link,
@@ -201,12 +168,8 @@ impl Fetcher {
             config,
             counters: Counters::default(),
             inflight: InFlight::default(),
-            assembling: Assembling::default(),
-            prefetch_done: watch::channel(false).0,
-            background_done: watch::channel(false).0,
+            order: BlobOrder::default(),
             writes: watch::channel(0).0,
-            examined: libraries::Examined::default(),
-            served: served::Served::default(),
         }
     }
 
@@ -243,23 +206,21 @@ impl Fetcher {
         (offset, end, size): (u64, u64, u64),
         wants: &[(NodeId, Chunk)],
     ) -> Result<ReadStart> {
-        self.note_read(node, offset, end, size);
-        self.neighbours.note_used(wants);
-        if let Some(furthest) = wants
-            .iter()
-            .filter(|(_, c)| self.prefetches(c))
-            .map(|(_, c)| c.comp_end)
-            .max()
+        if let Some(ahead) = self
+            .seq
+            .note_read(node, (offset, end, size), || self.link.rate())
         {
-            self.front.read_up_to(furthest);
+            self.read_ahead(node, ahead);
         }
+        self.neighbours.note_used(wants);
+        self.prefetch.note_read(wants);
         let mut out = Vec::with_capacity(wants.len());
         for (node, c) in wants {
             match self.cache.get(&c.digest, c.size)? {
                 Some(b) => out.push(b),
                 None if c.zeros => out.push(self.zeros(*node, c)?),
                 None => {
-                    self.note_miss(*node, offset);
+                    self.seq.note_miss(*node, offset);
                     return Ok(ReadStart::Fetch);
                 }
             }
@@ -268,20 +229,74 @@ impl Fetcher {
         Ok(ReadStart::Ready(out))
     }
 
-    /// Whether the prefetch fetches `c`.
-    fn prefetches(&self, c: &Chunk) -> bool {
-        if self.prefetch_marked {
-            c.prefetch
-        } else {
-            c.comp_end <= self.prefetch_end
+    /// Issues read-ahead of `node`'s bytes `ahead.range`: chunks on disk are loaded into
+    /// memory, and once a read of the file has missed, the others are fetched, in
+    /// several requests at once.
+    fn read_ahead(self: &Arc<Self>, node: NodeId, ahead: Ahead) {
+        let Ahead { range, missed } = ahead;
+        let mut chunks: Vec<(NodeId, Chunk)> = Vec::new();
+        let mut on_disk: Vec<Chunk> = Vec::new();
+        for c in self
+            .layer
+            .chunks_for_range(node, range.start, range.end - range.start)
+        {
+            if c.zeros || self.cache.in_memory(&c.digest) {
+                continue;
+            }
+            if self.cache.contains(&c.digest) {
+                on_disk.push(*c);
+            } else if missed {
+                chunks.push((node, *c));
+            }
+        }
+        self.load_ahead(&on_disk);
+        if chunks.is_empty() {
+            return;
+        }
+        for part in self.seq.parts(chunks) {
+            let this = Arc::clone(self);
+            let slots = Arc::clone(&self.seq.slots);
+            self.handle.spawn(async move {
+                let Ok(_permit) = slots.acquire_owned().await else {
+                    return;
+                };
+                if let Err(e) = this.chunks(&part, Purpose::ReadAhead).await {
+                    tracing::debug!(layer = %this.name, error = %e, "read-ahead failed");
+                }
+            });
         }
     }
 
-    /// A filesystem operation: while containers start, it holds the background back.
+    /// Read-ahead of chunks that are in the disk cache but not in memory: loads them
+    /// into memory on blocking threads (as many at once as read-ahead requests), so the
+    /// reader's FUSE requests find them there instead of each waiting for a chunk file
+    /// to be read and hashed; disk and CPU work then overlap with the reader's.
+    fn load_ahead(&self, chunks: &[Chunk]) {
+        for part in self.seq.disk_parts(chunks) {
+            let cache = self.cache.clone();
+            let slots = Arc::clone(&self.seq.slots);
+            self.handle.spawn(async move {
+                let Ok(_permit) = slots.acquire_owned().await else {
+                    return;
+                };
+                let load = move || {
+                    for c in part {
+                        // A miss (evicted, corrupt) is left to the reader, who fetches.
+                        let _ = cache.get(&c.digest, c.size);
+                    }
+                };
+                if let Err(e) = tokio::task::spawn_blocking(load).await {
+                    tracing::debug!(error = %e, "disk read-ahead task failed");
+                }
+            });
+        }
+    }
+
     pub(crate) fn cache(&self) -> &SharedCache {
         &self.cache
     }
 
+    /// A filesystem operation: while containers start, it holds the background back.
     pub(crate) fn note_op(&self) {
         self.link.note_op();
     }
@@ -299,6 +314,19 @@ impl Fetcher {
             self.fetch_neighbours(wants);
         }
         self.chunks(wants, Purpose::Demand).await
+    }
+
+    /// Starts a request for the chunks after `wants` in the blob (up to the neighbour
+    /// window) that are neither cached nor in flight. It runs beside the demand's own
+    /// request, so the reader waits for no extra bytes; a later read of a neighbour
+    /// joins it or finds the chunk cached, sparing a round trip.
+    fn fetch_neighbours(self: &Arc<Self>, wants: &[(NodeId, Chunk)]) {
+        let Some(window) = self.neighbours.plan(wants) else {
+            return;
+        };
+        let leads = self.claim_missing(self.order.within(self.layer.index(), window));
+        self.neighbours.fetching(leads.iter().map(|l| l.chunk));
+        self.spawn_ranges(leads, Purpose::Neighbour);
     }
 
     /// The whole decompressed, verified chunks, in order: from the cache, from a fetch
@@ -339,7 +367,7 @@ impl Fetcher {
         }
         // A task of its own for each range: the fetch completes for every waiter even
         // if the reader that started it goes away.
-        self.spawn_ranges(leads, self.config.coalesce_gap, purpose);
+        self.spawn_ranges(leads, purpose);
         for (i, rx) in waits {
             match inflight::wait(rx).await {
                 // Another file's fetch of the same digest: its length is checked too.
@@ -360,29 +388,50 @@ impl Fetcher {
             .collect()
     }
 
+    /// Claims the fetch of each of `chunks` that is not local (on disk or in memory)
+    /// and not in flight; see [`InFlight::claim`].
+    fn claim_missing(
+        &self,
+        chunks: impl IntoIterator<Item = (NodeId, Chunk)>,
+    ) -> Vec<inflight::Lead> {
+        let missing = chunks
+            .into_iter()
+            .filter(|(_, c)| !self.cache.contains(&c.digest));
+        self.inflight.claim(&self.cache, missing)
+    }
+
     /// Coalesces `leads` into range requests of at most `max_range_bytes` and runs each
     /// in a task of its own.
-    fn spawn_ranges(self: &Arc<Self>, leads: Vec<inflight::Lead>, gap: u64, purpose: Purpose) {
+    fn spawn_ranges(self: &Arc<Self>, leads: Vec<inflight::Lead>, purpose: Purpose) {
         let mut leads = leads;
-        leads.sort_by_key(|l| (l.chunk.comp_offset, l.chunk.inner_offset));
-        for (range, group) in coalesce(leads, gap, self.config.max_range_bytes) {
+        blob_order::sort(&mut leads);
+        let (gap, max) = (self.config.coalesce_gap, self.config.max_range_bytes);
+        for (range, group) in blob_order::coalesce(leads, gap, max) {
             let this = Arc::clone(self);
             self.handle
                 .spawn(async move { this.fetch_range(range, group, purpose).await });
         }
     }
 
-    /// Every chunk of every regular file, with its node.
-    fn all_chunks(&self) -> Vec<(NodeId, Chunk)> {
-        let index = self.layer.index();
-        let mut out = Vec::with_capacity(index.all_chunks().len());
-        for id in 0..index.len() {
-            let e = index.entry(NodeId(id as u32));
-            if e.kind() == EntryKind::Reg {
-                out.extend(e.chunks().iter().map(|c| (e.id(), *c)));
-            }
+    /// Prefetch, then the background fetch, as the config says; started once a layer is
+    /// mounted. A mount means a container is on its way: the link's quiet period starts
+    /// again.
+    pub(crate) async fn run_scheduled(self: Arc<Self>) {
+        self.link.mounted();
+        if self.config.prefetch {
+            self.prefetch().await;
         }
-        out
+        self.prefetch.done.send_replace(true);
+        if self.config.background_fetch {
+            self.background().await;
+        }
+        self.background.done.send_replace(true);
+    }
+
+    /// A read of file bytes `offset..end` was answered from `wants` (the chunks that
+    /// hold them, in order); see [`served`].
+    pub(crate) fn note_served(&self, wants: &[(NodeId, Chunk)], offset: u64, end: u64) {
+        self.served.note(&self.cache, wants, offset, end);
     }
 
     /// Resolves when no fetched chunk or whole-file copy is being written to disk.
@@ -413,41 +462,10 @@ impl Fetcher {
             fetch_errors: Counters::get(&k.fetch_errors),
             local_bytes: local,
             total_bytes: total,
-            prefetch_done: *self.prefetch_done.borrow(),
-            background_done: *self.background_done.borrow(),
+            prefetch_done: *self.prefetch.done.borrow(),
+            background_done: *self.background.done.borrow(),
             // Timed by the FUSE adapter, which fills it in.
             op_latency: Vec::new(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn span(s: u64, e: u64) -> Chunk {
-        Chunk {
-            comp_offset: s,
-            comp_end: e,
-            file_offset: 0,
-            size: 0,
-            digest: estargz::Digest([0; 32]),
-            inner_offset: 0,
-            zeros: false,
-            prefetch: false,
-        }
-    }
-
-    #[test]
-    fn coalescing_bridges_small_gaps_and_keeps_ranges_within_the_maximum() {
-        let items = vec![span(0, 10), span(12, 20), span(100, 110), span(110, 300)];
-        let got: Vec<_> = coalesce(items, 5, 150)
-            .into_iter()
-            .map(|(r, g)| (r, g.len()))
-            .collect();
-        assert_eq!(got, vec![(0..20, 2), (100..110, 1), (110..300, 1)]);
-        // Out of order: an item before the range starts a new one.
-        let items = vec![span(100, 110), span(90, 100)];
-        assert_eq!(coalesce(items, 5, 150).len(), 2);
     }
 }

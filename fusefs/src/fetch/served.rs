@@ -11,7 +11,8 @@ use std::sync::Mutex;
 
 use estargz::{Chunk, Digest, NodeId};
 
-use super::{Fetcher, lock};
+use super::lock;
+use crate::cache::SharedCache;
 
 /// Chunks read in part, and how many of their bytes were handed out.
 #[derive(Default)]
@@ -23,10 +24,16 @@ pub(crate) struct Served {
 /// chunks it forgets stay in memory until evicted, as before.
 const MAX_PARTIAL: usize = 16_384;
 
-impl Fetcher {
+impl Served {
     /// A read of file bytes `offset..end` was answered from `wants` (the chunks that
-    /// hold them, in order).
-    pub(crate) fn note_served(&self, wants: &[(NodeId, Chunk)], offset: u64, end: u64) {
+    /// hold them, in order): the chunks now read whole leave `cache`'s memory tier.
+    pub(crate) fn note(
+        &self,
+        cache: &SharedCache,
+        wants: &[(NodeId, Chunk)],
+        offset: u64,
+        end: u64,
+    ) {
         for (_, c) in wants {
             let lo = offset.max(c.file_offset);
             let hi = end.min(c.file_offset + c.size);
@@ -36,7 +43,7 @@ impl Fetcher {
             let whole = if hi - lo >= c.size {
                 true
             } else {
-                let mut partial = lock(&self.served.partial);
+                let mut partial = lock(&self.partial);
                 if partial.len() >= MAX_PARTIAL && !partial.contains_key(&c.digest) {
                     partial.clear();
                 }
@@ -49,7 +56,7 @@ impl Fetcher {
                 done
             };
             if whole {
-                self.cache.read_through(c.digest);
+                cache.read_through(c.digest);
             }
         }
     }

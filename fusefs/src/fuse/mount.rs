@@ -301,13 +301,13 @@ impl MountedLayer {
     /// Resolves once the prioritized range has been fetched (or failed, or there was
     /// none); containers start faster when they wait for it.
     pub async fn prefetch_done(&self) {
-        let mut rx = self.fs.fetcher().prefetch_done.subscribe();
+        let mut rx = self.fs.fetcher().prefetch.done.subscribe();
         let _ = rx.wait_for(|done| *done).await;
     }
 
     /// Resolves once the background fetch has gone through the whole layer.
     pub async fn background_done(&self) {
-        let mut rx = self.fs.fetcher().background_done.subscribe();
+        let mut rx = self.fs.fetcher().background.done.subscribe();
         let _ = rx.wait_for(|done| *done).await;
     }
 

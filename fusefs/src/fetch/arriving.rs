@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use super::inflight::{Joined, Lead};
+use super::inflight::Lead;
 use super::{Counted, Fetcher, Purpose, lock};
 use crate::buffers::{self, BIG_BUFFERS, BufferPool, UNPOOLED};
 use crate::cache::DIRECT_ALIGN;
@@ -42,9 +42,9 @@ fn pool_for(keep: bool) -> &'static BufferPool {
 }
 
 /// One of [`RANGES_IN_FLIGHT`], also when its request is given up (a dropped future).
-struct InFlight;
+struct PooledRange;
 
-impl InFlight {
+impl PooledRange {
     fn new() -> Self {
         RANGES_STARTED.fetch_add(1, Ordering::Relaxed);
         RANGES_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
@@ -52,7 +52,7 @@ impl InFlight {
     }
 }
 
-impl Drop for InFlight {
+impl Drop for PooledRange {
     fn drop(&mut self) {
         if RANGES_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed) != 1 {
             return;
@@ -156,10 +156,10 @@ impl Fetcher {
         Counters::add(&self.counters.range_requests, 1);
         let keep = purpose.keep_in_memory();
         let pool = pool_for(keep);
-        let _in_flight = keep.then(InFlight::new);
+        let _pooled = keep.then(PooledRange::new);
         let started = Instant::now();
         let mut leads = leads;
-        leads.sort_by_key(|l| (l.chunk.comp_offset, l.chunk.inner_offset));
+        super::blob_order::sort(&mut leads);
         let arriving = Mutex::new(Arriving {
             base: range.start,
             // One buffer for the whole body; segments split off it share it.
@@ -298,17 +298,12 @@ impl Fetcher {
         let bytes = data
             .get(rel..rel + group[0].chunk.comp_len() as usize)
             .unwrap_or(&[]);
-        let siblings: Vec<Lead> = self
-            .span_pieces(span_at)
+        let others = self
+            .order
+            .span_pieces(self.layer.index(), span_at)
             .into_iter()
-            .filter(|(_, c)| group.iter().all(|l| l.chunk.digest != c.digest))
-            .filter_map(
-                |(node, c)| match self.inflight.join_or_lead(&self.cache, node, &c) {
-                    Joined::Lead(lead, _) => Some(lead),
-                    _ => None,
-                },
-            )
-            .collect();
+            .filter(|(_, c)| group.iter().all(|l| l.chunk.digest != c.digest));
+        let siblings = self.inflight.claim(&self.cache, others);
         let need = group
             .iter()
             .map(|l| l.chunk.inner_offset as usize + l.chunk.size as usize)

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::{Fetcher, Purpose, coalesce};
+use super::blob_order::{self, coalesce};
+use super::{Fetcher, Purpose};
 use crate::core::LayerFs;
 use crate::error::{Error, Result};
 
@@ -41,11 +42,9 @@ impl Fetcher {
                 "the chunk cache has no disk tier: a layer cannot be made local",
             ));
         }
-        let mut todo = self.all_chunks();
+        let mut todo = blob_order::all_chunks(self.layer.index());
         todo.retain(|(_, c)| !c.zeros && !self.cache.contains(&c.digest));
-        todo.sort_by_key(|(_, c)| (c.comp_offset, c.inner_offset));
-        let mut seen = std::collections::HashSet::new();
-        todo.retain(|(_, c)| seen.insert(c.digest));
+        let todo = blob_order::distinct(todo);
         let wanted = FetchedNow {
             chunks: todo.len() as u64,
             bytes: todo.iter().map(|(_, c)| c.size).sum(),
