@@ -6,6 +6,7 @@
 
 mod cache_tests;
 mod core_tests;
+mod fetch_ahead_tests;
 mod fetch_tests;
 mod libraries_tests;
 mod link_tests;
@@ -388,4 +389,10 @@ impl Fixture {
         }
         Ok(out)
     }
+}
+
+/// The sample tree as one layer of `format`, and what it holds.
+pub(super) fn sample_blob(format: OutputFormat) -> (Vec<u8>, Source) {
+    let (tar, src) = sample_tar();
+    (convert(&tar, format, &[]), src)
 }
