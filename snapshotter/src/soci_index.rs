@@ -289,12 +289,8 @@ pub(crate) async fn open_through_index(
         .fetch_blob(&reference.repository, &found.ztoc.digest, MAX_ZTOC_SIZE)
         .await
         .map_err(|e| MountError::Registry(e.to_string()))?;
-    let ztoc_digest: estargz::Digest = found
-        .ztoc
-        .digest
-        .to_string()
-        .parse()
-        .map_err(|e| bad(format!("{e}")))?;
+    let ztoc_digest =
+        estargz::Digest::try_from(&found.ztoc.digest).map_err(|e| bad(format!("{e}")))?;
     let prefetch = match &found.prefetch {
         Some(desc) => prefetch_spans(client, reference, desc).await,
         None => Vec::new(),
