@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use estargz::lock;
 use registry::{Client, Descriptor, Digest, ImageManifest, Reference};
 
 use crate::layer_source::LayerSource;
@@ -104,17 +105,12 @@ impl SociIndexes {
                 .unwrap_or_else(|| layer.image_ref.clone()),
             layer.soci_index_digest.clone().unwrap_or_default(),
         );
-        let cached = self
-            .found
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .cloned();
+        let cached = lock(&self.found).get(&key).cloned();
         let lookup = match cached {
             Some(lookup) => lookup,
             None => {
                 let lookup = Arc::new(look_up(client, layer).await?);
-                let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+                let mut found = lock(&self.found);
                 // A bound on memory: a node pulls a few images at a time.
                 if found.len() >= 256 {
                     found.clear();
