@@ -12,15 +12,11 @@ use crate::client::Client;
 use crate::digest::Digest;
 use crate::endpoints::Purpose;
 use crate::error::{Error, Result, Target};
+use crate::media_types::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
 use crate::platform::Platform;
 use crate::reference::{Reference, Repository};
 use crate::request::Req;
 use crate::retry::status_error;
-
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// Manifests larger than this are refused (the distribution spec suggests 4 MiB).
 pub const MAX_MANIFEST_SIZE: usize = 4 << 20;
