@@ -37,7 +37,7 @@ pub use config::{
 pub use digest::{Algorithm, Digest, DigestParseError, Hasher};
 pub use error::{Error, Result, Target};
 pub use manifest::{
-    Descriptor, FetchedManifest, ImageIndex, ImageManifest, MAX_MANIFEST_SIZE, Manifest,
+    Descriptor, Extra, FetchedManifest, ImageIndex, ImageManifest, MAX_MANIFEST_SIZE, Manifest,
     ResolvedImage, choose_platform,
 };
 pub use media_types::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};

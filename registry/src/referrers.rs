@@ -37,7 +37,7 @@ impl Client {
         Ok(found
             .manifests
             .into_iter()
-            .filter(|d| artifact_type.is_none_or(|t| d.artifact_type.as_deref() == Some(t)))
+            .filter(|d| artifact_type.is_none_or(|t| d.artifact_type() == Some(t)))
             .collect())
     }
 

@@ -221,8 +221,7 @@ async fn look_up(client: &Client, layer: &LayerSource<'_>) -> Result<Lookup, Mou
     let index = serde_json::from_slice::<ImageManifest>(&fetched.bytes)
         .map_err(|e| MountError::Layer(format!("SOCI index {digest}: {e}")))?;
     let kind = index
-        .artifact_type
-        .as_deref()
+        .artifact_type()
         .unwrap_or(index.config.media_type.as_str());
     if kind != SOCI_INDEX_V1 && kind != SOCI_INDEX_V2 {
         return Err(MountError::Layer(format!(

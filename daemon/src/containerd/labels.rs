@@ -165,7 +165,6 @@ mod tests {
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
             digest: digest(name),
             size: 10,
-            urls: None,
             annotations: (!annotations.is_empty()).then(|| {
                 annotations
                     .iter()
@@ -173,7 +172,7 @@ mod tests {
                     .collect()
             }),
             platform: None,
-            artifact_type: None,
+            other: Default::default(),
         }
     }
 
