@@ -16,6 +16,8 @@ use tokio::time::Instant;
 
 use tokio::sync::{OwnedMutexGuard, oneshot, watch};
 
+use crate::config::FsConfig;
+
 /// Who is using the link right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Class {
@@ -282,7 +284,7 @@ impl Link {
     }
 
     /// A link with the quiet period and budget of `config`.
-    pub fn for_config(config: &crate::FsConfig) -> Link {
+    pub fn for_config(config: &FsConfig) -> Link {
         Link::new(
             config.background_quiet,
             config.background_rate_limit,
@@ -462,7 +464,7 @@ pub struct Links {
 }
 
 impl Links {
-    pub fn new(config: &crate::FsConfig) -> Links {
+    pub fn new(config: &FsConfig) -> Links {
         Links {
             quiet: config.background_quiet,
             rate: config.background_rate_limit,
@@ -533,10 +535,10 @@ mod tests {
     #[test]
     fn one_background_request_per_host_at_a_time_within_the_budget() {
         rt().block_on(async {
-            let links = Links::new(&crate::FsConfig {
+            let links = Links::new(&FsConfig {
                 background_quiet: Duration::ZERO,
                 background_rate_limit: Some(1_000_000),
-                ..crate::FsConfig::default()
+                ..FsConfig::default()
             });
             let (a, b) = (links.for_host("r:5000"), links.for_host("r:5000"));
             let other = links.for_host("s:5000");
