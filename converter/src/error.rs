@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::oci::Digest;
+use registry::Digest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -1,24 +1,15 @@
-//! The OCI image types the converter rewrites. Every struct keeps the fields it does not
-//! know in `other`, so a conversion never drops content it does not understand.
+//! The OCI image types the converter rewrites (the registry client's model) and how it
+//! parses, chooses among and writes them.
 
-use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::error::{Error, Result};
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
-
-pub const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
-pub const LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-pub const LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
-pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-pub const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
+/// The media type names are the workspace's one set, the registry client's.
+pub use registry::media_types::{
+    DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_LAYER_TAR, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST,
+    LAYER_GZIP, LAYER_TAR, LAYER_ZSTD, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST,
+};
 
 /// `org.opencontainers.image.ref.name`: the tag of a manifest in an OCI layout.
 pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
@@ -45,76 +36,18 @@ pub fn layer_compression(media_type: &str) -> Option<LayerCompression> {
     }
 }
 
-/// The content digest and platform types are the registry client's: one of each across the
-/// workspace, and a converted image is pushed with the same types it was read with.
-pub use registry::{Digest, Hasher, Platform};
+/// The content digest, platform, descriptor, manifest and index types are the registry
+/// client's: one model across the workspace, which keeps the fields it does not know (in
+/// `other`) so a conversion never drops content it does not understand, and a converted
+/// image is pushed with the same types it was read with.
+pub use registry::{
+    Descriptor, Digest, Extra, Hasher, ImageIndex as Index, ImageManifest as Manifest, Platform,
+};
 
 /// Parses a digest written in a manifest, config or layout.
 pub fn parse_digest(s: &str) -> Result<Digest> {
     s.parse()
         .map_err(|e: registry::DigestParseError| Error::BadDigest(e.to_string()))
-}
-
-pub type Extra = BTreeMap<String, serde_json::Value>;
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Descriptor {
-    pub media_type: String,
-    pub digest: Digest,
-    pub size: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub annotations: Option<BTreeMap<String, String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub platform: Option<Platform>,
-    #[serde(flatten)]
-    pub other: Extra,
-}
-
-impl Descriptor {
-    pub fn new(media_type: &str, digest: Digest, size: u64) -> Self {
-        Descriptor {
-            media_type: media_type.to_string(),
-            digest,
-            size,
-            annotations: None,
-            platform: None,
-            other: Extra::new(),
-        }
-    }
-
-    pub fn annotation(&self, key: &str) -> Option<&str> {
-        self.annotations.as_ref()?.get(key).map(String::as_str)
-    }
-}
-
-/// An image manifest (OCI or Docker schema 2: the same shape).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Manifest {
-    pub schema_version: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub media_type: Option<String>,
-    pub config: Descriptor,
-    pub layers: Vec<Descriptor>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub annotations: Option<BTreeMap<String, String>>,
-    #[serde(flatten)]
-    pub other: Extra,
-}
-
-/// An image index (OCI) or manifest list (Docker).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Index {
-    pub schema_version: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub media_type: Option<String>,
-    pub manifests: Vec<Descriptor>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub annotations: Option<BTreeMap<String, String>>,
-    #[serde(flatten)]
-    pub other: Extra,
 }
 
 /// A parsed manifest or index.

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use estargz::lock;
 use registry::{CredentialFuture, CredentialProvider, Credentials};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -458,10 +459,6 @@ struct Plugin {
     failed: Mutex<HashMap<String, Instant>>,
     /// One run per image at a time; the others wait and take its answer from the cache.
     flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Plugin {

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+use snapshotter::client::unix_connector;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
 
@@ -403,19 +404,12 @@ const IMAGES: &str = IMAGE_SERVICE;
 /// A gRPC channel over a unix socket. Lazy: the first call dials, and a peer that is not
 /// up yet (containerd starts after lazysnapd) or restarts is dialled again later.
 pub fn unix_channel(socket: &Path, timeout: Option<Duration>) -> Channel {
-    let path = socket.to_path_buf();
     // The URI is only a placeholder: the connector dials the unix socket.
     let mut endpoint = Endpoint::from_static("http://localhost");
     if let Some(timeout) = timeout {
         endpoint = endpoint.timeout(timeout);
     }
-    endpoint.connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
-        let path = path.clone();
-        async move {
-            let stream = tokio::net::UnixStream::connect(path).await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-        }
-    }))
+    endpoint.connect_with_connector_lazy(unix_connector(socket))
 }
 
 /// One gRPC connection to a CRI endpoint (containerd's socket serves CRI next to its own API).
@@ -426,18 +420,11 @@ pub struct CriClient {
 
 impl CriClient {
     pub async fn connect(socket: &Path) -> Result<Self, tonic::transport::Error> {
-        let path = socket.to_path_buf();
         // The URI is only a placeholder: the connector dials the unix socket. The timeout
         // bounds every call, so a hung pull or start fails the test instead of hanging it.
         let channel = Endpoint::from_static("http://localhost")
             .timeout(CALL_TIMEOUT)
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let path = path.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            }))
+            .connect_with_connector(unix_connector(socket))
             .await?;
         Ok(Self {
             grpc: tonic::client::Grpc::new(channel),

@@ -16,6 +16,7 @@ use std::task::{Context, Poll};
 
 use base64::Engine as _;
 use bytes::{Buf, BufMut, Bytes};
+use estargz::lock;
 use prost::Message as _;
 use registry::{CredentialFuture, CredentialProvider, Credentials};
 use tonic::Status;
@@ -148,7 +149,7 @@ impl CriKeychain {
     }
 
     fn map(&self) -> MutexGuard<'_, HashMap<String, Credentials>> {
-        self.by_host.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.by_host)
     }
 
     /// The registry hosts credentials are kept for.

@@ -7,6 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
+use estargz::lock;
 use registry::{CredentialFuture, CredentialProvider, DockerConfig};
 
 use crate::config::Config;
@@ -71,7 +72,7 @@ impl ReloadableDockerConfig {
         let seen = self.watched.as_deref().and_then(stamp);
         let fresh = Arc::new((self.load)()?);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = seen;
+        *lock(&self.seen) = seen;
         Ok(())
     }
 
@@ -84,7 +85,7 @@ impl ReloadableDockerConfig {
         // Held while the file is read: a lookup that comes meanwhile waits for what it
         // holds instead of taking the old credentials for the new file (two requests
         // right after `docker login` did: one got none).
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = lock(&self.seen);
         if *seen == now {
             return;
         }

@@ -408,10 +408,9 @@ impl Pull<'_> {
             media_type: self.image.manifest_media_type.clone(),
             digest: self.image.manifest_blob.digest.clone(),
             size: self.image.manifest_blob.bytes.len() as u64,
-            urls: None,
             annotations: None,
             platform: None,
-            artifact_type: None,
+            other: Default::default(),
         };
         c.write_blob(
             &manifest_desc,

@@ -11,6 +11,7 @@ mod digest;
 mod error;
 mod footer;
 mod index;
+mod lock;
 mod reader;
 mod span_source;
 mod tar;
@@ -39,6 +40,7 @@ pub use index::{
     BYTES_PER_IMPLIED_DIR, Chunk, EntryKind, EntryRef, Index, MAX_CHUNK_SIZE, MAX_PATH_LEN, NodeId,
     PARSE_MEMORY_FACTOR, normalize_path,
 };
+pub use lock::lock;
 pub use reader::{
     FetchedToc, Layer, OpenOptions, ParsedToc, TocJson, fetch_toc, parse_toc, read_toc_json,
     toc_json_size,

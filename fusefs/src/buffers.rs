@@ -10,6 +10,7 @@
 use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
+use estargz::lock;
 
 /// Below this, buffers come from the heap's free lists anyway (glibc's mmap threshold,
 /// as [`crate::heap::unmap_big_frees`] fixes it).
@@ -35,7 +36,7 @@ impl BufferPool {
     }
 
     fn kept(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
-        self.kept.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.kept)
     }
 
     /// An empty buffer with room for `len` bytes: a kept one if one fits without being

@@ -15,10 +15,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use estargz::Digest;
+// Poison-tolerant: a panic while holding the lock leaves a consistent LRU (no multi-step
+// invariants span an unwind), so poisoning is not a reason to stop serving.
+use estargz::{Digest, lock};
 
 use crate::buffers::BIG_BUFFERS;
 use crate::error::{Error, Result};
@@ -160,12 +162,6 @@ impl Stored {
     fn is_chunk(self) -> bool {
         matches!(self, Stored::Chunk | Stored::Named)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock leaves a consistent LRU (no multi-step invariants
-    // span an unwind), so poisoning is not a reason to stop serving.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl SharedCache {

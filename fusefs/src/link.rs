@@ -11,9 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use estargz::lock;
 use tokio::time::Instant;
 
 use tokio::sync::{OwnedMutexGuard, oneshot, watch};
+
+use crate::config::FsConfig;
 
 /// Who is using the link right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,7 +193,7 @@ impl Drop for SlotGuard {
 impl PrefetchSlots {
     async fn acquire(self: &Arc<Self>, front: Arc<PrefetchFront>) -> SlotGuard {
         let rx = {
-            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = lock(&self.state);
             if s.free > 0 {
                 s.free -= 1;
                 return SlotGuard {
@@ -210,7 +213,7 @@ impl PrefetchSlots {
     fn release(self: &Arc<Self>) {
         loop {
             let next = {
-                let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                let mut s = lock(&self.state);
                 let best = s
                     .waiting
                     .iter()
@@ -281,7 +284,7 @@ impl Link {
     }
 
     /// A link with the quiet period and budget of `config`.
-    pub fn for_config(config: &crate::FsConfig) -> Link {
+    pub fn for_config(config: &FsConfig) -> Link {
         Link::new(
             config.background_quiet,
             config.background_rate_limit,
@@ -376,7 +379,7 @@ impl Link {
     pub(crate) fn delivered(&self, bytes: u64) {
         let total = self.0.delivered.fetch_add(bytes, Ordering::Relaxed) + bytes;
         let now = Instant::now();
-        let mut samples = self.0.samples.lock().unwrap_or_else(|p| p.into_inner());
+        let mut samples = lock(&self.0.samples);
         if samples
             .back()
             .is_none_or(|(at, _)| now.duration_since(*at) >= RATE_WINDOW / 20)
@@ -395,7 +398,7 @@ impl Link {
     /// Bytes per second the link carried over the last second of deliveries, once a
     /// tenth of a second of them has been seen.
     pub(crate) fn rate(&self) -> Option<f64> {
-        let samples = self.0.samples.lock().unwrap_or_else(|p| p.into_inner());
+        let samples = lock(&self.0.samples);
         let ((t0, b0), (t1, b1)) = (*samples.front()?, *samples.back()?);
         let span = t1.duration_since(t0);
         (span >= RATE_WINDOW / 10).then(|| (b1 - b0) as f64 / span.as_secs_f64())
@@ -461,7 +464,7 @@ pub struct Links {
 }
 
 impl Links {
-    pub fn new(config: &crate::FsConfig) -> Links {
+    pub fn new(config: &FsConfig) -> Links {
         Links {
             quiet: config.background_quiet,
             rate: config.background_rate_limit,
@@ -473,7 +476,7 @@ impl Links {
 
     /// The link of `host` (as in an image reference: `registry.example:5000`).
     pub fn for_host(&self, host: &str) -> Link {
-        let mut map = self.by_host.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.by_host);
         map.entry(host.to_string())
             .or_insert_with(|| {
                 Link::new(
@@ -532,10 +535,10 @@ mod tests {
     #[test]
     fn one_background_request_per_host_at_a_time_within_the_budget() {
         rt().block_on(async {
-            let links = Links::new(&crate::FsConfig {
+            let links = Links::new(&FsConfig {
                 background_quiet: Duration::ZERO,
                 background_rate_limit: Some(1_000_000),
-                ..crate::FsConfig::default()
+                ..FsConfig::default()
             });
             let (a, b) = (links.for_host("r:5000"), links.for_host("r:5000"));
             let other = links.for_host("s:5000");

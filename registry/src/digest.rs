@@ -168,6 +168,27 @@ impl From<estargz::Digest> for Digest {
     }
 }
 
+/// The layer formats' form of a sha256 content digest, taken from its hex without going
+/// through text; a sha512 digest has none and is refused as parsing its text would be.
+impl TryFrom<&Digest> for estargz::Digest {
+    type Error = estargz::Error;
+
+    fn try_from(d: &Digest) -> std::result::Result<Self, Self::Error> {
+        if d.algorithm != Algorithm::Sha256 {
+            return Err(estargz::Error::BadDigest(
+                d.to_string().chars().take(100).collect(),
+            ));
+        }
+        // The hex was checked to be 64 lowercase digits when the digest was made.
+        let nibble = |b: u8| (b as char).to_digit(16).unwrap_or(0) as u8;
+        let mut out = [0u8; 32];
+        for (byte, pair) in out.iter_mut().zip(d.hex.as_bytes().chunks_exact(2)) {
+            *byte = (nibble(pair[0]) << 4) | nibble(pair[1]);
+        }
+        Ok(estargz::Digest(out))
+    }
+}
+
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.algorithm.name(), self.hex)
@@ -212,6 +233,9 @@ mod tests {
         h.update(b"he");
         h.update(b"llo");
         assert_eq!(h.finish(), d);
+        let layer = estargz::Digest::try_from(&d).unwrap();
+        assert_eq!(layer, estargz::Digest::of(b"hello"));
+        assert_eq!(Digest::from(layer), d);
     }
 
     #[test]
@@ -229,5 +253,6 @@ mod tests {
         let d512: Digest = format!("sha512:{}", "0".repeat(128)).parse().unwrap();
         assert!(!d512.matches(b"x"));
         assert_eq!(d512.compute_like(b"x").hex().len(), 128);
+        assert!(estargz::Digest::try_from(&d512).is_err());
     }
 }

@@ -16,6 +16,7 @@ pub mod go_duration;
 pub mod hosts_dir;
 mod lock;
 mod manifest;
+pub mod media_types;
 pub mod platform;
 mod push;
 mod reference;
@@ -36,9 +37,10 @@ pub use config::{
 pub use digest::{Algorithm, Digest, DigestParseError, Hasher};
 pub use error::{Error, Result, Target};
 pub use manifest::{
-    DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Descriptor, FetchedManifest, ImageIndex, ImageManifest,
-    MAX_MANIFEST_SIZE, Manifest, OCI_INDEX, OCI_MANIFEST, ResolvedImage, choose_platform,
+    Descriptor, Extra, FetchedManifest, ImageIndex, ImageManifest, MAX_MANIFEST_SIZE, Manifest,
+    ResolvedImage, choose_platform,
 };
+pub use media_types::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
 pub use platform::Platform;
 pub use push::PushOutcome;
 pub use reference::{DOCKER_HUB, DOCKER_HUB_API, Reference, ReferenceError, Repository, api_host};

@@ -12,20 +12,25 @@ use crate::client::Client;
 use crate::digest::Digest;
 use crate::endpoints::Purpose;
 use crate::error::{Error, Result, Target};
+use crate::media_types::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
 use crate::platform::Platform;
 use crate::reference::{Reference, Repository};
 use crate::request::Req;
 use crate::retry::status_error;
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-
 /// Manifests larger than this are refused (the distribution spec suggests 4 MiB).
 pub const MAX_MANIFEST_SIZE: usize = 4 << 20;
 
+/// The fields of a descriptor, manifest or index that are not typed here (`urls`,
+/// `artifactType`, `subject`, `data`, ...).
+pub type Extra = BTreeMap<String, serde_json::Value>;
+
 /// A content descriptor.
+///
+/// The descriptor, manifest and index model is the workspace's one: the converter
+/// re-serialises manifests it did not build, and image digests depend on those bytes, so
+/// each struct keeps every field it does not type in `other` and writes it back (after
+/// the typed fields, in key order) instead of dropping it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Descriptor {
@@ -33,13 +38,33 @@ pub struct Descriptor {
     pub digest: Digest,
     pub size: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub urls: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub artifact_type: Option<String>,
+    #[serde(flatten)]
+    pub other: Extra,
+}
+
+impl Descriptor {
+    pub fn new(media_type: &str, digest: Digest, size: u64) -> Self {
+        Descriptor {
+            media_type: media_type.to_string(),
+            digest,
+            size,
+            annotations: None,
+            platform: None,
+            other: Extra::new(),
+        }
+    }
+
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        self.annotations.as_ref()?.get(key).map(String::as_str)
+    }
+
+    /// The `artifactType` of the content described (an artifact such as a SOCI index).
+    pub fn artifact_type(&self) -> Option<&str> {
+        artifact_type(&self.other)
+    }
 }
 
 /// An image manifest (OCI or Docker schema2: the same JSON shape).
@@ -49,14 +74,19 @@ pub struct ImageManifest {
     pub schema_version: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub artifact_type: Option<String>,
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subject: Option<Descriptor>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, String>>,
+    #[serde(flatten)]
+    pub other: Extra,
+}
+
+impl ImageManifest {
+    /// The manifest's own `artifactType` (an artifact manifest such as a SOCI index).
+    pub fn artifact_type(&self) -> Option<&str> {
+        artifact_type(&self.other)
+    }
 }
 
 /// An image index (OCI) or manifest list (Docker).
@@ -66,11 +96,23 @@ pub struct ImageIndex {
     pub schema_version: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub artifact_type: Option<String>,
     pub manifests: Vec<Descriptor>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, String>>,
+    #[serde(flatten)]
+    pub other: Extra,
+}
+
+impl ImageIndex {
+    pub fn artifact_type(&self) -> Option<&str> {
+        artifact_type(&self.other)
+    }
+}
+
+fn artifact_type(other: &Extra) -> Option<&str> {
+    other
+        .get("artifactType")
+        .and_then(serde_json::Value::as_str)
 }
 
 /// A manifest or index as fetched: the verified bytes, their digest and media type.
@@ -298,7 +340,7 @@ pub fn choose_platform<'a>(index: &'a ImageIndex, platform: &Platform) -> Option
         // An artifact (a SOCI index, an attestation) may name a platform too; it is not
         // an image to run.
         .filter(|d| d.media_type == OCI_MANIFEST || d.media_type == DOCKER_MANIFEST)
-        .filter(|d| d.artifact_type.is_none());
+        .filter(|d| d.artifact_type().is_none());
     crate::platform::choose(platform, images.map(|d| (d, d.platform.as_ref())))
 }
 
@@ -311,10 +353,9 @@ mod tests {
             media_type: media_type.into(),
             digest: Digest::sha256_of(data),
             size: data.len() as u64,
-            urls: None,
             annotations: None,
             platform: platform.map(|p| Platform::parse(p).unwrap()),
-            artifact_type: None,
+            other: Default::default(),
         }
     }
 
@@ -323,7 +364,7 @@ mod tests {
         let index = ImageIndex {
             schema_version: 2,
             media_type: Some(OCI_INDEX.into()),
-            artifact_type: None,
+            other: Default::default(),
             manifests: vec![
                 desc("application/vnd.in-toto+json", Some("linux/amd64"), b"att"),
                 desc(OCI_MANIFEST, Some("linux/arm/v6"), b"armv6"),
@@ -343,6 +384,22 @@ mod tests {
         assert_eq!(pick("linux/arm/v6"), Some(Digest::sha256_of(b"armv6")));
         assert_eq!(pick("windows/amd64"), None);
         assert_eq!(pick("linux/s390x"), None);
+    }
+
+    #[test]
+    fn untyped_fields_are_kept_byte_for_byte() {
+        // Typed fields first, the others after them in key order (and untyped objects with
+        // their keys in order): what the converter writes back for manifests it did not
+        // build.
+        let json = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"c","digest":"{}","size":1,"annotations":{{"a":"b"}},"data":"e30=","urls":["u"]}},"layers":[],"artifactType":"x","subject":{{"digest":"{}","mediaType":"m","size":2}}}}"#,
+            Digest::sha256_of(b"c"),
+            Digest::sha256_of(b"s"),
+        );
+        let m: ImageManifest = serde_json::from_str(&json).unwrap();
+        assert_eq!(m.artifact_type(), Some("x"));
+        assert_eq!(m.config.other["urls"], serde_json::json!(["u"]));
+        assert_eq!(serde_json::to_string(&m).unwrap(), json);
     }
 
     #[test]

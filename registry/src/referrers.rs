@@ -9,7 +9,8 @@ use crate::client::Client;
 use crate::digest::Digest;
 use crate::endpoints::Purpose;
 use crate::error::{Error, Result, Target};
-use crate::manifest::{Descriptor, ImageIndex, MAX_MANIFEST_SIZE, Manifest, OCI_INDEX, pull_scope};
+use crate::manifest::{Descriptor, ImageIndex, MAX_MANIFEST_SIZE, Manifest, pull_scope};
+use crate::media_types::OCI_INDEX;
 use crate::reference::Repository;
 use crate::request::Req;
 use crate::retry::status_error;
@@ -36,7 +37,7 @@ impl Client {
         Ok(found
             .manifests
             .into_iter()
-            .filter(|d| artifact_type.is_none_or(|t| d.artifact_type.as_deref() == Some(t)))
+            .filter(|d| artifact_type.is_none_or(|t| d.artifact_type() == Some(t)))
             .collect())
     }
 

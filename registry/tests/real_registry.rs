@@ -16,10 +16,9 @@ fn descriptor(media_type: &str, data: &[u8], platform: Option<&str>) -> Descript
         media_type: media_type.into(),
         digest: Digest::sha256_of(data),
         size: data.len() as u64,
-        urls: None,
         annotations: None,
         platform: platform.map(|p| Platform::parse(p).expect("platform")),
-        artifact_type: None,
+        other: Default::default(),
     }
 }
 
@@ -43,7 +42,7 @@ async fn push_image(client: &Client, repo: &Repository, layer: &[u8], tag: &str)
     let manifest = ImageManifest {
         schema_version: 2,
         media_type: Some(OCI_MANIFEST.into()),
-        artifact_type: None,
+        other: Default::default(),
         config: descriptor(
             "application/vnd.oci.image.config.v1+json",
             config.as_bytes(),
@@ -54,7 +53,6 @@ async fn push_image(client: &Client, repo: &Repository, layer: &[u8], tag: &str)
             layer,
             None,
         )],
-        subject: None,
         annotations: None,
     };
     let bytes = Bytes::from(serde_json::to_vec(&manifest).expect("json"));
@@ -242,7 +240,7 @@ async fn indexes_pick_the_platform() {
         let index = ImageIndex {
             schema_version: 2,
             media_type: Some(media_type.into()),
-            artifact_type: None,
+            other: Default::default(),
             manifests: vec![
                 descriptor(OCI_MANIFEST, &arm, Some("linux/arm64/v8")),
                 descriptor(OCI_MANIFEST, &amd, Some("linux/amd64")),

@@ -17,6 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use estargz::lock;
+
 use crate::error::{Error, IoContext, Result};
 use crate::idmap::{IdMapping, IdRange};
 
@@ -113,7 +115,7 @@ impl IdmappedLowers {
     }
 
     fn namespace(&self, mapping: &IdMapping) -> Result<Arc<OwnedFd>> {
-        let mut known = self.namespaces.lock().unwrap_or_else(|p| p.into_inner());
+        let mut known = lock(&self.namespaces);
         if let Some(fd) = known.get(mapping) {
             return Ok(fd.clone());
         }

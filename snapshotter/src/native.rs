@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use estargz::lock;
+
 /// The name of a remote snapshot's native copy, beside its FUSE mountpoint `fs`.
 pub const NATIVE_DIR: &str = "native";
 /// Copies in the making, under the root, by snapshot directory name.
@@ -59,7 +61,7 @@ pub struct CopyRunning<'a>(&'a NativeCopies);
 
 impl Drop for CopyRunning<'_> {
     fn drop(&mut self) {
-        let mut running = self.0.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = lock(&self.0.running);
         *running -= 1;
         self.0.ended.notify_all();
     }
@@ -68,7 +70,7 @@ impl Drop for CopyRunning<'_> {
 impl NativeCopies {
     /// Registers a copy about to start; None once stopping.
     pub fn start(&self) -> Option<CopyRunning<'_>> {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = lock(&self.running);
         if self.stop.load(Ordering::SeqCst) {
             return None;
         }
@@ -80,7 +82,7 @@ impl NativeCopies {
     /// none runs; false if some still did.
     pub fn stop_and_wait(&self, patience: Duration) -> bool {
         self.stop.store(true, Ordering::SeqCst);
-        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let running = lock(&self.running);
         let (running, _) = self
             .ended
             .wait_timeout_while(running, patience, |n| *n > 0)

@@ -10,9 +10,10 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use estargz::lock;
 use tokio::sync::{Semaphore, watch};
 
 use crate::parse_gate::ParseGate;
@@ -135,10 +136,6 @@ impl Drop for Opening {
             }
         }
     }
-}
-
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Preopener {

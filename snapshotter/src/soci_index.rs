@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use estargz::lock;
 use registry::{Client, Descriptor, Digest, ImageManifest, Reference};
 
 use crate::layer_source::LayerSource;
@@ -104,17 +105,12 @@ impl SociIndexes {
                 .unwrap_or_else(|| layer.image_ref.clone()),
             layer.soci_index_digest.clone().unwrap_or_default(),
         );
-        let cached = self
-            .found
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .cloned();
+        let cached = lock(&self.found).get(&key).cloned();
         let lookup = match cached {
             Some(lookup) => lookup,
             None => {
                 let lookup = Arc::new(look_up(client, layer).await?);
-                let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+                let mut found = lock(&self.found);
                 // A bound on memory: a node pulls a few images at a time.
                 if found.len() >= 256 {
                     found.clear();
@@ -225,8 +221,7 @@ async fn look_up(client: &Client, layer: &LayerSource<'_>) -> Result<Lookup, Mou
     let index = serde_json::from_slice::<ImageManifest>(&fetched.bytes)
         .map_err(|e| MountError::Layer(format!("SOCI index {digest}: {e}")))?;
     let kind = index
-        .artifact_type
-        .as_deref()
+        .artifact_type()
         .unwrap_or(index.config.media_type.as_str());
     if kind != SOCI_INDEX_V1 && kind != SOCI_INDEX_V2 {
         return Err(MountError::Layer(format!(
@@ -289,12 +284,8 @@ pub(crate) async fn open_through_index(
         .fetch_blob(&reference.repository, &found.ztoc.digest, MAX_ZTOC_SIZE)
         .await
         .map_err(|e| MountError::Registry(e.to_string()))?;
-    let ztoc_digest: estargz::Digest = found
-        .ztoc
-        .digest
-        .to_string()
-        .parse()
-        .map_err(|e| bad(format!("{e}")))?;
+    let ztoc_digest =
+        estargz::Digest::try_from(&found.ztoc.digest).map_err(|e| bad(format!("{e}")))?;
     let prefetch = match &found.prefetch {
         Some(desc) => prefetch_spans(client, reference, desc).await,
         None => Vec::new(),

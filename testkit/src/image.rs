@@ -13,12 +13,12 @@ use anyhow::Context;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const MEDIA_TYPE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const MEDIA_TYPE_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
-pub const MEDIA_TYPE_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-pub const MEDIA_TYPE_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+// The workspace's media type names (the registry client's), under the names tests use.
+pub use registry::media_types::{
+    LAYER_GZIP as MEDIA_TYPE_LAYER_GZIP, LAYER_TAR as MEDIA_TYPE_LAYER_TAR,
+    LAYER_ZSTD as MEDIA_TYPE_LAYER_ZSTD, OCI_CONFIG as MEDIA_TYPE_CONFIG,
+    OCI_INDEX as MEDIA_TYPE_INDEX, OCI_MANIFEST as MEDIA_TYPE_MANIFEST,
+};
 
 /// The PATH that images built here set, so `ctr run IMAGE echo` finds `/bin/echo`.
 pub const DEFAULT_PATH_ENV: &str =

@@ -17,10 +17,9 @@ use sha2::{Digest, Sha256};
 /// rebuilding gives the same bytes.
 pub const MTIME: u64 = 1_747_699_200;
 
-pub const LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+/// The workspace's media type names, the registry client's.
+pub use registry::media_types::LAYER_GZIP;
+use registry::media_types::{OCI_CONFIG, OCI_INDEX, OCI_MANIFEST};
 
 /// Counts and hashes what passes through it.
 struct HashWriter<W> {
@@ -234,16 +233,16 @@ pub fn write_layout(
     let (config_digest, config_size) = put_blob(layout, &serde_json::to_vec(&config)?)?;
     let manifest = json!({
         "schemaVersion": 2,
-        "mediaType": MANIFEST,
-        "config": {"mediaType": CONFIG, "digest": config_digest, "size": config_size},
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config_size},
         "layers": layers.iter().map(|l| json!({"mediaType": LAYER_GZIP, "digest": l.digest, "size": l.size})).collect::<Vec<_>>(),
     });
     let (manifest_digest, manifest_size) = put_blob(layout, &serde_json::to_vec(&manifest)?)?;
     let index = json!({
         "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "mediaType": OCI_INDEX,
         "manifests": [{
-            "mediaType": MANIFEST, "digest": manifest_digest, "size": manifest_size,
+            "mediaType": OCI_MANIFEST, "digest": manifest_digest, "size": manifest_size,
             "annotations": {"org.opencontainers.image.ref.name": tag},
         }],
     });
@@ -271,7 +270,10 @@ pub fn read_manifest(layout: &Path) -> anyhow::Result<(Value, Vec<u8>, String)> 
     let digest = desc["digest"]
         .as_str()
         .context("a manifest without a digest")?;
-    let media_type = desc["mediaType"].as_str().unwrap_or(MANIFEST).to_string();
+    let media_type = desc["mediaType"]
+        .as_str()
+        .unwrap_or(OCI_MANIFEST)
+        .to_string();
     let bytes = std::fs::read(blob_path(layout, digest))?;
     Ok((serde_json::from_slice(&bytes)?, bytes, media_type))
 }
@@ -283,7 +285,10 @@ pub fn read_root(layout: &Path) -> anyhow::Result<(Value, Vec<u8>, String)> {
     let digest = desc["digest"]
         .as_str()
         .context("index.json without a manifest digest")?;
-    let media_type = desc["mediaType"].as_str().unwrap_or(MANIFEST).to_string();
+    let media_type = desc["mediaType"]
+        .as_str()
+        .unwrap_or(OCI_MANIFEST)
+        .to_string();
     let bytes = std::fs::read(blob_path(layout, digest))?;
     Ok((serde_json::from_slice(&bytes)?, bytes, media_type))
 }
@@ -313,7 +318,7 @@ pub fn push_layout(layout: &Path, host: &str, repo: &str, tag: &str) -> anyhow::
         let digest = desc["digest"]
             .as_str()
             .context("a manifest without a digest")?;
-        let child_type = desc["mediaType"].as_str().unwrap_or(MANIFEST);
+        let child_type = desc["mediaType"].as_str().unwrap_or(OCI_MANIFEST);
         let child_bytes = std::fs::read(blob_path(layout, digest))?;
         let child: Value = serde_json::from_slice(&child_bytes)?;
         push_manifest(layout, host, repo, digest, &child, &child_bytes, child_type)?;

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use registry::media_types::{DOCKER_CONFIG, OCI_CONFIG};
 use registry::{Descriptor, Digest};
 
 // The remote-snapshot labels: one definition, shared with the snapshotter that reads them.
@@ -122,8 +123,7 @@ pub fn child_gc_labels(children: &[&Descriptor]) -> BTreeMap<String, String> {
 
 pub fn gc_label_key(media_type: &str) -> &'static str {
     match media_type {
-        "application/vnd.oci.image.config.v1+json"
-        | "application/vnd.docker.container.image.v1+json" => LABEL_GC_CONFIG,
+        OCI_CONFIG | DOCKER_CONFIG => LABEL_GC_CONFIG,
         registry::OCI_MANIFEST | registry::DOCKER_MANIFEST => LABEL_GC_MANIFEST_PREFIX,
         m if is_layer(m) => LABEL_GC_LAYER_PREFIX,
         _ => LABEL_GC_OTHER_PREFIX,
@@ -165,7 +165,6 @@ mod tests {
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
             digest: digest(name),
             size: 10,
-            urls: None,
             annotations: (!annotations.is_empty()).then(|| {
                 annotations
                     .iter()
@@ -173,7 +172,7 @@ mod tests {
                     .collect()
             }),
             platform: None,
-            artifact_type: None,
+            other: Default::default(),
         }
     }
 

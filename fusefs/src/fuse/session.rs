@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use std::fs::File;
 
+use estargz::lock;
 use tokio::runtime::Handle;
 
 use super::passthrough::{OpenedAs, Passthrough};
@@ -401,7 +402,7 @@ impl Session {
     }
 
     pub(super) fn passthrough(&self) -> MutexGuard<'_, Passthrough> {
-        self.passthrough.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.passthrough)
     }
 
     /// Answers an open: through the inode's backing file if it has one or can get
@@ -430,7 +431,7 @@ impl Session {
     }
 
     fn lock_init(&self) -> MutexGuard<'_, Option<mpsc::Sender<()>>> {
-        self.init_done.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.init_done)
     }
 
     fn attr_reply(&self, u: u64, ino: u64) {

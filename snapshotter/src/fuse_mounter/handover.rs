@@ -6,6 +6,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use estargz::lock;
 use serde_json::json;
 
 use super::FuseMounter;
@@ -88,7 +89,7 @@ impl FuseMounter {
     }
 
     pub(super) fn held(&self) -> MutexGuard<'_, HashMap<PathBuf, HeldConnection>> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.held)
     }
 
     /// Connections kept from an earlier daemon that are not served yet (their layer

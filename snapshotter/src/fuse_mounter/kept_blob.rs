@@ -4,6 +4,8 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use estargz::lock;
+
 /// The blob of a layer opened from its kept metadata. Its size is kept too, so it is
 /// opened without asking the registry anything: the registry is first reached (and
 /// authenticated with) on the first read that misses the chunk cache. A read the
@@ -44,7 +46,7 @@ impl KeptBlob {
     }
 
     fn failed(&self) -> MutexGuard<'_, Option<(std::time::Instant, estargz::BlobError)>> {
-        self.failed.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.failed)
     }
 
     /// The error of a failure just now, if there was one.

@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use estargz::lock;
+
 use crate::fsutil;
 use crate::holder::HolderClient;
 use crate::layer_source::LayerSource;
@@ -175,7 +177,7 @@ impl FuseMounter {
     }
 
     fn mounts(&self) -> MutexGuard<'_, HashMap<PathBuf, Served>> {
-        self.mounts.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.mounts)
     }
 
     /// Unmounts every layer: nothing is left mounted after exit.
@@ -242,9 +244,9 @@ impl FuseMounter {
         let table = Arc::downgrade(&self.mounts);
         let digest = layer.layer_digest.clone();
         let finder = LibraryFinder::new(move || {
-            table.upgrade().map_or_else(Vec::new, |mounts| {
-                image_layers_of(&mounts.lock().unwrap_or_else(|p| p.into_inner()), &digest)
-            })
+            table
+                .upgrade()
+                .map_or_else(Vec::new, |mounts| image_layers_of(&lock(&mounts), &digest))
         });
         served.mounted.fs().set_libraries(Arc::new(finder));
         let fs = Arc::downgrade(served.mounted.fs());
