@@ -16,8 +16,8 @@ use crate::config::{HostConfig, HttpConfig, ResolverConfig, is_loopback};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::hosts_dir::{self, Capabilities, HostEntry};
-use crate::lock::lock;
 use crate::reference::{DOCKER_HUB, DOCKER_HUB_API, Repository, api_host};
+use estargz::lock;
 
 /// What a request asks of a registry; an endpoint is used only for what its
 /// capabilities allow.

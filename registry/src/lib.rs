@@ -14,7 +14,6 @@ mod endpoints;
 mod error;
 pub mod go_duration;
 pub mod hosts_dir;
-mod lock;
 mod manifest;
 pub mod media_types;
 pub mod platform;

@@ -137,7 +137,7 @@ mod tests {
         let (tar, src) = sample_tar();
         let blob = FaultBlob::new(convert(&tar, estargz::OutputFormat::Estargz, &[]));
         // Background fetch off, and a link that would never let it run anyway.
-        let config = crate::FsConfig {
+        let config = crate::config::FsConfig {
             background_rate_limit: Some(1),
             background_quiet: std::time::Duration::from_secs(3600),
             ..quiet_config()

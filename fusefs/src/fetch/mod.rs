@@ -30,10 +30,10 @@ mod sequential;
 mod served;
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use estargz::{Chunk, Layer, NodeId};
+use estargz::{Chunk, Layer, NodeId, lock};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
@@ -137,10 +137,6 @@ impl Drop for Counted {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Fetcher {

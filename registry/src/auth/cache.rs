@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::lock::lock;
+use estargz::lock;
 
 /// How a host wants to be authenticated, learnt from its challenges.
 #[derive(Debug, Clone)]

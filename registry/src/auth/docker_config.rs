@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::credentials::{CredentialFuture, CredentialProvider, Credentials, is_hub};
 use crate::error::{Error, Result};
-use crate::lock::lock;
+use estargz::lock;
 
 /// The server address docker uses as the key for Docker Hub.
 const HUB_SERVER_URL: &str = "https://index.docker.io/v1/";

@@ -16,11 +16,11 @@ use crate::client::Client;
 use crate::digest::Digest;
 use crate::endpoints::{Endpoint, Purpose};
 use crate::error::{Error, Result, Target};
-use crate::lock::lock;
 use crate::manifest::pull_scope;
 use crate::reference::Repository;
 use crate::request::Req;
 use crate::retry::status_error;
+use estargz::lock;
 
 use super::RANGELESS_PREFIX_LIMIT;
 
