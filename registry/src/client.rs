@@ -8,7 +8,7 @@ use reqwest::header::{self, HeaderValue};
 use reqwest::{StatusCode, Url};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::auth::{Anonymous, AuthCache, Challenge, CredentialProvider, parse_challenges};
+use crate::auth::{Anonymous, Auth, Challenge, CredentialProvider, parse_challenges};
 use crate::config::{HttpConfig, RegistryConfig, ResolverConfig};
 use crate::digest::Digest;
 use crate::endpoints::{
@@ -29,8 +29,7 @@ pub(crate) struct Inner {
     /// Replaced by [`Client::reload_resolver`] (SIGHUP).
     resolver: std::sync::RwLock<Arc<ResolverConfig>>,
     pub(crate) platform: Platform,
-    pub(crate) credentials: Arc<dyn CredentialProvider>,
-    pub(crate) auth: AuthCache,
+    pub(crate) auth: Auth,
     pub(crate) hosts: HostState,
 }
 
@@ -73,8 +72,7 @@ impl Client {
                 http: config.http,
                 resolver: std::sync::RwLock::new(Arc::new(config.resolver)),
                 platform,
-                credentials: Arc::new(Anonymous),
-                auth: AuthCache::default(),
+                auth: Auth::new(Arc::new(Anonymous)),
                 hosts: HostState::default(),
             }),
         })
@@ -84,10 +82,10 @@ impl Client {
     /// Call before sharing the client: it replaces the shared state.
     pub fn with_credentials(self, provider: Arc<dyn CredentialProvider>) -> Self {
         let inner = match Arc::try_unwrap(self.inner) {
-            Ok(inner) => Inner {
-                credentials: provider,
-                ..inner
-            },
+            Ok(mut inner) => {
+                inner.auth.credentials = provider;
+                inner
+            }
             Err(shared) => Inner {
                 http: shared.http.clone(),
                 resolver: std::sync::RwLock::new(
@@ -98,8 +96,7 @@ impl Client {
                         .clone(),
                 ),
                 platform: shared.platform.clone(),
-                credentials: provider,
-                auth: AuthCache::default(),
+                auth: Auth::new(provider),
                 hosts: HostState::default(),
             },
         };
@@ -167,7 +164,7 @@ impl Client {
     /// Drops the registry tokens got so far, so the next requests authenticate with the
     /// credentials the provider gives now (after a reload of docker's config).
     pub fn forget_tokens(&self) {
-        self.inner.auth.clear();
+        self.inner.auth.cache.clear();
     }
 
     /// Sends `req` to `ep`, answering auth challenges and following redirects.
@@ -180,7 +177,7 @@ impl Client {
             .map_err(|_| Error::Config("connection limiter closed".into()))?;
         let scope_key = req.scopes.map(|s| s.join(" "));
         let mut auth = match req.scopes {
-            Some(scopes) => self.auth_header(ep, target, scopes, None).await?,
+            Some(scopes) => self.inner.auth.header(ep, target, scopes, None).await?,
             None => None,
         };
         let mut resp = self
@@ -196,7 +193,7 @@ impl Client {
                 .filter_map(|v| v.to_str().ok())
                 .flat_map(parse_challenges)
                 .collect();
-            let learnt = self.learn_scheme(ep, &challenges);
+            let learnt = self.inner.auth.learn_scheme(ep, &challenges);
             if !learnt {
                 return Err(Error::Unauthorized {
                     target: target.clone(),
@@ -206,7 +203,9 @@ impl Client {
             drop(resp);
             let rejected = auth.take();
             auth = self
-                .auth_header(ep, target, scopes, rejected.as_deref())
+                .inner
+                .auth
+                .header(ep, target, scopes, rejected.as_deref())
                 .await?;
             if auth.is_none() {
                 return Err(Error::Unauthorized {
@@ -219,7 +218,7 @@ impl Client {
                 .await?;
             if resp.status() == StatusCode::UNAUTHORIZED {
                 if let Some(key) = &scope_key {
-                    self.inner.auth.drop_token(&ep.host, key);
+                    self.inner.auth.cache.drop_token(&ep.host, key);
                 }
                 return Err(Error::Unauthorized {
                     target: target.clone(),

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 
 use super::cache::Scheme;
-use crate::client::Client;
 use crate::endpoints::Endpoint;
 
 /// One challenge from a `WWW-Authenticate` header.
@@ -112,14 +111,14 @@ fn utf8_len(first: u8) -> usize {
     }
 }
 
-impl Client {
+impl super::Auth {
     /// Records what the host's challenges ask for; false when none is usable.
     pub(crate) fn learn_scheme(&self, ep: &Endpoint, challenges: &[Challenge]) -> bool {
         let bearer = challenges.iter().find(|c| c.scheme == "bearer");
         if let Some(c) = bearer
             && let Some(realm) = c.params.get("realm")
         {
-            self.inner.auth.set_scheme(
+            self.cache.set_scheme(
                 &ep.host,
                 Scheme::Bearer {
                     realm: realm.clone(),
@@ -129,7 +128,7 @@ impl Client {
             return true;
         }
         if challenges.iter().any(|c| c.scheme == "basic") {
-            self.inner.auth.set_scheme(&ep.host, Scheme::Basic);
+            self.cache.set_scheme(&ep.host, Scheme::Basic);
             return true;
         }
         false

@@ -8,7 +8,8 @@ mod credentials;
 mod docker_config;
 mod token;
 
-use crate::client::Client;
+use std::sync::Arc;
+
 use crate::endpoints::Endpoint;
 use crate::error::{Result, Target};
 
@@ -19,23 +20,36 @@ pub use credentials::{
 };
 pub use docker_config::DockerConfig;
 
-impl Client {
+/// A client's authentication: where credentials come from, and per host the scheme
+/// and the tokens learnt.
+pub(crate) struct Auth {
+    pub(crate) credentials: Arc<dyn CredentialProvider>,
+    pub(crate) cache: AuthCache,
+}
+
+impl Auth {
+    pub(crate) fn new(credentials: Arc<dyn CredentialProvider>) -> Auth {
+        Auth {
+            credentials,
+            cache: AuthCache::default(),
+        }
+    }
+
     /// The Authorization value for a request, fetching a token when the host wants one.
     /// Before the host's scheme is known (first request) nothing is sent. `rejected` is
     /// what the host just refused, so that it is not offered again.
-    pub(crate) async fn auth_header(
+    pub(crate) async fn header(
         &self,
         ep: &Endpoint,
         target: &Target,
         scopes: &[String],
         rejected: Option<&str>,
     ) -> Result<Option<String>> {
-        let Some(scheme) = self.inner.auth.scheme(&ep.host) else {
+        let Some(scheme) = self.cache.scheme(&ep.host) else {
             return Ok(None);
         };
         match scheme {
             Scheme::Basic => Ok(self
-                .inner
                 .credentials
                 .credentials_for(&ep.host, &target.repository)
                 .await?
@@ -45,8 +59,8 @@ impl Client {
                 let key = scopes.join(" ");
                 // One fetch at a time: concurrent misses (a burst of first reads) wait
                 // and then share the token the first one got.
-                let _fetching = self.inner.auth.fetch_lock.lock().await;
-                if let Some(token) = self.inner.auth.token(&ep.host, &key) {
+                let _fetching = self.cache.fetch_lock.lock().await;
+                if let Some(token) = self.cache.token(&ep.host, &key) {
                     let value = format!("Bearer {token}");
                     if rejected != Some(value.as_str()) {
                         return Ok(Some(value));
@@ -55,8 +69,7 @@ impl Client {
                 let (token, lifetime) = self
                     .fetch_token(ep, target, &realm, service.as_deref(), scopes)
                     .await?;
-                self.inner
-                    .auth
+                self.cache
                     .put_token(&ep.host, &key, token.clone(), lifetime);
                 Ok(Some(format!("Bearer {token}")))
             }

@@ -7,7 +7,6 @@ use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 
 use crate::body::read_limited;
-use crate::client::Client;
 use crate::config::is_loopback;
 use crate::endpoints::Endpoint;
 use crate::error::{Error, Result, Target};
@@ -33,7 +32,7 @@ pub(crate) struct TokenResponse {
     pub expires_in: Option<u64>,
 }
 
-impl Client {
+impl super::Auth {
     pub(super) async fn fetch_token(
         &self,
         ep: &Endpoint,
@@ -57,7 +56,6 @@ impl Client {
             ));
         }
         let creds = self
-            .inner
             .credentials
             .credentials_for(&ep.host, &target.repository)
             .await?;

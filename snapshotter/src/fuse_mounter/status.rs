@@ -13,7 +13,8 @@ pub struct MountedLayerStatus {
     pub image_ref: String,
     /// Digests of the image's layers, as its labels list them (may be empty).
     pub image_layers: Vec<String>,
-    /// Its verified metadata is kept ([`TocStore`]): a restore needs no registry.
+    /// Its verified metadata is kept ([`TocStore`](crate::tocstore::TocStore)): a restore
+    /// needs no registry.
     pub metadata_stored: bool,
     /// A native copy of it is made: containers created now read that, not FUSE.
     pub native_copy: bool,
