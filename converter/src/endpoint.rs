@@ -2,12 +2,55 @@
 //! registry repository, behind one interface for blobs, manifests and the final tag.
 
 use std::fs::File;
+use std::path::PathBuf;
+use std::str::FromStr;
 
 use crate::error::{Error, Result};
-use crate::image::Location;
 use crate::layout::Layout;
 use crate::oci::{self, Descriptor, Digest, MAX_METADATA_SIZE};
 use crate::remote::Remote;
+
+/// Where an image comes from or goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// `oci:DIR[:TAG]`: an OCI image layout directory.
+    Layout { dir: PathBuf, tag: Option<String> },
+    /// A registry reference (`host/repo:tag`, `host/repo@sha256:...`).
+    Registry(String),
+}
+
+impl FromStr for Location {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let Some(rest) = s.strip_prefix("oci:") else {
+            if s.is_empty() {
+                return Err(Error::BadReference {
+                    input: s.into(),
+                    reason: "empty".into(),
+                });
+            }
+            return Ok(Location::Registry(s.to_string()));
+        };
+        // The tag follows the last ':' unless that ':' is part of the directory path.
+        let (dir, tag) = match rest.rsplit_once(':') {
+            Some((dir, tag)) if !dir.is_empty() && !tag.is_empty() && !tag.contains('/') => {
+                (dir, Some(tag.to_string()))
+            }
+            _ => (rest, None),
+        };
+        if dir.is_empty() {
+            return Err(Error::BadReference {
+                input: s.into(),
+                reason: "oci: needs a directory (oci:DIR[:TAG])".into(),
+            });
+        }
+        Ok(Location::Layout {
+            dir: PathBuf::from(dir),
+            tag,
+        })
+    }
+}
 
 pub(crate) enum Src {
     Layout(Layout, Option<String>),

@@ -2,11 +2,10 @@
 //! configs, manifests and indexes, write the destination with the reference last.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::str::FromStr;
 
 use estargz::{OutputFormat, WriterOptions};
 
+pub use crate::endpoint::Location;
 use crate::endpoint::{Dst, Src, reopen};
 use crate::error::{Error, Result};
 use crate::layer::{self, LayerResult};
@@ -18,48 +17,6 @@ use crate::progress::Progress;
 
 /// Largest image config accepted (configs with long histories can be big).
 const MAX_CONFIG_SIZE: u64 = 64 << 20;
-
-/// Where an image comes from or goes to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Location {
-    /// `oci:DIR[:TAG]`: an OCI image layout directory.
-    Layout { dir: PathBuf, tag: Option<String> },
-    /// A registry reference (`host/repo:tag`, `host/repo@sha256:...`).
-    Registry(String),
-}
-
-impl FromStr for Location {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let Some(rest) = s.strip_prefix("oci:") else {
-            if s.is_empty() {
-                return Err(Error::BadReference {
-                    input: s.into(),
-                    reason: "empty".into(),
-                });
-            }
-            return Ok(Location::Registry(s.to_string()));
-        };
-        // The tag follows the last ':' unless that ':' is part of the directory path.
-        let (dir, tag) = match rest.rsplit_once(':') {
-            Some((dir, tag)) if !dir.is_empty() && !tag.is_empty() && !tag.contains('/') => {
-                (dir, Some(tag.to_string()))
-            }
-            _ => (rest, None),
-        };
-        if dir.is_empty() {
-            return Err(Error::BadReference {
-                input: s.into(),
-                reason: "oci: needs a directory (oci:DIR[:TAG])".into(),
-            });
-        }
-        Ok(Location::Layout {
-            dir: PathBuf::from(dir),
-            tag,
-        })
-    }
-}
 
 /// How to convert.
 #[derive(Debug, Clone, Default)]

@@ -13,6 +13,7 @@ mod image;
 pub mod layer;
 mod layout;
 pub mod oci;
+mod prioritized;
 mod progress;
 mod remote;
 pub mod soci_index;

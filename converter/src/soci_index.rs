@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::cli::PrioritizedList;
 use crate::endpoint::{Dst, Src};
 use crate::error::{Error, Result};
 use crate::image::{LayerAction, LayerSummary, Location, Summary};
@@ -19,6 +18,7 @@ use crate::oci::{
     self, Descriptor, Digest, Extra, Index, LayerCompression, Manifest, OCI_INDEX, OCI_MANIFEST,
     Object, Platform,
 };
+use crate::prioritized::PrioritizedList;
 use crate::progress::Progress;
 
 pub use soci::index_names::{

@@ -14,13 +14,13 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use estargz::{EntryKind, EntryRef, Layer, NodeId, Timestamp};
 
 use crate::cache::SharedCache;
 use crate::config::FsConfig;
 use crate::error::{Error, Result};
-use crate::fetch::{self, Fetcher};
+use crate::fetch::{self, Fetcher, assemble};
 use crate::link::Link;
 use crate::stats::Stats;
 
@@ -777,27 +777,4 @@ impl LayerFs {
             ReadStart::Fetch(p) => self.read_fetch(p).await,
         }
     }
-}
-
-/// The bytes `offset..end` of a file from its chunks (whole chunks, in order).
-pub(crate) fn assemble(
-    wants: &[(NodeId, estargz::Chunk)],
-    chunks: &[Bytes],
-    offset: u64,
-    end: u64,
-) -> Bytes {
-    let piece = |c: &estargz::Chunk, data: &Bytes| {
-        let lo = offset.saturating_sub(c.file_offset).min(data.len() as u64) as usize;
-        let hi = (end - c.file_offset).min(data.len() as u64) as usize;
-        data.slice(lo..hi.max(lo))
-    };
-    if let ([(_, c)], [data]) = (wants, chunks) {
-        // One chunk: a slice of the cached buffer, no copy.
-        return piece(c, data);
-    }
-    let mut out = BytesMut::with_capacity((end - offset) as usize);
-    for ((_, c), data) in wants.iter().zip(chunks) {
-        out.extend_from_slice(&piece(c, data));
-    }
-    out.freeze()
 }

@@ -14,7 +14,7 @@ use registry::{Client, Descriptor, Digest, ImageManifest, Reference};
 
 use crate::layer_source::LayerSource;
 use crate::remote::MountError;
-use crate::tocstore::KeptZtoc;
+use crate::tocstore::{KeptZtoc, ZTOC_PARSE_FACTOR};
 
 pub use soci::index_names::{
     ANNOTATION_INDEX_DIGEST, ANNOTATION_LAYER_DIGEST, SOCI_INDEX_V1, SOCI_INDEX_V2, ZTOC_MEDIA_TYPE,
@@ -235,10 +235,6 @@ async fn look_up(client: &Client, layer: &LayerSource<'_>) -> Result<Lookup, Mou
         image: Box::new(image),
     })
 }
-
-/// Memory a zTOC's parse may take, per byte of it: decoded entries (the FlatBuffers form
-/// is tight, a crafted one tighter), the layout, the index.
-pub(crate) const ZTOC_PARSE_FACTOR: u64 = 32;
 
 /// A layer opened through its image's SOCI index: the layer, how (for the log), and
 /// what to keep so that it opens again without the registry (None for a layer fetched

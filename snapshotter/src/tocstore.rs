@@ -247,8 +247,10 @@ pub struct KeptZtoc {
 /// The header's `kind` of a SOCI layer's file (eStargz files have none).
 const ZTOC_KIND: &str = "soci-ztoc";
 
-/// Memory a kept zTOC's parse may take, per byte of it (as on the mount path).
-const ZTOC_PARSE_FACTOR: u64 = crate::soci_index::ZTOC_PARSE_FACTOR;
+/// Memory a zTOC's parse may take, per byte of it: decoded entries (the FlatBuffers form
+/// is tight, a crafted one tighter), the layout, the index. Kept zTOCs and those fetched
+/// on the mount path alike.
+pub(crate) const ZTOC_PARSE_FACTOR: u64 = 32;
 
 /// What a file holds once it passed every check.
 enum Stored<'a> {

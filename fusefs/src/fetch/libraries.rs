@@ -206,7 +206,7 @@ impl Fetcher {
             .map(|c| (node, *c))
             .collect();
         let chunks = self.chunks(&wants, Purpose::Library).await.ok()?;
-        Some(crate::core::assemble(&wants, &chunks, offset, end))
+        Some(super::assemble(&wants, &chunks, offset, end))
     }
 
     /// The string at `at` of the string table at `table` (`size` bytes) of `node`.

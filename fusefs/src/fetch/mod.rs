@@ -32,7 +32,7 @@ mod served;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use estargz::{Chunk, Layer, NodeId, lock};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -137,6 +137,29 @@ impl Drop for Counted {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
+}
+
+/// The bytes `offset..end` of a file from its chunks (whole chunks, in order).
+pub(crate) fn assemble(
+    wants: &[(NodeId, estargz::Chunk)],
+    chunks: &[Bytes],
+    offset: u64,
+    end: u64,
+) -> Bytes {
+    let piece = |c: &estargz::Chunk, data: &Bytes| {
+        let lo = offset.saturating_sub(c.file_offset).min(data.len() as u64) as usize;
+        let hi = (end - c.file_offset).min(data.len() as u64) as usize;
+        data.slice(lo..hi.max(lo))
+    };
+    if let ([(_, c)], [data]) = (wants, chunks) {
+        // One chunk: a slice of the cached buffer, no copy.
+        return piece(c, data);
+    }
+    let mut out = BytesMut::with_capacity((end - offset) as usize);
+    for ((_, c), data) in wants.iter().zip(chunks) {
+        out.extend_from_slice(&piece(c, data));
+    }
+    out.freeze()
 }
 
 impl Fetcher {
