@@ -16,6 +16,15 @@ use sha2::{Digest, Sha256};
 
 const CHUNK: u64 = 256 << 10;
 
+/// Held by a test that drops the kernel's caches (dentries and inodes, system-wide) and
+/// by the tests that count what the kernel asks while its caches are warm: a drop in the
+/// middle of those makes the kernel ask again.
+static KERNEL_CACHES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn kernel_caches() -> std::sync::MutexGuard<'static, ()> {
+    KERNEL_CACHES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap();
     assert!(
@@ -526,6 +535,7 @@ fn a_file_read_whole_is_then_served_by_kernel_passthrough_even_under_overlayfs()
     if testkit::skip_unless_root("a_file_read_whole_is_then_served_by_kernel_passthrough") {
         return;
     }
+    let _caches = kernel_caches();
     let env = env();
     let _cleanup = Cleanup(env.dir.path().to_path_buf());
     let work = env.dir.path();
@@ -609,6 +619,7 @@ fn a_warm_tree_is_opened_listed_and_read_without_asking_the_daemon() {
     {
         return;
     }
+    let _caches = kernel_caches();
     let env = env();
     let _cleanup = Cleanup(env.dir.path().to_path_buf());
     let work = env.dir.path();
@@ -675,6 +686,7 @@ fn a_long_listing_of_a_wide_directory_takes_no_request_per_name() {
         return;
     }
     const NAMES: usize = 20_000;
+    let _caches = kernel_caches();
     let env = env();
     let _cleanup = Cleanup(env.dir.path().to_path_buf());
     let mut toc =
