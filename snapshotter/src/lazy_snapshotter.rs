@@ -160,12 +160,15 @@ impl LazySnapshotter {
         let mounter = self.remote.as_ref().map(|r| Arc::clone(&r.mounter));
         self.run("remove", move |s| {
             let removed: Removed = s.remove(&key)?;
-            let lazy = removed.lazy_mountpoint.clone();
-            if let (Some(mountpoint), Some(mounter)) = (&lazy, &mounter) {
-                mounter.unmount(mountpoint);
-            }
+            let unmounted = match (&removed.lazy_mountpoint, &mounter) {
+                (Some(mountpoint), Some(mounter)) => {
+                    mounter.unmount(mountpoint);
+                    Some(mounter)
+                }
+                _ => None,
+            };
             removed.delete_files();
-            if let (Some(_), Some(mounter)) = (lazy, mounter) {
+            if let Some(mounter) = unmounted {
                 release_unused(s, mounter.as_ref());
             }
             Ok(())

@@ -453,9 +453,7 @@ impl RemoteMounter for FuseMounter {
         self.mounts().contains_key(mountpoint)
     }
 
-    /// Sweeps the chunk cache down to what the mounted layers use, in the background.
-    /// Only when every remaining lazy snapshot is mounted: one not yet restored (after
-    /// a restart) would lose its cached chunks, though it still uses them.
+    /// The background sweep in `sweep.rs`.
     fn release_unused(&self, remaining: Vec<PathBuf>) {
         self.sweep_unused(remaining);
     }
