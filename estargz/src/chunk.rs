@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::digest::Digest;
+use crate::digest::Sha256Sum;
 use crate::error::{Error, Result};
 use crate::footer::Format;
 use crate::index::Chunk;
@@ -94,7 +94,7 @@ fn inflate_window(
     if chunk.zeros {
         // zstd:chunked holes: no need to fetch or inflate; still check the digest so a
         // lying TOC cannot make us return zeros for real data.
-        let actual = Digest::of_zeros(chunk.size);
+        let actual = Sha256Sum::of_zeros(chunk.size);
         check(path, chunk, actual)?;
         out.resize(out.len() + window_len as usize, 0);
         return Ok(());
@@ -162,7 +162,7 @@ fn inflate_window(
         }
         pos = b;
     }
-    check(path, chunk, Digest::from_hasher(hasher))
+    check(path, chunk, Sha256Sum::from_hasher(hasher))
 }
 
 /// Decompresses and verifies a whole chunk.
@@ -193,7 +193,7 @@ pub fn decompress_chunk_into(
     result
 }
 
-fn check(path: &str, chunk: &Chunk, actual: Digest) -> Result<()> {
+fn check(path: &str, chunk: &Chunk, actual: Sha256Sum) -> Result<()> {
     if actual != chunk.digest {
         return Err(Error::ChunkVerification {
             path: path.to_string(),

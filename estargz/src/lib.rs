@@ -7,7 +7,7 @@ mod annotation;
 mod blob;
 mod cancel;
 mod chunk;
-mod digest;
+pub mod digest;
 mod error;
 mod footer;
 mod index;
@@ -29,7 +29,7 @@ pub use annotation::{
 pub use blob::{BlobError, BlobErrorKind, BlobFuture, BlobReader, VecBlob};
 pub use cancel::{Cancel, CancelOnDrop};
 pub use chunk::{decompress_chunk, decompress_chunk_into, decompress_chunk_window};
-pub use digest::Digest;
+pub use digest::{Digest, Sha256Sum};
 pub use error::{Error, Result};
 pub use footer::{
     ESTARGZ_FOOTER_SIZE, Footer, Format, LEGACY_FOOTER_SIZE, MAX_FOOTER_FETCH,

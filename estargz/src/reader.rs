@@ -8,7 +8,7 @@ use bytes::Bytes;
 use crate::blob::{BlobError, BlobErrorKind, BlobReader};
 use crate::cancel::Cancel;
 use crate::chunk::{decompress_chunk_window, member_reader};
-use crate::digest::Digest;
+use crate::digest::Sha256Sum;
 use crate::error::{Error, Result};
 use crate::footer::{Footer, Format, MAX_FOOTER_FETCH, parse_footer};
 use crate::index::{Chunk, EntryKind, Index, NodeId, PARSE_MEMORY_FACTOR};
@@ -20,10 +20,10 @@ use crate::toc::{MAX_TOC_SIZE, TOC_TAR_NAME, Toc};
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
     /// sha256 of the uncompressed TOC JSON (`containerd.io/snapshot/stargz/toc.digest`).
-    pub expected_toc_digest: Option<Digest>,
+    pub expected_toc_digest: Option<Sha256Sum>,
     /// sha256 of the compressed TOC bytes
     /// (`io.github.containers.zstd-chunked.manifest-checksum`).
-    pub expected_manifest_checksum: Option<Digest>,
+    pub expected_manifest_checksum: Option<Sha256Sum>,
     /// Largest TOC accepted, compressed and uncompressed.
     pub max_toc_size: u64,
     /// Stops the parse when set (its time ran out).
@@ -46,9 +46,9 @@ impl Default for OpenOptions {
 pub struct ParsedToc {
     pub toc: Toc,
     /// sha256 of the uncompressed TOC JSON.
-    pub toc_digest: Digest,
+    pub toc_digest: Sha256Sum,
     /// sha256 of the compressed TOC bytes as stored in the blob.
-    pub manifest_checksum: Digest,
+    pub manifest_checksum: Sha256Sum,
 }
 
 /// A TOC's JSON, decompressed and checked against the digests asked for.
@@ -56,9 +56,9 @@ pub struct ParsedToc {
 pub struct TocJson {
     pub json: Vec<u8>,
     /// sha256 of the uncompressed TOC JSON.
-    pub toc_digest: Digest,
+    pub toc_digest: Sha256Sum,
     /// sha256 of the compressed TOC bytes as stored in the blob.
-    pub manifest_checksum: Digest,
+    pub manifest_checksum: Sha256Sum,
 }
 
 /// Inflated this much at a time, looking at the cancel flag in between.
@@ -94,7 +94,7 @@ pub fn read_toc_json(footer: &Footer, compressed: &[u8], opts: &OpenOptions) -> 
             footer.toc_compressed_size
         )));
     }
-    let manifest_checksum = Digest::of(compressed);
+    let manifest_checksum = Sha256Sum::of(compressed);
     if let Some(expected) = opts.expected_manifest_checksum
         && expected != manifest_checksum
     {
@@ -174,7 +174,7 @@ pub fn read_toc_json(footer: &Footer, compressed: &[u8], opts: &OpenOptions) -> 
         opts.cancel.check()?;
         sha2::Digest::update(&mut hasher, piece);
     }
-    let toc_digest = Digest::from_hasher(hasher);
+    let toc_digest = Sha256Sum::from_hasher(hasher);
     if let Some(expected) = opts.expected_toc_digest
         && expected != toc_digest
     {
@@ -264,8 +264,8 @@ pub struct Layer {
     blob_size: u64,
     footer: Footer,
     index: Index,
-    toc_digest: Digest,
-    manifest_checksum: Digest,
+    toc_digest: Sha256Sum,
+    manifest_checksum: Sha256Sum,
     /// A SOCI layer's spans; None for the formats whose chunks are members or frames.
     spans: Option<Arc<dyn SpanSource>>,
 }
@@ -358,7 +358,7 @@ impl Layer {
         blob: Arc<dyn BlobReader>,
         blob_size: u64,
         index: Index,
-        ztoc_digest: Digest,
+        ztoc_digest: Sha256Sum,
         spans: Arc<dyn SpanSource>,
     ) -> Layer {
         Layer {
@@ -438,11 +438,11 @@ impl Layer {
         self.blob_size
     }
     /// sha256 of the uncompressed TOC JSON.
-    pub fn toc_digest(&self) -> Digest {
+    pub fn toc_digest(&self) -> Sha256Sum {
         self.toc_digest
     }
     /// sha256 of the compressed TOC bytes.
-    pub fn manifest_checksum(&self) -> Digest {
+    pub fn manifest_checksum(&self) -> Sha256Sum {
         self.manifest_checksum
     }
 

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 // Poison-tolerant: a panic while holding the lock leaves a consistent LRU (no multi-step
 // invariants span an unwind), so poisoning is not a reason to stop serving.
-use estargz::{Digest, lock};
+use estargz::{Sha256Sum, lock};
 
 use crate::buffers::BIG_BUFFERS;
 use crate::error::{Error, Result};
@@ -91,7 +91,7 @@ struct Inner {
     /// One gate per chunk being loaded from disk: the kernel's read-ahead sends several
     /// reads of one chunk at once from different FUSE threads, and without the gate each
     /// would read and hash the whole chunk file.
-    loading: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
+    loading: Mutex<HashMap<Sha256Sum, Arc<Mutex<()>>>>,
     tmp_seq: AtomicU64,
     max_fill_percent: u8,
     write_errors: AtomicU64,
@@ -103,7 +103,7 @@ struct Inner {
     memory_used_at: AtomicU64,
     /// Chunks read through whose disk write has not finished: they leave the memory
     /// tier once it has.
-    read_through: Mutex<std::collections::HashSet<Digest>>,
+    read_through: Mutex<std::collections::HashSet<Sha256Sum>>,
 }
 
 /// Milliseconds since the first call: a clock that fits an atomic.
@@ -137,7 +137,7 @@ impl std::fmt::Debug for SharedCache {
 fn named_content(data: Bytes) -> Option<Bytes> {
     let content_len = data.len().checked_sub(32)?;
     let content = data.slice(..content_len);
-    (Digest::of(&content).0[..] == data[content_len..]).then_some(content)
+    (Sha256Sum::of(&content).0[..] == data[content_len..]).then_some(content)
 }
 
 /// What a disk cache entry is.
@@ -250,14 +250,14 @@ impl SharedCache {
     }
 
     /// True when the chunk is in memory or on disk (without reading it).
-    pub fn contains(&self, digest: &Digest) -> bool {
+    pub fn contains(&self, digest: &Sha256Sum) -> bool {
         lock(&self.inner.memory).contains(digest)
             || lock(&self.inner.disk)
                 .peek(digest)
                 .is_some_and(Stored::is_chunk)
     }
 
-    pub(crate) fn get_memory(&self, digest: &Digest) -> Option<Bytes> {
+    pub(crate) fn get_memory(&self, digest: &Sha256Sum) -> Option<Bytes> {
         let hit = lock(&self.inner.memory).get(digest);
         // Only a hit uses the tier: the background fetch asks for every chunk it is
         // about to fetch, and must not keep an idle tier resident for minutes.
@@ -277,7 +277,7 @@ impl SharedCache {
 
     /// Takes the chunk out of the memory tier; its buffer is freed (or goes back to its
     /// pool) after the lock is let go.
-    fn drop_from_memory(&self, digest: &Digest) -> Option<Bytes> {
+    fn drop_from_memory(&self, digest: &Sha256Sum) -> Option<Bytes> {
         lock(&self.inner.memory).remove(digest)
     }
 
@@ -292,12 +292,12 @@ impl SharedCache {
         {
             return 0;
         }
-        let held: Vec<Digest> = lock(&self.inner.memory)
+        let held: Vec<Sha256Sum> = lock(&self.inner.memory)
             .entries()
             .into_iter()
             .map(|(digest, _)| digest)
             .collect();
-        let on_disk: Vec<Digest> = {
+        let on_disk: Vec<Sha256Sum> = {
             let disk = lock(&self.inner.disk);
             held.into_iter()
                 .filter(|digest| disk.peek(digest).is_some_and(Stored::is_chunk))
@@ -318,7 +318,7 @@ impl SharedCache {
     /// Every byte of the chunk has been read (see `fetch::served`): it leaves the memory
     /// tier, now if the disk holds it, else once its disk write is done. A chunk the disk
     /// will not take stays, as the only copy.
-    pub(crate) fn read_through(&self, digest: Digest) {
+    pub(crate) fn read_through(&self, digest: Sha256Sum) {
         if !self.inner.disk_enabled || !lock(&self.inner.memory).contains(&digest) {
             return;
         }
@@ -348,14 +348,14 @@ impl SharedCache {
     }
 
     /// True when the chunk is in memory (a read of it costs no I/O).
-    pub(crate) fn in_memory(&self, digest: &Digest) -> bool {
+    pub(crate) fn in_memory(&self, digest: &Sha256Sum) -> bool {
         lock(&self.inner.memory).contains(digest)
     }
 
     /// The chunk from memory, or from disk after checking its sha256 (then kept in
     /// memory too). `None` is a miss; a chunk whose length is not the `size` the TOC
     /// gives is an error (the TOC is wrong: no read of it may be answered).
-    pub(crate) fn get(&self, digest: &Digest, size: u64) -> Result<Option<Bytes>> {
+    pub(crate) fn get(&self, digest: &Sha256Sum, size: u64) -> Result<Option<Bytes>> {
         if let Some(b) = self.get_memory(digest) {
             return expect_len(digest, size, b).map(Some);
         }
@@ -385,7 +385,7 @@ impl SharedCache {
     }
 
     /// Reads a chunk file, checks it and keeps it in memory.
-    fn load(&self, digest: &Digest) -> Option<Bytes> {
+    fn load(&self, digest: &Sha256Sum) -> Option<Bytes> {
         let data = self.read_checked(digest)?;
         self.put_memory(*digest, data.clone());
         Some(data)
@@ -393,7 +393,7 @@ impl SharedCache {
 
     /// The chunk from memory or disk, verified, without adding it to the memory cache
     /// (for copying a whole file without flushing what readers use).
-    pub(crate) fn get_uncached(&self, digest: &Digest, size: u64) -> Result<Option<Bytes>> {
+    pub(crate) fn get_uncached(&self, digest: &Sha256Sum, size: u64) -> Result<Option<Bytes>> {
         if let Some(b) = self.get_memory(digest) {
             return expect_len(digest, size, b).map(Some);
         }
@@ -411,7 +411,7 @@ impl SharedCache {
 
     /// A chunk file's bytes if their sha256 is right; a bad file is dropped. (A right
     /// file of another length than a TOC says is kept: the TOC is what is wrong.)
-    fn read_checked(&self, digest: &Digest) -> Option<Bytes> {
+    fn read_checked(&self, digest: &Sha256Sum) -> Option<Bytes> {
         let kind = lock(&self.inner.disk).peek(digest).unwrap_or(Stored::Chunk);
         let path = stored_path(&self.inner.dir, digest, kind);
         let data = match read_uncached(&path) {
@@ -426,7 +426,7 @@ impl SharedCache {
         };
         let content = match kind {
             Stored::Named => named_content(data),
-            _ => Some(data).filter(|data| Digest::of(data) == *digest),
+            _ => Some(data).filter(|data| Sha256Sum::of(data) == *digest),
         };
         if content.is_none() {
             tracing::warn!(path = %path.display(), "cached chunk is corrupt; dropping it");
@@ -437,7 +437,7 @@ impl SharedCache {
     }
 
     /// The whole file stored under `key`, opened for reading, or `None`.
-    pub(crate) fn whole_file(&self, key: &Digest) -> Option<std::fs::File> {
+    pub(crate) fn whole_file(&self, key: &Sha256Sum) -> Option<std::fs::File> {
         if !self.inner.disk_enabled || lock(&self.inner.disk).get(key) != Some(Stored::File) {
             return None;
         }
@@ -453,7 +453,7 @@ impl SharedCache {
     }
 
     /// True when a whole file is stored under `key`.
-    pub(crate) fn has_whole_file(&self, key: &Digest) -> bool {
+    pub(crate) fn has_whole_file(&self, key: &Sha256Sum) -> bool {
         lock(&self.inner.disk).peek(key) == Some(Stored::File)
     }
 
@@ -461,7 +461,7 @@ impl SharedCache {
     /// which is fsynced and renamed into place, then indexed (evicting to the budget).
     pub(crate) fn store_whole_file(
         &self,
-        key: Digest,
+        key: Sha256Sum,
         size: u64,
         fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
     ) -> std::io::Result<()> {
@@ -544,9 +544,9 @@ impl SharedCache {
     /// Removes every chunk and whole file whose digest (or key) is not in `live`, from
     /// memory and disk: what no mounted layer uses any more. Returns the entries and
     /// bytes removed from disk.
-    pub fn sweep(&self, live: &std::collections::HashSet<Digest>) -> (u64, u64) {
+    pub fn sweep(&self, live: &std::collections::HashSet<Sha256Sum>) -> (u64, u64) {
         let before = self.disk_bytes_used();
-        let dead: Vec<(Digest, Stored)> = lock(&self.inner.disk)
+        let dead: Vec<(Sha256Sum, Stored)> = lock(&self.inner.disk)
             .entries()
             .into_iter()
             .filter(|(d, _)| !live.contains(d))
@@ -574,7 +574,7 @@ impl SharedCache {
 
     /// Records a file now on disk, removing what the budget evicts (or the file itself
     /// when it alone exceeds the budget).
-    fn index(&self, key: Digest, kind: Stored, size: u64) {
+    fn index(&self, key: Sha256Sum, kind: Stored, size: u64) {
         let evicted = lock(&self.inner.disk).insert(key, kind, size);
         if evicted.is_empty() && !lock(&self.inner.disk).contains(&key) {
             remove_stored(&self.inner.dir, &key, kind);
@@ -584,7 +584,7 @@ impl SharedCache {
         }
     }
 
-    fn tmp_path(&self, key: &Digest) -> PathBuf {
+    fn tmp_path(&self, key: &Sha256Sum) -> PathBuf {
         let seq = self.inner.tmp_seq.fetch_add(1, Ordering::Relaxed);
         self.inner
             .dir
@@ -592,7 +592,7 @@ impl SharedCache {
             .join(format!("{}.{}.{seq}", key.hex(), std::process::id()))
     }
 
-    pub(crate) fn put_memory(&self, digest: Digest, data: Bytes) {
+    pub(crate) fn put_memory(&self, digest: Sha256Sum, data: Bytes) {
         self.note_memory_use();
         let size = data.len() as u64;
         lock(&self.inner.memory).insert(digest, data, size);
@@ -600,11 +600,11 @@ impl SharedCache {
 
     /// Stores a verified chunk on disk (temp file, then rename). Errors are logged and
     /// swallowed: a cache that cannot write only costs refetches.
-    pub(crate) fn put_disk(&self, digest: Digest, data: &[u8]) {
+    pub(crate) fn put_disk(&self, digest: Sha256Sum, data: &[u8]) {
         self.put_stored(digest, data, Stored::Chunk);
     }
 
-    fn put_stored(&self, digest: Digest, data: &[u8], kind: Stored) {
+    fn put_stored(&self, digest: Sha256Sum, data: &[u8], kind: Stored) {
         if !self.inner.disk_enabled {
             return;
         }
@@ -628,14 +628,14 @@ impl SharedCache {
 
     /// Stores a verified chunk whose key is a name, not its content's digest (a SOCI
     /// span piece): the file carries its content's digest after it, checked on load.
-    pub(crate) fn put_disk_named(&self, key: Digest, data: &[u8]) {
+    pub(crate) fn put_disk_named(&self, key: Sha256Sum, data: &[u8]) {
         let mut with_digest = Vec::with_capacity(data.len() + 32);
         with_digest.extend_from_slice(data);
-        with_digest.extend_from_slice(&Digest::of(data).0);
+        with_digest.extend_from_slice(&Sha256Sum::of(data).0);
         self.put_stored(key, &with_digest, Stored::Named);
     }
 
-    fn write_file(&self, digest: &Digest, data: &[u8], kind: Stored) -> std::io::Result<()> {
+    fn write_file(&self, digest: &Sha256Sum, data: &[u8], kind: Stored) -> std::io::Result<()> {
         let final_path = stored_path(&self.inner.dir, digest, kind);
         if let Some(parent) = final_path.parent() {
             std::fs::create_dir_all(parent)?;
@@ -649,7 +649,7 @@ impl SharedCache {
     }
 
     #[cfg(test)]
-    pub(crate) fn chunk_file(&self, digest: &Digest) -> PathBuf {
+    pub(crate) fn chunk_file(&self, digest: &Sha256Sum) -> PathBuf {
         stored_path(&self.inner.dir, digest, Stored::Chunk)
     }
 
@@ -667,7 +667,7 @@ impl SharedCache {
 
 /// `data`, the chunk named `digest`, if it is the `size` bytes a TOC gives it; else the
 /// mismatch, logged.
-pub(crate) fn expect_len(digest: &Digest, size: u64, data: Bytes) -> Result<Bytes> {
+pub(crate) fn expect_len(digest: &Sha256Sum, size: u64, data: Bytes) -> Result<Bytes> {
     if data.len() as u64 == size {
         return Ok(data);
     }
@@ -757,12 +757,12 @@ fn read_uncached(path: &Path) -> std::io::Result<Bytes> {
     Ok(Bytes::from(buf).slice(start..start + got.min(len)))
 }
 
-fn stored_path(dir: &Path, digest: &Digest, kind: Stored) -> PathBuf {
+fn stored_path(dir: &Path, digest: &Sha256Sum, kind: Stored) -> PathBuf {
     let hex = digest.hex();
     dir.join(kind.dir()).join(&hex[..2]).join(hex)
 }
 
-fn remove_stored(dir: &Path, digest: &Digest, kind: Stored) {
+fn remove_stored(dir: &Path, digest: &Sha256Sum, kind: Stored) {
     let path = stored_path(dir, digest, kind);
     if let Err(e) = std::fs::remove_file(&path)
         && e.kind() != std::io::ErrorKind::NotFound
@@ -772,7 +772,7 @@ fn remove_stored(dir: &Path, digest: &Digest, kind: Stored) {
 }
 
 /// Every `chunks/xx/<hex>` file: digest, size, modification time.
-fn scan(chunks: &Path) -> Result<Vec<(Digest, u64, std::time::SystemTime)>> {
+fn scan(chunks: &Path) -> Result<Vec<(Sha256Sum, u64, std::time::SystemTime)>> {
     let mut out = Vec::new();
     let read = |p: &Path| {
         std::fs::read_dir(p).map_err(|e| Error::io(format!("reading {}", p.display()), e))
@@ -787,7 +787,7 @@ fn scan(chunks: &Path) -> Result<Vec<(Digest, u64, std::time::SystemTime)>> {
             let name = f.file_name();
             let Some(digest) = name
                 .to_str()
-                .and_then(|n| format!("sha256:{n}").parse::<Digest>().ok())
+                .and_then(|n| format!("sha256:{n}").parse::<Sha256Sum>().ok())
             else {
                 continue;
             };

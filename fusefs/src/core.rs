@@ -384,7 +384,7 @@ impl LayerFs {
 
     /// Adds to `live` the chunk digests and whole-copy keys of the shared cache that
     /// this layer can use (for [`crate::SharedCache::sweep`]).
-    pub fn add_live_cache_keys(&self, live: &mut std::collections::HashSet<estargz::Digest>) {
+    pub fn add_live_cache_keys(&self, live: &mut std::collections::HashSet<estargz::Sha256Sum>) {
         self.fetcher.add_live(live);
     }
 

@@ -3,12 +3,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use estargz::Digest;
+use estargz::Sha256Sum;
 
 pub(crate) struct Lru<V> {
-    map: HashMap<Digest, Slot<V>>,
+    map: HashMap<Sha256Sum, Slot<V>>,
     /// Recency order: tick → key; the smallest tick is the least recently used.
-    order: BTreeMap<u64, Digest>,
+    order: BTreeMap<u64, Sha256Sum>,
     tick: u64,
     bytes: u64,
     capacity: u64,
@@ -35,17 +35,17 @@ impl<V: Clone> Lru<V> {
         self.bytes
     }
 
-    pub(crate) fn contains(&self, key: &Digest) -> bool {
+    pub(crate) fn contains(&self, key: &Sha256Sum) -> bool {
         self.map.contains_key(key)
     }
 
     /// The value, without touching its recency.
-    pub(crate) fn peek(&self, key: &Digest) -> Option<V> {
+    pub(crate) fn peek(&self, key: &Sha256Sum) -> Option<V> {
         self.map.get(key).map(|s| s.value.clone())
     }
 
     /// The value, marked as most recently used.
-    pub(crate) fn get(&mut self, key: &Digest) -> Option<V> {
+    pub(crate) fn get(&mut self, key: &Sha256Sum) -> Option<V> {
         self.tick += 1;
         let slot = self.map.get_mut(key)?;
         self.order.remove(&slot.tick);
@@ -56,7 +56,7 @@ impl<V: Clone> Lru<V> {
 
     /// Inserts (or refreshes) `key` and returns the entries evicted to stay within the
     /// capacity. A value larger than the whole capacity is not kept.
-    pub(crate) fn insert(&mut self, key: Digest, value: V, size: u64) -> Vec<(Digest, V)> {
+    pub(crate) fn insert(&mut self, key: Sha256Sum, value: V, size: u64) -> Vec<(Sha256Sum, V)> {
         if size > self.capacity {
             return Vec::new();
         }
@@ -86,7 +86,7 @@ impl<V: Clone> Lru<V> {
     }
 
     /// Every entry, in no particular order.
-    pub(crate) fn entries(&self) -> Vec<(Digest, V)> {
+    pub(crate) fn entries(&self) -> Vec<(Sha256Sum, V)> {
         self.map
             .iter()
             .map(|(k, s)| (*k, s.value.clone()))
@@ -94,14 +94,14 @@ impl<V: Clone> Lru<V> {
     }
 
     /// Takes out the least recently used entry.
-    pub(crate) fn pop_oldest(&mut self) -> Option<(Digest, V)> {
+    pub(crate) fn pop_oldest(&mut self) -> Option<(Sha256Sum, V)> {
         let (_, key) = self.order.pop_first()?;
         let slot = self.map.remove(&key)?;
         self.bytes -= slot.size;
         Some((key, slot.value))
     }
 
-    pub(crate) fn remove(&mut self, key: &Digest) -> Option<V> {
+    pub(crate) fn remove(&mut self, key: &Sha256Sum) -> Option<V> {
         let slot = self.map.remove(key)?;
         self.order.remove(&slot.tick);
         self.bytes -= slot.size;
@@ -113,8 +113,8 @@ impl<V: Clone> Lru<V> {
 mod tests {
     use super::*;
 
-    fn d(i: u8) -> Digest {
-        Digest::of(&[i])
+    fn d(i: u8) -> Sha256Sum {
+        Sha256Sum::of(&[i])
     }
 
     #[test]

@@ -8,9 +8,9 @@ use reqwest::header::{self, HeaderValue};
 use reqwest::{StatusCode, Url};
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::Digest;
 use crate::auth::{Anonymous, Auth, Challenge, CredentialProvider, parse_challenges};
 use crate::config::{HttpConfig, RegistryConfig, ResolverConfig};
-use crate::digest::Digest;
 use crate::endpoints::{
     Endpoint, Endpoints, HostState, Purpose, check_resolver_cas, load_ca, with_namespace,
 };

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::Semaphore;
 
+use crate::Digest;
 use crate::config::{HostConfig, HttpConfig, ResolverConfig, is_loopback};
-use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::hosts_dir::{self, Capabilities, HostEntry};
 use crate::reference::{DOCKER_HUB, DOCKER_HUB_API, Repository, api_host};

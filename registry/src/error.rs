@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use estargz::{BlobError, BlobErrorKind};
 
-use crate::digest::Digest;
+use crate::Digest;
 
 /// Where a request went: host, repository and object (a digest, a tag or an upload).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,8 +92,9 @@ pub enum Error {
     #[error("{target}: digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch {
         target: Target,
-        expected: Digest,
-        actual: Digest,
+        // Boxed: two digests beside the target would make every `Result` 128 bytes.
+        expected: Box<Digest>,
+        actual: Box<Digest>,
     },
 
     #[error("{target}: range {offset}+{len} lies outside the {size}-byte blob")]

@@ -9,7 +9,6 @@ mod blob;
 mod body;
 mod client;
 mod config;
-mod digest;
 mod endpoints;
 mod error;
 pub mod go_duration;
@@ -33,8 +32,8 @@ pub use client::Client;
 pub use config::{
     HostConfig, HttpConfig, MirrorConfig, RegistryConfig, ResolverConfig, is_loopback,
 };
-pub use digest::{Algorithm, Digest, DigestParseError, Hasher};
 pub use error::{Error, Result, Target};
+pub use estargz::digest::{Algorithm, Digest, DigestParseError, Hasher};
 pub use manifest::{
     Descriptor, Extra, FetchedManifest, ImageIndex, ImageManifest, MAX_MANIFEST_SIZE, Manifest,
     ResolvedImage, choose_platform,

@@ -7,9 +7,9 @@ use reqwest::StatusCode;
 use reqwest::header::{self, HeaderValue};
 use serde::{Deserialize, Serialize};
 
+use crate::Digest;
 use crate::body::read_limited;
 use crate::client::Client;
-use crate::digest::Digest;
 use crate::endpoints::Purpose;
 use crate::error::{Error, Result, Target};
 use crate::media_types::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
@@ -252,8 +252,8 @@ impl Client {
         if actual != digest {
             return Err(Error::DigestMismatch {
                 target,
-                expected: digest,
-                actual,
+                expected: Box::new(digest),
+                actual: Box::new(actual),
             });
         }
         if let (Some(asked), Some(said)) = (expected, header_digest)

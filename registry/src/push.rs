@@ -8,12 +8,12 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{StatusCode, Url};
 
 use crate::client::Client;
-use crate::digest::{Digest, Hasher};
 use crate::endpoints::{Endpoint, Purpose};
 use crate::error::{Error, Result, Target};
 use crate::reference::Repository;
 use crate::request::Req;
 use crate::retry::status_error;
+use crate::{Digest, Hasher};
 
 /// What [`Client::push_blob`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,8 +83,8 @@ impl Client {
         if &actual != digest {
             return Err(Error::DigestMismatch {
                 target,
-                expected: digest.clone(),
-                actual,
+                expected: Box::new(digest.clone()),
+                actual: Box::new(actual),
             });
         }
         if self.blob_exists(repo, digest).await?.is_some() {
@@ -305,8 +305,8 @@ impl Client {
         if &actual != digest {
             return Err(Error::DigestMismatch {
                 target,
-                expected: digest.clone(),
-                actual,
+                expected: Box::new(digest.clone()),
+                actual: Box::new(actual),
             });
         }
         self.finish_upload(ep, &target, location, digest, Bytes::new(), scopes)
@@ -328,8 +328,8 @@ impl Client {
                     let target = Target::new(repo.api_host(), &repo.name, &d);
                     return Err(Error::DigestMismatch {
                         target,
-                        expected: d,
-                        actual,
+                        expected: Box::new(d),
+                        actual: Box::new(actual),
                     });
                 }
                 d
@@ -406,8 +406,8 @@ fn check_digest_header(headers: &HeaderMap, digest: &Digest, target: &Target) ->
     {
         return Err(Error::DigestMismatch {
             target: target.clone(),
-            expected: digest.clone(),
-            actual: said,
+            expected: Box::new(digest.clone()),
+            actual: Box::new(said),
         });
     }
     Ok(())

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::digest::Digest;
+use crate::Digest;
 
 /// The registry name users write for Docker Hub.
 pub const DOCKER_HUB: &str = "docker.io";

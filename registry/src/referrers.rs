@@ -4,9 +4,9 @@
 use reqwest::StatusCode;
 use reqwest::header::{self, HeaderValue};
 
+use crate::Digest;
 use crate::body::read_limited;
 use crate::client::Client;
-use crate::digest::Digest;
 use crate::endpoints::Purpose;
 use crate::error::{Error, Result, Target};
 use crate::manifest::{Descriptor, ImageIndex, MAX_MANIFEST_SIZE, Manifest, pull_scope};

@@ -352,7 +352,7 @@ pub(crate) mod tests {
         Opened::open(Arc::new(estargz::VecBlob::new(blob)), &opts, &gate, "test").await
     }
 
-    fn expecting_toc(digest: estargz::Digest) -> estargz::OpenOptions {
+    fn expecting_toc(digest: estargz::Sha256Sum) -> estargz::OpenOptions {
         estargz::OpenOptions {
             expected_toc_digest: Some(digest),
             ..Default::default()

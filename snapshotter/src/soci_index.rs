@@ -281,7 +281,7 @@ pub(crate) async fn open_through_index(
         .await
         .map_err(|e| MountError::Registry(e.to_string()))?;
     let ztoc_digest =
-        estargz::Digest::try_from(&found.ztoc.digest).map_err(|e| bad(format!("{e}")))?;
+        estargz::Sha256Sum::try_from(&found.ztoc.digest).map_err(|e| bad(format!("{e}")))?;
     let prefetch = match &found.prefetch {
         Some(desc) => prefetch_spans(client, reference, desc).await,
         None => Vec::new(),
@@ -449,7 +449,7 @@ pub async fn open_local_copy(
         .map_err(|e| e.to_string())?;
         let bytes = soci::ztoc::encode(&ztoc);
         let blob = Arc::new(LocalCopy { path, file, size });
-        soci::layer::open_layer(blob, size, &bytes, &estargz::Digest::of(&bytes), &stop)
+        soci::layer::open_layer(blob, size, &bytes, &estargz::Sha256Sum::of(&bytes), &stop)
             .map_err(|e| e.to_string())
     })
     .await?

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use estargz::{BlobReader, Cancel, Digest, Footer, Format, Layer, OpenOptions};
+use estargz::{BlobReader, Cancel, Footer, Format, Layer, OpenOptions, Sha256Sum};
 use serde_json::{Value, json};
 
 /// The first word of every file; the version follows it.
@@ -85,7 +85,7 @@ impl TocStore {
                 "layer {layer_digest} was not verified: nothing to keep"
             )));
         }
-        if Digest::of(toc) != layer.manifest_checksum() {
+        if Sha256Sum::of(toc) != layer.manifest_checksum() {
             return Err(invalid(format!(
                 "the TOC bytes given for layer {layer_digest} are not the layer's"
             )));
@@ -115,7 +115,7 @@ impl TocStore {
             "layer_digest": layer_digest,
             "kind": ZTOC_KIND,
             "blob_size": kept.blob_size,
-            "ztoc_digest": Digest::of(&kept.ztoc).to_string(),
+            "ztoc_digest": Sha256Sum::of(&kept.ztoc).to_string(),
             "prefetch": kept.prefetch.iter().map(|r| [*r.start(), *r.end()]).collect::<Vec<_>>(),
         });
         self.write(&path, &header, &kept.ztoc)
@@ -129,7 +129,7 @@ impl TocStore {
         let mut file = tempfile::Builder::new()
             .prefix(".tmp-")
             .tempfile_in(&self.dir)?;
-        writeln!(file, "{MAGIC} {VERSION} {}", Digest::of(&body).hex())?;
+        writeln!(file, "{MAGIC} {VERSION} {}", Sha256Sum::of(&body).hex())?;
         file.write_all(&body)?;
         file.as_file().sync_all()?;
         file.persist(path).map_err(|e| e.error)?;
@@ -146,7 +146,7 @@ impl TocStore {
     pub fn load(
         &self,
         layer_digest: &str,
-        label_toc_digest: Option<Digest>,
+        label_toc_digest: Option<Sha256Sum>,
         cancel: &Cancel,
         blob: impl FnOnce(u64) -> Arc<dyn BlobReader>,
     ) -> Result<Option<Layer>, String> {
@@ -262,7 +262,7 @@ enum Stored<'a> {
     Ztoc {
         blob_size: u64,
         ztoc: &'a [u8],
-        ztoc_digest: Digest,
+        ztoc_digest: Sha256Sum,
         prefetch: Vec<std::ops::RangeInclusive<u32>>,
     },
 }
@@ -272,7 +272,7 @@ enum Stored<'a> {
 fn check<'a>(
     bytes: &'a [u8],
     layer_digest: &str,
-    label: Option<Digest>,
+    label: Option<Sha256Sum>,
     cancel: &Cancel,
 ) -> Result<Stored<'a>, String> {
     let first_end = bytes
@@ -289,7 +289,7 @@ fn check<'a>(
     if words.next() != Some(VERSION.to_string().as_str()) {
         return Err(format!("not version {VERSION}"));
     }
-    if words.next() != Some(Digest::of(body).hex().as_str()) || words.next().is_some() {
+    if words.next() != Some(Sha256Sum::of(body).hex().as_str()) || words.next().is_some() {
         return Err("checksum mismatch (damaged file)".into());
     }
     let header_end = body
@@ -308,12 +308,12 @@ fn check<'a>(
     }
     let blob_size = header["blob_size"].as_u64().ok_or("no blob_size")?;
     if header["kind"].as_str() == Some(ZTOC_KIND) {
-        let ztoc_digest: Digest = header["ztoc_digest"]
+        let ztoc_digest: Sha256Sum = header["ztoc_digest"]
             .as_str()
             .ok_or("no ztoc_digest")?
             .parse()
             .map_err(|e| format!("ztoc_digest: {e}"))?;
-        if Digest::of(toc) != ztoc_digest {
+        if Sha256Sum::of(toc) != ztoc_digest {
             return Err("the zTOC is not the one verified".into());
         }
         let prefetch = header["prefetch"]
@@ -345,7 +345,7 @@ fn check<'a>(
     if footer.payload_end > footer.toc_offset || toc_end > blob_size {
         return Err("the footer does not fit the blob".into());
     }
-    let digest = |key: &str| -> Result<Option<Digest>, String> {
+    let digest = |key: &str| -> Result<Option<Sha256Sum>, String> {
         match &header[key] {
             Value::Null => Ok(None),
             Value::String(s) => s.parse().map(Some).map_err(|e| format!("{key}: {e}")),
@@ -550,7 +550,7 @@ mod tests {
         let mut body = bytes[first + 1..].to_vec();
         let last = body.len() - 1;
         body[last] ^= 1;
-        let mut forged = format!("{MAGIC} {VERSION} {}\n", Digest::of(&body).hex()).into_bytes();
+        let mut forged = format!("{MAGIC} {VERSION} {}\n", Sha256Sum::of(&body).hex()).into_bytes();
         forged.extend_from_slice(&body);
         std::fs::write(&path, forged).unwrap();
         let err = store.load(DIGEST, None, &Cancel::new(), zeros).unwrap_err();

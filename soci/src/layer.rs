@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use estargz::{BlobReader, Cancel, Digest, Layer};
+use estargz::{BlobReader, Cancel, Layer, Sha256Sum};
 
 use crate::layout::{Layout, LayoutError};
 use crate::ztoc::{self, ZtocError};
@@ -12,7 +12,7 @@ use crate::ztoc::{self, ZtocError};
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("the zTOC's digest is {got}, its descriptor says {want}")]
-    Digest { want: Digest, got: Digest },
+    Digest { want: Sha256Sum, got: Sha256Sum },
     #[error(transparent)]
     Ztoc(#[from] ZtocError),
     #[error(transparent)]
@@ -29,7 +29,7 @@ pub fn open_layer(
     blob: Arc<dyn BlobReader>,
     blob_size: u64,
     ztoc_bytes: &[u8],
-    ztoc_digest: &Digest,
+    ztoc_digest: &Sha256Sum,
     cancel: &Cancel,
 ) -> Result<Layer, OpenError> {
     open_layer_prefetching(blob, blob_size, ztoc_bytes, ztoc_digest, &[], cancel)
@@ -41,11 +41,11 @@ pub fn open_layer_prefetching(
     blob: Arc<dyn BlobReader>,
     blob_size: u64,
     ztoc_bytes: &[u8],
-    ztoc_digest: &Digest,
+    ztoc_digest: &Sha256Sum,
     prefetch: &[std::ops::RangeInclusive<u32>],
     cancel: &Cancel,
 ) -> Result<Layer, OpenError> {
-    let got = Digest::of(ztoc_bytes);
+    let got = Sha256Sum::of(ztoc_bytes);
     if got != *ztoc_digest {
         return Err(OpenError::Digest {
             want: *ztoc_digest,
@@ -154,7 +154,7 @@ mod tests {
             blob,
             gz.len() as u64,
             &ztoc,
-            &Digest::of(&ztoc),
+            &Sha256Sum::of(&ztoc),
             &Cancel::new(),
         )
         .unwrap();
@@ -199,7 +199,7 @@ mod tests {
             blob,
             gz.len() as u64,
             &ztoc,
-            &Digest::of(&ztoc),
+            &Sha256Sum::of(&ztoc),
             &[1..=1],
             &Cancel::new(),
         )
@@ -223,14 +223,14 @@ mod tests {
         let (gz, _) = sample();
         let (_, ztoc) = open(&gz, 256 << 10);
         let blob = Arc::new(VecBlob::new(gz.clone()));
-        let wrong = Digest::of(b"another");
+        let wrong = Sha256Sum::of(b"another");
         let named = open_layer(blob.clone(), gz.len() as u64, &ztoc, &wrong, &Cancel::new());
         assert!(matches!(named, Err(OpenError::Digest { .. })));
         let sized = open_layer(
             blob,
             gz.len() as u64 + 1,
             &ztoc,
-            &Digest::of(&ztoc),
+            &Sha256Sum::of(&ztoc),
             &Cancel::new(),
         );
         assert!(matches!(sized, Err(OpenError::Size { .. })));

@@ -8,7 +8,7 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use estargz::{Cancel, Digest, Format, Index, SpanSource, TocEntry};
+use estargz::{Cancel, Format, Index, Sha256Sum, SpanSource, TocEntry};
 use sha2::Digest as _;
 use sha2::Sha256;
 
@@ -217,7 +217,7 @@ impl Layout {
     /// for the prefetch.
     pub fn index(
         &self,
-        ztoc_digest: &Digest,
+        ztoc_digest: &Sha256Sum,
         source_len: u64,
         prefetch: &[std::ops::RangeInclusive<u32>],
         cancel: &Cancel,
@@ -249,7 +249,7 @@ impl Layout {
     fn entries_of(
         &self,
         i: usize,
-        ztoc_digest: &Digest,
+        ztoc_digest: &Sha256Sum,
         prefetch: &[std::ops::RangeInclusive<u32>],
     ) -> Result<Vec<TocEntry>, estargz::Error> {
         let f = &self.files[i];
@@ -303,7 +303,7 @@ impl Layout {
                 end_offset: span.compressed.end as i64,
                 chunk_offset: p.file_offset as i64,
                 chunk_size: p.len as i64,
-                chunk_digest: Digest::of(&key).to_string(),
+                chunk_digest: Sha256Sum::of(&key).to_string(),
                 inner_offset: p.span_offset as i64,
                 prefetch: prefetch.iter().any(|r| r.contains(&(p.span as u32))),
                 ..TocEntry::default()

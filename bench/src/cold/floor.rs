@@ -159,7 +159,7 @@ fn layout_ztocs(layout: &Path) -> anyhow::Result<Option<(Vec<LayerToc>, u64)>> {
                 let bytes = std::fs::read(blob_path(layout, z_digest))?;
                 let spans = soci::layout::Layout::check(soci::ztoc::decode(&bytes)?)?;
                 let index = spans.index(
-                    &estargz::Digest::of(&bytes),
+                    &estargz::Sha256Sum::of(&bytes),
                     bytes.len() as u64,
                     &[],
                     &cancel,
@@ -340,7 +340,7 @@ mod tests {
     use estargz::{Format, Toc, TocEntry};
 
     fn digest() -> String {
-        estargz::Digest::of(b"x").to_string()
+        estargz::Sha256Sum::of(b"x").to_string()
     }
 
     fn reg(name: &str, size: i64, offset: i64, chunk_size: i64) -> TocEntry {
@@ -517,7 +517,7 @@ mod tests {
         let blobs = dir.join("blobs").join("sha256");
         std::fs::create_dir_all(&blobs).unwrap();
         let put = |bytes: &[u8]| {
-            let d = estargz::Digest::of(bytes).to_string();
+            let d = estargz::Sha256Sum::of(bytes).to_string();
             std::fs::write(blobs.join(d.trim_start_matches("sha256:")), bytes).unwrap();
             d
         };

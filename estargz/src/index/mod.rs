@@ -3,7 +3,7 @@
 
 mod build;
 
-use crate::digest::Digest;
+use crate::digest::Sha256Sum;
 use crate::error::{Error, Result};
 use crate::toc::Timestamp;
 
@@ -57,7 +57,7 @@ pub struct Chunk {
     /// Decompressed size of the chunk.
     pub size: u64,
     /// sha256 of the chunk's decompressed bytes.
-    pub digest: Digest,
+    pub digest: Sha256Sum,
     /// Decompressed bytes to skip in the member before the chunk starts.
     pub inner_offset: u32,
     /// zstd:chunked `chunkType: "zeros"`: the chunk is all zero bytes.

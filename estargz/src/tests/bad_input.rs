@@ -107,7 +107,7 @@ fn bad_blobs_fail_to_open() {
     let (blob, out) = convert_to(OutputFormat::Estargz, &sample_tar(), &[]);
     // Wrong expected digests.
     let wrong = OpenOptions {
-        expected_toc_digest: Some(Digest::of(b"other")),
+        expected_toc_digest: Some(Sha256Sum::of(b"other")),
         ..Default::default()
     };
     assert!(matches!(

@@ -7,7 +7,7 @@ use super::*;
 fn estargz_round_trip_and_tar_gz_validity() {
     let input = sample_tar();
     let (blob, out) = convert_to(OutputFormat::Estargz, &input, &[]);
-    assert_eq!(out.blob_digest, Digest::of(&blob));
+    assert_eq!(out.blob_digest, Sha256Sum::of(&blob));
     assert_eq!(out.blob_size, blob.len() as u64);
     let opts = OpenOptions {
         expected_toc_digest: Some(out.toc_digest),
@@ -16,7 +16,7 @@ fn estargz_round_trip_and_tar_gz_validity() {
     let layer = open(&blob, &opts).unwrap();
     assert_eq!(layer.format(), Format::Estargz);
     assert_eq!(layer.toc_digest(), out.toc_digest);
-    assert_eq!(Digest::of(&toc_json_of(&blob, &layer)), out.toc_digest);
+    assert_eq!(Sha256Sum::of(&toc_json_of(&blob, &layer)), out.toc_digest);
     assert_eq!(
         out.annotations[TOC_DIGEST_ANNOTATION],
         out.toc_digest.to_string()
@@ -27,7 +27,7 @@ fn estargz_round_trip_and_tar_gz_validity() {
     // A valid tar.gz: the diffID is the sha256 of the whole gunzipped stream, and the
     // tar crate sees the same tree plus the landmark and the TOC.
     let plain = gunzip_all(&blob);
-    assert_eq!(out.diff_id, Digest::of(&plain));
+    assert_eq!(out.diff_id, Sha256Sum::of(&plain));
     assert_eq!(out.uncompressed_size, plain.len() as u64);
     assert_eq!(
         out.annotations[UNCOMPRESSED_SIZE_ANNOTATION],
@@ -89,7 +89,7 @@ fn zstd_chunked_round_trip_keeps_the_tar_and_its_tar_split() {
     let layer = open(&blob, &opts).unwrap();
     assert_eq!(layer.format(), Format::ZstdChunked);
     check_layer_contents(&layer);
-    assert_eq!(Digest::of(&toc_json_of(&blob, &layer)), out.toc_digest);
+    assert_eq!(Sha256Sum::of(&toc_json_of(&blob, &layer)), out.toc_digest);
     // Whole zero chunks are marked as holes and read back without a fetch.
     let big = layer
         .index()
@@ -100,7 +100,7 @@ fn zstd_chunked_round_trip_keeps_the_tar_and_its_tar_split() {
     // The uncompressed stream is the input tar, byte for byte.
     let plain = unzstd_all(&blob);
     assert_eq!(plain, input);
-    assert_eq!(out.diff_id, Digest::of(&input));
+    assert_eq!(out.diff_id, Sha256Sum::of(&input));
 
     // Annotations say where the manifest and the tar-split are.
     let f = layer.footer();
@@ -125,7 +125,7 @@ fn zstd_chunked_round_trip_keeps_the_tar_and_its_tar_split() {
     );
     let ts_comp = &blob[ts_off as usize..(ts_off + ts_clen) as usize];
     let toc: Toc = serde_json::from_slice(&toc_json_of(&blob, &layer)).unwrap();
-    assert_eq!(toc.tar_split_digest, Digest::of(ts_comp).to_string());
+    assert_eq!(toc.tar_split_digest, Sha256Sum::of(ts_comp).to_string());
     // Rebuilding the tar from the tar-split and the files gives the input back.
     let ts = unzstd_all(ts_comp);
     assert_eq!(ts.len() as u64, ts_ulen);
@@ -203,7 +203,7 @@ fn stargz_zstd_chunked_round_trip() {
         out.toc_digest.to_string()
     );
     let plain = unzstd_all(&blob);
-    assert_eq!(out.diff_id, Digest::of(&plain));
+    assert_eq!(out.diff_id, Sha256Sum::of(&plain));
     let got = tar_entries(&plain);
     assert_eq!(got[0].0, NO_PREFETCH_LANDMARK);
     assert_eq!(&got[1..], &tar_entries(&input)[..]);
@@ -241,7 +241,7 @@ fn prioritized_files_come_first_with_their_parents_and_the_landmark() {
         } else {
             unzstd_all(&blob)
         };
-        assert_eq!(out.diff_id, Digest::of(&plain));
+        assert_eq!(out.diff_id, Sha256Sum::of(&plain));
         let names: Vec<String> = tar_entries(&plain).into_iter().map(|e| e.0).collect();
         assert_eq!(
             &names[..6],
@@ -340,6 +340,6 @@ fn compressed_inputs_are_detected() {
     for compressed in [gz, zst] {
         let (blob, out) = convert_to(OutputFormat::ZstdChunked, &compressed, &[]);
         assert_eq!(unzstd_all(&blob), input);
-        assert_eq!(out.diff_id, Digest::of(&input));
+        assert_eq!(out.diff_id, Sha256Sum::of(&input));
     }
 }

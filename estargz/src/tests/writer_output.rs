@@ -77,8 +77,8 @@ fn inner_offsets_share_a_member() {
         size: data.len() as i64,
         offset: member_at as i64,
         inner_offset: inner,
-        digest: Digest::of(data).to_string(),
-        chunk_digest: Digest::of(data).to_string(),
+        digest: Sha256Sum::of(data).to_string(),
+        chunk_digest: Sha256Sum::of(data).to_string(),
         ..Default::default()
     };
     let toc = Toc {

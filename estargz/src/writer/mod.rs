@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::digest::Digest;
+use crate::digest::Sha256Sum;
 use crate::error::{Error, Result};
 use converter::Converter;
 use pipeline::{HashingWriter, Job, Pipeline, decompressed, worker};
@@ -70,14 +70,14 @@ impl Default for WriterOptions {
 #[derive(Debug, Clone)]
 pub struct WriteOutput {
     /// sha256 of the blob written.
-    pub blob_digest: Digest,
+    pub blob_digest: Sha256Sum,
     pub blob_size: u64,
     /// sha256 of the uncompressed tar stream (the layer's DiffID).
-    pub diff_id: Digest,
+    pub diff_id: Sha256Sum,
     /// sha256 of the uncompressed TOC JSON.
-    pub toc_digest: Digest,
+    pub toc_digest: Sha256Sum,
     /// sha256 of the compressed TOC bytes (zstd:chunked's manifest checksum).
-    pub manifest_checksum: Digest,
+    pub manifest_checksum: Sha256Sum,
     pub uncompressed_size: u64,
     /// Annotations to set on the layer descriptor.
     pub annotations: BTreeMap<String, String>,

@@ -291,7 +291,7 @@ impl Fetcher {
         data: &[u8],
         start: u64,
         keep: bool,
-        to_disk: &mut Vec<(estargz::Digest, Bytes)>,
+        to_disk: &mut Vec<(estargz::Sha256Sum, Bytes)>,
     ) {
         let span_at = group[0].chunk.comp_offset;
         let rel = (span_at - start) as usize;

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use estargz::{Digest, EntryKind, Index, Layer, NodeId};
+use estargz::{EntryKind, Index, Layer, NodeId, Sha256Sum};
 
 use super::{Counted, Fetcher, lock};
 use crate::config::FsConfig;
@@ -13,7 +13,7 @@ use crate::config::FsConfig;
 /// Which files get whole copies, and which copies are being written.
 pub(crate) struct Assembling {
     /// Whole-file copies being written, by key.
-    under_way: Mutex<HashSet<Digest>>,
+    under_way: Mutex<HashSet<Sha256Sum>>,
     /// Files of at least this size get whole copies; `None`: none do (passthrough off,
     /// or no disk cache to keep them in).
     min_bytes: Option<u64>,
@@ -36,18 +36,18 @@ impl Assembling {
     }
 
     /// Claims the writing of the copy under `key`: false when it is under way already.
-    fn begin(&self, key: Digest) -> bool {
+    fn begin(&self, key: Sha256Sum) -> bool {
         lock(&self.under_way).insert(key)
     }
 
-    fn end(&self, key: &Digest) {
+    fn end(&self, key: &Sha256Sum) {
         lock(&self.under_way).remove(key);
     }
 }
 
 /// The key a whole copy of `node`'s content is stored under: a digest of its chunk
 /// list, so equal files of different layers share one copy.
-fn file_key(layer: &Layer, node: NodeId) -> Digest {
+fn file_key(layer: &Layer, node: NodeId) -> Sha256Sum {
     let chunks = layer.chunks_for_range(node, 0, u64::MAX);
     let mut text = Vec::with_capacity(32 + chunks.len() * 48);
     text.extend_from_slice(b"lazysnap whole file v1\0");
@@ -56,13 +56,13 @@ fn file_key(layer: &Layer, node: NodeId) -> Digest {
         text.extend_from_slice(&c.file_offset.to_le_bytes());
         text.extend_from_slice(&c.size.to_le_bytes());
     }
-    Digest::of(&text)
+    Sha256Sum::of(&text)
 }
 
 impl Fetcher {
     /// Adds to `live` what of the cache this layer can use: every chunk digest, and the
     /// key of every whole copy it could serve.
-    pub(crate) fn add_live(&self, live: &mut HashSet<Digest>) {
+    pub(crate) fn add_live(&self, live: &mut HashSet<Sha256Sum>) {
         let index = self.layer.index();
         live.extend(index.all_chunks().iter().map(|c| c.digest));
         for id in 0..index.len() {

@@ -150,7 +150,7 @@ mod tests {
             comp_end: e,
             file_offset: 0,
             size: 0,
-            digest: estargz::Digest([0; 32]),
+            digest: estargz::Sha256Sum([0; 32]),
             inner_offset: 0,
             zeros: false,
             prefetch: false,

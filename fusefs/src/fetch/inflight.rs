@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use estargz::{Chunk, Digest, NodeId};
+use estargz::{Chunk, NodeId, Sha256Sum};
 use tokio::sync::watch;
 
 use super::lock;
@@ -39,7 +39,7 @@ pub(crate) enum Joined {
 
 #[derive(Default)]
 pub(crate) struct InFlight {
-    table: Mutex<HashMap<Digest, watch::Receiver<Slot>>>,
+    table: Mutex<HashMap<Sha256Sum, watch::Receiver<Slot>>>,
 }
 
 impl InFlight {

@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use estargz::{Chunk, Digest, NodeId};
+use estargz::{Chunk, NodeId, Sha256Sum};
 
 use super::lock;
 
@@ -34,7 +34,7 @@ struct Judge {
     fetched: u64,
     used: u64,
     /// Neighbour chunks not read yet, with their compressed length.
-    pending: HashMap<Digest, u64>,
+    pending: HashMap<Sha256Sum, u64>,
 }
 
 impl Neighbours {
@@ -127,7 +127,7 @@ mod tests {
             comp_end: len,
             file_offset: 0,
             size: len,
-            digest: Digest([n; 32]),
+            digest: Sha256Sum([n; 32]),
             inner_offset: 0,
             zeros: false,
             prefetch: false,

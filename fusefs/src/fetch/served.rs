@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use estargz::{Chunk, Digest, NodeId};
+use estargz::{Chunk, NodeId, Sha256Sum};
 
 use super::lock;
 use crate::cache::SharedCache;
@@ -17,7 +17,7 @@ use crate::cache::SharedCache;
 /// Chunks read in part, and how many of their bytes were handed out.
 #[derive(Default)]
 pub(crate) struct Served {
-    partial: Mutex<HashMap<Digest, u64>>,
+    partial: Mutex<HashMap<Sha256Sum, u64>>,
 }
 
 /// Past this many partly read chunks (a random reader's), the count starts over: the

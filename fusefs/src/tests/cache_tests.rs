@@ -17,7 +17,7 @@ fn a_sweep_keeps_what_mounted_layers_use_and_drops_the_rest() {
     assert!(used > 0);
     // A chunk of another layer, since removed.
     let other = Bytes::from(pattern(50_000, 99));
-    let other_digest = estargz::Digest::of(&other);
+    let other_digest = estargz::Sha256Sum::of(&other);
     a.cache.put_disk(other_digest, &other);
     a.cache.put_memory(other_digest, other.clone());
     assert!(a.cache.contains(&other_digest));
@@ -179,8 +179,8 @@ fn an_idle_memory_tier_lets_go_of_what_is_on_disk() {
     let cache = SharedCache::open(CacheConfig::new(dir.path())).unwrap();
     let (on_disk, only_in_memory) = (vec![1u8; 5000], vec![2u8; 7000]);
     let (a, b) = (
-        estargz::Digest::of(&on_disk),
-        estargz::Digest::of(&only_in_memory),
+        estargz::Sha256Sum::of(&on_disk),
+        estargz::Sha256Sum::of(&only_in_memory),
     );
     cache.put_memory(a, Bytes::from(on_disk.clone()));
     cache.put_disk(a, &on_disk);
@@ -213,8 +213,8 @@ fn only_a_hit_keeps_the_memory_tier_in_use() {
     let dir = tempfile::tempdir().unwrap();
     let cache = SharedCache::open(CacheConfig::new(dir.path())).unwrap();
     let data = vec![3u8; 4000];
-    let digest = estargz::Digest::of(&data);
-    let absent = estargz::Digest::of(b"never stored");
+    let digest = estargz::Sha256Sum::of(&data);
+    let absent = estargz::Sha256Sum::of(b"never stored");
     cache.put_memory(digest, Bytes::from(data.clone()));
     cache.put_disk(digest, &data);
     let (pause, idle) = (Duration::from_millis(300), Duration::from_millis(250));
@@ -244,7 +244,7 @@ fn named_chunks_read_back_checked_and_a_corrupt_one_is_dropped() {
     let cache = open();
     let data = pattern(10_000, 5);
     // A name that is not the content's digest, as a SOCI span piece's is not.
-    let key = estargz::Digest::of(b"a piece's name");
+    let key = estargz::Sha256Sum::of(b"a piece's name");
     cache.put_disk_named(key, &data);
     assert_eq!(
         &cache.get(&key, data.len() as u64).unwrap().unwrap()[..],

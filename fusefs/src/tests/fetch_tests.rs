@@ -372,7 +372,7 @@ fn a_chunk_read_to_its_last_byte_leaves_the_memory_tier_and_reads_back_from_disk
 #[test]
 fn a_chunk_read_through_before_its_disk_write_leaves_memory_once_written() {
     let (f, _) = fixture(OutputFormat::Estargz);
-    let digest = estargz::Digest::of(b"not yet written");
+    let digest = estargz::Sha256Sum::of(b"not yet written");
     let data = bytes::Bytes::from_static(b"not yet written");
     f.cache.put_memory(digest, data.clone());
     f.cache.read_through(digest);

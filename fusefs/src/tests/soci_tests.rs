@@ -5,7 +5,7 @@
 use std::io::Write;
 
 use super::*;
-use estargz::{Cancel, Digest};
+use estargz::{Cancel, Sha256Sum};
 
 /// The sample tar as an ordinary gzip layer with a zTOC of 64 KiB spans.
 fn soci_fixture() -> (Fixture, Source) {
@@ -22,7 +22,7 @@ fn soci_fixture() -> (Fixture, Source) {
         blob.clone(),
         gz.len() as u64,
         &ztoc,
-        &Digest::of(&ztoc),
+        &Sha256Sum::of(&ztoc),
         &Cancel::new(),
     )
     .unwrap();

@@ -8,13 +8,13 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::body::{content_length, parse_content_range};
 use crate::client::Client;
-use crate::digest::{Digest, Hasher};
 use crate::endpoints::{Endpoint, Purpose};
 use crate::error::{Error, Result, Target};
 use crate::manifest::pull_scope;
 use crate::reference::Repository;
 use crate::request::Req;
 use crate::retry::status_error;
+use crate::{Digest, Hasher};
 
 impl Client {
     /// The size of a blob: `HEAD`, or when that fails, `GET Range: bytes=0-0` and the total
@@ -203,8 +203,8 @@ impl Client {
         if &actual != digest {
             return Err(Error::DigestMismatch {
                 target,
-                expected: digest.clone(),
-                actual,
+                expected: Box::new(digest.clone()),
+                actual: Box::new(actual),
             });
         }
         Ok(state.written)

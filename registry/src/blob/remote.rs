@@ -9,11 +9,11 @@ use estargz::{BlobError, BlobFuture, BlobReader};
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{StatusCode, Url};
 
+use crate::Digest;
 use crate::body::{
     Body, StreamSink, content_length, parse_content_range, read_exact, read_prefix, stream_exact,
 };
 use crate::client::Client;
-use crate::digest::Digest;
 use crate::endpoints::{Endpoint, Purpose};
 use crate::error::{Error, Result, Target};
 use crate::manifest::pull_scope;

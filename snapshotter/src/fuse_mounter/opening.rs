@@ -158,7 +158,7 @@ impl FuseMounter {
         let (repository, digest) = (layer.reference.repository.clone(), layer.digest.clone());
         let label = match &layer.toc_digest {
             Some(toc) => Some(
-                toc.parse::<estargz::Digest>()
+                toc.parse::<estargz::Sha256Sum>()
                     .map_err(|e| MountError::Labels(format!("toc.digest label {toc:?}: {e}")))?,
             ),
             None => None,
@@ -213,7 +213,11 @@ impl FuseMounter {
             return Ok(opts);
         }
         let annotations = self.layer_annotations(layer).await?;
-        let get = |key: &str| annotations.get(key).map(|v| v.parse::<estargz::Digest>());
+        let get = |key: &str| {
+            annotations
+                .get(key)
+                .map(|v| v.parse::<estargz::Sha256Sum>())
+        };
         if let Some(toc) = get(estargz::TOC_DIGEST_ANNOTATION) {
             opts.expected_toc_digest =
                 Some(toc.map_err(|e| MountError::Layer(format!("toc.digest annotation: {e}")))?);

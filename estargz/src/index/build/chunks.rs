@@ -2,7 +2,7 @@
 //! checked to tile the file, then placed in the index with their compressed ends.
 
 use super::{Builder, nonneg_u64};
-use crate::digest::Digest;
+use crate::digest::Sha256Sum;
 use crate::error::{Error, Result};
 use crate::footer::Format;
 use crate::index::{Chunk, EntryKind, Index, MAX_CHUNK_SIZE, NodeId, normalize_path};
@@ -16,7 +16,7 @@ pub(super) struct RawChunk {
     explicit_end: u64,
     file_offset: u64,
     size: u64,
-    digest: Digest,
+    digest: Sha256Sum,
     inner: u32,
     zeros: bool,
     prefetch: bool,
@@ -29,7 +29,7 @@ pub(super) struct OpenFile {
     size: u64,
     first_chunk: usize,
     /// The `reg` entry's own digest: the chunk digest of a one-chunk zstd:chunked file.
-    file_digest: Option<Digest>,
+    file_digest: Option<Sha256Sum>,
     end_offset: u64,
     /// The last chunk said "to the end of the file" (chunkSize 0): none may follow.
     open_ended: bool,
@@ -126,7 +126,7 @@ impl Builder<'_> {
                 return Err(Error::bad_entry(path, "chunk without chunkDigest"));
             }
             file.first_undigested = true;
-            Digest::default()
+            Sha256Sum::default()
         } else {
             e.chunk_digest.parse().map_err(|_| {
                 Error::bad_entry(path, format!("bad chunkDigest {:?}", e.chunk_digest))

@@ -389,10 +389,10 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::digest::Digest;
+    use crate::digest::Sha256Sum;
     use crate::index::{MAX_CHUNK_SIZE, NodeId};
 
-    fn reg(name: &str, size: i64, offset: i64, digest: &Digest) -> TocEntry {
+    fn reg(name: &str, size: i64, offset: i64, digest: &Sha256Sum) -> TocEntry {
         TocEntry {
             name: name.into(),
             kind: "reg".into(),
@@ -432,7 +432,7 @@ mod tests {
 
     #[test]
     fn builds_tree_with_implicit_dirs_hardlinks_and_lookup() {
-        let d = Digest::of(b"x");
+        let d = Sha256Sum::of(b"x");
         let mut link = TocEntry {
             name: "c/hl".into(),
             kind: "hardlink".into(),
@@ -497,7 +497,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_chunk_tables() {
-        let d = Digest::of(b"x");
+        let d = Sha256Sum::of(b"x");
         let chunk = |off: i64, coff: i64, size: i64| TocEntry {
             name: "f".into(),
             kind: "chunk".into(),
@@ -570,7 +570,7 @@ mod tests {
             });
         }
         for i in 0..n - 100 {
-            let dg = Digest::of(&(i as u64).to_le_bytes());
+            let dg = Sha256Sum::of(&(i as u64).to_le_bytes());
             let mut e = reg(
                 &format!("usr/share/dir{:03}/file-{i:06}.txt", i % 100),
                 1000,
@@ -657,7 +657,7 @@ mod tests {
 
     #[test]
     fn a_later_entry_replaces_an_earlier_one_and_its_chunks() {
-        let (d1, d2) = (Digest::of(b"1"), Digest::of(b"2"));
+        let (d1, d2) = (Sha256Sum::of(b"1"), Sha256Sum::of(b"2"));
         let t = toc(vec![
             TocEntry {
                 chunk_size: 5,

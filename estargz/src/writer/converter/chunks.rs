@@ -7,7 +7,7 @@ use std::ops::Range;
 use sha2::{Digest as _, Sha256};
 
 use super::{Converter, Payload, PendingChunk};
-use crate::digest::Digest;
+use crate::digest::Sha256Sum;
 use crate::error::{Error, Result};
 use crate::index::normalize_path;
 use crate::tar::TarHeader;
@@ -96,7 +96,7 @@ impl<W: Write> Converter<W> {
         self.crc.reset();
         let mut buf = vec![0u8; 256 << 10];
         let mut file_off = 0u64;
-        let mut chunk_meta: Vec<(usize, u64, u64, Digest, bool)> = Vec::new();
+        let mut chunk_meta: Vec<(usize, u64, u64, Sha256Sum, bool)> = Vec::new();
         for &(csize, prefetch) in &plan {
             let seq = self.start_member()?;
             let mut chunk_hash = Sha256::new();
@@ -135,7 +135,13 @@ impl<W: Write> Converter<W> {
                 self.entries.len() - 1
             };
             self.entries[entry].prefetch = prefetch;
-            chunk_meta.push((entry, seq, csize, Digest::from_hasher(chunk_hash), all_zero));
+            chunk_meta.push((
+                entry,
+                seq,
+                csize,
+                Sha256Sum::from_hasher(chunk_hash),
+                all_zero,
+            ));
             self.chunk_fixups.push(PendingChunk { entry, seq });
             file_off += csize;
             if zstd {
@@ -145,7 +151,7 @@ impl<W: Write> Converter<W> {
         }
         let file_digest = match chunk_meta.as_slice() {
             [(_, _, _, only, _)] if !multi_chunk => *only,
-            _ => Digest::from_hasher(file_hash),
+            _ => Sha256Sum::from_hasher(file_hash),
         };
         let n = chunk_meta.len();
         for (i, (entry, seq, csize, digest, zeros)) in chunk_meta.iter().enumerate() {

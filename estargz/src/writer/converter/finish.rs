@@ -12,7 +12,7 @@ use crate::annotation::{
     MANIFEST_CHECKSUM_ANNOTATION, MANIFEST_POSITION_ANNOTATION, TARSPLIT_POSITION_ANNOTATION,
     TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION,
 };
-use crate::digest::Digest;
+use crate::digest::Sha256Sum;
 use crate::error::{Error, Result};
 use crate::footer::{
     SKIPPABLE_HEADER_SIZE, estargz_footer, skippable_frame, stargz_zstd_footer, zstd_chunked_footer,
@@ -110,14 +110,14 @@ impl<W: Write> Converter<W> {
         let toc_offset = out.count;
         out.put(&compressed)?;
         out.put(&estargz_footer(toc_offset))?;
-        let toc_digest = Digest::of(&json);
+        let toc_digest = Sha256Sum::of(&json);
         let mut annotations = BTreeMap::new();
         annotations.insert(TOC_DIGEST_ANNOTATION.to_string(), toc_digest.to_string());
         annotations.insert(
             UNCOMPRESSED_SIZE_ANNOTATION.to_string(),
             self.uncompressed.to_string(),
         );
-        Ok(self.output(toc_digest, Digest::of(&compressed), annotations))
+        Ok(self.output(toc_digest, Sha256Sum::of(&compressed), annotations))
     }
 
     fn finish_zstd(&mut self, entries: Vec<TocEntry>) -> Result<WriteOutput> {
@@ -131,14 +131,14 @@ impl<W: Write> Converter<W> {
             entries,
             tar_split_digest: ts
                 .as_ref()
-                .map(|(data, _)| Digest::of(data).to_string())
+                .map(|(data, _)| Sha256Sum::of(data).to_string())
                 .unwrap_or_default(),
         };
         let json = toc_json(&toc, !cstorage)?;
         let compressed = zstd::bulk::compress(&json, self.level)
             .map_err(|e| Error::io("compressing the TOC", e))?;
-        let manifest_checksum = Digest::of(&compressed);
-        let toc_digest = Digest::of(&json);
+        let manifest_checksum = Sha256Sum::of(&compressed);
+        let toc_digest = Sha256Sum::of(&json);
         let out = &mut self.pipeline.out;
         let toc_offset = out.count + SKIPPABLE_HEADER_SIZE;
         out.put(&skippable_frame(&compressed)?)?;
@@ -180,15 +180,15 @@ impl<W: Write> Converter<W> {
 
     fn output(
         &mut self,
-        toc_digest: Digest,
-        manifest_checksum: Digest,
+        toc_digest: Sha256Sum,
+        manifest_checksum: Sha256Sum,
         annotations: BTreeMap<String, String>,
     ) -> WriteOutput {
         let out = &mut self.pipeline.out;
         WriteOutput {
-            blob_digest: Digest::from_hasher(std::mem::take(&mut out.hasher)),
+            blob_digest: Sha256Sum::from_hasher(std::mem::take(&mut out.hasher)),
             blob_size: out.count,
-            diff_id: Digest::from_hasher(std::mem::take(&mut self.diff)),
+            diff_id: Sha256Sum::from_hasher(std::mem::take(&mut self.diff)),
             toc_digest,
             manifest_checksum,
             uncompressed_size: self.uncompressed,
