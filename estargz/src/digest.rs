@@ -151,6 +151,20 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// `N` bytes from `2 * N` lowercase hex digits.
+fn decode_hex<const N: usize>(hex: &[u8]) -> Option<[u8; N]> {
+    let nibble = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; N];
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
 /// The one parser of the text form. Lowercase hex only, as OCI's grammar for sha256 and
 /// sha512 (and containerd's go-digest) require.
 impl FromStr for Digest {
@@ -170,19 +184,12 @@ impl FromStr for Digest {
         if hex.len() != algorithm.len() * 2 {
             return Err(err("wrong length for the algorithm"));
         }
-        let nibble = |b: u8| match b {
-            b'0'..=b'9' => Some(b - b'0'),
-            b'a'..=b'f' => Some(b - b'a' + 10),
-            _ => None,
-        };
-        let mut bytes = [0u8; 64];
-        for (byte, pair) in bytes.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
-            let (Some(hi), Some(lo)) = (nibble(pair[0]), nibble(pair[1])) else {
-                return Err(err("not lowercase hex"));
-            };
-            *byte = (hi << 4) | lo;
-        }
-        Ok(Self::new(algorithm, &bytes[..algorithm.len()]))
+        let bad_hex = || err("not lowercase hex");
+        let hex = hex.as_bytes();
+        Ok(Digest(match algorithm {
+            Algorithm::Sha256 => HashValue::Sha256(decode_hex(hex).ok_or_else(bad_hex)?),
+            Algorithm::Sha512 => HashValue::Sha512(Box::new(decode_hex(hex).ok_or_else(bad_hex)?)),
+        }))
     }
 }
 
