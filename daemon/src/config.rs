@@ -132,8 +132,7 @@ pub struct LazyConfig {
     pub library_fetch_kb: u64,
     /// When a layer is mounted, fetch the TOCs of the image's other layers in the
     /// background, so their Prepares need not wait for the registry (each is still
-    /// verified against its own TOC digest); for a SOCI-indexed image, their zTOCs
-    /// (checked against their digests in the index). Default true.
+    /// verified against its own TOC digest). Default true.
     pub preopen_siblings: bool,
     /// Once every byte of a lazily pulled layer is local, copy its tree into a plain
     /// directory beside its mount; containers created after that read the copy through

@@ -26,7 +26,6 @@ pub mod soci_index;
 mod store;
 pub mod tocstore;
 mod types;
-mod ztoc_ahead;
 
 pub use error::{Error, Result};
 pub use snapshots::{PreparedForLayer, RemoteSnapshot, Removed, Snapshotter};

@@ -15,7 +15,6 @@ use registry::{Client, Descriptor, Digest, ImageManifest, Reference};
 use crate::layer_source::LayerSource;
 use crate::remote::MountError;
 use crate::tocstore::{KeptZtoc, ZTOC_PARSE_FACTOR};
-use crate::ztoc_ahead::{ZtocKey, ZtocsAhead};
 
 pub use soci::index_names::{
     ANNOTATION_INDEX_DIGEST, ANNOTATION_LAYER_DIGEST, SOCI_INDEX_V1, SOCI_INDEX_V2, ZTOC_MEDIA_TYPE,
@@ -83,86 +82,13 @@ impl std::fmt::Display for NoZtoc {
 }
 
 /// The SOCI indexes of the images whose layers were mounted, by (repository, manifest
-/// digest or reference, index label), and the zTOCs fetched ahead of their layers.
+/// digest or reference, index label).
 #[derive(Default)]
 pub struct SociIndexes {
     found: Mutex<HashMap<(String, String, String), Arc<Lookup>>>,
-    ahead: Option<ZtocsAhead>,
 }
 
 impl SociIndexes {
-    /// Once a layer finds its image's index, the other layers' zTOCs are fetched at once
-    /// (a few at a time) instead of one Prepare after another.
-    pub(crate) fn fetching_ahead(handle: tokio::runtime::Handle) -> Self {
-        SociIndexes {
-            found: Mutex::default(),
-            ahead: Some(ZtocsAhead::new(
-                handle,
-                crate::ztoc_ahead::DEFAULT_CONCURRENCY,
-                crate::ztoc_ahead::DEFAULT_BUDGET,
-                crate::ztoc_ahead::DEFAULT_UNCLAIMED_TTL,
-            )),
-        }
-    }
-
-    /// Starts fetching the zTOCs of the image's layers other than `layer`.
-    fn fetch_siblings_ahead(&self, client: &Client, layer: &LayerSource<'_>, lookup: &Lookup) {
-        let (Some(ahead), Lookup::Index { index, image, .. }) = (&self.ahead, lookup) else {
-            return;
-        };
-        let repository = &layer.reference.repository;
-        let mut started = 0;
-        for sibling in image.layers.iter().filter(|d| d.digest != layer.digest) {
-            let Some(ztoc) = ztoc_of(index, &sibling.digest.to_string(), ZTOC_MEDIA_TYPE) else {
-                continue;
-            };
-            if ztoc.size > MAX_ZTOC_SIZE {
-                continue;
-            }
-            let key = ZtocKey {
-                repository: repository.to_string(),
-                digest: ztoc.digest.clone(),
-            };
-            let (client, repo, digest) = (client.clone(), repository.clone(), ztoc.digest.clone());
-            let fetch = async move {
-                client
-                    .fetch_blob(&repo, &digest, MAX_ZTOC_SIZE)
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            started += usize::from(ahead.start(key, ztoc.size, fetch));
-        }
-        if started > 0 {
-            tracing::debug!(layer = %layer.layer_digest, ztocs = started,
-                "fetching the zTOCs of the image's other layers ahead of their Prepares");
-        }
-    }
-
-    /// The zTOC `ztoc`: fetched ahead, else now. Its digest is checked as it streams in.
-    async fn ztoc_bytes(
-        &self,
-        client: &Client,
-        repository: &registry::Repository,
-        ztoc: &Descriptor,
-    ) -> Result<bytes::Bytes, String> {
-        let fetch_now = || async {
-            client
-                .fetch_blob(repository, &ztoc.digest, MAX_ZTOC_SIZE)
-                .await
-                .map_err(|e| e.to_string())
-        };
-        match &self.ahead {
-            Some(ahead) => {
-                let key = ZtocKey {
-                    repository: repository.to_string(),
-                    digest: ztoc.digest.clone(),
-                };
-                ahead.take(&key, fetch_now).await
-            }
-            None => fetch_now().await,
-        }
-    }
-
     /// The zTOC for `layer`, or None when the image has no SOCI index, the index has no
     /// zTOC for this layer (soci skips small ones) or the layer is lazy by its own TOC.
     pub(crate) async fn ztoc_for(
@@ -184,7 +110,6 @@ impl SociIndexes {
             Some(lookup) => lookup,
             None => {
                 let lookup = Arc::new(look_up(client, layer).await?);
-                self.fetch_siblings_ahead(client, layer, &lookup);
                 let mut found = lock(&self.found);
                 // A bound on memory: a node pulls a few images at a time.
                 if found.len() >= 256 {
@@ -209,7 +134,15 @@ impl SociIndexes {
                 "the image's manifest does not list layer {wanted}"
             )));
         };
-        let for_layer = |media_type: &str| ztoc_of(index, &layer.layer_digest, media_type);
+        let for_layer = |media_type: &str| {
+            index.layers.iter().find(|d| {
+                (d.media_type == media_type)
+                    && d.annotations
+                        .as_ref()
+                        .and_then(|a| a.get(ANNOTATION_LAYER_DIGEST))
+                        .is_some_and(|l| *l == layer.layer_digest)
+            })
+        };
         Ok(match for_layer(ZTOC_MEDIA_TYPE) {
             Some(ztoc) => Ok(ZtocRef {
                 index_digest: digest.clone(),
@@ -224,22 +157,6 @@ impl SociIndexes {
             }),
         })
     }
-}
-
-/// The descriptor of `media_type` (a zTOC, a prefetch artifact) in `index` for the image
-/// layer `layer_digest`.
-fn ztoc_of<'a>(
-    index: &'a ImageManifest,
-    layer_digest: &str,
-    media_type: &str,
-) -> Option<&'a Descriptor> {
-    index.layers.iter().find(|d| {
-        (d.media_type == media_type)
-            && d.annotations
-                .as_ref()
-                .and_then(|a| a.get(ANNOTATION_LAYER_DIGEST))
-                .is_some_and(|l| *l == layer_digest)
-    })
 }
 
 async fn look_up(client: &Client, layer: &LayerSource<'_>) -> Result<Lookup, MountError> {
@@ -359,10 +276,10 @@ pub(crate) async fn open_through_index(
             found.ztoc.size
         )));
     }
-    let bytes = indexes
-        .ztoc_bytes(client, &reference.repository, &found.ztoc)
+    let bytes = client
+        .fetch_blob(&reference.repository, &found.ztoc.digest, MAX_ZTOC_SIZE)
         .await
-        .map_err(MountError::Registry)?;
+        .map_err(|e| MountError::Registry(e.to_string()))?;
     let ztoc_digest =
         estargz::Sha256Sum::try_from(&found.ztoc.digest).map_err(|e| bad(format!("{e}")))?;
     let prefetch = match &found.prefetch {

@@ -162,14 +162,12 @@ impl FuseMounter {
 
     /// On a layer's mount, pre-opens the TOCs of its image's other layers (a few at a
     /// time), to be used by their own Prepares once verified.
-    /// The zTOCs of a SOCI-indexed image's other layers are fetched at once in the same way.
     pub fn with_sibling_preopen(mut self) -> FuseMounter {
         self.preopener = Some(Preopener::new(
             self.handle.clone(),
             preopen::DEFAULT_CONCURRENCY,
             preopen::DEFAULT_UNCLAIMED_TTL,
         ));
-        self.soci = crate::soci_index::SociIndexes::fetching_ahead(self.handle.clone());
         self
     }
 
