@@ -74,7 +74,8 @@ pub struct ConvertArgs {
     /// and is found through the registry's referrers.
     #[arg(long, value_name = "VERSION", default_value = "v2", requires = "soci")]
     pub soci_version: SociVersion,
-    /// Bytes of uncompressed tar between two checkpoints of a zTOC (default 4 MiB).
+    /// Bytes of uncompressed tar between two checkpoints of a zTOC (default 2 MiB; soci's
+    /// is 4 MiB).
     #[arg(long, value_name = "BYTES", requires = "soci")]
     pub span_size: Option<u64>,
     /// Layers smaller than this get no zTOC and are pulled whole (default 10 MiB).

@@ -158,8 +158,8 @@ async fn pull_run_and_read_back(s: &Setup, reference: &str, files: &BTreeMap<Str
             "layer {digest}: {served} of {size} compressed bytes served before the first output ({:.1}%)",
             served as f64 * 100.0 / size as f64
         );
-        // A read fetches its whole span (4 MiB of tar, here about as much compressed):
-        // at most two of a layer's four or so spans.
+        // A read fetches its whole span (2 MiB of tar, here about as much compressed):
+        // a few of a layer's six or more spans.
         assert!(
             served * 2 < size,
             "layer {digest}: {served} of {size} bytes served"
