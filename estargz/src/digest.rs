@@ -56,18 +56,6 @@ pub struct DigestParseError {
 }
 
 impl Digest {
-    /// `hash` is `algorithm.len()` bytes long.
-    fn new(algorithm: Algorithm, hash: &[u8]) -> Self {
-        Digest(match algorithm {
-            Algorithm::Sha256 => HashValue::Sha256(hash.try_into().unwrap_or_default()),
-            Algorithm::Sha512 => {
-                let mut bytes = Box::new([0u8; 64]);
-                bytes.copy_from_slice(hash);
-                HashValue::Sha512(bytes)
-            }
-        })
-    }
-
     /// The sha256 digest of `data`.
     pub fn sha256_of(data: &[u8]) -> Self {
         Sha256Sum::of(data).into()
@@ -75,7 +63,7 @@ impl Digest {
 
     /// The digest a sha256 hasher has taken in (data hashed as it streams past).
     pub fn from_sha256(hasher: Sha256) -> Self {
-        Self::new(Algorithm::Sha256, &hasher.finalize())
+        Digest(HashValue::Sha256(hasher.finalize().into()))
     }
 
     /// The digest of `data` computed with this digest's algorithm.
@@ -136,7 +124,7 @@ impl Hasher {
     pub fn finish(self) -> Digest {
         match self {
             Hasher::Sha256(h) => Digest::from_sha256(h),
-            Hasher::Sha512(h) => Digest::new(Algorithm::Sha512, &h.finalize()),
+            Hasher::Sha512(h) => Digest(HashValue::Sha512(Box::new(h.finalize().into()))),
         }
     }
 }
@@ -252,7 +240,7 @@ impl Sha256Sum {
 
 impl From<Sha256Sum> for Digest {
     fn from(sum: Sha256Sum) -> Self {
-        Digest::new(Algorithm::Sha256, &sum.0)
+        Digest(HashValue::Sha256(sum.0))
     }
 }
 
