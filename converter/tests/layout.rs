@@ -629,9 +629,8 @@ async fn missing_and_tampered_blobs_give_clear_errors() {
     );
 
     // A manifest whose bytes do not match the digest index.json gives.
-    let manifest_hex = image.manifest.hex().to_string();
     let err = convert_fails(&image, |src| {
-        let p = src.join("blobs/sha256").join(&manifest_hex);
+        let p = src.join("blobs/sha256").join(image.manifest.hex());
         let mut data = std::fs::read(&p).unwrap();
         let last = data.len() - 1;
         data[last] = b' ';
@@ -650,9 +649,8 @@ async fn missing_and_tampered_blobs_give_clear_errors() {
     );
 
     // The config missing.
-    let config_hex = image.config.hex().to_string();
     let err = convert_fails(&image, |src| {
-        std::fs::remove_file(src.join("blobs/sha256").join(&config_hex)).unwrap()
+        std::fs::remove_file(src.join("blobs/sha256").join(image.config.hex())).unwrap()
     })
     .await;
     assert!(
