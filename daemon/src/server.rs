@@ -284,7 +284,7 @@ fn lazy_mounter(
     cache_config.disk_bytes = config.cache.disk_bytes;
     cache_config.max_fill_percent = config.cache.max_disk_fill_percent;
     let cache = fusefs::SharedCache::open(cache_config).context("opening the chunk cache")?;
-    tokio::spawn(cache.clone().release_memory_when_idle());
+    tokio::spawn(cache.clone().release_unused_memory_forever());
     let mut mounter = FuseMounter::new(
         client.clone(),
         cache.clone(),

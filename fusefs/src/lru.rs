@@ -1,7 +1,9 @@
 //! A least-recently-used map bounded in bytes, not entries (stargz's caches count
-//! entries, which bounds nothing when chunks are 4 MiB).
+//! entries, which bounds nothing when chunks are 4 MiB), that knows when each entry was
+//! last used.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
 use estargz::Sha256Sum;
 
@@ -18,6 +20,15 @@ struct Slot<V> {
     value: V,
     tick: u64,
     size: u64,
+    /// When it was inserted or last got, in milliseconds of [`clock_ms`]; grows with
+    /// `tick`, so the recency order is also the order of these.
+    used_at: u64,
+}
+
+/// Milliseconds since the first call: a monotonic clock that fits a `u64`.
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 impl<V: Clone> Lru<V> {
@@ -50,6 +61,7 @@ impl<V: Clone> Lru<V> {
         let slot = self.map.get_mut(key)?;
         self.order.remove(&slot.tick);
         slot.tick = self.tick;
+        slot.used_at = clock_ms();
         self.order.insert(self.tick, *key);
         Some(slot.value.clone())
     }
@@ -69,6 +81,7 @@ impl<V: Clone> Lru<V> {
                 value,
                 tick: self.tick,
                 size,
+                used_at: clock_ms(),
             },
         );
         self.bytes += size;
@@ -90,6 +103,19 @@ impl<V: Clone> Lru<V> {
         self.map
             .iter()
             .map(|(k, s)| (*k, s.value.clone()))
+            .collect()
+    }
+
+    /// The keys neither inserted nor got for at least `idle`, least recently used first.
+    pub(crate) fn unused_for(&self, idle: Duration) -> Vec<Sha256Sum> {
+        let now = clock_ms();
+        let idle = idle.as_millis() as u64;
+        self.order
+            .values()
+            .map_while(|key| {
+                let slot = &self.map[key];
+                (now.saturating_sub(slot.used_at) >= idle).then_some(*key)
+            })
             .collect()
     }
 
@@ -135,5 +161,21 @@ mod tests {
         assert_eq!(lru.bytes(), 6);
         assert_eq!(lru.remove(&d(3)), Some(3));
         assert_eq!(lru.bytes(), 2);
+    }
+
+    #[test]
+    fn knows_which_entries_went_unused() {
+        let mut lru = Lru::new(100);
+        lru.insert(d(1), 1, 1);
+        lru.insert(d(2), 2, 1);
+        lru.insert(d(3), 3, 1);
+        assert!(lru.unused_for(Duration::from_secs(3600)).is_empty());
+        assert_eq!(lru.unused_for(Duration::ZERO), vec![d(1), d(2), d(3)]);
+        std::thread::sleep(Duration::from_millis(60));
+        // A get is a use; peek and contains are not.
+        assert_eq!(lru.get(&d(1)), Some(1));
+        assert_eq!(lru.peek(&d(2)), Some(2));
+        assert!(lru.contains(&d(3)));
+        assert_eq!(lru.unused_for(Duration::from_millis(50)), vec![d(2), d(3)]);
     }
 }

@@ -174,7 +174,7 @@ fn chunk_files_hold_their_bytes_whether_or_not_the_bytes_start_on_a_block() {
 }
 
 #[test]
-fn an_idle_memory_tier_lets_go_of_what_is_on_disk() {
+fn unused_chunks_leave_the_memory_tier_once_the_disk_holds_them() {
     let dir = tempfile::tempdir().unwrap();
     let cache = SharedCache::open(CacheConfig::new(dir.path())).unwrap();
     let (on_disk, only_in_memory) = (vec![1u8; 5000], vec![2u8; 7000]);
@@ -185,11 +185,11 @@ fn an_idle_memory_tier_lets_go_of_what_is_on_disk() {
     cache.put_memory(a, Bytes::from(on_disk.clone()));
     cache.put_disk(a, &on_disk);
     cache.put_memory(b, Bytes::from(only_in_memory));
-    // In use a moment ago: kept.
-    assert_eq!(cache.release_idle_memory(Duration::from_secs(3600)), 0);
+    // Used a moment ago: kept.
+    assert_eq!(cache.release_unused_memory(Duration::from_secs(3600)), 0);
     assert_eq!(cache.memory_bytes_used(), 12_000);
-    // Idle: what the disk holds goes; what it does not is kept.
-    assert_eq!(cache.release_idle_memory(Duration::ZERO), 5000);
+    // Unused: what the disk holds goes; what it does not is kept.
+    assert_eq!(cache.release_unused_memory(Duration::ZERO), 5000);
     assert_eq!(cache.memory_bytes_used(), 7000);
     assert_eq!(
         cache.get(&a, 5000).unwrap().unwrap(),
@@ -204,29 +204,40 @@ fn an_idle_memory_tier_lets_go_of_what_is_on_disk() {
     })
     .unwrap();
     memory_only.put_memory(a, Bytes::from(on_disk));
-    assert_eq!(memory_only.release_idle_memory(Duration::ZERO), 0);
+    assert_eq!(memory_only.release_unused_memory(Duration::ZERO), 0);
     assert_eq!(memory_only.memory_bytes_used(), 5000);
 }
 
 #[test]
-fn only_a_hit_keeps_the_memory_tier_in_use() {
+fn a_chunk_read_lately_stays_and_one_left_unread_goes() {
     let dir = tempfile::tempdir().unwrap();
     let cache = SharedCache::open(CacheConfig::new(dir.path())).unwrap();
-    let data = vec![3u8; 4000];
-    let digest = estargz::Sha256Sum::of(&data);
+    let (read, unread) = (vec![3u8; 4000], vec![4u8; 6000]);
+    let (r, u) = (
+        estargz::Sha256Sum::of(&read),
+        estargz::Sha256Sum::of(&unread),
+    );
     let absent = estargz::Sha256Sum::of(b"never stored");
-    cache.put_memory(digest, Bytes::from(data.clone()));
-    cache.put_disk(digest, &data);
+    for (digest, data) in [(r, &read), (u, &unread)] {
+        cache.put_memory(digest, Bytes::from(data.clone()));
+        cache.put_disk(digest, data);
+    }
     let (pause, idle) = (Duration::from_millis(300), Duration::from_millis(250));
 
     std::thread::sleep(pause);
-    assert!(cache.get_memory(&digest).is_some());
-    assert_eq!(cache.release_idle_memory(idle), 0, "just read: kept");
-
-    // The background fetch asks for chunks that are not there: no use of the tier.
-    std::thread::sleep(pause);
+    // A hit is a use; the background fetch's misses are not.
+    assert!(cache.get_memory(&r).is_some());
     assert!(cache.get_memory(&absent).is_none());
-    assert_eq!(cache.release_idle_memory(idle), 4000, "only missed: let go");
+    assert_eq!(
+        cache.release_unused_memory(idle),
+        6000,
+        "only the unread one"
+    );
+    assert!(cache.in_memory(&r) && !cache.in_memory(&u));
+
+    std::thread::sleep(pause);
+    assert_eq!(cache.release_unused_memory(idle), 4000, "then the other");
+    assert_eq!(cache.memory_bytes_used(), 0);
 }
 
 #[test]
