@@ -12,6 +12,11 @@ With --policy it also replays the neighbour fetches restricted to files in the m
 file's directory (or under it, or under its parent), within the same byte budget, and
 prints what they would have fetched and how many read chunks no fetch would have
 brought (each one a demand request more).
+
+eStargz layouts only. It maps the access log to compressed chunks itself, as
+lazysnap-bench's floor already does in Rust for every form (bench/src/cold/floor.rs:
+layout_tocs, touched_ranges): moving this report into `lazysnap-bench --keep-logs` would
+drop the copy.
 """
 import bisect
 import datetime
