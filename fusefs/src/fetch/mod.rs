@@ -33,7 +33,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use estargz::{Chunk, Layer, NodeId, lock};
+use estargz::{Chunk, Layer, NodeId, Sha256Sum, lock};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
@@ -320,32 +320,36 @@ impl Fetcher {
         self.link.note_op();
     }
 
-    /// The network part of a read: fetches the chunks' neighbours beside it (unless the
-    /// file was fetched as a library: see [`Fetcher::is_library`]), and waits
-    /// for the chunks. Its own requests count as demand on the link; waiting for a
-    /// prefetch piece that holds its chunk does not, so that piece's neighbours in the
-    /// prefetch are not held back for the reader's sake.
+    /// The network part of a read: fetches the chunks' neighbours with it (unless the
+    /// file was fetched as a library: see [`Fetcher::is_library`]), and waits for the
+    /// chunks. Its own requests count as demand on the link; waiting for a prefetch
+    /// piece that holds its chunk does not, so that piece's neighbours in the prefetch
+    /// are not held back for the reader's sake.
     pub(crate) async fn fetch_for_read(
         self: &Arc<Self>,
         wants: &[(NodeId, Chunk)],
     ) -> Result<Vec<Bytes>> {
-        if !wants.iter().all(|(node, _)| self.is_library(*node)) {
-            self.fetch_neighbours(wants);
-        }
-        self.chunks(wants, Purpose::Demand).await
+        let neighbours = if wants.iter().all(|(node, _)| self.is_library(*node)) {
+            Vec::new()
+        } else {
+            self.claim_neighbours(wants)
+        };
+        self.chunks_and_riders(wants, Purpose::Demand, neighbours)
+            .await
     }
 
-    /// Starts a request for the chunks after `wants` in the blob (up to the neighbour
-    /// window) that are neither cached nor in flight. It runs beside the demand's own
-    /// request, so the reader waits for no extra bytes; a later read of a neighbour
-    /// joins it or finds the chunk cached, sparing a round trip.
-    fn fetch_neighbours(self: &Arc<Self>, wants: &[(NodeId, Chunk)]) {
+    /// Claims the chunks after `wants` in the blob (up to the neighbour window) that are
+    /// neither local nor in flight. They ride in the demand's own request, behind its
+    /// bytes: the reader's chunks arrive first and are served as they come, and no second
+    /// request competes with them for the link. A later read of a neighbour joins the
+    /// fetch or finds the chunk cached, sparing a round trip.
+    fn claim_neighbours(self: &Arc<Self>, wants: &[(NodeId, Chunk)]) -> Vec<inflight::Lead> {
         let Some(window) = self.neighbours.plan(wants) else {
-            return;
+            return Vec::new();
         };
         let leads = self.claim_missing(self.order.within(self.layer.index(), window));
         self.neighbours.fetching(leads.iter().map(|l| l.chunk));
-        self.spawn_ranges(leads, Purpose::Neighbour);
+        leads
     }
 
     /// The whole decompressed, verified chunks, in order: from the cache, from a fetch
@@ -354,6 +358,17 @@ impl Fetcher {
         self: &Arc<Self>,
         wants: &[(NodeId, Chunk)],
         purpose: Purpose,
+    ) -> Result<Vec<Bytes>> {
+        self.chunks_and_riders(wants, purpose, Vec::new()).await
+    }
+
+    /// [`Fetcher::chunks`], with `riders` (claimed fetches nobody waits for yet)
+    /// coalesced into the same requests after `wants`' own chunks.
+    async fn chunks_and_riders(
+        self: &Arc<Self>,
+        wants: &[(NodeId, Chunk)],
+        purpose: Purpose,
+        riders: Vec<inflight::Lead>,
     ) -> Result<Vec<Bytes>> {
         let mut out: Vec<Option<Bytes>> = vec![None; wants.len()];
         let mut waits = Vec::new();
@@ -386,7 +401,7 @@ impl Fetcher {
         }
         // A task of its own for each range: the fetch completes for every waiter even
         // if the reader that started it goes away.
-        self.spawn_ranges(leads, purpose);
+        self.spawn_ranges_with_riders(leads, purpose, riders);
         for (i, rx) in waits {
             match inflight::wait(rx).await {
                 // Another file's fetch of the same digest: its length is checked too.
@@ -422,10 +437,28 @@ impl Fetcher {
     /// Coalesces `leads` into range requests of at most `max_range_bytes` and runs each
     /// in a task of its own.
     fn spawn_ranges(self: &Arc<Self>, leads: Vec<inflight::Lead>, purpose: Purpose) {
+        self.spawn_ranges_with_riders(leads, purpose, Vec::new());
+    }
+
+    /// [`Fetcher::spawn_ranges`] for `leads` and their neighbour `riders` together: a
+    /// request that holds only riders is fetched (and logged) as a neighbour fetch.
+    fn spawn_ranges_with_riders(
+        self: &Arc<Self>,
+        leads: Vec<inflight::Lead>,
+        purpose: Purpose,
+        riders: Vec<inflight::Lead>,
+    ) {
+        let own: HashSet<Sha256Sum> = leads.iter().map(|l| l.chunk.digest).collect();
         let mut leads = leads;
+        leads.extend(riders);
         blob_order::sort(&mut leads);
         let (gap, max) = (self.config.coalesce_gap, self.config.max_range_bytes);
         for (range, group) in blob_order::coalesce(leads, gap, max) {
+            let purpose = if group.iter().any(|l| own.contains(&l.chunk.digest)) {
+                purpose
+            } else {
+                Purpose::Neighbour
+            };
             let this = Arc::clone(self);
             self.handle
                 .spawn(async move { this.fetch_range(range, group, purpose).await });

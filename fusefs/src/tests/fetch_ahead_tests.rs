@@ -411,7 +411,7 @@ fn concurrent_disk_loads_of_one_chunk_agree_and_leave_no_gates() {
 }
 
 #[test]
-fn a_miss_also_fetches_the_next_files_in_the_blob_beside_the_demand() {
+fn a_miss_also_fetches_the_next_files_in_the_blob_in_the_demands_request() {
     let (tar, src) = sample_tar();
     let config = FsConfig {
         neighbour_fetch_bytes: 1 << 20,
@@ -422,13 +422,35 @@ fn a_miss_also_fetches_the_next_files_in_the_blob_beside_the_demand() {
         config,
         1 << 30,
     );
-    assert_eq!(f.read_all("bin/tool").unwrap(), src.files["bin/tool"]);
-    // The neighbours' request runs on its own: wait for it to be answered (later reads
-    // find its chunks cached or join their inflation).
+    let tool = f.fs.layer().index().lookup("bin/tool").unwrap();
+    let tool_start = f.fs.layer().index().entry(tool).chunks()[0].comp_offset;
+    let tool_end =
+        f.fs.layer()
+            .index()
+            .entry(tool)
+            .chunks()
+            .iter()
+            .map(|c| c.comp_end)
+            .max()
+            .unwrap();
+    // The body stops after the demand's bytes: the reader is answered before any
+    // neighbour byte arrives.
+    f.blob
+        .pause_after
+        .store(tool_end - tool_start, Ordering::SeqCst);
+    let read = std::thread::scope(|s| {
+        let reader = s.spawn(|| f.read_all("bin/tool"));
+        let answered = testkit::wait_until(Duration::from_secs(10), || reader.is_finished());
+        f.blob.rest_gate.add_permits(1);
+        assert!(answered, "the reader waited for its neighbours' bytes");
+        reader.join().unwrap()
+    });
+    assert_eq!(read.unwrap(), src.files["bin/tool"]);
+    // One request: the demand's chunks first, then the rest of this small layer.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let answered = |f: &Fixture| {
         let asked: u64 = f.blob.requests.lock().unwrap().iter().map(|r| r.1).sum();
-        f.blob.request_count() == 2 && f.fs.stats().bytes_fetched == asked
+        f.fs.stats().bytes_fetched == asked
     };
     while !answered(&f) {
         assert!(
@@ -437,19 +459,16 @@ fn a_miss_also_fetches_the_next_files_in_the_blob_beside_the_demand() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    // The demand's own request, and one for the rest of this small layer.
-    assert_eq!(f.blob.request_count(), 2);
-    let (first, second) = {
-        let r = f.blob.requests.lock().unwrap();
-        (r[0], r[1])
-    };
-    assert!(first.0 + first.1 <= second.0 || second.0 + second.1 <= first.0);
+    assert_eq!(f.blob.request_count(), 1);
+    let (start, len) = f.blob.requests.lock().unwrap()[0];
+    assert_eq!(start, tool_start);
+    assert!(start + len > tool_end, "the request carried no neighbours");
     for path in ["data/big", "data/exact", "etc/attrs", "opaque/kept"] {
         assert_eq!(f.read_all(path).unwrap(), src.files[path], "{path}");
     }
     assert_eq!(
         f.blob.request_count(),
-        2,
+        1,
         "neighbours were served from the cache"
     );
 }
