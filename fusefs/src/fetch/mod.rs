@@ -240,6 +240,12 @@ impl Fetcher {
                 None if c.zeros => out.push(self.zeros(*node, c)?),
                 None => {
                     self.seq.note_miss(*node, offset);
+                    if self.prefetch.note_miss(c) {
+                        self.seq.rewind(*node, offset);
+                        tracing::info!(layer = %self.name, path = %self.path(*node),
+                            "read outside the chunks `lazysnap optimize` marked: read-ahead \
+                             and neighbour fetches no longer keep to them");
+                    }
                     return Ok(ReadStart::Fetch);
                 }
             }
@@ -264,7 +270,7 @@ impl Fetcher {
             }
             if self.cache.contains(&c.digest) {
                 on_disk.push(*c);
-            } else if missed {
+            } else if missed && self.prefetch.may_guess(c) {
                 chunks.push((node, *c));
             }
         }
@@ -347,7 +353,11 @@ impl Fetcher {
         let Some(window) = self.neighbours.plan(wants) else {
             return Vec::new();
         };
-        let leads = self.claim_missing(self.order.within(self.layer.index(), window));
+        let guesses = self
+            .order
+            .within(self.layer.index(), window)
+            .filter(|(_, c)| self.prefetch.may_guess(c));
+        let leads = self.claim_missing(guesses);
         self.neighbours.fetching(leads.iter().map(|l| l.chunk));
         leads
     }

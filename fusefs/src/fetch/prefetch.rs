@@ -3,6 +3,7 @@
 //! before the background; see [`crate::link`]).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use estargz::{Chunk, Index, NodeId};
 use tokio::sync::watch;
@@ -18,6 +19,8 @@ pub(crate) struct Prefetch {
     /// those before this end of the prioritized range (0: none).
     marked: bool,
     end: u64,
+    /// The container read a chunk the marks leave out: its run is not the recorded one.
+    left_record: AtomicBool,
     /// How far the prefetch stands ahead of the container's reads, for the link.
     front: Arc<PrefetchFront>,
     /// Set once the prefetch is over (or was never to run).
@@ -29,6 +32,7 @@ impl Prefetch {
         Prefetch {
             marked: index.has_prefetch_marks(),
             end: index.prefetch_range().map_or(0, |r| r.end),
+            left_record: AtomicBool::new(false),
             front: Arc::default(),
             done: watch::channel(false).0,
         }
@@ -41,6 +45,21 @@ impl Prefetch {
         } else {
             c.comp_end <= self.end
         }
+    }
+
+    /// Whether a guess (read-ahead, the neighbours of a miss) may fetch `c`. A layer
+    /// `lazysnap optimize` marked says which chunks its container reads: while the
+    /// container keeps to them, a guess takes only marked chunks (the rest, such as the
+    /// unread parts of a mapped library or the files beside a marked one, the recorded
+    /// run never read); once it reads an unmarked chunk, guesses take anything again.
+    pub(crate) fn may_guess(&self, c: &Chunk) -> bool {
+        !self.marked || c.prefetch || self.left_record.load(Ordering::Relaxed)
+    }
+
+    /// A read must fetch `c`: if the marks leave it out, the container has left the
+    /// recorded run. True the first time, for the log.
+    pub(crate) fn note_miss(&self, c: &Chunk) -> bool {
+        self.marked && !c.prefetch && !c.zeros && !self.left_record.swap(true, Ordering::Relaxed)
     }
 
     /// A read of `wants`: the container has read this far into what the prefetch

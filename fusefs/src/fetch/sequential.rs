@@ -160,6 +160,14 @@ impl Sequential {
         }
     }
 
+    /// Read-ahead of `node` passed over chunks it may fetch now (the container left its
+    /// layer's record): from `offset` on, it fetches ahead again.
+    pub(crate) fn rewind(&self, node: NodeId, offset: u64) {
+        if let Some(st) = lock(&self.files).get_mut(&node) {
+            st.issued = st.issued.min(offset);
+        }
+    }
+
     /// `chunks` (to fetch ahead, in file order) as one request's worth each, about equal
     /// in compressed bytes, so that they arrive in parallel.
     pub(crate) fn parts(&self, chunks: Vec<(NodeId, Chunk)>) -> Vec<Vec<(NodeId, Chunk)>> {

@@ -577,3 +577,100 @@ fn a_reader_does_not_wait_behind_prefetch_pieces_not_yet_sent() {
     f.rt.block_on(prefetch).unwrap();
     assert_eq!(f.read_all("data/big").unwrap(), src.files["data/big"]);
 }
+
+/// `big` of [`one_big_file`], converted with its start-up reads at `ranges` marked.
+fn big_file_marked(ranges: Vec<std::ops::Range<u64>>) -> (Vec<u8>, Vec<u8>) {
+    let (tar, big) = one_big_file();
+    let mut out = Vec::new();
+    let opts = estargz::WriterOptions {
+        format: OutputFormat::Estargz,
+        chunk_size: CHUNK,
+        prioritized_files: vec!["big".into()],
+        prefetch_ranges: [("big".to_string(), ranges)].into(),
+        threads: 1,
+        ..Default::default()
+    };
+    estargz::convert(&tar[..], &mut out, &opts).unwrap();
+    (out, big)
+}
+
+impl Fixture {
+    /// Whether a range request so far covered any byte of the chunk holding `big`'s
+    /// byte `offset`.
+    fn fetched_chunk_at(&self, offset: u64) -> bool {
+        let node = estargz::NodeId(self.ino("big") as u32 - 1);
+        let c = self.fs.layer().chunks_for_range(node, offset, 1)[0];
+        let requests = self.blob.requests.lock().unwrap();
+        requests
+            .iter()
+            .any(|&(start, len)| start < c.comp_end && start + len > c.comp_offset)
+    }
+
+    /// Waits until every range request made so far has been answered and counted.
+    fn settle(&self) {
+        assert!(testkit::wait_until(Duration::from_secs(20), || {
+            let asked: u64 = self.blob.requests.lock().unwrap().iter().map(|r| r.1).sum();
+            self.fs.stats().bytes_fetched == asked
+        }));
+    }
+}
+
+#[test]
+fn neighbours_keep_to_the_marked_chunks_until_the_container_leaves_them() {
+    // Marked: the first chunk and the fourth; the second and third were never read.
+    let (blob, big) = big_file_marked(vec![0..CHUNK, 3 * CHUNK..4 * CHUNK]);
+    let config = FsConfig {
+        neighbour_fetch_bytes: 8 * CHUNK,
+        ..quiet_config()
+    };
+    let f = fixture_with(FaultBlob::new(blob), config, 1 << 30);
+    assert_eq!(&f.read("big", 0, 100).unwrap()[..], &big[..100]);
+    f.settle();
+    assert!(
+        f.fetched_chunk_at(3 * CHUNK),
+        "the marked neighbour was not fetched"
+    );
+    assert!(!f.fetched_chunk_at(CHUNK) && !f.fetched_chunk_at(2 * CHUNK));
+    // An unmarked chunk read: this is not the recorded run, guesses take anything.
+    let at = CHUNK + 7;
+    assert_eq!(
+        &f.read("big", at, 100).unwrap()[..],
+        &big[at as usize..at as usize + 100]
+    );
+    f.settle();
+    assert!(f.fetched_chunk_at(2 * CHUNK) && f.fetched_chunk_at(4 * CHUNK));
+}
+
+#[test]
+fn readahead_keeps_to_the_marked_chunks_until_the_container_leaves_them() {
+    let (blob, big) = big_file_marked(vec![0..2 * CHUNK, 8 * CHUNK..9 * CHUNK]);
+    let config = FsConfig {
+        readahead_initial: 4 * CHUNK,
+        readahead_max: 16 * CHUNK,
+        ..quiet_config()
+    };
+    let f = fixture_with(FaultBlob::new(blob), config, 1 << 30);
+    let read_to = |from: u64, to: u64| {
+        let mut off = from;
+        while off < to {
+            let got = f.read("big", off, 16 << 10).unwrap();
+            assert_eq!(&got[..], &big[off as usize..off as usize + got.len()]);
+            off += got.len() as u64;
+        }
+    };
+    // A sequential reader of the marked start: what follows it was never read.
+    read_to(0, 2 * CHUNK);
+    f.settle();
+    for k in 2..8 {
+        assert!(
+            !f.fetched_chunk_at(k * CHUNK),
+            "unmarked chunk {k} read ahead"
+        );
+    }
+    // It reads on past the marks: read-ahead runs ahead of it again from where it
+    // left them, unmarked chunks too.
+    read_to(2 * CHUNK, 4 * CHUNK);
+    f.settle();
+    let ahead: Vec<u64> = (4..8).filter(|&k| f.fetched_chunk_at(k * CHUNK)).collect();
+    assert_eq!(ahead, [4, 5, 6, 7], "read ahead after leaving the marks");
+}
