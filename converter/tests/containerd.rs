@@ -193,9 +193,7 @@ async fn ctr_remote_layers_read_back_with_our_reader() {
         }
 
         // Our converter sees ctr-remote's layers as already converted.
-        containerd
-            .ctr(["image", "push", "--plain-http", dst.as_str(), dst.as_str()])
-            .unwrap();
+        containerd.push_plain_http(&dst).unwrap();
         let format = if flag == "--estargz" {
             OutputFormat::Estargz
         } else {

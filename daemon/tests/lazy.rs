@@ -471,9 +471,7 @@ async fn images_converted_by_ctr_remote_are_pulled_lazily_and_run() {
             ["image", "convert", "--oci", flag, &plain, &converted],
         )
         .unwrap();
-        s.containerd
-            .ctr(["image", "push", "--plain-http", &converted, &converted])
-            .unwrap();
+        s.containerd.push_plain_http(&converted).unwrap();
         // Forget it locally, so that what follows is a real pull from the registry.
         s.containerd
             .ctr(["image", "rm", "--sync", &converted])

@@ -407,6 +407,24 @@ impl Containerd {
         self.ctr_timeout(args, DEFAULT_CTR_TIMEOUT)
     }
 
+    /// Pushes `reference` (an image in this containerd) to its plain-HTTP registry. A
+    /// push that ends in "unexpected EOF" is tried again, up to twice: containerd 1.6's
+    /// pusher gives up when the registry drops an upload's connection, which a test
+    /// registry on a loaded machine did once (seen in CI); other errors fail at once.
+    pub fn push_plain_http(&self, reference: &str) -> anyhow::Result<String> {
+        let push = || self.ctr(["image", "push", "--plain-http", reference, reference]);
+        let mut tries = 1;
+        loop {
+            match push() {
+                Err(e) if tries < 3 && format!("{e:#}").contains("unexpected EOF") => {
+                    eprintln!("pushing {reference} again after: {e:#}");
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Runs `image` as a throwaway container named `name` on `snapshotter`, again until
     /// its output contains `text` or `timeout` passes (after a lazysnapd restart
     /// containerd redials with back-off, so the first tries may fail); true if it did.
