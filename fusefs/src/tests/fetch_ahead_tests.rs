@@ -241,17 +241,7 @@ fn sequential_readers_get_growing_parallel_readahead() {
 
 #[test]
 fn a_reader_served_from_prefetched_chunks_fetches_nothing_ahead_until_it_misses() {
-    let (tar, big) = one_big_file();
-    let mut out = Vec::new();
-    let opts = estargz::WriterOptions {
-        format: OutputFormat::Estargz,
-        chunk_size: CHUNK,
-        prioritized_files: vec!["big".into()],
-        prefetch_ranges: [("big".to_string(), vec![0..8 * CHUNK])].into(),
-        threads: 1,
-        ..Default::default()
-    };
-    estargz::convert(&tar[..], &mut out, &opts).unwrap();
+    let (out, big) = big_file_marked(vec![0..8 * CHUNK]);
     let config = FsConfig {
         readahead_initial: 4 * CHUNK,
         readahead_max: 16 * CHUNK,
