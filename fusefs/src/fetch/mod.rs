@@ -458,16 +458,21 @@ impl Fetcher {
         purpose: Purpose,
         riders: Vec<inflight::Lead>,
     ) {
-        let own: HashSet<Sha256Sum> = leads.iter().map(|l| l.chunk.digest).collect();
+        // Only a read with riders needs to tell its own leads from them.
+        let own: Option<HashSet<Sha256Sum>> =
+            (!riders.is_empty()).then(|| leads.iter().map(|l| l.chunk.digest).collect());
         let mut leads = leads;
         leads.extend(riders);
         blob_order::sort(&mut leads);
         let (gap, max) = (self.config.coalesce_gap, self.config.max_range_bytes);
         for (range, group) in blob_order::coalesce(leads, gap, max) {
-            let purpose = if group.iter().any(|l| own.contains(&l.chunk.digest)) {
-                purpose
-            } else {
+            let riders_only = own
+                .as_ref()
+                .is_some_and(|own| !group.iter().any(|l| own.contains(&l.chunk.digest)));
+            let purpose = if riders_only {
                 Purpose::Neighbour
+            } else {
+                purpose
             };
             let this = Arc::clone(self);
             self.handle
