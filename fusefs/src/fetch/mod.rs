@@ -353,12 +353,19 @@ impl Fetcher {
         let Some(window) = self.neighbours.plan(wants) else {
             return Vec::new();
         };
+        let index = self.layer.index();
+        let name = |node: NodeId| index.entry(node).name();
+        let left_out = self
+            .neighbours
+            .note_missed(wants.iter().map(|(node, _)| name(*node)));
         let guesses = self
             .order
-            .within(self.layer.index(), window)
-            .filter(|(_, c)| self.prefetch.may_guess(c));
+            .within(index, window)
+            .filter(|(_, c)| self.prefetch.may_guess(c))
+            .filter(|(node, _)| neighbours::takes(&left_out, name(*node)));
         let leads = self.claim_missing(guesses);
-        self.neighbours.fetching(leads.iter().map(|l| l.chunk));
+        self.neighbours
+            .fetching(leads.iter().map(|l| (l.chunk, name(l.node))));
         leads
     }
 

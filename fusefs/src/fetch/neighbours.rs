@@ -1,10 +1,11 @@
 //! The neighbours of a miss: the chunks after it in the blob, fetched beside the demand
-//! in a window sized by how often they turn out to be read.
+//! in a window sized by how often they turn out to be read, without the kinds of file
+//! the container shows it does not read.
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use estargz::{Chunk, NodeId, Sha256Sum};
 
@@ -13,6 +14,10 @@ use super::lock;
 /// Neighbour chunks fetched and not yet read, remembered at most (a bound on memory:
 /// a layer read at random forgets them sooner).
 const PENDING_MAX: usize = 1 << 16;
+
+/// Kinds of file told apart, at most (a bound on memory): neighbours of any other kind
+/// are always taken.
+const KINDS_MAX: usize = 256;
 
 /// The neighbour fetch of one layer: its window and how well it has been doing.
 pub(crate) struct Neighbours {
@@ -28,13 +33,61 @@ pub(crate) struct Neighbours {
 /// reads a package's modules one after another) and waste the link when a file is read
 /// at random. The window halves while fewer than a quarter of the neighbour bytes are
 /// read, and doubles back while at least half are.
+///
+/// Beside the files read lie files of kinds nobody reads: a python import reads a
+/// module's compiled `.pyc` and only stats its `.py` source, which comes next in the
+/// package's directory. A kind of file (its extension) is left out of neighbour fetches
+/// once the smallest window's worth of its bytes came as neighbours and none was read,
+/// unless the container ever had to fetch a file of that kind. Judged on evidence of waste, not
+/// kept to the kinds read so far: the first file of a new kind (a `package.json` after
+/// the `.js` files) often comes as a neighbour, and a miss costs a round trip.
 struct Judge {
     window: u64,
     /// Compressed bytes fetched as neighbours, and of those, read since.
     fetched: u64,
     used: u64,
-    /// Neighbour chunks not read yet, with their compressed length.
-    pending: HashMap<Sha256Sum, u64>,
+    /// Neighbour chunks not read yet, with their compressed length and kind.
+    pending: HashMap<Sha256Sum, (u64, Option<KindId>)>,
+    kinds: HashMap<Box<str>, KindId>,
+    records: Vec<KindRecord>,
+    /// The kinds left out now, for choosing neighbours without the lock.
+    left_out: Arc<[Box<str>]>,
+}
+
+type KindId = u16;
+
+/// How the neighbours of one kind of file did.
+#[derive(Default)]
+struct KindRecord {
+    /// Compressed bytes fetched as neighbours, and of those, read.
+    fetched: u64,
+    used: u64,
+    /// The container had to fetch a file of this kind: it reads this kind.
+    missed: bool,
+}
+
+impl KindRecord {
+    fn left_out(&self, judged_after: u64) -> bool {
+        !self.missed && self.used == 0 && self.fetched >= judged_after
+    }
+}
+
+/// The kind of file `name` is: its last extension that is not a version number
+/// (`libc.so.6` is `so`, `m.cpython-311.pyc` is `pyc`), or "" for none.
+pub(crate) fn kind_of(name: &str) -> &str {
+    let Some((_, extensions)) = name.split_once('.') else {
+        return "";
+    };
+    extensions
+        .rsplit('.')
+        .find(|part| !part.is_empty() && !part.bytes().all(|b| b.is_ascii_digit()))
+        .unwrap_or("")
+}
+
+/// Whether a neighbour named `name` is taken, with `left_out` from
+/// [`Neighbours::note_missed`].
+pub(crate) fn takes(left_out: &[Box<str>], name: &str) -> bool {
+    left_out.is_empty() || !left_out.iter().any(|k| **k == *kind_of(name))
 }
 
 impl Neighbours {
@@ -46,6 +99,9 @@ impl Neighbours {
                 fetched: 0,
                 used: 0,
                 pending: HashMap::new(),
+                kinds: HashMap::new(),
+                records: Vec::new(),
+                left_out: Arc::from([]),
             }),
             pending_any: AtomicBool::new(false),
         }
@@ -55,20 +111,90 @@ impl Neighbours {
         (self.max / 16).max(1)
     }
 
+    /// Neighbour bytes of a kind fetched without a read before it is left out: the
+    /// smallest window's worth.
+    fn judged_after(&self) -> u64 {
+        self.min()
+    }
+
     /// A read of `wants`: neighbours among them were worth fetching.
     pub(crate) fn note_used(&self, wants: &[(NodeId, Chunk)]) {
         if !self.pending_any.load(Ordering::Relaxed) {
             return;
         }
         let mut j = lock(&self.judge);
+        let mut changed = false;
         for (_, c) in wants {
-            if let Some(len) = j.pending.remove(&c.digest) {
+            if let Some((len, kind)) = j.pending.remove(&c.digest) {
                 j.used += len;
+                if let Some(kind) = kind {
+                    let record = &mut j.records[kind as usize];
+                    changed |= record.used == 0 && record.fetched >= self.judged_after();
+                    record.used += len;
+                }
             }
+        }
+        if changed {
+            self.judge_kinds(&mut j);
         }
         if j.pending.is_empty() {
             self.pending_any.store(false, Ordering::Relaxed);
         }
+    }
+
+    /// A read must fetch the files `names`: the container reads their kinds. Returns the
+    /// kinds left out of neighbour fetches now (see [`takes`]).
+    pub(crate) fn note_missed<'n>(&self, names: impl Iterator<Item = &'n str>) -> Arc<[Box<str>]> {
+        let mut j = lock(&self.judge);
+        let mut changed = false;
+        for name in names {
+            if let Some(id) = Self::kind_id(&mut j, kind_of(name)) {
+                let record = &mut j.records[id as usize];
+                changed |= record.left_out(self.judged_after());
+                record.missed = true;
+            }
+        }
+        if changed {
+            self.judge_kinds(&mut j);
+        }
+        j.left_out.clone()
+    }
+
+    fn kind_id(j: &mut Judge, kind: &str) -> Option<KindId> {
+        if let Some(&id) = j.kinds.get(kind) {
+            return Some(id);
+        }
+        if j.records.len() >= KINDS_MAX {
+            return None;
+        }
+        let id = j.records.len() as KindId;
+        j.kinds.insert(kind.into(), id);
+        j.records.push(KindRecord::default());
+        Some(id)
+    }
+
+    /// Sets the kinds left out anew from their records, and says what changed.
+    fn judge_kinds(&self, j: &mut Judge) {
+        let after = self.judged_after();
+        let left_out: Vec<Box<str>> = j
+            .kinds
+            .iter()
+            .filter(|(_, id)| j.records[**id as usize].left_out(after))
+            .map(|(kind, _)| kind.clone())
+            .collect();
+        for kind in left_out.iter().filter(|k| !j.left_out.contains(k)) {
+            tracing::info!(
+                kind = &**kind,
+                "neighbour fetches leave out this kind of file: none of it fetched so far was read"
+            );
+        }
+        for kind in j.left_out.iter().filter(|k| !left_out.contains(k)) {
+            tracing::info!(
+                kind = &**kind,
+                "neighbour fetches take this kind of file again: the container reads it"
+            );
+        }
+        j.left_out = left_out.into();
     }
 
     /// Where in the blob to fetch the neighbours of a read of `wants`: from the end of
@@ -102,15 +228,27 @@ impl Neighbours {
         j.window
     }
 
-    /// `chunks` are being fetched as neighbours: judged by whether they are read.
-    pub(crate) fn fetching(&self, chunks: impl Iterator<Item = Chunk>) {
+    /// `chunks`, each with its file's name, are being fetched as neighbours: judged by
+    /// whether they are read, and their kinds with them.
+    pub(crate) fn fetching<'n>(&self, chunks: impl Iterator<Item = (Chunk, &'n str)>) {
         let mut j = lock(&self.judge);
         if j.pending.len() >= PENDING_MAX {
             j.pending.clear();
         }
-        for c in chunks {
-            j.pending.insert(c.digest, c.comp_len());
+        let mut changed = false;
+        for (c, name) in chunks {
+            let kind = Self::kind_id(&mut j, kind_of(name));
+            if let Some(id) = kind {
+                let record = &mut j.records[id as usize];
+                let before = record.left_out(self.judged_after());
+                record.fetched += c.comp_len();
+                changed |= before != record.left_out(self.judged_after());
+            }
+            j.pending.insert(c.digest, (c.comp_len(), kind));
             j.fetched += c.comp_len();
+        }
+        if changed {
+            self.judge_kinds(&mut j);
         }
         self.pending_any
             .store(!j.pending.is_empty(), Ordering::Relaxed);
@@ -135,6 +273,66 @@ mod tests {
     }
 
     #[test]
+    fn a_files_kind_is_its_last_extension_that_is_not_a_version() {
+        for (name, kind) in [
+            ("os.cpython-311.pyc", "pyc"),
+            ("os.py", "py"),
+            ("libc.so.6", "so"),
+            ("libstdc++.so.6.0.30", "so"),
+            ("python3.11", ""),
+            ("README", ""),
+            (".bashrc", "bashrc"),
+            ("changelog.Debian.gz", "gz"),
+            ("trailing.", ""),
+        ] {
+            assert_eq!(kind_of(name), kind, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_kind_never_read_is_left_out_until_the_container_reads_one() {
+        let n = Neighbours::new(1 << 20);
+        let small = n.judged_after() / 4;
+        let mut next = 0u8;
+        let mut fetch = |name: &str| {
+            next += 1;
+            let c = chunk(next, small);
+            n.fetching(std::iter::once((c, name)));
+            c
+        };
+        // The container reads every .pyc that comes and none of the .py.
+        for _ in 0..4 {
+            let pyc = fetch("m.cpython-311.pyc");
+            n.note_used(&[(NodeId(0), pyc)]);
+            assert!(n.note_missed(std::iter::empty()).is_empty());
+            fetch("m.py");
+        }
+        let left_out = n.note_missed(std::iter::empty());
+        assert_eq!(&left_out[..], [Box::from("py")]);
+        assert!(!takes(&left_out, "n.py") && takes(&left_out, "n.cpython-311.pyc"));
+        assert!(takes(&left_out, "n.so"), "a kind not yet judged is taken");
+        // A .py the container has to fetch: it reads that kind after all.
+        assert!(n.note_missed(["n.py"].into_iter()).is_empty());
+        for _ in 0..8 {
+            fetch("m.py");
+        }
+        assert!(
+            n.note_missed(std::iter::empty()).is_empty(),
+            "a kind once missed is judged no more"
+        );
+    }
+
+    #[test]
+    fn a_left_out_kind_read_from_an_earlier_fetch_is_taken_again() {
+        let n = Neighbours::new(1 << 20);
+        let c = chunk(1, n.judged_after());
+        n.fetching(std::iter::once((c, "data.bin")));
+        assert_eq!(&n.note_missed(std::iter::empty())[..], [Box::from("bin")]);
+        n.note_used(&[(NodeId(0), c)]);
+        assert!(n.note_missed(std::iter::empty()).is_empty());
+    }
+
+    #[test]
     fn the_neighbour_window_shrinks_when_unread_and_grows_back_when_read() {
         let n = Neighbours::new(1 << 20);
         let mut next = 0u8;
@@ -142,7 +340,7 @@ mod tests {
             let w = n.window();
             next = next.wrapping_add(1);
             let c = chunk(next, w);
-            n.fetching(std::iter::once(c));
+            n.fetching(std::iter::once((c, "f")));
             if read {
                 n.note_used(&[(NodeId(0), c)]);
             }

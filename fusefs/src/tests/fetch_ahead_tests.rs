@@ -664,3 +664,79 @@ fn readahead_keeps_to_the_marked_chunks_until_the_container_leaves_them() {
     let ahead: Vec<u64> = (4..8).filter(|&k| f.fetched_chunk_at(k * CHUNK)).collect();
     assert_eq!(ahead, [4, 5, 6, 7], "read ahead after leaving the marks");
 }
+
+/// `pairs` files of each of two kinds in a package directory, side by side in the blob
+/// as a python package's `.py` sources and their compiled modules lie: `pkg/NN.bin` and
+/// `pkg/NN.src`, 48 KiB each (more than the gap a range request bridges).
+fn package_of_two_kinds(pairs: usize) -> (Vec<u8>, BTreeMap<String, Vec<u8>>) {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut files = BTreeMap::new();
+    for i in 0..pairs {
+        for (k, kind) in ["bin", "src"].iter().enumerate() {
+            let path = format!("pkg/{i:02}.{kind}");
+            let data = pattern(48 << 10, (2 * i + k) as u64 + 100);
+            let mut h = header(tar::EntryType::Regular, 0o644, data.len() as u64);
+            b.append_data(&mut h, &path, &data[..]).unwrap();
+            files.insert(path, data);
+        }
+    }
+    (
+        convert(&b.into_inner().unwrap(), OutputFormat::Estargz, &[]),
+        files,
+    )
+}
+
+impl Fixture {
+    /// Whether a range request so far covered any byte of the file at `path`.
+    fn fetched_file(&self, path: &str) -> bool {
+        let index = self.fs.layer().index();
+        let node = index.lookup(path).unwrap();
+        let requests = self.blob.requests.lock().unwrap();
+        index.entry(node).chunks().iter().any(|c| {
+            requests
+                .iter()
+                .any(|&(start, len)| start < c.comp_end && start + len > c.comp_offset)
+        })
+    }
+}
+
+#[test]
+fn neighbours_leave_out_a_kind_of_file_the_container_does_not_read() {
+    let (blob, files) = package_of_two_kinds(48);
+    // A window of about ten pairs; a kind is judged after 64 KiB of it, two files.
+    let config = FsConfig {
+        neighbour_fetch_bytes: 1 << 20,
+        ..quiet_config()
+    };
+    let f = fixture_with(FaultBlob::new(blob), config, 1 << 30);
+    let read = |path: &str| {
+        assert_eq!(f.read_all(path).unwrap(), files[path], "{path}");
+        f.settle();
+    };
+    // The container reads the .bin files only: the first miss brings .src neighbours
+    // too, and none of them is read.
+    read("pkg/00.bin");
+    assert!(f.fetched_file("pkg/03.src"), "no neighbours fetched at all");
+    for i in 1..5 {
+        read(&format!("pkg/{i:02}.bin"));
+    }
+    let before = f.blob.request_count();
+    read("pkg/20.bin");
+    assert!(f.blob.request_count() > before, "pkg/20.bin was no miss");
+    assert!(
+        f.fetched_file("pkg/22.bin"),
+        "the .bin neighbours were not fetched"
+    );
+    for i in 20..24 {
+        assert!(
+            !f.fetched_file(&format!("pkg/{i:02}.src")),
+            "pkg/{i:02}.src fetched as a neighbour after none of its kind was read"
+        );
+    }
+    // The container turns out to read .src files too: neighbours take them again.
+    read("pkg/30.src");
+    assert!(
+        f.fetched_file("pkg/32.src"),
+        "the .src kind was not taken again"
+    );
+}
