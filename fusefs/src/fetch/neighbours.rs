@@ -38,9 +38,10 @@ pub(crate) struct Neighbours {
 /// module's compiled `.pyc` and only stats its `.py` source, which comes next in the
 /// package's directory. A kind of file (its extension) is left out of neighbour fetches
 /// once the smallest window's worth of its bytes came as neighbours and none was read,
-/// unless the container ever had to fetch a file of that kind. Judged on evidence of waste, not
-/// kept to the kinds read so far: the first file of a new kind (a `package.json` after
-/// the `.js` files) often comes as a neighbour, and a miss costs a round trip.
+/// unless the container ever had to fetch a file of that kind. Left out on evidence of
+/// waste, rather than kept to the kinds read so far: the first file of a new kind (a
+/// `package.json` after the `.js` files) often comes as a neighbour, and a miss costs a
+/// round trip.
 struct Judge {
     window: u64,
     /// Compressed bytes fetched as neighbours, and of those, read since.
