@@ -174,7 +174,10 @@ impl Fetcher {
             spans: layer.format() == estargz::Format::Soci,
             name: layer.toc_digest().to_string(),
             seq: Sequential::new(&config, cache.memory_capacity()),
-            neighbours: Neighbours::new(config.neighbour_fetch_bytes),
+            neighbours: Neighbours::new(
+                config.neighbour_fetch_bytes,
+                layer.toc_digest().to_string(),
+            ),
             prefetch: Prefetch::new(layer.index()),
             background: Background::new(&config),
             assembling: Assembling::new(&config, cache.disk_enabled()),

@@ -23,6 +23,8 @@ const KINDS_MAX: usize = 256;
 pub(crate) struct Neighbours {
     /// Configured window: the largest, and the starting one.
     max: u64,
+    /// For logs: the layer's TOC digest.
+    layer: String,
     judge: Mutex<Judge>,
     /// Whether `judge.pending` may hold anything: every read asks, and most layers
     /// (neighbours off, or all read) never need the lock.
@@ -92,9 +94,10 @@ pub(crate) fn takes(left_out: &[Box<str>], name: &str) -> bool {
 }
 
 impl Neighbours {
-    pub(crate) fn new(max: u64) -> Self {
+    pub(crate) fn new(max: u64, layer: String) -> Self {
         Neighbours {
             max,
+            layer,
             judge: Mutex::new(Judge {
                 window: max,
                 fetched: 0,
@@ -185,12 +188,14 @@ impl Neighbours {
             .collect();
         for kind in left_out.iter().filter(|k| !j.left_out.contains(k)) {
             tracing::info!(
+                layer = %self.layer,
                 kind = &**kind,
                 "neighbour fetches leave out this kind of file: none of it fetched so far was read"
             );
         }
         for kind in j.left_out.iter().filter(|k| !left_out.contains(k)) {
             tracing::info!(
+                layer = %self.layer,
                 kind = &**kind,
                 "neighbour fetches take this kind of file again: the container reads it"
             );
@@ -292,7 +297,7 @@ mod tests {
 
     #[test]
     fn a_kind_never_read_is_left_out_until_the_container_reads_one() {
-        let n = Neighbours::new(1 << 20);
+        let n = Neighbours::new(1 << 20, "test".into());
         let small = n.judged_after() / 4;
         let mut next = 0u8;
         let mut fetch = |name: &str| {
@@ -325,7 +330,7 @@ mod tests {
 
     #[test]
     fn a_left_out_kind_read_from_an_earlier_fetch_is_taken_again() {
-        let n = Neighbours::new(1 << 20);
+        let n = Neighbours::new(1 << 20, "test".into());
         let c = chunk(1, n.judged_after());
         n.fetching(std::iter::once((c, "data.bin")));
         assert_eq!(&n.note_missed(std::iter::empty())[..], [Box::from("bin")]);
@@ -335,7 +340,7 @@ mod tests {
 
     #[test]
     fn the_neighbour_window_shrinks_when_unread_and_grows_back_when_read() {
-        let n = Neighbours::new(1 << 20);
+        let n = Neighbours::new(1 << 20, "test".into());
         let mut next = 0u8;
         let mut fetch = |n: &Neighbours, read: bool| {
             let w = n.window();
