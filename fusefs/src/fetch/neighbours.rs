@@ -132,9 +132,7 @@ impl Neighbours {
             if let Some((len, kind)) = j.pending.remove(&c.digest) {
                 j.used += len;
                 if let Some(kind) = kind {
-                    let record = &mut j.records[kind as usize];
-                    changed |= record.used == 0 && record.fetched >= self.judged_after();
-                    record.used += len;
+                    changed |= self.update(&mut j, kind, |r| r.used += len);
                 }
             }
         }
@@ -153,9 +151,7 @@ impl Neighbours {
         let mut changed = false;
         for name in names {
             if let Some(id) = Self::kind_id(&mut j, kind_of(name)) {
-                let record = &mut j.records[id as usize];
-                changed |= record.left_out(self.judged_after());
-                record.missed = true;
+                changed |= self.update(&mut j, id, |r| r.missed = true);
             }
         }
         if changed {
@@ -177,7 +173,16 @@ impl Neighbours {
         Some(id)
     }
 
-    /// Sets the kinds left out anew from their records, and says what changed.
+    /// Applies `change` to the record of kind `id`; true if that left the kind out or
+    /// took it back.
+    fn update(&self, j: &mut Judge, id: KindId, change: impl FnOnce(&mut KindRecord)) -> bool {
+        let record = &mut j.records[id as usize];
+        let before = record.left_out(self.judged_after());
+        change(record);
+        before != record.left_out(self.judged_after())
+    }
+
+    /// Sets the kinds left out anew from their records, and logs what changed.
     fn judge_kinds(&self, j: &mut Judge) {
         let after = self.judged_after();
         let left_out: Vec<Box<str>> = j
@@ -245,10 +250,7 @@ impl Neighbours {
         for (c, name) in chunks {
             let kind = Self::kind_id(&mut j, kind_of(name));
             if let Some(id) = kind {
-                let record = &mut j.records[id as usize];
-                let before = record.left_out(self.judged_after());
-                record.fetched += c.comp_len();
-                changed |= before != record.left_out(self.judged_after());
+                changed |= self.update(&mut j, id, |r| r.fetched += c.comp_len());
             }
             j.pending.insert(c.digest, (c.comp_len(), kind));
             j.fetched += c.comp_len();
