@@ -589,7 +589,11 @@ impl Fixture {
     /// byte `offset`.
     fn fetched_chunk_at(&self, offset: u64) -> bool {
         let node = estargz::NodeId(self.ino("big") as u32 - 1);
-        let c = self.fs.layer().chunks_for_range(node, offset, 1)[0];
+        self.requested(&self.fs.layer().chunks_for_range(node, offset, 1)[0])
+    }
+
+    /// Whether a range request so far covered any byte of chunk `c`.
+    fn requested(&self, c: &estargz::Chunk) -> bool {
         let requests = self.blob.requests.lock().unwrap();
         requests
             .iter()
@@ -691,12 +695,7 @@ impl Fixture {
     fn fetched_file(&self, path: &str) -> bool {
         let index = self.fs.layer().index();
         let node = index.lookup(path).unwrap();
-        let requests = self.blob.requests.lock().unwrap();
-        index.entry(node).chunks().iter().any(|c| {
-            requests
-                .iter()
-                .any(|&(start, len)| start < c.comp_end && start + len > c.comp_offset)
-        })
+        index.entry(node).chunks().iter().any(|c| self.requested(c))
     }
 }
 
