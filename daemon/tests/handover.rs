@@ -653,3 +653,56 @@ async fn passthrough_files_open_again_after_a_handover() {
         .ctr(["image", "rm", "--sync", &converted])
         .unwrap();
 }
+
+/// What the daemon does at a restart with no holder running: the listener and each
+/// restored layer put their fds from threads of their own at once. Exactly one holder
+/// must start and keep them all; a second one would remove the first one's socket and
+/// whatever was put into the first would not come back at the next handover.
+#[test]
+fn fds_put_at_once_by_many_threads_go_to_one_holder() {
+    const THREADS: usize = 8;
+    // Rounds, each on a fresh socket: a race lost once in a few tries must show.
+    for round in 0..20 {
+        let dir = tempfile::tempdir().unwrap();
+        let client = snapshotter::holder::HolderClient::new(
+            dir.path().join("fdholder.sock"),
+            PathBuf::from(LAZYSNAPD),
+        );
+        let file = tempfile::tempfile().unwrap();
+        let together = Arc::new(std::sync::Barrier::new(THREADS));
+        let putters: Vec<_> = (0..THREADS)
+            .map(|i| {
+                let client = client.clone();
+                let file = file.try_clone().unwrap();
+                let together = together.clone();
+                std::thread::spawn(move || {
+                    together.wait();
+                    client.put(&format!("/layer/{i}"), "", std::os::fd::AsFd::as_fd(&file))
+                })
+            })
+            .collect();
+        for putter in putters {
+            putter.join().unwrap().unwrap();
+        }
+        let holders = holders_of(dir.path());
+        let held = client.list().unwrap();
+        assert!(client.exit().unwrap());
+        for &extra in &holders {
+            // Ends whichever holders the exit did not reach (only when the test fails).
+            if std::fs::metadata(format!("/proc/{extra}")).is_ok() {
+                send_signal(extra, libc::SIGKILL);
+            }
+        }
+        assert_eq!(
+            holders.len(),
+            1,
+            "round {round}: holders started: {holders:?}"
+        );
+        assert_eq!(
+            held.len(),
+            THREADS,
+            "round {round}: the holder kept {} fds",
+            held.len()
+        );
+    }
+}

@@ -123,12 +123,30 @@ fn connect_to(path: &Path) -> io::Result<OwnedFd> {
     Ok(sock)
 }
 
+/// The lock a holder keeps for its life beside its socket, `fdholder.lock` for
+/// `fdholder.sock`.
+fn lock_path(socket: &Path) -> PathBuf {
+    socket.with_extension("lock")
+}
+
 /// Runs the holder on `path` until asked to exit. Returns at once if another holder
-/// already answers there.
+/// runs or is starting there: two holders racing to bind would each remove the other's
+/// socket file, and the fds put into the loser would be lost with it.
 pub fn serve(path: &Path) -> io::Result<()> {
+    let lock = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(lock_path(path))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Ok(()),
+        Err(std::fs::TryLockError::Error(e)) => return Err(e),
+    }
     if connect_to(path).is_ok() {
         return Ok(());
     }
+    // A socket file no holder answers on is a dead holder's (the lock says none runs).
     let _ = std::fs::remove_file(path);
     let listener = seqpacket()?;
     bind(listener.as_raw_fd(), &UnixAddr::new(path).map_err(errno)?).map_err(errno)?;
@@ -259,6 +277,13 @@ impl HolderClient {
         if let Ok(sock) = connect_to(&self.socket) {
             return Ok(sock);
         }
+        // One start at a time in this process: the listener and the layers restored
+        // beside it would otherwise each start a holder.
+        static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _starting = STARTING.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(sock) = connect_to(&self.socket) {
+            return Ok(sock);
+        }
         let mut child = std::process::Command::new(&self.exe)
             .arg("--hold-fds")
             .arg(&self.socket)
@@ -274,13 +299,20 @@ impl HolderClient {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(sock) = connect_to(&self.socket) {
-                tracing::info!(pid = child.id(), socket = %self.socket.display(), "started the fd holder");
+                if matches!(child.try_wait(), Ok(None)) {
+                    tracing::info!(pid = child.id(), socket = %self.socket.display(), "started the fd holder");
+                }
                 // Reaped if it ever exits while we run; otherwise it outlives us.
                 std::thread::spawn(move || child.wait());
                 return Ok(sock);
             }
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(io::Error::other(format!("fd holder exited: {status}")));
+            match child.try_wait() {
+                // Another process's holder has the lock and is about to answer.
+                Ok(Some(status)) if status.success() => {}
+                Ok(Some(status)) => {
+                    return Err(io::Error::other(format!("fd holder exited: {status}")));
+                }
+                _ => {}
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -391,6 +423,27 @@ mod tests {
         server.join().unwrap().unwrap();
         assert!(!socket.exists());
         assert!(!client.exit().unwrap(), "no holder runs any more");
+    }
+
+    /// A second holder started while the first one is still binding must step aside:
+    /// binding too, it would remove the first one's socket file.
+    #[test]
+    fn a_holder_steps_aside_while_another_holds_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("holder.sock");
+        let first = std::fs::File::create(lock_path(&socket)).unwrap();
+        first.try_lock().unwrap();
+        let second = {
+            let socket = socket.clone();
+            std::thread::spawn(move || serve(&socket))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !second.is_finished() {
+            assert!(Instant::now() < deadline, "the second holder kept running");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        second.join().unwrap().unwrap();
+        assert!(!socket.exists(), "the second holder bound the socket");
     }
 
     /// A holder nobody can reach any more (its root was deleted) goes away.
