@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of lazysnap's parsers with cargo-fuzz (libFuzzer, AddressSanitizer):
 # footer, toc, layer, tar (estargz), fuse (FUSE request decoding and handling), gzip_span
-# (SOCI checkpoints) and ztoc (SOCI zTOCs and the tar headers they record).
+# (SOCI checkpoints), ztoc (SOCI zTOCs and the tar headers they record) and pyc (a
+# compiled Python module's imports).
 #
 #   scripts/fuzz.sh SECONDS [TARGET...]   run each target for SECONDS (default: all)
 #   FUZZ_KEEP_CORPUS=1 scripts/fuzz.sh …  add what libFuzzer finds to fuzz/corpus/
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/../fuzz"
 seconds=${1:?usage: fuzz.sh SECONDS [TARGET...]}
 shift
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(footer toc layer tar fuse gzip_span ztoc)
+[ ${#targets[@]} -gt 0 ] || targets=(footer toc layer tar fuse gzip_span ztoc pyc)
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1

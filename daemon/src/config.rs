@@ -128,7 +128,8 @@ pub struct LazyConfig {
     pub neighbour_fetch_kb: u64,
     /// When a container starts reading a dynamically linked program or library, fetch
     /// the libraries it needs (found in the image's layers) at once, each whole up to
-    /// this many KiB compressed, else its first chunk (0: off). Default 2048.
+    /// this many KiB compressed, else its first chunk; the same for the modules a
+    /// compiled Python module imports (0: off). Default 2048.
     pub library_fetch_kb: u64,
     /// When a layer is mounted, fetch the TOCs of the image's other layers in the
     /// background, so their Prepares need not wait for the registry (each is still

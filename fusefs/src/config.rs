@@ -59,7 +59,9 @@ pub struct FsConfig {
     /// library), the libraries it needs are looked up in the image's layers and fetched
     /// at once instead of one after another as the dynamic linker opens them: each
     /// whole if it is at most this many compressed bytes, else its first chunk (the
-    /// rest as the program touches it). 0 turns it off. Default 2 MiB.
+    /// rest as the program touches it). A compiled Python module read from its start
+    /// gets the same for the modules its top-level code imports. 0 turns both off.
+    /// Default 2 MiB.
     pub library_fetch_bytes: u64,
     /// First read-ahead window of a sequential reader (file bytes). Default 4 MiB.
     pub readahead_initial: u64,

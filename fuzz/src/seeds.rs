@@ -66,6 +66,8 @@ pub fn write_seeds(root: &Path) -> std::io::Result<()> {
         "made-up",
         &[&[2u8, 3, 1, 2, 4][..], &gz[10..]].concat(),
     )?;
+    let pyc = include_bytes!("../../fusefs/src/tests/data/imports_example.cpython-311.pyc");
+    write("pyc", "example", &[&[0u8][..], &pyc[..]].concat())?;
     write("ztoc", "tar", &[&[1u8][..], &tar].concat())?;
     let mut layer = tempfile_in_memory(&gz)?;
     let z = soci::ztoc_builder::build_ztoc(&layer, 256, "lazysnap-fuzz")

@@ -429,3 +429,29 @@ pub fn ztoc(data: &[u8]) -> String {
     }
     format!("layout:ok:{}", layout.spans.len().min(4))
 }
+
+/// A compiled Python module read for its imports (`fusefs::pyc`), as if at one of a few
+/// places (the first byte picks which): no panic, and every file it would look for lies
+/// below the root, named without `..` or empty parts.
+pub fn pyc(data: &[u8]) -> String {
+    const PLACES: [&str; 4] = [
+        "usr/lib/python3/dist-packages/pkg/sub/__pycache__/mod.cpython-311.pyc",
+        "usr/lib/python3.11/__pycache__/os.cpython-311.pyc",
+        "app/__init__.pyc",
+        "__pycache__/top.cpython-38.opt-1.pyc",
+    ];
+    let Some((&place, rest)) = data.split_first() else {
+        return "empty".into();
+    };
+    let Some(imports) = fusefs::pyc::imports(rest) else {
+        return "none".into();
+    };
+    let wanted = fusefs::pyc::wanted(PLACES[place as usize % PLACES.len()], &imports);
+    for path in wanted.iter().flatten() {
+        assert!(
+            !path.starts_with('/') && path.split('/').all(|p| !p.is_empty() && p != ".."),
+            "a module looked for outside the root: {path}"
+        );
+    }
+    format!("imports:{}:wanted:{}", imports.len().min(4), wanted.len().min(4))
+}

@@ -1,10 +1,12 @@
 //! The libraries a program is about to load, fetched before the dynamic linker asks for
-//! them one after another ([`crate::elf`]). When a container first reads a file from
-//! its start and the file is a dynamically linked ELF object, its interpreter and
-//! needed libraries are looked up (in this layer and the image's other layers, by
-//! whoever mounted them: [`Libraries`]) and each found one is fetched now and read the
-//! same way, so a program's whole library tree is on its way within a few round trips
-//! instead of one round trip per library.
+//! them one after another ([`crate::elf`]), and the modules a Python module is about to
+//! import, before the interpreter asks for them one after another ([`crate::pyc`]).
+//! When a container first reads a file from its start and the file is a dynamically
+//! linked ELF object, its interpreter and needed libraries are looked up (in this layer
+//! and the image's other layers, by whoever mounted them: [`Libraries`]) and each found
+//! one is fetched now and read the same way, so a program's whole library tree is on its
+//! way within a few round trips instead of one round trip per library. A compiled
+//! Python module gets the same for the modules its top-level code imports.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -14,7 +16,7 @@ use estargz::{Chunk, EntryKind, Index, NodeId};
 
 use super::{Fetcher, Purpose, lock};
 use crate::config::FsConfig;
-use crate::elf;
+use crate::{elf, pyc};
 
 /// Finds the libraries an object of a layer needs among the image's layers, and has
 /// each fetched there ([`crate::LayerFs::fetch_library`]). Set per mounted layer by
@@ -42,6 +44,9 @@ pub enum LibraryLookup {
 pub(crate) struct Examined {
     seen: Mutex<HashSet<NodeId>>,
     libraries: Mutex<HashSet<NodeId>>,
+    /// Python modules asked for, by the first place they were looked for: the modules
+    /// of a package are imported by many of its modules, and looked for once.
+    modules: Mutex<HashSet<String>>,
     finder: OnceLock<Arc<dyn Libraries>>,
     /// A library of at most this many compressed bytes is fetched whole, a bigger one
     /// its first chunk (`library_fetch_bytes`; 0: libraries are not fetched ahead).
@@ -53,6 +58,7 @@ impl Examined {
         Examined {
             seen: Mutex::default(),
             libraries: Mutex::default(),
+            modules: Mutex::default(),
             finder: OnceLock::new(),
             fetch_bytes: config.library_fetch_bytes,
         }
@@ -142,17 +148,22 @@ impl Fetcher {
     }
 
     /// A container read `node` from its start, `head`: if it is an ELF object, have its
-    /// libraries fetched (once). Other files cost a look at four bytes.
+    /// libraries fetched (once); if it is a compiled Python module, the modules it
+    /// imports. Other files cost a look at four bytes.
     pub(crate) fn examine_soon(self: &Arc<Self>, node: NodeId, head: &[u8]) {
-        if elf::is_elf(head) && self.examined.on() && self.examined.first_look(node) {
+        if (elf::is_elf(head) || pyc::is_pyc(head))
+            && self.examined.on()
+            && self.examined.first_look(node)
+        {
             let this = Arc::clone(self);
             self.handle.spawn(async move { this.examine(node).await });
         }
     }
 
-    /// `path` was asked for as a library: if it is a regular file here, fetch it (whole
-    /// when it is at most `library_fetch_bytes` compressed, else its first chunk; the
-    /// dynamic section is fetched when it is read) and read it for its own libraries.
+    /// `path` was asked for as a library or module: if it is a regular file here, fetch
+    /// it (whole when it is at most `library_fetch_bytes` compressed, else its first
+    /// chunk; the dynamic section is fetched when it is read) and read it for its own
+    /// libraries or imports.
     pub(crate) fn fetch_library(self: &Arc<Self>, path: &str) -> LibraryLookup {
         let mut path = path.to_string();
         let mut followed = false;
@@ -224,8 +235,8 @@ impl Fetcher {
         elf::c_string(&self.bytes_of(node, table.checked_add(at)?, len).await?)
     }
 
-    /// Reads `node` as an ELF object (its head, dynamic section and string table) and
-    /// passes the libraries it needs to the finder.
+    /// Reads `node` for what it has loaded next, an ELF object's libraries or a Python
+    /// module's imports, and passes them to the finder.
     async fn examine(self: Arc<Self>, node: NodeId) {
         let Some(finder) = self.examined.finder.get().cloned() else {
             return;
@@ -233,7 +244,42 @@ impl Fetcher {
         let Some(head) = self.bytes_of(node, 0, elf::HEAD_BYTES).await else {
             return;
         };
-        let Some(layout) = elf::layout(&head) else {
+        if pyc::is_pyc(&head) {
+            self.examine_pyc(node, finder.as_ref()).await;
+        } else {
+            self.examine_elf(node, &head, finder.as_ref()).await;
+        }
+    }
+
+    /// Reads `node` as a compiled Python module and passes the modules its top-level
+    /// code imports (those not asked for before) to the finder.
+    async fn examine_pyc(self: &Arc<Self>, node: NodeId, finder: &dyn Libraries) {
+        let size = self.layer.index().entry(node).size();
+        if size > pyc::MAX_PYC {
+            return;
+        }
+        let Some(bytes) = self.bytes_of(node, 0, size).await else {
+            return;
+        };
+        let Some(imports) = pyc::imports(&bytes) else {
+            return;
+        };
+        let path = self.path(node);
+        let mut wanted = pyc::wanted(&path, &imports);
+        {
+            let mut asked = lock(&self.examined.modules);
+            wanted.retain(|files| asked.insert(files[0].clone()));
+        }
+        if !wanted.is_empty() {
+            tracing::debug!(layer = %self.name, file = %path, modules = wanted.len(), "fetching the modules a Python module imports");
+            finder.wanted(wanted);
+        }
+    }
+
+    /// Reads `node` as an ELF object (its head, dynamic section and string table) and
+    /// passes the libraries it needs to the finder.
+    async fn examine_elf(self: &Arc<Self>, node: NodeId, head: &[u8], finder: &dyn Libraries) {
+        let Some(layout) = elf::layout(head) else {
             return;
         };
         let mut wanted = Vec::new();

@@ -153,3 +153,83 @@ fn with_library_fetch_off_a_program_read_fetches_only_itself() {
     assert_eq!(f.blob.request_count(), requests);
     assert!(!local(&f, &format!("{LIBS}/libc.so.6")));
 }
+
+/// A compiled Python package whose top-level code imports a sibling, a subpackage's
+/// extension module and a module of the standard library; modules it imports only
+/// inside functions lie beside them.
+fn python_image() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, data: &[u8]| {
+        let mut h = header(tar::EntryType::Regular, 0o644, data.len() as u64);
+        b.append_data(&mut h, path, data).unwrap();
+    };
+    let triplet = format!("{}-linux-gnu", std::env::consts::ARCH);
+    add(
+        "app/__pycache__/__init__.cpython-311.pyc",
+        include_bytes!("data/imports_example.cpython-311.pyc"),
+    );
+    add(
+        "app/__pycache__/also_later.cpython-311.pyc",
+        &pattern(100_000, 1),
+    );
+    add(
+        "app/__pycache__/sibling.cpython-311.pyc",
+        &pattern(100_000, 2),
+    );
+    add(
+        "app/sub/__pycache__/__init__.cpython-311.pyc",
+        &pattern(100_000, 3),
+    );
+    add(
+        &format!("app/sub/deeper.cpython-311-{triplet}.so"),
+        &pattern(100_000, 4),
+    );
+    add(
+        "usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc",
+        &pattern(100_000, 5),
+    );
+    add(
+        "usr/lib/python3.11/__pycache__/never_at_start.cpython-311.pyc",
+        &pattern(100_000, 6),
+    );
+    convert(&b.into_inner().unwrap(), OutputFormat::Estargz, &[])
+}
+
+#[test]
+fn reading_a_compiled_python_module_fetches_the_modules_it_imports() {
+    let triplet = format!("{}-linux-gnu", std::env::consts::ARCH);
+    let imported = [
+        "app/__pycache__/sibling.cpython-311.pyc".to_string(),
+        "app/sub/__pycache__/__init__.cpython-311.pyc".to_string(),
+        format!("app/sub/deeper.cpython-311-{triplet}.so"),
+        "usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc".to_string(),
+    ];
+    let config = FsConfig {
+        library_fetch_bytes: 2 << 20,
+        ..quiet_config()
+    };
+    let f = fixture_with(FaultBlob::new(python_image()), config, 1 << 30);
+    f.fs.set_libraries(Arc::new(OneLayer(Arc::downgrade(&f.fs))));
+    // The interpreter reads a compiled module whole, from its start.
+    f.read("app/__pycache__/__init__.cpython-311.pyc", 0, 4096)
+        .unwrap();
+    for _ in 0..500 {
+        if imported.iter().all(|path| local(&f, path)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for path in &imported {
+        assert!(local(&f, path), "{path} was not fetched");
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    for path in [
+        "app/__pycache__/also_later.cpython-311.pyc",
+        "usr/lib/python3.11/__pycache__/never_at_start.cpython-311.pyc",
+    ] {
+        assert!(
+            !local(&f, path),
+            "{path} is imported only inside a function"
+        );
+    }
+}
