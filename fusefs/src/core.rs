@@ -364,10 +364,17 @@ impl LayerFs {
         self.fetcher.set_libraries(finder);
     }
 
-    /// `path` (relative to the root) is a library a program is about to load: fetch it
-    /// if it is here.
+    /// `path` (relative to the root) is a library a program (or a module Python) is
+    /// about to load: if it is here, it is fetched with the others found since the last
+    /// [`LayerFs::fetch_found_libraries`].
     pub fn fetch_library(&self, path: &str) -> crate::LibraryLookup {
         self.fetcher.fetch_library(path)
+    }
+
+    /// Fetches the libraries found here since the last call, in as few range requests as
+    /// their places in the blob allow.
+    pub fn fetch_found_libraries(&self) {
+        self.fetcher.fetch_found_libraries()
     }
 
     pub fn layer(&self) -> &Arc<Layer> {

@@ -13,22 +13,33 @@ const MAX_HOPS: usize = 8;
 
 /// A layer asked for a library by path.
 pub trait LibrarySource {
+    /// Whether `path` is here; a file found is fetched at the next [`Self::fetch_found`].
     fn fetch_library(&self, path: &str) -> LibraryLookup;
+    fn fetch_found(&self);
 }
 
 impl LibrarySource for Arc<LayerFs> {
     fn fetch_library(&self, path: &str) -> LibraryLookup {
         LayerFs::fetch_library(self, path)
     }
+
+    fn fetch_found(&self) {
+        LayerFs::fetch_found_libraries(self)
+    }
 }
 
 /// For each library, tries its paths in order in `layers` (nearest first) and has the
-/// first layer that holds one fetch it. Returns how many were found.
+/// first layer that holds one fetch it; each layer then fetches what it holds at once.
+/// Returns how many were found.
 pub fn fetch_wanted<L: LibrarySource>(layers: &[L], wanted: &[Vec<String>]) -> usize {
-    wanted
+    let found = wanted
         .iter()
         .filter(|paths| paths.iter().any(|p| fetch_one(layers, p)))
-        .count()
+        .count();
+    for layer in layers {
+        layer.fetch_found();
+    }
+    found
 }
 
 /// Looks `path` up in `layers`, following links into other layers.
@@ -104,6 +115,8 @@ mod tests {
                 LibraryLookup::Absent
             }
         }
+
+        fn fetch_found(&self) {}
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub(crate) struct Examined {
     /// Python modules asked for, by the first place they were looked for: the modules
     /// of a package are imported by many of its modules, and looked for once.
     modules: Mutex<HashSet<String>>,
+    /// Found and not yet fetched: the finder looks up a whole list, then has each layer
+    /// fetch what it found at once, so that neighbours in the blob share a request.
+    found: Mutex<Vec<NodeId>>,
     finder: OnceLock<Arc<dyn Libraries>>,
     /// A library of at most this many compressed bytes is fetched whole, a bigger one
     /// its first chunk (`library_fetch_bytes`; 0: libraries are not fetched ahead).
@@ -59,6 +62,7 @@ impl Examined {
             seen: Mutex::default(),
             libraries: Mutex::default(),
             modules: Mutex::default(),
+            found: Mutex::default(),
             finder: OnceLock::new(),
             fetch_bytes: config.library_fetch_bytes,
         }
@@ -173,9 +177,7 @@ impl Fetcher {
                     if self.examined.on() {
                         self.examined.note_library(node);
                         if self.examined.first_look(node) {
-                            self.fetch_start_of(node);
-                            let this = Arc::clone(self);
-                            self.handle.spawn(async move { this.examine(node).await });
+                            lock(&self.examined.found).push(node);
                         }
                     }
                     return LibraryLookup::Here;
@@ -192,14 +194,30 @@ impl Fetcher {
         LibraryLookup::Absent
     }
 
-    /// Starts the fetch of `node`'s chunks that are neither local nor on their way: all
-    /// of them if the file is small, else the first.
-    fn fetch_start_of(self: &Arc<Self>, node: NodeId) {
-        let chunks = self.layer.index().entry(node).chunks();
-        let take = self.examined.start_of(chunks);
-        let real = chunks.iter().take(take).filter(|c| !c.zeros);
-        let leads = self.claim_missing(real.map(|c| (node, *c)));
+    /// Starts the fetch of the found libraries' chunks that are neither local nor on
+    /// their way (all of a small file's, else its first), together, and reads each
+    /// library for its own libraries or imports.
+    pub(crate) fn fetch_found_libraries(self: &Arc<Self>) {
+        let found = std::mem::take(&mut *lock(&self.examined.found));
+        let index = self.layer.index();
+        let wants: Vec<(NodeId, Chunk)> = found
+            .iter()
+            .flat_map(|&node| {
+                let chunks = index.entry(node).chunks();
+                let take = self.examined.start_of(chunks);
+                chunks
+                    .iter()
+                    .take(take)
+                    .filter(|c| !c.zeros)
+                    .map(move |c| (node, *c))
+            })
+            .collect();
+        let leads = self.claim_missing(wants);
         self.spawn_ranges(leads, Purpose::Library);
+        for node in found {
+            let this = Arc::clone(self);
+            self.handle.spawn(async move { this.examine(node).await });
+        }
     }
 
     /// Bytes `offset..offset + len` of `node` (cut at its end), fetched as a library's

@@ -27,6 +27,7 @@ impl Libraries for OneLayer {
                 }
             }
         }
+        fs.fetch_found_libraries();
     }
 }
 
