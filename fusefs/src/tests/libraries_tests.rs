@@ -158,7 +158,7 @@ fn with_library_fetch_off_a_program_read_fetches_only_itself() {
 /// A compiled Python package whose top-level code imports a sibling, a subpackage's
 /// extension module and a module of the standard library; modules it imports only
 /// inside functions lie beside them.
-fn python_image() -> Vec<u8> {
+fn python_tar() -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     let mut add = |path: &str, data: &[u8]| {
         let mut h = header(tar::EntryType::Regular, 0o644, data.len() as u64);
@@ -193,23 +193,31 @@ fn python_image() -> Vec<u8> {
         "usr/lib/python3.11/__pycache__/never_at_start.cpython-311.pyc",
         &pattern(100_000, 6),
     );
-    convert(&b.into_inner().unwrap(), OutputFormat::Estargz, &[])
+    b.into_inner().unwrap()
 }
 
-#[test]
-fn reading_a_compiled_python_module_fetches_the_modules_it_imports() {
+fn imported_modules() -> [String; 4] {
     let triplet = format!("{}-linux-gnu", std::env::consts::ARCH);
-    let imported = [
+    [
         "app/__pycache__/sibling.cpython-311.pyc".to_string(),
         "app/sub/__pycache__/__init__.cpython-311.pyc".to_string(),
         format!("app/sub/deeper.cpython-311-{triplet}.so"),
         "usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc".to_string(),
-    ];
-    let config = FsConfig {
+    ]
+}
+
+fn with_modules_fetched() -> FsConfig {
+    FsConfig {
         library_fetch_bytes: 2 << 20,
         ..quiet_config()
-    };
-    let f = fixture_with(FaultBlob::new(python_image()), config, 1 << 30);
+    }
+}
+
+#[test]
+fn reading_a_compiled_python_module_fetches_the_modules_it_imports() {
+    let imported = imported_modules();
+    let blob = convert(&python_tar(), OutputFormat::Estargz, &[]);
+    let f = fixture_with(FaultBlob::new(blob), with_modules_fetched(), 1 << 30);
     f.fs.set_libraries(Arc::new(OneLayer(Arc::downgrade(&f.fs))));
     // The interpreter reads a compiled module whole, from its start.
     f.read("app/__pycache__/__init__.cpython-311.pyc", 0, 4096)
@@ -232,5 +240,21 @@ fn reading_a_compiled_python_module_fetches_the_modules_it_imports() {
             !local(&f, path),
             "{path} is imported only inside a function"
         );
+    }
+}
+
+/// Through a SOCI index every module would cost its whole span: the compiled module is
+/// read, its imports are not fetched.
+#[test]
+fn a_soci_layers_compiled_modules_are_not_read_for_imports() {
+    let f = super::soci_tests::soci_fixture_of(&python_tar(), with_modules_fetched());
+    f.fs.set_libraries(Arc::new(OneLayer(Arc::downgrade(&f.fs))));
+    f.read("app/__pycache__/__init__.cpython-311.pyc", 0, 4096)
+        .unwrap();
+    let requests = f.blob.request_count();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(f.blob.request_count(), requests);
+    for path in &imported_modules() {
+        assert!(!local(&f, path), "{path} was fetched");
     }
 }

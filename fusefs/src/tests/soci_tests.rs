@@ -10,8 +10,13 @@ use estargz::{Cancel, Sha256Sum};
 /// The sample tar as an ordinary gzip layer with a zTOC of 64 KiB spans.
 fn soci_fixture() -> (Fixture, Source) {
     let (tar, src) = sample_tar();
+    (soci_fixture_of(&tar, quiet_config()), src)
+}
+
+/// `tar` as an ordinary gzip layer with a zTOC of 64 KiB spans.
+pub(super) fn soci_fixture_of(tar: &[u8], config: FsConfig) -> Fixture {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
-    gz.write_all(&tar).unwrap();
+    gz.write_all(tar).unwrap();
     let gz = gz.finish().unwrap();
     let mut file = tempfile::NamedTempFile::new().unwrap();
     file.write_all(&gz).unwrap();
@@ -33,8 +38,7 @@ fn soci_fixture() -> (Fixture, Source) {
         disk_bytes: 1 << 30,
         max_fill_percent: 100,
     };
-    let f = fixture_of(runtime(), blob, layer, quiet_config(), cache, dir);
-    (f, src)
+    fixture_of(runtime(), blob, layer, config, cache, dir)
 }
 
 #[test]
