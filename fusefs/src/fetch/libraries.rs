@@ -276,7 +276,9 @@ impl Fetcher {
         // Through a SOCI index each module costs its whole span (2-4 MiB of tar), and
         // the imports a module names but never runs (under `if TYPE_CHECKING:`, in a
         // `try` that falls back) would cost theirs: python's start took 1.49x as long.
-        if self.spans || size > pyc::MAX_PYC {
+        // An optimized layer's record already has what the start imports, and fetches
+        // beside it would hold its prefetch back (1.23x).
+        if self.spans || self.prefetch.keeps_to_record() || size > pyc::MAX_PYC {
             return;
         }
         let Some(bytes) = self.bytes_of(node, 0, size).await else {

@@ -56,6 +56,16 @@ impl Prefetch {
         !self.marked || c.prefetch || self.left_record.load(Ordering::Relaxed)
     }
 
+    /// Whether the layer says what its container reads first (marks or a prioritized
+    /// range) and, as far as marks tell, the container keeps to that.
+    pub(crate) fn keeps_to_record(&self) -> bool {
+        if self.marked {
+            !self.left_record.load(Ordering::Relaxed)
+        } else {
+            self.end > 0
+        }
+    }
+
     /// A read must fetch `c`: if the marks leave it out, the container has left the
     /// recorded run. True the first time, for the log.
     pub(crate) fn note_miss(&self, c: &Chunk) -> bool {

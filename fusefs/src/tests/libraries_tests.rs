@@ -258,3 +258,18 @@ fn a_soci_layers_compiled_modules_are_not_read_for_imports() {
         assert!(!local(&f, path), "{path} was fetched");
     }
 }
+
+/// An optimized layer says what its container reads first: its record, not a module's
+/// imports, guides fetching.
+#[test]
+fn an_optimized_layers_compiled_modules_are_not_read_for_imports() {
+    let importer = "app/__pycache__/__init__.cpython-311.pyc";
+    let blob = convert(&python_tar(), OutputFormat::Estargz, &[importer]);
+    let f = fixture_with(FaultBlob::new(blob), with_modules_fetched(), 1 << 30);
+    f.fs.set_libraries(Arc::new(OneLayer(Arc::downgrade(&f.fs))));
+    f.read(importer, 0, 4096).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for path in &imported_modules() {
+        assert!(!local(&f, path), "{path} was fetched");
+    }
+}
