@@ -19,6 +19,9 @@ pub const MAX_PYC: u64 = 4 << 20;
 pub const HEAD_BYTES: usize = 4;
 /// Nesting of marshal objects (code in tuples in code ...) a real module stays far below.
 const MAX_DEPTH: usize = 64;
+/// Objects read from one module at most: a real module's largest has some tens of
+/// thousands; this bounds what a crafted one costs (each object takes 24 bytes here).
+const MAX_OBJECTS: usize = 1 << 20;
 /// Imports of one module at most, and modules looked for per import.
 const MAX_IMPORTS: usize = 512;
 const MAX_FROMLIST: usize = 64;
@@ -87,6 +90,7 @@ struct Reader<'a> {
     layout: CodeLayout,
     /// Objects written with the reference flag, in the order they started.
     refs: Vec<Value>,
+    objects: usize,
 }
 
 impl<'a> Reader<'a> {
@@ -128,7 +132,8 @@ impl<'a> Reader<'a> {
     }
 
     fn object(&mut self, depth: usize) -> Option<Value> {
-        if depth > MAX_DEPTH {
+        self.objects += 1;
+        if depth > MAX_DEPTH || self.objects > MAX_OBJECTS {
             return None;
         }
         let byte = self.u8()?;
@@ -267,6 +272,7 @@ pub fn imports(pyc: &[u8]) -> Option<Vec<Import>> {
         at: 16,
         layout,
         refs: Vec::new(),
+        objects: 0,
     };
     let Value::Code(code) = reader.object(0)? else {
         return None;

@@ -155,7 +155,7 @@ impl Fetcher {
     /// libraries fetched (once); if it is a compiled Python module, the modules it
     /// imports. Other files cost a look at four bytes.
     pub(crate) fn examine_soon(self: &Arc<Self>, node: NodeId, head: &[u8]) {
-        if (elf::is_elf(head) || pyc::is_pyc(head))
+        if (elf::is_elf(head) || (pyc::is_pyc(head) && self.reads_imports()))
             && self.examined.on()
             && self.examined.first_look(node)
         {
@@ -269,16 +269,21 @@ impl Fetcher {
         }
     }
 
+    /// Whether this layer's compiled modules are read for their imports. Not through a
+    /// SOCI index: each module costs its whole span (2-4 MiB of tar), and the imports a
+    /// module names but never runs (under `if TYPE_CHECKING:`, in a `try` that falls
+    /// back) would cost theirs (python's start took 1.49x as long). Not while the
+    /// container keeps to an optimized layer's record: it already has what the start
+    /// imports, and fetches beside it would hold its prefetch back (1.23x).
+    fn reads_imports(&self) -> bool {
+        !self.spans && !self.prefetch.keeps_to_record()
+    }
+
     /// Reads `node` as a compiled Python module and passes the modules its top-level
     /// code imports (those not asked for before) to the finder.
     async fn examine_pyc(self: &Arc<Self>, node: NodeId, finder: &dyn Libraries) {
         let size = self.layer.index().entry(node).size();
-        // Through a SOCI index each module costs its whole span (2-4 MiB of tar), and
-        // the imports a module names but never runs (under `if TYPE_CHECKING:`, in a
-        // `try` that falls back) would cost theirs: python's start took 1.49x as long.
-        // An optimized layer's record already has what the start imports, and fetches
-        // beside it would hold its prefetch back (1.23x).
-        if self.spans || self.prefetch.keeps_to_record() || size > pyc::MAX_PYC {
+        if !self.reads_imports() || size > pyc::MAX_PYC {
             return;
         }
         let Some(bytes) = self.bytes_of(node, 0, size).await else {

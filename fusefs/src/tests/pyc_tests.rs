@@ -127,6 +127,26 @@ fn what_is_not_a_known_pyc_or_is_malformed_says_nothing() {
     let mut dangling = Marshal::new(3495);
     dangling.byte(b'r').i32(7);
     assert_eq!(imports(&dangling.0), None);
+    // A module of more constants than any has: given up on, whatever memory they
+    // would take (the same module with a few reads as one without imports).
+    let module = |constants: usize| {
+        let mut m = Marshal::new(3495);
+        m.byte(b'c');
+        for _ in 0..5 {
+            m.i32(0);
+        }
+        m.bytes(&[]).byte(b'(').i32(constants as i32);
+        m.0.resize(m.0.len() + constants, b'N');
+        m.byte(b')').byte(0);
+        for _ in 0..5 {
+            m.byte(b'N');
+        }
+        m.i32(1).bytes(b"").bytes(b"");
+        m.0
+    };
+    assert_eq!(imports(&module(3)), Some(Vec::new()));
+    assert_eq!(imports(&module(2 << 20)), None);
+    assert!(std::mem::size_of::<Value>() <= 24);
 }
 
 const SITE: &str = "usr/lib/python3/dist-packages";
