@@ -160,7 +160,8 @@ impl Fetcher {
             && self.examined.first_look(node)
         {
             let this = Arc::clone(self);
-            self.handle.spawn(async move { this.examine(node).await });
+            self.handle
+                .spawn(async move { this.examine(node, false).await });
         }
     }
 
@@ -216,7 +217,8 @@ impl Fetcher {
         self.spawn_ranges(leads, Purpose::Library);
         for node in found {
             let this = Arc::clone(self);
-            self.handle.spawn(async move { this.examine(node).await });
+            self.handle
+                .spawn(async move { this.examine(node, true).await });
         }
     }
 
@@ -255,7 +257,7 @@ impl Fetcher {
 
     /// Reads `node` for what it has loaded next, an ELF object's libraries or a Python
     /// module's imports, and passes them to the finder.
-    async fn examine(self: Arc<Self>, node: NodeId) {
+    async fn examine(self: Arc<Self>, node: NodeId, found: bool) {
         let Some(finder) = self.examined.finder.get().cloned() else {
             return;
         };
@@ -263,20 +265,24 @@ impl Fetcher {
             return;
         };
         if pyc::is_pyc(&head) {
+            if found && self.spans {
+                // Through a SOCI index a module found here is read for its imports only
+                // once the container reads it: a module fetched for an import that never
+                // runs would otherwise cost the spans of its own imports too.
+                lock(&self.examined.seen).remove(&node);
+                return;
+            }
             self.examine_pyc(node, finder.as_ref()).await;
         } else {
             self.examine_elf(node, &head, finder.as_ref()).await;
         }
     }
 
-    /// Whether this layer's compiled modules are read for their imports. Not through a
-    /// SOCI index: each module costs its whole span (2-4 MiB of tar), and the imports a
-    /// module names but never runs (under `if TYPE_CHECKING:`, in a `try` that falls
-    /// back) would cost theirs (python's start took 1.49x as long). Not while the
-    /// container keeps to an optimized layer's record: it already has what the start
-    /// imports, and fetches beside it would hold its prefetch back (1.23x).
+    /// Whether this layer's compiled modules are read for their imports: not while the
+    /// container keeps to an optimized layer's record, which already has what the start
+    /// imports (fetches beside it held its prefetch back: python 1.23x).
     fn reads_imports(&self) -> bool {
-        !self.spans && !self.prefetch.keeps_to_record()
+        !self.prefetch.keeps_to_record()
     }
 
     /// Reads `node` as a compiled Python module and passes the modules its top-level

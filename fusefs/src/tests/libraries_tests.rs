@@ -175,7 +175,7 @@ fn python_tar() -> Vec<u8> {
     );
     add(
         "app/__pycache__/sibling.cpython-311.pyc",
-        &pattern(100_000, 2),
+        include_bytes!("data/imports_one.cpython-311.pyc"),
     );
     add(
         "app/sub/__pycache__/__init__.cpython-311.pyc",
@@ -193,7 +193,22 @@ fn python_tar() -> Vec<u8> {
         "usr/lib/python3.11/__pycache__/never_at_start.cpython-311.pyc",
         &pattern(100_000, 6),
     );
+    add(DEEP, &pattern(100_000, 7));
     b.into_inner().unwrap()
+}
+
+/// What `sibling` (in turn) imports.
+const DEEP: &str = "usr/lib/python3.11/__pycache__/deep_only_via_sibling.cpython-311.pyc";
+
+/// Waits until every one of `paths` is local; false if that takes over 5 s.
+fn wait_local(f: &Fixture, paths: &[String]) -> bool {
+    for _ in 0..500 {
+        if paths.iter().all(|path| local(f, path)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
 }
 
 fn imported_modules() -> [String; 4] {
@@ -222,13 +237,11 @@ fn reading_a_compiled_python_module_fetches_the_modules_it_imports() {
     // The interpreter reads a compiled module whole, from its start.
     f.read("app/__pycache__/__init__.cpython-311.pyc", 0, 4096)
         .unwrap();
-    for _ in 0..500 {
-        if imported.iter().all(|path| local(&f, path)) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    for path in &imported {
+    // Its imports, and what they import in turn.
+    let mut wanted = imported.to_vec();
+    wanted.push(DEEP.to_string());
+    wait_local(&f, &wanted);
+    for path in &wanted {
         assert!(local(&f, path), "{path} was not fetched");
     }
     std::thread::sleep(Duration::from_millis(100));
@@ -243,20 +256,28 @@ fn reading_a_compiled_python_module_fetches_the_modules_it_imports() {
     }
 }
 
-/// Through a SOCI index every module would cost its whole span: the compiled module is
-/// read, its imports are not fetched.
+/// Through a SOCI index a module costs its whole span: a module fetched for an import
+/// is read for its own imports only once the container reads it (an import that does
+/// not run would cost the spans of its imports too).
 #[test]
-fn a_soci_layers_compiled_modules_are_not_read_for_imports() {
+fn through_a_soci_index_imports_are_followed_one_read_at_a_time() {
     let f = super::soci_tests::soci_fixture_of(&python_tar(), with_modules_fetched());
     f.fs.set_libraries(Arc::new(OneLayer(Arc::downgrade(&f.fs))));
     f.read("app/__pycache__/__init__.cpython-311.pyc", 0, 4096)
         .unwrap();
-    let requests = f.blob.request_count();
+    let imported = imported_modules();
+    assert!(wait_local(&f, &imported), "the imports were not fetched");
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(f.blob.request_count(), requests);
-    for path in &imported_modules() {
-        assert!(!local(&f, path), "{path} was fetched");
-    }
+    assert!(
+        !local(&f, DEEP),
+        "a module found for an import was read for its own"
+    );
+    f.read("app/__pycache__/sibling.cpython-311.pyc", 0, 4096)
+        .unwrap();
+    assert!(
+        wait_local(&f, &[DEEP.to_string()]),
+        "the container read the module, and its import was not fetched"
+    );
 }
 
 /// An optimized layer says what its container reads first: its record, not a module's
