@@ -391,8 +391,9 @@ impl<'a> Importer<'a> {
             let stdlib = format!("python{version}");
             if let Some(i) = self.dir.iter().position(|p| *p == stdlib) {
                 let here = self.dir[..=i].join("/");
-                roots.push(format!("{here}/lib-dynload"));
-                roots.insert(roots.len() - 1, here);
+                let extensions = format!("{here}/lib-dynload");
+                roots.push(here);
+                roots.push(extensions);
             }
             for prefix in ["usr/lib", "usr/local/lib"] {
                 roots.push(format!("{prefix}/{stdlib}"));

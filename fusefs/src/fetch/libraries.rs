@@ -18,13 +18,14 @@ use super::{Fetcher, Purpose, lock};
 use crate::config::FsConfig;
 use crate::{elf, pyc};
 
-/// Finds the libraries an object of a layer needs among the image's layers, and has
-/// each fetched there ([`crate::LayerFs::fetch_library`]). Set per mounted layer by
-/// the mounter, who knows the image's layers.
+/// Finds the libraries an object of a layer needs (or the modules a compiled Python
+/// module imports) among the image's layers, and has each fetched there
+/// ([`crate::LayerFs::fetch_library`], then [`crate::LayerFs::fetch_found_libraries`]).
+/// Set per mounted layer by the mounter, who knows the image's layers.
 pub trait Libraries: Send + Sync {
-    /// For each library an ELF object of this layer needs, the paths (relative to the
-    /// root) the dynamic linker would try, in its order. Called from the fetcher's
-    /// runtime: it must not wait.
+    /// For each library an ELF object of this layer needs (or module it imports), the
+    /// paths (relative to the root) the dynamic linker (or Python) would try, in its
+    /// order. Called from the fetcher's runtime: it must not wait.
     fn wanted(&self, wanted: Vec<Vec<String>>);
 }
 
@@ -98,6 +99,15 @@ impl Examined {
     }
 }
 
+/// Why a file is read for what it loads next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// The container read it from its start.
+    Read,
+    /// It was found for another file's library or import, and fetched.
+    Found,
+}
+
 /// Symbolic links followed within a layer at most, looking up a library.
 const MAX_LINKS: usize = 8;
 
@@ -161,7 +171,7 @@ impl Fetcher {
         {
             let this = Arc::clone(self);
             self.handle
-                .spawn(async move { this.examine(node, false).await });
+                .spawn(async move { this.examine(node, Why::Read).await });
         }
     }
 
@@ -218,7 +228,7 @@ impl Fetcher {
         for node in found {
             let this = Arc::clone(self);
             self.handle
-                .spawn(async move { this.examine(node, true).await });
+                .spawn(async move { this.examine(node, Why::Found).await });
         }
     }
 
@@ -257,7 +267,7 @@ impl Fetcher {
 
     /// Reads `node` for what it has loaded next, an ELF object's libraries or a Python
     /// module's imports, and passes them to the finder.
-    async fn examine(self: Arc<Self>, node: NodeId, found: bool) {
+    async fn examine(self: Arc<Self>, node: NodeId, why: Why) {
         let Some(finder) = self.examined.finder.get().cloned() else {
             return;
         };
@@ -265,7 +275,7 @@ impl Fetcher {
             return;
         };
         if pyc::is_pyc(&head) {
-            if found && self.spans {
+            if why == Why::Found && self.spans {
                 // Through a SOCI index a module found here is read for its imports only
                 // once the container reads it: a module fetched for an import that never
                 // runs would otherwise cost the spans of its own imports too.
