@@ -364,7 +364,7 @@ impl LayerFs {
         self.fetcher.set_libraries(finder);
     }
 
-    /// `path` (relative to the root) is a library a program (or a module Python) is
+    /// `path` (relative to the root) is a library a program, or a module Python, is
     /// about to load: if it is here, it is fetched with the others found since the last
     /// [`LayerFs::fetch_found_libraries`].
     pub fn fetch_library(&self, path: &str) -> crate::LibraryLookup {

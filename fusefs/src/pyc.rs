@@ -48,9 +48,15 @@ fn layout_of(magic: u16) -> Option<CodeLayout> {
 
 /// Whether a file starting with `head` is compiled Python code of a version read here.
 pub fn is_pyc(head: &[u8]) -> bool {
-    head.len() >= HEAD_BYTES
-        && head[2..4] == *b"\r\n"
-        && layout_of(u16::from_le_bytes([head[0], head[1]])).is_some()
+    layout_in(head).is_some()
+}
+
+/// The code layout of the version whose magic starts `head`, if it is one read here.
+fn layout_in(head: &[u8]) -> Option<CodeLayout> {
+    match head.get(..HEAD_BYTES)? {
+        [a, b, b'\r', b'\n'] => layout_of(u16::from_le_bytes([*a, *b])),
+        _ => None,
+    }
 }
 
 /// One import statement of a module's top-level code: `import a.b` is `a.b` at level 0;
@@ -220,9 +226,11 @@ impl<'a> Reader<'a> {
     }
 
     fn code(&mut self, depth: usize) -> Option<Code> {
-        let (before, after) = match self.layout {
-            CodeLayout::Nlocals => (6, 5),
-            CodeLayout::LocalsPlus => (5, 5),
+        // 32-bit fields before the bytecode, objects between the names and firstlineno,
+        // and objects after it.
+        let (before, after, tables) = match self.layout {
+            CodeLayout::Nlocals => (6, 5, 1),
+            CodeLayout::LocalsPlus => (5, 5, 2),
         };
         self.take(4 * before)?;
         let Value::Bytes(bytecode) = self.object(depth + 1)? else {
@@ -238,10 +246,6 @@ impl<'a> Reader<'a> {
             self.object(depth + 1)?;
         }
         self.i32()?; // firstlineno
-        let tables = match self.layout {
-            CodeLayout::Nlocals => 1,
-            CodeLayout::LocalsPlus => 2,
-        };
         for _ in 0..tables {
             self.object(depth + 1)?;
         }
@@ -262,10 +266,7 @@ const EXTENDED_ARG: u8 = 144;
 /// The import statements of a `.pyc`'s top-level code, in order; `None` if it is not one
 /// read here or is malformed.
 pub fn imports(pyc: &[u8]) -> Option<Vec<Import>> {
-    if !is_pyc(pyc) {
-        return None;
-    }
-    let layout = layout_of(u16::from_le_bytes([pyc[0], pyc[1]]))?;
+    let layout = layout_in(pyc)?;
     // Magic, flags, then the source's mtime and size (or its hash): 16 bytes.
     let mut reader = Reader {
         buf: pyc,
