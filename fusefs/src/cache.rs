@@ -4,8 +4,10 @@
 //!
 //! On disk a chunk lives at `chunks/<2 hex>/<64 hex>`, named by its sha256. It is written
 //! to `tmp/` and renamed into place, so a crash never leaves a torn file under its final
-//! name; it is not fsynced, because every load re-hashes the file and drops it on a
-//! mismatch (a torn or bit-rotted file is a miss, never wrong data).
+//! name; it is not fsynced, because every load re-hashes what it reads (the whole file,
+//! or the pieces a read wants against digests taken from verified bytes, see
+//! [`crate::pieces`]) and drops the file on a mismatch (a torn or bit-rotted file is a
+//! miss, never wrong data).
 //!
 //! Whole files assembled from verified chunks (for FUSE passthrough, where the kernel
 //! reads the file itself and nobody can re-hash) live at `files/<2 hex>/<64 hex>`, named
@@ -25,6 +27,7 @@ use estargz::{Sha256Sum, lock};
 use crate::buffers::BIG_BUFFERS;
 use crate::error::{Error, Result};
 use crate::lru::Lru;
+use crate::pieces::{PieceDigests, Pieces};
 
 /// Where and how much the shared cache keeps.
 #[derive(Debug, Clone)]
@@ -102,19 +105,40 @@ struct Inner {
     /// Chunks read through whose disk write has not finished: they leave the memory
     /// tier once it has.
     read_through: Mutex<std::collections::HashSet<Sha256Sum>>,
+    /// Chunks in the memory tier that readers have read in part: they leave it sooner,
+    /// their pieces' digests taken, and are read back from disk a piece at a time.
+    read_in_part: Mutex<std::collections::HashSet<Sha256Sum>>,
+    pieces: Pieces,
 }
 
 /// Read-through chunks waiting for their disk writes, at most (they are written within
 /// moments; a bound keeps a failing disk from growing the set).
 const MAX_READ_THROUGH: usize = 4096;
 
-/// How long a chunk stays in the memory tier unused once the disk holds it too (see
-/// [`SharedCache::release_unused_memory`]). The kernel asks for a chunk's pieces within
-/// moments of each other; a chunk touched again after this is read back from disk
-/// (a few ms for 4 MiB, hashed). Measured on the bench's images: 250 ms made cold
-/// starts about 2% slower through such reloads, 500 ms as fast as 1 s with 1-17 MB less
-/// resident at a container's exit (`bench/results/memory-tier-unused.md`).
-const CHUNK_IDLE: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long a chunk nobody has read yet (prefetched, or fetched ahead of a reader)
+/// stays in the memory tier unused once the disk holds it too (see
+/// [`SharedCache::release_unused_memory`]); a read of it after this reads the pieces
+/// it wants from disk. With whole chunks read back and hashed, 250 ms made cold starts
+/// about 2% slower than 500 ms (`bench/results/memory-tier-unused.md`); with pieces,
+/// 250 ms is as fast (`bench/results/memory-pieces.md`).
+const CHUNK_IDLE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// How long a chunk read in part stays in the memory tier unused once the disk holds
+/// it: the kernel asks for the rest of a piece it is reading within moments, and a read
+/// after this costs a piece or two from disk (see [`crate::pieces`]).
+const PART_IDLE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How often, at most, memory let go is handed back to the kernel. Measured both ways:
+/// handing the buffer pool and free heap pages back after the tier lets go of chunks,
+/// even while containers read, costs no cold-start time at this pace and keeps up to
+/// 11 MB less resident at a container's exit than doing it only once the whole tier is
+/// unused (`bench/results/memory-tier-unused.md`); every 25 ms it made the JVM's start
+/// 4% slower (`bench/results/memory-pieces.md`).
+const HAND_BACK_EVERY: std::time::Duration = std::time::Duration::from_millis(125);
+
+/// Chunks read in part that the tier tracks, at most (a random reader's); past it the
+/// set starts over and the chunks it forgets leave after [`CHUNK_IDLE`].
+const MAX_READ_IN_PART: usize = 16_384;
 
 impl std::fmt::Debug for SharedCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -210,6 +234,8 @@ impl SharedCache {
                 evicted_for_space: AtomicU64::new(0),
                 swept: AtomicU64::new(0),
                 read_through: Mutex::new(std::collections::HashSet::new()),
+                read_in_part: Mutex::new(std::collections::HashSet::new()),
+                pieces: Pieces::default(),
             }),
         })
     }
@@ -258,19 +284,37 @@ impl SharedCache {
     /// Takes the chunk out of the memory tier; its buffer is freed (or goes back to its
     /// pool) after the lock is let go.
     fn drop_from_memory(&self, digest: &Sha256Sum) -> Option<Bytes> {
-        lock(&self.inner.memory).remove(digest)
+        let data = lock(&self.inner.memory).remove(digest);
+        lock(&self.inner.read_in_part).remove(digest);
+        data
     }
 
     /// Lets go of the memory tier's chunks that the disk holds too and that nobody has
-    /// used for `idle`; returns the bytes let go. The tier bridges a chunk's fetch and
-    /// its reads; a container that reads the chunk again later finds it in its mount's
-    /// page cache or on disk, so the daemon need not keep what a container stopped
-    /// reading (the rest of a chunk read in part, a prefetched chunk not read yet).
-    pub fn release_unused_memory(&self, idle: std::time::Duration) -> u64 {
+    /// used for `idle` (those read in part, for `part_idle`); returns the bytes let go.
+    /// Their pieces' digests are taken first, so a later read of part of one reads only
+    /// that part from disk. The tier bridges a chunk's fetch and its reads; a container
+    /// that reads the chunk again later finds it in its mount's page cache or on disk, so
+    /// the daemon need not keep what a container stopped reading (the rest of a chunk
+    /// read in part, a prefetched chunk not read yet).
+    pub fn release_unused_memory(
+        &self,
+        idle: std::time::Duration,
+        part_idle: std::time::Duration,
+    ) -> u64 {
         if !self.inner.disk_enabled {
             return 0;
         }
-        let unused = lock(&self.inner.memory).unused_for(idle);
+        let unused: Vec<Sha256Sum> = {
+            let memory = lock(&self.inner.memory);
+            let read_in_part = lock(&self.inner.read_in_part);
+            let idle_ms = idle.as_millis() as u64;
+            memory
+                .unused_for(part_idle.min(idle))
+                .into_iter()
+                .filter(|(d, unused_ms)| *unused_ms >= idle_ms || read_in_part.contains(d))
+                .map(|(d, _)| d)
+                .collect()
+        };
         let on_disk: Vec<Sha256Sum> = {
             let disk = lock(&self.inner.disk);
             unused
@@ -278,20 +322,32 @@ impl SharedCache {
                 .filter(|digest| disk.peek(digest).is_some_and(Stored::is_chunk))
                 .collect()
         };
-        let released: u64 = on_disk
-            .iter()
-            .filter_map(|digest| self.drop_from_memory(digest))
-            .map(|data| data.len() as u64)
-            .sum();
-        // Measured both ways: handing the buffer pool and free heap pages back at each
-        // release, even while containers read, costs no cold-start time and keeps up to 11 MB
-        // less resident at a container's exit than doing it only once the whole tier is
-        // unused (`bench/results/memory-tier-unused.md`).
-        if released > 0 {
-            BIG_BUFFERS.release();
-            crate::heap::return_free_pages();
+        let mut released = 0;
+        for digest in on_disk {
+            let Some(data) = self.drop_from_memory(&digest) else {
+                continue;
+            };
+            if !self.inner.pieces.contains(&digest)
+                && let Some(pieces) = PieceDigests::of(&data)
+            {
+                self.inner.pieces.insert(digest, pieces);
+            }
+            released += data.len() as u64;
         }
         released
+    }
+
+    /// A reader has read part of the chunk (see `fetch::served`): unused, it leaves the
+    /// memory tier sooner.
+    pub(crate) fn read_in_part(&self, digest: Sha256Sum) {
+        if !self.inner.disk_enabled || !lock(&self.inner.memory).contains(&digest) {
+            return;
+        }
+        let mut in_part = lock(&self.inner.read_in_part);
+        if in_part.len() >= MAX_READ_IN_PART && !in_part.contains(&digest) {
+            in_part.clear();
+        }
+        in_part.insert(digest);
     }
 
     /// Every byte of the chunk has been read (see `fetch::served`): it leaves the memory
@@ -315,14 +371,29 @@ impl SharedCache {
         pending.insert(digest);
     }
 
-    /// Runs [`SharedCache::release_unused_memory`] every 125 ms for chunks unused for
-    /// 500 ms, for the daemon's life.
+    /// Runs [`SharedCache::release_unused_memory`] for the daemon's life, four times
+    /// within [`PART_IDLE`]. What was let go goes back to the kernel (the buffer pool,
+    /// free heap pages) at most every [`HAND_BACK_EVERY`].
     pub async fn release_unused_memory_forever(self) {
+        let mut since_hand_back = 0u64;
+        let mut last_hand_back = tokio::time::Instant::now();
         loop {
-            tokio::time::sleep(CHUNK_IDLE / 4).await;
-            let released = self.release_unused_memory(CHUNK_IDLE);
+            tokio::time::sleep(PART_IDLE / 4).await;
+            let this = self.clone();
+            let released = tokio::task::spawn_blocking(move || {
+                this.release_unused_memory(CHUNK_IDLE, PART_IDLE)
+            })
+            .await
+            .unwrap_or(0);
             if released > 0 {
                 tracing::debug!(bytes = released, "unused chunks left the memory tier");
+            }
+            since_hand_back += released;
+            if since_hand_back > 0 && last_hand_back.elapsed() >= HAND_BACK_EVERY {
+                BIG_BUFFERS.release();
+                crate::heap::return_free_pages();
+                since_hand_back = 0;
+                last_hand_back = tokio::time::Instant::now();
             }
         }
     }
@@ -362,6 +433,52 @@ impl SharedCache {
         }
         drop(loading);
         loaded.map(|b| expect_len(digest, size, b)).transpose()
+    }
+
+    /// The chunk's bytes `range` (within its `size`): from memory, else the pieces they
+    /// touch from disk if their digests are known (see [`crate::pieces`]), else the
+    /// whole chunk from disk as [`SharedCache::get`] does. `None` is a miss.
+    pub(crate) fn get_part(
+        &self,
+        digest: &Sha256Sum,
+        size: u64,
+        range: std::ops::Range<u64>,
+    ) -> Result<Option<Bytes>> {
+        let slice = |b: Bytes| b.slice(range.start as usize..range.end as usize);
+        if let Some(b) = self.get_memory(digest) {
+            return expect_len(digest, size, b).map(|b| Some(slice(b)));
+        }
+        let kind = if self.inner.disk_enabled {
+            lock(&self.inner.disk).get(digest).filter(|k| k.is_chunk())
+        } else {
+            None
+        };
+        let Some(kind) = kind else {
+            return Ok(None);
+        };
+        if let Some(pieces) = self.inner.pieces.get(digest)
+            && pieces.len() == size
+            && range.start < range.end
+        {
+            let path = stored_path(&self.inner.dir, digest, kind);
+            match pieces.read(&path, range.clone()) {
+                Ok(b) => return Ok(Some(b)),
+                Err(e) => {
+                    if path.exists() {
+                        tracing::warn!(path = %path.display(), error = %e,
+                            "cached chunk is corrupt; dropping it");
+                    } else {
+                        // Evicted by another thread since the index said it was there.
+                        tracing::debug!(path = %path.display(), "cached chunk is gone");
+                    }
+                    self.inner.pieces.remove(digest);
+                    lock(&self.inner.disk).remove(digest);
+                    remove_stored(&self.inner.dir, digest, kind);
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(self.get(digest, size)?.map(slice))
     }
 
     /// Reads a chunk file, checks it and keeps it in memory.

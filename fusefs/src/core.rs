@@ -739,8 +739,8 @@ impl LayerFs {
             .map(|c| (e.id(), *c))
             .collect();
         match self.fetcher.read(e.id(), (offset, end, e.size()), &wants)? {
-            fetch::ReadStart::Ready(chunks) => {
-                let bytes = assemble(&wants, &chunks, offset, end);
+            fetch::ReadStart::Ready(parts) => {
+                let bytes = fetch::joined(parts);
                 self.fetcher.note_served(&wants, offset, end);
                 if examine {
                     self.fetcher.examine_soon(e.id(), &bytes);

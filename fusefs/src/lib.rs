@@ -30,6 +30,7 @@ mod kernel;
 mod link;
 mod lru;
 pub mod mountinfo;
+mod pieces;
 pub mod pyc;
 mod stats;
 #[cfg(test)]

@@ -106,15 +106,16 @@ impl<V: Clone> Lru<V> {
             .collect()
     }
 
-    /// The keys neither inserted nor got for at least `idle`, least recently used first.
-    pub(crate) fn unused_for(&self, idle: Duration) -> Vec<Sha256Sum> {
+    /// The keys neither inserted nor got for at least `idle`, least recently used first,
+    /// each with the milliseconds since its last use.
+    pub(crate) fn unused_for(&self, idle: Duration) -> Vec<(Sha256Sum, u64)> {
         let now = clock_ms();
         let idle = idle.as_millis() as u64;
         self.order
             .values()
             .map_while(|key| {
-                let slot = &self.map[key];
-                (now.saturating_sub(slot.used_at) >= idle).then_some(*key)
+                let unused = now.saturating_sub(self.map[key].used_at);
+                (unused >= idle).then_some((*key, unused))
             })
             .collect()
     }
@@ -170,12 +171,18 @@ mod tests {
         lru.insert(d(2), 2, 1);
         lru.insert(d(3), 3, 1);
         assert!(lru.unused_for(Duration::from_secs(3600)).is_empty());
-        assert_eq!(lru.unused_for(Duration::ZERO), vec![d(1), d(2), d(3)]);
+        let keys = |v: Vec<(Sha256Sum, u64)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert_eq!(keys(lru.unused_for(Duration::ZERO)), vec![d(1), d(2), d(3)]);
         std::thread::sleep(Duration::from_millis(60));
         // A get is a use; peek and contains are not.
         assert_eq!(lru.get(&d(1)), Some(1));
         assert_eq!(lru.peek(&d(2)), Some(2));
         assert!(lru.contains(&d(3)));
-        assert_eq!(lru.unused_for(Duration::from_millis(50)), vec![d(2), d(3)]);
+        let unused = lru.unused_for(Duration::from_millis(50));
+        assert_eq!(keys(unused.clone()), vec![d(2), d(3)]);
+        assert!(
+            unused.iter().all(|(_, ms)| *ms >= 50),
+            "with how long: {unused:?}"
+        );
     }
 }

@@ -89,7 +89,8 @@ impl Purpose {
     }
 }
 
-/// What a read finds: its chunks, or that it must wait for the network.
+/// What a read finds: its bytes, a part per chunk in order (see [`joined`]), or that
+/// it must wait for the network.
 pub(crate) enum ReadStart {
     Ready(Vec<Bytes>),
     Fetch,
@@ -146,18 +147,35 @@ pub(crate) fn assemble(
     offset: u64,
     end: u64,
 ) -> Bytes {
-    let piece = |c: &estargz::Chunk, data: &Bytes| {
-        let lo = offset.saturating_sub(c.file_offset).min(data.len() as u64) as usize;
-        let hi = (end - c.file_offset).min(data.len() as u64) as usize;
-        data.slice(lo..hi.max(lo))
-    };
-    if let ([(_, c)], [data]) = (wants, chunks) {
+    let parts = wants
+        .iter()
+        .zip(chunks)
+        .map(|((_, c), data)| {
+            let part = part_of(c, offset, end);
+            let len = data.len() as u64;
+            data.slice(part.start.min(len) as usize..part.end.min(len) as usize)
+        })
+        .collect();
+    joined(parts)
+}
+
+/// The bytes of chunk `c` that a read of file bytes `offset..end` wants, as offsets in
+/// the chunk.
+fn part_of(c: &Chunk, offset: u64, end: u64) -> std::ops::Range<u64> {
+    let lo = offset.saturating_sub(c.file_offset).min(c.size);
+    let hi = end.saturating_sub(c.file_offset).min(c.size);
+    lo..hi.max(lo)
+}
+
+/// A read's parts, one after another.
+pub(crate) fn joined(parts: Vec<Bytes>) -> Bytes {
+    if let [one] = parts.as_slice() {
         // One chunk: a slice of the cached buffer, no copy.
-        return piece(c, data);
+        return one.clone();
     }
-    let mut out = BytesMut::with_capacity((end - offset) as usize);
-    for ((_, c), data) in wants.iter().zip(chunks) {
-        out.extend_from_slice(&piece(c, data));
+    let mut out = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+    for p in &parts {
+        out.extend_from_slice(p);
     }
     out.freeze()
 }
@@ -238,9 +256,13 @@ impl Fetcher {
         self.prefetch.note_read(wants);
         let mut out = Vec::with_capacity(wants.len());
         for (node, c) in wants {
-            match self.cache.get(&c.digest, c.size)? {
+            let part = part_of(c, offset, end);
+            match self.cache.get_part(&c.digest, c.size, part.clone())? {
                 Some(b) => out.push(b),
-                None if c.zeros => out.push(self.zeros(*node, c)?),
+                None if c.zeros => out.push(
+                    self.zeros(*node, c)?
+                        .slice(part.start as usize..part.end as usize),
+                ),
                 None => {
                     self.seq.note_miss(*node, offset);
                     if self.prefetch.note_miss(c) {

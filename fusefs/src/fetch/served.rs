@@ -1,4 +1,5 @@
-//! Chunks a container has read to the last byte leave the memory tier.
+//! Chunks a container has read to the last byte leave the memory tier; those it has
+//! read in part are marked, to leave it sooner once unused (see `cache.rs`).
 //!
 //! The memory tier bridges a chunk's arrival and its reads: the kernel asks for a 4 MiB
 //! chunk in pieces, and read-ahead or the prefetch brings chunks before anyone asks.
@@ -57,6 +58,8 @@ impl Served {
             };
             if whole {
                 cache.read_through(c.digest);
+            } else {
+                cache.read_in_part(c.digest);
             }
         }
     }

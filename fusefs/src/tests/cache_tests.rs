@@ -186,10 +186,16 @@ fn unused_chunks_leave_the_memory_tier_once_the_disk_holds_them() {
     cache.put_disk(a, &on_disk);
     cache.put_memory(b, Bytes::from(only_in_memory));
     // Used a moment ago: kept.
-    assert_eq!(cache.release_unused_memory(Duration::from_secs(3600)), 0);
+    assert_eq!(
+        cache.release_unused_memory(Duration::from_secs(3600), Duration::from_secs(3600)),
+        0
+    );
     assert_eq!(cache.memory_bytes_used(), 12_000);
     // Unused: what the disk holds goes; what it does not is kept.
-    assert_eq!(cache.release_unused_memory(Duration::ZERO), 5000);
+    assert_eq!(
+        cache.release_unused_memory(Duration::ZERO, Duration::ZERO),
+        5000
+    );
     assert_eq!(cache.memory_bytes_used(), 7000);
     assert_eq!(
         cache.get(&a, 5000).unwrap().unwrap(),
@@ -204,7 +210,10 @@ fn unused_chunks_leave_the_memory_tier_once_the_disk_holds_them() {
     })
     .unwrap();
     memory_only.put_memory(a, Bytes::from(on_disk));
-    assert_eq!(memory_only.release_unused_memory(Duration::ZERO), 0);
+    assert_eq!(
+        memory_only.release_unused_memory(Duration::ZERO, Duration::ZERO),
+        0
+    );
     assert_eq!(memory_only.memory_bytes_used(), 5000);
 }
 
@@ -229,15 +238,101 @@ fn a_chunk_read_lately_stays_and_one_left_unread_goes() {
     assert!(cache.get_memory(&r).is_some());
     assert!(cache.get_memory(&absent).is_none());
     assert_eq!(
-        cache.release_unused_memory(idle),
+        cache.release_unused_memory(idle, idle),
         6000,
         "only the unread one"
     );
     assert!(cache.in_memory(&r) && !cache.in_memory(&u));
 
     std::thread::sleep(pause);
-    assert_eq!(cache.release_unused_memory(idle), 4000, "then the other");
+    assert_eq!(
+        cache.release_unused_memory(idle, idle),
+        4000,
+        "then the other"
+    );
     assert_eq!(cache.memory_bytes_used(), 0);
+}
+
+/// A 1 MiB chunk of varied bytes, on disk and in memory.
+fn chunk_in_both(cache: &SharedCache, seed: u64) -> (estargz::Sha256Sum, Vec<u8>) {
+    let data = pattern(1 << 20, seed);
+    let digest = estargz::Sha256Sum::of(&data);
+    cache.put_memory(digest, Bytes::from(data.clone()));
+    cache.put_disk(digest, &data);
+    (digest, data)
+}
+
+#[test]
+fn a_chunk_read_in_part_leaves_sooner_and_is_read_back_a_piece_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = SharedCache::open(CacheConfig::new(dir.path())).unwrap();
+    let (part, part_data) = chunk_in_both(&cache, 1);
+    let (unread, _) = chunk_in_both(&cache, 2);
+    cache.read_in_part(part);
+    let (idle, part_idle) = (Duration::from_secs(3600), Duration::ZERO);
+    assert_eq!(
+        cache.release_unused_memory(idle, part_idle),
+        1 << 20,
+        "the chunk read in part goes, the unread one stays"
+    );
+    assert!(!cache.in_memory(&part) && cache.in_memory(&unread));
+    assert_eq!(
+        cache.release_unused_memory(Duration::ZERO, part_idle),
+        1 << 20
+    );
+    assert!(!cache.in_memory(&unread), "unused long enough, it goes too");
+
+    // A part of it comes back from its pieces: right bytes, and not into memory.
+    let got = cache.get_part(&part, 1 << 20, 200_000..330_000).unwrap();
+    assert_eq!(got.unwrap(), &part_data[200_000..330_000]);
+    assert!(!cache.in_memory(&part));
+
+    // A piece gone bad on disk is never served: the read misses and the file goes.
+    let path = cache.chunk_file(&part);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[300_000] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(
+        cache.get_part(&part, 1 << 20, 0..10).unwrap().unwrap(),
+        &part_data[..10],
+        "an untouched piece still reads"
+    );
+    assert!(
+        cache
+            .get_part(&part, 1 << 20, 290_000..300_001)
+            .unwrap()
+            .is_none()
+    );
+    assert!(!cache.contains(&part) && !path.exists());
+}
+
+#[test]
+fn without_its_pieces_a_part_is_read_from_the_whole_chunk_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = SharedCache::open(CacheConfig::new(dir.path())).unwrap();
+    let (bad, _) = chunk_in_both(&cache, 3);
+    let (good, data) = chunk_in_both(&cache, 4);
+    let path = cache.chunk_file(&bad);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[900_000] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    // After a restart the pieces' digests are gone: the chunk is checked whole, so a
+    // bad byte far from the part read is caught too.
+    drop(cache);
+    let cache = SharedCache::open(CacheConfig::new(dir.path())).unwrap();
+    assert!(cache.get_part(&bad, 1 << 20, 0..10).unwrap().is_none());
+    assert!(!path.exists());
+
+    assert_eq!(
+        cache.get_part(&good, 1 << 20, 5..70_000).unwrap().unwrap(),
+        &data[5..70_000]
+    );
+    assert!(
+        cache.in_memory(&good),
+        "read whole, it is kept in memory again"
+    );
+    // A TOC that gives the chunk another length answers no read.
+    assert!(cache.get_part(&good, 1 << 19, 0..10).is_err());
 }
 
 #[test]
