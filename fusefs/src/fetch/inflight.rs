@@ -43,6 +43,12 @@ pub(crate) struct InFlight {
 }
 
 impl InFlight {
+    /// Chunks being fetched now.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.table).len()
+    }
+
     /// Joins the fetch of `c` already in flight, or registers a new one led by the
     /// caller. Checks the memory cache under the lock: a finished fetch stores its chunk
     /// before it leaves the table, so no fetch is ever started twice.

@@ -346,6 +346,12 @@ impl Fetcher {
         &self.cache
     }
 
+    /// Chunks being fetched now: claimed, their requests sent or about to be.
+    #[cfg(test)]
+    pub(crate) fn chunks_in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
     /// A filesystem operation: while containers start, it holds the background back.
     pub(crate) fn note_op(&self) {
         self.link.note_op();

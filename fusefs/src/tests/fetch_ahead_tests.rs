@@ -600,11 +600,14 @@ impl Fixture {
             .any(|&(start, len)| start < c.comp_end && start + len > c.comp_offset)
     }
 
-    /// Waits until every range request made so far has been answered and counted.
+    /// Waits until nothing is fetched: no chunk claimed for a fetch, and every byte
+    /// asked for delivered. (Bytes alone were not enough: a fetch cut into several range
+    /// requests sends the next once the one before is in, and between the two the
+    /// counts agree.)
     fn settle(&self) {
         assert!(testkit::wait_until(Duration::from_secs(20), || {
             let asked: u64 = self.blob.requests.lock().unwrap().iter().map(|r| r.1).sum();
-            self.fs.stats().bytes_fetched == asked
+            self.fs.fetcher().chunks_in_flight() == 0 && self.fs.stats().bytes_fetched == asked
         }));
     }
 }
