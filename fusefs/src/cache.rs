@@ -373,13 +373,16 @@ impl SharedCache {
     }
 
     /// Runs [`SharedCache::release_unused_memory`] for the daemon's life, four times
-    /// within [`PART_IDLE`]. What was let go goes back to the kernel (the buffer pool,
-    /// free heap pages) at most every [`HAND_BACK_EVERY`].
+    /// within the time a chunk read in part stays unused (100 ms). What was let go goes
+    /// back to the kernel (the buffer pool, free heap pages) at most every 125 ms.
     pub async fn release_unused_memory_forever(self) {
         let mut since_hand_back = 0u64;
         let mut last_hand_back = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(PART_IDLE / 4).await;
+            if self.memory_bytes_used() == 0 && since_hand_back == 0 {
+                continue;
+            }
             let this = self.clone();
             let released = tokio::task::spawn_blocking(move || {
                 this.release_unused_memory(CHUNK_IDLE, PART_IDLE)
@@ -459,11 +462,23 @@ impl SharedCache {
         };
         if let Some(pieces) = self.inner.pieces.get(digest)
             && pieces.len() == size
-            && range.start < range.end
+            && let Some(span) = pieces.covering(&range)
         {
             let path = stored_path(&self.inner.dir, digest, kind);
-            match pieces.read(&path, range.clone()) {
-                Ok(b) => return Ok(Some(b)),
+            let len = (span.end - span.start) as usize;
+            let read = read_uncached(&path, span.start, len)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    if b.len() < len {
+                        return Err(format!("the file ends {} bytes early", len - b.len()));
+                    }
+                    pieces.check(span.start, &b).map(|()| b)
+                });
+            match read {
+                Ok(b) => {
+                    let at = (range.start - span.start) as usize;
+                    return Ok(Some(b.slice(at..at + (range.end - range.start) as usize)));
+                }
                 Err(e) => {
                     if path.exists() {
                         tracing::warn!(path = %path.display(), error = %e,
@@ -512,7 +527,7 @@ impl SharedCache {
     fn read_checked(&self, digest: &Sha256Sum) -> Option<Bytes> {
         let kind = lock(&self.inner.disk).peek(digest).unwrap_or(Stored::Chunk);
         let path = stored_path(&self.inner.dir, digest, kind);
-        let data = match read_uncached(&path) {
+        let data = match read_whole_uncached(&path) {
             Ok(d) => d,
             Err(e) => {
                 // Evicted by another thread between the index check and the read, or
@@ -821,30 +836,32 @@ pub(crate) fn write_uncached(path: &Path, data: &[u8]) -> std::io::Result<()> {
     file.set_len(data.len() as u64)
 }
 
-/// Reads a whole chunk file with O_DIRECT, straight into the buffer that is then
-/// cached (no page-cache copy: the mount's page cache will hold these bytes). Falls back
-/// to a buffered read where O_DIRECT is refused.
-fn read_uncached(path: &Path) -> std::io::Result<Bytes> {
-    use std::io::Read as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
+/// Reads a whole chunk file with O_DIRECT (see [`read_uncached`]).
+fn read_whole_uncached(path: &Path) -> std::io::Result<Bytes> {
+    let len = std::fs::metadata(path)?.len() as usize;
+    read_uncached(path, 0, len)
+}
+
+/// Reads `len` bytes at `offset` (a multiple of [`DIRECT_ALIGN`]) of a chunk file with
+/// O_DIRECT, straight into the buffer that is then used (no page-cache copy: the mount's
+/// page cache will hold these bytes); fewer where the file ends. Falls back to a
+/// buffered read where O_DIRECT is refused.
+fn read_uncached(path: &Path, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
     let direct = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
         .open(path);
-    let mut file = match direct {
-        Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            return std::fs::read(path).map(Bytes::from);
-        }
+    let (file, padded) = match direct {
+        Ok(f) => (f, len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (std::fs::File::open(path)?, len),
         Err(e) => return Err(e),
     };
-    let len = file.metadata()?.len() as usize;
-    let padded = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
     let mut buf = vec![0u8; padded + DIRECT_ALIGN];
     let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
     let mut got = 0;
     while got < len {
-        match file.read(&mut buf[start + got..start + padded]) {
+        match file.read_at(&mut buf[start + got..start + padded], offset + got as u64) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

@@ -12,14 +12,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
-use std::os::unix::fs::FileExt as _;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use estargz::{Sha256Sum, lock};
-
-use crate::cache::DIRECT_ALIGN;
 
 /// The grain of a partial read from disk: the kernel's read-ahead for a mapped file
 /// asks for 128 KiB, so a fault reads and hashes one or two pieces.
@@ -51,33 +46,40 @@ impl PieceDigests {
         self.len
     }
 
-    /// The chunk's bytes `range` from the file at `path` (its data starts at offset 0),
-    /// if every piece they touch hashes to its digest; the error says what went wrong.
-    pub(crate) fn read(&self, path: &Path, range: Range<u64>) -> Result<Bytes, String> {
+    /// The bytes of the chunk to read and check for its bytes `range`: the pieces that
+    /// range touches; `None` for a range not within the chunk.
+    pub(crate) fn covering(&self, range: &Range<u64>) -> Option<Range<u64>> {
         if range.start >= range.end || range.end > self.len {
-            return Err(format!(
-                "range {range:?} is not within the chunk's {} bytes",
-                self.len
-            ));
+            return None;
         }
-        let first = (range.start / PIECE as u64) as usize;
-        let last = range.end.div_ceil(PIECE as u64) as usize;
-        let from = (first * PIECE) as u64;
-        let to = ((last * PIECE) as u64).min(self.len);
-        let bytes = read_direct(path, from, (to - from) as usize).map_err(|e| e.to_string())?;
-        if bytes.len() as u64 != to - from {
+        let piece = PIECE as u64;
+        let end = range
+            .end
+            .div_ceil(piece)
+            .saturating_mul(piece)
+            .min(self.len);
+        Some((range.start / piece) * piece..end)
+    }
+
+    /// Whether `bytes`, read from the chunk's offset `from` (a piece's start) to the end
+    /// of a piece or of the chunk, hash to their pieces' digests; the error names the
+    /// first that does not.
+    pub(crate) fn check(&self, from: u64, bytes: &[u8]) -> Result<(), String> {
+        let piece = PIECE as u64;
+        let first = (from / piece) as usize;
+        let end = from + bytes.len() as u64;
+        if !from.is_multiple_of(piece) || !(end == self.len || end.is_multiple_of(piece)) {
             return Err(format!(
-                "the file ends {} bytes early",
-                to - from - bytes.len() as u64
+                "{} bytes at {from} are not whole pieces",
+                bytes.len()
             ));
         }
         for (i, piece) in bytes.chunks(PIECE).enumerate() {
-            if Sha256Sum::of(piece) != self.digests[first + i] {
+            if self.digests.get(first + i) != Some(&Sha256Sum::of(piece)) {
                 return Err(format!("piece {} does not match its digest", first + i));
             }
         }
-        let at = (range.start - from) as usize;
-        Ok(bytes.slice(at..at + (range.end - range.start) as usize))
+        Ok(())
     }
 }
 
@@ -123,35 +125,64 @@ impl Pieces {
     }
 }
 
-/// `len` bytes at `offset` (a multiple of [`DIRECT_ALIGN`]) of the file at `path`,
-/// read with O_DIRECT as whole chunks are (the mount's page cache will hold them);
-/// buffered where O_DIRECT is refused. Fewer bytes where the file ends.
-fn read_direct(path: &Path, offset: u64, len: usize) -> std::io::Result<Bytes> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let direct = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path);
-    let (file, aligned) = match direct {
-        Ok(f) => (f, true),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (std::fs::File::open(path)?, false),
-        Err(e) => return Err(e),
-    };
-    let padded = if aligned {
-        len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
-    } else {
-        len
-    };
-    let mut buf = vec![0u8; padded + DIRECT_ALIGN];
-    let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-    let mut got = 0;
-    while got < len {
-        match file.read_at(&mut buf[start + got..start + padded], offset + got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
     }
-    Ok(Bytes::from(buf).slice(start..start + got.min(len)))
+
+    #[test]
+    fn a_range_is_read_as_the_whole_pieces_it_touches() {
+        let data = bytes(5 * PIECE + 100);
+        let p = PieceDigests::of(&data).unwrap();
+        let piece = PIECE as u64;
+        assert_eq!(p.covering(&(0..1)), Some(0..piece));
+        assert_eq!(p.covering(&(piece - 1..piece + 1)), Some(0..2 * piece));
+        // The last piece is short: the span ends with the chunk.
+        assert_eq!(
+            p.covering(&(5 * piece..5 * piece + 100)),
+            Some(5 * piece..5 * piece + 100)
+        );
+        assert_eq!(p.covering(&(3..3)), None, "empty");
+        assert_eq!(p.covering(&(0..5 * piece + 101)), None, "beyond the chunk");
+        let span = p.covering(&(piece + 5..3 * piece + 9)).unwrap();
+        assert_eq!(
+            p.check(span.start, &data[span.start as usize..span.end as usize]),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_changed_byte_or_a_piece_cut_short_fails_the_check() {
+        let data = bytes(4 * PIECE + 1);
+        let p = PieceDigests::of(&data).unwrap();
+        let mut bad = data[PIECE..3 * PIECE].to_vec();
+        bad[PIECE + 17] ^= 1;
+        assert_eq!(
+            p.check(PIECE as u64, &bad),
+            Err("piece 2 does not match its digest".into())
+        );
+        assert!(p.check(PIECE as u64, &data[PIECE..2 * PIECE - 1]).is_err());
+        assert!(p.check(1, &data[1..PIECE + 1]).is_err());
+        assert!(
+            PieceDigests::of(&data[..4 * PIECE]).is_none(),
+            "too small to be worth it"
+        );
+    }
+
+    #[test]
+    fn the_table_forgets_the_oldest_past_its_bound() {
+        let pieces = Pieces::default();
+        let data = bytes(4 * PIECE + 1);
+        let key = |i: usize| Sha256Sum::of(&i.to_le_bytes());
+        for i in 0..=MAX_CHUNKS {
+            pieces.insert(key(i), PieceDigests::of(&data).unwrap());
+        }
+        assert!(!pieces.contains(&key(0)) && pieces.contains(&key(1)));
+        assert!(pieces.get(&key(MAX_CHUNKS)).is_some());
+        pieces.remove(&key(1));
+        assert!(!pieces.contains(&key(1)));
+    }
 }

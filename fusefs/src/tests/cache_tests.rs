@@ -253,6 +253,13 @@ fn a_chunk_read_lately_stays_and_one_left_unread_goes() {
     assert_eq!(cache.memory_bytes_used(), 0);
 }
 
+/// Turns one bit of a file, as a disk's rot would.
+fn flip_byte(path: &Path, at: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at] ^= 1;
+    std::fs::write(path, &bytes).unwrap();
+}
+
 /// A 1 MiB chunk of varied bytes, on disk and in memory.
 fn chunk_in_both(cache: &SharedCache, seed: u64) -> (estargz::Sha256Sum, Vec<u8>) {
     let data = pattern(1 << 20, seed);
@@ -289,9 +296,7 @@ fn a_chunk_read_in_part_leaves_sooner_and_is_read_back_a_piece_at_a_time() {
 
     // A piece gone bad on disk is never served: the read misses and the file goes.
     let path = cache.chunk_file(&part);
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[300_000] ^= 1;
-    std::fs::write(&path, &bytes).unwrap();
+    flip_byte(&path, 300_000);
     assert_eq!(
         cache.get_part(&part, 1 << 20, 0..10).unwrap().unwrap(),
         &part_data[..10],
@@ -313,9 +318,7 @@ fn without_its_pieces_a_part_is_read_from_the_whole_chunk_checked() {
     let (bad, _) = chunk_in_both(&cache, 3);
     let (good, data) = chunk_in_both(&cache, 4);
     let path = cache.chunk_file(&bad);
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[900_000] ^= 1;
-    std::fs::write(&path, &bytes).unwrap();
+    flip_byte(&path, 900_000);
     // After a restart the pieces' digests are gone: the chunk is checked whole, so a
     // bad byte far from the part read is caught too.
     drop(cache);
@@ -361,9 +364,7 @@ fn named_chunks_read_back_checked_and_a_corrupt_one_is_dropped() {
     assert!(cache.contains(&key));
     let path = dir.path().join("cache").join("named");
     let file = walk(&path).into_iter().next().unwrap();
-    let mut bytes = std::fs::read(&file).unwrap();
-    bytes[100] ^= 1;
-    std::fs::write(&file, &bytes).unwrap();
+    flip_byte(&file, 100);
     assert!(cache.get(&key, data.len() as u64).unwrap().is_none());
     assert!(!cache.contains(&key));
 }
