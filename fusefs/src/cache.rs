@@ -105,9 +105,6 @@ struct Inner {
     /// Chunks read through whose disk write has not finished: they leave the memory
     /// tier once it has.
     read_through: Mutex<std::collections::HashSet<Sha256Sum>>,
-    /// Chunks in the memory tier that readers have read in part: they leave it sooner,
-    /// their pieces' digests taken, and are read back from disk a piece at a time.
-    read_in_part: Mutex<std::collections::HashSet<Sha256Sum>>,
     pieces: Pieces,
 }
 
@@ -132,14 +129,10 @@ const PART_IDLE: std::time::Duration = std::time::Duration::from_millis(100);
 /// handing the buffer pool and free heap pages back after the tier lets go of chunks,
 /// even while containers read, costs no cold-start time at this pace and keeps up to
 /// 11 MB less resident at a container's exit than doing it only once the whole tier is
-/// unused (`bench/results/memory-tier-unused.md`). At every pass of the release (25 ms)
-/// the JVM started 1.04x and 1.10x slower in one A/B run, at this pace 1.00x and 0.97x
-/// (`bench/results/memory-pieces.md`).
+/// unused (`bench/results/memory-tier-unused.md`). With a hand-back at every pass of
+/// the release (25 ms) the JVM started 1.04x and 1.10x slower in one A/B run of two
+/// starts a side; at this pace, 1.00x and 0.97x in four (`bench/results/memory-pieces.md`).
 const HAND_BACK_EVERY: std::time::Duration = std::time::Duration::from_millis(125);
-
-/// Chunks read in part that the tier tracks, at most (a random reader's); past it the
-/// set starts over and the chunks it forgets leave after [`CHUNK_IDLE`].
-const MAX_READ_IN_PART: usize = 16_384;
 
 impl std::fmt::Debug for SharedCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -235,7 +228,6 @@ impl SharedCache {
                 evicted_for_space: AtomicU64::new(0),
                 swept: AtomicU64::new(0),
                 read_through: Mutex::new(std::collections::HashSet::new()),
-                read_in_part: Mutex::new(std::collections::HashSet::new()),
                 pieces: Pieces::default(),
             }),
         })
@@ -285,9 +277,7 @@ impl SharedCache {
     /// Takes the chunk out of the memory tier; its buffer is freed (or goes back to its
     /// pool) after the lock is let go.
     fn drop_from_memory(&self, digest: &Sha256Sum) -> Option<Bytes> {
-        let data = lock(&self.inner.memory).remove(digest);
-        lock(&self.inner.read_in_part).remove(digest);
-        data
+        lock(&self.inner.memory).remove(digest)
     }
 
     /// Lets go of the memory tier's chunks that the disk holds too and that nobody has
@@ -305,17 +295,13 @@ impl SharedCache {
         if !self.inner.disk_enabled {
             return 0;
         }
-        let unused: Vec<Sha256Sum> = {
-            let memory = lock(&self.inner.memory);
-            let read_in_part = lock(&self.inner.read_in_part);
-            let idle_ms = idle.as_millis() as u64;
-            memory
-                .unused_for(part_idle.min(idle))
-                .into_iter()
-                .filter(|(d, unused_ms)| *unused_ms >= idle_ms || read_in_part.contains(d))
-                .map(|(d, _)| d)
-                .collect()
-        };
+        let idle_ms = idle.as_millis() as u64;
+        let unused: Vec<Sha256Sum> = lock(&self.inner.memory)
+            .unused_for(part_idle.min(idle))
+            .into_iter()
+            .filter(|(_, unused_ms, read_in_part)| *unused_ms >= idle_ms || *read_in_part)
+            .map(|(d, ..)| d)
+            .collect();
         let on_disk: Vec<Sha256Sum> = {
             let disk = lock(&self.inner.disk);
             unused
@@ -341,14 +327,7 @@ impl SharedCache {
     /// A reader has read part of the chunk (see `fetch::served`): unused, it leaves the
     /// memory tier sooner.
     pub(crate) fn read_in_part(&self, digest: Sha256Sum) {
-        if !self.inner.disk_enabled || !lock(&self.inner.memory).contains(&digest) {
-            return;
-        }
-        let mut in_part = lock(&self.inner.read_in_part);
-        if in_part.len() >= MAX_READ_IN_PART && !in_part.contains(&digest) {
-            in_part.clear();
-        }
-        in_part.insert(digest);
+        lock(&self.inner.memory).mark(&digest);
     }
 
     /// Every byte of the chunk has been read (see `fetch::served`): it leaves the memory

@@ -23,6 +23,8 @@ struct Slot<V> {
     /// When it was inserted or last got, in milliseconds of [`clock_ms`]; grows with
     /// `tick`, so the recency order is also the order of these.
     used_at: u64,
+    /// Set by the owner ([`Lru::mark`]) until the entry is inserted again.
+    marked: bool,
 }
 
 /// Milliseconds since the first call: a monotonic clock that fits a `u64`.
@@ -82,6 +84,7 @@ impl<V: Clone> Lru<V> {
                 tick: self.tick,
                 size,
                 used_at: clock_ms(),
+                marked: false,
             },
         );
         self.bytes += size;
@@ -106,16 +109,24 @@ impl<V: Clone> Lru<V> {
             .collect()
     }
 
+    /// Marks the entry, if present (what the mark means is the owner's).
+    pub(crate) fn mark(&mut self, key: &Sha256Sum) {
+        if let Some(slot) = self.map.get_mut(key) {
+            slot.marked = true;
+        }
+    }
+
     /// The keys neither inserted nor got for at least `idle`, least recently used first,
-    /// each with the milliseconds since its last use.
-    pub(crate) fn unused_for(&self, idle: Duration) -> Vec<(Sha256Sum, u64)> {
+    /// each with the milliseconds since its last use and whether it is marked.
+    pub(crate) fn unused_for(&self, idle: Duration) -> Vec<(Sha256Sum, u64, bool)> {
         let now = clock_ms();
         let idle = idle.as_millis() as u64;
         self.order
             .values()
             .map_while(|key| {
-                let unused = now.saturating_sub(self.map[key].used_at);
-                (unused >= idle).then_some((*key, unused))
+                let slot = &self.map[key];
+                let unused = now.saturating_sub(slot.used_at);
+                (unused >= idle).then_some((*key, unused, slot.marked))
             })
             .collect()
     }
@@ -171,7 +182,8 @@ mod tests {
         lru.insert(d(2), 2, 1);
         lru.insert(d(3), 3, 1);
         assert!(lru.unused_for(Duration::from_secs(3600)).is_empty());
-        let keys = |v: Vec<(Sha256Sum, u64)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        let keys =
+            |v: Vec<(Sha256Sum, u64, bool)>| v.into_iter().map(|(k, ..)| k).collect::<Vec<_>>();
         assert_eq!(keys(lru.unused_for(Duration::ZERO)), vec![d(1), d(2), d(3)]);
         std::thread::sleep(Duration::from_millis(60));
         // A get is a use; peek and contains are not.
@@ -181,8 +193,20 @@ mod tests {
         let unused = lru.unused_for(Duration::from_millis(50));
         assert_eq!(keys(unused.clone()), vec![d(2), d(3)]);
         assert!(
-            unused.iter().all(|(_, ms)| *ms >= 50),
+            unused.iter().all(|(_, ms, _)| *ms >= 50),
             "with how long: {unused:?}"
         );
+        // A mark shows until the entry is inserted again.
+        let marked = |lru: &Lru<i32>| {
+            lru.unused_for(Duration::ZERO)
+                .into_iter()
+                .filter(|(_, _, m)| *m)
+                .map(|(k, ..)| k)
+                .collect::<Vec<_>>()
+        };
+        lru.mark(&d(2));
+        assert_eq!(marked(&lru), vec![d(2)]);
+        lru.insert(d(2), 2, 1);
+        assert!(marked(&lru).is_empty());
     }
 }
