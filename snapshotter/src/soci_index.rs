@@ -8,6 +8,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::OnceCell;
 
 use estargz::lock;
 use registry::{Client, Descriptor, Digest, ImageManifest, Reference};
@@ -82,11 +86,32 @@ impl std::fmt::Display for NoZtoc {
 }
 
 /// The SOCI indexes of the images whose layers were mounted, by (repository, manifest
-/// digest or reference, index label).
+/// digest or reference, index label); and the zTOCs fetched ahead of their layers'
+/// Prepare.
 #[derive(Default)]
 pub struct SociIndexes {
     found: Mutex<HashMap<(String, String, String), Arc<Lookup>>>,
+    ahead: Mutex<HashMap<String, Ahead>>,
 }
+
+/// A zTOC fetched (or being fetched) ahead: containerd prepares an image's layers one
+/// after another, and each zTOC (megabytes: every span's inflater window) would
+/// otherwise wait for the mount before it. Checked against its digest when its layer
+/// opens, like one fetched then.
+struct Ahead {
+    since: Instant,
+    /// As the index gives it.
+    size: u64,
+    bytes: Arc<OnceCell<Result<Bytes, String>>>,
+}
+
+/// zTOCs fetched ahead that no Prepare took within this time are dropped (their image
+/// was pulled in part, or its layers were already local).
+const AHEAD_KEPT: Duration = Duration::from_secs(120);
+
+/// At most this many zTOCs wait at once, together at most [`AHEAD_BYTES`].
+const AHEAD_MAX: usize = 64;
+const AHEAD_BYTES: u64 = 256 << 20;
 
 impl SociIndexes {
     /// The zTOC for `layer`, or None when the image has no SOCI index, the index has no
@@ -96,15 +121,7 @@ impl SociIndexes {
         client: &Client,
         layer: &LayerSource<'_>,
     ) -> Result<Result<ZtocRef, NoZtoc>, MountError> {
-        let reference = &layer.reference;
-        let key = (
-            reference.repository.to_string(),
-            layer
-                .manifest_digest
-                .clone()
-                .unwrap_or_else(|| layer.image_ref.clone()),
-            layer.soci_index_digest.clone().unwrap_or_default(),
-        );
+        let key = lookup_key(layer);
         let cached = lock(&self.found).get(&key).cloned();
         let lookup = match cached {
             Some(lookup) => lookup,
@@ -157,6 +174,127 @@ impl SociIndexes {
             }),
         })
     }
+
+    /// The cell of the zTOC `digest`, made (and the stale ones dropped) if missing;
+    /// None when it is missing and no more may wait.
+    fn ahead_cell(&self, digest: &str, size: u64) -> Option<Arc<OnceCell<Result<Bytes, String>>>> {
+        let mut ahead = lock(&self.ahead);
+        if let Some(a) = ahead.get(digest) {
+            return Some(Arc::clone(&a.bytes));
+        }
+        ahead.retain(|_, a| a.since.elapsed() < AHEAD_KEPT);
+        let waiting: u64 = ahead.values().map(|a| a.size).sum();
+        if ahead.len() >= AHEAD_MAX || waiting + size > AHEAD_BYTES {
+            return None;
+        }
+        let bytes = Arc::new(OnceCell::new());
+        ahead.insert(
+            digest.to_string(),
+            Ahead {
+                since: Instant::now(),
+                size,
+                bytes: Arc::clone(&bytes),
+            },
+        );
+        Some(bytes)
+    }
+
+    /// Starts fetching, each on its own, the zTOCs that the index looked up for `layer`
+    /// has for `siblings` (the image's other layers, not mounted yet), so that their
+    /// Prepare finds them in. Never waits.
+    pub(crate) fn fetch_ahead(
+        &self,
+        client: &Client,
+        layer: &LayerSource<'_>,
+        siblings: &[String],
+    ) {
+        let key = lookup_key(layer);
+        let Some(lookup) = lock(&self.found).get(&key).cloned() else {
+            return;
+        };
+        let Lookup::Index { index, .. } = &*lookup else {
+            return;
+        };
+        let mut started = 0;
+        for ztoc in index.layers.iter().filter(|d| {
+            d.media_type == ZTOC_MEDIA_TYPE
+                && d.size <= MAX_ZTOC_SIZE
+                && d.annotations
+                    .as_ref()
+                    .and_then(|a| a.get(ANNOTATION_LAYER_DIGEST))
+                    .is_some_and(|l| siblings.contains(l))
+        }) {
+            let digest = ztoc.digest.to_string();
+            if lock(&self.ahead).contains_key(&digest) {
+                continue;
+            }
+            let Some(cell) = self.ahead_cell(&digest, ztoc.size) else {
+                continue;
+            };
+            let (client, repository, ztoc) = (
+                client.clone(),
+                layer.reference.repository.clone(),
+                ztoc.digest.clone(),
+            );
+            tokio::spawn(async move {
+                cell.get_or_init(|| fetch_ztoc(client, repository, ztoc))
+                    .await;
+            });
+            started += 1;
+        }
+        if started > 0 {
+            tracing::debug!(layer = %layer.layer_digest, ztocs = started,
+                "fetching the zTOCs of sibling layers ahead");
+        }
+    }
+
+    /// The bytes of the zTOC `desc`: those fetched ahead for it (waiting for them if
+    /// they are on their way), else (or if that fetch failed) fetched now. Not yet
+    /// checked against the digest.
+    async fn ztoc_bytes(
+        &self,
+        client: &Client,
+        repository: &registry::Repository,
+        desc: &Descriptor,
+    ) -> Result<Bytes, MountError> {
+        let digest = desc.digest.to_string();
+        let cell = lock(&self.ahead).get(&digest).map(|a| Arc::clone(&a.bytes));
+        let fetch_now = || fetch_ztoc(client.clone(), repository.clone(), desc.digest.clone());
+        if let Some(cell) = cell {
+            let ahead = cell.get_or_init(fetch_now).await.clone();
+            lock(&self.ahead).remove(&digest);
+            match ahead {
+                Ok(bytes) => return Ok(bytes),
+                Err(e) => tracing::debug!(ztoc = %digest, error = %e,
+                    "the zTOC fetched ahead did not come: fetching it again"),
+            }
+        }
+        fetch_now().await.map_err(MountError::Registry)
+    }
+}
+
+async fn fetch_ztoc(
+    client: Client,
+    repository: registry::Repository,
+    digest: Digest,
+) -> Result<Bytes, String> {
+    client
+        .fetch_blob(&repository, &digest, MAX_ZTOC_SIZE)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Which image's lookup serves `layer`: (repository, manifest digest or reference, index
+/// label).
+fn lookup_key(layer: &LayerSource<'_>) -> (String, String, String) {
+    (
+        layer.reference.repository.to_string(),
+        layer
+            .manifest_digest
+            .clone()
+            .unwrap_or_else(|| layer.image_ref.clone()),
+        layer.soci_index_digest.clone().unwrap_or_default(),
+    )
 }
 
 async fn look_up(client: &Client, layer: &LayerSource<'_>) -> Result<Lookup, MountError> {
@@ -245,12 +383,14 @@ pub type ThroughIndex = (estargz::Layer, String, Option<KeptZtoc>);
 /// there is no zTOC to read it through. A zTOC that is found but does not open (not the
 /// digest its index names, malformed, not for this layer) is an error: the layer is then
 /// pulled in full.
+/// `siblings`: the image's layers not mounted yet, whose zTOCs are fetched ahead.
 pub(crate) async fn open_through_index(
     client: &Client,
     indexes: &SociIndexes,
     gate: &crate::parse_gate::ParseGate,
     layer: &LayerSource<'_>,
     local_dir: &Path,
+    siblings: &[String],
 ) -> Result<Result<ThroughIndex, String>, MountError> {
     let reference = &layer.reference;
     let found = match indexes.ztoc_for(client, layer).await? {
@@ -276,10 +416,10 @@ pub(crate) async fn open_through_index(
             found.ztoc.size
         )));
     }
-    let bytes = client
-        .fetch_blob(&reference.repository, &found.ztoc.digest, MAX_ZTOC_SIZE)
-        .await
-        .map_err(|e| MountError::Registry(e.to_string()))?;
+    indexes.fetch_ahead(client, layer, siblings);
+    let bytes = indexes
+        .ztoc_bytes(client, &reference.repository, &found.ztoc)
+        .await?;
     let ztoc_digest =
         estargz::Sha256Sum::try_from(&found.ztoc.digest).map_err(|e| bad(format!("{e}")))?;
     let prefetch = match &found.prefetch {
@@ -535,6 +675,61 @@ mod tests {
         assert!(out.status.success());
         let digest = Digest::sha256_of(&out.stdout).to_string();
         (out.stdout, digest)
+    }
+
+    #[tokio::test]
+    async fn a_ztoc_fetched_ahead_is_used_once_and_a_failed_one_is_fetched_again() {
+        // A registry nobody listens on: any fetch made now fails.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = Client::new(registry::RegistryConfig::default()).unwrap();
+        let repository = registry::Repository::new(format!("127.0.0.1:{port}"), "app");
+        let desc = |bytes: &[u8]| -> Descriptor {
+            serde_json::from_value(serde_json::json!({
+                "mediaType": ZTOC_MEDIA_TYPE,
+                "digest": Digest::sha256_of(bytes).to_string(),
+                "size": bytes.len(),
+            }))
+            .unwrap()
+        };
+        let indexes = SociIndexes::default();
+
+        let arrived = desc(b"ztoc one");
+        let cell = indexes
+            .ahead_cell(&arrived.digest.to_string(), arrived.size)
+            .unwrap();
+        cell.set(Ok(Bytes::from_static(b"ztoc one"))).unwrap();
+        let got = indexes
+            .ztoc_bytes(&client, &repository, &arrived)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], b"ztoc one");
+        assert!(lock(&indexes.ahead).is_empty(), "taken once, then dropped");
+        assert!(
+            indexes
+                .ztoc_bytes(&client, &repository, &arrived)
+                .await
+                .is_err(),
+            "a second open fetches it, from a registry that is not there"
+        );
+
+        let failed = desc(b"ztoc two");
+        let cell = indexes
+            .ahead_cell(&failed.digest.to_string(), failed.size)
+            .unwrap();
+        cell.set(Err("connection reset".into())).unwrap();
+        let again = indexes.ztoc_bytes(&client, &repository, &failed).await;
+        assert!(
+            matches!(&again, Err(MountError::Registry(e)) if !e.contains("connection reset")),
+            "the failed fetch ahead is not the answer: it is fetched again ({again:?})"
+        );
+
+        // Bounded: no zTOC is fetched ahead past the bytes allowed.
+        assert!(indexes.ahead_cell("sha256:big", AHEAD_BYTES + 1).is_none());
+        assert!(indexes.ahead_cell("sha256:small", 1).is_some());
     }
 
     #[tokio::test]

@@ -354,6 +354,7 @@ impl FuseMounter {
                 &self.parse_gate,
                 layer,
                 &self.local_layers,
+                &self.siblings_to_open(layer),
             )
             .await?;
             match through_index {

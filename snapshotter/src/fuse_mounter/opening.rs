@@ -12,12 +12,12 @@ use crate::preopen::{self, LayerKey, Opened};
 use crate::remote::MountError;
 
 impl FuseMounter {
-    /// Starts pre-opening the siblings of `layer` that are neither served, pre-opened
-    /// nor being opened. Never waits: the pre-opens run on the runtime.
-    fn preopen_siblings(&self, layer: &LayerSource<'_>) {
-        let Some(preopener) = &self.preopener else {
-            return;
-        };
+    /// The other layers of `layer`'s image (by its labels) that are not served yet;
+    /// none when pre-opening is off (`[lazy] preopen_siblings = false`).
+    pub(super) fn siblings_to_open(&self, layer: &LayerSource<'_>) -> Vec<String> {
+        if self.preopener.is_none() {
+            return Vec::new();
+        }
         let repository = layer.repository();
         let served: HashSet<String> = self
             .mounts()
@@ -25,11 +25,23 @@ impl FuseMounter {
             .filter(|s| s.repository == repository)
             .map(|s| s.layer_digest.clone())
             .collect();
+        layer
+            .image_layers
+            .iter()
+            .filter(|s| **s != layer.layer_digest && !served.contains(*s))
+            .cloned()
+            .collect()
+    }
+
+    /// Starts pre-opening the siblings of `layer` that are neither served, pre-opened
+    /// nor being opened. Never waits: the pre-opens run on the runtime.
+    fn preopen_siblings(&self, layer: &LayerSource<'_>) {
+        let Some(preopener) = &self.preopener else {
+            return;
+        };
+        let repository = layer.repository();
         let mut started = 0;
-        for sibling in &layer.image_layers {
-            if *sibling == layer.layer_digest || served.contains(sibling) {
-                continue;
-            }
+        for sibling in &self.siblings_to_open(layer) {
             let Ok(digest) = sibling.parse::<registry::Digest>() else {
                 continue;
             };
