@@ -175,12 +175,16 @@ impl SociIndexes {
         })
     }
 
-    /// The cell of the zTOC `digest`, made (and the stale ones dropped) if missing;
-    /// None when it is missing and no more may wait.
-    fn ahead_cell(&self, digest: &str, size: u64) -> Option<Arc<OnceCell<Result<Bytes, String>>>> {
+    /// A new cell for the zTOC `digest` of `size` bytes to be fetched ahead into (the
+    /// stale ones dropped first); None when it has one already or no more may wait.
+    fn new_ahead_cell(
+        &self,
+        digest: &str,
+        size: u64,
+    ) -> Option<Arc<OnceCell<Result<Bytes, String>>>> {
         let mut ahead = lock(&self.ahead);
-        if let Some(a) = ahead.get(digest) {
-            return Some(Arc::clone(&a.bytes));
+        if ahead.contains_key(digest) {
+            return None;
         }
         ahead.retain(|_, a| a.since.elapsed() < AHEAD_KEPT);
         let waiting: u64 = ahead.values().map(|a| a.size).sum();
@@ -224,11 +228,7 @@ impl SociIndexes {
                     .and_then(|a| a.get(ANNOTATION_LAYER_DIGEST))
                     .is_some_and(|l| siblings.contains(l))
         }) {
-            let digest = ztoc.digest.to_string();
-            if lock(&self.ahead).contains_key(&digest) {
-                continue;
-            }
-            let Some(cell) = self.ahead_cell(&digest, ztoc.size) else {
+            let Some(cell) = self.new_ahead_cell(&ztoc.digest.to_string(), ztoc.size) else {
                 continue;
             };
             let (client, repository, ztoc) = (
@@ -699,7 +699,7 @@ mod tests {
 
         let arrived = desc(b"ztoc one");
         let cell = indexes
-            .ahead_cell(&arrived.digest.to_string(), arrived.size)
+            .new_ahead_cell(&arrived.digest.to_string(), arrived.size)
             .unwrap();
         cell.set(Ok(Bytes::from_static(b"ztoc one"))).unwrap();
         let got = indexes
@@ -718,7 +718,7 @@ mod tests {
 
         let failed = desc(b"ztoc two");
         let cell = indexes
-            .ahead_cell(&failed.digest.to_string(), failed.size)
+            .new_ahead_cell(&failed.digest.to_string(), failed.size)
             .unwrap();
         cell.set(Err("connection reset".into())).unwrap();
         let again = indexes.ztoc_bytes(&client, &repository, &failed).await;
@@ -728,8 +728,16 @@ mod tests {
         );
 
         // Bounded: no zTOC is fetched ahead past the bytes allowed.
-        assert!(indexes.ahead_cell("sha256:big", AHEAD_BYTES + 1).is_none());
-        assert!(indexes.ahead_cell("sha256:small", 1).is_some());
+        assert!(
+            indexes
+                .new_ahead_cell("sha256:big", AHEAD_BYTES + 1)
+                .is_none()
+        );
+        assert!(indexes.new_ahead_cell("sha256:small", 1).is_some());
+        assert!(
+            indexes.new_ahead_cell("sha256:small", 1).is_none(),
+            "one fetch ahead per zTOC"
+        );
     }
 
     #[tokio::test]
