@@ -7,6 +7,10 @@
 //! yet), and the blob's digest says nothing about its TOC, so a pre-opened layer is only
 //! handed to the sibling's own Prepare once its TOC matches what that Prepare requires
 //! ([`accept`]); otherwise the layer is opened afresh and verified as usual.
+//!
+//! The same mechanism, holding bytes instead of opened layers, fetches the zTOCs of a
+//! SOCI image's other layers ahead (`soci_index.rs`); a zTOC is keyed by its own digest
+//! from the verified index, and checked against it when its layer opens.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,7 +25,7 @@ use crate::remote::MountError;
 
 /// What a pre-open ends with; the error is only ever logged at debug (a sibling that is
 /// not lazy-pullable fails here, and that is normal).
-pub type Outcome = Result<Opened, MountError>;
+pub type Outcome<T = Opened> = Result<T, MountError>;
 
 /// A layer opened from its blob, with the compressed TOC bytes it was built from (kept,
 /// once the TOC is verified, in the local store of layer metadata).
@@ -75,8 +79,8 @@ impl Opened {
     }
 }
 
-/// A layer blob in one repository: pre-opens are shared only where the same registry
-/// would serve the same bytes.
+/// A blob in one repository (a layer, or a zTOC): pre-opens are shared only where the
+/// same registry would serve the same bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LayerKey {
     /// `registry/name`, as in [`registry::Repository`]'s Display.
@@ -90,43 +94,53 @@ pub const DEFAULT_CONCURRENCY: usize = 4;
 /// Pre-opened layers that no Prepare claims within this long are dropped.
 pub const DEFAULT_UNCLAIMED_TTL: Duration = Duration::from_secs(120);
 
-pub struct Preopener {
+/// Pre-opens of `T` (opened layers, or a zTOC's bytes), by blob.
+pub struct Preopener<T = Opened> {
     handle: tokio::runtime::Handle,
     permits: Arc<Semaphore>,
     unclaimed_ttl: Duration,
-    state: Arc<Mutex<State>>,
+    state: Arc<Mutex<State<T>>>,
 }
 
-#[derive(Default)]
-struct State {
-    entries: HashMap<LayerKey, Entry>,
+struct State<T> {
+    entries: HashMap<LayerKey, Entry<T>>,
     /// Layers whose own Prepare is opening them now (count of concurrent openers).
     opening: HashMap<LayerKey, usize>,
     next_id: u64,
 }
 
-struct Entry {
+impl<T> Default for State<T> {
+    fn default() -> Self {
+        State {
+            entries: HashMap::new(),
+            opening: HashMap::new(),
+            next_id: 0,
+        }
+    }
+}
+
+struct Entry<T> {
     /// Tells this entry from a later one under the same key.
     id: u64,
-    phase: watch::Receiver<Phase>,
+    phase: watch::Receiver<Phase<T>>,
 }
 
 #[derive(Clone)]
-enum Phase {
+enum Phase<T> {
     /// Waiting for a permit; nothing fetched yet.
     Queued,
     Fetching,
-    Done(Outcome),
+    Done(Outcome<T>),
 }
 
 /// Held by a Prepare while it opens and mounts a layer, so no pre-open of the same layer
 /// starts meanwhile.
-pub struct Opening {
+pub struct Opening<T = Opened> {
     key: LayerKey,
-    state: Arc<Mutex<State>>,
+    state: Arc<Mutex<State<T>>>,
 }
 
-impl Drop for Opening {
+impl<T> Drop for Opening<T> {
     fn drop(&mut self) {
         let mut state = lock(&self.state);
         if let Some(n) = state.opening.get_mut(&self.key) {
@@ -138,12 +152,12 @@ impl Drop for Opening {
     }
 }
 
-impl Preopener {
+impl<T: Clone + Send + Sync + 'static> Preopener<T> {
     pub fn new(
         handle: tokio::runtime::Handle,
         concurrency: usize,
         unclaimed_ttl: Duration,
-    ) -> Preopener {
+    ) -> Preopener<T> {
         Preopener {
             handle,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
@@ -163,7 +177,7 @@ impl Preopener {
     /// claimed the entry while it was queued.
     pub fn start<F>(&self, key: LayerKey, open: F) -> bool
     where
-        F: Future<Output = Outcome> + Send + 'static,
+        F: Future<Output = Outcome<T>> + Send + 'static,
     {
         let (tx, rx) = watch::channel(Phase::Queued);
         let id = {
@@ -218,7 +232,7 @@ impl Preopener {
     /// Called by the Prepare of `key`: marks it as being opened (until the returned guard
     /// drops) and takes its pre-open, waiting for one in flight. None when there is no
     /// pre-open, or it was still queued (it is then cancelled: a fresh open is as quick).
-    pub async fn claim(&self, key: &LayerKey) -> (Option<Outcome>, Opening) {
+    pub async fn claim(&self, key: &LayerKey) -> (Option<Outcome<T>>, Opening<T>) {
         let entry = {
             let mut state = lock(&self.state);
             *state.opening.entry(key.clone()).or_insert(0) += 1;

@@ -8,15 +8,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::OnceCell;
 
 use estargz::lock;
 use registry::{Client, Descriptor, Digest, ImageManifest, Reference};
 
 use crate::layer_source::LayerSource;
+use crate::preopen::{LayerKey, Preopener};
 use crate::remote::MountError;
 use crate::tocstore::{KeptZtoc, ZTOC_PARSE_FACTOR};
 
@@ -86,32 +85,16 @@ impl std::fmt::Display for NoZtoc {
 }
 
 /// The SOCI indexes of the images whose layers were mounted, by (repository, manifest
-/// digest or reference, index label); and the zTOCs fetched ahead of their layers'
-/// Prepare.
+/// digest or reference, index label).
 #[derive(Default)]
 pub struct SociIndexes {
     found: Mutex<HashMap<(String, String, String), Arc<Lookup>>>,
-    ahead: Mutex<HashMap<String, Ahead>>,
 }
 
-/// A zTOC fetched (or being fetched) ahead: containerd prepares an image's layers one
-/// after another, and each zTOC (megabytes: every span's inflater window) would
-/// otherwise wait for the mount before it. Checked against its digest when its layer
-/// opens, like one fetched then.
-struct Ahead {
-    since: Instant,
-    /// As the index gives it.
-    size: u64,
-    bytes: Arc<OnceCell<Result<Bytes, String>>>,
-}
-
-/// zTOCs fetched ahead that no Prepare took within this time are dropped (their image
-/// was pulled in part, or its layers were already local).
-const AHEAD_KEPT: Duration = Duration::from_secs(120);
-
-/// At most this many zTOCs wait at once, together at most [`AHEAD_BYTES`].
-const AHEAD_MAX: usize = 64;
-const AHEAD_BYTES: u64 = 256 << 20;
+/// zTOCs fetched ahead of their layers' Prepare, by (repository, zTOC digest).
+/// containerd prepares an image's layers one after another, and each zTOC (megabytes:
+/// every span's inflater window) would otherwise wait for the mount before it.
+pub type ZtocsAhead = Preopener<Bytes>;
 
 impl SociIndexes {
     /// The zTOC for `layer`, or None when the image has no SOCI index, the index has no
@@ -175,45 +158,17 @@ impl SociIndexes {
         })
     }
 
-    /// A new cell for the zTOC `digest` of `size` bytes to be fetched ahead into (the
-    /// stale ones dropped first); None when it has one already or no more may wait.
-    fn new_ahead_cell(
+    /// Starts fetching the zTOCs that the index looked up for `layer` has for
+    /// `siblings` (the image's other layers, not mounted yet), a few at a time, so that
+    /// their Prepare finds them in. Never waits.
+    fn fetch_ahead(
         &self,
-        digest: &str,
-        size: u64,
-    ) -> Option<Arc<OnceCell<Result<Bytes, String>>>> {
-        let mut ahead = lock(&self.ahead);
-        if ahead.contains_key(digest) {
-            return None;
-        }
-        ahead.retain(|_, a| a.since.elapsed() < AHEAD_KEPT);
-        let waiting: u64 = ahead.values().map(|a| a.size).sum();
-        if ahead.len() >= AHEAD_MAX || waiting + size > AHEAD_BYTES {
-            return None;
-        }
-        let bytes = Arc::new(OnceCell::new());
-        ahead.insert(
-            digest.to_string(),
-            Ahead {
-                since: Instant::now(),
-                size,
-                bytes: Arc::clone(&bytes),
-            },
-        );
-        Some(bytes)
-    }
-
-    /// Starts fetching, each on its own, the zTOCs that the index looked up for `layer`
-    /// has for `siblings` (the image's other layers, not mounted yet), so that their
-    /// Prepare finds them in. Never waits.
-    pub(crate) fn fetch_ahead(
-        &self,
+        ahead: &ZtocsAhead,
         client: &Client,
         layer: &LayerSource<'_>,
         siblings: &[String],
     ) {
-        let key = lookup_key(layer);
-        let Some(lookup) = lock(&self.found).get(&key).cloned() else {
+        let Some(lookup) = lock(&self.found).get(&lookup_key(layer)).cloned() else {
             return;
         };
         let Lookup::Index { index, .. } = &*lookup else {
@@ -228,48 +183,42 @@ impl SociIndexes {
                     .and_then(|a| a.get(ANNOTATION_LAYER_DIGEST))
                     .is_some_and(|l| siblings.contains(l))
         }) {
-            let Some(cell) = self.new_ahead_cell(&ztoc.digest.to_string(), ztoc.size) else {
-                continue;
-            };
-            let (client, repository, ztoc) = (
-                client.clone(),
-                layer.reference.repository.clone(),
-                ztoc.digest.clone(),
-            );
-            tokio::spawn(async move {
-                cell.get_or_init(|| fetch_ztoc(client, repository, ztoc))
-                    .await;
-            });
-            started += 1;
+            let repository = layer.reference.repository.clone();
+            let key = ztoc_key(&repository, &ztoc.digest);
+            let fetch = fetch_ztoc(client.clone(), repository, ztoc.digest.clone());
+            started += usize::from(ahead.start(key, fetch));
         }
         if started > 0 {
             tracing::debug!(layer = %layer.layer_digest, ztocs = started,
                 "fetching the zTOCs of sibling layers ahead");
         }
     }
+}
 
-    /// The bytes of the zTOC `desc`: those fetched ahead for it (waiting for them if
-    /// they are on their way), else (or if that fetch failed) fetched now. Not yet
-    /// checked against the digest.
-    async fn ztoc_bytes(
-        &self,
-        client: &Client,
-        repository: &registry::Repository,
-        desc: &Descriptor,
-    ) -> Result<Bytes, MountError> {
-        let digest = desc.digest.to_string();
-        let cell = lock(&self.ahead).get(&digest).map(|a| Arc::clone(&a.bytes));
-        let fetch_now = || fetch_ztoc(client.clone(), repository.clone(), desc.digest.clone());
-        if let Some(cell) = cell {
-            let ahead = cell.get_or_init(fetch_now).await.clone();
-            lock(&self.ahead).remove(&digest);
-            match ahead {
-                Ok(bytes) => return Ok(bytes),
-                Err(e) => tracing::debug!(ztoc = %digest, error = %e,
-                    "the zTOC fetched ahead did not come: fetching it again"),
-            }
+/// The bytes of the zTOC `desc`: those fetched ahead for it (waiting for them if they
+/// are on their way), else (or if that fetch failed) fetched now. Not yet checked
+/// against the digest.
+async fn ztoc_bytes(
+    ahead: Option<&ZtocsAhead>,
+    client: &Client,
+    repository: &registry::Repository,
+    desc: &Descriptor,
+) -> Result<Bytes, MountError> {
+    if let Some(ahead) = ahead {
+        match ahead.claim(&ztoc_key(repository, &desc.digest)).await.0 {
+            Some(Ok(bytes)) => return Ok(bytes),
+            Some(Err(e)) => tracing::debug!(ztoc = %desc.digest, error = %e,
+                "the zTOC fetched ahead did not come: fetching it again"),
+            None => {}
         }
-        fetch_now().await.map_err(MountError::Registry)
+    }
+    fetch_ztoc(client.clone(), repository.clone(), desc.digest.clone()).await
+}
+
+fn ztoc_key(repository: &registry::Repository, digest: &Digest) -> LayerKey {
+    LayerKey {
+        repository: repository.to_string(),
+        digest: digest.to_string(),
     }
 }
 
@@ -277,11 +226,11 @@ async fn fetch_ztoc(
     client: Client,
     repository: registry::Repository,
     digest: Digest,
-) -> Result<Bytes, String> {
+) -> Result<Bytes, MountError> {
     client
         .fetch_blob(&repository, &digest, MAX_ZTOC_SIZE)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| MountError::Registry(e.to_string()))
 }
 
 /// Which image's lookup serves `layer`: (repository, manifest digest or reference, index
@@ -383,14 +332,15 @@ pub type ThroughIndex = (estargz::Layer, String, Option<KeptZtoc>);
 /// there is no zTOC to read it through. A zTOC that is found but does not open (not the
 /// digest its index names, malformed, not for this layer) is an error: the layer is then
 /// pulled in full.
-/// `siblings`: the image's layers not mounted yet, whose zTOCs are fetched ahead.
+/// `ahead`: where the zTOCs of the image's layers not mounted yet (`siblings`) are
+/// fetched ahead, unless that is off.
 pub(crate) async fn open_through_index(
     client: &Client,
     indexes: &SociIndexes,
     gate: &crate::parse_gate::ParseGate,
     layer: &LayerSource<'_>,
     local_dir: &Path,
-    siblings: &[String],
+    ahead: Option<(&ZtocsAhead, &[String])>,
 ) -> Result<Result<ThroughIndex, String>, MountError> {
     let reference = &layer.reference;
     let found = match indexes.ztoc_for(client, layer).await? {
@@ -416,10 +366,16 @@ pub(crate) async fn open_through_index(
             found.ztoc.size
         )));
     }
-    indexes.fetch_ahead(client, layer, siblings);
-    let bytes = indexes
-        .ztoc_bytes(client, &reference.repository, &found.ztoc)
-        .await?;
+    if let Some((ahead, siblings)) = ahead {
+        indexes.fetch_ahead(ahead, client, layer, siblings);
+    }
+    let bytes = ztoc_bytes(
+        ahead.map(|(a, _)| a),
+        client,
+        &reference.repository,
+        &found.ztoc,
+    )
+    .await?;
     let ztoc_digest =
         estargz::Sha256Sum::try_from(&found.ztoc.digest).map_err(|e| bad(format!("{e}")))?;
     let prefetch = match &found.prefetch {
@@ -677,7 +633,7 @@ mod tests {
         (out.stdout, digest)
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "current_thread")]
     async fn a_ztoc_fetched_ahead_is_used_once_and_a_failed_one_is_fetched_again() {
         // A registry nobody listens on: any fetch made now fails.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -695,48 +651,43 @@ mod tests {
             }))
             .unwrap()
         };
-        let indexes = SociIndexes::default();
+        let ahead = ZtocsAhead::new(
+            tokio::runtime::Handle::current(),
+            4,
+            Duration::from_secs(60),
+        );
+        let (arrived, failed) = (desc(b"ztoc one"), desc(b"ztoc two"));
+        assert!(ahead.start(ztoc_key(&repository, &arrived.digest), async {
+            Ok(Bytes::from_static(b"ztoc one"))
+        }));
+        assert!(
+            !ahead.start(ztoc_key(&repository, &arrived.digest), async {
+                Ok(Bytes::from_static(b"again"))
+            }),
+            "one fetch ahead per zTOC"
+        );
+        assert!(ahead.start(ztoc_key(&repository, &failed.digest), async {
+            Err(MountError::Registry("connection reset".into()))
+        }));
+        // Let the fetches ahead run (a claim of one still queued would cancel it).
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
 
-        let arrived = desc(b"ztoc one");
-        let cell = indexes
-            .new_ahead_cell(&arrived.digest.to_string(), arrived.size)
-            .unwrap();
-        cell.set(Ok(Bytes::from_static(b"ztoc one"))).unwrap();
-        let got = indexes
-            .ztoc_bytes(&client, &repository, &arrived)
+        let got = ztoc_bytes(Some(&ahead), &client, &repository, &arrived)
             .await
             .unwrap();
         assert_eq!(&got[..], b"ztoc one");
-        assert!(lock(&indexes.ahead).is_empty(), "taken once, then dropped");
         assert!(
-            indexes
-                .ztoc_bytes(&client, &repository, &arrived)
+            ztoc_bytes(Some(&ahead), &client, &repository, &arrived)
                 .await
                 .is_err(),
-            "a second open fetches it, from a registry that is not there"
+            "taken once: a second open fetches it, from a registry that is not there"
         );
-
-        let failed = desc(b"ztoc two");
-        let cell = indexes
-            .new_ahead_cell(&failed.digest.to_string(), failed.size)
-            .unwrap();
-        cell.set(Err("connection reset".into())).unwrap();
-        let again = indexes.ztoc_bytes(&client, &repository, &failed).await;
+        let again = ztoc_bytes(Some(&ahead), &client, &repository, &failed).await;
         assert!(
             matches!(&again, Err(MountError::Registry(e)) if !e.contains("connection reset")),
             "the failed fetch ahead is not the answer: it is fetched again ({again:?})"
-        );
-
-        // Bounded: no zTOC is fetched ahead past the bytes allowed.
-        assert!(
-            indexes
-                .new_ahead_cell("sha256:big", AHEAD_BYTES + 1)
-                .is_none()
-        );
-        assert!(indexes.new_ahead_cell("sha256:small", 1).is_some());
-        assert!(
-            indexes.new_ahead_cell("sha256:small", 1).is_none(),
-            "one fetch ahead per zTOC"
         );
     }
 

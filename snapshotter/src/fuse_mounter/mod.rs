@@ -59,6 +59,9 @@ pub struct FuseMounter {
     /// Fetches the TOCs of an image's other layers while its earlier layers mount; None
     /// when `[lazy] preopen_siblings = false`.
     preopener: Option<Preopener>,
+    /// Fetches the zTOCs of a SOCI image's other layers while its earlier layers mount;
+    /// None as `preopener`.
+    ztocs_ahead: Option<crate::soci_index::ZtocsAhead>,
     /// Every TOC parse (mounts, pre-opens, restores) runs through it.
     parse_gate: ParseGate,
     /// Mounts that used a pre-opened TOC, since start.
@@ -110,6 +113,7 @@ impl FuseMounter {
             holder: None,
             held: Mutex::new(HashMap::new()),
             preopener: None,
+            ztocs_ahead: None,
             parse_gate: ParseGate::new(
                 crate::parse_gate::DEFAULT_PARSE_MEMORY,
                 std::time::Duration::from_secs(30),
@@ -160,10 +164,15 @@ impl FuseMounter {
         }
     }
 
-    /// On a layer's mount, pre-opens the TOCs of its image's other layers (a few at a
-    /// time), to be used by their own Prepares once verified.
+    /// On a layer's mount, pre-opens the TOCs (or fetches the zTOCs) of its image's
+    /// other layers (a few at a time), to be used by their own Prepares once verified.
     pub fn with_sibling_preopen(mut self) -> FuseMounter {
         self.preopener = Some(Preopener::new(
+            self.handle.clone(),
+            preopen::DEFAULT_CONCURRENCY,
+            preopen::DEFAULT_UNCLAIMED_TTL,
+        ));
+        self.ztocs_ahead = Some(Preopener::new(
             self.handle.clone(),
             preopen::DEFAULT_CONCURRENCY,
             preopen::DEFAULT_UNCLAIMED_TTL,
@@ -348,13 +357,16 @@ impl FuseMounter {
     ) -> Result<MountedInfo, MountError> {
         // A layer without a TOC label may be plain gzip with a SOCI index.
         if layer.toc_digest.is_none() {
+            let siblings = self.siblings_to_open(layer);
             let through_index = crate::soci_index::open_through_index(
                 &self.client,
                 &self.soci,
                 &self.parse_gate,
                 layer,
                 &self.local_layers,
-                &self.siblings_to_open(layer),
+                self.ztocs_ahead
+                    .as_ref()
+                    .map(|ahead| (ahead, &siblings[..])),
             )
             .await?;
             match through_index {
