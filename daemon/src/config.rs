@@ -99,6 +99,10 @@ pub struct LazyConfig {
     pub allow_no_verification: bool,
     /// Fetch the prioritized files right after mounting. Default true.
     pub prefetch: bool,
+    /// Of each prioritized file, prefetch the chunks in its first this many MiB; the
+    /// rest is fetched when read and in the background (0: whole files). Default 32
+    /// (see `fusefs::FsConfig::prefetch_file_bytes`).
+    pub prefetch_file_mb: u64,
     /// Then fetch the rest of each layer in the background. Default true.
     pub background_fetch: bool,
     /// Background fetch budget per registry host in bytes per second, 0 for unlimited.
@@ -159,6 +163,7 @@ impl Default for LazyConfig {
             mount_timeout_sec: 30,
             allow_no_verification: false,
             prefetch: fs.prefetch,
+            prefetch_file_mb: fs.prefetch_file_bytes >> 20,
             background_fetch: fs.background_fetch,
             background_rate_limit: fs.background_rate_limit.unwrap_or(0),
             background_quiet_ms: fs.background_quiet.as_millis() as u64,
@@ -180,6 +185,7 @@ impl LazyConfig {
     pub fn fs_config(&self) -> fusefs::FsConfig {
         fusefs::FsConfig {
             prefetch: self.prefetch,
+            prefetch_file_bytes: self.prefetch_file_mb.saturating_mul(1 << 20),
             background_fetch: self.background_fetch,
             background_rate_limit: (self.background_rate_limit > 0)
                 .then_some(self.background_rate_limit),

@@ -33,6 +33,14 @@ pub struct FsConfig {
     /// with it until they end (with 4 MiB, the python image's first line came 0.7 s
     /// later).
     pub prefetch_request_bytes: u64,
+    /// Of each prioritized file, the prefetch takes the chunks that start in its first
+    /// this many (uncompressed) bytes; the rest comes when read and with the background
+    /// fetch. 0: whole files. Default 32 MiB: on the bench's `ctr-remote`-optimized JRE
+    /// the JVM's 129 MB `modules` (2% of it read at the start) no longer holds back the
+    /// files after it (5.05 -> 4.46 s, 61.2 -> 35.4 MB); 16 MiB also cut Node.js's
+    /// 47 MB `libnode`, two thirds read, and was slower there
+    /// (`bench/results/prefetch-file-bytes.md`).
+    pub prefetch_file_bytes: u64,
     /// Deadline of one range request: a FUSE read of a chunk that is not local waits at
     /// most this long when the registry is away (down, unreachable, not answering), then
     /// fails with EIO; the next read tries again. Default 15 s: well under what
@@ -114,6 +122,7 @@ impl Default for FsConfig {
             background_request_bytes: 1 << 20,
             background_quiet: Duration::from_secs(2),
             prefetch_request_bytes: 1 << 20,
+            prefetch_file_bytes: 32 << 20,
             fetch_timeout: Duration::from_secs(15),
             max_range_bytes: 16 << 20,
             coalesce_gap: 32 << 10,

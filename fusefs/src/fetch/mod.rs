@@ -196,7 +196,7 @@ impl Fetcher {
                 config.neighbour_fetch_bytes,
                 layer.toc_digest().to_string(),
             ),
-            prefetch: Prefetch::new(layer.index()),
+            prefetch: Prefetch::new(layer.index(), &config),
             background: Background::new(&config),
             assembling: Assembling::new(&config, cache.disk_enabled()),
             examined: libraries::Examined::new(&config),

@@ -145,6 +145,45 @@ fn a_prioritized_range_larger_than_a_request_is_prefetched_in_pieces_in_order() 
 }
 
 #[test]
+fn the_prefetch_takes_each_prioritized_file_up_to_its_bound_and_the_rest_when_read() {
+    for format in FORMATS {
+        let (tar, src) = sample_tar();
+        // data/big (5 chunks and 17 bytes) comes first in the range, bin/tool after it.
+        let blob = FaultBlob::new(convert(&tar, format, &["data/big", "bin/tool"]));
+        let config = FsConfig {
+            prefetch_file_bytes: 2 * CHUNK,
+            ..quiet_config()
+        };
+        let f = fixture_with(blob, config, 1 << 30);
+        let idx = f.fs.layer().index();
+        let big = idx.entry(idx.lookup("data/big").unwrap());
+        let tail = big.chunks()[2];
+        assert_eq!(tail.file_offset, 2 * CHUNK, "{format:?}");
+        f.rt.block_on(f.fs.fetcher().prefetch());
+        let requests = f.blob.requests.lock().unwrap().clone();
+        // No request reaches into data/big's chunks past the bound, and bin/tool, after
+        // them in the range, came all the same.
+        for &(offset, len) in &requests {
+            assert!(
+                offset + len <= tail.comp_offset || offset >= big.chunks().last().unwrap().comp_end,
+                "{format:?}: {requests:?} reaches into {tail:?}"
+            );
+        }
+        assert_eq!(f.read_all("bin/tool").unwrap(), src.files["bin/tool"]);
+        let head = f.read("data/big", 0, 2 * CHUNK as u32).unwrap();
+        assert_eq!(&head[..], &src.files["data/big"][..2 * CHUNK as usize]);
+        assert_eq!(
+            f.blob.request_count(),
+            requests.len(),
+            "{format:?}: heads were local"
+        );
+        // The rest is fetched when read.
+        assert_eq!(f.read_all("data/big").unwrap(), src.files["data/big"]);
+        assert!(f.blob.request_count() > requests.len(), "{format:?}");
+    }
+}
+
+#[test]
 fn background_fetch_makes_the_whole_layer_local() {
     for format in FORMATS {
         let (blob, src) = sample_blob(format);
