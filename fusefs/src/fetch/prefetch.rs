@@ -61,6 +61,12 @@ impl Prefetch {
         self.file_bytes > 0 && c.file_offset >= self.file_bytes
     }
 
+    /// Whether `c` is in the prioritized range but left to reads: past what the
+    /// prefetch takes of its file.
+    fn left_to_reads(&self, c: &Chunk) -> bool {
+        !self.marked && c.comp_end <= self.end && self.past_file_bytes(c)
+    }
+
     /// Whether a guess (read-ahead, the neighbours of a miss) may fetch `c`. A layer
     /// `lazysnap optimize` marked says which chunks its container reads: while the
     /// container keeps to them, a guess takes only marked chunks (the rest, such as the
@@ -108,9 +114,9 @@ impl Prefetch {
         local: impl Fn(&Chunk) -> bool,
         config: &FsConfig,
     ) -> Vec<Request<(NodeId, Chunk)>> {
-        // Each file's chunks past `file_bytes` are left out, and break the bridge.
-        let past = |c: &Chunk| !self.marked && c.comp_end <= self.end && self.past_file_bytes(c);
-        todo.retain(|(_, c)| !c.zeros && (self.wants(c) || past(c)) && !local(c));
+        // Chunks left to reads stay in for now, local or not: the range is bridged
+        // whole, but not across them.
+        todo.retain(|(_, c)| !c.zeros && (self.left_to_reads(c) || (self.wants(c) && !local(c))));
         // In blob order, so the first files the command reads arrive first, in pieces,
         // so readers are not held until everything is in and no request outlives
         // `fetch_timeout` on a slow link. The prioritized range is contiguous and
@@ -125,7 +131,7 @@ impl Prefetch {
         } else {
             u64::MAX
         };
-        todo.split(|(_, c)| past(c))
+        todo.split(|(_, c)| self.left_to_reads(c))
             .flat_map(|run| coalesce(run.to_vec(), gap, config.prefetch_request_bytes))
             .collect()
     }
