@@ -53,8 +53,8 @@ impl Prefetch {
     /// Whether `c` lies past what the prefetch takes of its file. `ctr-remote`
     /// prioritizes every file its container opened, whole, in the order they were
     /// opened; a big one opened at the start is mostly not read there (a JVM's
-    /// `modules`: 2% of 129 MB; ICU's data: 2% of 31 MB; a BLAS built for every CPU:
-    /// 6% of 37 MB), and fetched whole it holds back every prioritized file after it.
+    /// `modules`: 2% of 129 MB; a BLAS built for every CPU: 6% of 37 MB), and fetched
+    /// whole it holds back every prioritized file after it.
     /// Its later chunks come when read (read-ahead, neighbours) and with the
     /// background fetch.
     fn past_file_bytes(&self, c: &Chunk) -> bool {
